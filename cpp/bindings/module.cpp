@@ -1,0 +1,89 @@
+// memopt_core._C: thin bindings over the C++ core (partitioner, workspace, state pool).
+// Importing it also registers the torch ops (torch.ops.memopt.*) from the linked core.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include "memopt/arena.h"
+#include "memopt/partition.h"
+#include "tensor_caster.h"
+
+namespace nb = nanobind;
+using namespace memopt;
+
+namespace {
+using SegmentTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+std::vector<SegmentTuple> to_tuples(const BlockSpec& spec) {
+  std::vector<SegmentTuple> out;
+  for (const auto& s : spec)
+    out.emplace_back(s.offset, s.rows, s.cols, s.row_stride, s.tile_rows, s.tile_cols);
+  return out;
+}
+BlockSpec from_tuples(const std::vector<SegmentTuple>& tuples) {
+  BlockSpec spec;
+  for (const auto& [o, r, c, rs, tr, tc] : tuples) spec.push_back({o, r, c, rs, tr, tc});
+  return spec;
+}
+c10::Device parse_device(const std::string& device) { return c10::Device(device); }
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "memopt_core C++ core: partitioner, workspace, state pool (ops: torch.ops.memopt)";
+
+  m.def("role_names", &role_names, "All role names the partitioner knows.");
+  m.def("role_from_name",
+        [](const std::string& name, const std::vector<int64_t>& shape) {
+          return role_name(role_from_name(name, shape));
+        },
+        nb::arg("name"), nb::arg("shape"), "Role of a parameter from its name and shape alone.");
+  m.def("adam_mini_blocks",
+        [](const std::string& role, const std::vector<int64_t>& shape, bool transposed,
+           int64_t head_dim, int64_t q_heads, int64_t kv_heads) {
+          std::string note;
+          RoleInfo info{role_from_string(role), transposed, head_dim, q_heads, kv_heads};
+          auto spec = adam_mini_blocks(info, shape, &note);
+          return std::make_pair(to_tuples(spec), note);
+        },
+        nb::arg("role"), nb::arg("shape"), nb::arg("transposed") = false, nb::arg("head_dim") = 0,
+        nb::arg("q_heads") = 0, nb::arg("kv_heads") = 0,
+        "Adam-mini blocks of a tensor: (segments, note); a segment is (offset, rows, cols, "
+        "row_stride, tile_rows, tile_cols).");
+  m.def("adam_mini_reference_blocks",
+        [](const std::string& name, const std::vector<int64_t>& shape, int64_t dim, int64_t n_heads) {
+          auto r = adam_mini_reference_blocks(name, shape, dim, n_heads);
+          return std::make_tuple(to_tuples(r.spec), role_name(r.role), r.weight_decay);
+        },
+        nb::arg("name"), nb::arg("shape"), nb::arg("dim"), nb::arg("n_heads"),
+        "adam-mini 1.1.1's partition: (segments, role, weight_decay).");
+  m.def("encode_block_specs",
+        [](const std::vector<std::vector<SegmentTuple>>& specs) {
+          std::vector<BlockSpec> all;
+          for (const auto& t : specs) all.push_back(from_tuples(t));
+          return encode_block_specs(all);
+        },
+        "The flat int list torch.ops.memopt.adam_mini_ takes.");
+  m.def("check_block_spec",
+        [](const std::vector<SegmentTuple>& spec, int64_t numel) {
+          check_block_spec(from_tuples(spec), numel, "block spec");
+        },
+        "Raises ValueError/RuntimeError unless the segments exactly tile `numel` elements.");
+
+  m.def("workspace_stats",
+        [](const std::string& device) {
+          auto& ws = Workspace::of(parse_device(device));
+          return std::make_tuple(ws.capacity_bytes(), ws.largest_request_bytes(), ws.grow_count());
+        },
+        nb::arg("device") = "cpu", "(capacity_bytes, largest_request_bytes, grow_count).");
+  m.def("workspace_release", [](const std::string& device) { Workspace::of(parse_device(device)).release(); },
+        nb::arg("device") = "cpu");
+  m.def("pool_views",
+        [](const std::vector<std::vector<int64_t>>& shapes, at::Tensor like) {
+          return pool_views(shapes, like.scalar_type(), like.device());
+        },
+        nb::arg("shapes"), nb::arg("like"),
+        "Zeroed tensors of the given shapes, all views of one flat allocation of like's dtype "
+        "and device (64-byte aligned).");
+}

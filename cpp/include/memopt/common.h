@@ -1,0 +1,60 @@
+// Shared helpers for the update kernels: dtype dispatch, input validation, bias corrections.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace memopt {
+
+using at::Tensor;
+using at::TensorList;
+
+// Elements handed to one thread at a time; matches ATen's own grain (at::internal::GRAIN_SIZE).
+constexpr int64_t kGrain = 32768;
+
+// Scalars every Adam-family step needs, computed once per tensor in double.
+struct AdamScalars {
+  double lr, beta1, beta2, eps, weight_decay;
+  double step;            // after increment
+  double decay;           // 1 - lr * weight_decay (decoupled weight decay)
+  double step_size;       // lr / (1 - beta1^step)
+  double bc2_sqrt;        // sqrt(1 - beta2^step)
+  static AdamScalars make(double lr, double b1, double b2, double eps, double wd, double step) {
+    AdamScalars s{lr, b1, b2, eps, wd, step, 1.0 - lr * wd, 0, 0};
+    s.step_size = lr / (1.0 - std::pow(b1, step));
+    s.bc2_sqrt = std::sqrt(1.0 - std::pow(b2, step));
+    return s;
+  }
+};
+
+// Hyperparameter checks shared by every Adam-family op (messages name the argument).
+void check_adam_hparams(double lr, double beta1, double beta2, double eps, double weight_decay);
+
+// Validates the tensor lists of a multi-tensor update before anything is written:
+// equal lengths, one device, floating dtypes, dense real grads shaped like params,
+// exp_avgs shaped like params, state dtype = param dtype or float32, CPU float32 step scalars.
+void check_update_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
+                        TensorList steps);
+
+// The learning rate as a double; accepts a 0-dim/1-element tensor on any device.
+double read_lr(const Tensor& lr);
+
+// Dispatches on (param dtype, state dtype): state is either the param dtype or float32.
+// Inside the lambda: scalar_t (param/grad storage), state_t (moment storage), opmath_t (compute).
+#define MEMOPT_DISPATCH_PARAM_STATE(PARAM_DTYPE, STATE_DTYPE, NAME, ...)                      \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, PARAM_DTYPE, NAME, [&] {           \
+    using opmath_t = at::opmath_type<scalar_t>;                                               \
+    if ((STATE_DTYPE) == (PARAM_DTYPE)) {                                                     \
+      using state_t = scalar_t;                                                               \
+      __VA_ARGS__();                                                                          \
+    } else {                                                                                  \
+      using state_t = float;                                                                  \
+      __VA_ARGS__();                                                                          \
+    }                                                                                         \
+  })
+
+}  // namespace memopt

@@ -1,0 +1,68 @@
+// The block partitioner: which entries of a tensor share one second-moment value (one lr).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <string>
+#include <vector>
+
+namespace memopt {
+
+// A 2-D region of a tensor's flat storage, cut into equal tiles; each tile is one block.
+// rows x cols elements, row r starting at offset + r*row_stride (column stride 1). Tiles are
+// tile_rows x tile_cols and are numbered row-major. This one shape covers per-head Q/K blocks,
+// per-neuron rows, per-neuron columns of transposed (Conv1D) weights, the q/k/v parts of a fused
+// QKV weight, one block per tensor, and elementwise Adam (1x1 tiles).
+struct Segment {
+  int64_t offset = 0, rows = 0, cols = 0, row_stride = 0, tile_rows = 1, tile_cols = 1;
+  int64_t tiles_per_row() const { return cols / tile_cols; }
+  int64_t num_blocks() const { return (rows / tile_rows) * (cols / tile_cols); }
+  int64_t block_numel() const { return tile_rows * tile_cols; }
+  bool operator==(const Segment& o) const;
+};
+using BlockSpec = std::vector<Segment>;
+
+constexpr int64_t kSegmentInts = 6;
+int64_t num_blocks(const BlockSpec& spec);
+// Throws (c10::Error) unless the segments tile disjoint regions covering all `numel` elements.
+void check_block_spec(const BlockSpec& spec, int64_t numel, const std::string& what);
+// The flat int list the ops take: per tensor [n_segments, 6 ints per segment...].
+std::vector<int64_t> encode_block_specs(const std::vector<BlockSpec>& specs);
+std::vector<BlockSpec> decode_block_specs(at::IntArrayRef flat, int64_t n_tensors);
+
+// What a tensor is in the network; decides its blocks.
+enum class Role {
+  Embedding, Output, Query, Key, Value, AttnOut, FusedQKV, Mlp, Norm, Bias, Conv, Linear,
+  Scalar,      // one block for the whole tensor
+  Elementwise  // plain Adam
+};
+std::string role_name(Role role);
+Role role_from_string(const std::string& name);  // throws on an unknown name, listing valid ones
+std::vector<std::string> role_names();
+
+struct RoleInfo {
+  Role role = Role::Linear;
+  bool transposed = false;  // stored (in, out), as HF GPT-2 Conv1D; output neurons are columns
+  int64_t head_dim = 0;     // Query / Key / FusedQKV: rows (cols if transposed) per head
+  int64_t q_heads = 0;      // FusedQKV: query heads; key and value have kv_heads each
+  int64_t kv_heads = 0;
+};
+
+// The paper's blocks (Adam-mini §3): per head for Q/K, per output neuron for V/O/MLP/linear/conv,
+// per token for embedding/output, one per norm or scalar tensor, elementwise for biases.
+// Falls back to per-neuron blocks (and says so in `note`) when head sizes do not divide.
+BlockSpec adam_mini_blocks(const RoleInfo& info, at::IntArrayRef shape, std::string* note = nullptr);
+
+// The partition of PyPI adam-mini 1.1.1, reproduced exactly: lower-cased name substrings,
+// per-head blocks of dim*dim/n_heads contiguous elements, one block for unmatched tensors.
+struct ReferencePartition {
+  BlockSpec spec;
+  Role role;
+  bool weight_decay;  // false for names containing "norm", "ln" or "bias"
+};
+ReferencePartition adam_mini_reference_blocks(const std::string& name, at::IntArrayRef shape,
+                                              int64_t dim, int64_t n_heads);
+
+// Role from a parameter name and shape alone (used when no module tree is available).
+Role role_from_name(const std::string& name, at::IntArrayRef shape);
+
+}  // namespace memopt

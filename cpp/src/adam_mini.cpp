@@ -1,0 +1,156 @@
+// Adam-mini: block-mean second moment, fused reduce + update on CPU.
+#include "memopt/adam_mini.h"
+
+#include "cpu_loops.h"
+
+namespace memopt {
+
+void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                            TensorList exp_avg_sqs, TensorList steps,
+                            const std::vector<BlockSpec>& specs) {
+  check_update_lists("adam_mini_update_", params, grads, exp_avgs, steps);
+  TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size() && specs.size() == params.size(),
+                    "adam_mini_update_: ", params.size(), " params but ", exp_avg_sqs.size(),
+                    " exp_avg_sqs and ", specs.size(), " block specs");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string what = "adam_mini_update_: tensor " + std::to_string(i);
+    check_block_spec(specs[i], params[i].numel(), what);
+    const Tensor& v = exp_avg_sqs[i];
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.numel() == num_blocks(specs[i]) && v.is_contiguous(),
+                      what, ": exp_avg_sq must be 1-D with one entry per block (",
+                      num_blocks(specs[i]), "), got shape ", v.sizes());
+    TORCH_CHECK_TYPE(v.scalar_type() == exp_avgs[i].scalar_type() &&
+                         v.device() == params[i].device(),
+                     what, ": exp_avg_sq must have exp_avg's dtype and device");
+  }
+}
+
+namespace {
+
+// Rows of one segment as pointers; element (r, c) of the segment is base[offset + r*stride + c].
+template <typename P, typename S, typename C>
+struct SegmentKernel {
+  P* p;
+  const P* g;
+  S* m;
+  S* v;  // this segment's blocks
+  const Segment& seg;
+  const AdamScalars& s;
+
+  C block_factor(int64_t b, double sum_sq) const {
+    const C vb = static_cast<C>(s.beta2) * static_cast<C>(v[b]) +
+                 static_cast<C>((1.0 - s.beta2) * (sum_sq / seg.block_numel()));
+    v[b] = static_cast<S>(vb);
+    return static_cast<C>(s.step_size) /
+           (std::sqrt(static_cast<C>(static_cast<S>(vb))) / static_cast<C>(s.bc2_sqrt) +
+            static_cast<C>(s.eps));
+  }
+  int64_t row(int64_t r) const { return seg.offset + r * seg.row_stride; }
+  void update_tile_row(int64_t r, int64_t bj, C f) const {
+    const int64_t at = row(r) + bj * seg.tile_cols;
+    cpu::block_update_span<P, S, C>(p + at, g + at, m + at, seg.tile_cols,
+                                    static_cast<C>(s.decay), static_cast<C>(1.0 - s.beta1), f);
+  }
+
+  // Tiles spanning whole rows, many of them: each thread reduces and updates its own tiles
+  // while the tile is hot in cache. No scratch.
+  void row_bands() const {
+    const int64_t tiles = seg.rows / seg.tile_rows, tile_numel = seg.block_numel();
+    at::parallel_for(0, tiles, std::max<int64_t>(1, kGrain / tile_numel), [&](int64_t b0, int64_t b1) {
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        double acc = 0.0;
+        for (int64_t r = bi * seg.tile_rows; r < (bi + 1) * seg.tile_rows; ++r)
+          acc += cpu::sum_squares(g + row(r), seg.cols);
+        const C f = block_factor(bi, acc);
+        for (int64_t r = bi * seg.tile_rows; r < (bi + 1) * seg.tile_rows; ++r)
+          update_tile_row(r, 0, f);
+      }
+    });
+  }
+
+  // Any tiling: per-thread partial sums in the workspace, then factors, then the update.
+  void general(Workspace::Lease& lease) const {
+    const int64_t nb = seg.num_blocks(), tpr = seg.tiles_per_row();
+    const int64_t threads = at::get_num_threads();
+    double* partial = lease.take<double>(threads * nb);
+    C* factor = lease.take<C>(nb);
+    std::fill(partial, partial + threads * nb, 0.0);
+    at::parallel_for(0, seg.rows, std::max<int64_t>(1, kGrain / seg.cols), [&](int64_t r0, int64_t r1) {
+      double* acc = partial + at::get_thread_num() * nb;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t bj = 0; bj < tpr; ++bj)
+          acc[(r / seg.tile_rows) * tpr + bj] +=
+              cpu::sum_squares(g + row(r) + bj * seg.tile_cols, seg.tile_cols);
+    });
+    for (int64_t b = 0; b < nb; ++b) {
+      double sum = 0.0;
+      for (int64_t t = 0; t < threads; ++t) sum += partial[t * nb + b];
+      factor[b] = block_factor(b, sum);
+    }
+    at::parallel_for(0, seg.rows, std::max<int64_t>(1, kGrain / seg.cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t bj = 0; bj < tpr; ++bj) update_tile_row(r, bj, factor[(r / seg.tile_rows) * tpr + bj]);
+    });
+  }
+
+  static int64_t general_bytes(const Segment& seg) {
+    return Workspace::Lease::bytes_for<double>(at::get_num_threads() * seg.num_blocks()) +
+           Workspace::Lease::bytes_for<C>(seg.num_blocks());
+  }
+  // Row bands pay off when there are enough tiles to occupy the threads.
+  static bool use_row_bands(const Segment& seg) {
+    const int64_t tiles = seg.rows / seg.tile_rows;
+    return seg.tile_cols == seg.cols &&
+           (tiles >= 2 * at::get_num_threads() || seg.rows * seg.cols <= kGrain);
+  }
+};
+
+}  // namespace
+
+void adam_mini_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+                       TensorList exp_avg_sqs, TensorList steps,
+                       const std::vector<BlockSpec>& specs, const Tensor& lr_t, double beta1,
+                       double beta2, double eps, double weight_decay) {
+  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
+  const double lr = read_lr(lr_t);
+  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "adam_mini_update_: no kernel for device ",
+              params[0].device(), " in this build");
+
+  Workspace::Lease lease(Workspace::of(params[0].device()));
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
+    MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "adam_mini_update_", [&] {
+      using K = SegmentKernel<scalar_t, state_t, opmath_t>;
+      int64_t need = cpu::staging_bytes(grads[i]);
+      for (const auto& seg : specs[i])
+        if (!K::use_row_bands(seg)) need = std::max(need, cpu::staging_bytes(grads[i]) + K::general_bytes(seg));
+      lease.reserve(need);
+      const Tensor g = cpu::contiguous_grad(lease, grads[i]);
+      const auto s = AdamScalars::make(lr, beta1, beta2, eps, weight_decay,
+                                       cpu::advance_step(steps[i]));
+      auto* vp = v.data_ptr<state_t>();
+      const int64_t mark = lease.mark();
+      for (const auto& seg : specs[i]) {
+        K k{p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<state_t>(), vp, seg, s};
+        // Elementwise (plain Adam) segments take the AdamW loop directly.
+        if (seg.block_numel() == 1 && seg.row_stride == seg.cols) {
+          at::parallel_for(0, seg.rows * seg.cols, kGrain, [&](int64_t b0, int64_t b1) {
+            const int64_t o = seg.offset + b0;
+            cpu::adamw_span<scalar_t, state_t, opmath_t>(k.p + o, k.g + o, k.m + o, vp + b0,
+                                                         b1 - b0, s);
+          });
+        } else if (K::use_row_bands(seg)) {
+          k.row_bands();
+        } else {
+          lease.rewind(mark);  // keeps the staged grad, reuses the scratch after it
+          k.general(lease);
+        }
+        vp += seg.num_blocks();
+      }
+    });
+  }
+}
+
+}  // namespace memopt

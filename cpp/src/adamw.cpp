@@ -1,0 +1,46 @@
+// AdamW: fused multi-tensor update on CPU (torch.optim.AdamW semantics).
+#include "memopt/adamw.h"
+
+#include "cpu_loops.h"
+
+namespace memopt {
+
+void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+                   TensorList exp_avg_sqs, TensorList steps, const Tensor& lr_t, double beta1,
+                   double beta2, double eps, double weight_decay) {
+  check_update_lists("adamw_update_", params, grads, exp_avgs, steps);
+  TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: ", exp_avg_sqs.size(),
+                    " exp_avg_sqs for ", params.size(), " params");
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK_VALUE(exp_avg_sqs[i].sizes() == params[i].sizes() &&
+                          exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type() &&
+                          exp_avg_sqs[i].is_contiguous() &&
+                          exp_avg_sqs[i].device() == params[i].device(),
+                      "adamw_update_: exp_avg_sq ", i, " must match exp_avg in shape and dtype");
+  const double lr = read_lr(lr_t);
+  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "adamw_update_: no kernel for device ",
+              params[0].device(), " in this build");
+
+  Workspace::Lease lease(Workspace::of(params[0].device()));
+  for (size_t i = 0; i < params.size(); ++i) {
+    lease.reserve(cpu::staging_bytes(grads[i]));
+    const Tensor g = cpu::contiguous_grad(lease, grads[i]);
+    const auto s = AdamScalars::make(lr, beta1, beta2, eps, weight_decay,
+                                     cpu::advance_step(steps[i]));
+    const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
+    MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "adamw_update_", [&] {
+      auto* pp = p.data_ptr<scalar_t>();
+      const auto* gp = g.data_ptr<scalar_t>();
+      auto* mp = m.data_ptr<state_t>();
+      auto* vp = v.data_ptr<state_t>();
+      at::parallel_for(0, p.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        cpu::adamw_span<scalar_t, state_t, opmath_t>(pp + begin, gp + begin, mp + begin,
+                                                     vp + begin, end - begin, s);
+      });
+    });
+  }
+}
+
+}  // namespace memopt

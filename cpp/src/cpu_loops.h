@@ -1,0 +1,74 @@
+// Inner loops shared by the CPU kernels (internal header). Every loop computes in opmath_t
+// (float for fp32/bf16/fp16 storage, double for float64) and rounds to storage once.
+#pragma once
+
+#include "memopt/arena.h"
+#include "memopt/common.h"
+
+namespace memopt::cpu {
+
+// Elementwise AdamW on [0, n) of contiguous arrays.
+template <typename P, typename S, typename C>
+inline void adamw_span(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v,
+                       int64_t n, const AdamScalars& s) {
+  const C decay = s.decay, b1c = 1.0 - s.beta1, b2 = s.beta2, b2c = 1.0 - s.beta2;
+  const C step_size = s.step_size, bc2_sqrt = s.bc2_sqrt, eps = s.eps;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const C gj = static_cast<C>(g[j]);
+    C mj = static_cast<C>(m[j]);
+    C vj = static_cast<C>(v[j]);
+    mj += b1c * (gj - mj);  // torch's lerp(m, g, 1-b1) for weights < 0.5
+    vj = b2 * vj + b2c * gj * gj;
+    const C denom = std::sqrt(vj) / bc2_sqrt + eps;
+    p[j] = static_cast<P>(static_cast<C>(p[j]) * decay - step_size * mj / denom);
+    m[j] = static_cast<S>(mj);
+    v[j] = static_cast<S>(vj);
+  }
+}
+
+// The Adam step with one shared per-block factor f = step_size / (sqrt(v_b)/bc2_sqrt + eps).
+template <typename P, typename S, typename C>
+inline void block_update_span(P* __restrict p, const P* __restrict g, S* __restrict m, int64_t n,
+                              C decay, C b1c, C f) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    C mj = static_cast<C>(m[j]);
+    mj += b1c * (static_cast<C>(g[j]) - mj);
+    p[j] = static_cast<P>(static_cast<C>(p[j]) * decay - f * mj);
+    m[j] = static_cast<S>(mj);
+  }
+}
+
+// Sum of squares in double (accurate for blocks of millions of elements).
+template <typename P>
+inline double sum_squares(const P* __restrict g, int64_t n) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    const double x = static_cast<double>(static_cast<float>(g[j]));
+    acc += x * x;
+  }
+  return acc;
+}
+
+// A contiguous view of a gradient: the gradient itself, or a copy staged in the workspace
+// (the only case in which the workspace holds a gradient-sized buffer).
+inline int64_t staging_bytes(const Tensor& g) {
+  return g.is_contiguous() ? 0 : Workspace::aligned(g.numel() * g.element_size());
+}
+inline Tensor contiguous_grad(Workspace::Lease& lease, const Tensor& g) {
+  if (g.is_contiguous()) return g;
+  Tensor staged = lease.take_tensor(g.sizes(), g.scalar_type());
+  staged.copy_(g);
+  return staged;
+}
+
+// Increments a step scalar and returns the new value.
+inline double advance_step(const Tensor& step) {
+  float* s = step.data_ptr<float>();
+  *s += 1.0f;
+  return *s;
+}
+
+}  // namespace memopt::cpu

@@ -1,0 +1,57 @@
+// torch op registration: schemas (mutable, like aten::_fused_adamw_), CPU and Meta kernels.
+#include <torch/library.h>
+
+#include "memopt/adam_mini.h"
+#include "memopt/adamw.h"
+
+namespace memopt {
+namespace {
+
+void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+               TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
+               double weight_decay) {
+  adamw_update_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
+}
+
+void adamw_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList steps, const Tensor&, double, double, double, double) {
+  check_update_lists("adamw_update_", params, grads, exp_avgs, steps);
+  TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: list lengths differ");
+}
+
+void adam_mini_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
+                   TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                   const Tensor& lr, double beta1, double beta2, double eps, double weight_decay) {
+  adam_mini_update_(params, grads, exp_avgs, exp_avg_sqs, steps,
+                    decode_block_specs(blocks, static_cast<int64_t>(params.size())), lr, beta1,
+                    beta2, eps, weight_decay);
+}
+
+void adam_mini_meta(TensorList params, TensorList grads, TensorList exp_avgs,
+                    TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                    const Tensor&, double, double, double, double) {
+  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
+                         decode_block_specs(blocks, static_cast<int64_t>(params.size())));
+}
+
+}  // namespace
+}  // namespace memopt
+
+TORCH_LIBRARY(memopt, m) {
+  m.def("adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor lr, float beta1, float beta2, "
+        "float eps, float weight_decay) -> ()");
+  m.def("adam_mini_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, Tensor lr, float beta1, "
+        "float beta2, float eps, float weight_decay) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(memopt, CPU, m) {
+  m.impl("adamw_", &memopt::adamw_cpu);
+  m.impl("adam_mini_", &memopt::adam_mini_cpu);
+}
+
+TORCH_LIBRARY_IMPL(memopt, Meta, m) {
+  m.impl("adamw_", &memopt::adamw_meta);
+  m.impl("adam_mini_", &memopt::adam_mini_meta);
+}

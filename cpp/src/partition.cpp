@@ -1,0 +1,257 @@
+// Block partitioner: roles and shapes -> Segment lists (see partition.h for the tile model).
+#include "memopt/partition.h"
+
+#include <algorithm>
+#include <array>
+#include <c10/util/Exception.h>
+#include <numeric>
+#include <sstream>
+
+namespace memopt {
+
+bool Segment::operator==(const Segment& o) const {
+  return offset == o.offset && rows == o.rows && cols == o.cols && row_stride == o.row_stride &&
+         tile_rows == o.tile_rows && tile_cols == o.tile_cols;
+}
+
+int64_t num_blocks(const BlockSpec& spec) {
+  int64_t n = 0;
+  for (const auto& s : spec) n += s.num_blocks();
+  return n;
+}
+
+void check_block_spec(const BlockSpec& spec, int64_t numel, const std::string& what) {
+  TORCH_CHECK(!spec.empty() || numel == 0, what, ": block spec has no segments");
+  int64_t covered = 0;
+  std::vector<std::pair<int64_t, int64_t>> extents;  // [first, last] element of each segment
+  for (const auto& s : spec) {
+    TORCH_CHECK(s.offset >= 0 && s.rows > 0 && s.cols > 0 && s.tile_rows > 0 && s.tile_cols > 0,
+                what, ": block spec segment has a non-positive size");
+    TORCH_CHECK(s.row_stride >= s.cols, what, ": segment row_stride ", s.row_stride,
+                " is smaller than its cols ", s.cols);
+    TORCH_CHECK(s.rows % s.tile_rows == 0 && s.cols % s.tile_cols == 0, what, ": segment of ",
+                s.rows, "x", s.cols, " is not divisible into ", s.tile_rows, "x", s.tile_cols,
+                " tiles");
+    const int64_t last = s.offset + (s.rows - 1) * s.row_stride + s.cols - 1;
+    TORCH_CHECK(last < numel, what, ": block spec reaches element ", last, " of a tensor of ",
+                numel);
+    covered += s.rows * s.cols;
+    extents.emplace_back(s.offset, last);
+  }
+  TORCH_CHECK(covered == numel, what, ": block spec covers ", covered, " of ", numel, " elements");
+  // Interleaved (strided) segments may share an extent; only contiguous ones must not overlap.
+  std::sort(extents.begin(), extents.end());
+  for (size_t i = 1; i < spec.size(); ++i) {
+    const bool all_contiguous = std::all_of(spec.begin(), spec.end(),
+                                            [](const Segment& s) { return s.row_stride == s.cols; });
+    if (all_contiguous)
+      TORCH_CHECK(extents[i].first > extents[i - 1].second, what, ": block spec segments overlap");
+  }
+}
+
+std::vector<int64_t> encode_block_specs(const std::vector<BlockSpec>& specs) {
+  std::vector<int64_t> flat;
+  for (const auto& spec : specs) {
+    flat.push_back(static_cast<int64_t>(spec.size()));
+    for (const auto& s : spec)
+      flat.insert(flat.end(), {s.offset, s.rows, s.cols, s.row_stride, s.tile_rows, s.tile_cols});
+  }
+  return flat;
+}
+
+std::vector<BlockSpec> decode_block_specs(at::IntArrayRef flat, int64_t n_tensors) {
+  std::vector<BlockSpec> specs(n_tensors);
+  size_t pos = 0;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    TORCH_CHECK(pos < flat.size(), "blocks: spec list ends before tensor ", t);
+    const int64_t n = flat[pos++];
+    TORCH_CHECK(n >= 0 && pos + n * kSegmentInts <= flat.size(), "blocks: tensor ", t,
+                " declares ", n, " segments but the list is too short");
+    for (int64_t k = 0; k < n; ++k, pos += kSegmentInts)
+      specs[t].push_back({flat[pos], flat[pos + 1], flat[pos + 2], flat[pos + 3], flat[pos + 4],
+                          flat[pos + 5]});
+  }
+  TORCH_CHECK(pos == flat.size(), "blocks: ", flat.size() - pos, " trailing ints after ",
+              n_tensors, " tensor specs");
+  return specs;
+}
+
+namespace {
+const std::array<std::pair<Role, const char*>, 14> kRoleNames{{
+    {Role::Embedding, "embedding"}, {Role::Output, "output"}, {Role::Query, "query"},
+    {Role::Key, "key"}, {Role::Value, "value"}, {Role::AttnOut, "attn_out"},
+    {Role::FusedQKV, "qkv"}, {Role::Mlp, "mlp"}, {Role::Norm, "norm"}, {Role::Bias, "bias"},
+    {Role::Conv, "conv"}, {Role::Linear, "linear"}, {Role::Scalar, "scalar"},
+    {Role::Elementwise, "adam"}}};
+
+// The tensor as rows x cols: dim 0 by the rest (a 1-D tensor is one column).
+std::pair<int64_t, int64_t> as_matrix(at::IntArrayRef shape) {
+  const int64_t numel = c10::multiply_integers(shape);
+  if (shape.empty()) return {1, 1};
+  const int64_t rows = shape[0];
+  return {rows, rows == 0 ? 0 : numel / rows};
+}
+
+Segment whole(int64_t rows, int64_t cols, int64_t tr, int64_t tc) {
+  return {0, rows, cols, cols, tr, tc};
+}
+
+// Blocks of one output neuron each: rows of (out, in), columns of a transposed (in, out) weight.
+Segment per_neuron(int64_t rows, int64_t cols, bool transposed) {
+  return transposed ? whole(rows, cols, rows, 1) : whole(rows, cols, 1, cols);
+}
+}  // namespace
+
+std::string role_name(Role role) {
+  for (const auto& [r, n] : kRoleNames)
+    if (r == role) return n;
+  return "?";
+}
+
+std::vector<std::string> role_names() {
+  std::vector<std::string> out;
+  for (const auto& rn : kRoleNames) out.emplace_back(rn.second);
+  return out;
+}
+
+Role role_from_string(const std::string& name) {
+  for (const auto& [r, n] : kRoleNames)
+    if (name == n) return r;
+  std::ostringstream valid;
+  for (const auto& n : role_names()) valid << " " << n;
+  TORCH_CHECK_VALUE(false, "unknown role '", name, "'; valid roles:", valid.str());
+}
+
+BlockSpec adam_mini_blocks(const RoleInfo& info, at::IntArrayRef shape, std::string* note) {
+  const auto [rows, cols] = as_matrix(shape);
+  if (rows * cols == 0) return {};
+  const bool tr = info.transposed && shape.size() == 2;
+  const int64_t out = tr ? cols : rows;  // output features
+  auto fallback = [&](const std::string& why) {
+    if (note) *note = why + "; using one block per output neuron";
+    return BlockSpec{per_neuron(rows, cols, tr)};
+  };
+  switch (info.role) {
+    case Role::Norm:
+    case Role::Scalar:
+      return {whole(rows, cols, rows, cols)};
+    case Role::Bias:
+    case Role::Elementwise:
+      return {whole(rows, cols, 1, 1)};
+    case Role::Embedding:
+    case Role::Output:  // one block per token: rows of (vocab, dim)
+      return {whole(rows, cols, 1, cols)};
+    case Role::Query:
+    case Role::Key: {
+      if (shape.size() < 2) return {whole(rows, cols, rows, cols)};
+      const int64_t hd = info.head_dim;
+      if (hd <= 0 || out % hd != 0)
+        return fallback("head_dim " + std::to_string(hd) + " does not divide " +
+                        std::to_string(out) + " output features");
+      return {tr ? whole(rows, cols, rows, hd) : whole(rows, cols, hd, cols)};
+    }
+    case Role::FusedQKV: {
+      if (shape.size() < 2) return {whole(rows, cols, rows, cols)};
+      const int64_t hd = info.head_dim, q = info.q_heads * hd, kv = info.kv_heads * hd;
+      if (hd <= 0 || q <= 0 || kv <= 0 || q + 2 * kv != out)
+        return fallback("fused QKV of " + std::to_string(out) + " outputs does not split into " +
+                        std::to_string(info.q_heads) + "+2x" + std::to_string(info.kv_heads) +
+                        " heads of " + std::to_string(hd));
+      BlockSpec spec;
+      const std::array<std::pair<int64_t, bool>, 3> parts{{{q, true}, {kv, true}, {kv, false}}};
+      int64_t start = 0;
+      for (const auto& [width, per_head] : parts) {
+        const int64_t tile = per_head ? hd : 1;  // q, k per head; v per neuron
+        if (tr)
+          spec.push_back({start, rows, width, cols, rows, tile});
+        else
+          spec.push_back({start * cols, width, cols, cols, tile, cols});
+        start += width;
+      }
+      return spec;
+    }
+    case Role::Value:
+    case Role::AttnOut:
+    case Role::Mlp:
+    case Role::Conv:
+    case Role::Linear:
+      if (shape.size() < 2) return {whole(rows, cols, rows, cols)};  // 1-D: one block
+      return {per_neuron(rows, cols, tr)};
+  }
+  return {whole(rows, cols, rows, cols)};
+}
+
+namespace {
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+bool contains_any(const std::string& s, std::initializer_list<const char*> keys) {
+  for (const char* k : keys)
+    if (s.find(k) != std::string::npos) return true;
+  return false;
+}
+std::vector<std::string> split_dots(const std::string& s) {
+  std::vector<std::string> parts;
+  std::stringstream ss(s);
+  for (std::string p; std::getline(ss, p, '.');) parts.push_back(p);
+  return parts;
+}
+}  // namespace
+
+ReferencePartition adam_mini_reference_blocks(const std::string& name, at::IntArrayRef shape,
+                                              int64_t dim, int64_t n_heads) {
+  const std::string n = lower(name);
+  const int64_t numel = c10::multiply_integers(shape);
+  const bool decay = !contains_any(n, {"norm", "ln", "bias"});
+  if (contains_any(n, {"bias"})) return {{whole(numel, 1, 1, 1)}, Role::Elementwise, decay};
+  if (contains_any(n, {"k_proj", "q_proj", "wq", "wk", "query", "key"})) {
+    const int64_t head_numel = dim * dim / n_heads;
+    TORCH_CHECK_VALUE(head_numel > 0 && numel % head_numel == 0, "partition='reference': '", name,
+                      "' has ", numel, " elements, not a multiple of dim*dim/n_heads = ",
+                      head_numel, " (adam-mini 1.1.1 fails here too); use partition='auto'");
+    return {{whole(numel / head_numel, head_numel, 1, head_numel)}, Role::Query, decay};
+  }
+  if (contains_any(n, {"embed", "embd", "wte", "lm_head", "output", "final_layer", "v_proj", "wv",
+                       "value", "o_proj", "wo", "attn.proj", "feed_forward", "linear", "mlp"})) {
+    TORCH_CHECK_VALUE(shape.size() == 2, "partition='reference': '", name, "' has ", shape.size(),
+                      " dims but adam-mini 1.1.1 gives it per-row blocks, which need 2 "
+                      "(adam-mini fails here too); use partition='auto'");
+    return {{whole(shape[0], shape[1], 1, shape[1])}, Role::Linear, decay};
+  }
+  return {{whole(numel, 1, numel, 1)}, Role::Scalar, decay};
+}
+
+Role role_from_name(const std::string& name, at::IntArrayRef shape) {
+  const std::string n = lower(name);
+  auto parts = split_dots(n);
+  const std::string leaf = parts.empty() ? n : parts.back();
+  const std::string module = parts.size() >= 2 ? parts[parts.size() - 2] : "";
+  const bool is_bias = leaf == "bias" || contains_any(leaf, {"_bias", "bias_"});
+  if (shape.size() <= 1) {
+    if (is_bias) return Role::Bias;
+    if (contains_any(n, {"norm", "ln"})) return Role::Norm;
+    return Role::Scalar;
+  }
+  if (contains_any(n, {"embed", "embd", "wte", "wpe", "tok_embeddings"})) return Role::Embedding;
+  const bool in_layer = std::any_of(parts.begin(), parts.end(), [](const std::string& p) {
+    return !p.empty() && std::all_of(p.begin(), p.end(), ::isdigit);
+  });
+  if (!in_layer && (contains_any(module, {"lm_head", "final_layer", "embed_out"}) ||
+                    module == "output" || module == "head"))
+    return Role::Output;
+  if (contains_any(n, {"c_attn", "qkv", "query_key_value", "in_proj"})) return Role::FusedQKV;
+  if (contains_any(module, {"q_proj", "wq", "query", "to_q"}) || module == "q") return Role::Query;
+  if (contains_any(module, {"k_proj", "wk", "key", "to_k"}) || module == "k") return Role::Key;
+  if (contains_any(module, {"v_proj", "wv", "value", "to_v"}) || module == "v") return Role::Value;
+  if (contains_any(module, {"o_proj", "wo", "out_proj", "to_out"}) ||
+      contains_any(n, {"attn.c_proj", "attn.proj", "attention.output"}))
+    return Role::AttnOut;
+  if (contains_any(n, {"mlp", "feed_forward", "ffn", "fc1", "fc2", "c_fc", "gate_proj", "up_proj",
+                       "down_proj", "intermediate", ".w1", ".w2", ".w3", "output.dense"}))
+    return Role::Mlp;
+  if (shape.size() >= 3) return Role::Conv;
+  return Role::Linear;
+}
+
+}  // namespace memopt
