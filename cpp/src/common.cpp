@@ -51,8 +51,10 @@ void check_update_lists(const char* op, TensorList params, TensorList grads, Ten
     TORCH_CHECK_VALUE(g.device() == p.device() && m.device() == p.device() &&
                           p.device() == params[0].device(),
                       op, ": tensor ", i, " is on another device; one call takes one device");
-    TORCH_CHECK_VALUE(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu(), op,
-                      ": step ", i, " must be a one-element float32 CPU tensor");
+    // Steps live on the CPU (read on the host) or, for device-resident/fake tensors, beside p.
+    TORCH_CHECK_VALUE(s.numel() == 1 && s.scalar_type() == at::kFloat &&
+                          (s.device().is_cpu() || s.device() == p.device()),
+                      op, ": step ", i, " must be a one-element float32 tensor on the CPU");
   }
 }
 

@@ -5,11 +5,20 @@
 #include "memopt/arena.h"
 #include "memopt/common.h"
 
+// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
+// (GCC ifunc), as ATen does for its own kernels; the wheel itself targets baseline x86-64.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MEMOPT_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MEMOPT_CPU_CLONES
+#endif
+
 namespace memopt::cpu {
 
 // Elementwise AdamW on [0, n) of contiguous arrays.
 template <typename P, typename S, typename C>
-inline void adamw_span(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v,
+MEMOPT_CPU_CLONES void adamw_span(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v,
                        int64_t n, const AdamScalars& s) {
   const C decay = s.decay, b1c = 1.0 - s.beta1, b2 = s.beta2, b2c = 1.0 - s.beta2;
   const C step_size = s.step_size, bc2_sqrt = s.bc2_sqrt, eps = s.eps;
@@ -29,7 +38,7 @@ inline void adamw_span(P* __restrict p, const P* __restrict g, S* __restrict m, 
 
 // The Adam step with one shared per-block factor f = step_size / (sqrt(v_b)/bc2_sqrt + eps).
 template <typename P, typename S, typename C>
-inline void block_update_span(P* __restrict p, const P* __restrict g, S* __restrict m, int64_t n,
+MEMOPT_CPU_CLONES void block_update_span(P* __restrict p, const P* __restrict g, S* __restrict m, int64_t n,
                               C decay, C b1c, C f) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
@@ -42,7 +51,7 @@ inline void block_update_span(P* __restrict p, const P* __restrict g, S* __restr
 
 // Sum of squares in double (accurate for blocks of millions of elements).
 template <typename P>
-inline double sum_squares(const P* __restrict g, int64_t n) {
+MEMOPT_CPU_CLONES double sum_squares(const P* __restrict g, int64_t n) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {

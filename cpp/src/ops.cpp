@@ -7,6 +7,15 @@
 namespace memopt {
 namespace {
 
+// Under dynamic-shape tracing the Meta kernels see symbolic sizes, which have no numel() to
+// check; shape validation then happens in the real kernel at run time.
+bool symbolic(std::initializer_list<TensorList> lists) {
+  for (const auto& list : lists)
+    for (const auto& t : list)
+      if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return true;
+  return false;
+}
+
 void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
                double weight_decay) {
@@ -15,8 +24,9 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 
 void adamw_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor&, double, double, double, double) {
-  check_update_lists("adamw_update_", params, grads, exp_avgs, steps);
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: list lengths differ");
+  if (!symbolic({params, grads, exp_avgs, exp_avg_sqs}))
+    check_update_lists("adamw_update_", params, grads, exp_avgs, steps);
 }
 
 void adam_mini_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -30,8 +40,9 @@ void adam_mini_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
 void adam_mini_meta(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor&, double, double, double, double) {
-  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
-                         decode_block_specs(blocks, static_cast<int64_t>(params.size())));
+  const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
+  if (!symbolic({params, grads, exp_avgs, exp_avg_sqs}))
+    check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
 }
 
 }  // namespace

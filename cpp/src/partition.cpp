@@ -139,8 +139,11 @@ BlockSpec adam_mini_blocks(const RoleInfo& info, at::IntArrayRef shape, std::str
     case Role::Elementwise:
       return {whole(rows, cols, 1, 1)};
     case Role::Embedding:
-    case Role::Output:  // one block per token: rows of (vocab, dim)
-      return {whole(rows, cols, 1, cols)};
+    case Role::Output: {  // one block per token (or position): the last dim is the features
+      const int64_t features = shape.empty() ? 1 : shape.back();
+      const int64_t tokens = rows * cols / features;
+      return {whole(tokens, features, 1, features)};
+    }
     case Role::Query:
     case Role::Key: {
       if (shape.size() < 2) return {whole(rows, cols, rows, cols)};
@@ -222,33 +225,49 @@ ReferencePartition adam_mini_reference_blocks(const std::string& name, at::IntAr
   return {{whole(numel, 1, numel, 1)}, Role::Scalar, decay};
 }
 
+namespace {
+bool one_of(const std::string& s, std::initializer_list<const char*> names) {
+  for (const char* n : names)
+    if (s == n) return true;
+  return false;
+}
+}  // namespace
+
 Role role_from_name(const std::string& name, at::IntArrayRef shape) {
+  // Module names are matched exactly (not as substrings) so that e.g. "keypoint_head" is not a
+  // key projection and "network" not an attention output ("wo").
   const std::string n = lower(name);
   auto parts = split_dots(n);
   const std::string leaf = parts.empty() ? n : parts.back();
   const std::string module = parts.size() >= 2 ? parts[parts.size() - 2] : "";
+  const std::string parent = parts.size() >= 3 ? parts[parts.size() - 3] : "";
   const bool is_bias = leaf == "bias" || contains_any(leaf, {"_bias", "bias_"});
   if (shape.size() <= 1) {
     if (is_bias) return Role::Bias;
     if (contains_any(n, {"norm", "ln"})) return Role::Norm;
     return Role::Scalar;
   }
-  if (contains_any(n, {"embed", "embd", "wte", "wpe", "tok_embeddings"})) return Role::Embedding;
   const bool in_layer = std::any_of(parts.begin(), parts.end(), [](const std::string& p) {
     return !p.empty() && std::all_of(p.begin(), p.end(), ::isdigit);
   });
-  if (!in_layer && (contains_any(module, {"lm_head", "final_layer", "embed_out"}) ||
-                    module == "output" || module == "head"))
+  if (!in_layer && one_of(module, {"lm_head", "output", "head", "final_layer", "embed_out"}))
     return Role::Output;
-  if (contains_any(n, {"c_attn", "qkv", "query_key_value", "in_proj"})) return Role::FusedQKV;
-  if (contains_any(module, {"q_proj", "wq", "query", "to_q"}) || module == "q") return Role::Query;
-  if (contains_any(module, {"k_proj", "wk", "key", "to_k"}) || module == "k") return Role::Key;
-  if (contains_any(module, {"v_proj", "wv", "value", "to_v"}) || module == "v") return Role::Value;
-  if (contains_any(module, {"o_proj", "wo", "out_proj", "to_out"}) ||
-      contains_any(n, {"attn.c_proj", "attn.proj", "attention.output"}))
+  if (contains_any(n, {"embed", "embd", "wte", "wpe", "tok_embeddings"})) return Role::Embedding;
+  // GPT-NeoX's query_key_value interleaves q, k, v per head, which q|k|v segments do not
+  // describe; it is left to per-neuron blocks.
+  if (one_of(module, {"c_attn", "qkv", "qkv_proj", "wqkv", "w_pack"}) || leaf == "in_proj_weight")
+    return Role::FusedQKV;
+  if (one_of(module, {"q_proj", "wq", "query", "to_q", "q"})) return Role::Query;
+  if (one_of(module, {"k_proj", "wk", "key", "to_k", "k"})) return Role::Key;
+  if (one_of(module, {"v_proj", "wv", "value", "to_v", "v"})) return Role::Value;
+  const bool attention = contains_any(parent, {"attn", "attention"});
+  if (one_of(module, {"o_proj", "wo", "out_proj", "to_out"}) ||
+      (attention && one_of(module, {"c_proj", "proj", "dense"})) ||
+      (module == "dense" && parent == "output" && contains_any(n, {"attention.output"})))
     return Role::AttnOut;
-  if (contains_any(n, {"mlp", "feed_forward", "ffn", "fc1", "fc2", "c_fc", "gate_proj", "up_proj",
-                       "down_proj", "intermediate", ".w1", ".w2", ".w3", "output.dense"}))
+  if (one_of(module, {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "fc1", "fc2", "c_fc",
+                      "c_proj", "dense_h_to_4h", "dense_4h_to_h"}) ||
+      contains_any(n, {"mlp", "feed_forward", "ffn", "intermediate", "output.dense"}))
     return Role::Mlp;
   if (shape.size() >= 3) return Role::Conv;
   return Role::Linear;

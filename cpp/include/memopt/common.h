@@ -36,7 +36,7 @@ void check_adam_hparams(double lr, double beta1, double beta2, double eps, doubl
 
 // Validates the tensor lists of a multi-tensor update before anything is written:
 // equal lengths, one device, floating dtypes, dense real grads shaped like params,
-// exp_avgs shaped like params, state dtype = param dtype or float32, CPU float32 step scalars.
+// exp_avgs shaped like params, state dtype = param dtype or float32, float32 step scalars.
 void check_update_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
                         TensorList steps);
 

@@ -1,0 +1,169 @@
+"""Shared front end: every memopt optimizer is a torch.optim.Optimizer whose step() makes one
+call per (param group, device) into a fused C++ op. Validation of tensors and hyperparameters
+lives once, in the C++ ops; this layer only keeps torch's bookkeeping (groups, state, closures,
+state_dict) and guarantees that a rejected step leaves parameters and state untouched."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Optional
+
+import torch
+
+from . import _C
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class MemoptOptimizer(torch.optim.Optimizer):
+    """Base class. Subclasses define `_state_shapes(p)` (name -> shape of each state tensor but
+    'step') and `_apply(group, params, grads, states)` (one fused op call)."""
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in _FLOAT_DTYPES:
+                    raise TypeError(
+                        f"{type(self).__name__} can only optimize float32, bfloat16, float16 or "
+                        f"float64 parameters, got a {p.dtype} parameter of shape {tuple(p.shape)}"
+                    )
+
+    # ---- step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches = []
+        for group in self.param_groups:
+            by_device = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device[p.device].append(p)
+            batches += [(group, params) for params in by_device.values()]
+        # Every group's hyperparameters are checked first (by its op, called on no tensors), so a
+        # bad value set into a later group raises before any earlier group has been updated.
+        checked = set()
+        for group, _ in batches:
+            if id(group) not in checked:
+                checked.add(id(group))
+                self._apply(group, [], [], [])
+        for group, params in batches:
+            self._step_params(group, params)
+        return loss
+
+    def _step_params(self, group: dict, params: list) -> None:
+        fresh = [p for p in params if p not in self.state]
+        self._init_states(fresh)
+        try:
+            self._apply(group, params, [p.grad for p in params], [self.state[p] for p in params])
+        except Exception:
+            # The op validates everything before it writes, so only new state needs undoing.
+            for p in fresh:
+                del self.state[p]
+            raise
+
+    @staticmethod
+    def _lr(group: dict) -> torch.Tensor:
+        lr = group["lr"]
+        return lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
+
+    # ---- state: one flat pool per (dtype, device) ----------------------------------------
+    def _init_states(self, params: list) -> None:
+        """Zeroed state for `params`, every tensor a view of one flat allocation per dtype and
+        device (the steps of one float32 CPU pool), so state memory is exact and unfragmented."""
+        self._pack_states(params, {})
+
+    def _pack_states(self, params: list, values: dict) -> None:
+        if not params:
+            return
+        wanted = defaultdict(list)  # (dtype, device) -> [(param, key, shape)]
+        for p in params:
+            for key, shape in self._state_shapes(p).items():
+                wanted[(p.dtype, p.device)].append((p, key, shape))
+            wanted[(torch.float32, torch.device("cpu"))].append((p, "step", ()))
+        for (dtype, device), items in wanted.items():
+            like = torch.empty(0, dtype=dtype, device=device)
+            views = _C.pool_views([list(shape) for _, _, shape in items], like)
+            for (p, key, _), view in zip(items, views):
+                if (p, key) in values:
+                    view.copy_(values[(p, key)])
+                self.state[p][key] = view
+
+    # ---- state_dict -------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, preceded by a check that every saved state tensor has the shape this
+        optimizer expects (so a mismatched checkpoint raises and changes nothing), and followed
+        by repacking the loaded state into flat pools."""
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"] if p in self.state]
+        values = {(p, k): v for p in params for k, v in self.state[p].items()}
+        for p in params:
+            self.state[p] = {}
+        self._pack_states(params, values)
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state_dict has {len(saved_groups or [])} parameter groups, this "
+                f"optimizer has {len(self.param_groups)}"
+            )
+        for mine, saved in zip(self.param_groups, saved_groups):
+            if len(mine["params"]) != len(saved["params"]):
+                raise ValueError("loaded state_dict has a group of a different size")
+            for p, pid in zip(mine["params"], saved["params"]):
+                entry = state_dict["state"].get(pid)
+                if entry is None:
+                    continue
+                expected = dict(self._state_shapes(p), step=())
+                for key, shape in expected.items():
+                    value = entry.get(key)
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+                    if got != tuple(shape) and not (key == "step" and value is not None and got in ((), (1,), None)):
+                        raise ValueError(
+                            f"cannot load state '{key}' of shape {got} for a parameter of shape "
+                            f"{tuple(p.shape)}: {type(self).__name__} expects {tuple(shape)}"
+                        )
+
+    # ---- reporting ------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Exact bytes of all optimizer state tensors (moments and step counters)."""
+        return sum(tensor_bytes(t) for s in self.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor))
+
+    def _describe_row(self, p: torch.Tensor) -> tuple[str, int]:
+        """(role, number of second-moment values) of a parameter."""
+        return "adam", p.numel()
+
+    def describe(self) -> str:
+        """A table of what the optimizer decided per tensor: role, blocks, state bytes (as it
+        will be once initialised), with totals against AdamW (m and v in the parameter dtype)."""
+        rows, total, adamw = [], 0, 0
+        for group in self.param_groups:
+            names = group.get("param_names") or [f"param{i}" for i in range(len(group["params"]))]
+            for name, p in zip(names, group["params"]):
+                role, blocks = self._describe_row(p)
+                nbytes = sum(p.element_size() * _numel(s) for s in self._state_shapes(p).values()) + 4
+                total += nbytes
+                adamw += 2 * tensor_bytes(p) + 4
+                rows.append((name, "x".join(map(str, p.shape)) or "scalar", role, blocks, nbytes))
+        width = max([len(r[0]) for r in rows] + [6])
+        lines = [f"{'tensor':<{width}}  {'shape':>14}  {'role':<9} {'blocks':>10} {'state bytes':>13}"]
+        lines += [f"{n:<{width}}  {s:>14}  {r:<9} {b:>10} {nb:>13,}" for n, s, r, b, nb in rows]
+        ratio = total / adamw if adamw else 0.0
+        lines.append(f"total state {total:,} bytes = {ratio:.4f} x AdamW's {adamw:,} bytes")
+        return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,39 @@
+"""AdamW on the fused memopt core."""
+from __future__ import annotations
+
+import torch
+
+from . import _C
+from ._base import MemoptOptimizer
+
+
+class AdamW(MemoptOptimizer):
+    r"""AdamW (Loshchilov & Hutter, arXiv 1711.05101) with torch.optim.AdamW's semantics.
+
+    Update, per element, in fp32 whatever the storage dtype (fp64 for float64 params)::
+
+        t += 1;  p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
+        p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+
+    State: m and v in the parameter dtype (8 bytes/param for fp32), the baseline the other
+    optimizers are measured against. One fused C++ pass per tensor and one op call per group.
+    Use it where torch.optim.AdamW works; it exists so every memopt optimizer shares one engine.
+
+    Example::
+
+        opt = memopt_core.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        _C.check_adam_hparams(float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _state_shapes(self, p):
+        return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+
+    def _apply(self, group, params, grads, states):
+        beta1, beta2 = group["betas"]
+        torch.ops.memopt.adamw_(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states], self._lr(group), float(beta1), float(beta2),
+            float(group["eps"]), float(group["weight_decay"]))

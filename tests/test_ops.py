@@ -1,0 +1,74 @@
+"""The registered torch ops themselves: schema/fake/dispatch checks (torch.library.opcheck),
+block-spec validation, and the workspace's reuse across tensors and steps."""
+import pytest
+import torch
+
+import memopt_core
+from memopt_core import _C
+
+
+def _adam_lists(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    return params, grads, [torch.zeros_like(p) for p in params], [torch.zeros(()) for _ in params]
+
+
+def test_opcheck_adamw():
+    params, grads, m, steps = _adam_lists([(8, 4), (5,)])
+    v = [torch.zeros_like(p) for p in params]
+    torch.library.opcheck(torch.ops.memopt.adamw_.default,
+                          (params, grads, m, v, steps, torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.01))
+
+
+def test_opcheck_adam_mini():
+    params, grads, m, steps = _adam_lists([(8, 4), (6,)])
+    specs = [_C.adam_mini_blocks("query", [8, 4], head_dim=2)[0], _C.adam_mini_blocks("norm", [6])[0]]
+    v = [torch.zeros(4), torch.zeros(1)]
+    torch.library.opcheck(torch.ops.memopt.adam_mini_.default,
+                          (params, grads, m, v, steps, _C.encode_block_specs(specs),
+                           torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0))
+
+
+@pytest.mark.parametrize("segments, message", [
+    ([(0, 4, 4, 4, 3, 4)], "not divisible"),          # 4 rows in tiles of 3
+    ([(0, 2, 4, 4, 1, 4), (12, 2, 4, 4, 1, 4)], "reaches element"),  # past the end
+    ([(0, 3, 4, 4, 1, 4), (8, 2, 4, 4, 1, 4)], "covers 20 of 16"),  # overlapping rows
+    ([(0, 2, 4, 4, 1, 4)], "covers 8 of 16"),         # leaves half uncovered
+    ([(0, 4, 4, 3, 1, 4)], "row_stride"),
+])
+def test_bad_block_specs_are_rejected(segments, message):
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        _C.check_block_spec(segments, 16)
+
+
+def test_bad_spec_leaves_tensors_untouched():
+    params, grads, m, steps = _adam_lists([(4, 4)])
+    before = [t.clone() for t in params + m + steps]
+    bad = _C.encode_block_specs([[(0, 4, 4, 4, 3, 4)]])
+    with pytest.raises((ValueError, RuntimeError)):
+        torch.ops.memopt.adam_mini_(params, grads, m, [torch.zeros(1)], steps, bad,
+                                    torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0)
+    for a, b in zip(params + m + steps, before):
+        assert torch.equal(a, b)
+
+
+def test_workspace_is_sized_once_and_reused():
+    # A transposed (HF Conv1D, stored (in, out)) weight has one block per column: the general
+    # kernel path, which carves per-thread partial sums out of the workspace.
+    from transformers.pytorch_utils import Conv1D
+
+    model = torch.nn.Sequential()
+    model.c_fc = Conv1D(256, 64)
+    opt = memopt_core.AdamMini(model, lr=1e-3)
+    w = model.c_fc.weight
+    assert opt.blocks[w].count == 256 and opt.blocks[w].segments[0][4:] == (64, 1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    capacity, largest, grows = _C.workspace_stats("cpu")
+    assert 0 < largest <= capacity
+    for _ in range(3):
+        opt.step()
+    assert _C.workspace_stats("cpu")[2] == grows  # no growth after the first step
+    assert largest < w.numel() * w.element_size()  # scratch is block-sized, not tensor-sized
