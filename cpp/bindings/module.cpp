@@ -6,12 +6,17 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include "memopt/adam_mini.h"
+#include "memopt/adamw.h"
 #include "memopt/arena.h"
+#include "memopt/common.h"
 #include "memopt/partition.h"
 #include "tensor_caster.h"
 
 namespace nb = nanobind;
 using namespace memopt;
+
+void bind_optimizers(nb::module_& m);  // optimizers.cpp: the LibTorch optimizer classes
 
 namespace {
 using SegmentTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
@@ -32,7 +37,47 @@ c10::Device parse_device(const std::string& device) { return c10::Device(device)
 
 NB_MODULE(_C, m) {
   m.doc() = "memopt_core C++ core: partitioner, workspace, state pool (ops: torch.ops.memopt)";
+  // c10's typed errors become the Python exceptions torch raises for them (TORCH_CHECK_VALUE ->
+  // ValueError, ...), without the C++ backtrace; torch.ops calls get this from torch already.
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    } catch (const c10::IndexError& e) {
+      PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
+    } catch (const c10::NotImplementedError& e) {
+      PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
 
+  m.def("check_adam_hparams", &check_adam_hparams, nb::arg("lr"), nb::arg("beta1"),
+        nb::arg("beta2"), nb::arg("eps"), nb::arg("weight_decay"),
+        "Raises ValueError for an invalid Adam-family hyperparameter.");
+  // The ops' own validation, callable for every group before any op runs, so that a bad
+  // gradient in a later group leaves earlier groups untouched (and a sparse one never reaches
+  // the dispatcher, which has no sparse kernel to route it to).
+  m.def("check_adamw_",
+        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+           const std::vector<at::Tensor>& steps, const at::Tensor& lr, double beta1,
+           double beta2, double eps, double weight_decay) {
+          check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
+          check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+        });
+  m.def("check_adam_mini_",
+        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+           const std::vector<at::Tensor>& steps, const std::vector<int64_t>& blocks,
+           const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay) {
+          check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
+                                 decode_block_specs(blocks, static_cast<int64_t>(params.size())));
+          check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+        });
   m.def("role_names", &role_names, "All role names the partitioner knows.");
   m.def("role_from_name",
         [](const std::string& name, const std::vector<int64_t>& shape) {
@@ -86,4 +131,6 @@ NB_MODULE(_C, m) {
         nb::arg("shapes"), nb::arg("like"),
         "Zeroed tensors of the given shapes, all views of one flat allocation of like's dtype "
         "and device (64-byte aligned).");
+
+  bind_optimizers(m);
 }

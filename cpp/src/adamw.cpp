@@ -5,9 +5,8 @@
 
 namespace memopt {
 
-void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
-                   TensorList exp_avg_sqs, TensorList steps, const Tensor& lr_t, double beta1,
-                   double beta2, double eps, double weight_decay) {
+void check_adamw_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                        TensorList exp_avg_sqs, TensorList steps) {
   check_update_lists("adamw_update_", params, grads, exp_avgs, steps);
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: ", exp_avg_sqs.size(),
                     " exp_avg_sqs for ", params.size(), " params");
@@ -17,6 +16,12 @@ void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                           exp_avg_sqs[i].is_contiguous() &&
                           exp_avg_sqs[i].device() == params[i].device(),
                       "adamw_update_: exp_avg_sq ", i, " must match exp_avg in shape and dtype");
+}
+
+void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+                   TensorList exp_avg_sqs, TensorList steps, const Tensor& lr_t, double beta1,
+                   double beta2, double eps, double weight_decay) {
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params.empty()) return;

@@ -55,7 +55,8 @@ MEMOPT_CPU_CLONES double sum_squares(const P* __restrict g, int64_t n) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
-    const double x = static_cast<double>(static_cast<float>(g[j]));
+    // Through opmath (float for bf16/fp16) so float64 gradients keep their precision.
+    const double x = static_cast<double>(static_cast<at::opmath_type<P>>(g[j]));
     acc += x * x;
   }
   return acc;

@@ -26,7 +26,7 @@ void adamw_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 TensorList steps, const Tensor&, double, double, double, double) {
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: list lengths differ");
   if (!symbolic({params, grads, exp_avgs, exp_avg_sqs}))
-    check_update_lists("adamw_update_", params, grads, exp_avgs, steps);
+    check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
 }
 
 void adam_mini_cpu(TensorList params, TensorList grads, TensorList exp_avgs,

@@ -20,53 +20,58 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 class MemoptOptimizer(torch.optim.Optimizer):
     """Base class. Subclasses define `_state_shapes(p)` (name -> shape of each state tensor but
-    'step') and `_apply(group, params, grads, states)` (one fused op call)."""
+    'step') and `_op_call(group, params, grads, states)` -> (op, check, args): the fused torch op,
+    the C++ validator with the op's signature, and the arguments for both."""
 
-    def __init__(self, params, defaults: dict):
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dtype not in _FLOAT_DTYPES:
-                    raise TypeError(
-                        f"{type(self).__name__} can only optimize float32, bfloat16, float16 or "
-                        f"float64 parameters, got a {p.dtype} parameter of shape {tuple(p.shape)}"
-                    )
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group (also used by __init__), then the checks a group must pass:
+        floating parameters and valid hyperparameters (the C++ validator's rules)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if p.dtype not in _FLOAT_DTYPES:
+                del self.param_groups[-1]
+                raise TypeError(
+                    f"{type(self).__name__} can only optimize float32, bfloat16, float16 or "
+                    f"float64 parameters, got a {p.dtype} parameter of shape {tuple(p.shape)}")
+        try:
+            beta1, beta2 = group["betas"]
+            _C.check_adam_hparams(float(group["lr"]), float(beta1), float(beta2),
+                                  float(group["eps"]), float(group["weight_decay"]))
+        except Exception:
+            del self.param_groups[-1]
+            raise
 
-    # ---- step ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches = []
-        for group in self.param_groups:
-            by_device = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_device[p.device].append(p)
-            batches += [(group, params) for params in by_device.values()]
-        # Every group's hyperparameters are checked first (by its op, called on no tensors), so a
-        # bad value set into a later group raises before any earlier group has been updated.
-        checked = set()
-        for group, _ in batches:
-            if id(group) not in checked:
-                checked.add(id(group))
-                self._apply(group, [], [], [])
-        for group, params in batches:
-            self._step_params(group, params)
-        return loss
-
-    def _step_params(self, group: dict, params: list) -> None:
-        fresh = [p for p in params if p not in self.state]
-        self._init_states(fresh)
+        calls, fresh = [], []
         try:
-            self._apply(group, params, [p.grad for p in params], [self.state[p] for p in params])
+            # Validate every (group, device) call before running any, so that a bad input
+            # anywhere leaves all parameters and state as they were.
+            for group in self.param_groups:
+                by_device = defaultdict(list)
+                for p in group["params"]:
+                    if p.grad is not None:
+                        by_device[p.device].append(p)
+                for params in by_device.values():
+                    new = [p for p in params if p not in self.state]
+                    self._init_states(new)
+                    fresh += new
+                    op, check, args = self._op_call(
+                        group, params, [p.grad for p in params], [self.state[p] for p in params])
+                    check(*args)
+                    calls.append((op, args))
         except Exception:
-            # The op validates everything before it writes, so only new state needs undoing.
             for p in fresh:
                 del self.state[p]
             raise
+        for op, args in calls:
+            op(*args)
+        return loss
 
     @staticmethod
     def _lr(group: dict) -> torch.Tensor:

@@ -62,7 +62,6 @@ class AdamMini(MemoptOptimizer):
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, dim=None, n_heads=None, n_kv_heads=None,
                  partition="auto", roles=None):
-        _C.check_adam_hparams(float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay))
         model = named_params_or_model if isinstance(named_params_or_model, nn.Module) else None
         groups = _named_groups(named_params_or_model)
         named = [np for g in groups for np in g["params"]]
@@ -76,8 +75,8 @@ class AdamMini(MemoptOptimizer):
                 if members:
                     torch_groups.append({**opts, "params": [p for _, p in members],
                                          "param_names": [n for n, _ in members], "weight_decay": wd})
+        self._encoded: dict[tuple, list] = {}  # before super().__init__, which validates groups
         super().__init__(torch_groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self._encoded: dict[tuple, list] = {}
 
     def _state_shapes(self, p):
         return {"exp_avg": tuple(p.shape), "exp_avg_sq": (self.blocks[p].count,)}
@@ -85,15 +84,15 @@ class AdamMini(MemoptOptimizer):
     def _describe_row(self, p):
         return self.blocks[p].role, self.blocks[p].count
 
-    def _apply(self, group, params, grads, states):
+    def _op_call(self, group, params, grads, states):
         key = tuple(id(p) for p in params)
         if key not in self._encoded:
             self._encoded[key] = _C.encode_block_specs([list(self.blocks[p].segments) for p in params])
         beta1, beta2 = group["betas"]
-        torch.ops.memopt.adam_mini_(
-            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states], self._encoded[key], self._lr(group), float(beta1),
-            float(beta2), float(group["eps"]), float(group["weight_decay"]))
+        args = (params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], self._encoded[key], self._lr(group), float(beta1),
+                float(beta2), float(group["eps"]), float(group["weight_decay"]))
+        return torch.ops.memopt.adam_mini_, _C.check_adam_mini_, args
 
 
 def _named_groups(source) -> list[dict]:

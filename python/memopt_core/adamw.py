@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _C
+from . import _C
 from ._base import MemoptOptimizer
 
 
@@ -25,15 +26,14 @@ class AdamW(MemoptOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        _C.check_adam_hparams(float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay))
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _state_shapes(self, p):
         return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
 
-    def _apply(self, group, params, grads, states):
+    def _op_call(self, group, params, grads, states):
         beta1, beta2 = group["betas"]
-        torch.ops.memopt.adamw_(
-            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states], self._lr(group), float(beta1), float(beta2),
-            float(group["eps"]), float(group["weight_decay"]))
+        args = (params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], self._lr(group), float(beta1), float(beta2),
+                float(group["eps"]), float(group["weight_decay"]))
+        return torch.ops.memopt.adamw_, _C.check_adamw_, args

@@ -13,4 +13,8 @@ void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                    TensorList exp_avg_sqs, TensorList steps, const Tensor& lr, double beta1,
                    double beta2, double eps, double weight_decay);
 
+// Everything adamw_update_ checks before it writes (lists, dtypes, shapes, devices, hparams).
+void check_adamw_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                        TensorList exp_avg_sqs, TensorList steps);
+
 }  // namespace memopt

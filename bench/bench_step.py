@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Optimizer step() time, state bytes and step-time memory peak on CPU, LLaMA-style models.
+
+Command (from the repo root; ~2 min for 50m on 2 cores, ~8 min for 200m):
+    python bench/bench_step.py --size 50m [--write]
+    python bench/bench_step.py --size 200m [--write]
+
+Contenders: memopt_core.AdamMini, memopt_core.AdamW, torch.optim.AdamW(fused=True),
+torch.optim.AdamW(foreach=True), adam_mini.Adam_mini 1.1.1 (PyPI reference; given dim, n_heads,
+n_kv_heads). All get the same hyper-parameters and the same fixed random gradient on every
+parameter (no forward/backward: only step() is timed).
+
+Time: all contenders share one model and are stepped round-robin, one step each per round, with
+the starting contender rotated every round, so drifts in machine load hit all alike; we report the
+median over rounds, and the ratio to torch fused AdamW measured in the same rounds.
+
+State bytes: the bytes of every tensor in opt.state (views of a flat pool counted once each).
+
+Peak memory during step(): each contender runs in a fresh subprocess (nothing else's memory or
+allocator history in it). It builds the model and gradients, reads VmRSS (`base`: params + grads
++ libraries), creates the optimizer and runs 2 warm-up steps (state allocated, workspaces grown),
+then 3 times resets the kernel's RSS high-water mark (writing "5" to /proc/self/clear_refs sets
+VmHWM to the current RSS) and runs one step, reading VmHWM after it. The column is
+max(VmHWM) - base - state bytes: everything resident at the step's peak beyond params, grads and
+state (temporaries plus persistent workspaces). ru_maxrss cannot be reset, so it would hide a
+step's transient under the start-up peak. RSS sees only pages the allocator really gets from the
+kernel, so the child runs with MALLOC_MMAP_THRESHOLD_=65536: glibc then serves every block >= 64
+KiB with a fresh mmap and unmaps it on free, instead of recycling freed heap memory (which would
+make a temporary invisible); torch's CPU allocator has no cache of its own. Blocks under 64 KiB
+are not tracked, and that bounds the error.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import memopt_core
+from memopt_core.models import Llama, llama_config, num_params
+
+HP = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+BASELINE = "torch AdamW fused"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+try:  # optional (comes with the test extras); imported up front so that the memory children's
+    from adam_mini import Adam_mini  # baseline includes the module, not just its optimizer
+except ImportError:
+    Adam_mini = None
+
+
+def _adam_mini_ref(model):
+    c = model.config
+    return Adam_mini(model.named_parameters(), **HP, dim=c.hidden_size, n_heads=c.num_attention_heads,
+                     n_kv_heads=c.num_key_value_heads, verbose=False)
+
+
+CONTENDERS = {
+    "memopt AdamMini": lambda m: memopt_core.AdamMini(m, **HP),
+    "memopt AdamW": lambda m: memopt_core.AdamW(m.parameters(), **HP),
+    "torch AdamW fused": lambda m: torch.optim.AdamW(m.parameters(), **HP, fused=True),
+    "torch AdamW foreach": lambda m: torch.optim.AdamW(m.parameters(), **HP, foreach=True),
+}
+if Adam_mini is not None:
+    CONTENDERS["adam-mini 1.1.1"] = _adam_mini_ref
+else:
+    print("adam-mini not installed (pip install adam-mini==1.1.1): reference left out",
+          file=sys.stderr)
+
+
+def build_model(size: str):
+    torch.manual_seed(0)
+    model = Llama(llama_config(size))
+    gen = torch.Generator().manual_seed(1)
+    for p in model.parameters():  # fixed gradient, gradient-sized (1e-3 like a clipped LLM grad)
+        p.grad = torch.randn(p.shape, generator=gen).mul_(1e-3)
+    return model
+
+
+def state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if torch.is_tensor(t))
+
+
+def time_steps(model, names, warmup: int, rounds: int) -> tuple[dict, dict]:
+    """({name: step seconds per round}, {name: state bytes})."""
+    opts = {n: CONTENDERS[n](model) for n in names}
+    for _ in range(warmup):
+        for opt in opts.values():
+            opt.step()
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            opts[n].step()
+            times[n].append(time.perf_counter() - t0)
+    return times, {n: state_bytes(o) for n, o in opts.items()}
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def memory_child(size: str, name: str) -> None:
+    model = build_model(size)
+    gc.collect()
+    base = _status("VmRSS")
+    opt = CONTENDERS[name](model)
+    for _ in range(2):
+        opt.step()
+    peak = 0
+    for _ in range(3):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        opt.step()
+        peak = max(peak, _status("VmHWM"))
+    sb = state_bytes(opt)
+    print(json.dumps(dict(base=base, state=sb, over=peak - base - sb)))
+
+
+def measure_memory(size: str, name: str) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, __file__, "--size", size, "--memory-child", name],
+                         env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except FileNotFoundError:
+        pass
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
+
+
+def commit() -> str:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=["50m", "200m"], default="50m")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="a subset of contenders")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-process memory peaks")
+    ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        return memory_child(args.size, args.memory_child)
+
+    names = args.only or list(CONTENDERS)
+    if BASELINE not in names:
+        names.append(BASELINE)  # the ratios need it
+    model = build_model(args.size)
+    n = num_params(model)
+    print(f"timing {len(names)} optimizers on {args.size} ({n / 1e6:.1f}M params)...", file=sys.stderr)
+    times, sbytes = time_steps(model, names, args.warmup, args.rounds)
+    del model
+    gc.collect()
+    mem = {}
+    if not args.no_memory:
+        for name in names:
+            print(f"memory peak: {name}...", file=sys.stderr)
+            mem[name] = measure_memory(args.size, name)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = [f"### step() on CPU, LLaMA-style {args.size} ({n / 1e6:.1f}M params, fp32)", "",
+             f"{datetime.date.today()} | {machine()} | torch {torch.__version__} | "
+             f"commit {commit()} | median of {args.rounds} round-robin rounds after "
+             f"{args.warmup} warm-up steps", "",
+             "| optimizer | step ms | vs torch fused AdamW | state bytes/param "
+             "| peak over params+grads+state (MiB) | same, bytes/param |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in names:
+        m = mem.get(name)
+        peak = f"{m['over'] / 2**20:.1f} | {m['over'] / n:.2f}" if m else "- | -"
+        lines.append(f"| {name} | {1e3 * med[name]:.1f} | {med[name] / med[BASELINE]:.2f}x "
+                     f"| {sbytes[name] / n:.2f} | {peak} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        results = ROOT / "bench" / "RESULTS.md"
+        new = not results.exists()
+        with results.open("a") as f:
+            if new:
+                f.write("# Benchmark results\n\nAppended by the scripts in bench/; each table says "
+                        "how it was made (see the script's header for the method).\n")
+            f.write("\n" + table + "\n")
+        print(f"appended to {results}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

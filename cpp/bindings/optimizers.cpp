@@ -1,0 +1,124 @@
+// _C.CppAdamW / _C.CppAdamMini: the LibTorch optimizers (memopt/optimizers.h) as Python objects,
+// to test and drive the C++ front end from Python. Thin: construction, step, save/load, state.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <torch/serialize.h>
+
+#include "memopt/optimizers.h"
+#include "tensor_caster.h"
+
+namespace nb = nanobind;
+using namespace memopt;
+
+namespace {
+using Betas = std::pair<double, double>;
+using StateTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // step, exp_avg, exp_avg_sq
+using GroupTuple = std::tuple<std::vector<at::Tensor>, double, double>;  // params, lr, wd
+
+template <typename Options>
+Options adam_options(double lr, Betas betas, double eps, double weight_decay) {
+  return Options(lr).betas(std::make_tuple(betas.first, betas.second)).eps(eps)
+      .weight_decay(weight_decay);
+}
+
+AdamMiniOptions adam_mini_options(double lr, Betas betas, double eps, double weight_decay,
+                                  int64_t dim, int64_t n_heads, int64_t n_kv_heads,
+                                  int64_t head_dim) {
+  return adam_options<AdamMiniOptions>(lr, betas, eps, weight_decay).dim(dim).n_heads(n_heads)
+      .n_kv_heads(n_kv_heads).head_dim(head_dim);
+}
+
+// The methods both classes share. The optimizer keeps references to the caller's tensors and
+// updates them in place.
+template <typename Opt, typename Options, typename State>
+void bind_common(nb::class_<Opt>& cls) {
+  cls.def("step",
+          [](Opt& opt, nb::object closure) {
+            if (closure.is_none()) return opt.step();
+            return opt.step([&closure] {
+              nb::object result = closure();
+              at::Tensor loss;
+              TORCH_CHECK_TYPE(nb::try_cast(result, loss), "step: the closure must return the "
+                               "loss as a torch.Tensor, got ", nb::inst_name(result).c_str());
+              return loss;
+            });
+          },
+          nb::arg("closure") = nb::none(),
+          "One step; `closure` (re-evaluates the loss, calls backward, returns the loss) runs "
+          "with grad enabled. Returns the closure's loss, or None.");
+  cls.def("zero_grad", [](Opt& opt, bool set_to_none) { opt.zero_grad(set_to_none); },
+          nb::arg("set_to_none") = true);
+  cls.def("save", [](const Opt& opt, const std::string& path) { torch::save(opt, path); },
+          nb::arg("path"), "torch::save(optimizer, path).");
+  cls.def("load", [](Opt& opt, const std::string& path) { torch::load(opt, path); },
+          nb::arg("path"),
+          "torch::load(optimizer, path); raises, changing nothing, on a mismatched checkpoint.");
+  cls.def("state",
+          [](const Opt& opt, const at::Tensor& param) -> std::optional<StateTuple> {
+            auto it = opt.state().find(param.unsafeGetTensorImpl());
+            if (it == opt.state().end()) return std::nullopt;
+            const auto& s = static_cast<const State&>(*it->second);
+            return StateTuple{s.step(), s.exp_avg(), s.exp_avg_sq()};
+          },
+          nb::arg("param"), "(step, exp_avg, exp_avg_sq) of a parameter (live tensors), or None.");
+  cls.def("param_groups",
+          [](const Opt& opt) {
+            std::vector<GroupTuple> out;
+            for (const auto& g : opt.param_groups()) {
+              const auto& o = static_cast<const Options&>(g.options());
+              out.emplace_back(g.params(), o.lr(), o.weight_decay());
+            }
+            return out;
+          },
+          "[(params, lr, weight_decay)] per param group.");
+}
+}  // namespace
+
+void bind_optimizers(nb::module_& m) {
+  nb::class_<AdamW> adamw(m, "CppAdamW", "memopt::AdamW, the LibTorch optimizer.");
+  adamw.def(
+      "__init__",
+      [](AdamW* self, std::vector<at::Tensor> params, double lr, Betas betas, double eps,
+         double weight_decay) {
+        new (self) AdamW(std::move(params),
+                         adam_options<AdamWOptions>(lr, betas, eps, weight_decay));
+      },
+      nb::arg("params"), nb::arg("lr") = 1e-3, nb::arg("betas") = Betas{0.9, 0.999},
+      nb::arg("eps") = 1e-8, nb::arg("weight_decay") = 1e-2);
+  bind_common<AdamW, AdamWOptions, AdamWParamState>(adamw);
+
+  nb::class_<AdamMini> mini(m, "CppAdamMini",
+                            "memopt::AdamMini, the LibTorch optimizer. Roles come from the "
+                            "names, or from `roles` (role names as in role_names()) if given.");
+  mini.def(
+      "__init__",
+      [](AdamMini* self, const std::vector<std::pair<std::string, at::Tensor>>& named_params,
+         std::optional<std::vector<std::string>> roles, double lr, Betas betas, double eps,
+         double weight_decay, int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim) {
+        const auto options = adam_mini_options(lr, betas, eps, weight_decay, dim, n_heads,
+                                               n_kv_heads, head_dim);
+        if (!roles) {
+          new (self) AdamMini(named_params, options);
+          return;
+        }
+        TORCH_CHECK_VALUE(roles->size() == named_params.size(), "CppAdamMini: ", roles->size(),
+                          " roles for ", named_params.size(), " parameters");
+        std::vector<std::pair<at::Tensor, RoleInfo>> params;
+        for (size_t i = 0; i < roles->size(); ++i) {
+          RoleInfo info;
+          info.role = role_from_string((*roles)[i]);
+          params.emplace_back(named_params[i].second, info);
+        }
+        new (self) AdamMini(params, options);
+      },
+      nb::arg("named_params"), nb::arg("roles") = nb::none(), nb::arg("lr") = 1e-3,
+      nb::arg("betas") = Betas{0.9, 0.999}, nb::arg("eps") = 1e-8, nb::arg("weight_decay") = 0.0,
+      nb::arg("dim") = 0, nb::arg("n_heads") = 0, nb::arg("n_kv_heads") = 0,
+      nb::arg("head_dim") = 0);
+  bind_common<AdamMini, AdamMiniOptions, AdamMiniParamState>(mini);
+}

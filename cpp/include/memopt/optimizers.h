@@ -1,0 +1,157 @@
+// LibTorch front end: memopt::AdamW and memopt::AdamMini as torch::optim::Optimizer subclasses,
+// with LibTorch's Options / ParamState / step(closure) shape and torch::save / torch::load.
+//
+//   memopt::AdamMini opt(named_params, memopt::AdamMiniOptions(3e-4).dim(768).n_heads(12));
+//   opt.zero_grad(); loss.backward(); opt.step();
+//   torch::save(opt, "opt.pt");  ...  torch::load(opt, "opt.pt");
+#pragma once
+
+#include <torch/optim/optimizer.h>
+#include <torch/optim/serialize.h>
+#include <torch/serialize/archive.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "memopt/partition.h"
+
+namespace memopt {
+
+// The hyperparameters every Adam-family options class has. A macro rather than a base class so
+// that chained setters (AdamMiniOptions().lr(1e-3).dim(512)) return the derived type: TORCH_ARG
+// setters return the class that declares them.
+#define MEMOPT_ADAM_OPTIONS_ARGS(DEFAULT_WEIGHT_DECAY)         \
+ public:                                                       \
+  using betas_t = std::tuple<double, double>;                  \
+  TORCH_ARG(double, lr) = 1e-3;                                \
+  TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);     \
+  TORCH_ARG(double, eps) = 1e-8;                               \
+  TORCH_ARG(double, weight_decay) = DEFAULT_WEIGHT_DECAY;      \
+                                                               \
+ public:                                                       \
+  double get_lr() const override { return lr(); }              \
+  void set_lr(const double new_lr) override { lr(new_lr); }
+
+struct AdamWOptions : public torch::optim::OptimizerCloneableOptions<AdamWOptions> {
+  // Implicit from a double, as LibTorch's loader constructs options from 0.
+  AdamWOptions(double lr = 1e-3) { this->lr(lr); }  // NOLINT(google-explicit-constructor)
+  MEMOPT_ADAM_OPTIONS_ARGS(1e-2)  // torch.optim.AdamW's default decay
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+};
+
+// Head geometry decides the per-head blocks of Q/K (and fused QKV) weights. It is read once, at
+// construction: the blocks of a tensor never change afterwards, even if the options are edited
+// or loaded from a checkpoint.
+struct AdamMiniOptions : public torch::optim::OptimizerCloneableOptions<AdamMiniOptions> {
+  AdamMiniOptions(double lr = 1e-3) { this->lr(lr); }  // NOLINT(google-explicit-constructor)
+  MEMOPT_ADAM_OPTIONS_ARGS(0.0)  // adam-mini 1.1.1's default decay
+  TORCH_ARG(int64_t, dim) = 0;         // model width
+  TORCH_ARG(int64_t, n_heads) = 0;     // query heads (0: no per-head blocks)
+  TORCH_ARG(int64_t, n_kv_heads) = 0;  // key/value heads (0: n_heads)
+  TORCH_ARG(int64_t, head_dim) = 0;    // 0: dim / n_heads
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+};
+
+#undef MEMOPT_ADAM_OPTIONS_ARGS
+
+// Per-parameter state of the Adam family. `step` is a 0-dim float32 CPU tensor (the fused
+// update increments it, as torch.optim's fused Adam does), so a checkpoint holds only tensors.
+template <typename Derived>
+struct AdamFamilyParamState : public torch::optim::OptimizerCloneableParamState<Derived> {
+  TORCH_ARG(torch::Tensor, step);
+  TORCH_ARG(torch::Tensor, exp_avg);     // param-shaped
+  TORCH_ARG(torch::Tensor, exp_avg_sq);  // see the derived state
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+};
+
+// exp_avg_sq is param-shaped.
+struct AdamWParamState : public AdamFamilyParamState<AdamWParamState> {};
+// exp_avg_sq is 1-D, one entry per block of the parameter's BlockSpec.
+struct AdamMiniParamState : public AdamFamilyParamState<AdamMiniParamState> {};
+
+// What AdamW and AdamMini share: step(closure) with lazily created state and exactly one fused
+// update call per param group, and save/load that validates a checkpoint completely before it
+// touches the optimizer.
+template <typename Options, typename State>
+class AdamFamily : public torch::optim::Optimizer {
+ public:
+  // Runs `closure` (if given) with grad mode on, then steps every parameter with a gradient.
+  // Bad input (dtype, shape, device, hyperparameters) raises before anything is written.
+  torch::Tensor step(LossClosure closure = nullptr) override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  // Raises, leaving state and options as they were, unless the checkpoint has this optimizer's
+  // groups, group sizes and state shapes.
+  void load(torch::serialize::InputArchive& archive) override;
+
+ protected:
+  // One group's parameters that have gradients, as the parallel lists the fused ops take.
+  struct GroupLists {
+    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+  };
+
+  // Groups that carry options keep them as given. (LibTorch merges group options only for its
+  // own optimizer types and would otherwise replace them with the defaults.)
+  AdamFamily(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+             const Options& defaults);
+
+  const Options& group_options(size_t group) const {
+    return static_cast<const Options&>(param_groups_[group].options());
+  }
+  // Sizes of a parameter's exp_avg_sq: for new state and to validate a checkpoint.
+  virtual std::vector<int64_t> exp_avg_sq_sizes(const at::Tensor& param) const = 0;
+  // The single fused update call for one group.
+  virtual void update(const Options& options, const GroupLists& lists) = 0;
+
+ private:
+  void check_loaded_state(State& state, const at::Tensor& param, size_t group, size_t index) const;
+};
+
+class AdamW : public AdamFamily<AdamWOptions, AdamWParamState> {
+ public:
+  explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                 AdamWOptions defaults = {});
+  explicit AdamW(std::vector<torch::Tensor> params, AdamWOptions defaults = {});
+
+ protected:
+  std::vector<int64_t> exp_avg_sq_sizes(const at::Tensor& param) const override;
+  void update(const AdamWOptions& options, const GroupLists& lists) override;
+};
+
+// Adam-mini: one second moment per Hessian block (see adam_mini.h and partition.h). Parameters
+// are split into two groups: those with weight decay, and norms, biases and 1-D tensors with
+// weight_decay 0 (an empty group is left out).
+class AdamMini : public AdamFamily<AdamMiniOptions, AdamMiniParamState> {
+ public:
+  // Roles from names and shapes (role_from_name), e.g. model.named_parameters().
+  AdamMini(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+           AdamMiniOptions defaults = {});
+  // Explicit roles. RoleInfo fields head_dim, q_heads, kv_heads left 0 take the options' values.
+  AdamMini(const std::vector<std::pair<torch::Tensor, RoleInfo>>& params,
+           AdamMiniOptions defaults = {});
+
+  // The blocks of a parameter given at construction (throws for any other tensor).
+  const BlockSpec& block_spec(const torch::Tensor& param) const;
+
+ protected:
+  std::vector<int64_t> exp_avg_sq_sizes(const at::Tensor& param) const override;
+  void update(const AdamMiniOptions& options, const GroupLists& lists) override;
+
+ private:
+  ska::flat_hash_map<void*, BlockSpec> specs_;  // keyed by TensorImpl*, as state_ is
+};
+
+extern template struct AdamFamilyParamState<AdamWParamState>;
+extern template struct AdamFamilyParamState<AdamMiniParamState>;
+extern template class AdamFamily<AdamWOptions, AdamWParamState>;
+extern template class AdamFamily<AdamMiniOptions, AdamMiniParamState>;
+
+}  // namespace memopt

@@ -1,0 +1,101 @@
+// memopt::AdamMini, the LibTorch optimizer: roles -> blocks once, at construction, then one
+// fused adam_mini_update_ call per param group (shared machinery: optimizers.cpp).
+#include "memopt/adam_mini.h"
+#include "memopt/optimizers.h"
+
+namespace memopt {
+
+namespace {
+using RoleParams = std::vector<std::pair<at::Tensor, RoleInfo>>;
+
+// The query/key head geometry the options describe, validated.
+RoleInfo head_geometry(const AdamMiniOptions& o) {
+  TORCH_CHECK_VALUE(o.dim() >= 0 && o.n_heads() >= 0 && o.n_kv_heads() >= 0 && o.head_dim() >= 0,
+                    "AdamMini: dim, n_heads, n_kv_heads and head_dim must be >= 0");
+  RoleInfo info;
+  info.head_dim = o.head_dim();
+  if (info.head_dim == 0 && o.n_heads() > 0) {
+    TORCH_CHECK_VALUE(o.dim() > 0 && o.dim() % o.n_heads() == 0, "AdamMini: dim (", o.dim(),
+                      ") must be a positive multiple of n_heads (", o.n_heads(),
+                      "), or give head_dim");
+    info.head_dim = o.dim() / o.n_heads();
+  }
+  info.q_heads = o.n_heads();
+  info.kv_heads = o.n_kv_heads() > 0 ? o.n_kv_heads() : o.n_heads();
+  TORCH_CHECK_VALUE(o.n_kv_heads() == 0 || (o.n_heads() > 0 && o.n_heads() % o.n_kv_heads() == 0),
+                    "AdamMini: n_heads (", o.n_heads(), ") must be a multiple of n_kv_heads (",
+                    o.n_kv_heads(), ")");
+  return info;
+}
+
+RoleParams roles_from_names(const std::vector<std::pair<std::string, at::Tensor>>& named) {
+  RoleParams out;
+  for (const auto& [name, p] : named) {
+    TORCH_CHECK_VALUE(p.defined(), "AdamMini: parameter '", name, "' is an undefined tensor");
+    RoleInfo info;
+    info.role = role_from_name(name, p.sizes());
+    out.emplace_back(p, info);
+  }
+  return out;
+}
+
+// Decoupled weight decay applies to weight matrices only, as in adam-mini (which exempts norms
+// and biases by name) and common LLM recipes (which exempt every 1-D tensor).
+std::vector<torch::optim::OptimizerParamGroup> decay_groups(const RoleParams& params,
+                                                            const AdamMiniOptions& defaults) {
+  std::vector<at::Tensor> decay, no_decay;
+  for (const auto& [p, info] : params) {
+    TORCH_CHECK_VALUE(p.defined(), "AdamMini: a parameter is an undefined tensor");
+    const bool decays = p.dim() >= 2 && info.role != Role::Norm && info.role != Role::Bias;
+    (decays ? decay : no_decay).push_back(p);
+  }
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!decay.empty()) groups.emplace_back(std::move(decay));
+  if (!no_decay.empty())
+    groups.emplace_back(std::move(no_decay),
+                        std::make_unique<AdamMiniOptions>(AdamMiniOptions(defaults).weight_decay(0)));
+  return groups;
+}
+}  // namespace
+
+AdamMini::AdamMini(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+                   AdamMiniOptions defaults)
+    : AdamMini(roles_from_names(named_params), std::move(defaults)) {}
+
+AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults)
+    : AdamFamily(decay_groups(params, defaults), defaults) {
+  const RoleInfo geometry = head_geometry(defaults);
+  for (const auto& [p, given] : params) {
+    RoleInfo info = given;
+    if (info.head_dim == 0) info.head_dim = geometry.head_dim;
+    if (info.q_heads == 0) info.q_heads = geometry.q_heads;
+    if (info.kv_heads == 0) info.kv_heads = geometry.kv_heads;
+    BlockSpec spec = adam_mini_blocks(info, p.sizes());
+    check_block_spec(spec, p.numel(), "AdamMini: " + role_name(info.role) + " parameter");
+    specs_.emplace(p.unsafeGetTensorImpl(), std::move(spec));
+  }
+}
+
+const BlockSpec& AdamMini::block_spec(const torch::Tensor& param) const {
+  auto it = specs_.find(param.unsafeGetTensorImpl());
+  TORCH_CHECK_VALUE(it != specs_.end(),
+                    "AdamMini: tensor of shape ", param.sizes(),
+                    " was not given to the constructor; a parameter added later has no role, "
+                    "so no blocks (construct the optimizer with it)");
+  return it->second;
+}
+
+std::vector<int64_t> AdamMini::exp_avg_sq_sizes(const at::Tensor& param) const {
+  return {num_blocks(block_spec(param))};
+}
+
+void AdamMini::update(const AdamMiniOptions& o, const GroupLists& l) {
+  std::vector<BlockSpec> specs;
+  specs.reserve(l.params.size());
+  for (const auto& p : l.params) specs.push_back(block_spec(p));
+  adam_mini_update_(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, specs,
+                    at::scalar_tensor(o.lr(), at::kDouble), std::get<0>(o.betas()),
+                    std::get<1>(o.betas()), o.eps(), o.weight_decay());
+}
+
+}  // namespace memopt

@@ -1,0 +1,6 @@
+"""`python -m memopt_core demo ...`: the `memopt` command without the installed script."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Create (or update) a virtual environment with torch and memopt_core built against that torch.
+#
+#   scripts/setup_env.sh [--test] [--venv DIR]
+#
+#   --test      also install the test extras (pytest, adam-mini, transformers)
+#   --venv DIR  environment directory (default .venv in the repo root)
+#
+# Idempotent: an existing environment is reused, a torch already in it is kept (so a CUDA torch on
+# a GPU machine stays, and the CUDA kernels get built), and the extension is rebuilt
+# incrementally from a build directory inside the environment.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+venv=.venv
+extras=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --test) extras="[test]" ;;
+    --venv) venv="${2:?--venv needs a directory}"; shift ;;
+    *) echo "usage: $0 [--test] [--venv DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+py="$venv/bin/python"
+pip=("$py" -m pip install --disable-pip-version-check)
+if [[ ! -x "$py" ]]; then
+  python3 -m venv "$venv"
+  "${pip[@]}" --upgrade pip  # the venv's bundled pip can predate --config-settings
+fi
+
+# Pinned: an unpinned `torch` resolves to the CUDA build and pulls several GB of CUDA wheels.
+if ! "$py" -c "import torch" 2>/dev/null; then
+  "${pip[@]}" torch==2.13.0
+fi
+
+# No build isolation (the extension must link the torch it will run with), so the build backend
+# and its tools are installed here by hand; pip's isolated build would fetch a different torch.
+"${pip[@]}" "scikit-build-core>=0.10" "nanobind>=2.4"
+# CMake >= 3.24 (and ninja) from PyPI only where the system has none recent enough.
+if ! cmake --version 2>/dev/null | "$py" -c "import re, sys
+v = re.search(r'(\d+)\.(\d+)', sys.stdin.read())
+sys.exit(not v or tuple(map(int, v.groups())) < (3, 24))"; then
+  "${pip[@]}" "cmake>=3.24" ninja
+fi
+
+# The build directory lives in the environment: CMake caches the torch it found, so two
+# environments sharing one build directory would link one of them against the other's torch.
+"${pip[@]}" --no-build-isolation --config-settings=build-dir="$venv/build/{wheel_tag}" ".$extras"
+
+echo "ready: $venv (torch $("$py" -c 'import torch; print(torch.__version__)'))"

@@ -1,0 +1,377 @@
+"""memopt_core.AdamMini against PyPI adam-mini 1.1.1 (partition="reference") and against the
+float64 paper reference (tests/reference/adam_mini_ref.py, partition="auto") on tiny HF LLaMA
+(GQA) and GPT-2 models: parameters, m and v after >= 7 steps, plus block counts and state bytes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memopt_core
+from conftest import (assert_close, make_gpt2, make_grads, make_llama, rounding_atol,
+                      set_grads)
+from reference import adam_mini_ref as R
+
+STEPS = 8
+H, HKV, HD, D = 4, 2, 8, 32  # the tiny models' heads, kv heads, head_dim, hidden
+
+
+# ---- the paper's blocks, built here from names and shapes (independent of memopt's C++) -------
+def llama_blocks(name: str, shape, n_heads=H, n_kv=HKV):
+    """(index sets, decay) for HF LLaMA tensors (arXiv 2406.16793 §3)."""
+    if name.endswith("norm.weight"):
+        return R.whole(shape), False                     # one block per norm tensor
+    if "embed_tokens" in name or "lm_head" in name:
+        return R.per_row(shape), True                    # one block per token
+    if "q_proj" in name:
+        return R.per_head(shape, n_heads), True          # one block per query head
+    if "k_proj" in name:
+        return R.per_head(shape, n_kv), True             # one block per kv head (GQA)
+    if any(k in name for k in ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+        return R.per_row(shape), True                    # nn.Linear (out, in): per output neuron
+    raise AssertionError(f"unexpected tensor {name}")
+
+
+def gpt2_blocks(name: str, shape):
+    """(index sets, decay) for HF GPT-2 tensors: Conv1D weights are stored (in, out), so output
+    neurons are columns; c_attn is [q | k | v] along the columns."""
+    if name.endswith(".bias"):
+        return R.elementwise(shape), False
+    if ".ln_" in name:
+        return R.whole(shape), False
+    if "wte" in name or "wpe" in name:
+        return R.per_row(shape), True                    # per token / per position
+    if "c_attn" in name:
+        return R.fused_qkv(shape, H, H, HD, transposed=True), True
+    if any(k in name for k in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")):
+        return R.per_col(shape), True
+    raise AssertionError(f"unexpected tensor {name}")
+
+
+LLAMA_COUNTS = {"embed_tokens": 64, "q_proj": H, "k_proj": HKV, "v_proj": HKV * HD,
+                "o_proj": D, "gate_proj": 64, "up_proj": 64, "down_proj": D, "norm": 1,
+                "lm_head": 64}
+GPT2_COUNTS = {"wte": 64, "wpe": 32, "ln_1.weight": 1, "ln_1.bias": D, "c_attn.weight": H + H + D,
+               "c_attn.bias": 3 * D, "attn.c_proj.weight": D, "attn.c_proj.bias": D,
+               "ln_2.weight": 1, "ln_2.bias": D, "c_fc.weight": 4 * D, "c_fc.bias": 4 * D,
+               "mlp.c_proj.weight": D, "mlp.c_proj.bias": D, "ln_f.weight": 1, "ln_f.bias": D}
+
+
+def _expected_count(table, name):
+    hits = [v for k, v in table.items() if k in name]
+    assert len(hits) == 1 or len(set(hits)) == 1, name
+    return hits[0]
+
+
+def _by_name(opt):
+    out = {}
+    for g in opt.param_groups:
+        for n, p in zip(g["param_names"], g["params"]):
+            out[n] = p
+    return out
+
+
+def _run_against_reference(model, blocks_of, lr=2e-3, wd=0.1, betas=(0.9, 0.95), eps=1e-8,
+                           dtype_storage=torch.float64, opt=None, steps=STEPS):
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    opt = opt or memopt_core.AdamMini(model, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    entries = [(p, *blocks_of(n, tuple(p.shape))) for n, p in named]
+    ref = R.AdamMiniRef(entries, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    low = (R.AdamMiniRef(entries, lr=lr, betas=betas, eps=eps, weight_decay=wd,
+                         storage_dtype=dtype_storage) if dtype_storage != torch.float64 else None)
+    for step in range(steps):
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        opt.step()
+        ref.step(grads)
+        if low is not None:
+            low.step(grads)
+    return named, opt, ref, low
+
+
+# ---- partition="reference" vs PyPI adam-mini 1.1.1 -------------------------------------------
+def _compare_with_pypi(make_model, build_ours, dim, n_heads, n_kv_heads):
+    from adam_mini import Adam_mini
+    hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours_model, their_model = make_model(), make_model()
+    ours = build_ours(ours_model, hp)
+    theirs = Adam_mini(their_model.named_parameters(), **hp, dim=dim, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads, verbose=False)
+    ours_named = list(ours_model.named_parameters())
+    their_named = list(their_model.named_parameters())
+    start = [p.detach().clone() for _, p in ours_named]
+    for step in range(STEPS):
+        grads = make_grads([p for _, p in ours_named], step)
+        set_grads([p for _, p in ours_named], grads)
+        set_grads([p for _, p in their_named], grads)
+        ours.step()
+        theirs.step()
+
+    their_groups = {g["name"]: g for g in theirs.param_groups}
+    for (name, p), (_, q), p0 in zip(ours_named, their_named, start):
+        s, t = ours.state[p], theirs.state[q]
+        g = their_groups[name.lower()]
+        assert s["step"].item() == t["step"] == STEPS
+        # same weight-decay decision (adam-mini: by name)
+        ours_wd = next(og["weight_decay"] for og in ours.param_groups if any(x is p for x in og["params"]))
+        assert ours_wd == g["weight_decay"], name
+        their_v = t["vmean"] if "vmean" in t else t["v"]
+        assert s["exp_avg_sq"].numel() == their_v.numel(), f"{name}: block count"
+        assert_close(p, q, 2e-6, f"{name} param", origin=p0,
+                     atol=rounding_atol(p, STEPS, 3))  # adam-mini rounds p 2-3 times a step
+        assert_close(s["exp_avg"], t["m"].reshape(p.shape), 2e-6, f"{name} m")
+        assert_close(s["exp_avg_sq"], their_v.reshape(-1), 2e-6, f"{name} v")
+    return ours
+
+
+def test_reference_partition_matches_pypi_adam_mini_on_llama():
+    ours = _compare_with_pypi(
+        make_llama,
+        lambda m, hp: memopt_core.AdamMini(m.named_parameters(), **hp, dim=D, n_heads=H,
+                                           n_kv_heads=HKV, partition="reference"),
+        dim=D, n_heads=H, n_kv_heads=HKV)
+    counts = {b.name: b.count for b in ours.blocks.values()}
+    assert counts["model.layers.0.self_attn.q_proj.weight"] == H
+    assert counts["model.layers.0.self_attn.k_proj.weight"] == HKV   # GQA: dim*dim/H elements
+    assert counts["model.layers.1.input_layernorm.weight"] == 1
+
+
+def test_reference_partition_matches_pypi_adam_mini_on_gpt2():
+    # dims come from the model's config here (GPT2Config n_embd / n_head)
+    ours = _compare_with_pypi(
+        make_gpt2, lambda m, hp: memopt_core.AdamMini(m, **hp, partition="reference"),
+        dim=D, n_heads=H, n_kv_heads=None)
+    counts = {b.name: b.count for b in ours.blocks.values()}
+    assert counts["transformer.h.0.attn.c_attn.weight"] == 1   # adam-mini: unmatched -> 1 block
+    assert counts["transformer.h.0.mlp.c_fc.weight"] == D      # per row of (in, out): per input
+    assert counts["transformer.h.0.attn.c_attn.bias"] == 3 * D
+
+
+# ---- partition="auto" vs the float64 paper reference ---------------------------------------------
+def _check_against_reference(named, opt, ref, counts, rtol=1e-5):
+    for i, (name, p) in enumerate(named):
+        s = opt.state[p]
+        assert s["exp_avg"].shape == p.shape
+        assert s["exp_avg_sq"].dim() == 1
+        assert s["exp_avg_sq"].numel() == ref.nblocks[i] == opt.blocks[p].count \
+            == _expected_count(counts, name), f"{name}: block count"
+        assert s["step"].item() == ref.steps[i] == STEPS
+        assert_close(p, ref.p[i], rtol, f"{name} param", origin=ref.p0[i],
+                     atol=rounding_atol(p, STEPS))
+        assert_close(s["exp_avg"], ref.m[i], rtol, f"{name} exp_avg")
+        assert_close(s["exp_avg_sq"], ref.v[i], rtol, f"{name} exp_avg_sq")
+
+
+def test_auto_partition_matches_reference_on_llama_gqa():
+    named, opt, ref, _ = _run_against_reference(make_llama(seed=1), llama_blocks)
+    _check_against_reference(named, opt, ref, LLAMA_COUNTS)
+    # weight decay: decay group has every 2-D tensor, the no-decay group the norms
+    for g in opt.param_groups:
+        for n, p in zip(g["param_names"], g["params"]):
+            assert (g["weight_decay"] > 0) == (p.dim() == 2), n
+
+
+def test_auto_partition_matches_reference_on_gpt2_conv1d_fused_qkv():
+    # eps comparable to sqrt(v): pins down where eps enters (after sqrt and bias correction)
+    named, opt, ref, _ = _run_against_reference(make_gpt2(seed=2), gpt2_blocks, eps=3e-3)
+    _check_against_reference(named, opt, ref, GPT2_COUNTS)
+    roles = {b.name: b.role for b in opt.blocks.values()}
+    assert roles["transformer.h.1.attn.c_attn.weight"] == "qkv"
+
+
+def test_auto_partition_user_groups_with_different_lr():
+    model = make_llama(seed=7)
+    named = list(model.named_parameters())
+    first = [(n, p) for n, p in named if "layers.0." in n]
+    rest = [(n, p) for n, p in named if "layers.0." not in n]
+    opt = memopt_core.AdamMini([{"params": first, "lr": 5e-3}, {"params": rest}], lr=1e-3,
+                               betas=(0.9, 0.95), weight_decay=0.1, dim=D, n_heads=H,
+                               n_kv_heads=HKV)  # groups of names: no model to read heads from
+    # each user group is split into a decay and a no-decay group, keeping its lr
+    assert sorted((g["lr"], g["weight_decay"]) for g in opt.param_groups) == \
+        [(1e-3, 0.0), (1e-3, 0.1), (5e-3, 0.0), (5e-3, 0.1)]
+    lrs = [5e-3 if "layers.0." in n else 1e-3 for n, _ in named]
+    entries = [(p, *llama_blocks(n, tuple(p.shape))) for n, p in named]
+    ref = R.AdamMiniRef(entries, betas=(0.9, 0.95), weight_decay=0.1, lrs=lrs)
+    params = [p for _, p in named]
+    for step in range(STEPS):
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        opt.step()
+        ref.step(grads)
+    _check_against_reference(named, opt, ref, LLAMA_COUNTS)
+
+
+@pytest.mark.parametrize("sched", ["lambda", "cosine"])
+def test_lr_scheduler_lr_reaches_the_update(sched):
+    model = make_llama(seed=8)
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    opt = memopt_core.AdamMini(model, lr=4e-3, weight_decay=0.1)
+    if sched == "lambda":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS, eta_min=1e-4)
+    ref = R.AdamMiniRef([(p, *llama_blocks(n, tuple(p.shape))) for n, p in named], lr=4e-3,
+                        weight_decay=0.1)
+    seen = []
+    for step in range(STEPS):
+        group_lrs = {g["lr"] for g in opt.param_groups}
+        assert len(group_lrs) == 1
+        lr = group_lrs.pop()
+        seen.append(lr)
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        opt.step()
+        ref.step(grads, lrs=[lr] * len(params))
+        scheduler.step()
+    assert len(set(seen)) == STEPS
+    _check_against_reference(named, opt, ref, LLAMA_COUNTS)
+
+
+def test_float64_params_match_reference_to_float64_precision():
+    named, opt, ref, _ = _run_against_reference(make_llama(seed=9, dtype=torch.float64),
+                                                llama_blocks)
+    _check_against_reference(named, opt, ref, LLAMA_COUNTS, rtol=1e-11)
+
+
+@pytest.mark.parametrize("make_model,blocks_of", [(make_llama, llama_blocks),
+                                                  (make_gpt2, gpt2_blocks)], ids=["llama", "gpt2"])
+def test_bf16_error_within_twice_bf16_reference_error(make_model, blocks_of):
+    named, opt, exact, low = _run_against_reference(make_model(seed=10, dtype=torch.bfloat16),
+                                                    blocks_of, dtype_storage=torch.bfloat16)
+    params = [p for _, p in named]
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.bfloat16
+    for key, ours_of, ex, lo in (
+            ("param", lambda p: p, exact.p, low.p),
+            ("exp_avg", lambda p: opt.state[p]["exp_avg"], exact.m, low.m),
+            ("exp_avg_sq", lambda p: opt.state[p]["exp_avg_sq"], exact.v, low.v)):
+        ours = torch.cat([ours_of(p).double().reshape(-1) for p in params])
+        e = torch.cat([t.reshape(-1) for t in ex])
+        lw = torch.cat([t.reshape(-1) for t in lo])
+        err, budget = (ours - e).norm().item(), (lw - e).norm().item()
+        assert budget > 0
+        assert err <= 2 * budget, f"{key}: error {err:.3e} > 2 x bf16 reference error {budget:.3e}"
+
+
+def test_noncontiguous_grads_match_reference():
+    model = make_llama(seed=11)
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    opt = memopt_core.AdamMini(model, lr=2e-3, weight_decay=0.1)
+    ref = R.AdamMiniRef([(p, *llama_blocks(n, tuple(p.shape))) for n, p in named], lr=2e-3,
+                        weight_decay=0.1)
+    for step in range(STEPS):
+        grads = make_grads(params, step)
+        for p, g in zip(params, grads):
+            # 2-D: the transpose of a transposed copy; 1-D: every other element of a longer buffer
+            p.grad = g.t().contiguous().t() if g.dim() == 2 else \
+                torch.stack([g, torch.zeros_like(g)], 1)[:, 0]
+            assert not p.grad.is_contiguous()
+        opt.step()
+        ref.step(grads)
+    _check_against_reference(named, opt, ref, LLAMA_COUNTS)
+
+
+# ---- memory accounting -----------------------------------------------------------------------
+def _adamw_state_bytes(model):
+    ps = list(model.parameters())
+    return sum(2 * p.numel() * p.element_size() + 4 for p in ps)
+
+
+def test_state_bytes_exact_on_tiny_llama():
+    """m (param-shaped) + one v per block + one fp32 step per tensor, exactly; and the ratio to
+    AdamW that this implies for hidden size 32 (per-row blocks cost 1/32 of a matrix)."""
+    model = make_llama()
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    opt = memopt_core.AdamMini(model, lr=1e-3)
+    set_grads(params, make_grads(params, 0))
+    opt.step()
+    blocks = sum(len(llama_blocks(n, tuple(p.shape))[0]) for n, p in named)
+    numel = sum(p.numel() for p in params)
+    expected = 4 * numel + 4 * blocks + 4 * len(params)
+    assert opt.state_bytes() == expected
+    adamw = memopt_core.AdamW(model.parameters())
+    adamw.step()
+    assert adamw.state_bytes() == _adamw_state_bytes(model)
+    assert opt.state_bytes() / adamw.state_bytes() == pytest.approx(expected / _adamw_state_bytes(model))
+
+
+def test_state_bytes_at_most_half_of_adamw_fp32():
+    """<= 0.505 x AdamW's state in fp32 once blocks are a small fraction of the parameters
+    (hidden 256; at hidden 32 per-row blocks alone are 1/32 of each matrix, see above)."""
+    model = make_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=2)
+    params = list(model.parameters())
+    opt = memopt_core.AdamMini(model, lr=1e-3)
+    adamw = memopt_core.AdamW(make_llama(hidden_size=256, intermediate_size=512).parameters())
+    grads = make_grads(params, 0)
+    set_grads(params, grads)
+    set_grads([p for g in adamw.param_groups for p in g["params"]], grads)
+    opt.step()
+    adamw.step()
+    ratio = opt.state_bytes() / adamw.state_bytes()
+    assert ratio <= 0.505, ratio
+    assert ratio > 0.5
+
+
+def test_describe_reports_role_and_blocks_per_tensor():
+    model = make_gpt2()
+    opt = memopt_core.AdamMini(model, lr=1e-3)
+    text = opt.describe()
+    lines = text.splitlines()
+    for name, p in model.named_parameters():
+        row = [ln for ln in lines if ln.split() and ln.split()[0] == name]
+        assert len(row) == 1, f"{name} not listed once in describe()"
+        fields = row[0].split()
+        assert fields[2] == opt.blocks[p].role
+        assert int(fields[3].replace(",", "")) == _expected_count(GPT2_COUNTS, name)
+    assert "total state" in lines[-1]
+
+
+def test_q_heads_need_not_equal_hidden_over_heads():
+    """head_dim * n_heads != hidden (Gemma/Qwen3 style): adam-mini 1.1.1 crashes or cuts
+    half-heads; the paper's per-head blocks still follow the real head size."""
+    model = make_llama(seed=12, hidden_size=32, head_dim=16, num_attention_heads=4,
+                       num_key_value_heads=2)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (64, 32)
+    named, opt, ref, _ = _run_against_reference(
+        model, lambda n, s: llama_blocks(n, s, n_heads=4, n_kv=2))
+    counts = dict(LLAMA_COUNTS, v_proj=32, o_proj=32)
+    _check_against_reference(named, opt, ref, counts)
+
+
+def test_raw_op_matches_reference_with_explicit_blocks():
+    """torch.ops.memopt.adam_mini_ on hand-written segments: per-head rows, per-column of a
+    transposed weight, and elementwise, against index sets written independently."""
+    torch.manual_seed(2)
+    params = [torch.randn(16, 6), torch.randn(5, 12), torch.randn(7)]
+    segs = [[(0, 16, 6, 6, 4, 6)],                  # 4 blocks of 4 rows
+            [(0, 5, 12, 12, 5, 1)],                 # 12 column blocks
+            [(0, 7, 1, 1, 1, 1)]]                   # elementwise
+    sets = [R.per_head((16, 6), 4), R.per_col((5, 12)), R.elementwise((7,))]
+    ms = [torch.zeros_like(p) for p in params]
+    vs = [torch.zeros(len(s)) for s in sets]
+    steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+    encoded = memopt_core._C.encode_block_specs(segs)
+    ref = R.AdamMiniRef([(p, s, True) for p, s in zip(params, sets)], lr=3e-3, betas=(0.9, 0.98),
+                        eps=1e-6, weight_decay=0.2)
+    for step in range(STEPS):
+        grads = make_grads(params, step)
+        torch.ops.memopt.adam_mini_(params, grads, ms, vs, steps, encoded,
+                                    torch.tensor(3e-3, dtype=torch.float64), 0.9, 0.98, 1e-6, 0.2)
+        ref.step(grads)
+    for i, p in enumerate(params):
+        assert_close(p, ref.p[i], 1e-5, f"param {i}", origin=ref.p0[i],
+                     atol=rounding_atol(p, STEPS))
+        assert_close(ms[i], ref.m[i], 1e-5, f"exp_avg {i}")
+        assert_close(vs[i], ref.v[i], 1e-5, f"exp_avg_sq {i}")
+
+
+
+def test_bad_hparam_in_a_param_group_raises_at_construction():
+    named = list(make_llama().named_parameters())
+    with pytest.raises(ValueError, match="learning rate"):
+        memopt_core.AdamMini([{"params": named[:3], "lr": -1.0}, {"params": named[3:]}],
+                             lr=1e-3, dim=D, n_heads=H, n_kv_heads=HKV)
