@@ -114,6 +114,21 @@ def assert_close(actual, expected, rtol, what="", floor=None, origin=None, atol=
         f"max elementwise rel err {(err / e.abs().clamp_min(1e-300)).max().item():.3e}")
 
 
+
+def assert_within_low_precision_budget(opt, params, exact, low):
+    """DESIGN's bf16 rule: our error against the float64 reference (`exact`) is at most twice the
+    error of the same reference math run with low-precision storage (`low`), for p, m and v."""
+    for key, ours_of, ex, lo in (
+            ("param", lambda p: p, exact.p, low.p),
+            ("exp_avg", lambda p: opt.state[p]["exp_avg"], exact.m, low.m),
+            ("exp_avg_sq", lambda p: opt.state[p]["exp_avg_sq"], exact.v, low.v)):
+        ours = torch.cat([ours_of(p).double().reshape(-1) for p in params])
+        e = torch.cat([t.reshape(-1) for t in ex])
+        lw = torch.cat([t.reshape(-1) for t in lo])
+        err, budget = (ours - e).norm().item(), (lw - e).norm().item()
+        assert budget > 0
+        assert err <= 2 * budget, f"{key}: error {err:.3e} > 2 x bf16 reference error {budget:.3e}"
+
 def rounding_atol(param, steps: int, roundings_per_step: int = 1):
     """Elementwise bound on the error that storing `param` in its dtype adds over `steps` steps:
     half an ulp per rounding, `roundings_per_step` roundings of the weight per step."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memopt_core
-from conftest import (assert_close, make_gpt2, make_grads, make_llama, rounding_atol,
+from conftest import (assert_close, assert_within_low_precision_budget, make_gpt2, make_grads, make_llama, rounding_atol,
                       set_grads)
 from reference import adam_mini_ref as R
 
@@ -242,16 +242,7 @@ def test_bf16_error_within_twice_bf16_reference_error(make_model, blocks_of):
                                                     blocks_of, dtype_storage=torch.bfloat16)
     params = [p for _, p in named]
     assert opt.state[params[0]]["exp_avg"].dtype == torch.bfloat16
-    for key, ours_of, ex, lo in (
-            ("param", lambda p: p, exact.p, low.p),
-            ("exp_avg", lambda p: opt.state[p]["exp_avg"], exact.m, low.m),
-            ("exp_avg_sq", lambda p: opt.state[p]["exp_avg_sq"], exact.v, low.v)):
-        ours = torch.cat([ours_of(p).double().reshape(-1) for p in params])
-        e = torch.cat([t.reshape(-1) for t in ex])
-        lw = torch.cat([t.reshape(-1) for t in lo])
-        err, budget = (ours - e).norm().item(), (lw - e).norm().item()
-        assert budget > 0
-        assert err <= 2 * budget, f"{key}: error {err:.3e} > 2 x bf16 reference error {budget:.3e}"
+    assert_within_low_precision_budget(opt, params, exact, low)
 
 
 def test_noncontiguous_grads_match_reference():

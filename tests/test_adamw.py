@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import memopt_core
-from conftest import assert_close, make_grads, make_llama, rounding_atol, set_grads
+from conftest import (assert_close, assert_within_low_precision_budget, assert_snapshot_equal, make_grads, make_llama, rounding_atol,
+                      set_grads, snapshot)
 from reference.adamw_ref import AdamWRef
 
 STEPS = 8
@@ -129,17 +130,8 @@ def test_bf16_error_within_twice_bf16_reference_error():
         opt.step()
         exact.step(grads)
         bf16.step(grads)
-    for key, ours_of, ex, lo in (
-            ("param", lambda p: p, exact.p, bf16.p),
-            ("exp_avg", lambda p: opt.state[p]["exp_avg"], exact.m, bf16.m),
-            ("exp_avg_sq", lambda p: opt.state[p]["exp_avg_sq"], exact.v, bf16.v)):
-        ours = torch.cat([ours_of(p).double().reshape(-1) for p in params])
-        e = torch.cat([t.reshape(-1) for t in ex])
-        low = torch.cat([t.reshape(-1) for t in lo])
-        assert ours_of(params[0]).dtype == torch.bfloat16
-        err, budget = (ours - e).norm().item(), (low - e).norm().item()
-        assert budget > 0
-        assert err <= 2 * budget, f"{key}: error {err:.3e} > 2 x bf16 reference error {budget:.3e}"
+    assert params[0].dtype == torch.bfloat16
+    assert_within_low_precision_budget(opt, params, exact, bf16)
 
 
 def test_noncontiguous_grads_match_reference():
@@ -185,7 +177,6 @@ def test_raw_op_matches_reference():
 @pytest.mark.parametrize("kind", ["shape", "complex"])
 def test_bad_grad_in_a_later_group_leaves_every_group_untouched(kind):
     """A step that fails on the last group must not have updated the first one."""
-    from conftest import assert_snapshot_equal, snapshot
     model = make_llama(seed=13)
     opt = memopt_core.AdamW(_three_groups(model), lr=1e-3, weight_decay=0.05)
     params = [p for g in opt.param_groups for p in g["params"]]

@@ -231,7 +231,8 @@ def test_noncontiguous_grads_give_the_same_result(opt_name):
 def _bad_grad(kind, p):
     if kind == "sparse":
         idx = torch.tensor([[0] * p.dim()]).t() if p.dim() else torch.zeros(0, 1, dtype=torch.long)
-        return torch.sparse_coo_tensor(idx, torch.ones(1, dtype=p.dtype), p.shape)
+        return torch.sparse_coo_tensor(idx, torch.ones(1, dtype=p.dtype), p.shape,
+                                       check_invariants=True)
     if kind == "complex":
         return torch.ones(p.shape, dtype=torch.complex64)
     if kind == "shape":

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from . import _C
-from . import _C
 from ._base import MemoptOptimizer
 
 
