@@ -43,43 +43,66 @@ def evaluate(model, seq_len: int, batch_size: int, max_batches: int) -> float:
     return statistics.fmean(losses)
 
 
-def train_one(opt_name: str, model_cfg, steps: int, seed: int, *, batch_size: int = 16,
-              seq_len: int = 128, eval_batches: int = 8, log_every: int = 0, **hparams) -> dict:
-    """Train a fresh model of `model_cfg` (LlamaConfig or GPTConfig) for `steps` steps with the
-    registry optimizer `opt_name`; returns sizes, timings and losses as a flat dict."""
-    torch.manual_seed(seed)  # same seed -> same initial weights for every optimizer
-    model = Llama(model_cfg) if isinstance(model_cfg, LlamaConfig) else GPT(model_cfg)
-    opt = make_optimizer(opt_name, model, **{**DEFAULT_HPARAMS, **hparams})
-    warmup = max(1, int(steps * WARMUP_FRACTION))
-    # Linear warmup then cosine decay to 10%: a short run still ends at a low learning rate.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
-        (s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
-    data = corpus.batches(seq_len, batch_size, seed)
-    losses, step_s, iter_s = [], [], []
-    for step in range(steps):
+class _Run:
+    """One model + optimizer being trained; step() does one iteration and records its times."""
+
+    def __init__(self, opt_name, model_cfg, steps, seed, batch_size, seq_len, log_every, hparams):
+        torch.manual_seed(seed)  # same seed -> same initial weights for every optimizer
+        self.model = Llama(model_cfg) if isinstance(model_cfg, LlamaConfig) else GPT(model_cfg)
+        self.name, self.log_every, self.seq_len, self.batch_size = opt_name, log_every, seq_len, batch_size
+        self.opt = make_optimizer(opt_name, self.model, **{**DEFAULT_HPARAMS, **hparams})
+        warmup = max(1, int(steps * WARMUP_FRACTION))
+        # Linear warmup then cosine decay to 10%: a short run still ends at a low learning rate.
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(
+            (s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+        self.data = corpus.batches(seq_len, batch_size, seed)  # same seed -> same batches
+        self.losses, self.step_s, self.iter_s = [], [], []
+
+    def step(self):
         t0 = time.perf_counter()
-        x, y = next(data)
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
+        x, y = next(self.data)
+        _, loss = self.model(x, y)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         t1 = time.perf_counter()
-        opt.step()
+        self.opt.step()
         t2 = time.perf_counter()
-        sched.step()
-        losses.append(loss.item())
-        if step > 0:  # the first step allocates the state; time the steady state
-            step_s.append(t2 - t1)
-            iter_s.append(t2 - t0)
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  [{opt_name}] step {step + 1:5d}  loss {loss.item():.4f}", file=sys.stderr)
-    n = num_params(model)
-    sb = state_bytes(opt)
-    return dict(optimizer=opt_name, params=n, state_bytes=sb, bytes_per_param=sb / n,
-                step_ms=1e3 * statistics.fmean(step_s or [math.nan]),
-                iter_ms=1e3 * statistics.fmean(iter_s or [math.nan]),
-                train_loss=statistics.fmean(losses[-TRAIN_LOSS_WINDOW:]),
-                val_loss=evaluate(model, seq_len, batch_size, eval_batches))
+        self.sched.step()
+        self.losses.append(loss.item())
+        if len(self.losses) > 1:  # the first step allocates the state; time the steady state
+            self.step_s.append(t2 - t1)
+            self.iter_s.append(t2 - t0)
+        if self.log_every and len(self.losses) % self.log_every == 0:
+            print(f"  [{self.name}] step {len(self.losses):5d}  loss {self.losses[-1]:.4f}",
+                  file=sys.stderr)
+
+    def result(self, eval_batches: int) -> dict:
+        n, sb = num_params(self.model), state_bytes(self.opt)
+        return dict(optimizer=self.name, params=n, state_bytes=sb, bytes_per_param=sb / n,
+                    step_ms=1e3 * statistics.fmean(self.step_s or [math.nan]),
+                    iter_ms=1e3 * statistics.fmean(self.iter_s or [math.nan]),
+                    train_loss=statistics.fmean(self.losses[-TRAIN_LOSS_WINDOW:]),
+                    val_loss=evaluate(self.model, self.seq_len, self.batch_size, eval_batches))
+
+
+def train(opt_names: list[str], model_cfg, steps: int, seed: int, *, batch_size: int = 16,
+          seq_len: int = 128, eval_batches: int = 8, log_every: int = 0, **hparams) -> list[dict]:
+    """Train one fresh model of `model_cfg` (LlamaConfig or GPTConfig) per registry optimizer,
+    all from the same seed, in lockstep: step i of every run, then step i+1, the starting run
+    rotated, so a busy machine slows all runs alike and their times stay comparable.
+    Returns one flat dict per optimizer: sizes, mean times and losses."""
+    runs = [_Run(name, model_cfg, steps, seed, batch_size, seq_len, log_every, hparams)
+            for name in opt_names]
+    for i in range(steps):
+        for run in runs[i % len(runs):] + runs[:i % len(runs)]:
+            run.step()
+    return [run.result(eval_batches) for run in runs]
+
+
+def train_one(opt_name: str, model_cfg, steps: int, seed: int, **kw) -> dict:
+    """train() for a single optimizer."""
+    return train([opt_name], model_cfg, steps, seed, **kw)[0]
 
 
 def format_table(results: list[dict], baseline: str = "adamw") -> str:
@@ -102,11 +125,8 @@ def run_comparison(opt_names: list[str], model: str, arch: str, steps: int, seed
     print(f"model: {arch} {model} ({num_params(probe) / 1e6:.2f}M params), "
           f"corpus: {corpus.load().source} (bytes), steps: {steps}, seed: {seed}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    results = []
-    for name in opt_names:
-        print(f"training with {name} ...", flush=True)
-        results.append(train_one(name, cfg, steps, seed, log_every=log_every, **kw))
-    return results
+    print(f"training with {', '.join(opt_names)} in lockstep ...", flush=True)
+    return train(opt_names, cfg, steps, seed, log_every=log_every, **kw)
 
 
 def _demo(args) -> int:
