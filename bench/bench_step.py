@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Optimizer step() time, state bytes and step-time memory peak on CPU, LLaMA-style models.
 
-Command (from the repo root; ~2 min for 50m on 2 cores, ~8 min for 200m):
+Command (from the repo root; about 40 s for 50m and 2 min for 200m on 2 idle cores):
     python bench/bench_step.py --size 50m [--write]
     python bench/bench_step.py --size 200m [--write]
 
@@ -17,17 +17,21 @@ median over rounds, and the ratio to torch fused AdamW measured in the same roun
 State bytes: the bytes of every tensor in opt.state (views of a flat pool counted once each).
 
 Peak memory during step(): each contender runs in a fresh subprocess (nothing else's memory or
-allocator history in it). It builds the model and gradients, reads VmRSS (`base`: params + grads
-+ libraries), creates the optimizer and runs 2 warm-up steps (state allocated, workspaces grown),
-then 3 times resets the kernel's RSS high-water mark (writing "5" to /proc/self/clear_refs sets
-VmHWM to the current RSS) and runs one step, reading VmHWM after it. The column is
-max(VmHWM) - base - state bytes: everything resident at the step's peak beyond params, grads and
-state (temporaries plus persistent workspaces). ru_maxrss cannot be reset, so it would hide a
-step's transient under the start-up peak. RSS sees only pages the allocator really gets from the
-kernel, so the child runs with MALLOC_MMAP_THRESHOLD_=65536: glibc then serves every block >= 64
-KiB with a fresh mmap and unmaps it on free, instead of recycling freed heap memory (which would
-make a temporary invisible); torch's CPU allocator has no cache of its own. Blocks under 64 KiB
-are not tracked, and that bounds the error.
+allocator history in it). It first steps a tiny model once with the same optimizer class, so that
+lazy imports, library code paged in on first use and the thread pool are not charged to the
+optimizer. Then it builds the model and gradients, reads VmRSS (`base`: params + grads +
+libraries), creates the optimizer, runs 2 warm-up steps (state allocated, workspaces grown), and
+3 times resets the kernel's RSS high-water mark (writing "5" to /proc/self/clear_refs sets VmHWM
+to the current RSS), runs one step and reads VmHWM. "peak above" is max(VmHWM) - base - state
+bytes: everything resident at the step's peak beyond params, grads and state (temporaries plus
+persistent workspaces); "freed after step" is its transient part, max(VmHWM - VmRSS before the
+step). ru_maxrss cannot be reset, so it would hide a step's transient under the start-up peak.
+RSS sees only pages the allocator really gets from the kernel, so the child runs with
+MALLOC_MMAP_THRESHOLD_=65536: glibc then serves every block >= 64 KiB with a fresh mmap and
+unmaps it on free, instead of recycling freed heap memory (which would hide a temporary); torch's
+CPU allocator keeps no cache of its own. Blocks under 64 KiB are not tracked; that bounds the
+error. Sanity check of the method: torch's foreach AdamW builds one parameter-sized temporary
+list (sqrt of v), so it must show about 4 bytes/param in fp32.
 """
 from __future__ import annotations
 
@@ -115,20 +119,32 @@ def _status(key: str) -> int:
 
 
 def memory_child(size: str, name: str) -> None:
+    # A first run on a tiny model pays the one-time costs that are no optimizer's memory: lazily
+    # imported modules (torch.optim pulls in parts of torch._dynamo), library code paged in on
+    # first call, the thread pool.
+    warm = Llama(llama_config("tiny"))
+    for p in warm.parameters():
+        p.grad = torch.zeros_like(p)
+    opt = CONTENDERS[name](warm)
+    opt.step()
+    opt.step()
+    del warm, opt
     model = build_model(size)
     gc.collect()
     base = _status("VmRSS")
     opt = CONTENDERS[name](model)
     for _ in range(2):
         opt.step()
-    peak = 0
+    peak = transient = 0
     for _ in range(3):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        before = _status("VmRSS")
         opt.step()
-        peak = max(peak, _status("VmHWM"))
+        hwm = _status("VmHWM")
+        peak, transient = max(peak, hwm), max(transient, hwm - before)
     sb = state_bytes(opt)
-    print(json.dumps(dict(base=base, state=sb, over=peak - base - sb)))
+    print(json.dumps(dict(base=base, state=sb, over=peak - base - sb, transient=transient)))
 
 
 def measure_memory(size: str, name: str) -> dict:
@@ -190,11 +206,12 @@ def main() -> None:
              f"commit {commit()} | median of {args.rounds} round-robin rounds after "
              f"{args.warmup} warm-up steps", "",
              "| optimizer | step ms | vs torch fused AdamW | state bytes/param "
-             "| peak over params+grads+state (MiB) | same, bytes/param |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| peak above params+grads+state (MiB) | same, bytes/param | of it, freed after step (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         m = mem.get(name)
-        peak = f"{m['over'] / 2**20:.1f} | {m['over'] / n:.2f}" if m else "- | -"
+        peak = (f"{m['over'] / 2**20:.1f} | {m['over'] / n:.2f} | {m['transient'] / 2**20:.1f}"
+                if m else "- | - | -")
         lines.append(f"| {name} | {1e3 * med[name]:.1f} | {med[name] / med[BASELINE]:.2f}x "
                      f"| {sbytes[name] / n:.2f} | {peak} |")
     table = "\n".join(lines)

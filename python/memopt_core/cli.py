@@ -18,7 +18,7 @@ from .models import GPT, Llama, LlamaConfig, build, num_params
 from .registry import make_optimizer
 
 # Same hyper-parameters for every optimizer: Adam-mini is meant as a drop-in for AdamW at AdamW's
-# settings (paper §4). betas/wd are the usual LLM pre-training ones; lr suits these small models.
+# settings. betas/wd are the usual LLM pre-training ones; lr suits these small models.
 DEFAULT_HPARAMS = dict(lr=2e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 WARMUP_FRACTION = 0.1
 TRAIN_LOSS_WINDOW = 10  # steps averaged for "final train loss": one batch is too noisy
