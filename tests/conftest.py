@@ -129,6 +129,23 @@ def assert_within_low_precision_budget(opt, params, exact, low):
         assert budget > 0
         assert err <= 2 * budget, f"{key}: error {err:.3e} > 2 x bf16 reference error {budget:.3e}"
 
+
+def step_with_scheduler(opt, ref, scheduler, params, steps):
+    """Steps `opt` and the float64 `ref` on the same grads for `steps` steps, giving the reference
+    the lr the scheduler set for that step; returns the lrs seen (one param group's)."""
+    seen = []
+    for step in range(steps):
+        group_lrs = {g["lr"] for g in opt.param_groups}
+        assert len(group_lrs) == 1
+        lr = group_lrs.pop()
+        seen.append(lr)
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        opt.step()
+        ref.step(grads, lrs=[lr] * len(params))
+        scheduler.step()
+    return seen
+
 def rounding_atol(param, steps: int, roundings_per_step: int = 1):
     """Elementwise bound on the error that storing `param` in its dtype adds over `steps` steps:
     half an ulp per rounding, `roundings_per_step` roundings of the weight per step."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memopt_core
-from conftest import (assert_close, assert_within_low_precision_budget, make_gpt2, make_grads, make_llama, rounding_atol,
+from conftest import (assert_close, step_with_scheduler, assert_within_low_precision_budget, make_gpt2, make_grads, make_llama, rounding_atol,
                       set_grads)
 from reference import adam_mini_ref as R
 
@@ -215,16 +215,7 @@ def test_lr_scheduler_lr_reaches_the_update(sched):
     ref = R.AdamMiniRef([(p, *llama_blocks(n, tuple(p.shape))) for n, p in named], lr=4e-3,
                         weight_decay=0.1)
     seen = []
-    for step in range(STEPS):
-        group_lrs = {g["lr"] for g in opt.param_groups}
-        assert len(group_lrs) == 1
-        lr = group_lrs.pop()
-        seen.append(lr)
-        grads = make_grads(params, step)
-        set_grads(params, grads)
-        opt.step()
-        ref.step(grads, lrs=[lr] * len(params))
-        scheduler.step()
+    seen += step_with_scheduler(opt, ref, scheduler, params, STEPS)
     assert len(set(seen)) == STEPS
     _check_against_reference(named, opt, ref, LLAMA_COUNTS)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memopt_core
-from conftest import (assert_close, assert_within_low_precision_budget, assert_snapshot_equal, make_grads, make_llama, rounding_atol,
+from conftest import (assert_close, step_with_scheduler, assert_within_low_precision_budget, assert_snapshot_equal, make_grads, make_llama, rounding_atol,
                       set_grads, snapshot)
 from reference.adamw_ref import AdamWRef
 
@@ -100,14 +100,7 @@ def test_lr_scheduler_lr_reaches_the_update(sched):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS, eta_min=1e-4)
     ref = AdamWRef(params, lr=4e-3, weight_decay=0.1)
     seen = []
-    for step in range(STEPS):
-        lr = opt.param_groups[0]["lr"]
-        seen.append(lr)
-        grads = make_grads(params, step)
-        set_grads(params, grads)
-        opt.step()
-        ref.step(grads, lrs=[lr] * len(params))
-        scheduler.step()
+    seen += step_with_scheduler(opt, ref, scheduler, params, STEPS)
     assert len(set(seen)) == STEPS  # the schedule really moved the lr every step
     for i, p in enumerate(params):
         assert_close(p, ref.p[i], 1e-5, f"param {i}", origin=ref.p0[i],
