@@ -1,4 +1,6 @@
 // torch op registration: schemas (mutable, like aten::_fused_adamw_), CPU and Meta kernels.
+// This file owns TORCH_LIBRARY(memopt); other algorithms add their ops from their own
+// ops_<name>.cpp with TORCH_LIBRARY_FRAGMENT(memopt, m).
 #include <torch/library.h>
 
 #include "memopt/adam_mini.h"
@@ -6,15 +8,6 @@
 
 namespace memopt {
 namespace {
-
-// Under dynamic-shape tracing the Meta kernels see symbolic sizes, which have no numel() to
-// check; shape validation then happens in the real kernel at run time.
-bool symbolic(std::initializer_list<TensorList> lists) {
-  for (const auto& list : lists)
-    for (const auto& t : list)
-      if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return true;
-  return false;
-}
 
 void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
@@ -25,7 +18,7 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 void adamw_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor&, double, double, double, double) {
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: list lengths differ");
-  if (!symbolic({params, grads, exp_avgs, exp_avg_sqs}))
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs}))
     check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
 }
 
@@ -41,7 +34,7 @@ void adam_mini_meta(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor&, double, double, double, double) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
-  if (!symbolic({params, grads, exp_avgs, exp_avg_sqs}))
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs}))
     check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
 }
 

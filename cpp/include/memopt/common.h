@@ -40,6 +40,15 @@ void check_adam_hparams(double lr, double beta1, double beta2, double eps, doubl
 void check_update_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
                         TensorList steps);
 
+// Under dynamic-shape tracing the Meta kernels see symbolic sizes, which have no numel() to
+// check; shape validation then happens in the real kernel at run time.
+inline bool has_symbolic_shapes(std::initializer_list<TensorList> lists) {
+  for (const auto& list : lists)
+    for (const auto& t : list)
+      if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return true;
+  return false;
+}
+
 // The learning rate as a double; accepts a 0-dim/1-element tensor on any device.
 double read_lr(const Tensor& lr);
 
