@@ -403,3 +403,11 @@ def test_state_bytes_is_the_sum_of_state_tensors_and_describe_lists_each(opt_nam
         assert shape in ln.split()
         own = sum(t.numel() * t.element_size() for t in opt.state[p].values())
         assert int(ln.split()[-1].replace(",", "")) == own
+
+
+def test_planned_state_bytes_match_the_state_after_a_step(opt_name):
+    model = make_llama()
+    opt = make(opt_name, model)
+    planned = opt.planned_state_bytes()
+    run(model, opt, 2)
+    assert planned == opt.state_bytes()

@@ -143,6 +143,16 @@ class MemoptOptimizer(torch.optim.Optimizer):
         return sum(tensor_bytes(t) for s in self.state.values() for t in s.values()
                    if isinstance(t, torch.Tensor))
 
+    def planned_state_bytes(self) -> int:
+        """The state bytes this optimizer will hold after its first step, computed without
+        stepping; works for parameters on the meta device (`memopt plan`). Optimizers whose
+        state is not one fixed shape set per parameter override `_planned_bytes`."""
+        return sum(self._planned_bytes(p) for g in self.param_groups for p in g["params"])
+
+    def _planned_bytes(self, p: torch.Tensor) -> int:
+        """State bytes of one parameter once initialised (its step counter included)."""
+        return sum(p.element_size() * _numel(s) for s in self._state_shapes(p).values()) + 4
+
     def _describe_row(self, p: torch.Tensor) -> tuple[str, int]:
         """(role, number of second-moment values) of a parameter."""
         return "adam", p.numel()
@@ -155,7 +165,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
             names = group.get("param_names") or [f"param{i}" for i in range(len(group["params"]))]
             for name, p in zip(names, group["params"]):
                 role, blocks = self._describe_row(p)
-                nbytes = sum(p.element_size() * _numel(s) for s in self._state_shapes(p).values()) + 4
+                nbytes = self._planned_bytes(p)
                 total += nbytes
                 adamw += 2 * tensor_bytes(p) + 4
                 rows.append((name, "x".join(map(str, p.shape)) or "scalar", role, blocks, nbytes))
