@@ -48,6 +48,17 @@ class MemoptOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_params(None)
+        return loss
+
+    @torch.no_grad()
+    def step_params(self, params) -> None:
+        """Step only `params` (each with its group's options), as step() would: the primitive
+        of layer-wise stepping (memopt_core.LayerwiseStep), which steps each parameter inside
+        backward as soon as its gradient is accumulated."""
+        self._step_params({id(p) for p in params})
+
+    def _step_params(self, only: Optional[set]) -> None:
         calls, fresh = [], []
         try:
             # Validate every (group, device) call before running any, so that a bad input
@@ -55,7 +66,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 by_device = defaultdict(list)
                 for p in group["params"]:
-                    if p.grad is not None:
+                    if p.grad is not None and (only is None or id(p) in only):
                         by_device[p.device].append(p)
                 for params in by_device.values():
                     new = [p for p in params if p not in self.state]
@@ -71,7 +82,6 @@ class MemoptOptimizer(torch.optim.Optimizer):
             raise
         for op, args in calls:
             op(*args)
-        return loss
 
     @staticmethod
     def _lr(group: dict) -> torch.Tensor:

@@ -1,164 +1,199 @@
-"""`memopt` command line: `memopt demo` trains one small model with AdamW and with AdamMini.
+"""`memopt`: compare the optimizers on real text, train with one, plan a large run.
 
-Both runs start from the same initial weights and see the same batches (same seed), so the table
-shows what the optimizer alone changes: state memory, optimizer step time and loss.
+    memopt compare --quick                       # every optimizer, small model, ~2 min on 2 cores
+    memopt train --optimizer apollo_mini --model llama-60m --layerwise --grad-clip 0
+    memopt plan --model llama-7b --optimizer apollo_mini --layerwise --dtype bf16
 """
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
+import json
+import platform
+import subprocess
 import sys
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
-from . import corpus
-from .models import GPT, Llama, LlamaConfig, build, num_params
-from .registry import make_optimizer
+from . import __version__
+from .compare import compare, write_outputs
+from .models import LLAMA_PRESETS
+from .plan import format_plans, plan
+from .registry import OPTIMIZERS
+from .train import CHECKPOINT, TrainConfig, Trainer
 
-# Same hyper-parameters for every optimizer: Adam-mini is meant as a drop-in for AdamW at AdamW's
-# settings. betas/wd are the usual LLM pre-training ones; lr suits these small models.
-DEFAULT_HPARAMS = dict(lr=2e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-WARMUP_FRACTION = 0.1
-TRAIN_LOSS_WINDOW = 10  # steps averaged for "final train loss": one batch is too noisy
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """opt.state_bytes() where the optimizer has it, else the bytes of every tensor in opt.state
-    (how a torch.optim baseline is counted)."""
-    if hasattr(opt, "state_bytes"):
-        return int(opt.state_bytes())
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-               if torch.is_tensor(t))
+# compare's model and steps: --quick (the README's main command) or the fuller default.
+QUICK, FULL = dict(model="tiny", steps=120), dict(model="small", steps=300)
 
 
-@torch.no_grad()
-def evaluate(model, seq_len: int, batch_size: int, max_batches: int) -> float:
-    """Mean cross-entropy (nats/byte) over the fixed val windows."""
-    was_training = model.training
-    model.eval()
-    losses = [model(x, y)[1].item() for x, y in corpus.val_batches(seq_len, batch_size, max_batches)]
-    model.train(was_training)
-    return statistics.fmean(losses)
+def _add_data_args(p):
+    p.add_argument("--data", help="text file, directory of text files, or nanoGPT-style uint16 "
+                                  ".bin (default: the Python stdlib sources, no download)")
+    p.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte",
+                   help="byte-level (default) or a BPE trained on the spot and cached")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
 
 
-class _Run:
-    """One model + optimizer being trained; step() does one iteration and records its times."""
-
-    def __init__(self, opt_name, model_cfg, steps, seed, batch_size, seq_len, log_every, hparams):
-        torch.manual_seed(seed)  # same seed -> same initial weights for every optimizer
-        self.model = Llama(model_cfg) if isinstance(model_cfg, LlamaConfig) else GPT(model_cfg)
-        self.name, self.log_every, self.seq_len, self.batch_size = opt_name, log_every, seq_len, batch_size
-        self.opt = make_optimizer(opt_name, self.model, **{**DEFAULT_HPARAMS, **hparams})
-        warmup = max(1, int(steps * WARMUP_FRACTION))
-        # Linear warmup then cosine decay to 10%: a short run still ends at a low learning rate.
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(
-            (s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
-        self.data = corpus.batches(seq_len, batch_size, seed)  # same seed -> same batches
-        self.losses, self.step_s, self.iter_s = [], [], []
-
-    def step(self):
-        t0 = time.perf_counter()
-        x, y = next(self.data)
-        _, loss = self.model(x, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        t1 = time.perf_counter()
-        self.opt.step()
-        t2 = time.perf_counter()
-        self.sched.step()
-        self.losses.append(loss.item())
-        if len(self.losses) > 1:  # the first step allocates the state; time the steady state
-            self.step_s.append(t2 - t1)
-            self.iter_s.append(t2 - t0)
-        if self.log_every and len(self.losses) % self.log_every == 0:
-            print(f"  [{self.name}] step {len(self.losses):5d}  loss {self.losses[-1]:.4f}",
-                  file=sys.stderr)
-
-    def result(self, eval_batches: int) -> dict:
-        n, sb = num_params(self.model), state_bytes(self.opt)
-        return dict(optimizer=self.name, params=n, state_bytes=sb, bytes_per_param=sb / n,
-                    step_ms=1e3 * statistics.fmean(self.step_s or [math.nan]),
-                    iter_ms=1e3 * statistics.fmean(self.iter_s or [math.nan]),
-                    train_loss=statistics.fmean(self.losses[-TRAIN_LOSS_WINDOW:]),
-                    val_loss=evaluate(self.model, self.seq_len, self.batch_size, eval_batches))
+def _add_train_args(p, steps, model):
+    p.add_argument("--model", choices=LLAMA_PRESETS, default=model)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    _add_data_args(p)
 
 
-def train(opt_names: list[str], model_cfg, steps: int, seed: int, *, batch_size: int = 16,
-          seq_len: int = 128, eval_batches: int = 8, log_every: int = 0, **hparams) -> list[dict]:
-    """Train one fresh model of `model_cfg` (LlamaConfig or GPTConfig) per registry optimizer,
-    all from the same seed, in lockstep: step i of every run, then step i+1, the starting run
-    rotated, so a busy machine slows all runs alike and their times stay comparable.
-    Returns one flat dict per optimizer: sizes, mean times and losses."""
-    runs = [_Run(name, model_cfg, steps, seed, batch_size, seq_len, log_every, hparams)
-            for name in opt_names]
-    for i in range(steps):
-        for run in runs[i % len(runs):] + runs[:i % len(runs)]:
-            run.step()
-    return [run.result(eval_batches) for run in runs]
+def _config(args, optimizer: str, **extra) -> TrainConfig:
+    return TrainConfig(optimizer=optimizer, model=args.model, steps=args.steps,
+                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                       weight_decay=args.weight_decay, eval_batches=args.eval_batches,
+                       seed=args.seed, device=args.device, dtype=args.dtype, data=args.data,
+                       tokenizer=args.tokenizer, vocab_size=args.vocab_size, **extra)
 
 
-def train_one(opt_name: str, model_cfg, steps: int, seed: int, **kw) -> dict:
-    """train() for a single optimizer."""
-    return train([opt_name], model_cfg, steps, seed, **kw)[0]
-
-
-def format_table(results: list[dict], baseline: str = "adamw") -> str:
-    """Markdown table of train_one results; state ratio is against the `baseline` row."""
-    base = next((r["state_bytes"] for r in results if r["optimizer"] == baseline), None)
-    rows = ["| optimizer | state bytes | bytes/param | state vs AdamW | step ms | iter ms "
-            "| train loss | val loss |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        ratio = f"{r['state_bytes'] / base:.3f}" if base else "n/a"
-        rows.append(f"| {r['optimizer']} | {r['state_bytes']:,} | {r['bytes_per_param']:.2f} | "
-                    f"{ratio} | {r['step_ms']:.2f} | {r['iter_ms']:.1f} | {r['train_loss']:.4f} "
-                    f"| {r['val_loss']:.4f} |")
-    return "\n".join(rows)
-
-
-def run_comparison(opt_names: list[str], model: str, arch: str, steps: int, seed: int,
-                   log_every: int = 0, **kw) -> list[dict]:
-    probe = build(model, arch)
-    cfg = probe.config
-    print(f"model: {arch} {model} ({num_params(probe) / 1e6:.2f}M params), "
-          f"corpus: {corpus.load().source} (bytes), steps: {steps}, seed: {seed}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    print(f"training with {', '.join(opt_names)} in lockstep ...", flush=True)
-    return train(opt_names, cfg, steps, seed, log_every=log_every, **kw)
-
-
-def _demo(args) -> int:
-    results = run_comparison(["adamw", "adam_mini"], args.model, "llama", args.steps, args.seed,
-                             log_every=args.log_every, batch_size=args.batch_size,
-                             seq_len=args.seq_len)
-    print()
-    print(format_table(results))
-    print("\nstep ms: mean optimizer.step() time after the first step; iter ms: whole iteration "
-          f"(data, forward, backward, step); train loss: mean of the last {TRAIN_LOSS_WINDOW} "
-          "steps; val loss: held-out bytes, nats/byte.")
+def _compare(args) -> int:
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:  # not given on the command line
+            setattr(args, key, value)
+    names = args.optimizers.split(",") if args.optimizers else list(OPTIMIZERS)
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown:
+        raise SystemExit(f"memopt compare: unknown optimizer(s) {unknown}; "
+                         f"choose from {', '.join(OPTIMIZERS)}")
+    results = compare([_config(args, n) for n in names])
+    out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    table = write_outputs(results, out, _machine())
+    print("\n" + table)
+    print(f"\nwritten: {out}/results.json, {out}/results.md"
+          + (f", {out}/compare.png" if (out / "compare.png").exists() else
+             " (no PNG: pip install matplotlib for the plot)"))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _train(args) -> int:
+    cfg = _config(args, args.optimizer, grad_accum=args.grad_accum, layerwise=args.layerwise,
+                  grad_clip=args.grad_clip, eval_every=args.eval_every)
+    if args.layerwise and args.grad_clip:
+        raise SystemExit("memopt train: --layerwise cannot clip by global gradient norm (the "
+                         "gradients never exist together); pass --grad-clip 0")
+    trainer = Trainer(cfg)
+    ckpt = Path(args.ckpt_dir) / CHECKPOINT if args.ckpt_dir else None
+    if args.resume:
+        if ckpt is None or not ckpt.exists():
+            raise SystemExit(f"memopt train: --resume needs an existing {ckpt or '--ckpt-dir'}")
+        trainer.load(ckpt)
+        print(f"resumed from {ckpt} at step {trainer.step}", file=sys.stderr)
+    print(f"{cfg.optimizer} on {cfg.model} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M "
+          f"params, {cfg.dtype}{', layer-wise' if cfg.layerwise else ''}), "
+          f"{trainer.corpus.source}", file=sys.stderr)
+    log = None
+    if args.ckpt_dir:
+        Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
+        log_path = Path(args.ckpt_dir) / "log.jsonl"
+        # On resume keep the log up to the checkpoint: later lines are being re-run.
+        kept = [line for line in (log_path.read_text().splitlines() if args.resume and
+                                  log_path.exists() else [])
+                if json.loads(line)["step"] <= trainer.step]
+        log = open(log_path, "w")
+        log.writelines(line + "\n" for line in kept)
+    while trainer.step < cfg.steps:
+        loss = trainer.run_step()
+        record = dict(step=trainer.step, loss=loss, lr=trainer.sched.get_last_lr()[0],
+                      ms=trainer.history["iter_ms"][-1])
+        if trainer.history["val"] and trainer.history["val"][-1][0] == trainer.step:
+            record["val"] = trainer.history["val"][-1][1]
+        if trainer.step % args.log_every == 0 or "val" in record or trainer.step == cfg.steps:
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in record.items()), flush=True)
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if ckpt and (trainer.step % args.ckpt_every == 0 or trainer.step == cfg.steps):
+            trainer.save(ckpt)
+    print(f"final val loss {trainer.evaluate():.4f}; optimizer state "
+          f"{trainer.summary()['state_bytes'] / 2**20:.1f} MiB", flush=True)
+    return 0
+
+
+def _plan(args) -> int:
+    base = plan(args.model, "adamw", dtype=args.dtype, layerwise=False,
+                batch_size=args.batch_size, seq_len=args.seq_len)
+    names = args.optimizer.split(",") if args.optimizer else [n for n in OPTIMIZERS if n != "adamw"]
+    plans = [plan(args.model, n, dtype=args.dtype, layerwise=args.layerwise,
+                  batch_size=args.batch_size, seq_len=args.seq_len) for n in names]
+    print(format_plans(plans, base))
+    print(f"\nGB = 1e9 bytes. Optimizer state is each optimizer's own planned_state_bytes() on the "
+          f"meta device; activations: estimate for batch {args.batch_size} x {args.seq_len} "
+          "tokens, fused attention, no checkpointing (see memopt_core.plan.activation_bytes).")
+    return 0
+
+
+def _machine() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return dict(memopt_core=__version__, commit=commit or None, torch=torch.__version__,
+                python=platform.python_version(), machine=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memopt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small LLaMA-style model with AdamW and AdamMini "
-                                       "on built-in text and compare them")
-    demo.add_argument("--steps", type=int, default=150,
-                      help="training steps per optimizer (default 150: about a minute on 2 CPU "
-                           "cores for --model tiny)")
-    demo.add_argument("--model", choices=["tiny", "small"], default="tiny")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--seq-len", type=int, default=128)
-    demo.add_argument("--log-every", type=int, default=0, help="print the loss every N steps")
-    demo.set_defaults(func=_demo)
+
+    c = sub.add_parser("compare", help="train one model with each optimizer, same seed and data, "
+                                       "and compare memory, speed and loss")
+    c.add_argument("--optimizers", help=f"comma-separated (default all: {','.join(OPTIMIZERS)})")
+    _add_train_args(c, steps=None, model=None)
+    c.add_argument("--quick", action="store_true",
+                   help="tiny model, 120 steps: under 3 minutes on 2 CPU cores (default: small "
+                        "model, 300 steps)")
+    c.add_argument("--out", help="output directory (default runs/compare-<time>)")
+    c.set_defaults(func=_compare)
+
+    t = sub.add_parser("train", help="train a model with one optimizer")
+    t.add_argument("--optimizer", choices=list(OPTIMIZERS), required=True)
+    _add_train_args(t, steps=1000, model="tiny")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--grad-clip", type=float, default=1.0,
+                   help="global-norm clipping (0: off; required with --layerwise)")
+    t.add_argument("--layerwise", action="store_true",
+                   help="step each parameter inside backward and free its gradient at once")
+    t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--ckpt-dir", help="checkpoint directory (atomic last.pt, log.jsonl)")
+    t.add_argument("--ckpt-every", type=int, default=100)
+    t.add_argument("--resume", action="store_true", help="continue from --ckpt-dir/last.pt")
+    t.set_defaults(func=_train)
+
+    p = sub.add_parser("plan", help="memory plan of a training run (meta device, no memory)")
+    p.add_argument("--model", choices=LLAMA_PRESETS, default="llama-7b")
+    p.add_argument("--optimizer", help="comma-separated (default: every optimizer)")
+    p.add_argument("--layerwise", action="store_true")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.set_defaults(func=_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo" and args.steps < 2:
-        parser.error("--steps must be at least 2")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad settings: a message, not a traceback
+        raise SystemExit(f"memopt {args.command}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class LlamaConfig:
 
 
 # Vocabulary 256 for the models trained on the byte-level corpus; 32000 (LLaMA's tokenizer) for the
-# benchmark sizes, so the embedding and output matrices weigh what they do in a real model.
+# benchmark and paper sizes, so the embedding and output matrices weigh what they do in a real model.
 _LLAMA_PRESETS = {
     "tiny": dict(vocab_size=256, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=384, num_hidden_layers=4, max_position_embeddings=256),
@@ -46,6 +46,15 @@ _LLAMA_PRESETS = {
     "200m": dict(vocab_size=32000, hidden_size=1024, num_attention_heads=16, num_key_value_heads=8,
                  intermediate_size=2816, num_hidden_layers=11, max_position_embeddings=2048),
 }
+# The sizes of the GaLore / APOLLO / FRUGAL pre-training papers (GaLore's configs/llama_*.json);
+# llama-7b is Llama-2-7B's shape (6.74B parameters), the model of Adam-mini's 53.92 GB figure.
+for _name, (_d, _i, _h, _l) in {"llama-60m": (512, 1376, 8, 8), "llama-130m": (768, 2048, 12, 12),
+                                "llama-350m": (1024, 2736, 16, 24), "llama-1b": (2048, 5461, 32, 24),
+                                "llama-7b": (4096, 11008, 32, 32)}.items():
+    _LLAMA_PRESETS[_name] = dict(vocab_size=32000, hidden_size=_d, intermediate_size=_i,
+                                 num_attention_heads=_h, num_key_value_heads=_h,
+                                 num_hidden_layers=_l, max_position_embeddings=2048)
+LLAMA_PRESETS = tuple(_LLAMA_PRESETS)
 
 
 def _preset(cls, table, name, overrides):
@@ -55,7 +64,8 @@ def _preset(cls, table, name, overrides):
 
 
 def llama_config(name: str, **overrides) -> LlamaConfig:
-    """Preset configs: "tiny" (~0.9M params), "small" (~10M), "50m" (~50M), "200m" (~195M)."""
+    """Preset configs: "tiny" (~0.9M params), "small" (~10M), "50m" (~50M), "200m" (~195M) and
+    the papers' "llama-60m", "-130m", "-350m", "-1b", "-7b" (vocabulary 32000)."""
     return _preset(LlamaConfig, _LLAMA_PRESETS, name, overrides)
 
 
@@ -244,8 +254,12 @@ def _loss(logits, targets):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def build(name: str, arch: str = "llama", **overrides) -> nn.Module:
-    """A freshly initialised model from a preset name (arch "llama" or "gpt")."""
+def build(name: str, arch: str = "llama", device=None, **overrides) -> nn.Module:
+    """A freshly initialised model from a preset name (arch "llama" or "gpt"). On
+    device="meta" nothing is allocated: shapes only, for memory planning."""
+    if device is not None:
+        with torch.device(device):
+            return build(name, arch, **overrides)
     if arch == "llama":
         return Llama(llama_config(name, **overrides))
     if arch == "gpt":

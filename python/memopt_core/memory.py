@@ -1,0 +1,73 @@
+"""Measuring tensor memory: bytes held by a model, its gradients and optimizer state, and the
+peak of one training iteration, on CPU (torch.profiler's allocator events) or CUDA (the caching
+allocator's peak counter)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Callable
+
+import torch
+
+MiB = 2 ** 20
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct tensors (a tied weight counts once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """opt.state_bytes() where the optimizer has it, else the bytes of every tensor in opt.state
+    (how a torch.optim baseline is counted)."""
+    if hasattr(opt, "state_bytes"):
+        return int(opt.state_bytes())
+    return tensor_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def peak_during(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated by `fn` above what was allocated when it started: on CUDA from the
+    allocator's peak counter; on CPU from the running sum of torch.profiler's allocation events
+    (allocations made before the call are not seen, frees of them are ignored)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_stderr():  # kineto prints start/stop lines on fd 2
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

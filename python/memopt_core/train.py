@@ -1,0 +1,208 @@
+"""The training loop behind `memopt train` and `memopt compare`: LLaMA-style model, built-in or
+user corpus, warmup + cosine schedule, gradient clipping, gradient accumulation, optional
+layer-wise stepping and bf16 weights, periodic validation, and atomic checkpoints from which a
+resumed run reproduces the uninterrupted one bit for bit (model, optimizer, scheduler, RNG and
+data position are all saved)."""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .corpus import Corpus, load
+from .layerwise import LayerwiseStep
+from .memory import optimizer_state_bytes, peak_during, tensor_bytes
+from .models import build, num_params
+from .registry import make_optimizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CHECKPOINT = "last.pt"
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adamw"
+    model: str = "tiny"
+    arch: str = "llama"
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 2e-3
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup: float = 0.1        # fraction of steps with linear warmup
+    min_lr: float = 0.1        # cosine decays to this fraction of lr
+    grad_clip: float = 1.0     # global-norm clipping; 0 disables (must be 0 with layerwise)
+    grad_accum: int = 1
+    layerwise: bool = False
+    dtype: str = "fp32"        # weights (and optimizer state) dtype: fp32 or bf16
+    eval_every: int = 0        # 0: validate at the end only
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    data: Optional[str] = None
+    tokenizer: str = "byte"
+    vocab_size: int = 8192     # BPE only
+    optimizer_kwargs: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.layerwise and self.grad_clip:
+            raise ValueError("gradient clipping by global norm needs every gradient at once, "
+                             "which layer-wise stepping never holds: set grad_clip=0 "
+                             "(--grad-clip 0) with --layerwise")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup over `warmup` steps, then cosine from 1 to `floor`."""
+
+    def __init__(self, steps: int, warmup: int, floor: float):
+        self.steps, self.warmup, self.floor = steps, warmup, floor
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / self.warmup
+        progress = min(1.0, (s - self.warmup) / max(1, self.steps - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """One model + optimizer + data stream. `run_step()` does one optimizer step (grad_accum
+    micro-batches); `save`/`load` checkpoint everything the trajectory depends on."""
+
+    def __init__(self, cfg: TrainConfig, corpus: Optional[Corpus] = None):
+        cfg.check()
+        self.cfg, self.device = cfg, torch.device(cfg.device)
+        self.corpus = corpus or load(cfg.data, cfg.tokenizer, cfg.vocab_size)
+        torch.manual_seed(cfg.seed)  # same seed -> same initial weights for every optimizer
+        self.model = build(cfg.model, cfg.arch, vocab_size=self.corpus.vocab_size)
+        self.model.to(device=self.device, dtype=DTYPES[cfg.dtype])
+        self.opt = make_optimizer(cfg.optimizer, self.model, lr=cfg.lr, betas=tuple(cfg.betas),
+                                  weight_decay=cfg.weight_decay, **cfg.optimizer_kwargs)
+        warmup = max(1, int(cfg.steps * cfg.warmup))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, WarmupCosine(cfg.steps, warmup, cfg.min_lr))
+        self.layerwise = LayerwiseStep(self.opt, cfg.grad_accum) if cfg.layerwise else None
+        self.stream = self.corpus.stream(cfg.seq_len, cfg.batch_size, cfg.seed)
+        self.step = 0
+        self.history: dict[str, list] = {"loss": [], "val": [], "step_ms": [], "iter_ms": []}
+
+    # ---- training ------------------------------------------------------------------------
+    def run_step(self) -> float:
+        cfg, t0 = self.cfg, time.perf_counter()
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = (t.to(self.device) for t in next(self.stream))
+            _, loss = self.model(x, y)
+            (loss / cfg.grad_accum).backward()  # layer-wise: parameters are stepped in here
+            total += loss.item() / cfg.grad_accum
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self._sync()
+        t1 = time.perf_counter()
+        self.opt.step()  # with layer-wise stepping a no-op: no gradient is left
+        self._sync()
+        t2 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.step += 1
+        self.history["loss"].append(total)
+        self.history["step_ms"].append(1e3 * (t2 - t1))
+        self.history["iter_ms"].append(1e3 * (t2 - t0))
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+            self.history["val"].append((self.step, self.evaluate()))
+        return total
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy (nats/token) over the fixed validation windows."""
+        self.model.eval()
+        losses = [self.model(x.to(self.device), y.to(self.device))[1].item()
+                  for x, y in self.corpus.val_batches(self.cfg.seq_len, self.cfg.batch_size,
+                                                      self.cfg.eval_batches)]
+        self.model.train()
+        return statistics.fmean(losses)
+
+    def memory(self) -> dict:
+        """Bytes now held by weights, gradients and optimizer state, and the peak of one
+        iteration (measured on the next iteration, which this call runs)."""
+        params = list(self.model.parameters())
+        weights, state = tensor_bytes(params), optimizer_state_bytes(self.opt)
+        extra = peak_during(self.run_step, self.device)
+        return dict(weights=weights, state=state, grads=tensor_bytes(p.grad for p in params),
+                    peak=weights + state + extra, transient=extra)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return dict(version=1, config=asdict(self.cfg), step=self.step,
+                    model=self.model.state_dict(), optimizer=self.opt.state_dict(),
+                    scheduler=self.sched.state_dict(), data=self.stream.state_dict(),
+                    layerwise=self.layerwise.state_dict() if self.layerwise else None,
+                    rng=torch.get_rng_state(), history=self.history,
+                    cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def save(self, path) -> None:
+        atomic_save(self.state_dict(), path)
+
+    def load(self, path) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        mine, saved = asdict(self.cfg), dict(ckpt["config"])
+        differ = [k for k in mine if k not in ("eval_every", "device") and mine[k] != saved.get(k)]
+        if differ:
+            raise ValueError(f"checkpoint {path} was written with other settings: " + ", ".join(
+                f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in differ))
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.stream.load_state_dict(ckpt["data"])
+        if self.layerwise:
+            self.layerwise.load_state_dict(ckpt["layerwise"])
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        self.step, self.history = ckpt["step"], ckpt["history"]
+
+    def summary(self) -> dict:
+        h, n = self.history, num_params(self.model)
+        state = optimizer_state_bytes(self.opt)
+        steady = h["step_ms"][1:] or h["step_ms"]  # the first step allocates the state
+        return dict(optimizer=self.cfg.optimizer, params=n, state_bytes=state,
+                    bytes_per_param=state / n, step_ms=statistics.fmean(steady),
+                    iter_ms=statistics.fmean(h["iter_ms"][1:] or h["iter_ms"]),
+                    train_loss=statistics.fmean(h["loss"][-10:]))
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`:
+    a crash at any point leaves either the old checkpoint or the new one, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
