@@ -3,7 +3,9 @@
 #
 #   scripts/setup_env.sh [--test] [--venv DIR]
 #
-#   --test      also install the test extras (pytest, adam-mini, transformers)
+#   --test      also install the test extras (pytest, adam-mini, transformers, ...)
+#
+# Always installs the `plot` extra (matplotlib) for `memopt compare`'s PNG.
 #   --venv DIR  environment directory (default .venv in the repo root)
 #
 # Idempotent: an existing environment is reused, a torch already in it is kept (so a CUDA torch on
@@ -13,10 +15,10 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 venv=.venv
-extras=""
+extras="[plot]"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --test) extras="[test]" ;;
+    --test) extras="[plot,test]" ;;
     --venv) venv="${2:?--venv needs a directory}"; shift ;;
     *) echo "usage: $0 [--test] [--venv DIR]" >&2; exit 2 ;;
   esac
