@@ -8,9 +8,10 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.memopt.*)
 from .adam_mini import AdamMini
+from ._base import set_lr
 from .adamw import AdamW
 from .layerwise import LayerwiseStep
 from .registry import OPTIMIZERS, make_optimizer
 
-__all__ = ["AdamW", "AdamMini", "LayerwiseStep", "OPTIMIZERS", "make_optimizer"]
+__all__ = ["AdamW", "AdamMini", "LayerwiseStep", "OPTIMIZERS", "make_optimizer", "set_lr"]
 __version__ = "0.1.0"

@@ -14,6 +14,17 @@ from . import _C
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Change every group's learning rate in place. With tensor learning rates (pass
+    lr=torch.tensor(...)) a compiled step() reads the new value without recompiling; a float lr
+    is a constant of the compiled graph, so changing it recompiles."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -52,6 +63,14 @@ class MemoptOptimizer(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
+    def init_state(self) -> None:
+        """Create (zeroed, pooled) state for every parameter now instead of at its first step.
+        Call it before compiling step() so the first compiled step finds the state it will
+        keep, and the graph never has to be recompiled."""
+        self._init_states([p for g in self.param_groups for p in g["params"]
+                           if p.requires_grad and p not in self.state])
+
+    @torch.no_grad()
     def step_params(self, params) -> None:
         """Step only `params` (each with its group's options), as step() would: the primitive
         of layer-wise stepping (memopt_core.LayerwiseStep), which steps each parameter inside
@@ -59,6 +78,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
         self._step_params({id(p) for p in params})
 
     def _step_params(self, only: Optional[set]) -> None:
+        if torch.compiler.is_compiling():
+            return self._traced_step(only)
         calls, fresh = [], []
         try:
             # Validate every (group, device) call before running any, so that a bad input
@@ -82,6 +103,24 @@ class MemoptOptimizer(torch.optim.Optimizer):
             raise
         for op, args in calls:
             op(*args)
+
+    def _traced_step(self, only: Optional[set]) -> None:
+        """step() under torch.compile: the same op calls with nothing Dynamo cannot trace. The
+        C++ validator is skipped because the op's Meta kernel runs the same checks while
+        tracing; new state is made of plain zeros (traceable) instead of pooled views."""
+        for group in self.param_groups:
+            params = [p for p in group["params"]
+                      if p.grad is not None and (only is None or id(p) in only)]
+            for device in sorted({p.device for p in params}, key=str):
+                on_device = [p for p in params if p.device == device]
+                for p in on_device:
+                    if p not in self.state:
+                        self.state[p] = {k: torch.zeros(s, dtype=p.dtype, device=p.device)
+                                         for k, s in self._state_shapes(p).items()}
+                        self.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+                op, _, args = self._op_call(group, on_device, [p.grad for p in on_device],
+                                            [self.state[p] for p in on_device])
+                op(*args)
 
     @staticmethod
     def _lr(group: dict) -> torch.Tensor:

@@ -25,6 +25,12 @@ class Blocks:
     note: str = ""
 
     @property
+    def encoded(self) -> list:
+        """The op's flat block list for this tensor (memopt::encode_block_specs' layout):
+        [number of segments, then 6 ints per segment]. Plain Python, so torch.compile traces it."""
+        return [len(self.segments)] + [int(v) for seg in self.segments for v in seg]
+
+    @property
     def count(self) -> int:
         return sum((s[1] // s[4]) * (s[2] // s[5]) for s in self.segments)
 
@@ -75,7 +81,6 @@ class AdamMini(MemoptOptimizer):
                 if members:
                     torch_groups.append({**opts, "params": [p for _, p in members],
                                          "param_names": [n for n, _ in members], "weight_decay": wd})
-        self._encoded: dict[tuple, list] = {}  # before super().__init__, which validates groups
         super().__init__(torch_groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _state_shapes(self, p):
@@ -85,12 +90,10 @@ class AdamMini(MemoptOptimizer):
         return self.blocks[p].role, self.blocks[p].count
 
     def _op_call(self, group, params, grads, states):
-        key = tuple(id(p) for p in params)
-        if key not in self._encoded:
-            self._encoded[key] = _C.encode_block_specs([list(self.blocks[p].segments) for p in params])
+        blocks = [v for p in params for v in self.blocks[p].encoded]
         beta1, beta2 = group["betas"]
         args = (params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states], self._encoded[key], self._lr(group), float(beta1),
+                [s["step"] for s in states], blocks, self._lr(group), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]))
         return torch.ops.memopt.adam_mini_, _C.check_adam_mini_, args
 
