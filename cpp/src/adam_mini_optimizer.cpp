@@ -1,5 +1,7 @@
 // memopt::AdamMini, the LibTorch optimizer: roles -> blocks once, at construction, then one
 // fused adam_mini_update_ call per param group (shared machinery: optimizers.cpp).
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include "memopt/adam_mini.h"
 #include "memopt/optimizers.h"
 
@@ -85,6 +87,14 @@ const BlockSpec& AdamMini::block_spec(const torch::Tensor& param) const {
   return it->second;
 }
 
+void AdamMini::adopt_params(const std::vector<at::Tensor>& params) {
+  for (const auto& p : params) {
+    RoleInfo info;
+    info.role = p.dim() >= 2 ? Role::Linear : Role::Elementwise;
+    specs_[p.unsafeGetTensorImpl()] = adam_mini_blocks(info, p.sizes());
+  }
+}
+
 std::vector<int64_t> AdamMini::exp_avg_sq_sizes(const at::Tensor& param) const {
   return {num_blocks(block_spec(param))};
 }
@@ -93,9 +103,16 @@ void AdamMini::update(const AdamMiniOptions& o, const GroupLists& l) {
   std::vector<BlockSpec> specs;
   specs.reserve(l.params.size());
   for (const auto& p : l.params) specs.push_back(block_spec(p));
-  adam_mini_update_(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, specs,
-                    at::scalar_tensor(o.lr(), at::kDouble), std::get<0>(o.betas()),
-                    std::get<1>(o.betas()), o.eps(), o.weight_decay());
+  // Through the dispatcher, as torch.ops.memopt.adam_mini_ (device-dispatched kernels).
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("memopt::adam_mini_", "")
+                       .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                   at::TensorList, at::IntArrayRef, const at::Tensor&, double,
+                                   double, double, double)>();
+  const auto blocks = encode_block_specs(specs);
+  op.call(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, blocks,
+          at::scalar_tensor(o.lr(), at::kDouble), std::get<0>(o.betas()),
+          std::get<1>(o.betas()), o.eps(), o.weight_decay());
 }
 
 }  // namespace memopt

@@ -2,6 +2,7 @@
 // serialization, step, checked load) and AdamW itself. AdamMini's own part: adam_mini_optimizer.cpp.
 #include "memopt/optimizers.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/types.h>
 #include <torch/utils.h>
 
@@ -89,13 +90,39 @@ AdamFamily<Options, State>::AdamFamily(
     for (const auto& p : param_groups[i].params())
       TORCH_CHECK_VALUE(seen.insert(p.unsafeGetTensorImpl()).second, "param group ", i,
                         ": a parameter appears more than once in the optimizer");
-    if (!param_groups[i].has_options()) continue;
-    const auto* options = dynamic_cast<const Options*>(&param_groups[i].options());
-    TORCH_CHECK_TYPE(options != nullptr, "param group ", i,
-                     " carries options of another optimizer type");
-    check_options(*options);
-    param_groups_[i].set_options(std::make_unique<Options>(*options));
+    keep_group_options(i, param_groups[i]);
   }
+}
+
+template <typename Options, typename State>
+void AdamFamily<Options, State>::keep_group_options(
+    size_t index, const torch::optim::OptimizerParamGroup& group) {
+  if (!group.has_options()) return;
+  const auto* options = dynamic_cast<const Options*>(&group.options());
+  TORCH_CHECK_TYPE(options != nullptr, "param group ", index,
+                   " carries options of another optimizer type");
+  check_options(*options);
+  param_groups_[index].set_options(std::make_unique<Options>(*options));
+}
+
+template <typename Options, typename State>
+void AdamFamily<Options, State>::add_param_group(
+    const torch::optim::OptimizerParamGroup& param_group) {
+  // Everything is checked before the group is added, so a bad group changes nothing.
+  if (param_group.has_options()) {
+    const auto* options = dynamic_cast<const Options*>(&param_group.options());
+    TORCH_CHECK_TYPE(options != nullptr, "add_param_group: options of another optimizer type");
+    check_options(*options);
+  }
+  std::unordered_set<void*> seen;
+  for (const auto& g : param_groups_)
+    for (const auto& p : g.params()) seen.insert(p.unsafeGetTensorImpl());
+  for (const auto& p : param_group.params())
+    TORCH_CHECK_VALUE(seen.insert(p.unsafeGetTensorImpl()).second,
+                      "add_param_group: a parameter is already in the optimizer");
+  adopt_params(param_group.params());
+  torch::optim::Optimizer::add_param_group(param_group);
+  keep_group_options(param_groups_.size() - 1, param_group);
 }
 
 template <typename Options, typename State>
@@ -229,10 +256,17 @@ std::vector<int64_t> AdamW::exp_avg_sq_sizes(const at::Tensor& param) const {
   return param.sizes().vec();
 }
 
+// Through the dispatcher, as torch.ops.memopt.adamw_: the kernel for the parameters' device
+// (CPU, or CUDA when built) runs, exactly as for the Python front end.
 void AdamW::update(const AdamWOptions& o, const GroupLists& l) {
-  adamw_update_(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps,
-                at::scalar_tensor(o.lr(), at::kDouble), std::get<0>(o.betas()),
-                std::get<1>(o.betas()), o.eps(), o.weight_decay());
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("memopt::adamw_", "")
+                       .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                   at::TensorList, const at::Tensor&, double, double, double,
+                                   double)>();
+  op.call(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps,
+          at::scalar_tensor(o.lr(), at::kDouble), std::get<0>(o.betas()),
+          std::get<1>(o.betas()), o.eps(), o.weight_decay());
 }
 
 template struct AdamFamilyParamState<AdamWParamState>;

@@ -15,3 +15,10 @@ from .registry import OPTIMIZERS, make_optimizer
 
 __all__ = ["AdamW", "AdamMini", "LayerwiseStep", "OPTIMIZERS", "make_optimizer", "set_lr"]
 __version__ = "0.1.0"
+
+# The C++ package for LibTorch trainers lives next to the extension (lib/, include/,
+# lib/cmake/memopt_core): cmake -DCMAKE_PREFIX_PATH="$(python -c 'import memopt_core;
+# print(memopt_core.cmake_prefix_path)')" finds it with find_package(memopt_core).
+import os as _os
+
+cmake_prefix_path = _os.path.dirname(_os.path.abspath(_C.__file__))

@@ -87,6 +87,9 @@ class AdamFamily : public torch::optim::Optimizer {
   // Runs `closure` (if given) with grad mode on, then steps every parameter with a gradient.
   // Bad input (dtype, shape, device, hyperparameters) raises before anything is written.
   torch::Tensor step(LossClosure closure = nullptr) override;
+  // LibTorch's add_param_group replaces the options of a group of a non-built-in optimizer by
+  // the defaults; this one keeps the group's own options (validated), like the constructor.
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
   void save(torch::serialize::OutputArchive& archive) const override;
   // Raises, leaving state and options as they were, unless the checkpoint has this optimizer's
   // groups, group sizes and state shapes.
@@ -106,12 +109,15 @@ class AdamFamily : public torch::optim::Optimizer {
   const Options& group_options(size_t group) const {
     return static_cast<const Options&>(param_groups_[group].options());
   }
+  // Called for the parameters of a group added after construction (AdamMini assigns blocks).
+  virtual void adopt_params(const std::vector<at::Tensor>&) {}
   // Sizes of a parameter's exp_avg_sq: for new state and to validate a checkpoint.
   virtual std::vector<int64_t> exp_avg_sq_sizes(const at::Tensor& param) const = 0;
   // The single fused update call for one group.
   virtual void update(const Options& options, const GroupLists& lists) = 0;
 
  private:
+  void keep_group_options(size_t index, const torch::optim::OptimizerParamGroup& group);
   void check_loaded_state(State& state, const at::Tensor& param, size_t group, size_t index) const;
 };
 
@@ -142,6 +148,9 @@ class AdamMini : public AdamFamily<AdamMiniOptions, AdamMiniParamState> {
   const BlockSpec& block_spec(const torch::Tensor& param) const;
 
  protected:
+  // Parameters of a group added later have no name: blocks from the shape alone (per output
+  // neuron for >= 2-D, plain Adam for 1-D). Pass roles at construction for anything else.
+  void adopt_params(const std::vector<at::Tensor>& params) override;
   std::vector<int64_t> exp_avg_sq_sizes(const at::Tensor& param) const override;
   void update(const AdamMiniOptions& options, const GroupLists& lists) override;
 
