@@ -93,6 +93,33 @@ struct SegmentKernel {
     });
   }
 
+  // Column tiles (tile_cols == 1: Adam-mini's per-neuron blocks of transposed weights,
+  // SlimAdam's mean over fan-out): each thread owns a range of columns of a band of rows, sums
+  // g^2 down them into one shared row of accumulators, then updates them. Vectorised along the
+  // row and no per-thread copies, where `general` would make one call per element.
+  void column_bands(Workspace::Lease& lease) const {
+    const int64_t nb = seg.num_blocks();
+    double* acc = lease.take<double>(nb);
+    C* factor = lease.take<C>(nb);
+    for (int64_t band = 0; band < seg.rows / seg.tile_rows; ++band) {
+      const int64_t r0 = band * seg.tile_rows, r1 = r0 + seg.tile_rows, b0 = band * seg.cols;
+      at::parallel_for(0, seg.cols, std::max<int64_t>(16, kGrain / seg.tile_rows), [&](int64_t c0, int64_t c1) {
+        std::fill(acc + b0 + c0, acc + b0 + c1, 0.0);
+        for (int64_t r = r0; r < r1; ++r) cpu::add_squares(acc + b0 + c0, g + row(r) + c0, c1 - c0);
+        for (int64_t c = c0; c < c1; ++c) factor[b0 + c] = block_factor(b0 + c, acc[b0 + c]);
+        for (int64_t r = r0; r < r1; ++r)
+          cpu::column_update_span<P, S, C>(p + row(r) + c0, g + row(r) + c0, m + row(r) + c0, c1 - c0,
+                                           static_cast<C>(s.decay), static_cast<C>(1.0 - s.beta1),
+                                           factor + b0 + c0);
+      });
+    }
+  }
+  static bool use_column_bands(const Segment& seg) { return seg.tile_cols == 1 && seg.cols >= 16; }
+  static int64_t column_bytes(const Segment& seg) {
+    return Workspace::Lease::bytes_for<double>(seg.num_blocks()) +
+           Workspace::Lease::bytes_for<C>(seg.num_blocks());
+  }
+
   static int64_t general_bytes(const Segment& seg) {
     return Workspace::Lease::bytes_for<double>(at::get_num_threads() * seg.num_blocks()) +
            Workspace::Lease::bytes_for<C>(seg.num_blocks());
@@ -125,7 +152,10 @@ void adam_mini_update_(TensorList params, TensorList grads, TensorList exp_avgs,
       using K = SegmentKernel<scalar_t, state_t, opmath_t>;
       int64_t need = cpu::staging_bytes(grads[i]);
       for (const auto& seg : specs[i])
-        if (!K::use_row_bands(seg)) need = std::max(need, cpu::staging_bytes(grads[i]) + K::general_bytes(seg));
+        if (!K::use_row_bands(seg))
+          need = std::max(need, cpu::staging_bytes(grads[i]) + (K::use_column_bands(seg)
+                                                                     ? K::column_bytes(seg)
+                                                                     : K::general_bytes(seg)));
       lease.reserve(need);
       const Tensor g = cpu::contiguous_grad(lease, grads[i]);
       const auto s = AdamScalars::make(lr, beta1, beta2, eps, weight_decay,
@@ -143,6 +173,9 @@ void adam_mini_update_(TensorList params, TensorList grads, TensorList exp_avgs,
           });
         } else if (K::use_row_bands(seg)) {
           k.row_bands();
+        } else if (K::use_column_bands(seg)) {
+          lease.rewind(mark);
+          k.column_bands(lease);
         } else {
           lease.rewind(mark);  // keeps the staged grad, reuses the scratch after it
           k.general(lease);
