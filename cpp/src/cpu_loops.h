@@ -49,7 +49,7 @@ MEMOPT_CPU_CLONES void block_update_span(P* __restrict p, const P* __restrict g,
   }
 }
 
-// block_update_span with one factor per element: a row of column tiles (factor j for column j).
+// block_update_span with one factor per element (f[j]: the factor of the tile column j is in).
 template <typename P, typename S, typename C>
 MEMOPT_CPU_CLONES void column_update_span(P* __restrict p, const P* __restrict g, S* __restrict m,
                                           int64_t n, C decay, C b1c, const C* __restrict f) {
