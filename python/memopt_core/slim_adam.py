@@ -92,7 +92,7 @@ class SlimAdam(MemoptOptimizer):
     def _describe_row(self, p):
         b = self.blocks[p]
         v = "full" if b.dims is None or b.count == p.numel() else "x".join(map(str, b.v_shape))
-        return f"{b.role} v:{v}", b.count
+        return f"{b.role:<9} v:{v:<9}", b.count
 
     def describe(self) -> str:
         """Base table, with the share of second-moment entries saved on its totals line."""

@@ -60,7 +60,13 @@ def snr(v: torch.Tensor, dims) -> float:
 def _second_moments(source, names: Mapping[int, str], shapes: Mapping[str, torch.Size]) -> dict:
     """{name: v shaped like its parameter} from an optimizer's state or a {name: v} mapping."""
     if isinstance(source, Mapping):
-        return {n: v for n, v in source.items() if n in shapes}
+        out = {}
+        for n, v in source.items():
+            if n in shapes:
+                if v.numel() != shapes[n].numel():
+                    raise ValueError(f"{n}: v has {v.numel()} entries, the parameter {shapes[n].numel()}")
+                out[n] = v.reshape(shapes[n])
+        return out
     if not isinstance(source, torch.optim.Optimizer):
         raise TypeError(f"update() takes an optimizer or a {{name: v}} dict, got {type(source).__name__}")
     out = {}
