@@ -5,7 +5,7 @@ Command (from the repo root; about 40 s for 50m and 2 min for 200m on 2 idle cor
     python bench/bench_step.py --size 50m [--write]
     python bench/bench_step.py --size 200m [--write]
 
-Contenders: memopt_core.AdamMini, memopt_core.AdamW, torch.optim.AdamW(fused=True),
+Contenders: memopt_core.AdamMini, memopt_core.SlimAdam, memopt_core.AdamW, torch.optim.AdamW(fused=True),
 torch.optim.AdamW(foreach=True), adam_mini.Adam_mini 1.1.1 (PyPI reference; given dim, n_heads,
 n_kv_heads). All get the same hyper-parameters and the same fixed random gradient on every
 parameter (no forward/backward: only step() is timed).
@@ -70,6 +70,7 @@ def _adam_mini_ref(model):
 
 CONTENDERS = {
     "memopt AdamMini": lambda m: memopt_core.AdamMini(m, **HP),
+    "memopt SlimAdam": lambda m: memopt_core.SlimAdam(m, **HP),  # the paper's static table
     "memopt AdamW": lambda m: memopt_core.AdamW(m.parameters(), **HP),
     "torch AdamW fused": lambda m: torch.optim.AdamW(m.parameters(), **HP, fused=True),
     "torch AdamW foreach": lambda m: torch.optim.AdamW(m.parameters(), **HP, foreach=True),

@@ -54,8 +54,8 @@ def test_bad_spec_leaves_tensors_untouched():
 
 
 def test_workspace_is_sized_once_and_reused():
-    # A transposed (HF Conv1D, stored (in, out)) weight has one block per column: the general
-    # kernel path, which carves per-thread partial sums out of the workspace.
+    # A transposed (HF Conv1D, stored (in, out)) weight has one block per column: the narrow-tile
+    # kernel path, which carves a row of column sums out of the workspace.
     from transformers.pytorch_utils import Conv1D
 
     model = torch.nn.Sequential()

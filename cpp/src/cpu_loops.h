@@ -49,6 +49,29 @@ MEMOPT_CPU_CLONES void block_update_span(P* __restrict p, const P* __restrict g,
   }
 }
 
+// block_update_span with one factor per element (f[j]: the factor of the tile column j is in).
+template <typename P, typename S, typename C>
+MEMOPT_CPU_CLONES void column_update_span(P* __restrict p, const P* __restrict g, S* __restrict m,
+                                          int64_t n, C decay, C b1c, const C* __restrict f) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    C mj = static_cast<C>(m[j]);
+    mj += b1c * (static_cast<C>(g[j]) - mj);
+    p[j] = static_cast<P>(static_cast<C>(p[j]) * decay - f[j] * mj);
+    m[j] = static_cast<S>(mj);
+  }
+}
+
+// acc[j] += g[j]^2 in double: one row's contribution to per-column sums of squares.
+template <typename P>
+MEMOPT_CPU_CLONES void add_squares(double* __restrict acc, const P* __restrict g, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const double x = static_cast<double>(static_cast<at::opmath_type<P>>(g[j]));
+    acc[j] += x * x;
+  }
+}
+
 // Sum of squares in double (accurate for blocks of millions of elements).
 template <typename P>
 MEMOPT_CPU_CLONES double sum_squares(const P* __restrict g, int64_t n) {

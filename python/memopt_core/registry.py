@@ -9,6 +9,7 @@ from torch import nn
 
 from .adam_mini import AdamMini
 from .adamw import AdamW
+from .slim_adam import SlimAdam
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", AdamW, needs_names=False),
     "adam_mini": OptimizerSpec("adam_mini", AdamMini, needs_names=True),
+    "slim_adam": OptimizerSpec("slim_adam", SlimAdam, needs_names=True),
 }
 
 
