@@ -3,6 +3,7 @@
     memopt compare --quick                       # every optimizer, small model, ~2 min on 2 cores
     memopt train --optimizer apollo_mini --model llama-60m --layerwise --grad-clip 0
     memopt plan --model llama-7b --optimizer apollo_mini --layerwise --dtype bf16
+    memopt snr --out rules.json                  # SlimAdam's compression rules from a probe run
 """
 from __future__ import annotations
 
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.set_defaults(func=_plan)
+
+    from .snr import add_snr_subcommand
+    add_snr_subcommand(sub)  # `memopt snr`: the SNR probe that derives SlimAdam's rules
     return parser
 
 
