@@ -9,6 +9,7 @@ from torch import nn
 
 from .adam_mini import AdamMini
 from .adamw import AdamW
+from .frugal import Frugal
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", AdamW, needs_names=False),
     "adam_mini": OptimizerSpec("adam_mini", AdamMini, needs_names=True),
+    "frugal": OptimizerSpec("frugal", Frugal, needs_names=True),
 }
 
 
