@@ -144,20 +144,27 @@ inline void adam_one(P& p, C g, S& m, S& v, const AdamScalars& s) {
   v = static_cast<S>(vj);
 }
 
-// Walks [begin, end) of a flat span whose selected coordinates are idx[...] (sorted): runs
-// between them take the state-free rule, each selected one takes AdamW on its own state slot.
+// [begin, end) of a flat span whose selected coordinates are idx[...] (sorted): every coordinate
+// first takes the vectorised state-free pass, then the selected ones are redone with AdamW from
+// their saved original values. Works in sub-spans of kSub so the saved values fit on the stack.
 template <typename P, typename S, typename C>
 void split_span(P* p, const P* g, S* m, S* v, const int32_t* idx, int64_t k, int64_t begin,
                 int64_t end, int64_t slot_offset, const AdamScalars& s, C lr_free, int64_t rule) {
+  constexpr int64_t kSub = 1024;
+  P saved[kSub];
   int64_t slot = std::lower_bound(idx, idx + k, begin) - idx;
-  int64_t prev = begin;
-  for (; slot < k && idx[slot] < end; ++slot) {
-    const int64_t j = idx[slot];
-    free_span<P, C>(p + prev, g + prev, j - prev, static_cast<C>(s.decay), lr_free, rule);
-    adam_one<P, S, C>(p[j], static_cast<C>(g[j]), m[slot_offset + slot], v[slot_offset + slot], s);
-    prev = j + 1;
+  for (int64_t b = begin; b < end; b += kSub) {
+    const int64_t e = std::min(end, b + kSub);
+    int64_t last = slot;
+    for (; last < k && idx[last] < e; ++last) saved[last - slot] = p[idx[last]];
+    free_span<P, C>(p + b, g + b, e - b, static_cast<C>(s.decay), lr_free, rule);
+    for (int64_t q = slot; q < last; ++q) {
+      P pv = saved[q - slot];
+      adam_one<P, S, C>(pv, static_cast<C>(g[idx[q]]), m[slot_offset + q], v[slot_offset + q], s);
+      p[idx[q]] = pv;
+    }
+    slot = last;
   }
-  free_span<P, C>(p + prev, g + prev, end - prev, static_cast<C>(s.decay), lr_free, rule);
 }
 
 }  // namespace

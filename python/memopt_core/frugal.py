@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from . import _C
-from ._base import MemoptOptimizer, tensor_bytes
+from ._base import MemoptOptimizer
+from .frugal_state import FrugalCheckpoint, named_groups
 
 PROJECTABLE_ROLES = ("query", "key", "value", "attn_out", "qkv", "mlp")
 SELECTIONS = ("block", "columns", "rows", "randk", "svd", "random", "randperm")
@@ -20,7 +21,7 @@ _MODE_NAMES = {_ADAM: "adamw", _ACTIVE: "active", _FREE: "free", _COLUMNS: "colu
                _ROWS: "rows", _RANDK: "randk", _RIGHT: "proj-r", _LEFT: "proj-l"}
 
 
-class Frugal(MemoptOptimizer):
+class Frugal(FrugalCheckpoint, MemoptOptimizer):
     r"""FRUGAL (Zmushko et al., arXiv 2411.07837, Alg. 1): full-rank updates by gradient splitting.
 
     Each projectable gradient G (attention and MLP 2-D weights) is split into a state-full part
@@ -80,7 +81,7 @@ class Frugal(MemoptOptimizer):
         self.block_order, self.state_free = block_order, state_free
         self.reset_statistics = bool(reset_statistics)
         model = named_params_or_model if isinstance(named_params_or_model, nn.Module) else None
-        groups = _named_groups(named_params_or_model)
+        groups = named_groups(named_params_or_model)
         named = [np for g in groups for np in g["params"]]
         proj = _projectable(named, model, roles, proj_embeds, proj_norms, proj_logits)
         torch_groups = [{**{k: v for k, v in g.items() if k != "params"},
@@ -311,70 +312,6 @@ class Frugal(MemoptOptimizer):
         args = self._op_args(group, params, [None] * len(params), [_FREE] * len(params))
         _C.check_frugal_(*args)
 
-    # ---- state_dict: the selection (step count, cursor, active set, RNG) travels with it -----
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["state"] = {k: v for k, v in sd["state"].items() if v}  # no empty entries
-        fr = self._fr
-        sd["frugal"] = dict(t=fr["t"], rng=fr["rng"].clone(), cursor=fr["cursor"],
-                            active=list(fr["active"]), block_cycle=fr["block_cycle"],
-                            cycle=list(fr["cycle"]), selection=self.selection,
-                            num_projectable=len(self._projs))
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict.get("frugal")
-        if not isinstance(saved, dict) or saved.get("selection") != self.selection or \
-                saved.get("num_projectable") != len(self._projs):
-            raise ValueError(
-                f"not a state_dict of a Frugal optimizer with selection={self.selection!r} and "
-                f"{len(self._projs)} projectable tensors")
-        fr = {k: saved[k] for k in ("t", "cursor", "active", "block_cycle", "cycle")}
-        fr["rng"] = saved["rng"].clone()
-        if any(not 0 <= j < len(self._projs) for j in fr["active"]):
-            raise ValueError("loaded state_dict names an active block that does not exist")
-        # Subspace indices must not go through torch's cast of state to the parameter dtype.
-        pids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        state = {k: dict(v) for k, v in state_dict["state"].items()}
-        subs = {params[pids.index(k)]: v.pop("subspace") for k, v in state.items()
-                if "subspace" in v and k in pids}
-        old = self._fr
-        self._fr, self._loaded_subs = fr, subs
-        try:
-            super().load_state_dict({**state_dict, "state": state})
-        except Exception:
-            self._fr = old
-            raise
-        finally:
-            self._loaded_subs = {}
-
-    def _check_loadable(self, state_dict: dict) -> None:
-        super()._check_loadable(state_dict)  # groups, sizes, moment and step shapes
-        subs = getattr(self, "_loaded_subs", {})
-        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
-            for p, pid in zip(g["params"], saved["params"]):
-                entry = state_dict["state"].get(pid)
-                lay = self._layout(p)
-                if entry and lay is None:
-                    raise ValueError(f"loaded state has state for a tensor of shape "
-                                     f"{tuple(p.shape)} that FRUGAL keeps state-free now")
-                if entry and "subspace" in lay:
-                    sub = subs.get(p)
-                    shape, _ = lay["subspace"]
-                    if sub is None or tuple(sub.shape) != tuple(shape):
-                        raise ValueError(f"loaded subspace of a {tuple(p.shape)} tensor must have "
-                                         f"shape {shape}")
-
-    def _pack_states(self, params: list, values: dict) -> None:
-        # after torch's load: the subspaces set aside by load_state_dict go back in unconverted
-        for p, sub in getattr(self, "_loaded_subs", {}).items():
-            dtype = self._layout(p)["subspace"][1]
-            values[(p, "subspace")] = sub.to(dtype=dtype, device=p.device)
-        params = [p for p in params if self._layout(p) is not None]
-        for p, st in self._build_states(params, values).items():
-            self.state[p] = st
-
     # ---- reporting -----------------------------------------------------------------------------
     def _describe_row(self, p):
         """(mode, number of coordinates with Adam state)."""
@@ -399,25 +336,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _named_groups(source) -> list[dict]:
-    """Param groups of (name, tensor) pairs from a model, named parameters or dict groups of
-    named parameters; tensors that do not require grad are left out."""
-    if isinstance(source, nn.Module):
-        source = source.named_parameters()
-    items = list(source)
-    groups = [dict(g, params=list(g["params"])) for g in items] \
-        if items and isinstance(items[0], dict) else [{"params": items}]
-    for g in groups:
-        for entry in g["params"]:
-            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
-                    and isinstance(entry[1], torch.Tensor)):
-                raise TypeError("Frugal needs parameter names to find the projectable tensors: "
-                                "pass a model, model.named_parameters(), or groups whose "
-                                "'params' are (name, tensor) pairs")
-        g["params"] = [(n, p) for n, p in g["params"] if p.requires_grad]
-    return groups
 
 
 def _projectable(named, model, roles, proj_embeds, proj_norms, proj_logits) -> dict:
