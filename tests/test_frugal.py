@@ -193,3 +193,24 @@ def test_split_makes_no_parameter_sized_temporary(selection):
     biggest = max(_allocations_during(opt.step), default=0)
     memopt_core._C.workspace_release("cpu")  # the rank-256 scratch is not other tests' business
     assert biggest < (0.01 if selection != "svd" else 0.3) * largest, biggest
+
+
+def test_op_passes_opcheck():
+    """torch.library.opcheck on a call mixing AdamW, a stateless block and a column split."""
+    p = [torch.randn(8, 6) for _ in range(3)]
+    args = (p, [torch.randn(8, 6) for _ in p], [torch.zeros(8, 6), torch.zeros(0), torch.zeros(8, 2)],
+            [torch.zeros(8, 6), torch.zeros(0), torch.zeros(8, 2)],
+            [torch.zeros(()), torch.zeros(0), torch.zeros(())],
+            [torch.zeros(0), torch.zeros(0), torch.tensor([1, 4], dtype=torch.int32)],
+            [0, 2, 3], torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.1, 1.0, 1.0, 2)
+    torch.library.opcheck(torch.ops.memopt.frugal_.default, args)
+
+
+def test_unsorted_indices_rejected_before_any_write():
+    p, g = torch.randn(4, 6), torch.randn(4, 6)
+    before = p.clone()
+    with pytest.raises(ValueError, match="sorted"):
+        torch.ops.memopt.frugal_([p], [g], [torch.zeros(4, 2)], [torch.zeros(4, 2)], [torch.zeros(())],
+                                 [torch.tensor([4, 1], dtype=torch.int32)], [3], torch.tensor(1e-3),
+                                 0.9, 0.999, 1e-8, 0.0, 1.0, 1.0, 2)
+    assert torch.equal(p, before)
