@@ -18,6 +18,7 @@ using namespace memopt;
 
 void bind_optimizers(nb::module_& m);  // optimizers.cpp: the LibTorch optimizer classes
 void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: SlimAdam's v layouts
+void bind_frugal(nb::module_& m);      // frugal.cpp
 
 namespace {
 using SegmentTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
@@ -135,4 +136,5 @@ NB_MODULE(_C, m) {
 
   bind_optimizers(m);
   bind_slim_adam(m);
+  bind_frugal(m);
 }

@@ -136,18 +136,30 @@ class MemoptOptimizer(torch.optim.Optimizer):
     def _pack_states(self, params: list, values: dict) -> None:
         if not params:
             return
-        wanted = defaultdict(list)  # (dtype, device) -> [(param, key, shape)]
+        wanted = defaultdict(list)  # (pool key, dtype, device) -> [(param, key, shape)]
         for p in params:
             for key, shape in self._state_shapes(p).items():
-                wanted[(p.dtype, p.device)].append((p, key, shape))
-            wanted[(torch.float32, torch.device("cpu"))].append((p, "step", ()))
-        for (dtype, device), items in wanted.items():
+                wanted[(self._pool_key(p), p.dtype, p.device)].append((p, key, shape))
+            wanted[(self._pool_key(p), torch.float32, torch.device("cpu"))].append((p, "step", ()))
+        for (_, dtype, device), items in wanted.items():
             like = torch.empty(0, dtype=dtype, device=device)
             views = _C.pool_views([list(shape) for _, _, shape in items], like)
             for (p, key, _), view in zip(items, views):
                 if (p, key) in values:
                     view.copy_(values[(p, key)])
                 self.state[p][key] = view
+
+    def _pool_key(self, p: torch.Tensor):
+        """Capability hook: state of parameters with different keys lives in different pools.
+        An optimizer that rebuilds part of its state (FRUGAL's re-selected subspace) keeps that
+        part apart so the old pool is freed whole. The contract tests expect one pool per key."""
+        return None
+
+    def _holds_state(self, p: torch.Tensor) -> bool:
+        """Capability hook: whether `p` holds optimizer state once it has had a gradient. False
+        for tensors updated without any state (FRUGAL's inactive blocks); the contract tests
+        expect state exactly for the tensors where this is True."""
+        return True
 
     # ---- state_dict -------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

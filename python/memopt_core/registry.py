@@ -10,6 +10,7 @@ from torch import nn
 from .adam_mini import AdamMini
 from .adamw import AdamW
 from .slim_adam import SlimAdam
+from .frugal import Frugal
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", AdamW, needs_names=False),
     "adam_mini": OptimizerSpec("adam_mini", AdamMini, needs_names=True),
     "slim_adam": OptimizerSpec("slim_adam", SlimAdam, needs_names=True),
+    "frugal": OptimizerSpec("frugal", Frugal, needs_names=True),
 }
 
 

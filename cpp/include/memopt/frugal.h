@@ -1,0 +1,70 @@
+// FRUGAL (Zmushko et al., arXiv 2411.07837): each projectable gradient is split into a
+// state-full subspace, updated by AdamW with state only there, and its complement, updated by a
+// state-free rule (signSGD, SGD or nothing), in one fused pass per tensor.
+#pragma once
+
+#include "memopt/common.h"
+
+namespace memopt {
+
+// How one tensor is updated (the op takes one int per tensor).
+enum class FrugalMode : int64_t {
+  Adam = 0,       // not projectable: AdamW at lr
+  ActiveBlock = 1,  // projectable, active block: AdamW at lr * proj_lr_scale
+  FreeBlock = 2,  // projectable, inactive block (or empty subspace): state-free rule only, no state
+  Columns = 3,    // AdamW on the columns in `subspace` (sorted int32), state (rows, k)
+  Rows = 4,       // AdamW on the rows in `subspace`, state (k, cols)
+  RandK = 5,      // AdamW on the flat coordinates in `subspace`, state (k,)
+  ProjRight = 6,  // AdamW on G P^T with P = subspace (r, cols), state (rows, r)
+  ProjLeft = 7,   // AdamW on P^T G with P = subspace (rows, r), state (r, cols)
+};
+constexpr int64_t kFrugalModes = 8;
+
+// The state-free rule on the complement of the subspace.
+enum class FrugalRule : int64_t { None = 0, Sgd = 1, SignSgd = 2 };
+
+// One fused multi-tensor FRUGAL step, for every tensor i (fp32 math, fp64 for fp64 params):
+//   p *= 1 - lr*wd                                  (every tensor, upstream's order)
+//   state-full part:  AdamW (bias-corrected, torch eps placement) at lr_i = lr or
+//                     lr * proj_lr_scale, on the subspace coordinates / projection; step += 1
+//   state-free part:  p -= lr * proj_lr_scale * free_lr_scale * sign(G - G_sub)  (or G - G_sub)
+// Free tensors take no state: their exp_avgs/exp_avg_sqs/steps/subspaces entries are ignored
+// (pass empty tensors). The split is by index for block/column/row/randk selections and by
+// r-sized row chunks for projections, so no parameter-sized temporary is made.
+void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+                    TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+                    at::IntArrayRef modes, const Tensor& lr, double beta1, double beta2,
+                    double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
+                    int64_t rule);
+
+// Everything frugal_update_ checks before it writes. `read_data` also checks index contents
+// (sorted, in range), which needs host-readable tensors (not on Meta).
+void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                         TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+                         at::IntArrayRef modes, double proj_lr_scale, double free_lr_scale,
+                         int64_t rule, bool read_data = true);
+
+// ---- subspace selection (frugal_subspace.cpp) ---------------------------------------------
+// Random draws come from a CPU generator restored from `rng_state` (torch.Generator.get_state())
+// and return the advanced state, so a checkpoint resumes the exact random sequence.
+
+// Python's round(x) (ties to even), as upstream uses for block counts and projection ranks.
+int64_t frugal_round(double x);
+
+// The next active blocks among n projectable tensors, k at a time, in upstream's order:
+// "descending" (from the last tensor back), "ascending", "mirror" (k/2 from the front and their
+// mirror images from the back) or "random" (randperm(n)[:k]). `cursor` is upstream's
+// next_block_start (-1 before the first selection) and is advanced. Returns sorted indices.
+std::vector<int64_t> frugal_select_blocks(int64_t n, int64_t k, const std::string& order,
+                                          int64_t& cursor, Tensor& rng_state);
+
+// k of `total` coordinates drawn as randperm(total)[:k], returned sorted as int32.
+Tensor frugal_select_indices(int64_t total, int64_t k, Tensor& rng_state);
+
+// The projection matrix of a 2-D gradient: (rank, cols) if `right` else (rows, rank), in the
+// gradient's dtype. kind "svd" (top singular vectors of grad, computed in fp32/fp64), "random"
+// (torch.nn.init.orthogonal_ on fp32 normals) or "randperm" (rows/cols of a permutation matrix).
+Tensor frugal_projection(const Tensor& grad, int64_t rank, bool right, const std::string& kind,
+                         Tensor& rng_state);
+
+}  // namespace memopt

@@ -1,0 +1,268 @@
+// FRUGAL: fused state-full AdamW + state-free signSGD/SGD update on CPU.
+#include "memopt/frugal.h"
+
+#include <algorithm>
+
+#include "cpu_loops.h"
+
+namespace memopt {
+
+namespace {
+
+bool supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+bool stateful(FrugalMode m) { return m != FrugalMode::FreeBlock; }
+
+// Indices must be sorted and unique so the fused loops can walk them as runs.
+void check_sorted(const Tensor& idx, int64_t limit, const std::string& what) {
+  const int32_t* d = idx.data_ptr<int32_t>();
+  for (int64_t s = 0; s < idx.numel(); ++s)
+    TORCH_CHECK_VALUE(d[s] >= 0 && d[s] < limit && (s == 0 || d[s] > d[s - 1]), what,
+                      ": subspace indices must be sorted, unique and below ", limit);
+}
+
+// Expected shape of the moments of tensor p in `mode` with subspace `sub`.
+std::vector<int64_t> moment_shape(FrugalMode mode, const Tensor& p, const Tensor& sub) {
+  switch (mode) {
+    case FrugalMode::Columns: return {p.size(0), sub.numel()};
+    case FrugalMode::Rows: return {sub.numel(), p.size(1)};
+    case FrugalMode::RandK: return {sub.numel()};
+    case FrugalMode::ProjRight: return {p.size(0), sub.size(0)};
+    case FrugalMode::ProjLeft: return {sub.size(1), p.size(1)};
+    default: return p.sizes().vec();
+  }
+}
+
+}  // namespace
+
+void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                         TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+                         at::IntArrayRef modes, double proj_lr_scale, double free_lr_scale,
+                         int64_t rule, bool read_data) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                        steps.size() == n && subspaces.size() == n && modes.size() == n,
+                    "frugal_update_: params, grads, exp_avgs, exp_avg_sqs, steps, subspaces and "
+                    "modes must have the same length");
+  TORCH_CHECK_VALUE(std::isfinite(proj_lr_scale) && proj_lr_scale >= 0.0,
+                    "Invalid proj_params_lr_scale: ", proj_lr_scale);
+  TORCH_CHECK_VALUE(std::isfinite(free_lr_scale) && free_lr_scale >= 0.0,
+                    "Invalid state_free_lr_scale: ", free_lr_scale);
+  TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, "frugal_update_: rule must be 0 (none), 1 (sgd) or "
+                    "2 (sign_sgd), got ", rule);
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor &p = params[i], &g = grads[i];
+    const std::string what = "frugal_update_: tensor " + std::to_string(i);
+    TORCH_CHECK_VALUE(modes[i] >= 0 && modes[i] < kFrugalModes, what, ": unknown mode ", modes[i]);
+    const auto mode = static_cast<FrugalMode>(modes[i]);
+    TORCH_CHECK_TYPE(supported_float(p.scalar_type()), what, ": parameter dtype ", p.scalar_type(),
+                     " is not supported; use float32, bfloat16, float16 or float64");
+    TORCH_CHECK_VALUE(p.is_contiguous(), what, ": parameter must be contiguous");
+    TORCH_CHECK_VALUE(g.layout() == at::kStrided, what,
+                      ": gradient is sparse; memopt optimizers support dense gradients only");
+    TORCH_CHECK_TYPE(!g.is_complex(), what,
+                     ": gradient is complex; memopt optimizers support real parameters only");
+    TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), what, ": gradient has dtype ",
+                     g.scalar_type(), " but its parameter has ", p.scalar_type());
+    TORCH_CHECK_VALUE(g.sizes() == p.sizes(), what, ": gradient has shape ", g.sizes(),
+                      " but its parameter has ", p.sizes());
+    TORCH_CHECK_VALUE(g.device() == p.device() && p.device() == params[0].device(), what,
+                      ": is on another device; one call takes one device");
+    if (!stateful(mode)) continue;
+    const Tensor &m = exp_avgs[i], &v = exp_avg_sqs[i], &s = steps[i], &sub = subspaces[i];
+    const bool two_d = mode >= FrugalMode::Columns && mode != FrugalMode::RandK;
+    TORCH_CHECK_VALUE(!two_d || p.dim() == 2, what, ": mode ", modes[i], " needs a 2-D tensor, got ",
+                      p.sizes());
+    if (mode >= FrugalMode::Columns && mode <= FrugalMode::RandK) {
+      TORCH_CHECK_TYPE(sub.scalar_type() == at::kInt && sub.dim() == 1 && sub.is_contiguous() &&
+                           sub.device().is_cpu() == p.device().is_cpu(),
+                       what, ": subspace indices must be a contiguous 1-D int32 tensor");
+      const int64_t limit = mode == FrugalMode::Columns ? p.size(1)
+                            : mode == FrugalMode::Rows  ? p.size(0)
+                                                        : p.numel();
+      if (read_data && sub.device().is_cpu()) check_sorted(sub, limit, what);
+    } else if (mode >= FrugalMode::ProjRight) {
+      const bool right = mode == FrugalMode::ProjRight;
+      TORCH_CHECK_VALUE(sub.dim() == 2 && sub.is_contiguous() &&
+                            sub.size(right ? 1 : 0) == p.size(right ? 1 : 0),
+                        what, ": projection must be ", right ? "(r, cols)" : "(rows, r)",
+                        " for a parameter of shape ", p.sizes(), ", got ", sub.sizes());
+      TORCH_CHECK_TYPE(sub.scalar_type() == p.scalar_type() && sub.device() == p.device(), what,
+                       ": projection must have the parameter's dtype and device");
+    }
+    const auto shape = moment_shape(mode, p, sub);
+    TORCH_CHECK_VALUE(m.sizes() == at::IntArrayRef(shape) && v.sizes() == m.sizes() &&
+                          m.is_contiguous() && v.is_contiguous(),
+                      what, ": exp_avg and exp_avg_sq must be contiguous of shape ",
+                      at::IntArrayRef(shape), ", got ", m.sizes(), " and ", v.sizes());
+    TORCH_CHECK_TYPE((m.scalar_type() == p.scalar_type() || m.scalar_type() == at::kFloat) &&
+                         v.scalar_type() == m.scalar_type() && m.device() == p.device() &&
+                         v.device() == p.device(),
+                     what, ": state must be float32 or the parameter dtype, on its device");
+    TORCH_CHECK_VALUE(s.numel() == 1 && s.scalar_type() == at::kFloat &&
+                          (s.device().is_cpu() || s.device() == p.device()),
+                      what, ": step must be a one-element float32 tensor on the CPU");
+  }
+}
+
+namespace {
+
+// The state-free update of a span: p = p*decay - lr_free * rule(g), with rule(g) = sign(g), g
+// or 0 (sign(0) = 0 as torch.sign).
+template <typename P, typename C>
+MEMOPT_CPU_CLONES void free_span(P* __restrict p, const P* __restrict g, int64_t n, C decay,
+                                 C lr_free, int64_t rule) {
+  if (rule == 2) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const C gj = static_cast<C>(g[j]);
+      const C sg = static_cast<C>((gj > C(0)) - (gj < C(0)));
+      p[j] = static_cast<P>(static_cast<C>(p[j]) * decay - lr_free * sg);
+    }
+  } else if (rule == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j)
+      p[j] = static_cast<P>(static_cast<C>(p[j]) * decay - lr_free * static_cast<C>(g[j]));
+  } else if (decay != C(1)) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) p[j] = static_cast<P>(static_cast<C>(p[j]) * decay);
+  }
+}
+
+// One AdamW coordinate (for scattered column / randk coordinates).
+template <typename P, typename S, typename C>
+inline void adam_one(P& p, C g, S& m, S& v, const AdamScalars& s) {
+  C mj = static_cast<C>(m), vj = static_cast<C>(v);
+  mj += static_cast<C>(1.0 - s.beta1) * (g - mj);
+  vj = static_cast<C>(s.beta2) * vj + static_cast<C>(1.0 - s.beta2) * g * g;
+  const C denom = std::sqrt(vj) / static_cast<C>(s.bc2_sqrt) + static_cast<C>(s.eps);
+  p = static_cast<P>(static_cast<C>(p) * static_cast<C>(s.decay) -
+                     static_cast<C>(s.step_size) * mj / denom);
+  m = static_cast<S>(mj);
+  v = static_cast<S>(vj);
+}
+
+// [begin, end) of a flat span whose selected coordinates are idx[...] (sorted): every coordinate
+// first takes the vectorised state-free pass, then the selected ones are redone with AdamW from
+// their saved original values. Works in sub-spans of kSub so the saved values fit on the stack.
+template <typename P, typename S, typename C>
+void split_span(P* p, const P* g, S* m, S* v, const int32_t* idx, int64_t k, int64_t begin,
+                int64_t end, int64_t slot_offset, const AdamScalars& s, C lr_free, int64_t rule) {
+  constexpr int64_t kSub = 1024;
+  P saved[kSub];
+  int64_t slot = std::lower_bound(idx, idx + k, begin) - idx;
+  for (int64_t b = begin; b < end; b += kSub) {
+    const int64_t e = std::min(end, b + kSub);
+    int64_t last = slot;
+    for (; last < k && idx[last] < e; ++last) saved[last - slot] = p[idx[last]];
+    free_span<P, C>(p + b, g + b, e - b, static_cast<C>(s.decay), lr_free, rule);
+    for (int64_t q = slot; q < last; ++q) {
+      P pv = saved[q - slot];
+      adam_one<P, S, C>(pv, static_cast<C>(g[idx[q]]), m[slot_offset + q], v[slot_offset + q], s);
+      p[idx[q]] = pv;
+    }
+    slot = last;
+  }
+}
+
+}  // namespace
+
+// frugal_project.cpp: the projection modes (r-sized temporaries, row-chunked back-projection).
+void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
+                             const Tensor& proj, bool right, const AdamScalars& s, double lr_free,
+                             int64_t rule, Workspace::Lease& lease);
+int64_t frugal_projected_bytes(const Tensor& p, const Tensor& proj, const Tensor& m);
+
+void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+                    TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+                    at::IntArrayRef modes, const Tensor& lr_t, double beta1, double beta2,
+                    double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
+                    int64_t rule) {
+  check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
+                      proj_lr_scale, free_lr_scale, rule);
+  const double lr = read_lr(lr_t);
+  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "frugal_update_: no kernel for device ",
+              params[0].device(), " in this build");
+  const double lr_free = lr * proj_lr_scale * free_lr_scale;
+
+  Workspace::Lease lease(Workspace::of(params[0].device()));
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto mode = static_cast<FrugalMode>(modes[i]);
+    const bool projected = mode == FrugalMode::ProjRight || mode == FrugalMode::ProjLeft;
+    lease.reserve(cpu::staging_bytes(grads[i]) +
+                  (projected ? frugal_projected_bytes(params[i], subspaces[i], exp_avgs[i]) : 0));
+    const Tensor g = cpu::contiguous_grad(lease, grads[i]);
+    const Tensor& p = params[i];
+    if (mode == FrugalMode::FreeBlock) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "frugal_free", [&] {
+        using C = at::opmath_type<scalar_t>;
+        auto* pp = p.data_ptr<scalar_t>();
+        const auto* gp = g.data_ptr<scalar_t>();
+        at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
+          free_span<scalar_t, C>(pp + b, gp + b, e - b, static_cast<C>(1.0 - lr * weight_decay),
+                                 static_cast<C>(lr_free), rule);
+        });
+      });
+      continue;
+    }
+    // Adam at the scaled lr for projectable tensors; decay always with the group lr (upstream).
+    const double lr_adam = mode == FrugalMode::Adam ? lr : lr * proj_lr_scale;
+    auto s = AdamScalars::make(lr_adam, beta1, beta2, eps, weight_decay,
+                               cpu::advance_step(steps[i]));
+    s.decay = 1.0 - lr * weight_decay;
+    const Tensor &m = exp_avgs[i], &v = exp_avg_sqs[i], &sub = subspaces[i];
+    if (projected) {
+      frugal_projected_update(p, g, m, v, sub, mode == FrugalMode::ProjRight, s, lr_free, rule,
+                              lease);
+      continue;
+    }
+    MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "frugal_update_", [&] {
+      using C = opmath_t;
+      auto* pp = p.data_ptr<scalar_t>();
+      const auto* gp = g.data_ptr<scalar_t>();
+      auto* mp = m.data_ptr<state_t>();
+      auto* vp = v.data_ptr<state_t>();
+      const C lf = static_cast<C>(lr_free);
+      if (mode == FrugalMode::Adam || mode == FrugalMode::ActiveBlock) {
+        at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
+          cpu::adamw_span<scalar_t, state_t, C>(pp + b, gp + b, mp + b, vp + b, e - b, s);
+        });
+      } else if (mode == FrugalMode::RandK) {
+        const int32_t* idx = sub.data_ptr<int32_t>();
+        at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
+          split_span<scalar_t, state_t, C>(pp, gp, mp, vp, idx, sub.numel(), b, e, 0, s, lf, rule);
+        });
+      } else if (mode == FrugalMode::Columns) {
+        const int64_t rows = p.size(0), cols = p.size(1), k = sub.numel();
+        const int32_t* idx = sub.data_ptr<int32_t>();
+        at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
+                         [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r)  // row r's state slots are m[r*k, r*k + k)
+            split_span<scalar_t, state_t, C>(pp + r * cols, gp + r * cols, mp, vp, idx, k, 0,
+                                             cols, r * k, s, lf, rule);
+        });
+      } else {  // Rows
+        const int64_t rows = p.size(0), cols = p.size(1), k = sub.numel();
+        const int32_t* idx = sub.data_ptr<int32_t>();
+        at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
+                         [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t slot = std::lower_bound(idx, idx + k, r) - idx;
+            const int64_t o = r * cols;
+            if (slot < k && idx[slot] == r)
+              cpu::adamw_span<scalar_t, state_t, C>(pp + o, gp + o, mp + slot * cols,
+                                                    vp + slot * cols, cols, s);
+            else
+              free_span<scalar_t, C>(pp + o, gp + o, cols, static_cast<C>(s.decay), lf, rule);
+          }
+        });
+      }
+    });
+  }
+}
+
+}  // namespace memopt

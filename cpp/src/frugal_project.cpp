@@ -1,0 +1,115 @@
+// FRUGAL's projection modes (GaLore-style subspace, paper §3 / upstream GaloreOptimizer):
+//   g_low = project_down(G);  u = AdamW direction on g_low (state: m, v of g_low's shape)
+//   p = p*decay - project_up(u) - lr_free * rule(G - project_up(g_low))
+// g_low and u are r-sized; project_up is done in row chunks into workspace tiles, fused with the
+// elementwise update, so neither project_up(u) nor the residual G - G_proj ever exists whole.
+#include "memopt/frugal.h"
+
+#include "cpu_loops.h"
+
+namespace memopt {
+
+namespace {
+
+at::ScalarType compute_dtype(const Tensor& p) {
+  return p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows per back-projection tile: about 4 * kGrain elements, at least one row.
+int64_t chunk_rows(const Tensor& p) {
+  return std::max<int64_t>(1, std::min<int64_t>(p.size(0), 4 * kGrain / std::max<int64_t>(p.size(1), 1)));
+}
+
+}  // namespace
+
+int64_t frugal_projected_bytes(const Tensor& p, const Tensor& proj, const Tensor& m) {
+  const int64_t es = c10::elementSize(compute_dtype(p));
+  const int64_t tile = chunk_rows(p) * p.size(1);
+  return Workspace::aligned(proj.numel() * es) + 2 * Workspace::aligned(m.numel() * es) +
+         3 * Workspace::aligned(tile * es);
+}
+
+void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
+                             const Tensor& proj, bool right, const AdamScalars& s, double lr_free,
+                             int64_t rule, Workspace::Lease& lease) {
+  const auto cdt = compute_dtype(p);
+  const int64_t rows = p.size(0), cols = p.size(1), chunk = chunk_rows(p);
+  Tensor pc = lease.take_tensor(proj.sizes(), cdt);
+  pc.copy_(proj);
+  Tensor glow = lease.take_tensor(m.sizes(), cdt), u = lease.take_tensor(m.sizes(), cdt);
+  Tensor gbuf = lease.take_tensor({chunk, cols}, cdt), ubuf = lease.take_tensor({chunk, cols}, cdt);
+  Tensor gpbuf = lease.take_tensor({chunk, cols}, cdt);
+  const bool same = p.scalar_type() == cdt;
+  auto grad_rows = [&](int64_t r0, int64_t n) {  // G[r0:r0+n] in the compute dtype
+    if (same) return g.narrow(0, r0, n);
+    Tensor t = gbuf.narrow(0, 0, n);
+    t.copy_(g.narrow(0, r0, n));
+    return t;
+  };
+
+  // 1. project down: right G P^T (row chunks of the output), left P^T G (sum over row chunks).
+  if (!right) glow.zero_();
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    const Tensor gr = grad_rows(r0, n);
+    if (right) {
+      Tensor out = glow.narrow(0, r0, n);
+      at::mm_out(out, gr, pc.t());
+    } else {
+      glow.addmm_(pc.narrow(0, r0, n).t(), gr);
+    }
+  }
+
+  // 2. AdamW on the projected gradient; u = step_size * m / (sqrt(v)/bc2_sqrt + eps).
+  MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "frugal_project", [&] {
+    using C = opmath_t;
+    const C* gl = glow.data_ptr<C>();
+    C* up = u.data_ptr<C>();
+    auto* mp = m.data_ptr<state_t>();
+    auto* vp = v.data_ptr<state_t>();
+    const C b1c = 1.0 - s.beta1, b2 = s.beta2, b2c = 1.0 - s.beta2, ss = s.step_size,
+            bc2 = s.bc2_sqrt, eps = s.eps;
+    at::parallel_for(0, m.numel(), kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        C mj = static_cast<C>(mp[j]), vj = static_cast<C>(vp[j]);
+        const C gj = gl[j];
+        mj += b1c * (gj - mj);
+        vj = b2 * vj + b2c * gj * gj;
+        up[j] = ss * mj / (std::sqrt(vj) / bc2 + eps);
+        mp[j] = static_cast<state_t>(mj);
+        vp[j] = static_cast<state_t>(vj);
+      }
+    });
+
+    // 3. per row chunk: U = project_up(u), Gp = project_up(g_low), then one fused pass.
+    auto* pp = p.data_ptr<scalar_t>();
+    const auto* gp = g.data_ptr<scalar_t>();
+    const C decay = s.decay, lf = lr_free;
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+      const int64_t n = std::min(chunk, rows - r0);
+      Tensor ut = ubuf.narrow(0, 0, n), gpt = gpbuf.narrow(0, 0, n);
+      if (right) {
+        at::mm_out(ut, u.narrow(0, r0, n), pc);
+        if (rule != 0) at::mm_out(gpt, glow.narrow(0, r0, n), pc);
+      } else {
+        at::mm_out(ut, pc.narrow(0, r0, n), u);
+        if (rule != 0) at::mm_out(gpt, pc.narrow(0, r0, n), glow);
+      }
+      const C* uo = ut.data_ptr<C>();
+      const C* go = gpt.data_ptr<C>();
+      const int64_t o = r0 * cols;
+      at::parallel_for(0, n * cols, kGrain, [&](int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) {
+          C upd = static_cast<C>(pp[o + j]) * decay - uo[j];
+          if (rule != 0) {
+            const C rj = static_cast<C>(gp[o + j]) - go[j];
+            upd -= lf * (rule == 2 ? static_cast<C>((rj > C(0)) - (rj < C(0))) : rj);
+          }
+          pp[o + j] = static_cast<scalar_t>(upd);
+        }
+      });
+    }
+  });
+}
+
+}  // namespace memopt

@@ -1,0 +1,41 @@
+// torch op registration for FRUGAL: torch.ops.memopt.frugal_ (CPU and Meta kernels).
+#include <torch/library.h>
+
+#include "memopt/frugal.h"
+
+namespace memopt {
+namespace {
+
+void frugal_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr,
+                double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
+                double free_lr_scale, int64_t rule) {
+  frugal_update_(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2,
+                 eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
+}
+
+void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor&,
+                 double, double, double, double, double proj_lr_scale, double free_lr_scale,
+                 int64_t rule) {
+  TORCH_CHECK_VALUE(grads.size() == params.size() && subspaces.size() == params.size() &&
+                        modes.size() == params.size(),
+                    "frugal_update_: list lengths differ");
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, subspaces}))
+    check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
+                        proj_lr_scale, free_lr_scale, rule, /*read_data=*/false);
+}
+
+}  // namespace
+}  // namespace memopt
+
+TORCH_LIBRARY_FRAGMENT(memopt, m) {
+  m.def("frugal_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] subspaces, int[] modes, "
+        "Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
+        "float proj_lr_scale, float free_lr_scale, int rule) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(memopt, CPU, m) { m.impl("frugal_", &memopt::frugal_cpu); }
+
+TORCH_LIBRARY_IMPL(memopt, Meta, m) { m.impl("frugal_", &memopt::frugal_meta); }
