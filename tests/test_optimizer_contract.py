@@ -35,11 +35,13 @@ def tensor_states(opt, p):
 
 # ---- state_dict -------------------------------------------------------------------------------
 def assert_pooled(opt):
-    """Every state tensor (but step) of a group is a view of one storage."""
+    """Every state tensor (but step) of a group is a view of one storage per dtype (an
+    optimizer may keep e.g. int64 seeds beside its moments)."""
     for g in opt.param_groups:
-        ptrs = {t.untyped_storage().data_ptr()
-                for p in g["params"] if p in opt.state for t in tensor_states(opt, p).values()}
-        assert len(ptrs) == 1, f"group state spread over {len(ptrs)} storages"
+        states = [t for p in g["params"] if p in opt.state for t in tensor_states(opt, p).values()]
+        ptrs = {t.untyped_storage().data_ptr() for t in states}
+        dtypes = {t.dtype for t in states}
+        assert len(ptrs) == len(dtypes), f"group state spread over {len(ptrs)} storages"
 
 
 def test_state_pool_after_first_step(opt_name):
@@ -378,7 +380,10 @@ def test_no_parameter_sized_temporary_during_step(opt_name, threads):
         run(model, opt, 2, start=2)
         capacity, _, grows_after = memopt_core._C.workspace_stats("cpu")
         assert grows_after == grows, "workspace grew after the first step"
-        assert capacity < 0.01 * largest, f"workspace of {capacity} bytes for contiguous grads"
+        # scratch an optimizer declares (APOLLO: one tile of its projected gradient, r-sized)
+        declared = opt.scratch_bytes() if hasattr(opt, "scratch_bytes") else 0
+        assert declared < 0.5 * largest, f"declared scratch of {declared} bytes"
+        assert capacity < 0.01 * largest + declared, f"workspace of {capacity} bytes for contiguous grads"
     finally:
         torch.set_num_threads(old)
 

@@ -17,6 +17,7 @@ namespace nb = nanobind;
 using namespace memopt;
 
 void bind_optimizers(nb::module_& m);  // optimizers.cpp: the LibTorch optimizer classes
+void bind_apollo(nb::module_& m);      // apollo.cpp: APOLLO's validator and the Projector
 
 namespace {
 using SegmentTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
@@ -133,4 +134,5 @@ NB_MODULE(_C, m) {
         "and device (64-byte aligned).");
 
   bind_optimizers(m);
+  bind_apollo(m);
 }

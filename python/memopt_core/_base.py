@@ -90,7 +90,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
         wanted = defaultdict(list)  # (dtype, device) -> [(param, key, shape)]
         for p in params:
             for key, shape in self._state_shapes(p).items():
-                wanted[(p.dtype, p.device)].append((p, key, shape))
+                wanted[(self._state_dtype(p, key), p.device)].append((p, key, shape))
             wanted[(torch.float32, torch.device("cpu"))].append((p, "step", ()))
         for (dtype, device), items in wanted.items():
             like = torch.empty(0, dtype=dtype, device=device)
@@ -99,6 +99,11 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 if (p, key) in values:
                     view.copy_(values[(p, key)])
                 self.state[p][key] = view
+
+    def _state_dtype(self, p: torch.Tensor, key: str) -> torch.dtype:
+        """dtype of state `key` of `p`: the parameter's, unless a subclass keeps e.g. an int64
+        seed or a float32 scalar."""
+        return p.dtype
 
     # ---- state_dict -------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -151,7 +156,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
 
     def _planned_bytes(self, p: torch.Tensor) -> int:
         """State bytes of one parameter once initialised (its step counter included)."""
-        return sum(p.element_size() * _numel(s) for s in self._state_shapes(p).values()) + 4
+        return sum(self._state_dtype(p, k).itemsize * _numel(s)
+                   for k, s in self._state_shapes(p).items()) + 4
 
     def _describe_row(self, p: torch.Tensor) -> tuple[str, int]:
         """(role, number of second-moment values) of a parameter."""

@@ -8,6 +8,7 @@ from typing import Callable
 from torch import nn
 
 from .adam_mini import AdamMini
+from .apollo import Apollo, ApolloMini
 from .adamw import AdamW
 
 
@@ -26,6 +27,8 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", AdamW, needs_names=False),
     "adam_mini": OptimizerSpec("adam_mini", AdamMini, needs_names=True),
+    "apollo": OptimizerSpec("apollo", Apollo, needs_names=True),
+    "apollo_mini": OptimizerSpec("apollo_mini", ApolloMini, needs_names=True),
 }
 
 
