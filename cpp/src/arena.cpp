@@ -19,6 +19,7 @@ Workspace& Workspace::of(const c10::Device& device) {
 void Workspace::release() {
   std::lock_guard<std::mutex> lock(mutex_);
   buffer_ = at::Tensor();
+  largest_request_ = 0;  // the high-water mark restarts with the buffer
 }
 
 Workspace::Lease::Lease(Workspace& ws) : guard_(ws.mutex_), ws_(ws) {}

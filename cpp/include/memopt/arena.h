@@ -47,7 +47,7 @@ class Workspace {
   int64_t capacity_bytes() const { return buffer_.defined() ? buffer_.numel() : 0; }
   int64_t largest_request_bytes() const { return largest_request_; }
   int64_t grow_count() const { return grows_; }
-  // Frees the buffer (tests and memory-sensitive callers between phases).
+  // Frees the buffer and resets largest_request_bytes (tests, memory-sensitive callers).
   void release();
 
   static int64_t aligned(int64_t bytes) { return (bytes + 63) / 64 * 64; }
