@@ -192,7 +192,7 @@ class Apollo(MemoptOptimizer):
 class ApolloMini(Apollo):
     r"""APOLLO-Mini (arXiv 2412.05270 §3.3): APOLLO with rank 1, one tensor-wise scaling factor
     and scale 128 (alpha = sqrt(128)), SGD-level memory: per projected m x n weight (m <= n)
-    2 n + m values (n + ... with store_projection=False) instead of AdamW's 2 m n. The paper
+    2 n + m values (2 n with store_projection=False) instead of AdamW's 2 m n. The paper
     trains it with lr 1e-2; ``scale_front=True`` helps short warm-ups (apollo-torch README).
     Everything else is :class:`Apollo`.
 
