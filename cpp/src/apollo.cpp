@@ -64,6 +64,15 @@ struct TilePlan {
   }
 };
 
+// apollo-torch's Adam on one value of R (moments updated in place, stored rounding kept):
+// returns the Adam direction Rt = M / (sqrt(V) + eps).
+template <typename S, typename C>
+inline C adam_element(C x, S& m, S& v, C b1, C b2, C eps) {
+  m = static_cast<S>(b1 * static_cast<C>(m) + (1 - b1) * x);
+  v = static_cast<S>(b2 * static_cast<C>(v) + (1 - b2) * x * x);
+  return static_cast<C>(m) / (std::sqrt(static_cast<C>(v)) + eps);
+}
+
 // Adam on a run of R values whose channels are the run's elements (Left side): the sums of
 // Rt^2 and R^2 go to each element's own channel accumulator.
 template <typename S, typename C>
@@ -71,31 +80,21 @@ MEMOPT_CPU_CLONES void adam_run_per_element(const C* __restrict R, S* __restrict
                                             double* __restrict a, double* __restrict b, int64_t n,
                                             C b1, C b2, C eps) {
   for (int64_t j = 0; j < n; ++j) {
-    const C x = R[j];
-    const S mj = static_cast<S>(b1 * static_cast<C>(m[j]) + (1 - b1) * x);
-    const S vj = static_cast<S>(b2 * static_cast<C>(v[j]) + (1 - b2) * x * x);
-    m[j] = mj;
-    v[j] = vj;
-    const C rt = static_cast<C>(mj) / (std::sqrt(static_cast<C>(vj)) + eps);
+    const C rt = adam_element<S, C>(R[j], m[j], v[j], b1, b2, eps);
     a[j] += static_cast<double>(rt) * rt;
-    b[j] += static_cast<double>(x) * x;
+    b[j] += static_cast<double>(R[j]) * R[j];
   }
 }
 
-// Adam on one channel's r values (Right side): returns the channel's sums via a and b.
+// Adam on one channel's r values (Right side): the channel's two sums go to *a and *b.
 template <typename S, typename C>
 MEMOPT_CPU_CLONES void adam_run_one_channel(const C* __restrict R, S* __restrict m, S* __restrict v,
                                             double* a, double* b, int64_t n, C b1, C b2, C eps) {
   double sa = 0.0, sb = 0.0;
   for (int64_t j = 0; j < n; ++j) {
-    const C x = R[j];
-    const S mj = static_cast<S>(b1 * static_cast<C>(m[j]) + (1 - b1) * x);
-    const S vj = static_cast<S>(b2 * static_cast<C>(v[j]) + (1 - b2) * x * x);
-    m[j] = mj;
-    v[j] = vj;
-    const C rt = static_cast<C>(mj) / (std::sqrt(static_cast<C>(vj)) + eps);
+    const C rt = adam_element<S, C>(R[j], m[j], v[j], b1, b2, eps);
     sa += static_cast<double>(rt) * rt;
-    sb += static_cast<double>(x) * x;
+    sb += static_cast<double>(R[j]) * R[j];
   }
   *a = sa;
   *b = sb;

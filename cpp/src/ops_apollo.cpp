@@ -5,10 +5,6 @@
 
 namespace memopt {
 
-static bool apollo_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
-}
-
 void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
                          TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg) {
@@ -27,21 +23,11 @@ void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avg
                     "basis cannot be regenerated from a seed");
   TORCH_CHECK_VALUE(random ? seeds.size() == n : seeds.empty(), op, ": ", seeds.size(),
                     " seeds for ", n, " params (one per param for proj='random', none for 'svd')");
+  // Parameters, gradients and steps follow every op's rules; the moments have R's shape, so the
+  // parameters stand in for the list that check_update_lists shapes like them (always valid).
+  check_update_lists(op, params, grads, params, steps);
   for (size_t i = 0; i < n; ++i) {
-    const Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
-    TORCH_CHECK_TYPE(apollo_float(p.scalar_type()), op, ": parameter ", i, " has dtype ",
-                     p.scalar_type(), "; only float32, bfloat16, float16 and float64 are supported");
-    TORCH_CHECK_VALUE(p.is_contiguous(), op, ": parameter ", i, " must be contiguous");
-    TORCH_CHECK_VALUE(g.layout() == at::kStrided, op, ": gradient ", i,
-                      " is sparse; memopt optimizers support dense gradients only");
-    TORCH_CHECK_TYPE(!g.is_complex(), op, ": gradient ", i,
-                     " is complex; memopt optimizers support real parameters only");
-    TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), op, ": gradient ", i, " has dtype ",
-                     g.scalar_type(), " but its parameter has ", p.scalar_type());
-    TORCH_CHECK_VALUE(g.sizes() == p.sizes(), op, ": gradient ", i, " has shape ", g.sizes(),
-                      " but its parameter has ", p.sizes());
-    TORCH_CHECK_VALUE(g.device() == p.device() && p.device() == params[0].device(), op,
-                      ": tensor ", i, " is on another device; one call takes one device");
+    const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
     const Projector proj(cfg.proj, cfg.proj_type, cfg.rank, p.sizes());  // 2-D, valid keys
     const auto low = proj.low_rank_shape();
     for (const Tensor* s : {&m, &v})
@@ -72,9 +58,6 @@ void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avg
                            limiter_norms[i].scalar_type() == at::kDouble) &&
                           (limiter_norms[i].device().is_cpu() || limiter_norms[i].device() == p.device()),
                       op, ": limiter_norm ", i, " must be a one-element float32/64 tensor on the CPU");
-    TORCH_CHECK_VALUE(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
-                          (steps[i].device().is_cpu() || steps[i].device() == p.device()),
-                      op, ": step ", i, " must be a one-element float32 tensor on the CPU");
   }
 }
 
