@@ -286,3 +286,16 @@ def test_opcheck_apollo():
             [torch.zeros(()) for _ in params], torch.tensor(1e-3), 0.9, 0.999, 1e-6, 0.0, 2,
             "random", "std", "channel", 2, 1.0, 1.01, False)
     torch.library.opcheck(torch.ops.memopt.apollo_.default, args)
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_no_parameter_sized_allocation_in_refresh_or_regeneration_steps(store):
+    from test_optimizer_contract import _allocations_during
+    w = nn.Parameter(torch.randn(256, 1024))
+    opt = memopt_core.Apollo([w], lr=1e-3, rank=16, update_proj_gap=2, store_projection=store)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    opt.step()                                     # state and workspace sized
+    for _ in range(2):                             # a refresh step (t = 2), then a plain one
+        sizes = _allocations_during(opt.step)
+        assert max(sizes, default=0) < 0.01 * w.numel() * 4, max(sizes)
