@@ -19,6 +19,7 @@ using namespace memopt;
 void bind_optimizers(nb::module_& m);  // optimizers.cpp: the LibTorch optimizer classes
 void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: SlimAdam's v layouts
 void bind_frugal(nb::module_& m);      // frugal.cpp
+void bind_apollo(nb::module_& m);      // apollo.cpp: APOLLO's validator and the Projector
 
 namespace {
 using SegmentTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
@@ -137,4 +138,5 @@ NB_MODULE(_C, m) {
   bind_optimizers(m);
   bind_slim_adam(m);
   bind_frugal(m);
+  bind_apollo(m);
 }

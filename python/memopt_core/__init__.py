@@ -10,13 +10,14 @@ from . import _C  # noqa: F401  (registers torch.ops.memopt.*)
 from .adam_mini import AdamMini
 from ._base import set_lr
 from .adamw import AdamW
+from .apollo import Apollo, ApolloMini
 from .frugal import Frugal
 from .layerwise import LayerwiseStep
 from .slim_adam import SlimAdam
 from . import snr  # noqa: F401  (SNRTracker: the analysis behind SlimAdam's rules)
 from .registry import OPTIMIZERS, make_optimizer
 
-__all__ = ["AdamW", "AdamMini", "SlimAdam", "Frugal", "LayerwiseStep", "OPTIMIZERS",
+__all__ = ["AdamW", "AdamMini", "SlimAdam", "Apollo", "ApolloMini", "Frugal", "LayerwiseStep", "OPTIMIZERS",
            "make_optimizer", "set_lr"]
 __version__ = "0.1.0"
 

@@ -115,7 +115,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 on_device = [p for p in params if p.device == device]
                 for p in on_device:
                     if p not in self.state:
-                        self.state[p] = {k: torch.zeros(s, dtype=p.dtype, device=p.device)
+                        self.state[p] = {k: torch.zeros(s, dtype=self._state_dtype(p, k),
+                                                        device=p.device)
                                          for k, s in self._state_shapes(p).items()}
                         self.state[p]["step"] = torch.zeros((), dtype=torch.float32)
                 op, _, args = self._op_call(group, on_device, [p.grad for p in on_device],
@@ -139,7 +140,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
         wanted = defaultdict(list)  # (pool key, dtype, device) -> [(param, key, shape)]
         for p in params:
             for key, shape in self._state_shapes(p).items():
-                wanted[(self._pool_key(p), p.dtype, p.device)].append((p, key, shape))
+                wanted[(self._pool_key(p), self._state_dtype(p, key), p.device)].append(
+                    (p, key, shape))
             wanted[(self._pool_key(p), torch.float32, torch.device("cpu"))].append((p, "step", ()))
         for (_, dtype, device), items in wanted.items():
             like = torch.empty(0, dtype=dtype, device=device)
@@ -160,6 +162,11 @@ class MemoptOptimizer(torch.optim.Optimizer):
         for tensors updated without any state (FRUGAL's inactive blocks); the contract tests
         expect state exactly for the tensors where this is True."""
         return True
+
+    def _state_dtype(self, p: torch.Tensor, key: str) -> torch.dtype:
+        """dtype of state `key` of `p`: the parameter's, unless a subclass keeps e.g. an int64
+        seed or a float32 scalar."""
+        return p.dtype
 
     # ---- state_dict -------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -212,7 +219,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
 
     def _planned_bytes(self, p: torch.Tensor) -> int:
         """State bytes of one parameter once initialised (its step counter included)."""
-        return sum(p.element_size() * _numel(s) for s in self._state_shapes(p).values()) + 4
+        return sum(self._state_dtype(p, k).itemsize * _numel(s)
+                   for k, s in self._state_shapes(p).items()) + 4
 
     def _describe_row(self, p: torch.Tensor) -> tuple[str, int]:
         """(role, number of second-moment values) of a parameter."""

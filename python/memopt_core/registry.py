@@ -8,6 +8,7 @@ from typing import Callable
 from torch import nn
 
 from .adam_mini import AdamMini
+from .apollo import Apollo, ApolloMini
 from .adamw import AdamW
 from .slim_adam import SlimAdam
 from .frugal import Frugal
@@ -30,6 +31,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adam_mini": OptimizerSpec("adam_mini", AdamMini, needs_names=True),
     "slim_adam": OptimizerSpec("slim_adam", SlimAdam, needs_names=True),
     "frugal": OptimizerSpec("frugal", Frugal, needs_names=True),
+    "apollo": OptimizerSpec("apollo", Apollo, needs_names=True),
+    "apollo_mini": OptimizerSpec("apollo_mini", ApolloMini, needs_names=True),
 }
 
 

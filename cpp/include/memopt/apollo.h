@@ -1,0 +1,61 @@
+// APOLLO (Zhu et al., arXiv 2412.05270): Adam moments of a random projection R = P G give a
+// per-channel (or per-tensor) scaling factor for the raw gradient; APOLLO-Mini is rank 1 with
+// tensor scaling.
+#pragma once
+
+#include <string>
+
+#include "memopt/common.h"
+#include "memopt/projection.h"
+
+namespace memopt {
+
+// Everything one APOLLO op call shares (one param group): apollo-torch's group keys.
+struct ApolloConfig {
+  int64_t rank = 256;
+  std::string proj = "random";      // "random" | "svd"
+  std::string proj_type = "std";    // "std" | "reverse_std" | "left" | "right"
+  bool channel = true;              // scale_type "channel" (else "tensor")
+  int64_t update_proj_gap = 200;
+  double scale = 1.0;               // the update is multiplied by sqrt(scale) (alpha = sqrt(scale))
+  double norm_growth_limit = 1.01;  // gamma of the norm-growth limiter; 0 turns it off
+  bool scale_front = false;         // sqrt(scale) applied before (true) or after the limiter
+};
+
+// Validates a config (ValueError naming the key).
+ApolloConfig make_apollo_config(int64_t rank, const std::string& proj, const std::string& proj_type,
+                                const std::string& scale_type, int64_t update_proj_gap,
+                                double scale, double norm_growth_limit, bool scale_front);
+
+// Fused multi-tensor APOLLO update, apollo-torch 1.0.3's APOLLOAdamW.step for a rank group.
+// Per 2-D parameter (G = grad, t = step before the increment):
+//   if t % update_proj_gap == 0: P <- new projection (random: seed <- next_seed(seed) if t > 0)
+//   R = P^T G or G P^T (Projector side);  t += 1
+//   M = b1 M + (1-b1) R;  V = b2 V + (1-b2) R^2;  Rt = M / (sqrt(V) + eps)
+//   s = ||Rt_c|| / (||R_c|| + 1e-8) per channel c (or one s for the tensor)
+//   U = G s [* sqrt(scale) if scale_front];  limiter (if gamma > 0 and a previous norm exists):
+//     l = max(||U|| / (norm + 1e-8), gamma) / gamma;  U /= l;  norm = ||U||  (first time: norm = ||U||)
+//   p -= lr sqrt(1-b2^t)/(1-b1^t) * U [* sqrt(scale) if not scale_front];  p -= lr wd p
+// R, its Adam step and all norms are computed tile by tile in workspace scratch (at most
+// apollo_tile_elements() values of R at a time); U is never formed: ||U|| follows from the
+// per-channel factors and gradient norms, and the last pass writes p directly.
+// projs: the stored P per tensor, or empty (regenerated from seeds each step; random only).
+// seeds: int64 one-element CPU tensors (random only, else empty): the seed of the current P.
+// limiter_norms: float32 (float64 for float64 params) one-element CPU tensors; negative: no norm yet.
+void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+                    TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
+                    TensorList limiter_norms, TensorList steps, const Tensor& lr, double beta1,
+                    double beta2, double eps, double weight_decay, const ApolloConfig& cfg);
+
+// Everything apollo_update_ checks before it writes (shared by the CPU and Meta kernels).
+void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                         TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
+                         TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg);
+
+// The most elements of R (and of a converted gradient slice) one tile holds.
+int64_t apollo_tile_elements();
+// Workspace bytes one tensor's update takes (contiguous gradient): the planner's scratch figure.
+int64_t apollo_workspace_bytes(at::IntArrayRef shape, at::ScalarType dtype, const ApolloConfig& cfg,
+                               bool store_projection);
+
+}  // namespace memopt

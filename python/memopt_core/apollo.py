@@ -1,0 +1,255 @@
+"""APOLLO and APOLLO-Mini on the fused memopt core."""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _C
+from ._base import MemoptOptimizer
+from .roles import infer_roles
+
+# Roles whose 2-D weights are projected when the optimizer is built from a model or names
+# (apollo-torch's main_pretrain: the attention and MLP linears). Embeddings, the output layer,
+# norms, biases and conv kernels keep full AdamW state.
+PROJECTED_ROLES = frozenset({"query", "key", "value", "attn_out", "qkv", "mlp", "linear"})
+_SETTINGS = ("proj", "proj_type", "scale_type", "update_proj_gap", "scale", "norm_growth_limit",
+             "scale_front", "store_projection")
+
+
+class Apollo(MemoptOptimizer):
+    r"""APOLLO (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", arXiv 2412.05270),
+    matching PyPI ``apollo-torch`` 1.0.3 (``APOLLOAdamW``) given the same groups.
+
+    For each projected m x n weight (G its gradient, P a random r-dim projection redrawn from a
+    per-parameter seed chain every ``update_proj_gap`` steps; the smaller dimension is
+    compressed)::
+
+        R = P G  (r x n, or m x r);  M = b1 M + (1-b1) R;  V = b2 V + (1-b2) R^2
+        Rt = M / (sqrt(V) + eps);  s_c = ||Rt_c|| / (||R_c|| + 1e-8)   # per channel of the
+        U = G diag(s)               # larger dimension, or one s per tensor (scale_type="tensor")
+        U /= max(||U|| / (gamma ||U_prev||), 1)                       # norm-growth limiter
+        p -= lr sqrt(1-b2^t)/(1-b1^t) * sqrt(scale) * U;  p -= lr wd p
+
+    All of it is one fused C++ op per group: R is formed tile by tile in a reused workspace and
+    U never exists (its norm follows from the per-channel factors), so a step allocates nothing
+    gradient-sized. Other tensors (groups without ``rank``) get AdamW (``memopt_core.AdamW``'s
+    op, torch.optim.AdamW semantics; apollo-torch's own AdamW adds eps before bias correction).
+
+    Parameters: ``params`` is a model or ``named_parameters()`` (attention and MLP 2-D weights,
+    by role, are projected with ``rank``; embeddings, norms, output layer and biases get AdamW;
+    ``roles=`` overrides as in ``memopt_core.roles.infer_roles``), apollo-torch-style groups (a
+    group with a ``rank`` key is projected, and may set any setting below), or plain tensors
+    (2-D ones projected). ``proj``: "random" or "svd" (GaLore's top-r singular vectors, float32).
+    ``proj_type``: "std" (compress the smaller dim), "reverse_std", "left", "right".
+    ``scale``: alpha^2 (the update is scaled by sqrt(scale), as apollo-torch does).
+    ``norm_growth_limit``: gamma, or None to turn the limiter off (apollo-torch's disable_nl).
+    ``scale_front``: apply sqrt(scale) before the limiter. ``store_projection=False`` keeps no P
+    in state: it is redrawn from its seed every step (random projection only; same results).
+
+    State per projected m x n weight (m <= n, rank r): exp_avg and exp_avg_sq of R's shape
+    (2 r n values), P (r m values, unless store_projection=False), an int64 seed and a float32
+    limiter norm; against AdamW's 2 m n, about r/m of its memory (1/m for APOLLO-Mini).
+
+    When not to use it: tiny weights (r >= min(m, n) keeps more state than AdamW; see
+    ``describe()``), fine-tuning where exact Adam matters, or proj="svd" when a refresh's SVD
+    (O(m n) LAPACK memory, every update_proj_gap steps) is too costly.
+
+    Example::
+
+        opt = memopt_core.Apollo(model, lr=1e-2, rank=256, update_proj_gap=200)
+        print(opt.describe())
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
+                 rank=256, proj="random", proj_type="std", scale_type="channel",
+                 update_proj_gap=200, scale=1.0, norm_growth_limit: Optional[float] = 1.01,
+                 scale_front=False, store_projection=True, roles=None):
+        groups = _apollo_groups(params, rank, roles)
+        self._seed0: dict = {}    # before super().__init__, which calls add_param_group
+        self._group_cache: tuple = ((), {})
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, proj=proj,
+                        proj_type=proj_type, scale_type=scale_type,
+                        update_proj_gap=update_proj_gap, scale=scale,
+                        norm_growth_limit=norm_growth_limit, scale_front=scale_front,
+                        store_projection=store_projection)
+        super().__init__(groups, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group plus APOLLO's checks for a group with ``rank``; every
+        parameter gets apollo-torch's seed, its 1-based position among all parameters."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            if group.get("rank") is not None:
+                _C.check_apollo_config(int(group["rank"]), group["proj"], group["proj_type"],
+                                       group["scale_type"], int(group["update_proj_gap"]),
+                                       float(group["scale"]), _gamma(group))
+                for p in group["params"]:
+                    _C.Projector(group["proj"], group["proj_type"], int(group["rank"]), list(p.shape))
+                if group["proj"] == "svd" and not group["store_projection"]:
+                    raise ValueError("proj='svd' needs store_projection=True: an SVD basis "
+                                     "cannot be regenerated from a seed")
+        except Exception:
+            del self.param_groups[-1]
+            raise
+        for p in group["params"]:
+            self._seed0.setdefault(p, len(self._seed0) + 1)
+
+    # ---- state ----------------------------------------------------------------------------
+    def _group_of(self, p) -> dict:
+        key = tuple(id(g) for g in self.param_groups)  # load_state_dict makes new group dicts
+        if self._group_cache[0] != key:
+            self._group_cache = (key, {q: g for g in self.param_groups for q in g["params"]})
+        return self._group_cache[1][p]
+
+    def _projector(self, p, group):
+        return _C.Projector(group["proj"], group["proj_type"], int(group["rank"]), list(p.shape))
+
+    def _state_shapes(self, p):
+        group = self._group_of(p)
+        if group.get("rank") is None:
+            return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+        proj = self._projector(p, group)
+        shapes = {"exp_avg": tuple(proj.low_rank_shape), "exp_avg_sq": tuple(proj.low_rank_shape)}
+        if group["store_projection"]:
+            shapes["proj"] = tuple(proj.proj_shape)
+        if group["proj"] == "random":
+            shapes["seed"] = ()
+        shapes["limiter_norm"] = ()
+        return shapes
+
+    def _state_dtype(self, p, key):
+        if key == "limiter_norm":  # a float32 scalar (float64 for float64 parameters)
+            return torch.float64 if p.dtype == torch.float64 else torch.float32
+        return torch.int64 if key == "seed" else p.dtype
+
+    def _init_states(self, params):
+        values = {}
+        for p in params:
+            if self._group_of(p).get("rank") is not None:
+                values[(p, "seed")] = torch.tensor(self._seed0[p], dtype=torch.int64)
+                values[(p, "limiter_norm")] = torch.tensor(-1.0)  # negative: no norm yet
+        self._pack_states(params, {k: v for k, v in values.items() if k[1] in self._state_shapes(k[0])})
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The base load, then the seeds and limiter norms put back exactly: torch casts every
+        non-step state tensor to the parameter dtype, which would round an int64 seed."""
+        exact = {}
+        for mine, saved in zip(self.param_groups, state_dict.get("param_groups", [])):
+            for p, pid in zip(mine["params"], saved.get("params", [])):
+                entry = state_dict.get("state", {}).get(pid, {})
+                exact.update({(p, k): entry[k] for k in ("seed", "limiter_norm")
+                              if isinstance(entry.get(k), torch.Tensor)})
+        super().load_state_dict(state_dict)
+        for (p, key), value in exact.items():
+            if key in self.state.get(p, {}):
+                self.state[p][key].copy_(value.reshape(self.state[p][key].shape))
+
+    # ---- the op ---------------------------------------------------------------------------
+    def _op_call(self, group, params, grads, states):
+        beta1, beta2 = group["betas"]
+        hp = (self._lr(group), float(beta1), float(beta2), float(group["eps"]),
+              float(group["weight_decay"]))
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        steps = [s["step"] for s in states]
+        if group.get("rank") is None:
+            return torch.ops.memopt.adamw_, _C.check_adamw_, (params, grads, m, v, steps, *hp)
+        projs = [s["proj"] for s in states] if group["store_projection"] else []
+        seeds = [s["seed"] for s in states] if group["proj"] == "random" else []
+        args = (params, grads, m, v, projs, seeds, [s["limiter_norm"] for s in states], steps,
+                *hp, int(group["rank"]), group["proj"], group["proj_type"], group["scale_type"],
+                int(group["update_proj_gap"]), float(group["scale"]), _gamma(group),
+                bool(group["scale_front"]))
+        return torch.ops.memopt.apollo_, _C.check_apollo_, args
+
+    # ---- reporting ------------------------------------------------------------------------
+    def _describe_row(self, p):
+        group = self._group_of(p)
+        if group.get("rank") is None:
+            return "adamw", p.numel()
+        proj = self._projector(p, group)
+        factors = proj.channels if group["scale_type"] == "channel" else 1
+        return f"apollo-{proj.side[0].upper()}{proj.rank}", factors
+
+    def scratch_bytes(self) -> int:
+        """Workspace the largest projected tensor's update carves (its R tile, P in fp32 where
+        needed, per-channel sums): r-sized, reused across tensors and steps."""
+        out = 0
+        for group in self.param_groups:
+            if group.get("rank") is None:
+                continue
+            for p in group["params"]:
+                out = max(out, _C.apollo_workspace_bytes(
+                    list(p.shape), torch.empty(0, dtype=p.dtype), int(group["rank"]),
+                    group["proj"], group["proj_type"], group["scale_type"], _gamma(group),
+                    bool(group["store_projection"])))
+        return out
+
+
+class ApolloMini(Apollo):
+    r"""APOLLO-Mini (arXiv 2412.05270 §3.3): APOLLO with rank 1, one tensor-wise scaling factor
+    and scale 128 (alpha = sqrt(128)), SGD-level memory: per projected m x n weight (m <= n)
+    2 n + m values (2 n with store_projection=False) instead of AdamW's 2 m n. The paper
+    trains it with lr 1e-2; ``scale_front=True`` helps short warm-ups (apollo-torch README).
+    Everything else is :class:`Apollo`.
+
+    Example::
+
+        opt = memopt_core.ApolloMini(model, lr=1e-2)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
+                 rank=1, proj="random", proj_type="std", scale_type="tensor",
+                 update_proj_gap=200, scale=128.0, norm_growth_limit: Optional[float] = 1.01,
+                 scale_front=False, store_projection=True, roles=None):
+        super().__init__(params, lr, betas, eps, weight_decay, rank=rank, proj=proj,
+                         proj_type=proj_type, scale_type=scale_type,
+                         update_proj_gap=update_proj_gap, scale=scale,
+                         norm_growth_limit=norm_growth_limit, scale_front=scale_front,
+                         store_projection=store_projection, roles=roles)
+
+
+def _gamma(group) -> float:
+    gamma = group["norm_growth_limit"]
+    return 0.0 if gamma is None else float(gamma)
+
+
+def _apollo_groups(source, rank, roles) -> list:
+    """Param groups from a model, named parameters, apollo-torch-style dict groups (kept as
+    given; names in (name, tensor) pairs move to 'param_names') or plain tensors."""
+    model = source if isinstance(source, nn.Module) else None
+    if model is not None:
+        source = model.named_parameters()
+    items = list(source)
+    if items and isinstance(items[0], dict):
+        groups = []
+        for g in items:
+            g, params = dict(g), list(g["params"])
+            if params and isinstance(params[0], tuple):
+                g["param_names"] = [n for n, _ in params]
+                params = [p for _, p in params]
+            groups.append({**g, "params": params})
+        return groups
+    if items and isinstance(items[0], tuple):
+        named = [(n, p) for n, p in items if p.requires_grad]
+        with warnings.catch_warnings():  # head-count fallbacks matter to Adam-mini, not here
+            warnings.simplefilter("ignore")
+            inferred = infer_roles(named, model, roles=roles)
+        chosen = [p.dim() == 2 and inferred[n].role in PROJECTED_ROLES for n, p in named]
+    else:
+        named = [(None, p) for p in items]
+        chosen = [p.dim() == 2 for p in items]
+    groups = []
+    for projected in (True, False):
+        members = [(n, p) for (n, p), c in zip(named, chosen) if c == projected]
+        if members:
+            group = {"params": [p for _, p in members]}
+            if members[0][0] is not None:
+                group["param_names"] = [n for n, _ in members]
+            if projected:
+                group["rank"] = rank
+            groups.append(group)
+    return groups
