@@ -34,6 +34,12 @@ class MemoptOptimizer(torch.optim.Optimizer):
     'step') and `_op_call(group, params, grads, states)` -> (op, check, args): the fused torch op,
     the C++ validator with the op's signature, and the arguments for both."""
 
+    # Capabilities. An optimizer whose step makes a decision across all tensors at once (FRUGAL's
+    # subspace selection) cannot step one parameter at a time (layer-wise stepping), and its
+    # host-side selection logic is not traceable by torch.compile.
+    steps_single_params = True
+    compilable = True
+
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group (also used by __init__), then the checks a group must pass:
         floating parameters and valid hyperparameters (the C++ validator's rules)."""

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # bad settings: a message, not a traceback
+    except (ValueError, TypeError) as e:  # bad settings: a message, not a traceback
         raise SystemExit(f"memopt {args.command}: {e}") from None
 
 

@@ -64,6 +64,10 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
         print(opt.describe())
     """
 
+    # The block/subspace selection is one decision over all tensors per step, made on the host.
+    steps_single_params = False
+    compilable = False
+
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, density=0.25, update_gap=200, selection="block",
                  block_order="descending", state_free="sign_sgd", state_free_lr_scale=1.0,

@@ -30,6 +30,10 @@ class LayerwiseStep:
         if not hasattr(optimizer, "step_params"):
             raise TypeError(f"{type(optimizer).__name__} cannot step single parameters; "
                             "layer-wise stepping needs a memopt_core optimizer")
+        if not getattr(optimizer, "steps_single_params", True):
+            raise TypeError(f"{type(optimizer).__name__} chooses its subspace across all tensors "
+                            "once per step, so it cannot step parameters one at a time; use "
+                            "ordinary step()")
         if int(grad_accum) != grad_accum or grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
         self.optimizer, self.grad_accum = optimizer, int(grad_accum)
