@@ -34,7 +34,8 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="50m")
-    ap.add_argument("--optimizers", default=",".join(memopt_core.OPTIMIZERS))
+    ap.add_argument("--optimizers", default=",".join(
+        n for n, s in memopt_core.OPTIMIZERS.items() if s.cls.compilable))
     ap.add_argument("--rounds", type=int, default=20)
     a = ap.parse_args()
     torch.manual_seed(0)

@@ -127,6 +127,12 @@ def _plan(args) -> int:
     base = plan(args.model, "adamw", dtype=args.dtype, layerwise=False,
                 batch_size=args.batch_size, seq_len=args.seq_len)
     names = args.optimizer.split(",") if args.optimizer else [n for n in OPTIMIZERS if n != "adamw"]
+    if args.layerwise:
+        cannot = [n for n in names
+                  if n in OPTIMIZERS and not OPTIMIZERS[n].cls.steps_single_params]
+        if cannot:
+            print(f"left out: {', '.join(cannot)} (cannot be stepped layer-wise)\n")
+        names = [n for n in names if n not in cannot]
     plans = [plan(args.model, n, dtype=args.dtype, layerwise=args.layerwise,
                   batch_size=args.batch_size, seq_len=args.seq_len) for n in names]
     print(format_plans(plans, base))

@@ -55,6 +55,8 @@ def plan(model: str, optimizer: str, *, dtype: str = "fp32", layerwise: bool = F
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     net = build(model, device="meta").to(DTYPES[dtype])
     opt = make_optimizer(optimizer, net, lr=1e-3, **opt_kwargs)
+    if layerwise and not opt.steps_single_params:
+        raise ValueError(f"{optimizer} cannot be stepped layer-wise")
     params = list(net.parameters())
     weights = tensor_bytes(params)
     # Layer-wise stepping frees each gradient as soon as it is used: at most one exists at a

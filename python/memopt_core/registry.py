@@ -3,7 +3,7 @@ Adding an algorithm is one entry here plus its files."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -20,10 +20,19 @@ class OptimizerSpec:
     cls: type
     needs_names: bool            # constructed from the model (roles) rather than bare parameters
     defaults: dict = field(default_factory=dict)
+    # Defaults that depend on the model (read from model.config), below explicit hparams.
+    model_defaults: Optional[Callable[[nn.Module], dict]] = None
 
     def make(self, model: nn.Module, **hparams):
-        kwargs = {**self.defaults, **hparams}
+        sized = self.model_defaults(model) if self.model_defaults else {}
+        kwargs = {**self.defaults, **sized, **hparams}
         return self.cls(model if self.needs_names else model.parameters(), **kwargs)
+
+
+def _apollo_rank(model: nn.Module) -> dict:
+    """APOLLO's pre-training scripts: rank d/4 up to 256 (60M 128, 130M 192, 350M-7B 256)."""
+    d = getattr(getattr(model, "config", None), "hidden_size", None)
+    return {"rank": max(1, min(256, d // 4))} if d else {}
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -31,7 +40,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adam_mini": OptimizerSpec("adam_mini", AdamMini, needs_names=True),
     "slim_adam": OptimizerSpec("slim_adam", SlimAdam, needs_names=True),
     "frugal": OptimizerSpec("frugal", Frugal, needs_names=True),
-    "apollo": OptimizerSpec("apollo", Apollo, needs_names=True),
+    "apollo": OptimizerSpec("apollo", Apollo, needs_names=True, model_defaults=_apollo_rank),
     "apollo_mini": OptimizerSpec("apollo_mini", ApolloMini, needs_names=True),
 }
 

@@ -138,13 +138,17 @@ class Trainer:
         return statistics.fmean(losses)
 
     def memory(self) -> dict:
-        """Bytes now held by weights, gradients and optimizer state, and the peak of one
-        iteration (measured on the next iteration, which this call runs)."""
+        """Bytes of weights, optimizer state and the gradients alive at the peak, and the peak
+        tensor memory of one iteration (measured on the next iteration, which this call runs)."""
         params = list(self.model.parameters())
         weights, state = tensor_bytes(params), optimizer_state_bytes(self.opt)
         extra = peak_during(self.run_step, self.device)
-        return dict(weights=weights, state=state, grads=tensor_bytes(p.grad for p in params),
-                    peak=weights + state + extra, transient=extra)
+        # Gradients alive at the peak: all of them before step(), one at a time layer-wise.
+        trained = [p for p in params if p.requires_grad]
+        grads = (max(tensor_bytes([p]) for p in trained) if self.cfg.layerwise
+                 else tensor_bytes(trained))
+        return dict(weights=weights, state=state, grads=grads, peak=weights + state + extra,
+                    transient=extra)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
