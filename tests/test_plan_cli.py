@@ -52,10 +52,13 @@ def test_activation_estimate_is_near_the_measured_forward():
 
 
 def test_cli_plan_prints_every_optimizer(capsys):
-    assert cli.main(["plan", "--model", "llama-60m", "--dtype", "bf16", "--layerwise"]) == 0
+    assert cli.main(["plan", "--model", "llama-60m", "--dtype", "bf16"]) == 0
     out = capsys.readouterr().out
     for name in memopt_core.OPTIMIZERS:
         assert f"| {name} |" in out
+    assert cli.main(["plan", "--model", "llama-60m", "--layerwise"]) == 0
+    out = capsys.readouterr().out
+    assert "left out: frugal" in out and "| frugal |" not in out and "| apollo_mini |" in out
 
 
 def test_cli_compare_writes_table_json_and_plot(tmp_path, capsys):
