@@ -109,3 +109,15 @@ def test_cli_train_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and "val" in log[1]
     with pytest.raises(SystemExit, match="grad-clip 0"):
         cli.main(["train", "--optimizer", "adamw", "--layerwise"])
+
+
+def test_cli_compare_runs_one_optimizer_with_two_settings(tmp_path):
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--optimizers", "adamw frugal:density=0.25 frugal:density=0",
+                     "--model", "tiny", "--steps", "3", "--batch-size", "2", "--seq-len", "16",
+                     "--eval-batches", "1", "--out", str(out)]) == 0
+    rows = {r["optimizer"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert set(rows) == {"adamw", "frugal:density=0.25", "frugal:density=0"}
+    assert rows["frugal:density=0"]["state_bytes"] < rows["frugal:density=0.25"]["state_bytes"]
+    with pytest.raises(SystemExit, match="not key=value"):
+        cli.main(["compare", "--optimizers", "frugal:density", "--steps", "2"])

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import platform
 import subprocess
@@ -63,12 +64,16 @@ def _compare(args) -> int:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:  # not given on the command line
             setattr(args, key, value)
-    names = args.optimizers.split(",") if args.optimizers else list(OPTIMIZERS)
-    unknown = [n for n in names if n not in OPTIMIZERS]
-    if unknown:
-        raise SystemExit(f"memopt compare: unknown optimizer(s) {unknown}; "
-                         f"choose from {', '.join(OPTIMIZERS)}")
-    results = compare([_config(args, n) for n in names])
+    specs = args.optimizers.split() if args.optimizers else list(OPTIMIZERS)
+    specs = [x for spec in specs for x in (spec.split(",") if ":" not in spec else [spec])]
+    configs = []
+    for spec in specs:
+        name, _, settings = spec.partition(":")
+        if name not in OPTIMIZERS:
+            raise SystemExit(f"memopt compare: unknown optimizer {name!r}; "
+                             f"choose from {', '.join(OPTIMIZERS)}")
+        configs.append(_config(args, name, optimizer_kwargs=_parse_settings(settings)))
+    results = compare(configs)
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     table = write_outputs(results, out, _machine())
     print("\n" + table)
@@ -76,6 +81,20 @@ def _compare(args) -> int:
           + (f", {out}/compare.png" if (out / "compare.png").exists() else
              " (no PNG: pip install matplotlib for the plot)"))
     return 0
+
+
+def _parse_settings(text: str) -> dict:
+    """"density=0,update_gap=100" -> {"density": 0, "update_gap": 100} (Python literals)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"memopt compare: setting {item!r} is not key=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()  # a bare word: a string option
+    return out
 
 
 def _train(args) -> int:
@@ -160,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="train one model with each optimizer, same seed and data, "
                                        "and compare memory, speed and loss")
-    c.add_argument("--optimizers", help=f"comma-separated (default all: {','.join(OPTIMIZERS)})")
+    c.add_argument("--optimizers", help=f"comma-separated (default all: {','.join(OPTIMIZERS)}); "
+                                        "settings after a colon, runs separated by spaces: "
+                                        "\"adamw frugal:density=0.25 frugal:density=0\"")
     _add_train_args(c, steps=None, model=None)
     c.add_argument("--quick", action="store_true",
                    help="tiny model, 120 steps: under 3 minutes on 2 CPU cores (default: small "

@@ -32,28 +32,28 @@ def compare(configs: list[TrainConfig]) -> list[dict]:
     print(f"model: {first.cfg.model} ({sum(p.numel() for p in first.model.parameters()) / 1e6:.2f}M "
           f"params, {first.cfg.dtype}), data: {first.corpus.source}; {first.cfg.steps} steps of "
           f"{first.cfg.batch_size}x{first.cfg.seq_len} tokens; optimizers: "
-          f"{', '.join(c.optimizer for c in configs)}", file=sys.stderr, flush=True)
+          f"{', '.join(c.label for c in configs)}", file=sys.stderr, flush=True)
     steps, memory = first.cfg.steps, {}
     bar = _progress(steps * len(trainers))
     for i in range(steps):
         for t in trainers[i % len(trainers):] + trainers[:i % len(trainers)]:
             if t.step == MEMORY_PROBE_STEP:
-                memory[t.cfg.optimizer] = t.memory()  # runs this iteration under the profiler
+                memory[t.cfg.label] = t.memory()  # runs this iteration under the profiler
             else:
                 t.run_step()
             if bar is not None:
-                bar.set_postfix_str(f"{t.cfg.optimizer} loss {t.history['loss'][-1]:.3f}")
+                bar.set_postfix_str(f"{t.cfg.label} loss {t.history['loss'][-1]:.3f}")
                 bar.update()
         if bar is None and (i + 1) % max(1, steps // 10) == 0:
             print(f"  step {i + 1}/{steps}: " + ", ".join(
-                f"{t.cfg.optimizer} {t.history['loss'][-1]:.3f}" for t in trainers),
+                f"{t.cfg.label} {t.history['loss'][-1]:.3f}" for t in trainers),
                   file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
     results = []
     for t in trainers:
         r = t.summary()
-        mem = memory.get(t.cfg.optimizer, {})
+        mem = memory.get(t.cfg.label, {})
         r.update(val_loss=t.evaluate(), weights_bytes=mem.get("weights"),
                  grads_bytes=mem.get("grads"), peak_bytes=mem.get("peak"),
                  loss_curve=t.history["loss"])

@@ -51,6 +51,12 @@ class TrainConfig:
     vocab_size: int = 8192     # BPE only
     optimizer_kwargs: dict = field(default_factory=dict)
 
+    @property
+    def label(self) -> str:
+        """The optimizer and its extra settings, as `memopt compare` names a run."""
+        extra = ",".join(f"{k}={v}" for k, v in self.optimizer_kwargs.items())
+        return f"{self.optimizer}:{extra}" if extra else self.optimizer
+
     def check(self) -> None:
         if self.layerwise and self.grad_clip:
             raise ValueError("gradient clipping by global norm needs every gradient at once, "
@@ -184,7 +190,7 @@ class Trainer:
         h, n = self.history, num_params(self.model)
         state = optimizer_state_bytes(self.opt)
         steady = h["step_ms"][1:] or h["step_ms"]  # the first step allocates the state
-        return dict(optimizer=self.cfg.optimizer, params=n, state_bytes=state,
+        return dict(optimizer=self.cfg.label, params=n, state_bytes=state,
                     bytes_per_param=state / n, step_ms=statistics.fmean(steady),
                     iter_ms=statistics.fmean(h["iter_ms"][1:] or h["iter_ms"]),
                     train_loss=statistics.fmean(h["loss"][-10:]))
