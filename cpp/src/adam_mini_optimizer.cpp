@@ -4,6 +4,7 @@
 
 #include "memopt/adam_mini.h"
 #include "memopt/optimizers.h"
+#include "memopt/slim_adam.h"
 
 namespace memopt {
 
@@ -64,7 +65,22 @@ AdamMini::AdamMini(const std::vector<std::pair<std::string, torch::Tensor>>& nam
                    AdamMiniOptions defaults)
     : AdamMini(roles_from_names(named_params), std::move(defaults)) {}
 
+SlimAdam::SlimAdam(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+                   AdamMiniOptions defaults)
+    : SlimAdam(roles_from_names(named_params), std::move(defaults)) {}
+
+SlimAdam::SlimAdam(const RoleParams& params, AdamMiniOptions defaults)
+    : AdamMini(params, std::move(defaults), [](const RoleInfo& info, at::IntArrayRef shape) {
+        return slim_adam_table_layout(info, shape).spec;
+      }) {}
+
 AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults)
+    : AdamMini(params, std::move(defaults),
+               [](const RoleInfo& info, at::IntArrayRef shape) {
+                 return adam_mini_blocks(info, shape);
+               }) {}
+
+AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults, const BlockRule& rule)
     : AdamFamily(decay_groups(params, defaults), defaults) {
   const RoleInfo geometry = head_geometry(defaults);
   for (const auto& [p, given] : params) {
@@ -72,7 +88,7 @@ AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults)
     if (info.head_dim == 0) info.head_dim = geometry.head_dim;
     if (info.q_heads == 0) info.q_heads = geometry.q_heads;
     if (info.kv_heads == 0) info.kv_heads = geometry.kv_heads;
-    BlockSpec spec = adam_mini_blocks(info, p.sizes());
+    BlockSpec spec = rule(info, p.sizes());
     check_block_spec(spec, p.numel(), "AdamMini: " + role_name(info.role) + " parameter");
     specs_.emplace(p.unsafeGetTensorImpl(), std::move(spec));
   }

@@ -146,6 +146,34 @@ void test_adam_mini_blocks() {
   check(static_cast<memopt::AdamMiniOptions&>(opt.param_groups()[2].options()).lr() == 0.1,
         "AdamMini's added group keeps its lr");
 }
+void test_slim_adam_table() {
+  torch::manual_seed(0);
+  std::vector<std::pair<std::string, torch::Tensor>> named = {
+      {"model.layers.0.self_attn.q_proj.weight", torch::randn({64, 32}).requires_grad_()},
+      {"model.layers.0.mlp.down_proj.weight", torch::randn({32, 128}).requires_grad_()},
+      {"model.norm.weight", torch::ones({32}).requires_grad_()}};
+  memopt::SlimAdam opt(named, memopt::AdamMiniOptions(1e-3).dim(32).n_heads(4));
+  check(memopt::num_blocks(opt.block_spec(named[0].second)) == 64, "SlimAdam q: one v per row");
+  check(memopt::num_blocks(opt.block_spec(named[1].second)) == 128,
+        "SlimAdam mlp: one v per input column");
+  check(memopt::num_blocks(opt.block_spec(named[2].second)) == 32, "SlimAdam norm: uncompressed");
+  // Against plain Adam math on the uncompressed norm: its update is AdamW's exactly.
+  auto norm_ref = named[2].second.detach().clone().requires_grad_();
+  memopt::AdamW adamw({norm_ref}, memopt::AdamWOptions(1e-3).weight_decay(0.0));
+  for (int s = 0; s < 3; ++s) {
+    torch::manual_seed(50 + s);
+    for (auto& [n, p] : named) p.mutable_grad() = torch::randn_like(p);
+    norm_ref.mutable_grad() = named[2].second.grad().clone();
+    opt.step();
+    adamw.step();
+  }
+  check(torch::allclose(named[2].second, norm_ref, 1e-6, 1e-7), "SlimAdam norm == AdamW");
+  std::stringstream buffer;
+  torch::save(opt, buffer);
+  memopt::SlimAdam again(named, memopt::AdamMiniOptions(1e-3).dim(32).n_heads(4));
+  torch::load(again, buffer);
+  check(again.state().size() == 3, "SlimAdam state round-trips");
+}
 }  // namespace
 
 int main() {
@@ -154,6 +182,7 @@ int main() {
   test_group_options_are_kept();
   test_scheduler_and_dispatcher();
   test_adam_mini_blocks();
+  test_slim_adam_table();
   std::cout << (failures ? "FAILED" : "all passed") << "\n";
   return failures ? 1 : 0;
 }

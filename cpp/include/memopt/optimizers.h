@@ -10,6 +10,7 @@
 #include <torch/optim/serialize.h>
 #include <torch/serialize/archive.h>
 
+#include <functional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -148,6 +149,11 @@ class AdamMini : public AdamFamily<AdamMiniOptions, AdamMiniParamState> {
   const BlockSpec& block_spec(const torch::Tensor& param) const;
 
  protected:
+  // Blocks of a parameter from its role (head geometry filled in from the options).
+  using BlockRule = std::function<BlockSpec(const RoleInfo&, at::IntArrayRef)>;
+  AdamMini(const std::vector<std::pair<torch::Tensor, RoleInfo>>& params, AdamMiniOptions defaults,
+           const BlockRule& rule);
+
   // Parameters of a group added later have no name: blocks from the shape alone (per output
   // neuron for >= 2-D, plain Adam for 1-D). Pass roles at construction for anything else.
   void adopt_params(const std::vector<at::Tensor>& params) override;
@@ -156,6 +162,19 @@ class AdamMini : public AdamFamily<AdamMiniOptions, AdamMiniParamState> {
 
  private:
   ska::flat_hash_map<void*, BlockSpec> specs_;  // keyed by TensorImpl*, as state_ is
+};
+
+// SlimAdam (Kalra et al., arXiv 2503.01843) with the paper's static table on roles (slim_adam.h):
+// Adam-mini's update with other blocks (v averaged over fan-in for embedding, output, Q, K; over
+// fan-out for V, attention output, MLP; norms, biases and unknown tensors uncompressed), on the
+// same op. Weight decay as AdamMini: tensors with >= 2 dims. SNR-derived rules (any dim set per
+// tensor) are available in the Python front end (memopt_core.SlimAdam(rules=...)).
+class SlimAdam : public AdamMini {
+ public:
+  SlimAdam(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+           AdamMiniOptions defaults = {});
+  SlimAdam(const std::vector<std::pair<torch::Tensor, RoleInfo>>& params,
+           AdamMiniOptions defaults = {});
 };
 
 extern template struct AdamFamilyParamState<AdamWParamState>;
