@@ -4,7 +4,8 @@
 Command (from the repo root):
     python bench/bench_compile.py [--size 50m] [--optimizers adamw,adam_mini] [--rounds 20]
 
-For each optimizer: one model, fixed random gradients, state created up front (init_state), a
+For each optimizer: one model, fixed random gradients, state created up front
+(init_state(pooled=False): per-tensor, so the compiled graph updates it in place), a
 tensor lr; `step` eager and `torch.compile(step, fullgraph=True)` (inductor) are timed
 alternately, round-robin, so machine drift hits both alike; medians and the compiled/eager ratio
 are printed as a markdown table. Also reports how many frames were compiled (1 = no graph break,
@@ -52,7 +53,7 @@ def main() -> None:
     for name in a.optimizers.split(","):
         torch._dynamo.reset()
         opt = memopt_core.make_optimizer(name, model, lr=torch.tensor(1e-4))
-        opt.init_state()
+        opt.init_state(pooled=False)  # pooled views make the compiled graph copy the pool
         counter = CompileCounterWithBackend("inductor")
         compiled = torch.compile(opt.step, backend=counter, fullgraph=True)
         for _ in range(3):  # compile and warm up both

@@ -33,7 +33,7 @@ def train(opt_name, compiled: bool, backend="aot_eager"):
         counter = CompileCounterWithBackend(backend)
         fwd_bwd = torch.compile(fwd_bwd, backend=counter)
         step = torch.compile(step, backend=counter, fullgraph=True)
-        opt.init_state()  # the state the compiled step will keep: nothing to recompile for
+        opt.init_state(pooled=False)  # the state the compiled step keeps: nothing to recompile
     frames = []
     for i in range(STEPS):
         fwd_bwd()
@@ -61,3 +61,26 @@ def test_inductor_compiled_step_matches_eager():
     assert frames[0] == frames[-1]
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_step_creates_missing_state_like_eager():
+    """Without init_state the first compiled call creates the state (AdamMini; APOLLO's state
+    shapes come from its C++ Projector, so it needs init_state() before compiling)."""
+    eager, _ = train("adam_mini", compiled=False)
+    torch.manual_seed(0)
+    model = build("tiny", num_hidden_layers=2)
+    opt = memopt_core.make_optimizer("adam_mini", model, lr=torch.tensor(2e-3), weight_decay=0.1)
+    step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    for i in range(STEPS):
+        model(x, x.roll(1, 1))[1].backward()
+        step()
+        opt.zero_grad(set_to_none=True)
+        memopt_core.set_lr(opt, 2e-3 * (1 - i / STEPS))
+    for a, b in zip(eager, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_init_state_refuses_an_optimizer_that_cannot_compile():
+    with pytest.raises(TypeError, match="cannot be created ahead"):
+        memopt_core.Frugal(torch.nn.Linear(4, 3)).init_state()

@@ -69,10 +69,15 @@ class MemoptOptimizer(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def init_state(self) -> None:
-        """Create (zeroed, pooled) state for every parameter now instead of at its first step.
-        Call it before compiling step() so the first compiled step finds the state it will
-        keep, and the graph never has to be recompiled."""
+    def init_state(self, pooled: bool = True) -> None:
+        """Create (zeroed) state for every parameter now instead of at its first step. Before
+        compiling step(), call init_state(pooled=False): the compiled step then finds the state
+        it will keep (no recompilation), and separate tensors, unlike views of one pool, can be
+        updated in place by the compiled graph (pooled views make it copy the whole pool)."""
+        if not self.compilable:
+            raise TypeError(f"{type(self).__name__} creates its state in step(); it cannot be "
+                            "created ahead or compiled")
+        self._pool_state = pooled
         self._init_states([p for g in self.param_groups for p in g["params"]
                            if p.requires_grad and p not in self.state])
 
@@ -119,12 +124,11 @@ class MemoptOptimizer(torch.optim.Optimizer):
                       if p.grad is not None and (only is None or id(p) in only)]
             for device in sorted({p.device for p in params}, key=str):
                 on_device = [p for p in params if p.device == device]
-                for p in on_device:
-                    if p not in self.state:
-                        self.state[p] = {k: torch.zeros(s, dtype=self._state_dtype(p, k),
-                                                        device=p.device)
-                                         for k, s in self._state_shapes(p).items()}
-                        self.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+                new = [p for p in on_device if p not in self.state]
+                if new:  # plain tensors: the pool allocator is not traceable
+                    pooled, self._pool_state = getattr(self, "_pool_state", True), False
+                    self._init_states(new)
+                    self._pool_state = pooled
                 op, _, args = self._op_call(group, on_device, [p.grad for p in on_device],
                                             [self.state[p] for p in on_device])
                 op(*args)
@@ -150,8 +154,11 @@ class MemoptOptimizer(torch.optim.Optimizer):
                     (p, key, shape))
             wanted[(self._pool_key(p), torch.float32, torch.device("cpu"))].append((p, "step", ()))
         for (_, dtype, device), items in wanted.items():
-            like = torch.empty(0, dtype=dtype, device=device)
-            views = _C.pool_views([list(shape) for _, _, shape in items], like)
+            if getattr(self, "_pool_state", True):
+                like = torch.empty(0, dtype=dtype, device=device)
+                views = _C.pool_views([list(shape) for _, _, shape in items], like)
+            else:  # init_state(pooled=False): one tensor each, for torch.compile
+                views = [torch.zeros(shape, dtype=dtype, device=device) for _, _, shape in items]
             for (p, key, _), view in zip(items, views):
                 if (p, key) in values:
                     view.copy_(values[(p, key)])
