@@ -17,13 +17,9 @@ state of 199 steps out of 200 for both implementations.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -109,22 +105,8 @@ def projected_state_ratio(size: str, name: str) -> float:
     return state_bytes(opt, weights) / (8 * sum(p.numel() for p in weights))
 
 
-def measure_memory(size: str, name: str) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, __file__, "--size", size, "--memory-child", name],
-                         env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["50m", "200m"], default="50m")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
-    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = B.arg_parser(__doc__, rounds=7).parse_args()
     if args.memory_child:
         return B.memory_child(args.size, args.memory_child)
 
@@ -136,7 +118,8 @@ def main() -> None:
     times, sbytes = B.time_steps(model, names, args.warmup, args.rounds)
     del model
     gc.collect()
-    mem = {} if args.no_memory else {name: measure_memory(args.size, name) for name in names}
+    mem = {} if args.no_memory else {
+        name: B.measure_memory(args.size, name, __file__) for name in names}
     ratio = {name: projected_state_ratio(args.size, name) for name in names}
 
     med = {k: statistics.median(v) for k, v in times.items()}

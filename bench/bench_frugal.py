@@ -15,13 +15,10 @@ The loss comparison of the issue (FRUGAL rho=0.25 / rho=0 against AdamW) needs `
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,22 +40,8 @@ CONTENDERS = {
 bench_step.CONTENDERS = CONTENDERS  # the harness looks contenders up by name
 
 
-def measure_memory(size: str, name: str) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, __file__, "--size", size, "--memory-child", name],
-                         env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["50m", "200m"], default="50m")
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
-    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = bench_step.arg_parser(__doc__, rounds=9).parse_args()
     if args.memory_child:
         return bench_step.memory_child(args.size, args.memory_child)
     names = list(CONTENDERS)
@@ -67,7 +50,8 @@ def main() -> None:
     times, sbytes = bench_step.time_steps(model, names, args.warmup, args.rounds)
     del model
     gc.collect()
-    mem = {} if args.no_memory else {k: measure_memory(args.size, k) for k in names}
+    mem = {} if args.no_memory else {
+        k: bench_step.measure_memory(args.size, k, __file__) for k in names}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med[bench_step.BASELINE]
     lines = [f"### FRUGAL step() on CPU, LLaMA-style {args.size} ({n / 1e6:.1f}M params, fp32)", "",

@@ -148,9 +148,11 @@ def memory_child(size: str, name: str) -> None:
     print(json.dumps(dict(base=base, state=sb, over=peak - base - sb, transient=transient)))
 
 
-def measure_memory(size: str, name: str) -> dict:
+def measure_memory(size: str, name: str, script: str = __file__) -> dict:
+    """memory_child(size, name) in a fresh `script` process (which must pass --memory-child on
+    to memory_child, as arg_parser's scripts do)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, __file__, "--size", size, "--memory-child", name],
+    out = subprocess.run([sys.executable, script, "--size", size, "--memory-child", name],
                          env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -173,15 +175,21 @@ def commit() -> str:
     return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arg_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every step benchmark script shares."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--size", choices=["50m", "200m"], default="50m")
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="a subset of contenders")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-process memory peaks")
     ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> None:
+    ap = arg_parser(__doc__, rounds=9)
+    ap.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="a subset of contenders")
     args = ap.parse_args()
     if args.memory_child:
         return memory_child(args.size, args.memory_child)

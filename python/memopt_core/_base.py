@@ -4,6 +4,7 @@ lives once, in the C++ ops; this layer only keeps torch's bookkeeping (groups, s
 state_dict) and guarantees that a rejected step leaves parameters and state untouched."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Callable, Optional
 
@@ -88,6 +89,18 @@ class MemoptOptimizer(torch.optim.Optimizer):
         backward as soon as its gradient is accumulated."""
         self._step_params({id(p) for p in params})
 
+    def _device_batches(self, only: Optional[set] = None) -> list:
+        """[(group, its parameters with a gradient on one device)]: one op call each. `only`:
+        ids of the parameters to step (all when None)."""
+        batches = []
+        for group in self.param_groups:
+            by_device = {}
+            for p in group["params"]:
+                if p.grad is not None and (only is None or id(p) in only):
+                    by_device.setdefault(p.device, []).append(p)
+            batches += [(group, params) for params in by_device.values()]
+        return batches
+
     def _step_params(self, only: Optional[set]) -> None:
         if torch.compiler.is_compiling():
             return self._traced_step(only)
@@ -95,19 +108,14 @@ class MemoptOptimizer(torch.optim.Optimizer):
         try:
             # Validate every (group, device) call before running any, so that a bad input
             # anywhere leaves all parameters and state as they were.
-            for group in self.param_groups:
-                by_device = defaultdict(list)
-                for p in group["params"]:
-                    if p.grad is not None and (only is None or id(p) in only):
-                        by_device[p.device].append(p)
-                for params in by_device.values():
-                    new = [p for p in params if p not in self.state]
-                    self._init_states(new)
-                    fresh += new
-                    op, check, args = self._op_call(
-                        group, params, [p.grad for p in params], [self.state[p] for p in params])
-                    check(*args)
-                    calls.append((op, args))
+            for group, params in self._device_batches(only):
+                new = [p for p in params if p not in self.state]
+                self._init_states(new)
+                fresh += new
+                op, check, args = self._op_call(
+                    group, params, [p.grad for p in params], [self.state[p] for p in params])
+                check(*args)
+                calls.append((op, args))
         except Exception:
             for p in fresh:
                 del self.state[p]
@@ -118,20 +126,16 @@ class MemoptOptimizer(torch.optim.Optimizer):
     def _traced_step(self, only: Optional[set]) -> None:
         """step() under torch.compile: the same op calls with nothing Dynamo cannot trace. The
         C++ validator is skipped because the op's Meta kernel runs the same checks while
-        tracing; new state is made of plain zeros (traceable) instead of pooled views."""
-        for group in self.param_groups:
-            params = [p for p in group["params"]
-                      if p.grad is not None and (only is None or id(p) in only)]
-            for device in sorted({p.device for p in params}, key=str):
-                on_device = [p for p in params if p.device == device]
-                new = [p for p in on_device if p not in self.state]
-                if new:  # plain tensors: the pool allocator is not traceable
-                    pooled, self._pool_state = getattr(self, "_pool_state", True), False
-                    self._init_states(new)
-                    self._pool_state = pooled
-                op, _, args = self._op_call(group, on_device, [p.grad for p in on_device],
-                                            [self.state[p] for p in on_device])
-                op(*args)
+        tracing; new state is made of plain tensors (the pool allocator is not traceable)."""
+        for group, params in self._device_batches(only):
+            new = [p for p in params if p not in self.state]
+            if new:
+                pooled, self._pool_state = getattr(self, "_pool_state", True), False
+                self._init_states(new)
+                self._pool_state = pooled
+            op, _, args = self._op_call(group, params, [p.grad for p in params],
+                                        [self.state[p] for p in params])
+            op(*args)
 
     @staticmethod
     def _lr(group: dict) -> torch.Tensor:
@@ -152,7 +156,18 @@ class MemoptOptimizer(torch.optim.Optimizer):
             for key, shape in self._state_shapes(p).items():
                 wanted[(self._pool_key(p), self._state_dtype(p, key), p.device)].append(
                     (p, key, shape))
+        for (p, key), tensor in self._allocate(params, wanted, values).items():
+            self.state[p][key] = tensor
+
+    def _allocate(self, params: list, wanted: dict, values: dict) -> dict:
+        """{(param, key): tensor} for wanted[(pool key, dtype, device)] = [(param, key, shape)],
+        plus the "step" of each of `params` (a float32 CPU pool per pool key): one flat pool per entry
+        (or one tensor each after init_state(pooled=False)), values[(param, key)] copied in, the
+        rest zero."""
+        wanted = defaultdict(list, {k: list(v) for k, v in wanted.items()})
+        for p in params:
             wanted[(self._pool_key(p), torch.float32, torch.device("cpu"))].append((p, "step", ()))
+        out = {}
         for (_, dtype, device), items in wanted.items():
             if getattr(self, "_pool_state", True):
                 like = torch.empty(0, dtype=dtype, device=device)
@@ -162,7 +177,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
             for (p, key, _), view in zip(items, views):
                 if (p, key) in values:
                     view.copy_(values[(p, key)])
-                self.state[p][key] = view
+                out[(p, key)] = view
+        return out
 
     def _pool_key(self, p: torch.Tensor):
         """Capability hook: state of parameters with different keys lives in different pools.
@@ -232,7 +248,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
 
     def _planned_bytes(self, p: torch.Tensor) -> int:
         """State bytes of one parameter once initialised (its step counter included)."""
-        return sum(self._state_dtype(p, k).itemsize * _numel(s)
+        return sum(self._state_dtype(p, k).itemsize * math.prod(s)
                    for k, s in self._state_shapes(p).items()) + 4
 
     def _describe_row(self, p: torch.Tensor) -> tuple[str, int]:
@@ -257,10 +273,3 @@ class MemoptOptimizer(torch.optim.Optimizer):
         ratio = total / adamw if adamw else 0.0
         lines.append(f"total state {total:,} bytes = {ratio:.4f} x AdamW's {adamw:,} bytes")
         return "\n".join(lines)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -1,6 +1,7 @@
 """FRUGAL on the fused memopt core: AdamW state on a rho-subspace, signSGD on the rest."""
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from typing import Callable, Optional
@@ -174,7 +175,7 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
         if lay is None:
             return 0
         size = {k: torch.empty(0, dtype=dt).element_size() for k, (_, dt) in lay.items()}
-        return sum(size[k] * _numel(s) for k, (s, _) in lay.items()) + 4
+        return sum(size[k] * math.prod(s) for k, (s, _) in lay.items()) + 4
 
     # ---- state: pools per (pool key, dtype, device) -------------------------------------------
     def _build_states(self, params: list, values: dict, fr=None) -> dict:
@@ -189,13 +190,8 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
                     out[p][key] = values[(p, key)]
                 else:
                     wanted[(self._pool_key(p), dtype, p.device)].append((p, key, shape))
-            wanted[(self._pool_key(p), torch.float32, torch.device("cpu"))].append((p, "step", ()))
-        for (_, dtype, device), items in wanted.items():
-            like = torch.empty(0, dtype=dtype, device=device)
-            for (p, key, _), view in zip(items, _C.pool_views([list(s) for _, _, s in items], like)):
-                if (p, key) in values:
-                    view.copy_(values[(p, key)])
-                out[p][key] = view
+        for (p, key), tensor in self._allocate(params, wanted, values).items():
+            out[p][key] = tensor
         return out
 
     # ---- step ----------------------------------------------------------------------------------
@@ -218,17 +214,6 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
                 modes, self._lr(group), float(beta1), float(beta2), float(group["eps"]),
                 float(group["weight_decay"]), float(group["proj_params_lr_scale"]),
                 float(group["state_free_lr_scale"]), _RULES[self.state_free])
-
-    def _calls(self):
-        """[(group, params with a gradient on one device)] in optimizer order."""
-        calls = []
-        for group in self.param_groups:
-            by_device = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_device[p.device].append(p)
-            calls += [(group, params) for params in by_device.values()]
-        return calls
 
     def _plan(self, with_grad: set):
         """The selection this step runs under, without changing anything: (fr, new_states) where
@@ -284,7 +269,7 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        calls = self._calls()
+        calls = self._device_batches()
         if not calls:
             return loss
         # 1. gradients and hyperparameters, before anything is selected or allocated
@@ -321,7 +306,7 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
         """(mode, number of coordinates with Adam state)."""
         mode = self._mode(p)
         lay = self._layout(p)
-        return _MODE_NAMES[mode], _numel(lay["exp_avg"][0]) if lay else 0
+        return _MODE_NAMES[mode], math.prod(lay["exp_avg"][0]) if lay else 0
 
     def describe(self) -> str:
         lines = super().describe().splitlines()
@@ -333,13 +318,6 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
         lines[-1] += (f"; FRUGAL: {what}, state-free rule {self.state_free}, "
                       f"next re-selection at step {(fr['t'] // self.update_gap + 1) * self.update_gap}")
         return "\n".join(lines)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _projectable(named, model, roles, proj_embeds, proj_norms, proj_logits) -> dict:
