@@ -58,6 +58,11 @@ NB_MODULE(_C, m) {
     }
   });
 
+#ifdef MEMOPT_WITH_CUDA
+  m.attr("cuda_kernels") = true;   // the memopt ops are registered for the CUDA dispatch key
+#else
+  m.attr("cuda_kernels") = false;
+#endif
   m.def("check_adam_hparams", &check_adam_hparams, nb::arg("lr"), nb::arg("beta1"),
         nb::arg("beta2"), nb::arg("eps"), nb::arg("weight_decay"),
         "Raises ValueError for an invalid Adam-family hyperparameter.");

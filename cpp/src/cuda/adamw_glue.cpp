@@ -1,0 +1,57 @@
+// memopt::adamw_ for the CUDA dispatch key: validates like the CPU op, advances the step
+// counters, computes each tensor's scalars in double and launches cuda/adamw.cu.
+#include <torch/library.h>
+
+#include "launch.h"
+#include "memopt/adamw.h"
+
+namespace memopt::cuda {
+namespace {
+
+constexpr int64_t kChunk = 65536;
+
+void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList steps, const Tensor& lr_t, double beta1, double beta2, double eps,
+                double weight_decay) {
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
+  const double lr = read_lr(lr_t);
+  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+  if (params.empty()) return;
+  check_same_cuda_device("adamw_update_", {params, grads, exp_avgs, exp_avg_sqs});
+  const c10::DeviceGuard guard(params[0].device());
+  const Stream stream = current_stream(params[0].device());
+
+  const auto n = params.size();
+  std::vector<Tensor> g(n);
+  std::vector<AdamScalars> s;
+  s.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    g[i] = contiguous_grad(grads[i]);
+    s.push_back(AdamScalars::make(lr, beta1, beta2, eps, weight_decay, advance_step(steps[i])));
+  }
+  AdamWParams prm{};
+  prm.beta1 = beta1, prm.beta2 = beta2, prm.eps = eps;
+  for (const auto& idx : by_dtypes(params, exp_avgs)) {
+    prm.param_dtype = dtype_of(params[idx[0]].scalar_type());
+    prm.state_dtype = dtype_of(exp_avgs[idx[0]].scalar_type());
+    launch_chunked(
+        "adamw_update_", prm, static_cast<int64_t>(idx.size()), kChunk,
+        [&](int64_t k) { return params[idx[k]].numel(); },
+        [&](int slot, int64_t k) {
+          const int64_t i = idx[k];
+          prm.p[slot] = params[i].data_ptr();
+          prm.g[slot] = g[i].data_ptr();
+          prm.m[slot] = exp_avgs[i].data_ptr();
+          prm.v[slot] = exp_avg_sqs[i].data_ptr();
+          prm.decay[slot] = s[i].decay;
+          prm.step_size[slot] = s[i].step_size;
+          prm.bc2_sqrt[slot] = s[i].bc2_sqrt;
+        },
+        [&](const AdamWParams& launch) { return launch_adamw(launch, stream); });
+  }
+}
+
+}  // namespace
+}  // namespace memopt::cuda
+
+TORCH_LIBRARY_IMPL(memopt, CUDA, m) { m.impl("adamw_", &memopt::cuda::adamw_cuda); }

@@ -1,0 +1,114 @@
+// Host side of the CUDA ops (internal header for the *_glue.cpp files): ATen only, no CUDA
+// headers, so a CPU torch wheel compiles the glue too (see kernel_params.h).
+#pragma once
+
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include "memopt/common.h"
+#include "memopt/kernel_params.h"
+
+namespace memopt::cuda {
+
+inline Dtype dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kDouble: return Dtype::kFloat64;
+    default: TORCH_CHECK_TYPE(false, "memopt CUDA kernels do not support dtype ", t);
+  }
+}
+
+// The current CUDA stream of `device` (cudaStream_t), through c10's device-generic interface.
+inline Stream current_stream(const c10::Device& device) {
+  c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+  return impl.getStream(device).native_handle();
+}
+
+inline void check_launch(int code, const char* op) {
+  TORCH_CHECK(code == 0, op, ": CUDA kernel failed: ", error_string(code));
+}
+
+// Every tensor of every list on params[0]'s CUDA device (the CPU checks allow CPU steps).
+inline void check_same_cuda_device(const char* op, std::initializer_list<TensorList> lists) {
+  const c10::Device device = lists.begin()->at(0).device();
+  TORCH_CHECK_VALUE(device.is_cuda(), op, ": expected CUDA tensors, got ", device);
+  for (const auto& list : lists)
+    for (const auto& t : list)
+      TORCH_CHECK_VALUE(t.device() == device, op, ": all tensors must be on ", device, ", got ",
+                        t.device());
+}
+
+// The gradient as a contiguous tensor. A non-contiguous gradient is copied through the caching
+// allocator (the CPU path stages it in its workspace): the only case that allocates memory of a
+// gradient's size, and autograd never produces one for a contiguous parameter.
+inline Tensor contiguous_grad(const Tensor& g) { return g.is_contiguous() ? g : g.contiguous(); }
+
+// Increments a step counter and returns the new value. Steps normally live on the CPU (no
+// synchronisation); a step tensor on the GPU is advanced there and read back, which waits.
+inline double advance_step(const Tensor& step) {
+  if (step.device().is_cpu()) {
+    float* s = step.data_ptr<float>();
+    *s += 1.0f;
+    return *s;
+  }
+  step.add_(1);
+  return step.item<double>();
+}
+
+// Indices of the tensors grouped by (param dtype, state dtype), in order: one launch sequence
+// per group, since a kernel instance has one storage type per list. A group normally has one.
+inline std::vector<std::vector<int64_t>> by_dtypes(TensorList params, TensorList states) {
+  std::vector<std::vector<int64_t>> groups;
+  std::vector<std::pair<at::ScalarType, at::ScalarType>> keys;
+  for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
+    const std::pair<at::ScalarType, at::ScalarType> key{params[i].scalar_type(),
+                                                        states[i].scalar_type()};
+    size_t k = 0;
+    while (k < keys.size() && keys[k] != key) ++k;
+    if (k == keys.size()) keys.push_back(key), groups.emplace_back();
+    groups[k].push_back(i);
+  }
+  return groups;
+}
+
+// Packs tensors 0..count-1 into multi-tensor launches. For tensor i with numel(i) > 0,
+// fill(slot, i) writes its pointers and scalars into slot `slot` of params; launch(params)
+// runs a full (or the last) batch and returns its error code. A tensor whose chunks span two
+// launches is re-filled into slot 0 of the next one.
+template <typename Params, typename Numel, typename Fill, typename Launch>
+void launch_chunked(const char* op, Params& prm, int64_t count, int64_t chunk_size,
+                    Numel numel, Fill fill, Launch launch) {
+  auto& map = prm.map;
+  using Map = std::remove_reference_t<decltype(map)>;
+  map.chunk_size = chunk_size;
+  map.n_tensors = map.n_chunks = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t n = numel(i);
+    if (n == 0) continue;
+    int slot = map.n_tensors++;
+    map.numel[slot] = n;
+    fill(slot, i);
+    const int64_t chunks = (n + chunk_size - 1) / chunk_size;
+    for (int64_t c = 0; c < chunks; ++c) {
+      map.slot[map.n_chunks] = static_cast<int16_t>(slot);
+      map.chunk[map.n_chunks] = static_cast<int32_t>(c);
+      ++map.n_chunks;
+      const bool last_chunk = c == chunks - 1;
+      if (map.n_chunks < Map::max_chunks && !(last_chunk && map.n_tensors == Map::max_tensors))
+        continue;
+      check_launch(launch(prm), op);
+      map.n_chunks = 0;
+      map.n_tensors = 0;
+      if (!last_chunk) {  // the rest of this tensor goes on in slot 0 of the next launch
+        slot = map.n_tensors++;
+        map.numel[slot] = n;
+        fill(slot, i);
+      }
+    }
+  }
+  if (map.n_chunks > 0) check_launch(launch(prm), op);
+}
+
+}  // namespace memopt::cuda

@@ -1,0 +1,38 @@
+"""Shared by the GPU tests (tests/test_cuda_*.py): the skip marker and a CPU-vs-CUDA comparison.
+Without a CUDA device every GPU test skips; with one, a memopt build without its CUDA kernels
+fails them (that would be a packaging bug, not a reason to skip)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memopt_core
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def assert_cuda_build():
+    assert memopt_core._C.cuda_kernels, "a CUDA device is present but memopt_core was built "\
+        "without its CUDA kernels (reinstall with a CUDA torch and nvcc on PATH)"
+
+
+def non_contiguous(g: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous tensor (column-major for >= 2-D, strided for 1-D)."""
+    if g.dim() >= 2:
+        return g.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return torch.stack([g, torch.zeros_like(g)], dim=-1)[..., 0]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, origin=None) -> float:
+    """||actual - expected|| / ||expected|| in float64 (of the displacement from `origin`)."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    if origin is not None:
+        o = origin.detach().cpu().double()
+        a, e = a - o, e - o
+    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+# Tolerance of CUDA against the CPU path, by storage dtype: both compute in float32 (float64 for
+# double) but differ in FMA contraction and reduction order; low-precision storage turns an
+# occasional last-bit difference into one ulp of the stored value.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
