@@ -121,4 +121,49 @@ void bind_optimizers(nb::module_& m) {
       nb::arg("dim") = 0, nb::arg("n_heads") = 0, nb::arg("n_kv_heads") = 0,
       nb::arg("head_dim") = 0);
   bind_common<AdamMini, AdamMiniOptions, AdamMiniParamState>(mini);
+
+  nb::class_<Apollo> apollo(m, "CppApollo",
+                            "memopt::Apollo (memopt::ApolloMini with mini=True), the LibTorch "
+                            "optimizer: attention/MLP weights projected, the rest AdamW.");
+  apollo.def(
+      "__init__",
+      [](Apollo* self, const std::vector<std::pair<std::string, at::Tensor>>& named_params,
+         bool mini, double lr, Betas betas, double eps, double weight_decay,
+         std::optional<int64_t> rank, std::string proj, std::string proj_type,
+         std::optional<std::string> scale_type, int64_t update_proj_gap,
+         std::optional<double> scale, double norm_growth_limit, bool scale_front,
+         bool store_projection) {
+        ApolloOptions o = mini ? ApolloOptions::mini(lr) : ApolloOptions(lr);
+        o.betas(std::make_tuple(betas.first, betas.second)).eps(eps).weight_decay(weight_decay)
+            .proj(std::move(proj)).proj_type(std::move(proj_type))
+            .update_proj_gap(update_proj_gap).norm_growth_limit(norm_growth_limit)
+            .scale_front(scale_front).store_projection(store_projection);
+        if (rank) o.rank(*rank);
+        if (scale_type) o.scale_type(*scale_type);
+        if (scale) o.scale(*scale);
+        if (mini) new (self) ApolloMini(named_params, o);
+        else new (self) Apollo(named_params, o);
+      },
+      nb::arg("named_params"), nb::arg("mini") = false, nb::arg("lr") = 1e-3,
+      nb::arg("betas") = Betas{0.9, 0.999}, nb::arg("eps") = 1e-6, nb::arg("weight_decay") = 0.0,
+      nb::arg("rank") = nb::none(), nb::arg("proj") = "random", nb::arg("proj_type") = "std",
+      nb::arg("scale_type") = nb::none(), nb::arg("update_proj_gap") = 200,
+      nb::arg("scale") = nb::none(), nb::arg("norm_growth_limit") = 1.01,
+      nb::arg("scale_front") = false, nb::arg("store_projection") = true);
+  apollo.def("add_param_group",
+             [](Apollo& opt, std::vector<at::Tensor> params, int64_t rank, double lr) {
+               opt.add_param_group(torch::optim::OptimizerParamGroup(
+                   std::move(params), std::make_unique<ApolloOptions>(ApolloOptions(lr).rank(rank))));
+             },
+             nb::arg("params"), nb::arg("rank"), nb::arg("lr"),
+             "add_param_group with the group's own ApolloOptions (rank, lr; other keys default).");
+  apollo.def("extra_state",
+             [](const Apollo& opt, const at::Tensor& param) {
+               auto it = opt.state().find(param.unsafeGetTensorImpl());
+               TORCH_CHECK_VALUE(it != opt.state().end(), "no state for this parameter");
+               const auto& s = static_cast<const ApolloParamState&>(*it->second);
+               return std::make_tuple(s.proj(), s.seed(), s.limiter_norm());
+             },
+             nb::arg("param"), "(proj, seed, limiter_norm); undefined ones are None.");
+  bind_common<Apollo, ApolloOptions, ApolloParamState>(apollo);
 }

@@ -103,7 +103,7 @@ const BlockSpec& AdamMini::block_spec(const torch::Tensor& param) const {
   return it->second;
 }
 
-void AdamMini::adopt_params(const std::vector<at::Tensor>& params) {
+void AdamMini::adopt_params(const std::vector<at::Tensor>& params, const AdamMiniOptions&) {
   for (const auto& p : params) {
     RoleInfo info;
     info.role = p.dim() >= 2 ? Role::Linear : Role::Elementwise;

@@ -44,6 +44,7 @@ template <typename Options>
 void check_options(const Options& o) {
   check_adam_hparams(o.lr(), std::get<0>(o.betas()), std::get<1>(o.betas()), o.eps(),
                      o.weight_decay());
+  if constexpr (std::is_same_v<Options, ApolloOptions>) check_apollo_options(o);
 }
 }  // namespace
 
@@ -120,7 +121,9 @@ void AdamFamily<Options, State>::add_param_group(
   for (const auto& p : param_group.params())
     TORCH_CHECK_VALUE(seen.insert(p.unsafeGetTensorImpl()).second,
                       "add_param_group: a parameter is already in the optimizer");
-  adopt_params(param_group.params());
+  adopt_params(param_group.params(), param_group.has_options()
+                                         ? static_cast<const Options&>(param_group.options())
+                                         : static_cast<const Options&>(defaults()));
   torch::optim::Optimizer::add_param_group(param_group);
   keep_group_options(param_groups_.size() - 1, param_group);
 }
@@ -146,8 +149,9 @@ torch::Tensor AdamFamily<Options, State>::step(LossClosure closure) {
       if (state == nullptr) {
         auto created = std::make_unique<State>();
         created->step(torch::zeros({}, torch::kFloat));
-        created->exp_avg(torch::zeros_like(p, at::MemoryFormat::Contiguous));
+        created->exp_avg(torch::zeros(exp_avg_sizes(p), p.options()));
         created->exp_avg_sq(torch::zeros(exp_avg_sq_sizes(p), p.options()));
+        init_extra_state(*created, p);
         state = created.get();
         fresh[i].emplace_back(key, std::move(created));
       }
@@ -157,11 +161,10 @@ torch::Tensor AdamFamily<Options, State>::step(LossClosure closure) {
       l.exp_avgs.push_back(state->exp_avg());
       l.exp_avg_sqs.push_back(state->exp_avg_sq());
       l.steps.push_back(state->step());
+      l.states.push_back(state);
     }
     check_options(group_options(i));
-    const std::string op = "step (param group " + std::to_string(i) + ")";
-    check_update_lists(op.c_str(), lists[i].params, lists[i].grads, lists[i].exp_avgs,
-                       lists[i].steps);
+    check_group("step (param group " + std::to_string(i) + ")", group_options(i), lists[i]);
   }
   for (size_t i = 0; i < param_groups_.size(); ++i) {
     if (lists[i].params.empty()) continue;
@@ -187,8 +190,10 @@ void AdamFamily<Options, State>::check_loaded_state(State& s, const at::Tensor& 
                     where(), " lacks step, exp_avg or exp_avg_sq");
   TORCH_CHECK_VALUE(s.step().numel() == 1 && s.step().scalar_type() == at::kFloat, where(),
                     ": step must be a one-element float32 tensor");
-  TORCH_CHECK_VALUE(s.exp_avg().sizes() == param.sizes(), where(), ": exp_avg has shape ",
-                    s.exp_avg().sizes(), " but the parameter has ", param.sizes());
+  const auto m_sizes = exp_avg_sizes(param);
+  TORCH_CHECK_VALUE(s.exp_avg().sizes() == at::IntArrayRef(m_sizes), where(),
+                    ": exp_avg has shape ", s.exp_avg().sizes(), " but this optimizer keeps ",
+                    at::IntArrayRef(m_sizes), " for it");
   const auto sq_sizes = exp_avg_sq_sizes(param);
   TORCH_CHECK_VALUE(s.exp_avg_sq().sizes() == at::IntArrayRef(sq_sizes), where(),
                     ": exp_avg_sq has shape ", s.exp_avg_sq().sizes(), " but this optimizer keeps ",
@@ -202,6 +207,7 @@ void AdamFamily<Options, State>::check_loaded_state(State& s, const at::Tensor& 
   s.step(s.step().to(at::kCPU).reshape({}));
   s.exp_avg(s.exp_avg().to(param.device()).contiguous());
   s.exp_avg_sq(s.exp_avg_sq().to(param.device()).contiguous());
+  check_extra_state(s, param, where());
 }
 
 template <typename Options, typename State>
@@ -271,7 +277,9 @@ void AdamW::update(const AdamWOptions& o, const GroupLists& l) {
 
 template struct AdamFamilyParamState<AdamWParamState>;
 template struct AdamFamilyParamState<AdamMiniParamState>;
+template struct AdamFamilyParamState<ApolloParamState>;
 template class AdamFamily<AdamWOptions, AdamWParamState>;
 template class AdamFamily<AdamMiniOptions, AdamMiniParamState>;
+template class AdamFamily<ApolloOptions, ApolloParamState>;
 
 }  // namespace memopt

@@ -1,4 +1,4 @@
-// LibTorch front end: memopt::AdamW and memopt::AdamMini as torch::optim::Optimizer subclasses,
+// LibTorch front end: memopt::AdamW, AdamMini, SlimAdam, Apollo and ApolloMini as torch::optim::Optimizer subclasses,
 // with LibTorch's Options / ParamState / step(closure) shape and torch::save / torch::load.
 //
 //   memopt::AdamMini opt(named_params, memopt::AdamMiniOptions(3e-4).dim(768).n_heads(12));
@@ -16,7 +16,9 @@
 #include <utility>
 #include <vector>
 
+#include "memopt/common.h"
 #include "memopt/partition.h"
+#include "memopt/projection.h"
 
 namespace memopt {
 
@@ -59,7 +61,35 @@ struct AdamMiniOptions : public torch::optim::OptimizerCloneableOptions<AdamMini
   void serialize(torch::serialize::OutputArchive& archive) const override;
 };
 
+// APOLLO / APOLLO-Mini (apollo.h). A group with rank > 0 is projected (2-D parameters only);
+// rank 0 makes it a plain AdamW group (embeddings, norms, output layer). Like Adam-mini's head
+// geometry, a parameter's projected shapes are fixed at construction from its group's options.
+struct ApolloOptions : public torch::optim::OptimizerCloneableOptions<ApolloOptions> {
+  ApolloOptions(double lr = 1e-3) { this->lr(lr).eps(1e-6); }  // NOLINT(google-explicit-constructor)
+  MEMOPT_ADAM_OPTIONS_ARGS(0.0)  // apollo-torch's defaults: eps 1e-6, no decay
+  TORCH_ARG(int64_t, rank) = 256;
+  TORCH_ARG(std::string, proj) = "random";       // "random" | "svd"
+  TORCH_ARG(std::string, proj_type) = "std";     // "std" | "reverse_std" | "left" | "right"
+  TORCH_ARG(std::string, scale_type) = "channel";  // "channel" | "tensor"
+  TORCH_ARG(int64_t, update_proj_gap) = 200;
+  TORCH_ARG(double, scale) = 1.0;
+  TORCH_ARG(double, norm_growth_limit) = 1.01;   // 0 turns the limiter off
+  TORCH_ARG(bool, scale_front) = false;
+  TORCH_ARG(bool, store_projection) = true;      // false: regenerate P from its seed each step
+
+ public:
+  // APOLLO-Mini's defaults (arXiv 2412.05270 §3.3): rank 1, one tensor-wise factor, scale 128.
+  static ApolloOptions mini(double lr = 1e-3) {
+    return ApolloOptions(lr).rank(1).scale_type("tensor").scale(128.0);
+  }
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+};
+
 #undef MEMOPT_ADAM_OPTIONS_ARGS
+
+// The APOLLO-specific options of a projected group (rank > 0): ValueError naming the key.
+void check_apollo_options(const ApolloOptions& options);
 
 // Per-parameter state of the Adam family. `step` is a 0-dim float32 CPU tensor (the fused
 // update increments it, as torch.optim's fused Adam does), so a checkpoint holds only tensors.
@@ -78,6 +108,18 @@ struct AdamFamilyParamState : public torch::optim::OptimizerCloneableParamState<
 struct AdamWParamState : public AdamFamilyParamState<AdamWParamState> {};
 // exp_avg_sq is 1-D, one entry per block of the parameter's BlockSpec.
 struct AdamMiniParamState : public AdamFamilyParamState<AdamMiniParamState> {};
+// Projected parameters: the moments have R's shape; `proj` (if stored), `seed` (int64, random
+// projections) and `limiter_norm` (the norm-growth limiter's last norm, -1 before the first)
+// travel with the checkpoint. A rank-0 group's parameters hold AdamW's state only.
+struct ApolloParamState : public AdamFamilyParamState<ApolloParamState> {
+  TORCH_ARG(torch::Tensor, proj);
+  TORCH_ARG(torch::Tensor, seed);
+  TORCH_ARG(torch::Tensor, limiter_norm);
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+};
 
 // What AdamW and AdamMini share: step(closure) with lazily created state and exactly one fused
 // update call per param group, and save/load that validates a checkpoint completely before it
@@ -100,6 +142,7 @@ class AdamFamily : public torch::optim::Optimizer {
   // One group's parameters that have gradients, as the parallel lists the fused ops take.
   struct GroupLists {
     std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+    std::vector<State*> states;  // parallel to params
   };
 
   // Groups that carry options keep them as given. (LibTorch merges group options only for its
@@ -110,10 +153,22 @@ class AdamFamily : public torch::optim::Optimizer {
   const Options& group_options(size_t group) const {
     return static_cast<const Options&>(param_groups_[group].options());
   }
-  // Called for the parameters of a group added after construction (AdamMini assigns blocks).
-  virtual void adopt_params(const std::vector<at::Tensor>&) {}
-  // Sizes of a parameter's exp_avg_sq: for new state and to validate a checkpoint.
+  // Called for the parameters of a group added after construction, with the options the group
+  // will have (AdamMini assigns blocks, Apollo projections); may raise to refuse the group.
+  virtual void adopt_params(const std::vector<at::Tensor>&, const Options&) {}
+  // Sizes of a parameter's moments: for new state and to validate a checkpoint.
+  virtual std::vector<int64_t> exp_avg_sizes(const at::Tensor& param) const {
+    return param.sizes().vec();
+  }
   virtual std::vector<int64_t> exp_avg_sq_sizes(const at::Tensor& param) const = 0;
+  // State beyond step and the moments: set for new state, validated (and moved to the
+  // parameter's device) for loaded state.
+  virtual void init_extra_state(State&, const at::Tensor&) const {}
+  virtual void check_extra_state(State&, const at::Tensor&, const std::string&) const {}
+  // Everything the group's update checks before it writes (raises on bad input).
+  virtual void check_group(const std::string& op, const Options&, const GroupLists& l) const {
+    check_update_lists(op.c_str(), l.params, l.grads, l.exp_avgs, l.steps);
+  }
   // The single fused update call for one group.
   virtual void update(const Options& options, const GroupLists& lists) = 0;
 
@@ -156,7 +211,7 @@ class AdamMini : public AdamFamily<AdamMiniOptions, AdamMiniParamState> {
 
   // Parameters of a group added later have no name: blocks from the shape alone (per output
   // neuron for >= 2-D, plain Adam for 1-D). Pass roles at construction for anything else.
-  void adopt_params(const std::vector<at::Tensor>& params) override;
+  void adopt_params(const std::vector<at::Tensor>& params, const AdamMiniOptions&) override;
   std::vector<int64_t> exp_avg_sq_sizes(const at::Tensor& param) const override;
   void update(const AdamMiniOptions& options, const GroupLists& lists) override;
 
@@ -177,9 +232,55 @@ class SlimAdam : public AdamMini {
            AdamMiniOptions defaults = {});
 };
 
+// APOLLO (Zhu et al., arXiv 2412.05270) as apollo-torch 1.0.3's APOLLOAdamW: the fused
+// memopt::apollo_ op for projected groups (rank > 0), memopt::adamw_ for the others. Random
+// projections are seeded as apollo-torch seeds them: a parameter's 1-based position in the
+// optimizer, so the same parameters in the same order give the Python front end's P.
+class Apollo : public AdamFamily<ApolloOptions, ApolloParamState> {
+ public:
+  // Attention and MLP weights (roles from names, 2-D) are projected with the defaults' rank;
+  // every other parameter goes to a rank-0 (AdamW) group.
+  Apollo(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+         ApolloOptions defaults = {});
+  // Explicit groups: each group's own options (or the defaults) decide; rank 0 = AdamW.
+  explicit Apollo(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                  ApolloOptions defaults = {});
+
+ protected:
+  void adopt_params(const std::vector<at::Tensor>& params, const ApolloOptions& options) override;
+  std::vector<int64_t> exp_avg_sizes(const at::Tensor& param) const override;
+  std::vector<int64_t> exp_avg_sq_sizes(const at::Tensor& param) const override;
+  void init_extra_state(ApolloParamState& state, const at::Tensor& param) const override;
+  void check_extra_state(ApolloParamState& state, const at::Tensor& param,
+                         const std::string& where) const override;
+  void check_group(const std::string& op, const ApolloOptions& o,
+                   const GroupLists& l) const override;
+  void update(const ApolloOptions& options, const GroupLists& lists) override;
+
+ private:
+  struct Layout {
+    std::vector<int64_t> low_rank, proj;  // empty low_rank: not projected (AdamW)
+    int64_t seed;
+    bool random, store;
+  };
+  const Layout& layout(const at::Tensor& param) const;
+  void add_layouts(const std::vector<at::Tensor>& params, const ApolloOptions& options);
+  ska::flat_hash_map<void*, Layout> layouts_;
+};
+
+// APOLLO-Mini: Apollo with ApolloOptions::mini() defaults.
+class ApolloMini : public Apollo {
+ public:
+  ApolloMini(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+             ApolloOptions defaults = ApolloOptions::mini())
+      : Apollo(named_params, std::move(defaults)) {}
+};
+
 extern template struct AdamFamilyParamState<AdamWParamState>;
 extern template struct AdamFamilyParamState<AdamMiniParamState>;
+extern template struct AdamFamilyParamState<ApolloParamState>;
 extern template class AdamFamily<AdamWOptions, AdamWParamState>;
 extern template class AdamFamily<AdamMiniOptions, AdamMiniParamState>;
+extern template class AdamFamily<ApolloOptions, ApolloParamState>;
 
 }  // namespace memopt
