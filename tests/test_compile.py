@@ -84,3 +84,18 @@ def test_compiled_step_creates_missing_state_like_eager():
 def test_init_state_refuses_an_optimizer_that_cannot_compile():
     with pytest.raises(TypeError, match="cannot be created ahead"):
         memopt_core.Frugal(torch.nn.Linear(4, 3)).init_state()
+
+
+def test_compiling_frugal_step_fails_with_the_reason():
+    """FRUGAL is the registry's one optimizer outside torch.compile (its state moves between
+    tensors every update_gap steps); compiling its step must say so, not fail obscurely."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    opt = memopt_core.Frugal(model, roles={"0.weight": "mlp", "1.weight": "mlp"})
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(Exception, match="Frugal.step\\(\\) cannot be compiled"):
+        torch.compile(opt.step, fullgraph=True, backend="aot_eager")()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.step()  # eagerly, as the message says
+    assert not torch.equal(before[0], model[0].weight)

@@ -9,6 +9,7 @@
 
 #include <torch/serialize.h>
 
+#include "memopt/frugal_optimizer.h"
 #include "memopt/optimizers.h"
 #include "tensor_caster.h"
 
@@ -166,4 +167,35 @@ void bind_optimizers(nb::module_& m) {
              },
              nb::arg("param"), "(proj, seed, limiter_norm); undefined ones are None.");
   bind_common<Apollo, ApolloOptions, ApolloParamState>(apollo);
+
+  nb::class_<Frugal> frugal(m, "CppFrugal", "memopt::Frugal, the LibTorch optimizer.");
+  frugal.def(
+      "__init__",
+      [](Frugal* self, const std::vector<std::pair<std::string, at::Tensor>>& named_params,
+         double lr, Betas betas, double eps, double weight_decay, double density,
+         int64_t update_gap, std::string selection, std::string block_order,
+         std::string state_free, double state_free_lr_scale, double proj_params_lr_scale,
+         bool reset_statistics, std::optional<int64_t> seed) {
+        FrugalOptions o(lr);
+        o.betas(std::make_tuple(betas.first, betas.second)).eps(eps).weight_decay(weight_decay)
+            .state_free_lr_scale(state_free_lr_scale).proj_params_lr_scale(proj_params_lr_scale);
+        FrugalConfig c{density, update_gap, std::move(selection), std::move(block_order),
+                       std::move(state_free), reset_statistics, seed};
+        new (self) Frugal(named_params, o, std::move(c));
+      },
+      nb::arg("named_params"), nb::arg("lr") = 1e-3, nb::arg("betas") = Betas{0.9, 0.999},
+      nb::arg("eps") = 1e-8, nb::arg("weight_decay") = 0.0, nb::arg("density") = 0.25,
+      nb::arg("update_gap") = 200, nb::arg("selection") = "block",
+      nb::arg("block_order") = "descending", nb::arg("state_free") = "sign_sgd",
+      nb::arg("state_free_lr_scale") = 1.0, nb::arg("proj_params_lr_scale") = 1.0,
+      nb::arg("reset_statistics") = true, nb::arg("seed") = nb::none());
+  frugal.def("subspace",
+             [](const Frugal& opt, const at::Tensor& param) {
+               auto it = opt.state().find(param.unsafeGetTensorImpl());
+               TORCH_CHECK_VALUE(it != opt.state().end(), "no state for this parameter");
+               return static_cast<const FrugalParamState&>(*it->second).subspace();
+             },
+             nb::arg("param"), "The parameter's subspace tensor (None for block selection).");
+  frugal.def("active_blocks", &Frugal::active_blocks);
+  bind_common<Frugal, FrugalOptions, FrugalParamState>(frugal);
 }

@@ -10,6 +10,7 @@
 
 #include "memopt/adamw.h"
 #include "memopt/common.h"
+#include "memopt/frugal_optimizer.h"
 
 namespace memopt {
 
@@ -45,6 +46,7 @@ void check_options(const Options& o) {
   check_adam_hparams(o.lr(), std::get<0>(o.betas()), std::get<1>(o.betas()), o.eps(),
                      o.weight_decay());
   if constexpr (std::is_same_v<Options, ApolloOptions>) check_apollo_options(o);
+  if constexpr (std::is_same_v<Options, FrugalOptions>) check_frugal_options(o);
 }
 }  // namespace
 
@@ -278,8 +280,10 @@ void AdamW::update(const AdamWOptions& o, const GroupLists& l) {
 template struct AdamFamilyParamState<AdamWParamState>;
 template struct AdamFamilyParamState<AdamMiniParamState>;
 template struct AdamFamilyParamState<ApolloParamState>;
+template struct AdamFamilyParamState<FrugalParamState>;
 template class AdamFamily<AdamWOptions, AdamWParamState>;
 template class AdamFamily<AdamMiniOptions, AdamMiniParamState>;
 template class AdamFamily<ApolloOptions, ApolloParamState>;
+template class AdamFamily<FrugalOptions, FrugalParamState>;
 
 }  // namespace memopt

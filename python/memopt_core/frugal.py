@@ -18,6 +18,11 @@ SELECTIONS = ("block", "columns", "rows", "randk", "svd", "random", "randperm")
 _PROJECTIONS = ("svd", "random", "randperm")
 _RULES = {None: 0, "sgd": 1, "sign_sgd": 2}
 _ADAM, _ACTIVE, _FREE, _COLUMNS, _ROWS, _RANDK, _RIGHT, _LEFT = range(8)
+_NOT_COMPILABLE = (
+    "Frugal.step() cannot be compiled: every update_gap steps it moves Adam state between "
+    "tensors (inactive blocks hold none) or redraws subspaces on the host, which changes the "
+    "step's graph. Compile the model's forward/backward and call opt.step() eagerly (outside "
+    "the compiled function); the step is one fused op per param group either way.")
 _MODE_NAMES = {_ADAM: "adamw", _ACTIVE: "active", _FREE: "free", _COLUMNS: "columns",
                _ROWS: "rows", _RANDK: "randk", _RIGHT: "proj-r", _LEFT: "proj-l"}
 
@@ -265,6 +270,8 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
+        if torch.compiler.is_compiling():
+            raise TypeError(_NOT_COMPILABLE)
         loss = None
         if closure is not None:
             with torch.enable_grad():
