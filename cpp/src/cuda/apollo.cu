@@ -1,9 +1,9 @@
 // APOLLO on CUDA: the passes around one ATen GEMM per tensor (R = P G, in apollo_glue.cpp), in
 // the CPU op's order and rounding (cpp/src/apollo.cpp):
-//   moments:    Adam on R (r x K values) and per-channel sums of Rt^2 and R^2    (R-sized)
-//   grad norms: per-channel sums of G^2, only with the limiter                   (one read of G)
-//   factors:    scaling factors, limiter, per-channel coefficients               (K-sized)
-//   update:     p = (p - coef_c g)(1 - lr wd), multi-tensor                      (read g, p; write p)
+//   moments:    Adam on R (r x K values), per-channel sums of Rt^2 and R^2   (R-sized)
+//   grad norms: per-channel sums of G^2, only with the limiter               (one read of G)
+//   factors:    scaling factors, limiter, per-channel coefficients           (K-sized)
+//   update:     p = (p - coef_c g)(1 - lr wd), multi-tensor            (read g, p; write p)
 // An fp32 parameter moves 12 B in the update, 4 B in the GEMM and 4 B in the norms (20 B, 16 B
 // without the limiter; bf16 half of that) plus the R-sized traffic; no pass writes anything
 // parameter-sized but p. Per-channel sums are double, as on the CPU.
@@ -69,7 +69,8 @@ __device__ __forceinline__ C rounded(C x) {
 }
 
 template <typename S, typename C, bool kLeft>
-__global__ void __launch_bounds__(kThreads) moments_kernel(const ApolloMomentsParams prm, int lanes) {
+__global__ void __launch_bounds__(kThreads) moments_kernel(const ApolloMomentsParams prm,
+                                                           int lanes) {
   const Group grp(lanes, kLeft);
   const int64_t c = static_cast<int64_t>(blockIdx.x) * grp.per_block + grp.slot;
   const int64_t r = prm.r, K = prm.K;
@@ -273,7 +274,8 @@ int launch_apollo_grad_norms(const ApolloGradNormParams& prm, Stream stream) {
       grad_norms_kernel<P, true><<<grid, kThreads, 0, s>>>(prm, kLeftLanes);
     } else {
       const int lanes = lanes_for(prm.cols, 32);
-      grad_norms_kernel<P, false><<<blocks(prm.rows, kThreads / lanes), kThreads, 0, s>>>(prm, lanes);
+      const unsigned grid = blocks(prm.rows, kThreads / lanes);
+      grad_norms_kernel<P, false><<<grid, kThreads, 0, s>>>(prm, lanes);
     }
     return last_launch_error();
   });
@@ -289,7 +291,8 @@ int launch_apollo_update(const ApolloUpdateParams& prm, Stream stream) {
   if (prm.map.n_chunks == 0) return 0;
   return dispatch_param_state(prm.param_dtype, Dtype::kFloat32, [&](auto p_tag, auto) {
     using P = typename decltype(p_tag)::type;
-    update_kernel<P><<<prm.map.n_chunks, kUpdateThreads, 0, static_cast<cudaStream_t>(stream)>>>(prm);
+    const auto s = static_cast<cudaStream_t>(stream);
+    update_kernel<P><<<prm.map.n_chunks, kUpdateThreads, 0, s>>>(prm);
     return last_launch_error();
   });
 }

@@ -97,14 +97,16 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   const ApolloConfig cfg = make_apollo_config(rank, str(proj), str(proj_type), str(scale_type),
                                               update_proj_gap, scale, norm_growth_limit,
                                               scale_front);
-  check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps, cfg);
+  check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
+                      cfg);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params.empty()) return;
   check_same_cuda_device(kOp, {params, grads, exp_avgs, exp_avg_sqs});
+  const bool fp16_accumulation = at::globalContext().allowFP16AccumulationCuBLAS();
   for (const auto& p : params)
-    TORCH_CHECK_VALUE(p.scalar_type() != at::kHalf || !at::globalContext().allowFP16AccumulationCuBLAS(),
-                      kOp, ": float16 parameters need torch.backends.cuda.matmul."
+    TORCH_CHECK_VALUE(p.scalar_type() != at::kHalf || !fp16_accumulation, kOp,
+                      ": float16 parameters need torch.backends.cuda.matmul."
                       "allow_fp16_accumulation = False (R is accumulated in float32)");
   const c10::Device device = params[0].device();
   const c10::DeviceGuard guard(device);
@@ -158,9 +160,9 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
     Plan& pl = plans[i];
     const Tensor& p = params[i];
     if (pl.new_seed) seeds[i].fill_(pl.seed);
+    const int64_t p_size = pl.proj.rank() * pl.proj.contraction() * p.element_size();
     Tensor P = stored ? projs[i]
-                      : p_buf.narrow(0, 0, pl.proj.rank() * pl.proj.contraction() * p.element_size())
-                            .view(p.scalar_type()).view(pl.proj.proj_shape());
+                      : p_buf.narrow(0, 0, p_size).view(p.scalar_type()).view(pl.proj.proj_shape());
     if (pl.draw)
       P.copy_(host_gaussian(pl.proj, pl.seed, p.scalar_type()), /*non_blocking=*/true);
     else if (!random && pl.refresh)
@@ -198,7 +200,8 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
       gp.rows_per_split = (gp.rows + pl.splits - 1) / pl.splits;
       check_launch(launch_apollo_grad_norms(gp, stream), kOp);
       // A limiter norm kept on the CPU makes a round trip (the kernel reads and writes it).
-      norm_dev[i] = limiter_norms[i].device().is_cpu() ? limiter_norms[i].to(device) : limiter_norms[i];
+      const Tensor& norm = limiter_norms[i];
+      norm_dev[i] = norm.device().is_cpu() ? norm.to(device) : norm;
     }
   }
 
