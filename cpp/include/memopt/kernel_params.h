@@ -52,4 +52,86 @@ struct AdamWParams {
 static_assert(sizeof(AdamWParams) <= 4096, "kernel argument over 4 KiB");
 int launch_adamw(const AdamWParams& params, Stream stream);
 
+
+// ---- APOLLO (cpp/src/cuda/apollo.cu) --------------------------------------------------------
+// One tensor's R = P G (or G P^T) comes from an ATen GEMM into workspace scratch; these kernels
+// do the rest. Channel c of a Left projection is column c of G and of R (r, K); of a Right one,
+// row c of G and of R (K, r). Per-channel sums are double, as on the CPU.
+
+// Adam on R (moments updated in place) and, per channel, the sums of Rt^2 and R^2.
+// One launch per tensor: it follows that tensor's GEMM in the reused R scratch.
+struct ApolloMomentsParams {
+  Dtype param_dtype, state_dtype;  // R is float (double for float64 params)
+  int32_t left;                    // R is (r, K), else (K, r)
+  const void* R;
+  void* m;
+  void* v;
+  double* sum_rt2;  // K: sum over the channel of (M / (sqrt(V) + eps))^2
+  double* sum_r2;   // K: sum over the channel of R^2
+  int64_t r, K;
+  double beta1, beta2, eps;
+};
+static_assert(sizeof(ApolloMomentsParams) <= 4096, "kernel argument over 4 KiB");
+int launch_apollo_moments(const ApolloMomentsParams& params, Stream stream);
+
+// Per-channel sums of G^2 for the norm-growth limiter (||G s||^2 = sum_c s_c^2 ||G_c||^2).
+// Left (column sums) is cut into `splits` row ranges, each writing its own K partial sums
+// (out[split * K + c]); Right (row sums) writes out[c] (splits = 1).
+struct ApolloGradNormParams {
+  Dtype param_dtype;
+  int32_t left;
+  const void* g;  // contiguous (rows, cols)
+  double* out;
+  int64_t rows, cols;
+  int32_t splits;
+  int64_t rows_per_split;
+};
+static_assert(sizeof(ApolloGradNormParams) <= 4096, "kernel argument over 4 KiB");
+int launch_apollo_grad_norms(const ApolloGradNormParams& params, Stream stream);
+// Row ranges a Left gradient of `rows` rows is cut into (the glue sizes the partial sums).
+int32_t apollo_grad_norm_splits(int64_t rows);
+
+// Scaling factors, limiter and the final per-channel coefficients, one CTA per tensor:
+//   s_c = sqrt(sum_rt2_c) / (sqrt(sum_r2_c) + 1e-8)   (tensor: over the sums of all channels)
+//   limiter on ||U|| = sqrt(sum_c s_c^2 g2_c) [* alpha if scale_front], reading and writing norm
+//   coef_c = (step_size * alpha / limit) * s_c   (coef[0] for tensor scaling), in double: the
+//   update rounds it to the compute type, where the CPU op rounds it too.
+// The per-channel arrays of all tensors of a call are carved back to back: tensor i's start at
+// ch_off[i] (sums, coef) and g2_off[i] (partial G sums).
+struct ApolloFactorParams {
+  static constexpr int kMaxTensors = 32;
+  Dtype param_dtype;
+  int32_t n_tensors, channel, limiter, scale_front;
+  const double* sum_rt2;
+  const double* sum_r2;
+  const double* g2;
+  double* coef;
+  double alpha, gamma;
+  int64_t ch_off[kMaxTensors];
+  int64_t g2_off[kMaxTensors];
+  int64_t K[kMaxTensors];
+  int32_t splits[kMaxTensors];
+  void* norm[kMaxTensors];  // the limiter norm: float32 or float64 scalar on the device
+  int32_t norm_is_double[kMaxTensors];
+  double step_size[kMaxTensors];  // lr sqrt(1 - beta2^t) / (1 - beta1^t)
+};
+static_assert(sizeof(ApolloFactorParams) <= 4096, "kernel argument over 4 KiB");
+int launch_apollo_factors(const ApolloFactorParams& params, Stream stream);
+
+// The final pass, multi-tensor: p = (p - coef_c g) - lr wd (p - coef_c g), c per `mode`.
+enum ApolloCoefMode : int32_t { kApolloPerTensor = 0, kApolloPerRow = 1, kApolloPerColumn = 2 };
+struct ApolloUpdateParams {
+  static constexpr int kMaxTensors = 32;
+  Dtype param_dtype;  // grads have the param dtype
+  void* p[kMaxTensors];
+  const void* g[kMaxTensors];
+  const double* coef[kMaxTensors];  // ApolloFactorParams' coef of this tensor
+  int64_t cols[kMaxTensors];
+  int32_t mode[kMaxTensors];
+  double lr_wd;
+  ChunkMap<kMaxTensors, 320> map;
+};
+static_assert(sizeof(ApolloUpdateParams) <= 4096, "kernel argument over 4 KiB");
+int launch_apollo_update(const ApolloUpdateParams& params, Stream stream);
+
 }  // namespace memopt::cuda
