@@ -99,6 +99,9 @@ def _kinds():
                  rule=[(1, 0, 9, (0,)), (1, 9, 12, (1,))])],
         "slim_3d": [Case((3, 4, 5), slim((3, 4, 5), [0, 2]), rule=(0, 2)),
                     Case((3, 4, 5), slim((3, 4, 5), [1]), rule=(1,))],
+        # Written out: per-row blocks, then an elementwise tail (its v after the rows' blocks).
+        "mixed_segments": [Case((4, 5), [(0, 2, 5, 5, 1, 5), (10, 10, 1, 1, 1, 1)],
+                                R.per_row((2, 5)) + list(torch.arange(10, 20).view(-1, 1)))],
     }
 
 
@@ -213,4 +216,81 @@ def test_every_kind_in_one_call(dtypes, contiguous, device):
     cases = [c for cs in KINDS.values() for c in cs]
     cases += [Case((n,), blocks("bias", (n,)), R.elementwise((n,))) for n in range(1, 31)]
     cases += [Case((2, n), blocks("mlp", (2, n)), R.per_row((2, n))) for n in range(3, 33)]
+    cases += [Case((3, n), blocks("mlp", (3, n), transposed=True), R.per_col((3, n)))
+              for n in range(2, 32)]
     check(device, cases, *DTYPES[dtypes], contiguous=contiguous)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_inputs_give_bitwise_identical_results(device):
+    """No atomics: partial sums are added in a fixed order, so runs repeat to the bit."""
+    cases = KINDS["per_column"] + KINDS["per_head"] + KINDS["whole"] + KINDS["slim_qkv"]
+    start = _start(cases, torch.float32)
+    grads = grads_of(start, 3)
+    first, second = (run_op(device, cases, start, torch.float32, grads) for _ in range(2))
+    for a, b in zip(first, second):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _inputs(device, cases):
+    start = _start(cases, torch.float32)
+    params = [p.to(device) for p in start]
+    grads = [g.to(device) for g in make_grads(start, 0)]
+    ms = [torch.randn_like(p) for p in params]
+    vs = [torch.rand(_n_blocks(c.segs), device=device) for c in cases]
+    steps = [torch.full((), 3.0) for _ in params]
+    return params, grads, ms, vs, steps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", ["v_length", "spec_coverage", "lr", "grad_shape"])
+def test_bad_input_raises_before_any_write(bad, device):
+    cases = KINDS["per_head"][:1] + KINDS["per_column"][:1] + KINDS["elementwise"][:1]
+    params, grads, ms, vs, steps = _inputs(device, cases)
+    specs = [list(c.segs) for c in cases]
+    lr = torch.tensor(LR, dtype=torch.float64)
+    if bad == "v_length":
+        vs[1] = vs[1][:-1]
+    elif bad == "spec_coverage":
+        specs[2] = [(0, 4, 1, 1, 1, 1)]
+    elif bad == "lr":
+        lr = torch.tensor(-1.0, dtype=torch.float64)
+    else:
+        grads[2] = grads[2][:-1]
+    before = [[t.clone() for t in ts] for ts in (params, ms, vs, steps)]
+    with pytest.raises((ValueError, RuntimeError)):
+        torch.ops.memopt.adam_mini_(params, grads, ms, vs, steps, _C.encode_block_specs(specs),
+                                    lr, *BETAS, EPS, WD)
+    for ts, olds in zip((params, ms, vs, steps), before):
+        assert all(torch.equal(t, o) for t, o in zip(ts, olds))
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_segments_sharing_elements_raise_on_cuda(device):
+    """Interleaved segments that check_block_spec accepts (counts add up, extents may overlap)
+    but that share elements: the CPU would update those twice, one segment after the other;
+    the CUDA kernels update a tensor's segments at once, so the CUDA op refuses them."""
+    assert_cuda_build()
+    case = Case((4, 4), [(0, 4, 2, 4, 4, 2), (1, 4, 2, 4, 4, 2)])   # both hold column 1
+    params, grads, ms, vs, steps = _inputs(device, [case])
+    with pytest.raises(ValueError, match="share elements"):
+        torch.ops.memopt.adam_mini_(params, grads, ms, vs, steps, _C.encode_block_specs([case.segs]),
+                                    torch.tensor(LR, dtype=torch.float64), *BETAS, EPS, WD)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_elementwise_tensor_over_one_launch_matches_cpu(device):
+    """A bias larger than one adamw launch holds (320 chunks of 65536 elements), between two
+    small tensors: its chunks continue in the next launch. Against the CPU op (the float64
+    reference's one index set per element would take minutes here)."""
+    assert_cuda_build()
+    n = 320 * 65536 + 1000
+    cases = [KINDS["per_row"][0], Case((n,), blocks("bias", (n,))), KINDS["per_column"][0]]
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(c.shape, generator=gen) for c in cases]
+    grads = [[torch.randn(c.shape, generator=gen) * 1e-2 for c in cases] for _ in range(2)]
+    ours, cpu = (run_op(d, cases, start, torch.float32, grads) for d in (device, "cpu"))
+    for a, b in zip(ours, cpu):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert rel_err(x, y, start[i] if a is ours[0] else None) <= TOL[torch.float32]
