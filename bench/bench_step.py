@@ -1,9 +1,17 @@
 #!/usr/bin/env python
-"""Optimizer step() time, state bytes and step-time memory peak on CPU, LLaMA-style models.
+"""Optimizer step() time, state bytes and step-time memory peak on CPU or CUDA, LLaMA-style models.
 
 Command (from the repo root; about 40 s for 50m and 2 min for 200m on 2 idle cores):
     python bench/bench_step.py --size 50m [--write]
     python bench/bench_step.py --size 200m [--write]
+On a CUDA GPU (method in bench/bench_step_cuda.py: CUDA events, bandwidth against a measured
+device copy, max_memory_allocated peaks; about 1 min for 50m, 5 min for 7b-layers on an H100):
+    python bench/bench_step.py --device cuda --size 50m --rounds 50 --warmup 5 [--write]
+    python bench/bench_step.py --device cuda --size 7b-layers --rounds 30 --warmup 3 [--write]
+"7b-layers" is Llama-2-7B's shape (hidden 4096, MLP 11008, 32 heads, vocabulary 32000) with
+--layers full-size decoder layers (default 4: 1.07B params) plus the embedding and output
+matrices. In fp32 every contender's state lives at once: about 47 GB with adam-mini 1.1.1
+installed, so it fits an 80 GB GPU; --dtype bf16 halves it (--layers 8 then fits too).
 
 Contenders: memopt_core.AdamMini, memopt_core.SlimAdam, memopt_core.AdamW, torch.optim.AdamW(fused=True),
 torch.optim.AdamW(foreach=True), adam_mini.Adam_mini 1.1.1 (PyPI reference; given dim, n_heads,
@@ -52,6 +60,7 @@ import memopt_core
 from memopt_core.models import Llama, llama_config, num_params
 
 HP = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BASELINE = "torch AdamW fused"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,12 +91,19 @@ else:
           file=sys.stderr)
 
 
-def build_model(size: str):
+def model_config(size: str, layers: int | None = None):
+    if size == "7b-layers":  # full-size LLaMA-7B layers, fewer of them (see the header)
+        return llama_config("llama-7b", num_hidden_layers=layers or 4)
+    return llama_config(size, **({"num_hidden_layers": layers} if layers else {}))
+
+
+def build_model(size: str, device: str = "cpu", dtype: str = "fp32", layers: int | None = None):
     torch.manual_seed(0)
-    model = Llama(llama_config(size))
-    gen = torch.Generator().manual_seed(1)
+    with torch.device(device):  # initialised where it lives: a 7B-scale model never on the CPU
+        model = Llama(model_config(size, layers)).to(DTYPES[dtype])
+    gen = torch.Generator(device).manual_seed(1)
     for p in model.parameters():  # fixed gradient, gradient-sized (1e-3 like a clipped LLM grad)
-        p.grad = torch.randn(p.shape, generator=gen).mul_(1e-3)
+        p.grad = torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype).mul_(1e-3)
     return model
 
 
@@ -96,18 +112,30 @@ def state_bytes(opt) -> int:
                if torch.is_tensor(t))
 
 
-def time_steps(model, names, warmup: int, rounds: int) -> tuple[dict, dict]:
-    """({name: step seconds per round}, {name: state bytes})."""
-    opts = {n: CONTENDERS[n](model) for n in names}
+def _host_timed_step(opt) -> float:
+    t0 = time.perf_counter()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def round_robin(opts: dict, warmup: int, rounds: int, timed_step=_host_timed_step) -> dict:
+    """{name: step seconds per round}: warm-up steps, then rounds that step every optimizer
+    once, starting from a rotated one."""
+    names = list(opts)
     for _ in range(warmup):
         for opt in opts.values():
             opt.step()
     times = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            opts[n].step()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(timed_step(opts[n]))
+    return times
+
+
+def time_steps(model, names, warmup: int, rounds: int) -> tuple[dict, dict]:
+    """({name: step seconds per round}, {name: state bytes})."""
+    opts = {n: CONTENDERS[n](model) for n in names}
+    times = round_robin(opts, warmup, rounds)
     return times, {n: state_bytes(o) for n, o in opts.items()}
 
 
@@ -175,10 +203,10 @@ def commit() -> str:
     return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def arg_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+def arg_parser(doc: str, rounds: int, sizes=("50m", "200m")) -> argparse.ArgumentParser:
     """The options every step benchmark script shares."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--size", choices=["50m", "200m"], default="50m")
+    ap.add_argument("--size", choices=list(sizes), default="50m")
     ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-process memory peaks")
@@ -187,10 +215,37 @@ def arg_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
     return ap
 
 
-def main() -> None:
-    ap = arg_parser(__doc__, rounds=9)
+def append_results(table: str) -> None:
+    results = ROOT / "bench" / "RESULTS.md"
+    new = not results.exists()
+    with results.open("a") as f:
+        if new:
+            f.write("# Benchmark results\n\nAppended by the scripts in bench/; each table says "
+                    "how it was made (see the script's header for the method).\n")
+        f.write("\n" + table + "\n")
+    print(f"appended to {results}", file=sys.stderr)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from bench_step_cuda import DEVICE_SIZES
+    ap = arg_parser(__doc__, rounds=9, sizes=DEVICE_SIZES)
     ap.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="a subset of contenders")
-    args = ap.parse_args()
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="parameters, grads "
+                    "and state (--device cuda only)")
+    ap.add_argument("--layers", type=int, help="decoder layers (--device cuda only; 7b-layers: 4)")
+    args = ap.parse_args(argv)
+    if args.device == "cpu" and (args.size not in ("50m", "200m") or args.dtype != "fp32"
+                                 or args.layers):
+        ap.error("--size llama-1b / 7b-layers, --dtype and --layers need --device cuda")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device == "cuda":
+        import bench_step_cuda
+        return bench_step_cuda.main(sys.modules[__name__], args, __file__)
     if args.memory_child:
         return memory_child(args.size, args.memory_child)
 
@@ -226,14 +281,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        results = ROOT / "bench" / "RESULTS.md"
-        new = not results.exists()
-        with results.open("a") as f:
-            if new:
-                f.write("# Benchmark results\n\nAppended by the scripts in bench/; each table says "
-                        "how it was made (see the script's header for the method).\n")
-            f.write("\n" + table + "\n")
-        print(f"appended to {results}", file=sys.stderr)
+        append_results(table)
 
 
 if __name__ == "__main__":

@@ -134,4 +134,57 @@ struct ApolloUpdateParams {
 static_assert(sizeof(ApolloUpdateParams) <= 4096, "kernel argument over 4 KiB");
 int launch_apollo_update(const ApolloUpdateParams& params, Stream stream);
 
+// ---- Adam-mini / SlimAdam (cpp/src/cuda/adam_mini.cu, adam_mini_two_pass.cu) ----------------
+// One Segment (partition.h) of one tensor, with the tensor's pointers and scalars. A launch
+// holds up to kMaxSegs segments of any tensors; its units (a unit is what one CTA, or one warp,
+// works on) are numbered segment after segment, and a kernel finds its segment by unit_begin.
+struct AdamMiniSeg {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;                            // exp_avg_sq at this segment's first block
+  double decay, step_size, bc2_sqrt;  // the tensor's AdamScalars (each tensor has its own step)
+  int64_t offset, row_stride, cols, tile_rows, tile_cols;  // partition.h's Segment
+  int64_t unit_begin;  // first unit of this segment in the launch
+  int64_t tile_begin;  // first tile (block): its factor's index in the scratch (two-pass)
+  int64_t partials;    // first partial sum of this segment in the scratch (two-pass)
+  int32_t kind;        // AdamMiniParams::kRuns or kRects (two-pass)
+  int32_t pieces;      // partial sums per tile (two-pass)
+  // kRects only: a tile is cut into parts of at most kRectCols columns (parts_per_tile of them)
+  // and a rectangle covers parts_per_rect parts and rect_rows rows of one band of tiles.
+  int32_t parts_per_tile, parts_per_rect, rect_rows, rects_down, rects_across;
+};
+
+struct AdamMiniParams {
+  static constexpr int kMaxSegs = 26;
+  // Paths. Fused: one warp (kWarp) or CTA per tile, the tile's gradient held in registers
+  // between its sum of squares and its update; a tile must be one contiguous run of at most
+  // fused_capacity(path) elements. kTwoPass: any tiling, via partial sums in a scratch buffer.
+  enum Path : int32_t { kWarp = 0, kCta256 = 1, kCta512 = 2, kCta1024 = 3, kTwoPass = 4 };
+  static constexpr int kNumPaths = 5;
+  // Two-pass segment kinds: kRuns (each tile one contiguous run, cut into kRunPiece pieces) and
+  // kRects (anything else: rectangles of rows x up to kRectCols columns within a band).
+  enum Kind : int32_t { kRuns = 0, kRects = 1 };
+  static constexpr int64_t kRunPiece = 32768;
+  static constexpr int64_t kRectCols = 256;
+  static constexpr int64_t kRectElems = 65536;  // target elements per rectangle
+  static constexpr int64_t fused_capacity(int path, Dtype param) {
+    const int64_t floats = path == kWarp ? 256 : path == kCta256 ? 4096 : path == kCta512 ? 8192
+                         : path == kCta1024 ? 16384 : 0;
+    return param == Dtype::kFloat64 ? floats / 2 : floats;  // held in registers: same bytes
+  }
+
+  Dtype param_dtype, state_dtype;  // grads have the param dtype, exp_avg_sq the state dtype
+  int32_t path;
+  int32_t n_segs;
+  int64_t n_units, n_tiles, n_partials;
+  double beta1, beta2, eps;
+  double* partials;  // two-pass scratch: n_partials sums of squares, then n_tiles factors
+  double* factors;
+  AdamMiniSeg seg[kMaxSegs];
+};
+static_assert(sizeof(AdamMiniParams) <= 4096, "kernel argument over 4 KiB");
+int launch_adam_mini(const AdamMiniParams& params, Stream stream);
+
+
 }  // namespace memopt::cuda

@@ -21,14 +21,9 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   const c10::DeviceGuard guard(params[0].device());
   const Stream stream = current_stream(params[0].device());
 
-  const auto n = params.size();
-  std::vector<Tensor> g(n);
-  std::vector<AdamScalars> s;
-  s.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    g[i] = contiguous_grad(grads[i]);
-    s.push_back(AdamScalars::make(lr, beta1, beta2, eps, weight_decay, advance_step(steps[i])));
-  }
+  const AdamStepInputs in = adam_step_inputs(grads, steps, lr, beta1, beta2, eps, weight_decay);
+  const auto& g = in.grads;
+  const auto& s = in.scalars;
   AdamWParams prm{};
   prm.beta1 = beta1, prm.beta2 = beta2, prm.eps = eps;
   for (const auto& idx : by_dtypes(params, exp_avgs)) {

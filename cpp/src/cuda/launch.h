@@ -57,6 +57,26 @@ inline double advance_step(const Tensor& step) {
   return step.item<double>();
 }
 
+// What every Adam-family glue needs per tensor once its inputs are validated: the gradient as
+// a contiguous tensor, and the step's AdamScalars after advancing the tensor's step counter.
+struct AdamStepInputs {
+  std::vector<Tensor> grads;
+  std::vector<AdamScalars> scalars;
+};
+inline AdamStepInputs adam_step_inputs(TensorList grads, TensorList steps, double lr,
+                                       double beta1, double beta2, double eps,
+                                       double weight_decay) {
+  AdamStepInputs in;
+  in.grads.reserve(grads.size());
+  in.scalars.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    in.grads.push_back(contiguous_grad(grads[i]));
+    in.scalars.push_back(
+        AdamScalars::make(lr, beta1, beta2, eps, weight_decay, advance_step(steps[i])));
+  }
+  return in;
+}
+
 // Indices of the tensors grouped by (param dtype, state dtype), in order: one launch sequence
 // per group, since a kernel instance has one storage type per list. A group normally has one.
 inline std::vector<std::vector<int64_t>> by_dtypes(TensorList params, TensorList states) {
