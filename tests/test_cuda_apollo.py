@@ -3,21 +3,22 @@ inputs and against the float64 paper reference (tests/reference/apollo_ref.py): 
 moments, P, the seed chain, the limiter norm and the steps, over 9 steps with projection
 refreshes at steps 0, 3 and 6, several odd-sized tensors of both projection sides per call.
 
-Every comparison is parametrized over the device: "cuda" runs on a GPU build (and skips
-without a GPU); "cpu" runs the same code against the CPU op itself, which proves this file's
-logic (state setup, seeds, reference settings, tolerances) on any machine."""
+Every comparison is parametrized over the device: "emu" runs the real CUDA kernels and glue on
+the host (tools/cuda_emu: an emulated CUDA runtime; cuBLAS is replaced by the CPU matmul), so CI
+checks them without a GPU; "cuda" runs them on a GPU build and skips without one."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conftest import assert_close, make_grads
-from cuda_util import TOL, assert_cuda_build, non_contiguous, rel_err, requires_cuda
+from cuda_util import (EMU, TOL, assert_cuda_build, non_contiguous, ops, rel_err, requires_cuda,
+                       tensor_device)
 from memopt_core import _C
 from reference import apollo_ref as R
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])
-DEVICES = ["cpu", CUDA]
+DEVICES = [EMU, CUDA]  # EMU: the CUDA kernels and glue on the host (tools/cuda_emu)
 STEPS, GAP, RANK = 9, 3, 4
 # wide (Left: per-column channels), tall (Right: per-row), square, and thin odd ones
 SHAPES = [(24, 40), (40, 24), (33, 33), (7, 61), (61, 7)]
@@ -58,6 +59,8 @@ class Run:
 
     def __init__(self, device, dtype, shapes=SHAPES, state_dtype=None, host_scalars=False, **case):
         self.cfg = {**BASE, **case}
+        self.ops = ops(device)
+        device = tensor_device(device)
         self.start = _initial(dtype, shapes)
         self.params = [p.clone().to(device) for p in self.start]
         scalars = "cpu" if host_scalars else device
@@ -84,7 +87,7 @@ class Run:
                 c["update_proj_gap"], c["scale"], c["norm_growth_limit"], c["scale_front"])
 
     def step(self, grads):
-        torch.ops.memopt.apollo_(*self.args(grads))
+        self.ops.apollo_(*self.args(grads))
 
     def run(self, steps=STEPS, contiguous=True):
         for step in range(steps):
@@ -208,8 +211,8 @@ def test_bad_input_raises_and_changes_nothing(device):
     run = Run(device, torch.float32, **CASES["mini_not_stored"]).run(steps=4)
     state = lambda: run.params + run.m + run.v + run.seeds + run.norms + run.steps  # noqa: E731
     before = [t.clone() for t in state()]
-    grads = [g.to(device) for g in make_grads(run.start, 4)]
-    good, run.v[-1] = run.v[-1], torch.zeros(3, device=device)  # the last tensor's is misshapen
+    grads = [g.to(tensor_device(device)) for g in make_grads(run.start, 4)]
+    good, run.v[-1] = run.v[-1], torch.zeros(3, device=tensor_device(device))  # misshapen
     with pytest.raises(ValueError, match="projected shape"):
         run.step(grads)
     run.v[-1] = good

@@ -41,7 +41,8 @@ struct Plan {
 };
 
 Tensor pinned(at::IntArrayRef shape, at::ScalarType dtype) {
-  return at::empty(shape, at::TensorOptions().dtype(dtype).pinned_memory(true));
+  return at::empty(shape, at::TensorOptions().dtype(dtype).pinned_memory(
+                              kKernelDevice == c10::DeviceType::CUDA));  // host emulation: none
 }
 
 // P for `seed` in the parameter dtype: drawn in float32 by the CPU generator and rounded (or
@@ -82,8 +83,10 @@ void project(Tensor R, const Tensor& P, const Tensor& g, bool left) {
   const Tensor a = left ? P.t() : g, b = left ? g : P.t();
   if (R.scalar_type() == g.scalar_type())
     at::mm_out(R, a, b);
-  else
+  else if (kKernelDevice == c10::DeviceType::CUDA)
     at::mm_out(R, a, b, R.scalar_type());  // bf16/fp16 in, fp32 accumulated and out
+  else  // host emulation: the CPU has no mixed-dtype mm; the same fp32 product
+    R.copy_(at::mm(a.to(R.scalar_type()), b.to(R.scalar_type())));
 }
 
 void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,

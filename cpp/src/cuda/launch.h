@@ -20,8 +20,17 @@ inline Dtype dtype_of(at::ScalarType t) {
   }
 }
 
+// MEMOPT_CUDA_EMULATION: the glue built for tools/cuda_emu, which runs the kernels on the host
+// (CPU tensors, no stream) so that CI checks them against the CPU ops without a GPU.
+#ifdef MEMOPT_CUDA_EMULATION
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;
+#else
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+#endif
+
 // The current CUDA stream of `device` (cudaStream_t), through c10's device-generic interface.
 inline Stream current_stream(const c10::Device& device) {
+  if (kKernelDevice != c10::DeviceType::CUDA) return nullptr;
   c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
   return impl.getStream(device).native_handle();
 }
@@ -33,7 +42,7 @@ inline void check_launch(int code, const char* op) {
 // Every tensor of every list on params[0]'s CUDA device (the CPU checks allow CPU steps).
 inline void check_same_cuda_device(const char* op, std::initializer_list<TensorList> lists) {
   const c10::Device device = lists.begin()->at(0).device();
-  TORCH_CHECK_VALUE(device.is_cuda(), op, ": expected CUDA tensors, got ", device);
+  TORCH_CHECK_VALUE(device.type() == kKernelDevice, op, ": expected CUDA tensors, got ", device);
   for (const auto& list : lists)
     for (const auto& t : list)
       TORCH_CHECK_VALUE(t.device() == device, op, ": all tensors must be on ", device, ", got ",
