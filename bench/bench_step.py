@@ -84,6 +84,12 @@ CONTENDERS = {
     "torch AdamW fused": lambda m: torch.optim.AdamW(m.parameters(), **HP, fused=True),
     "torch AdamW foreach": lambda m: torch.optim.AdamW(m.parameters(), **HP, foreach=True),
 }
+# On the GPU one table compares every optimizer with fused AdamW (issue 8's targets name AdamMini
+# and ApolloMini); on the CPU, APOLLO and FRUGAL have their own scripts (bench_apollo.py, which
+# also brings apollo-torch on the GPU, and bench_frugal.py).
+CUDA_CONTENDERS = {
+    "memopt Frugal rho=0.25": lambda m: memopt_core.Frugal(m, **HP, density=0.25),
+}
 if Adam_mini is not None:
     CONTENDERS["adam-mini 1.1.1"] = _adam_mini_ref
 else:
@@ -229,7 +235,7 @@ def append_results(table: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     from bench_step_cuda import DEVICE_SIZES
     ap = arg_parser(__doc__, rounds=9, sizes=DEVICE_SIZES)
-    ap.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="a subset of contenders")
+    ap.add_argument("--only", nargs="+", help="a subset of contenders, by name")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="parameters, grads "
                     "and state (--device cuda only)")
@@ -244,11 +250,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.device == "cuda":
+        import bench_apollo  # memopt's and apollo-torch's APOLLO contenders
         import bench_step_cuda
+        CONTENDERS.update({**bench_apollo.CONTENDERS, **CUDA_CONTENDERS})
+        unknown = set(args.only or ()) - set(CONTENDERS)
+        if unknown:
+            sys.exit(f"--only: unknown contenders {sorted(unknown)}; choose from {list(CONTENDERS)}")
         return bench_step_cuda.main(sys.modules[__name__], args, __file__)
     if args.memory_child:
         return memory_child(args.size, args.memory_child)
 
+    unknown = set(args.only or ()) - set(CONTENDERS)
+    if unknown:
+        sys.exit(f"--only: unknown contenders {sorted(unknown)}; choose from {list(CONTENDERS)}")
     names = args.only or list(CONTENDERS)
     if BASELINE not in names:
         names.append(BASELINE)  # the ratios need it
