@@ -241,10 +241,12 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
                 mode, k = self._sub[p][0], self._sub[p][4]
                 if mode in (_COLUMNS, _ROWS, _RANDK):
                     total = {_COLUMNS: p.shape[-1], _ROWS: p.shape[0], _RANDK: p.numel()}[mode]
-                    subspaces[p], fr["rng"] = _C.frugal_select_indices(total, k, fr["rng"])
+                    sub, fr["rng"] = _C.frugal_select_indices(total, k, fr["rng"])
                 else:
-                    subspaces[p], fr["rng"] = _C.frugal_projection(
+                    sub, fr["rng"] = _C.frugal_projection(
                         p.grad, k, mode == _RIGHT, self.selection, fr["rng"])
+                # drawn on the CPU generator; the op wants them on the parameter's device
+                subspaces[p] = sub.to(p.device)
                 reselected.add(p)
         new = {}
         # tensors of the subspace pool after this step: repacked together whenever that set or a

@@ -1,0 +1,313 @@
+// memopt::frugal_ for the CUDA dispatch key. Validates like the CPU op (check_frugal_inputs)
+// before anything is written, then per call:
+//   modes 0-1 (AdamW on a whole tensor): launch_adamw, whose math is cpu::adamw_span's;
+//   modes 2-5 (state-free block, columns, rows, randk): multi-tensor frugal_split launches;
+//   modes 6-7 (projections): per tensor, ATen GEMMs (fp32, TF32 off) on chunks of rows (right)
+//   or columns (left) into chunk-sized scratch, around the fused kernels of cuda/frugal.cu.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "launch.h"
+#include "memopt/frugal.h"
+
+namespace memopt::cuda {
+namespace {
+
+using SP = FrugalSplitParams;
+constexpr int64_t kAdamChunk = 65536;
+
+bool is_index_mode(FrugalMode m) { return m >= FrugalMode::Columns && m <= FrugalMode::RandK; }
+
+// What the CPU check leaves to the device: index subspaces on the parameters' CUDA device
+// (it only asks that they are off the CPU) and below 2^31 entries (the kernels' slot type).
+void check_cuda_inputs(TensorList params, TensorList subspaces, at::IntArrayRef modes) {
+  const c10::Device device = params[0].device();
+  TORCH_CHECK_VALUE(device.is_cuda(), "frugal_update_: expected CUDA tensors, got ", device);
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!is_index_mode(static_cast<FrugalMode>(modes[i]))) continue;
+    TORCH_CHECK_VALUE(subspaces[i].device() == device, "frugal_update_: tensor ", i,
+                      ": subspace indices must be on ", device, ", got ", subspaces[i].device());
+    TORCH_CHECK_VALUE(subspaces[i].numel() < std::numeric_limits<int32_t>::max(),
+                      "frugal_update_: tensor ", i, ": too many subspace indices");
+  }
+}
+
+// `members` grouped by (param dtype, state dtype), in order: one launch sequence per group,
+// since a kernel instance has one storage type per list. A state-free tensor has no state and
+// joins the first group of its param dtype.
+struct Group {
+  at::ScalarType param, state;
+  std::vector<int64_t> members;
+};
+std::vector<Group> dtype_groups(const std::vector<int64_t>& members, TensorList params,
+                             TensorList states, at::IntArrayRef modes) {
+  std::vector<Group> groups;
+  auto add = [&](int64_t i, bool stateless) {
+    const auto pt = params[i].scalar_type();
+    const auto st = stateless ? pt : states[i].scalar_type();
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
+      return g.param == pt && (stateless || g.state == st);
+    });
+    if (it == groups.end()) it = groups.insert(groups.end(), Group{pt, st, {}});
+    it->members.push_back(i);
+  };
+  for (int64_t i : members)
+    if (static_cast<FrugalMode>(modes[i]) != FrugalMode::FreeBlock) add(i, false);
+  for (int64_t i : members)
+    if (static_cast<FrugalMode>(modes[i]) == FrugalMode::FreeBlock) add(i, true);
+  return groups;
+}
+
+struct Call {  // one op call after validation
+  TensorList params, exp_avgs, exp_avg_sqs, subspaces;
+  at::IntArrayRef modes;
+  std::vector<Tensor> g;            // contiguous gradients
+  std::vector<AdamScalars> s;       // per stateful tensor (step advanced)
+  double beta1, beta2, eps, decay, lr_free;
+  int64_t rule;
+  Stream stream;
+};
+
+// Calls launch(indices) per dtype group, with prm's dtypes and Adam constants set.
+template <typename Params, typename Launch>
+void per_dtype_group(const Call& c, const std::vector<int64_t>& members, Params& prm,
+                     Launch launch) {
+  prm.beta1 = c.beta1, prm.beta2 = c.beta2, prm.eps = c.eps;
+  for (const auto& grp : dtype_groups(members, c.params, c.exp_avgs, c.modes)) {
+    prm.param_dtype = dtype_of(grp.param);
+    prm.state_dtype = dtype_of(grp.state);
+    launch(grp.members);
+  }
+}
+
+void launch_whole(const Call& c, const std::vector<int64_t>& members) {
+  AdamWParams prm{};
+  per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx) {
+    launch_chunked(
+        "frugal_update_", prm, static_cast<int64_t>(idx.size()), kAdamChunk,
+        [&](int64_t k) { return c.params[idx[k]].numel(); },
+        [&](int slot, int64_t k) {
+          const int64_t i = idx[k];
+          prm.p[slot] = c.params[i].data_ptr();
+          prm.g[slot] = c.g[i].data_ptr();
+          prm.m[slot] = c.exp_avgs[i].data_ptr();
+          prm.v[slot] = c.exp_avg_sqs[i].data_ptr();
+          prm.decay[slot] = c.s[i].decay;
+          prm.step_size[slot] = c.s[i].step_size;
+          prm.bc2_sqrt[slot] = c.s[i].bc2_sqrt;
+        },
+        [&](const AdamWParams& launch) { return launch_adamw(launch, c.stream); });
+  });
+}
+
+// Tiles of tensor i (see FrugalSplitParams); 2-D tiles get balanced widths <= kThreads.
+struct Tiling {
+  int64_t tiles = 0;
+  int32_t rows = 0, cols = 0, col_tiles = 0;
+};
+Tiling tiling(const Tensor& p, FrugalMode mode) {
+  Tiling t;
+  if (p.numel() == 0) return t;
+  if (mode == FrugalMode::FreeBlock || mode == FrugalMode::RandK) {
+    t.tiles = (p.numel() + SP::kTile - 1) / SP::kTile;
+    return t;
+  }
+  const int64_t rows = p.size(0), cols = p.size(1);
+  const int64_t fewest = (cols + SP::kThreads - 1) / SP::kThreads;
+  const int64_t width = (cols + fewest - 1) / fewest;  // balanced
+  const int64_t ct = (cols + width - 1) / width;       // so that no column tile is empty
+  t.col_tiles = static_cast<int32_t>(ct);
+  t.cols = static_cast<int32_t>(width);
+  t.rows = static_cast<int32_t>(std::clamp<int64_t>(SP::kTile / t.cols, 1, SP::kMapSize));
+  t.tiles = (rows + t.rows - 1) / t.rows * ct;
+  return t;
+}
+
+void launch_split(const Call& c, const std::vector<int64_t>& members) {
+  // The rule none without weight decay leaves a state-free block as it is (the CPU skips it).
+  auto untouched = [&](int64_t i) {
+    const bool fp64 = c.params[i].scalar_type() == at::kDouble;
+    return c.rule == 0 && (fp64 ? c.decay == 1.0 : static_cast<float>(c.decay) == 1.0f);
+  };
+  std::vector<Tiling> tiles(c.params.size());
+  for (int64_t i : members) tiles[i] = tiling(c.params[i], static_cast<FrugalMode>(c.modes[i]));
+  SP prm{};
+  prm.rule = static_cast<int32_t>(c.rule);
+  prm.decay = c.decay, prm.lr_free = c.lr_free;
+  per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx) {
+    launch_chunked(
+        "frugal_update_", prm, static_cast<int64_t>(idx.size()), /*chunk_size=*/1,
+        [&](int64_t k) {
+          const int64_t i = idx[k];
+          const bool stateless = static_cast<FrugalMode>(c.modes[i]) == FrugalMode::FreeBlock;
+          return stateless && untouched(i) ? 0 : tiles[i].tiles;
+        },
+        [&](int slot, int64_t k) {
+          const int64_t i = idx[k];
+          const auto mode = static_cast<FrugalMode>(c.modes[i]);
+          const bool stateful = mode != FrugalMode::FreeBlock;
+          prm.p[slot] = c.params[i].data_ptr();
+          prm.g[slot] = c.g[i].data_ptr();
+          prm.m[slot] = stateful ? c.exp_avgs[i].data_ptr() : nullptr;
+          prm.v[slot] = stateful ? c.exp_avg_sqs[i].data_ptr() : nullptr;
+          prm.idx[slot] = stateful ? c.subspaces[i].data_ptr<int32_t>() : nullptr;
+          prm.numel[slot] = c.params[i].numel();
+          prm.cols[slot] = c.params[i].dim() == 2 ? c.params[i].size(1) : 0;
+          prm.k[slot] = stateful ? c.subspaces[i].numel() : 0;
+          prm.mode[slot] = static_cast<int32_t>(mode);
+          prm.tile_rows[slot] = tiles[i].rows;
+          prm.tile_cols[slot] = tiles[i].cols;
+          prm.col_tiles[slot] = tiles[i].col_tiles;
+          prm.step_size[slot] = stateful ? c.s[i].step_size : 0.0;
+          prm.bc2_sqrt[slot] = stateful ? c.s[i].bc2_sqrt : 1.0;
+        },
+        [&](const SP& launch) { return launch_frugal_split(launch, c.stream); });
+  });
+}
+
+// Modes 6-7 (frugal_project.cpp's math). Right: G (rows x cols) P^T, P (r, cols), state
+// (rows, r), in chunks of rows; left: P^T G, P (rows, r), state (r, cols), in chunks of
+// columns. A chunk's projection, its AdamW and its back-projection need only that chunk, so the
+// scratch is `low` (the chunk's projected gradient and u, rho-sized) and `tile` (its
+// back-projections): (1 + rho) * nb / 8 of the tensor's elements in fp32 at most (chunks of
+// 2^18 to 2^22 elements). signSGD needs U and Gp: one GEMM on [u, low] interleaved makes both
+// (nb = 2). SGD needs only U - lr_free Gp = (u - lr_free low) P and the rule none only U: one
+// product on [u] each (nb = 1).
+struct ProjShape {
+  bool right;
+  int64_t r, span, across, chunk, nb;  // span: the chunked dimension; across: the other one
+  at::ScalarType cdt;                  // compute dtype: double for fp64 params, else float
+  int64_t low_elems() const { return chunk * nb * r; }
+  int64_t tile_elems() const { return chunk * nb * across; }  // also stages G for bf16/fp16
+};
+ProjShape proj_shape(const Call& c, int64_t i) {
+  const Tensor &p = c.params[i], &proj = c.subspaces[i];
+  ProjShape s;
+  s.right = static_cast<FrugalMode>(c.modes[i]) == FrugalMode::ProjRight;
+  s.r = s.right ? proj.size(0) : proj.size(1);
+  s.span = p.size(s.right ? 0 : 1), s.across = p.size(s.right ? 1 : 0);
+  const int64_t budget = std::clamp<int64_t>(p.numel() / 8, int64_t{1} << 18, int64_t{1} << 22);
+  s.chunk = std::clamp<int64_t>(budget / std::max<int64_t>(s.across, 1), 1,
+                                std::max<int64_t>(s.span, 1));
+  s.nb = c.rule == 2 ? 2 : 1;
+  s.cdt = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return s;
+}
+
+void projected_update(const Call& c, int64_t i, const ProjShape& sh, const Tensor& low,
+                      const Tensor& tile) {
+  const Tensor& p = c.params[i];
+  const Tensor &g = c.g[i], &m = c.exp_avgs[i], &v = c.exp_avg_sqs[i], &proj = c.subspaces[i];
+  if (p.numel() == 0) return;
+  const at::NoTF32Guard no_tf32;  // fp32 products stay IEEE fp32, whatever torch.backends says
+  const Tensor pc = proj.scalar_type() == sh.cdt ? proj : proj.to(sh.cdt);  // as on the CPU
+  const bool right = sh.right;
+  const int64_t rows = p.size(0), cols = p.size(1), r = sh.r, nb = sh.nb;
+
+  FrugalProjAdamParams ap{};
+  ap.param_dtype = dtype_of(p.scalar_type()), ap.state_dtype = dtype_of(m.scalar_type());
+  ap.rule = static_cast<int32_t>(c.rule);
+  ap.beta1 = c.beta1, ap.beta2 = c.beta2, ap.eps = c.eps;
+  ap.step_size = c.s[i].step_size, ap.bc2_sqrt = c.s[i].bc2_sqrt, ap.lr_free = c.lr_free;
+  FrugalProjUpdateParams up{};
+  up.param_dtype = ap.param_dtype, up.rule = ap.rule;
+  up.decay = c.s[i].decay, up.lr_free = c.lr_free;
+  up.ld_p = cols;
+
+  for (int64_t c0 = 0; c0 < sh.span; c0 += sh.chunk) {
+    const int64_t n = std::min(sh.chunk, sh.span - c0);
+    auto part = [&](const Tensor& t) { return right ? t.narrow(0, c0, n) : t.narrow(1, c0, n); };
+    Tensor gc = part(g);
+    if (gc.scalar_type() != sh.cdt) gc = tile.narrow(0, 0, gc.numel()).view(gc.sizes()).copy_(gc);
+    // this chunk's projected gradient and u: [u_i, low_i] per row i (right) or
+    // [u_k | low_k] per row k (left)
+    const Tensor lw = right ? low.narrow(0, 0, n * nb * r).view({n, nb, r})
+                            : low.narrow(0, 0, n * nb * r).view({r, nb, n});
+    Tensor lowv = lw.select(1, nb - 1);
+    if (right) at::mm_out(lowv, gc, pc.t());
+    else at::mm_out(lowv, pc.t(), gc);
+    const Tensor uv = lw.select(1, 0), mc = part(m), vc = part(v);
+    ap.outer = lowv.size(0), ap.inner = lowv.size(1);
+    ap.low = lowv.data_ptr(), ap.ld_low = lowv.stride(0);
+    ap.out = uv.data_ptr(), ap.ld_out = uv.stride(0);
+    ap.m = mc.data_ptr(), ap.v = vc.data_ptr(), ap.ld_m = mc.stride(0);
+    check_launch(launch_frugal_proj_adam(ap, c.stream), "frugal_update_");
+
+    // back-projection: right, row i * nb + b of t is (u_i, low_i)[b] P; left, columns
+    // [b * n, b * n + n) of t are P (u, low)[b]
+    Tensor t = right ? tile.narrow(0, 0, n * nb * cols).view({n * nb, cols})
+                     : tile.narrow(0, 0, rows * nb * n).view({rows, nb * n});
+    if (right) at::mm_out(t, lw.view({n * nb, r}), pc);
+    else at::mm_out(t, pc, lw.view({r, nb * n}));
+    up.outer = right ? n : rows, up.inner = right ? cols : n;
+    up.p = part(p).data_ptr(), up.g = part(g).data_ptr(), up.t = t.data_ptr();
+    up.ld_t = right ? nb * cols : nb * n;
+    up.gp_offset = right ? cols : n;
+    check_launch(launch_frugal_proj_update(up, c.stream), "frugal_update_");
+  }
+}
+
+void frugal_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr_t,
+                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
+                 double free_lr_scale, int64_t rule) {
+  check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
+                      proj_lr_scale, free_lr_scale, rule);
+  const double lr = read_lr(lr_t);
+  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+  if (params.empty()) return;
+  check_cuda_inputs(params, subspaces, modes);
+  const c10::DeviceGuard guard(params[0].device());
+
+  // Allocations first (contiguous gradients, projection scratch shared by the projected
+  // tensors, one pair per compute dtype), so that running out of memory writes nothing.
+  const size_t n = params.size();
+  Call c{params, exp_avgs, exp_avg_sqs, subspaces, modes, std::vector<Tensor>(n),
+         std::vector<AdamScalars>(n), beta1, beta2, eps, 1.0 - lr * weight_decay,
+         lr * proj_lr_scale * free_lr_scale, rule, current_stream(params[0].device())};
+  std::vector<int64_t> whole, split, projected;
+  std::vector<ProjShape> shapes(n);
+  int64_t need[2][2] = {{-1, -1}, {-1, -1}};  // [float, double][low, tile] elements
+  for (size_t i = 0; i < n; ++i) {
+    c.g[i] = contiguous_grad(grads[i]);
+    const auto mode = static_cast<FrugalMode>(modes[i]);
+    auto& list = mode <= FrugalMode::ActiveBlock ? whole
+                 : mode <= FrugalMode::RandK     ? split
+                                                 : projected;
+    list.push_back(static_cast<int64_t>(i));
+    if (mode < FrugalMode::ProjRight) continue;
+    shapes[i] = proj_shape(c, static_cast<int64_t>(i));
+    auto& nd = need[shapes[i].cdt == at::kDouble];
+    nd[0] = std::max(nd[0], shapes[i].low_elems());
+    nd[1] = std::max(nd[1], shapes[i].tile_elems());
+  }
+  Tensor scratch[2][2];
+  for (int d = 0; d < 2; ++d)
+    for (int b = 0; b < 2; ++b)
+      if (need[d][b] >= 0)
+        scratch[d][b] = at::empty({need[d][b]},
+                                  params[0].options().dtype(d ? at::kDouble : at::kFloat));
+
+  // From here on steps advance and tensors are written.
+  for (size_t i = 0; i < n; ++i) {
+    const auto mode = static_cast<FrugalMode>(modes[i]);
+    if (mode == FrugalMode::FreeBlock) continue;
+    // AdamW at lr for non-projectable tensors, lr * proj_lr_scale otherwise; decay at lr.
+    const double lr_adam = mode == FrugalMode::Adam ? lr : lr * proj_lr_scale;
+    c.s[i] = AdamScalars::make(lr_adam, beta1, beta2, eps, weight_decay, advance_step(steps[i]));
+    c.s[i].decay = c.decay;
+  }
+  if (!whole.empty()) launch_whole(c, whole);
+  if (!split.empty()) launch_split(c, split);
+  for (int64_t i : projected) {
+    const bool fp64 = shapes[i].cdt == at::kDouble;
+    projected_update(c, i, shapes[i], scratch[fp64][0], scratch[fp64][1]);
+  }
+}
+
+}  // namespace
+}  // namespace memopt::cuda
+
+TORCH_LIBRARY_IMPL(memopt, CUDA, m) { m.impl("frugal_", &memopt::cuda::frugal_cuda); }
