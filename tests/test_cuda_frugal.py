@@ -3,8 +3,8 @@ on identical inputs and against the float64 reference math (tests/reference/frug
 mode (AdamW, active / state-free block, columns, rows, randk, right / left projections on SVD,
 random-orthogonal and permutation bases), every state-free rule, 8 steps, odd sizes, fp32 / bf16 /
 fp16 / fp64, non-contiguous gradients, many tensors per call. Each comparison runs per device:
-"cpu" runs everywhere (the op is then the known-good CPU kernel, which checks the harness itself),
-"cuda" needs a GPU and a CUDA build of memopt_core."""
+"emu" runs the real CUDA kernels and glue on the host (tools/cuda_emu: an emulated CUDA runtime),
+so CI checks them without a GPU; "cuda" needs a GPU and a CUDA build of memopt_core."""
 from __future__ import annotations
 
 import copy
@@ -14,10 +14,11 @@ import torch
 
 import memopt_core
 from conftest import make_grads, make_llama, rounding_atol
-from cuda_util import TOL, assert_cuda_build, non_contiguous, rel_err, requires_cuda
+from cuda_util import (EMU, TOL, assert_cuda_build, non_contiguous, ops, rel_err, requires_cuda,
+                       tensor_device)
 from reference.frugal_ref import FrugalRef
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
+DEVICES = [EMU, pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
 ADAM, ACTIVE, FREE, COLUMNS, ROWS, RANDK, RIGHT, LEFT = range(8)
 RULES = {"sign_sgd": 2, "sgd": 1, None: 0}
 HP = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, proj_params_lr_scale=0.5,
@@ -47,7 +48,7 @@ EDGES = [  # empty tensors and subspaces, full subspaces, one element
 
 def device_op(device):
     """The op under test on `device` (the dispatcher picks the device's kernel)."""
-    return torch.ops.memopt.frugal_
+    return ops(device).frugal_
 
 
 def check_device(device):
@@ -105,12 +106,13 @@ def scalars(rule, hp):
 def run_op(device, case, rule, steps=8, contiguous=True, hp=HP, op=None, on_device=False):
     """`steps` calls of frugal_ on `device` from copies of `case`; returns the final tensors on
     the CPU. `on_device` also puts lr and the step counters on the device."""
+    op = op or device_op(device)
+    device = tensor_device(device)
     t = {k: [x.to(device, copy=True) for x in v] for k, v in case.items() if k != "modes"}
     if not on_device:
         t["steps"] = [s.clone() for s in case["steps"]]
     lr, *rest = scalars(rule, hp)
     lr = torch.tensor(lr, dtype=torch.float64, device=device if on_device else "cpu")
-    op = op or device_op(device)
     for step in range(steps):
         grads = [g.to(device) for g in grads_at(case, step)]
         if not contiguous:
@@ -264,9 +266,10 @@ def test_bad_input_raises_before_any_write(device):
     check_device(device)
     case = make_case(ALL_MODES, torch.float32)
     case["m"][-1] = case["m"][-1][:-1]  # the last tensor's state has the wrong shape
-    t = {k: [x.to(device, copy=True) for x in v] for k, v in case.items() if k != "modes"}
+    where = tensor_device(device)
+    t = {k: [x.to(where, copy=True) for x in v] for k, v in case.items() if k != "modes"}
     before = {k: [x.clone() for x in v] for k, v in t.items()}
-    grads = [g.to(device) for g in grads_at(case, 0)]
+    grads = [g.to(where) for g in grads_at(case, 0)]
     with pytest.raises(ValueError, match="exp_avg"):
         device_op(device)(t["params"], grads, t["m"], t["v"], t["steps"], t["subs"],
                           case["modes"], torch.tensor(HP["lr"]), *scalars("sign_sgd", HP)[1:])

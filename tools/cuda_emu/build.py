@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CUDA = ROOT / "cpp" / "src" / "cuda"
 # kernel<targs><<<grid, block, 0, stream>>>(arg[, arg]);  (targs may nest one level)
-LAUNCH = re.compile(r"([\w:]+(?:<(?:[^<>]|<[^<>]*>)*>)?)<<<(.+?), (\w+), 0, (.+?)>>>\(([^()]*)\);")
+LAUNCH = re.compile(r"([\w:]+(?:<(?:[^<>]|<[^<>]*>)*>)?)\s*<<<(.+?), ([\w.]+), 0, (.+?)>>>\(([^()]*)\);")
 REGISTER = re.compile(r"TORCH_LIBRARY_IMPL\(memopt, CUDA, m\)")
 
 

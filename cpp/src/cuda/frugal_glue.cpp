@@ -24,7 +24,8 @@ bool is_index_mode(FrugalMode m) { return m >= FrugalMode::Columns && m <= Fruga
 // (it only asks that they are off the CPU) and below 2^31 entries (the kernels' slot type).
 void check_cuda_inputs(TensorList params, TensorList subspaces, at::IntArrayRef modes) {
   const c10::Device device = params[0].device();
-  TORCH_CHECK_VALUE(device.is_cuda(), "frugal_update_: expected CUDA tensors, got ", device);
+  TORCH_CHECK_VALUE(device.type() == kKernelDevice, "frugal_update_: expected CUDA tensors, got ",
+                    device);
   for (size_t i = 0; i < params.size(); ++i) {
     if (!is_index_mode(static_cast<FrugalMode>(modes[i]))) continue;
     TORCH_CHECK_VALUE(subspaces[i].device() == device, "frugal_update_: tensor ", i,

@@ -39,6 +39,7 @@ inline std::vector<Fiber> fibers;
 inline unsigned current = 0;
 inline const std::function<void()>* body = nullptr;
 inline std::vector<double> warp_vals;
+inline int sync_count = 0;  // __syncthreads_count's tally
 
 inline void entry() {
   (*body)();
@@ -66,7 +67,8 @@ inline void run_block(unsigned n) {
     for (unsigned t = 0; t < n; ++t)
       if (fibers[t].state == kRun) {
         current = t;
-        threadIdx = dim3(t);
+        threadIdx = dim3(t % blockDim.x, (t / blockDim.x) % blockDim.y,
+                         t / (blockDim.x * blockDim.y));  // warps: consecutive linear ids
         swapcontext(&sched, &fibers[t].ctx);
         progress = true;
       }
@@ -94,20 +96,34 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& fn) {
   gridDim = grid;
   blockDim = block;
   body = &fn;
-  warp_vals.assign(block.x, 0.0);
-  for (unsigned by = 0; by < grid.y; ++by)
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      blockIdx = dim3(bx, by);
-      run_block(block.x);
-    }
+  const unsigned threads = block.x * block.y * block.z;
+  warp_vals.assign(threads, 0.0);
+  sync_count = 0;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        blockIdx = dim3(bx, by, bz);
+        run_block(threads);
+      }
 }
 }  // namespace emu
 
 inline void __syncthreads() { emu::wait(emu::kBlock); }
+// Barrier that also counts the threads whose predicate is non-zero: tally, read, then reset
+// (each step behind a barrier, so no thread reads before all have added or adds before reset).
+inline int __syncthreads_count(int pred) {
+  emu::wait(emu::kBlock);
+  emu::sync_count += pred != 0;
+  emu::wait(emu::kBlock);
+  const int n = emu::sync_count;
+  emu::wait(emu::kBlock);
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) emu::sync_count = 0;
+  return n;
+}
 template <typename T>
 T __shfl_xor_sync(unsigned, T x, int o) {
   static_assert(std::is_same_v<T, double> || std::is_same_v<T, float>, "double/float only");
-  const unsigned t = threadIdx.x, w = t / 32;
+  const unsigned t = emu::current, w = t / 32;  // linear thread id
   emu::warp_vals[t] = x;
   emu::wait(emu::kWarp);
   const T y = static_cast<T>(emu::warp_vals[w * 32 + ((t % 32) ^ o)]);
@@ -117,7 +133,7 @@ T __shfl_xor_sync(unsigned, T x, int o) {
 template <typename T>
 T __shfl_sync(unsigned, T x, int src) {
   static_assert(std::is_same_v<T, double> || std::is_same_v<T, float>, "double/float only");
-  const unsigned t = threadIdx.x, w = t / 32;
+  const unsigned t = emu::current, w = t / 32;  // linear thread id
   emu::warp_vals[t] = x;
   emu::wait(emu::kWarp);
   const T y = static_cast<T>(emu::warp_vals[w * 32 + src]);
