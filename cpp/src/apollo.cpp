@@ -10,9 +10,12 @@
 
 namespace memopt {
 
-ApolloConfig make_apollo_config(int64_t rank, const std::string& proj, const std::string& proj_type,
-                                const std::string& scale_type, int64_t update_proj_gap,
-                                double scale, double norm_growth_limit, bool scale_front) {
+ApolloConfig make_apollo_config(int64_t rank, c10::string_view proj_v,
+                                c10::string_view proj_type_v, c10::string_view scale_type,
+                                int64_t update_proj_gap, double scale, double norm_growth_limit,
+                                bool scale_front) {
+  const std::string proj(proj_v.data(), proj_v.size());
+  const std::string proj_type(proj_type_v.data(), proj_type_v.size());
   Projector(proj, proj_type, rank, {1, 1});  // validates proj, proj_type and rank
   TORCH_CHECK_VALUE(scale_type == "channel" || scale_type == "tensor",
                     "scale_type must be 'channel' or 'tensor', got '", scale_type, "'");

@@ -63,15 +63,6 @@ void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avg
 
 namespace {
 
-ApolloConfig config_of(int64_t rank, c10::string_view proj, c10::string_view proj_type,
-                       c10::string_view scale_type, int64_t gap, double scale, double ngl,
-                       bool scale_front) {
-  return make_apollo_config(rank, std::string(proj.data(), proj.size()),
-                            std::string(proj_type.data(), proj_type.size()),
-                            std::string(scale_type.data(), scale_type.size()), gap, scale, ngl,
-                            scale_front);
-}
-
 void apollo_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,
                 const Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
@@ -80,7 +71,7 @@ void apollo_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 double norm_growth_limit, bool scale_front) {
   apollo_update_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps, lr,
                  beta1, beta2, eps, weight_decay,
-                 config_of(rank, proj, proj_type, scale_type, update_proj_gap, scale,
+                 make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,
                            norm_growth_limit, scale_front));
 }
 
@@ -90,7 +81,7 @@ void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  c10::string_view proj, c10::string_view proj_type, c10::string_view scale_type,
                  int64_t update_proj_gap, double scale, double norm_growth_limit,
                  bool scale_front) {
-  const auto cfg = config_of(rank, proj, proj_type, scale_type, update_proj_gap, scale,
+  const auto cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,
                              norm_growth_limit, scale_front);
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs}))
     check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,

@@ -22,9 +22,10 @@ struct ApolloConfig {
   bool scale_front = false;         // sqrt(scale) applied before (true) or after the limiter
 };
 
-// Validates a config (ValueError naming the key).
-ApolloConfig make_apollo_config(int64_t rank, const std::string& proj, const std::string& proj_type,
-                                const std::string& scale_type, int64_t update_proj_gap,
+// Validates a config (ValueError naming the key). String views, so the ops pass their schema's
+// `str` arguments and C++ callers pass std::string alike.
+ApolloConfig make_apollo_config(int64_t rank, c10::string_view proj, c10::string_view proj_type,
+                                c10::string_view scale_type, int64_t update_proj_gap,
                                 double scale, double norm_growth_limit, bool scale_front);
 
 // Fused multi-tensor APOLLO update, apollo-torch 1.0.3's APOLLOAdamW.step for a rank group.

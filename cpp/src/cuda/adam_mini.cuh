@@ -37,17 +37,6 @@ __device__ __forceinline__ double warp_sum(double x) {
   return x;
 }
 
-// x rounded to the storage type S and back: the factor is computed from v as stored.
-template <typename S, typename C>
-__device__ __forceinline__ C round_to(C x) {
-  if constexpr (std::is_same_v<S, __nv_bfloat16>)
-    return static_cast<C>(__bfloat162float(__float2bfloat16_rn(static_cast<float>(x))));
-  else if constexpr (std::is_same_v<S, __half>)
-    return static_cast<C>(__half2float(__float2half_rn(static_cast<float>(x))));
-  else
-    return static_cast<C>(static_cast<S>(x));
-}
-
 // v_b = b2*v_b + (1-b2)*mean(g^2) stored, and the block's factor
 // step_size / (sqrt(v_b)/sqrt(1-b2^t) + eps): the CPU's SegmentKernel::block_factor.
 // One thread per block calls it (it reads and writes v_b).

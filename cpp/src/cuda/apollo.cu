@@ -57,17 +57,6 @@ __device__ __forceinline__ void reduce_lanes(double (&x)[N], const Group& grp, b
   }
 }
 
-// x rounded to storage type S and back, as the CPU op keeps the stored moments' rounding.
-template <typename S, typename C>
-__device__ __forceinline__ C rounded(C x) {
-  if constexpr (std::is_same_v<S, __nv_bfloat16>)
-    return static_cast<C>(__bfloat162float(__float2bfloat16_rn(static_cast<float>(x))));
-  else if constexpr (std::is_same_v<S, __half>)
-    return static_cast<C>(__half2float(__float2half_rn(static_cast<float>(x))));
-  else
-    return static_cast<C>(static_cast<S>(x));
-}
-
 template <typename S, typename C, bool kLeft>
 __global__ void __launch_bounds__(kThreads) moments_kernel(const ApolloMomentsParams prm,
                                                            int lanes) {
@@ -84,8 +73,8 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(const ApolloMomentsPa
     for (int64_t k = grp.lane; k < r; k += lanes) {
       const int64_t j = kLeft ? k * K + c : c * r + k;
       const C x = R[j];
-      const C mj = rounded<S>(b1 * load<C>(m + j) + b1c * x);
-      const C vj = rounded<S>(b2 * load<C>(v + j) + b2c * x * x);
+      const C mj = round_to<S>(b1 * load<C>(m + j) + b1c * x);
+      const C vj = round_to<S>(b2 * load<C>(v + j) + b2c * x * x);
       store(m + j, mj);
       store(v + j, vj);
       s[1] += static_cast<double>(x) * x;  // before the division: x is not live across its

@@ -96,10 +96,8 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  c10::string_view scale_type, int64_t update_proj_gap, double scale,
                  double norm_growth_limit, bool scale_front) {
   // ---- validation, exactly the CPU op's, then what only CUDA needs; nothing written yet ----
-  auto str = [](c10::string_view v) { return std::string(v.data(), v.size()); };
-  const ApolloConfig cfg = make_apollo_config(rank, str(proj), str(proj_type), str(scale_type),
-                                              update_proj_gap, scale, norm_growth_limit,
-                                              scale_front);
+  const ApolloConfig cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
+                                              scale, norm_growth_limit, scale_front);
   check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                       cfg);
   const double lr = read_lr(lr_t);

@@ -31,6 +31,15 @@ __device__ __forceinline__ void store(T* ptr, C x) {
   else *ptr = static_cast<T>(x);
 }
 
+// x rounded to the storage type S and back: what a value is once stored (the CPU ops compute
+// from stored moments, so the kernels do too).
+template <typename S, typename C>
+__device__ __forceinline__ C round_to(C x) {
+  S stored;
+  store(&stored, x);
+  return load<C>(&stored);
+}
+
 template <typename T>
 struct Tag { using type = T; };
 
