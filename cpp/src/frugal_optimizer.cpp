@@ -26,11 +26,30 @@ int64_t rule_of(const std::string& state_free) {
                     "'none', got '", state_free, "'");
   return static_cast<int64_t>(FrugalRule::SignSgd);
 }
-
-at::Tensor placeholder(at::ScalarType dtype, const c10::Device& device) {
-  return at::empty({0}, at::TensorOptions().dtype(dtype).device(device));
-}
 }  // namespace
+
+// The empty tensor that stands for a state-free tensor's state in the op's lists (the op ignores
+// it), one per (dtype, device) for the optimizer's lifetime, as the Python front end keeps them.
+const at::Tensor& Frugal::placeholder(at::ScalarType dtype, const c10::Device& device) const {
+  const int64_t key = (static_cast<int64_t>(dtype) << 24) |
+                      (static_cast<int64_t>(device.type()) << 12) | (device.index() + 1);
+  auto it = empty_.find(key);
+  if (it == empty_.end())
+    it = empty_.emplace(key, at::empty({0}, at::TensorOptions().dtype(dtype).device(device))).first;
+  return it->second;
+}
+
+// The op's subspaces and modes for a group's lists under `sel`.
+void Frugal::op_lists(const GroupLists& l, const Selection& sel, std::vector<at::Tensor>& subspaces,
+                      std::vector<int64_t>& modes) const {
+  for (size_t j = 0; j < l.params.size(); ++j) {
+    const auto* s = l.states[j];
+    subspaces.push_back(s && s->subspace().defined()
+                            ? s->subspace()
+                            : placeholder(l.params[j].scalar_type(), l.params[j].device()));
+    modes.push_back(static_cast<int64_t>(mode(l.params[j], sel)));
+  }
+}
 
 void check_frugal_options(const FrugalOptions& o) {
   for (double s : {o.proj_params_lr_scale(), o.state_free_lr_scale()})
@@ -176,10 +195,11 @@ torch::Tensor Frugal::step(LossClosure closure) {
   // 1. gradients and options, with every tensor state-free, before anything is selected
   for (size_t i = 0; i < param_groups_.size(); ++i) {
     const auto& o = group_options(i);
-    std::vector<at::Tensor> grads, empty;
-    for (const auto& p : with_grad[i]) grads.push_back(p.grad());
-    std::vector<at::Tensor> none(with_grad[i].size());
-    for (size_t j = 0; j < none.size(); ++j) none[j] = placeholder(at::kFloat, with_grad[i][j].device());
+    std::vector<at::Tensor> grads, none;
+    for (const auto& p : with_grad[i]) {
+      grads.push_back(p.grad());
+      none.push_back(placeholder(at::kFloat, p.device()));
+    }
     check_frugal_inputs(with_grad[i], grads, none, none, none, none,
                         std::vector<int64_t>(with_grad[i].size(),
                                              static_cast<int64_t>(FrugalMode::FreeBlock)),
@@ -246,7 +266,6 @@ torch::Tensor Frugal::step(LossClosure closure) {
   }
   // 3. the full check of every group against the candidates
   std::vector<GroupLists> lists(param_groups_.size());
-  std::vector<std::vector<int64_t>> modes(param_groups_.size());
   for (size_t i = 0; i < param_groups_.size(); ++i) {
     GroupLists& l = lists[i];
     for (const auto& p : with_grad[i]) {
@@ -261,16 +280,13 @@ torch::Tensor Frugal::step(LossClosure closure) {
       l.exp_avg_sqs.push_back(s ? s->exp_avg_sq() : placeholder(p.scalar_type(), dev));
       l.steps.push_back(s ? s->step() : placeholder(at::kFloat, dev));
       l.states.push_back(s);
-      modes[i].push_back(static_cast<int64_t>(mode(p, sel)));
     }
     std::vector<at::Tensor> subspaces;
-    for (size_t j = 0; j < l.params.size(); ++j)
-      subspaces.push_back(l.states[j] && l.states[j]->subspace().defined()
-                              ? l.states[j]->subspace()
-                              : placeholder(l.params[j].scalar_type(), l.params[j].device()));
+    std::vector<int64_t> modes;
+    op_lists(l, sel, subspaces, modes);
     const auto& o = group_options(i);
-    check_frugal_inputs(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, subspaces,
-                        modes[i], o.proj_params_lr_scale(), o.state_free_lr_scale(), rule);
+    check_frugal_inputs(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, subspaces, modes,
+                        o.proj_params_lr_scale(), o.state_free_lr_scale(), rule);
   }
   // 4. commit, then run
   for (void* key : dropped) state_.erase(key);
@@ -291,13 +307,7 @@ void Frugal::update(const FrugalOptions& o, const GroupLists& l) {
                   double, double, double, int64_t)>();
   std::vector<at::Tensor> subspaces;
   std::vector<int64_t> modes;
-  for (size_t j = 0; j < l.params.size(); ++j) {
-    const auto* s = l.states[j];
-    subspaces.push_back(s && s->subspace().defined()
-                            ? s->subspace()
-                            : placeholder(l.params[j].scalar_type(), l.params[j].device()));
-    modes.push_back(static_cast<int64_t>(mode(l.params[j], sel_)));
-  }
+  op_lists(l, sel_, subspaces, modes);
   op.call(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, subspaces, modes,
           at::scalar_tensor(o.lr(), at::kDouble), std::get<0>(o.betas()), std::get<1>(o.betas()),
           o.eps(), o.weight_decay(), o.proj_params_lr_scale(), o.state_free_lr_scale(),

@@ -13,18 +13,12 @@ namespace memopt {
 
 // Per-group options: Adam's, plus the two FRUGAL learning-rate scales.
 struct FrugalOptions : public torch::optim::OptimizerCloneableOptions<FrugalOptions> {
-  using betas_t = std::tuple<double, double>;
   FrugalOptions(double lr = 1e-3) { this->lr(lr); }  // NOLINT(google-explicit-constructor)
-  TORCH_ARG(double, lr) = 1e-3;
-  TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
-  TORCH_ARG(double, eps) = 1e-8;
-  TORCH_ARG(double, weight_decay) = 0.0;
+  MEMOPT_ADAM_OPTIONS_ARGS(0.0)  // the Python front end's default decay
   TORCH_ARG(double, proj_params_lr_scale) = 1.0;
   TORCH_ARG(double, state_free_lr_scale) = 1.0;
 
  public:
-  double get_lr() const override { return lr(); }
-  void set_lr(const double new_lr) override { lr(new_lr); }
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
 };
@@ -91,6 +85,9 @@ class Frugal : public AdamFamily<FrugalOptions, FrugalParamState> {
   std::vector<int64_t> moment_sizes(const at::Tensor& p, const Selection& sel) const;
   bool holds_state(const at::Tensor& p, const Selection& sel) const;
   FrugalParamState* state_of(const at::Tensor& p) const;
+  const at::Tensor& placeholder(at::ScalarType dtype, const c10::Device& device) const;
+  void op_lists(const GroupLists& l, const Selection& sel, std::vector<at::Tensor>& subspaces,
+                std::vector<int64_t>& modes) const;
 
   FrugalConfig config_;
   int64_t k_blocks_ = 0;
@@ -98,6 +95,7 @@ class Frugal : public AdamFamily<FrugalOptions, FrugalParamState> {
   ska::flat_hash_map<void*, int64_t> index_;      // TensorImpl* -> position in projs_
   ska::flat_hash_map<void*, Sub> subs_;
   Selection sel_;
+  mutable ska::flat_hash_map<int64_t, at::Tensor> empty_;  // placeholder() by (dtype, device)
 };
 
 }  // namespace memopt

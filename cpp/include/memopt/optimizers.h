@@ -86,8 +86,6 @@ struct ApolloOptions : public torch::optim::OptimizerCloneableOptions<ApolloOpti
   void serialize(torch::serialize::OutputArchive& archive) const override;
 };
 
-#undef MEMOPT_ADAM_OPTIONS_ARGS
-
 // The APOLLO-specific options of a projected group (rank > 0): ValueError naming the key.
 void check_apollo_options(const ApolloOptions& options);
 
