@@ -120,25 +120,26 @@ inline int __syncthreads_count(int pred) {
   if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) emu::sync_count = 0;
   return n;
 }
+namespace emu {
+// Every thread of the warp posts x, then reads the value of lane `src(lane)`.
+template <typename T, typename Src>
+T warp_exchange(T x, Src src) {
+  static_assert(std::is_same_v<T, double> || std::is_same_v<T, float>, "double/float only");
+  const unsigned t = current, w = t / 32;  // linear thread id
+  warp_vals[t] = x;
+  wait(kWarp);
+  const T y = static_cast<T>(warp_vals[w * 32 + src(t % 32)]);
+  wait(kWarp);
+  return y;
+}
+}  // namespace emu
 template <typename T>
 T __shfl_xor_sync(unsigned, T x, int o) {
-  static_assert(std::is_same_v<T, double> || std::is_same_v<T, float>, "double/float only");
-  const unsigned t = emu::current, w = t / 32;  // linear thread id
-  emu::warp_vals[t] = x;
-  emu::wait(emu::kWarp);
-  const T y = static_cast<T>(emu::warp_vals[w * 32 + ((t % 32) ^ o)]);
-  emu::wait(emu::kWarp);
-  return y;
+  return emu::warp_exchange(x, [o](unsigned lane) { return lane ^ o; });
 }
 template <typename T>
 T __shfl_sync(unsigned, T x, int src) {
-  static_assert(std::is_same_v<T, double> || std::is_same_v<T, float>, "double/float only");
-  const unsigned t = emu::current, w = t / 32;  // linear thread id
-  emu::warp_vals[t] = x;
-  emu::wait(emu::kWarp);
-  const T y = static_cast<T>(emu::warp_vals[w * 32 + src]);
-  emu::wait(emu::kWarp);
-  return y;
+  return emu::warp_exchange(x, [src](unsigned) { return static_cast<unsigned>(src); });
 }
 using std::min;
 using std::sqrt;
