@@ -11,6 +11,8 @@ from typing import Callable, Optional
 import torch
 
 from . import _C
+from .distributed import (ShardedCall, as_dtensor, is_dtensor, local, local_shape, local_value,
+                          reduce_stats, shard_layout)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -27,6 +29,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor, or of this rank's shard of a DTensor."""
+    t = local(t)
     return t.numel() * t.element_size()
 
 
@@ -90,16 +94,25 @@ class MemoptOptimizer(torch.optim.Optimizer):
         self._step_params({id(p) for p in params})
 
     def _device_batches(self, only: Optional[set] = None) -> list:
-        """[(group, its parameters with a gradient on one device)]: one op call each. `only`:
-        ids of the parameters to step (all when None)."""
+        """[(group, its parameters with a gradient on one device)]: one op call each. DTensor
+        parameters are batched apart from plain ones, and by the process group their
+        statistics reduce over. `only`: ids of the parameters to step (all when None)."""
         batches = []
         for group in self.param_groups:
             by_device = {}
             for p in group["params"]:
                 if p.grad is not None and (only is None or id(p) in only):
-                    by_device.setdefault(p.device, []).append(p)
+                    key = (p.device, self._shard_layout(p).group) if is_dtensor(p) else (p.device,)
+                    by_device.setdefault(key, []).append(p)
             batches += [(group, params) for params in by_device.values()]
         return batches
+
+    def _shard_layout(self, p):
+        """p's ShardLayout (DTensor parameters only), computed once."""
+        layouts = self.__dict__.setdefault("_layouts", {})
+        if p not in layouts:
+            layouts[p] = shard_layout(p)
+        return layouts[p]
 
     def _step_params(self, only: Optional[set]) -> None:
         if torch.compiler.is_compiling():
@@ -112,16 +125,29 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 new = [p for p in params if p not in self.state]
                 self._init_states(new)
                 fresh += new
-                op, check, args = self._op_call(
-                    group, params, [p.grad for p in params], [self.state[p] for p in params])
+                grads, states = [p.grad for p in params], [self.state[p] for p in params]
+                if is_dtensor(params[0]):
+                    calls.append(self._sharded_call(group, params, grads, states))
+                    continue
+                op, check, args = self._op_call(group, params, grads, states)
                 check(*args)
-                calls.append((op, args))
+                calls.append(ShardedCall(lambda op=op, args=args: op(*args)))
         except Exception:
             for p in fresh:
                 del self.state[p]
             raise
-        for op, args in calls:
-            op(*args)
+        self.reduced_bytes = reduce_stats(calls)
+        for call in calls:
+            call.finish()
+
+    def _sharded_call(self, group, params, grads, states) -> ShardedCall:
+        """The step of a batch of DTensor parameters (grads and states DTensors too), validated
+        and ready to run. This default suits elementwise updates: the op on the local shards.
+        Optimizers with statistics that span shards override it (partials, then finish)."""
+        op, check, args = self._op_call(group, params, grads, states)
+        args = tuple([local(t) for t in a] if isinstance(a, list) else local(a) for a in args)
+        check(*args)
+        return ShardedCall(lambda: op(*args))
 
     def _traced_step(self, only: Optional[set]) -> None:
         """step() under torch.compile: the same op calls with nothing Dynamo cannot trace. The
@@ -169,16 +195,34 @@ class MemoptOptimizer(torch.optim.Optimizer):
             wanted[(self._pool_key(p), torch.float32, torch.device("cpu"))].append((p, "step", ()))
         out = {}
         for (_, dtype, device), items in wanted.items():
+            shapes = [self._local_state_shape(p, key, shape) for p, key, shape in items]
             if getattr(self, "_pool_state", True):
                 like = torch.empty(0, dtype=dtype, device=device)
-                views = _C.pool_views([list(shape) for _, _, shape in items], like)
+                views = _C.pool_views([list(shape) for shape in shapes], like)
             else:  # init_state(pooled=False): one tensor each, for torch.compile
-                views = [torch.zeros(shape, dtype=dtype, device=device) for _, _, shape in items]
-            for (p, key, _), view in zip(items, views):
+                views = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+            for (p, key, shape), view in zip(items, views):
+                layout = self._shard_layout(p) if key != "step" and len(shape) else None
+                sharded = layout is not None and self._state_sharded(p, key, shape)
                 if (p, key) in values:
-                    view.copy_(values[(p, key)])
-                out[(p, key)] = view
+                    value = values[(p, key)]
+                    view.copy_(local_value(value, layout, sharded) if layout else local(value))
+                out[(p, key)] = as_dtensor(view, layout, tuple(shape), sharded) if layout else view
         return out
+
+    def _local_state_shape(self, p, key: str, shape: tuple) -> tuple:
+        """This rank's shape of state `key` of global `shape`. Scalars and step counters stay
+        plain tensors (as torch's own optimizers keep `step`); other state of a DTensor
+        parameter is a DTensor, sharded like it or replicated (see _state_sharded)."""
+        layout = self._shard_layout(p) if key != "step" and len(shape) else None
+        if layout is None:
+            return tuple(shape)
+        return local_shape(layout, tuple(shape), self._state_sharded(p, key, shape))
+
+    def _state_sharded(self, p, key: str, shape: tuple) -> bool:
+        """Whether state `key` of a DTensor parameter is split by rows like the parameter
+        (full-size state) or replicated (small statistics, which every rank updates alike)."""
+        return tuple(shape) == tuple(p.shape)
 
     def _pool_key(self, p: torch.Tensor):
         """Capability hook: state of parameters with different keys lives in different pools.
