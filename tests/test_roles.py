@@ -167,6 +167,53 @@ def test_torchtitan_names():
     assert counts["output.weight"] == ("output", V)
 
 
+
+class _FusedQKVLinear(nn.Module):
+    """torchtitan 0.3.0's FusedQKVLinear layout: wqkv rows viewed as (n_kv, heads_per_kv + 2,
+    head_dim), i.e. per kv head its query heads, then its key head, then its value head."""
+
+    def __init__(self, dim, n_heads, n_kv, head_dim):
+        super().__init__()
+        self.head_dim, self.heads_per_kv = head_dim, n_heads // n_kv
+        self.r_dim = self.heads_per_kv + 2
+        self.wqkv = nn.Linear(dim, n_kv * self.r_dim * head_dim, bias=False)
+
+
+class _TitanFusedAttention(nn.Module):
+    def __init__(self, dim=D, n_heads=H, n_kv=KV, head_dim=D // H):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv, head_dim
+        self.qkv_linear = _FusedQKVLinear(dim, n_heads, n_kv, head_dim)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+
+def test_torchtitan_fused_qkv_is_cut_per_kv_group():
+    """Per kv head: one block per query head and for the key head, one per value row; the
+    q | k | v segments of a stacked fused qkv would cut v heads per head and q/k per row."""
+    from test_cpp_optimizers import block_ids
+
+    hd, hpk = D // H, H // KV
+    model = _TitanFusedAttention()
+    w = model.qkv_linear.wqkv.weight
+    r = infer_roles(model.named_parameters(), model)["qkv_linear.wqkv.weight"]
+    assert (r.role, r.kv_interleaved, r.q_heads, r.kv_heads, r.head_dim) == ("qkv", True, H, KV, hd)
+    segments, note = r.blocks(w.shape)
+    assert not note
+    ids = block_ids(segments, w.numel()).view(KV, hpk + 2, hd, D)
+    heads = ids[:, :hpk + 1]  # query heads and the key head of every group
+    assert bool((heads == heads[..., :1, :1]).all())  # one block per head
+    assert heads[..., 0, 0].unique().numel() == KV * (hpk + 1)
+    v = ids[:, hpk + 1]  # value rows: one block per output neuron
+    assert bool((v == v[..., :1]).all()) and v[..., 0].unique().numel() == KV * hd
+    assert ids.unique().numel() == H + KV + KV * hd
+    # The same weight outside a FusedQKVLinear keeps the stacked q | k | v cut.
+    plain = nn.Module()
+    plain.attention = _TitanFusedAttention()
+    plain.attention.qkv_linear = nn.Module()  # no heads_per_kv / r_dim
+    plain.attention.qkv_linear.wqkv = nn.Linear(D, (H + 2 * KV) * hd, bias=False)
+    stacked = infer_roles(plain.named_parameters(), plain)["attention.qkv_linear.wqkv.weight"]
+    assert stacked.role == "qkv" and not stacked.kv_interleaved and stacked.kv_heads == KV
+
 def test_bert_one_dim_output_layernorm_is_norm():
     counts, _ = roles_and_blocks(build("bert"))
     a = _layer("bert.encoder.layer.0.", counts)

@@ -57,11 +57,29 @@ class TensorRole:
     kv_heads: int = 0          # for role 'qkv'
     source: str = "name"       # "module" | "name" | "override"
     note: str = ""             # why the paper's blocks could not be used, if they could not
+    # qkv whose rows are kv_heads repeats of [q_heads/kv_heads query heads | key | value]
+    # (torchtitan's FusedQKVLinear) rather than q | k | v
+    kv_interleaved: bool = False
 
     def blocks(self, shape) -> tuple:
         """(segments, note) from the C++ partitioner for a tensor of this role and `shape`."""
-        return _C.adam_mini_blocks(self.role, list(shape), self.transposed, self.head_dim,
-                                   self.q_heads, self.kv_heads)
+        shape = list(shape)
+        g = self.kv_heads if self.kv_interleaved and self.role == "qkv" else 0
+        if not g:
+            return _C.adam_mini_blocks(self.role, shape, self.transposed, self.head_dim,
+                                       self.q_heads, self.kv_heads)
+        if self.transposed or len(shape) != 2 or shape[0] % g or self.q_heads % g:
+            segments, _ = _C.adam_mini_blocks("linear", shape, False, 0, 0, 0)
+            return segments, (f"qkv interleaved per kv head: {shape} does not split into "
+                              f"{g} groups of {self.q_heads // g} query heads + key + value; "
+                              "one block per output neuron")
+        # Each kv group is a small fused qkv (q|k|v, one kv head) cut by the C++ partitioner;
+        # the group's segments repeat along the rows, shifted by one group's elements.
+        rows = shape[0] // g
+        segments, note = _C.adam_mini_blocks("qkv", [rows, shape[1]], False, self.head_dim,
+                                             self.q_heads // g, 1)
+        step = rows * shape[1]
+        return [(s[0] + i * step,) + tuple(s[1:]) for i in range(g) for s in segments], note
 
 
 def _read(obj) -> dict:
@@ -218,6 +236,18 @@ class _Tree:
         return None
 
 
+def _kv_interleaved(tree: _Tree, owners: list) -> bool:
+    """Whether a fused qkv weight belongs to torchtitan's FusedQKVLinear, whose forward views
+    the output as (n_kv_heads, heads_per_kv + 2, head_dim): per kv head, its query heads, then
+    its key head, then its value head. Its `heads_per_kv` and `r_dim` attributes say so."""
+    for mname, _, _ in owners:
+        parent = tree.modules.get(mname.rpartition(".")[0])
+        hpk, r = getattr(parent, "heads_per_kv", None), getattr(parent, "r_dim", None)
+        if isinstance(hpk, int) and isinstance(r, int) and r == hpk + 2:
+            return True
+    return False
+
+
 def _compile_overrides(roles: Optional[Mapping[str, str]]) -> list:
     """[(match(name) -> bool, role)]: a glob if the pattern has * or ?, else a regex searched."""
     if not roles:
@@ -275,7 +305,8 @@ def infer_roles(named_params: Iterable, model: Optional[nn.Module] = None, *, di
 
     With `model`, roles come from the module tree: nn.Embedding -> 'embedding' (also when tied to
     the head), the output head -> 'output', *Norm modules -> 'norm', biases -> 'bias', conv ->
-    'conv', nn.MultiheadAttention in_proj -> 'qkv', HF Conv1D -> transposed; which linear a
+    'conv', nn.MultiheadAttention in_proj -> 'qkv', HF Conv1D -> transposed, torchtitan's
+    FusedQKVLinear.wqkv -> 'qkv' interleaved per kv head (kv_interleaved); which linear a
     nn.Linear is (q/k/v/o/mlp/fused qkv) and everything else comes from `_C.role_from_name`.
     Head sizes: explicit dim / n_heads / n_kv_heads / head_dim, else the enclosing attention
     module, else the model config (head_dim defaults to dim // n_heads). `roles` maps a regex
@@ -296,7 +327,9 @@ def infer_roles(named_params: Iterable, model: Optional[nn.Module] = None, *, di
         forced = next((rl for match, rl in rules if match(name)), None)
         if forced is not None:
             role, source = forced, "override"
-        r = TensorRole(name, role, transposed, source=source)
+        r = TensorRole(name, role, transposed, source=source,
+                       kv_interleaved=role == "qkv" and tree is not None
+                       and _kv_interleaved(tree, owners))
         if role in _HEAD_ROLES:
             raw = {**tree.raw, **tree.dims_near(owners[0][0] if owners else "")} if tree else {}
             r = _with_heads(r, tuple(p.shape), _derive({**raw, **explicit}), layout_known)
