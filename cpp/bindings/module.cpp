@@ -86,6 +86,17 @@ NB_MODULE(_C, m) {
                                  decode_block_specs(blocks, static_cast<int64_t>(params.size())));
           check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
         });
+  m.def("check_adam_mini_shard_update_",
+        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+           const std::vector<at::Tensor>& steps, const std::vector<int64_t>& blocks,
+           const std::vector<int64_t>& shards, const at::Tensor& sums, const at::Tensor& lr,
+           double beta1, double beta2, double eps, double weight_decay) {
+          check_adam_mini_shard_inputs(
+              params, grads, exp_avgs, exp_avg_sqs, steps,
+              decode_block_specs(blocks, static_cast<int64_t>(params.size())), shards, sums);
+          check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+        });
   m.def("role_names", &role_names, "All role names the partitioner knows.");
   m.def("role_from_name",
         [](const std::string& name, const std::vector<int64_t>& shape) {

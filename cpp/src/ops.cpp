@@ -38,6 +38,34 @@ void adam_mini_meta(TensorList params, TensorList grads, TensorList exp_avgs,
     check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
 }
 
+void adam_mini_block_sums_cpu(TensorList grads, at::IntArrayRef blocks, at::IntArrayRef shards,
+                              const Tensor& sums) {
+  adam_mini_block_sums_(grads, decode_block_specs(blocks, static_cast<int64_t>(grads.size())),
+                        shards, sums);
+}
+
+void adam_mini_block_sums_meta(TensorList grads, at::IntArrayRef blocks, at::IntArrayRef, const Tensor&) {
+  decode_block_specs(blocks, static_cast<int64_t>(grads.size()));
+}
+
+void adam_mini_shard_update_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
+                                TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                                at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
+                                double beta1, double beta2, double eps, double weight_decay) {
+  adam_mini_shard_update_(params, grads, exp_avgs, exp_avg_sqs, steps,
+                          decode_block_specs(blocks, static_cast<int64_t>(params.size())), shards,
+                          sums, lr, beta1, beta2, eps, weight_decay);
+}
+
+void adam_mini_shard_update_meta(TensorList params, TensorList grads, TensorList exp_avgs,
+                                 TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                                 at::IntArrayRef shards, const Tensor& sums, const Tensor&, double,
+                                 double, double, double) {
+  const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs}))
+    check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
+}
+
 }  // namespace
 }  // namespace memopt
 
@@ -48,14 +76,24 @@ TORCH_LIBRARY(memopt, m) {
   m.def("adam_mini_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, Tensor lr, float beta1, "
         "float beta2, float eps, float weight_decay) -> ()");
+  // Adam-mini on shards of tensors (FSDP2): partial block sums, then the update from the
+  // all-reduced sums (cpp/src/adam_mini_shard.cpp).
+  m.def("adam_mini_block_sums_(Tensor[] grads, int[] blocks, int[] shards, Tensor(a!) sums) -> ()");
+  m.def("adam_mini_shard_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, int[] shards, Tensor sums, "
+        "Tensor lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(memopt, CPU, m) {
   m.impl("adamw_", &memopt::adamw_cpu);
   m.impl("adam_mini_", &memopt::adam_mini_cpu);
+  m.impl("adam_mini_block_sums_", &memopt::adam_mini_block_sums_cpu);
+  m.impl("adam_mini_shard_update_", &memopt::adam_mini_shard_update_cpu);
 }
 
 TORCH_LIBRARY_IMPL(memopt, Meta, m) {
   m.impl("adamw_", &memopt::adamw_meta);
   m.impl("adam_mini_", &memopt::adam_mini_meta);
+  m.impl("adam_mini_block_sums_", &memopt::adam_mini_block_sums_meta);
+  m.impl("adam_mini_shard_update_", &memopt::adam_mini_shard_update_meta);
 }

@@ -77,6 +77,52 @@ std::vector<BlockSpec> decode_block_specs(at::IntArrayRef flat, int64_t n_tensor
 }
 
 namespace {
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+int64_t round_up(int64_t a, int64_t b) { return -floor_div(-a, b) * b; }
+int64_t round_down(int64_t a, int64_t b) { return floor_div(a, b) * b; }
+}  // namespace
+
+std::vector<ShardPiece> shard_pieces(const BlockSpec& spec, int64_t lo, int64_t hi) {
+  std::vector<ShardPiece> out;
+  int64_t base = 0;  // first block of the current segment
+  for (const auto& s : spec) {
+    const int64_t tr = s.tile_rows, tc = s.tile_cols, tpr = s.tiles_per_row();
+    auto start = [&](int64_t r) { return s.offset + r * s.row_stride; };
+    // Rows [a, b) inside one band or a run of whole bands, all of each row in the shard.
+    auto rows = [&](int64_t a, int64_t b, int64_t tile_rows) {
+      if (b > a)
+        out.push_back({{start(a) - lo, b - a, s.cols, s.row_stride, tile_rows, tc},
+                       base + (a / tr) * tpr, tpr});
+    };
+    // Columns [c0, c1) of row r: a run of whole tiles, or part of one tile.
+    auto cols = [&](int64_t r, int64_t c0, int64_t c1, bool whole) {
+      if (c1 > c0)
+        out.push_back({{start(r) + c0 - lo, 1, c1 - c0, c1 - c0, 1, whole ? tc : c1 - c0},
+                       base + (r / tr) * tpr + c0 / tc, tpr});
+    };
+    // Rows wholly in the shard are [ra, rb): row starts grow by row_stride >= cols, so only
+    // rows ra - 1 and rb can be cut by the shard's ends.
+    const int64_t ra = std::clamp(-floor_div(s.offset - lo, s.row_stride), int64_t{0}, s.rows);
+    const int64_t rb = std::max(ra, std::clamp(floor_div(hi - s.offset - s.cols, s.row_stride) + 1,
+                                               int64_t{0}, s.rows));
+    const int64_t h1 = std::min(rb, round_up(ra, tr)), t0 = std::max(h1, round_down(rb, tr));
+    rows(ra, h1, h1 - ra);
+    rows(h1, t0, tr);
+    rows(t0, rb, rb - t0);
+    for (const int64_t r : {ra - 1, rb == ra - 1 ? int64_t{-1} : rb}) {  // (one row cut twice)
+      if (r < 0 || r >= s.rows) continue;
+      const int64_t c0 = std::max<int64_t>(0, lo - start(r)), c1 = std::min(s.cols, hi - start(r));
+      const int64_t u = std::min(c1, round_up(c0, tc)), w = std::max(u, round_down(c1, tc));
+      cols(r, c0, u, false);
+      cols(r, u, w, true);
+      cols(r, w, c1, false);
+    }
+    base += s.num_blocks();
+  }
+  return out;
+}
+
+namespace {
 const std::array<std::pair<Role, const char*>, 14> kRoleNames{{
     {Role::Embedding, "embedding"}, {Role::Output, "output"}, {Role::Query, "query"},
     {Role::Key, "key"}, {Role::Value, "value"}, {Role::AttnOut, "attn_out"},

@@ -8,6 +8,7 @@ from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
+from .distributed import ShardedCall, local
 from .roles import infer_roles, model_dims
 
 _NO_DECAY_ROLES = {"norm", "bias", "scalar"}
@@ -96,6 +97,28 @@ class AdamMini(MemoptOptimizer):
                 [s["step"] for s in states], blocks, self._lr(group), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]))
         return torch.ops.memopt.adam_mini_, _C.check_adam_mini_, args
+
+    # ---- DTensor (FSDP2) parameters ----------------------------------------------------------
+    def _state_sharded(self, p, key, shape):
+        return key == "exp_avg"  # v holds every block of the full tensor, the same on every rank
+
+    def _sharded_call(self, group, params, grads, states):
+        """Blocks cut by shard boundaries: each shard's sums of g^2 per block of the full tensor
+        (this rank's partials, reduced by the caller), then v of every block and the update of
+        the local elements from the totals (cpp/src/adam_mini_shard.cpp)."""
+        blocks = [v for p in params for v in self.blocks[p].encoded]
+        shards = [v for p in params for v in (self._shard_layout(p).flat_lo, p.numel())]
+        sums = torch.zeros(sum(self.blocks[p].count for p in params), dtype=torch.float64)
+        beta1, beta2 = group["betas"]
+        grads = [local(g) for g in grads]
+        args = ([local(p) for p in params], grads, [local(s["exp_avg"]) for s in states],
+                [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], blocks,
+                shards, sums, self._lr(group), float(beta1), float(beta2), float(group["eps"]),
+                float(group["weight_decay"]))
+        _C.check_adam_mini_shard_update_(*args)
+        torch.ops.memopt.adam_mini_block_sums_(grads, blocks, shards, sums)
+        return ShardedCall(lambda: torch.ops.memopt.adam_mini_shard_update_(*args), sums,
+                           self._shard_layout(params[0]).group)
 
 
 def _named_groups(source) -> list[dict]:

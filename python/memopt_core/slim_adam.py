@@ -88,6 +88,8 @@ class SlimAdam(MemoptOptimizer):
     # The same state and op as Adam-mini (v: one entry per block): shared, not rewritten.
     _state_shapes = AdamMini._state_shapes
     _op_call = AdamMini._op_call
+    _state_sharded = AdamMini._state_sharded
+    _sharded_call = AdamMini._sharded_call
 
     def _describe_row(self, p):
         b = self.blocks[p]

@@ -20,4 +20,22 @@ void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_
                             TensorList exp_avg_sqs, TensorList steps,
                             const std::vector<BlockSpec>& specs);
 
+// Adam-mini on shards (cpp/src/adam_mini_shard.cpp). `shards` holds per tensor [lo, numel]:
+// the tensors are elements [lo, lo + tensor.numel()) of full tensors of `numel` elements whose
+// blocks are `specs`. block_sums_ adds each shard's sum of g^2 per full block to `sums` (float64,
+// blocks of all tensors in order); once `sums` holds the totals over all shards, shard_update_
+// updates every block's v (exp_avg_sqs hold all blocks of the full tensor) and the shard's
+// elements, exactly as adam_mini_update_ does on the full tensor.
+void adam_mini_block_sums_(TensorList grads, const std::vector<BlockSpec>& specs,
+                           at::IntArrayRef shards, const Tensor& sums);
+void adam_mini_shard_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+                             TensorList exp_avg_sqs, TensorList steps,
+                             const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
+                             const Tensor& sums, const Tensor& lr, double beta1, double beta2,
+                             double eps, double weight_decay);
+void check_adam_mini_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                                  TensorList exp_avg_sqs, TensorList steps,
+                                  const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
+                                  const Tensor& sums);
+
 }  // namespace memopt

@@ -29,6 +29,18 @@ void check_block_spec(const BlockSpec& spec, int64_t numel, const std::string& w
 std::vector<int64_t> encode_block_specs(const std::vector<BlockSpec>& specs);
 std::vector<BlockSpec> decode_block_specs(at::IntArrayRef flat, int64_t n_tensors);
 
+// The blocks one shard of a tensor holds (FSDP2 keeps a run of whole rows of the full tensor on
+// each rank): elements [lo, hi) of the flattened tensor, as segments in the shard's own flat
+// coordinates. Local tile (i, j) of `seg` is block block0 + i * band_blocks + j of the full
+// tensor's spec. A block cut by the shard boundary appears as a smaller tile whose sum of
+// squares is a partial of its block's; its mean is still taken over the whole block.
+struct ShardPiece {
+  Segment seg;
+  int64_t block0 = 0, band_blocks = 0;
+  int64_t block_of(int64_t i, int64_t j) const { return block0 + i * band_blocks + j; }
+};
+std::vector<ShardPiece> shard_pieces(const BlockSpec& spec, int64_t lo, int64_t hi);
+
 // What a tensor is in the network; decides its blocks.
 enum class Role {
   Embedding, Output, Query, Key, Value, AttnOut, FusedQKV, Mlp, Norm, Bias, Conv, Linear,

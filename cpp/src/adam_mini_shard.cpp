@@ -1,0 +1,138 @@
+// Adam-mini (and SlimAdam) on shards of a tensor (FSDP2): the block means span shards, so a step
+// is split in two ops around one all-reduce that the front end runs:
+//   adam_mini_block_sums_: this shard's partial sum of g^2 per block of the full tensor;
+//   adam_mini_shard_update_: from the summed block sums, v of every block (replicated, equal on
+//   every rank) and the update of this shard's elements.
+// Together they equal adam_mini_update_ on the full tensor.
+#include "memopt/adam_mini.h"
+
+#include "cpu_loops.h"
+
+namespace memopt {
+
+namespace {
+
+// Per tensor: [lo, numel] = this shard's first element in the full tensor and the full numel.
+void check_shards(const char* op, TensorList tensors, const std::vector<BlockSpec>& specs,
+                  at::IntArrayRef shards, const Tensor& sums) {
+  TORCH_CHECK_VALUE(shards.size() == 2 * tensors.size() && specs.size() == tensors.size(), op,
+                    ": need one block spec and one [first element, full numel] pair per tensor (",
+                    tensors.size(), " tensors, ", specs.size(), " specs, ", shards.size(),
+                    " shard ints)");
+  int64_t blocks = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t lo = shards[2 * i], numel = shards[2 * i + 1];
+    TORCH_CHECK_VALUE(lo >= 0 && lo + tensors[i].numel() <= numel, op, ": tensor ", i, " of ",
+                      tensors[i].numel(), " elements cannot start at element ", lo,
+                      " of a full tensor of ", numel);
+    check_block_spec(specs[i], numel, std::string(op) + ": tensor " + std::to_string(i));
+    blocks += num_blocks(specs[i]);
+  }
+  TORCH_CHECK_VALUE(sums.scalar_type() == at::kDouble && sums.device().is_cpu() &&
+                        sums.dim() == 1 && sums.is_contiguous() && sums.numel() == blocks,
+                    op, ": block sums must be a contiguous float64 CPU vector with one entry per "
+                    "block of the full tensors (", blocks, "), got ", sums.sizes());
+}
+
+// Calls f(piece, local row, tile column, global block) for every tile row of the shard.
+template <typename F>
+void for_each_tile_row(const std::vector<ShardPiece>& pieces, F&& f) {
+  for (const auto& pc : pieces)
+    for (int64_t r = 0; r < pc.seg.rows; ++r)
+      for (int64_t j = 0; j < pc.seg.tiles_per_row(); ++j)
+        f(pc.seg.offset + r * pc.seg.row_stride + j * pc.seg.tile_cols, pc.seg.tile_cols,
+          pc.block_of(r / pc.seg.tile_rows, j));
+}
+
+}  // namespace
+
+void check_adam_mini_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                                  TensorList exp_avg_sqs, TensorList steps,
+                                  const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
+                                  const Tensor& sums) {
+  const char* op = "adam_mini_shard_update_";
+  check_update_lists(op, params, grads, exp_avgs, steps);
+  check_shards(op, params, specs, shards, sums);
+  TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), op, ": ", params.size(), " params but ",
+                    exp_avg_sqs.size(), " exp_avg_sqs");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor& v = exp_avg_sqs[i];
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.numel() == num_blocks(specs[i]) && v.is_contiguous(), op,
+                      ": tensor ", i, ": exp_avg_sq must be 1-D with one entry per block of the "
+                      "full tensor (", num_blocks(specs[i]), "), got shape ", v.sizes());
+    TORCH_CHECK_TYPE(v.scalar_type() == exp_avgs[i].scalar_type() && v.device() == params[i].device(),
+                     op, ": tensor ", i, ": exp_avg_sq must have exp_avg's dtype and device");
+  }
+}
+
+void adam_mini_block_sums_(TensorList grads, const std::vector<BlockSpec>& specs,
+                           at::IntArrayRef shards, const Tensor& sums) {
+  check_shards("adam_mini_block_sums_", grads, specs, shards, sums);
+  double* out = sums.data_ptr<double>();
+  Workspace::Lease lease(Workspace::of(c10::Device(c10::kCPU)));
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK_VALUE(grads[i].device().is_cpu(), "adam_mini_block_sums_: no kernel for device ",
+                      grads[i].device(), " in this build");
+    lease.reserve(cpu::staging_bytes(grads[i]));
+    const Tensor g = cpu::contiguous_grad(lease, grads[i]);
+    const auto pieces = shard_pieces(specs[i], shards[2 * i], shards[2 * i] + g.numel());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "block_sums", [&] {
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t b) {
+        out[b] += cpu::sum_squares(gp + at, n);
+      });
+    });
+    out += num_blocks(specs[i]);
+  }
+}
+
+void adam_mini_shard_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+                             TensorList exp_avg_sqs, TensorList steps,
+                             const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
+                             const Tensor& sums, const Tensor& lr_t, double beta1, double beta2,
+                             double eps, double weight_decay) {
+  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
+  const double lr = read_lr(lr_t);
+  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "adam_mini_shard_update_: no kernel for device ",
+              params[0].device(), " in this build");
+  const double* sum = sums.data_ptr<double>();
+  Workspace::Lease lease(Workspace::of(params[0].device()));
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
+    const int64_t nb = num_blocks(specs[i]);
+    MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "adam_mini_shard_update_", [&] {
+      using C = opmath_t;
+      lease.reserve(cpu::staging_bytes(grads[i]) + Workspace::Lease::bytes_for<C>(nb));
+      const Tensor g = cpu::contiguous_grad(lease, grads[i]);
+      C* factor = lease.take<C>(nb);
+      const auto s = AdamScalars::make(lr, beta1, beta2, eps, weight_decay,
+                                       cpu::advance_step(steps[i]));
+      // v and the step factor of every block, as adam_mini_update_'s block_factor computes them.
+      state_t* vp = v.data_ptr<state_t>();
+      int64_t b = 0;
+      for (const auto& seg : specs[i])
+        for (int64_t k = 0; k < seg.num_blocks(); ++k, ++b) {
+          const C vb = static_cast<C>(s.beta2) * static_cast<C>(vp[b]) +
+                       static_cast<C>((1.0 - s.beta2) * (sum[b] / seg.block_numel()));
+          vp[b] = static_cast<state_t>(vb);
+          factor[b] = static_cast<C>(s.step_size) /
+                      (std::sqrt(static_cast<C>(vp[b])) / static_cast<C>(s.bc2_sqrt) +
+                       static_cast<C>(s.eps));
+        }
+      scalar_t* pp = p.data_ptr<scalar_t>();
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      state_t* mp = m.data_ptr<state_t>();
+      const C decay = static_cast<C>(s.decay), b1c = static_cast<C>(1.0 - s.beta1);
+      const auto pieces = shard_pieces(specs[i], shards[2 * i], shards[2 * i] + p.numel());
+      for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t blk) {
+        cpu::block_update_span<scalar_t, state_t, C>(pp + at, gp + at, mp + at, n, decay, b1c,
+                                                     factor[blk]);
+      });
+    });
+    sum += nb;
+  }
+}
+
+}  // namespace memopt

@@ -1,0 +1,120 @@
+"""Adam-mini on row shards (what FSDP2 gives each rank), at the op level and in one process:
+every shard's adam_mini_block_sums_ into one buffer (the sum an all-reduce makes), then
+adam_mini_shard_update_ on each shard with its own copy of the (replicated) v, must equal
+adam_mini_ on the full tensor: parameters, m, and every shard's v, over several steps.
+Shards follow torch.chunk (FSDP2's Shard(0)): uneven, and empty on the last ranks."""
+import pytest
+import torch
+
+import memopt_core
+from memopt_core import _C
+from conftest import make_grads, make_llama
+
+HP = (0.9, 0.95, 1e-8, 0.1)  # beta1, beta2, eps, weight_decay
+
+
+def row_shards(rows: int, world: int) -> list:
+    """[(row0, n_rows)] per rank, as torch.chunk / FSDP2 split dim 0."""
+    size = -(-rows // world) if rows else 0
+    return [(min(r * size, rows), max(0, min(size, rows - r * size))) for r in range(world)]
+
+
+def run_full(params, specs, steps, dtype):
+    ps = [p.clone() for p in params]
+    ms = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros(sum((s[1] // s[4]) * (s[2] // s[5]) for s in spec), dtype=dtype) for spec in specs]
+    st = [torch.zeros((), dtype=torch.float32) for _ in ps]
+    enc = _C.encode_block_specs(specs)
+    for step in range(steps):
+        grads = make_grads(ps, step)
+        torch.ops.memopt.adam_mini_(ps, grads, ms, vs, st, enc, torch.tensor(1e-2, dtype=torch.float64), *HP)
+    return ps, ms, vs
+
+
+def run_sharded(params, specs, steps, dtype, world):
+    """[rank] -> (local params, local m, full v) after `steps` steps on row shards."""
+    enc = _C.encode_block_specs(specs)
+    nblocks = [sum((s[1] // s[4]) * (s[2] // s[5]) for s in spec) for spec in specs]
+    ranks = []
+    for r in range(world):
+        cut = [row_shards(p.shape[0], world)[r] for p in params]
+        local = [p.narrow(0, a, n).clone() for p, (a, n) in zip(params, cut)]
+        shards = [v for p, (a, _) in zip(params, cut) for v in (a * (p.numel() // max(p.shape[0], 1)), p.numel())]
+        ranks.append(dict(cut=cut, p=local, m=[torch.zeros_like(t) for t in local],
+                          v=[torch.zeros(n, dtype=dtype) for n in nblocks],
+                          st=[torch.zeros((), dtype=torch.float32) for _ in local], shards=shards))
+    for step in range(steps):
+        grads = make_grads(params, step)  # the full gradients; each rank takes its rows
+        sums = torch.zeros(sum(nblocks), dtype=torch.float64)
+        local_grads = []
+        for rk in ranks:
+            g = [gr.narrow(0, a, n) for gr, (a, n) in zip(grads, rk["cut"])]
+            local_grads.append(g)
+            part = torch.zeros_like(sums)
+            torch.ops.memopt.adam_mini_block_sums_(g, enc, rk["shards"], part)
+            sums += part
+        for rk, g in zip(ranks, local_grads):
+            _C.check_adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc, rk["shards"],
+                                             sums, torch.tensor(1e-2, dtype=torch.float64), *HP)
+            torch.ops.memopt.adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc,
+                                                     rk["shards"], sums,
+                                                     torch.tensor(1e-2, dtype=torch.float64), *HP)
+    return ranks
+
+
+def llama_specs(partition):
+    model = make_llama(dtype=torch.float64)
+    opt = (memopt_core.SlimAdam(model) if partition == "slim" else
+           memopt_core.AdamMini(model, partition=partition))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return [p.detach() for p in params], [list(opt.blocks[p].segments) for p in params]
+
+
+def hand_specs():
+    """Blocks the LLaMA does not have: per-column tiles of a transposed weight (cut rows cut
+    tiles), multi-row tiles larger than a shard, one block over a 1-D tensor, elementwise."""
+    torch.manual_seed(0)
+    shapes_specs = [
+        ((10, 6), [(0, 10, 6, 6, 10, 2)]),            # 3 column blocks spanning all rows
+        ((9, 4), [(0, 3, 12, 12, 1, 12)]),            # rows of 12 elements cut across tensor rows
+        ((7,), [(0, 1, 7, 7, 1, 7)]),                 # one block over a 1-D norm
+        ((5, 3), [(0, 1, 15, 15, 1, 1)]),             # elementwise
+        ((12, 5), [(0, 12, 5, 5, 4, 5)]),             # per-head blocks of 4 rows
+        ((8, 6), [(0, 8, 3, 6, 2, 3), (3, 8, 3, 6, 8, 1)]),  # two interleaved segments
+    ]
+    return ([torch.randn(s, dtype=torch.float64) for s, _ in shapes_specs],
+            [spec for _, spec in shapes_specs])
+
+
+@pytest.mark.parametrize("source", ["auto", "reference", "slim", "hand"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shards_equal_full_tensor(source, world):
+    params, specs = hand_specs() if source == "hand" else llama_specs(source)
+    fp, fm, fv = run_full(params, specs, 5, torch.float64)
+    ranks = run_sharded(params, specs, 5, torch.float64, world)
+    for i in range(len(params)):
+        got_p = torch.cat([rk["p"][i] for rk in ranks])
+        got_m = torch.cat([rk["m"][i] for rk in ranks])
+        scale = fp[i].abs().max().item() or 1.0
+        assert (got_p - fp[i]).abs().max().item() <= 1e-12 * scale, f"param {i}"
+        assert (got_m - fm[i]).abs().max().item() <= 1e-12 * (fm[i].abs().max().item() or 1.0)
+        for rk in ranks:  # v is replicated: every rank holds every block, equal to the full op's
+            assert (rk["v"][i] - fv[i]).abs().max().item() <= 1e-12 * fv[i].abs().max().item()
+
+
+def test_shard_ops_reject_bad_shards_untouched():
+    params, specs = hand_specs()
+    enc = _C.encode_block_specs(specs[:1])
+    p = params[0][:5].clone()
+    before = p.clone()
+    sums = torch.zeros(3, dtype=torch.float64)
+    args = ([p], [torch.ones_like(p)], [torch.zeros_like(p)], [torch.zeros(3, dtype=p.dtype)],
+            [torch.zeros(())], enc)
+    hp = (torch.tensor(1e-2, dtype=torch.float64), *HP)
+    with pytest.raises(ValueError, match="cannot start at element"):
+        torch.ops.memopt.adam_mini_shard_update_(*args, [40, 60], sums, *hp)  # past the end
+    with pytest.raises(ValueError, match="float64"):
+        torch.ops.memopt.adam_mini_shard_update_(*args, [0, 60], sums.float(), *hp)
+    with pytest.raises(ValueError, match="one entry per block"):
+        torch.ops.memopt.adam_mini_block_sums_([p], enc, [0, 60], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(p, before) and float(args[4][0]) == 0.0
