@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections import defaultdict
 from typing import Callable, Optional
 
@@ -11,9 +10,10 @@ from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
-from .frugal_state import FrugalCheckpoint, named_groups
+from .distributed import local
+from .frugal_shard import FrugalShard
+from .frugal_state import FrugalCheckpoint, named_groups, projectable
 
-PROJECTABLE_ROLES = ("query", "key", "value", "attn_out", "qkv", "mlp")
 SELECTIONS = ("block", "columns", "rows", "randk", "svd", "random", "randperm")
 _PROJECTIONS = ("svd", "random", "randperm")
 _RULES = {None: 0, "sgd": 1, "sign_sgd": 2}
@@ -27,7 +27,7 @@ _MODE_NAMES = {_ADAM: "adamw", _ACTIVE: "active", _FREE: "free", _COLUMNS: "colu
                _ROWS: "rows", _RANDK: "randk", _RIGHT: "proj-r", _LEFT: "proj-l"}
 
 
-class Frugal(FrugalCheckpoint, MemoptOptimizer):
+class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     r"""FRUGAL (Zmushko et al., arXiv 2411.07837, Alg. 1): full-rank updates by gradient splitting.
 
     Each projectable gradient G (attention and MLP 2-D weights) is split into a state-full part
@@ -62,7 +62,14 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
 
     When not to use it: fine-tuning with few steps between re-selections, or if the output
     layer/embeddings dominate the model (their AdamW state is kept in full). Random selections
-    draw from the optimizer's own generator (``seed``), saved in the state_dict.
+    draw from the optimizer's own generator (``seed``), saved in the state_dict (under the key
+    "frugal" of every param group, so torch.distributed.checkpoint keeps it).
+
+    FSDP2 / DTensor parameters: "block" and "columns" step on each rank's row shard, equal to
+    one process (every rank draws the same selection; moments sharded by rows, column indices
+    replicated); the other selections raise at construction (see frugal_shard). A DCP
+    checkpoint loads with ``opt.load_checkpoint(model, path)``, which adopts the saved
+    selection before laying out the state it loads into (which blocks hold moments).
 
     Example::
 
@@ -73,6 +80,7 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
     # The block/subspace selection is one decision over all tensors per step, made on the host.
     steps_single_params = False
     compilable = False
+    _COLUMNS_MODE = _COLUMNS
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, density=0.25, update_gap=200, selection="block",
@@ -93,14 +101,15 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
         model = named_params_or_model if isinstance(named_params_or_model, nn.Module) else None
         groups = named_groups(named_params_or_model)
         named = [np for g in groups for np in g["params"]]
-        proj = _projectable(named, model, roles, proj_embeds, proj_norms, proj_logits)
+        proj = projectable(named, model, roles, proj_embeds, proj_norms, proj_logits)
         torch_groups = [{**{k: v for k, v in g.items() if k != "params"},
                          "params": [p for _, p in g["params"]],
                          "param_names": [n for n, _ in g["params"]]} for g in groups]
         self._empty: dict = {}
         super().__init__(torch_groups, dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            proj_params_lr_scale=proj_params_lr_scale, state_free_lr_scale=state_free_lr_scale))
+            proj_params_lr_scale=proj_params_lr_scale, state_free_lr_scale=state_free_lr_scale,
+            frugal=None))  # the key state_dict() fills with the selection (see frugal_state)
         for g in self.param_groups:  # the op's own check, for the two FRUGAL scales
             _C.check_frugal_([], [], [], [], [], [], [], torch.tensor(1.0), 0.9, 0.9, 0.0, 0.0,
                              float(g["proj_params_lr_scale"]), float(g["state_free_lr_scale"]), 0)
@@ -108,6 +117,7 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
         self._projs = [p for g in self.param_groups for p in g["params"] if p in proj]
         self._index = {p: j for j, p in enumerate(self._projs)}
         self._sub = {p: self._subspace_shapes(p, proj[p]) for p in self._projs}
+        self._check_sharding()
         if seed is None:  # from torch's global generator, so torch.manual_seed reproduces it
             seed = int(torch.randint(0, 2**62, (1,)).item())
         rng = torch.Generator().manual_seed(int(seed)).get_state()
@@ -180,7 +190,8 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
         if lay is None:
             return 0
         size = {k: torch.empty(0, dtype=dt).element_size() for k, (_, dt) in lay.items()}
-        return sum(size[k] * math.prod(s) for k, (s, _) in lay.items()) + 4
+        return sum(size[k] * math.prod(s if k == "subspace" else self._local_state_shape(p, k, s))
+                   for k, (s, _) in lay.items()) + 4
 
     # ---- state: pools per (pool key, dtype, device) -------------------------------------------
     def _build_states(self, params: list, values: dict, fr=None) -> dict:
@@ -192,7 +203,7 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
         for p in params:
             for key, (shape, dtype) in self._layout(p, fr).items():
                 if key == "subspace":
-                    out[p][key] = values[(p, key)]
+                    out[p][key] = self._subspace_value(p, values[(p, key)], dtype)
                 else:
                     wanted[(self._pool_key(p), dtype, p.device)].append((p, key, shape))
         for (p, key), tensor in self._allocate(params, wanted, values).items():
@@ -207,18 +218,19 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
         return self._empty[key]
 
     def _op_args(self, group, params, states, modes):
-        """Arguments of torch.ops.memopt.frugal_ (and _C.check_frugal_) for one group/device."""
+        """Arguments of torch.ops.memopt.frugal_ (and _C.check_frugal_) for one group/device,
+        DTensors as their local shards."""
         def get(key, p, st, dtype):
             return st[key] if st is not None and key in st else self._placeholder(dtype, p.device)
         beta1, beta2 = group["betas"]
-        return (params, [p.grad for p in params],
-                [get("exp_avg", p, s, p.dtype) for p, s in zip(params, states)],
-                [get("exp_avg_sq", p, s, p.dtype) for p, s in zip(params, states)],
-                [get("step", p, s, torch.float32) for p, s in zip(params, states)],
-                [get("subspace", p, s, p.dtype) for p, s in zip(params, states)],
-                modes, self._lr(group), float(beta1), float(beta2), float(group["eps"]),
-                float(group["weight_decay"]), float(group["proj_params_lr_scale"]),
-                float(group["state_free_lr_scale"]), _RULES[self.state_free])
+        return self._local_args((params, [p.grad for p in params],
+                    [get("exp_avg", p, s, p.dtype) for p, s in zip(params, states)],
+                    [get("exp_avg_sq", p, s, p.dtype) for p, s in zip(params, states)],
+                    [get("step", p, s, torch.float32) for p, s in zip(params, states)],
+                    [get("subspace", p, s, p.dtype) for p, s in zip(params, states)],
+                    modes, self._lr(group), float(beta1), float(beta2), float(group["eps"]),
+                    float(group["weight_decay"]), float(group["proj_params_lr_scale"]),
+                    float(group["state_free_lr_scale"]), _RULES[self.state_free]))
 
     def _plan(self, with_grad: set):
         """The selection this step runs under, without changing anything: (fr, new_states) where
@@ -239,14 +251,13 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
                 if self._sub[p][0] == _FREE:
                     continue
                 mode, k = self._sub[p][0], self._sub[p][4]
-                if mode in (_COLUMNS, _ROWS, _RANDK):
+                if mode in (_COLUMNS, _ROWS, _RANDK):  # global shapes: every rank draws alike
                     total = {_COLUMNS: p.shape[-1], _ROWS: p.shape[0], _RANDK: p.numel()}[mode]
                     sub, fr["rng"] = _C.frugal_select_indices(total, k, fr["rng"])
                 else:
                     sub, fr["rng"] = _C.frugal_projection(
-                        p.grad, k, mode == _RIGHT, self.selection, fr["rng"])
-                # drawn on the CPU generator; the op wants them on the parameter's device
-                subspaces[p] = sub.to(p.device)
+                        local(p.grad), k, mode == _RIGHT, self.selection, fr["rng"])
+                subspaces[p] = sub  # CPU; _build_states puts it on p's device (and mesh)
                 reselected.add(p)
         new = {}
         # tensors of the subspace pool after this step: repacked together whenever that set or a
@@ -328,19 +339,3 @@ class Frugal(FrugalCheckpoint, MemoptOptimizer):
                       f"next re-selection at step {(fr['t'] // self.update_gap + 1) * self.update_gap}")
         return "\n".join(lines)
 
-
-def _projectable(named, model, roles, proj_embeds, proj_norms, proj_logits) -> dict:
-    """{tensor: name} of the tensors FRUGAL splits: attention and MLP weights (roles from
-    roles.infer_roles), plus embeddings / norms / output layer when asked."""
-    from .roles import infer_roles
-    with warnings.catch_warnings():  # head counts do not matter here, only which linear it is
-        warnings.simplefilter("ignore")
-        inferred = infer_roles(named, model, roles=roles)
-    extra = {"embedding": proj_embeds, "norm": proj_norms, "output": proj_logits}
-    out = {}
-    for name, p in named:
-        r = inferred[name]
-        if (r.role in PROJECTABLE_ROLES and p.dim() == 2) or extra.get(r.role, False) or \
-                (r.role == "linear" and r.note and p.dim() == 2):  # a q/k whose heads are unknown
-            out[p] = name
-    return out
