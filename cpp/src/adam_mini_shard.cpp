@@ -34,14 +34,24 @@ void check_shards(const char* op, TensorList tensors, const std::vector<BlockSpe
                     "block of the full tensors (", blocks, "), got ", sums.sizes());
 }
 
-// Calls f(piece, local row, tile column, global block) for every tile row of the shard.
+// Calls f(first element, length, first block, tile_cols) for every tile row of the shard. Tiles of
+// one column (SlimAdam's mean over fan-out, per-neuron columns of transposed weights,
+// elementwise segments) come a row at a time, their blocks consecutive: f sees
+// (row start, cols, first block, 1) and handles the row in one vectorised pass.
 template <typename F>
 void for_each_tile_row(const std::vector<ShardPiece>& pieces, F&& f) {
-  for (const auto& pc : pieces)
-    for (int64_t r = 0; r < pc.seg.rows; ++r)
-      for (int64_t j = 0; j < pc.seg.tiles_per_row(); ++j)
-        f(pc.seg.offset + r * pc.seg.row_stride + j * pc.seg.tile_cols, pc.seg.tile_cols,
-          pc.block_of(r / pc.seg.tile_rows, j));
+  for (const auto& pc : pieces) {
+    const Segment& s = pc.seg;
+    for (int64_t r = 0; r < s.rows; ++r) {
+      const int64_t at = s.offset + r * s.row_stride;
+      if (s.tile_cols == 1) {
+        f(at, s.cols, pc.block_of(r / s.tile_rows, 0), int64_t{1});
+        continue;
+      }
+      for (int64_t j = 0; j < s.tiles_per_row(); ++j)
+        f(at + j * s.tile_cols, s.tile_cols, pc.block_of(r / s.tile_rows, j), s.tile_cols);
+    }
+  }
 }
 
 }  // namespace
@@ -78,8 +88,11 @@ void adam_mini_block_sums_(TensorList grads, const std::vector<BlockSpec>& specs
     const auto pieces = shard_pieces(specs[i], shards[2 * i], shards[2 * i] + g.numel());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "block_sums", [&] {
       const scalar_t* gp = g.data_ptr<scalar_t>();
-      for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t b) {
-        out[b] += cpu::sum_squares(gp + at, n);
+      for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t b, int64_t tc) {
+        if (tc == 1)
+          cpu::add_squares(out + b, gp + at, n);
+        else
+          out[b] += cpu::sum_squares(gp + at, n);
       });
     });
     out += num_blocks(specs[i]);
@@ -126,9 +139,13 @@ void adam_mini_shard_update_(TensorList params, TensorList grads, TensorList exp
       state_t* mp = m.data_ptr<state_t>();
       const C decay = static_cast<C>(s.decay), b1c = static_cast<C>(1.0 - s.beta1);
       const auto pieces = shard_pieces(specs[i], shards[2 * i], shards[2 * i] + p.numel());
-      for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t blk) {
-        cpu::block_update_span<scalar_t, state_t, C>(pp + at, gp + at, mp + at, n, decay, b1c,
-                                                     factor[blk]);
+      for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t blk, int64_t tc) {
+        if (tc == 1)
+          cpu::column_update_span<scalar_t, state_t, C>(pp + at, gp + at, mp + at, n, decay, b1c,
+                                                        factor + blk);
+        else
+          cpu::block_update_span<scalar_t, state_t, C>(pp + at, gp + at, mp + at, n, decay, b1c,
+                                                       factor[blk]);
       });
     });
     sum += nb;
