@@ -100,12 +100,13 @@ def _count_calls(opt):
 
 
 def _worker(rank, world, ckpt_dir):
-    out = {"exact": {}, "errors": {}, "dcp": {}}
+    out = {"exact": {}, "bytes": {}, "errors": {}, "dcp": {}}
     for name in CONFIGS:
         model = _model(shard=True)
         opt = _frugal(model, name)
         _steps(model, opt, 0, STEPS)
         out["exact"][name] = _snapshot(model, opt)
+        out["bytes"][name] = opt.state_bytes(), opt.planned_state_bytes()
         out["calls"] = _count_calls(opt)  # a 7th step with the last gradients
     for sel in UNSHARDABLE:
         try:
@@ -159,6 +160,8 @@ def test_fsdp2_equals_one_process(ranks, name):
     for out in ranks[0]:
         _assert_close(out["exact"][name], want, 1e-12)
         assert out["calls"] == 1
+        held, planned = out["bytes"][name]  # each rank holds its half of the moments
+        assert held == planned and held < 0.55 * opt.state_bytes()
 
 
 def test_unshardable_selections_raise_clearly(ranks):
