@@ -225,3 +225,73 @@ def test_sdpa_swap_matches_flex_forward():
     with torch.no_grad():
         ref = flex(x, attention_masks=flex.get_attention_masks(positions=positions))
         torch.testing.assert_close(swapped(x), ref)
+
+
+def _fsdp_worker(rank, world, ckpt):
+    """AdamW through the container on the debug model sharded by FSDP2 (fully_shard per block and
+    root, as torchtitan's parallelize does): 2 steps, a DCP save of the container (sharded
+    state), 2 more; then a fresh sharded run loads the checkpoint and repeats the 2 steps."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from dist_util import full
+
+    def sharded(values=None):
+        model = debug_model()
+        for layer in model.layers.values():
+            fully_shard(layer)
+        fully_shard(model)
+        for p, v in zip(model.parameters(), values or []):
+            p.data.copy_(distribute_tensor(v, p.device_mesh, p.placements))
+        return model, MemoptOptimizersContainer.Config(name="adamw", **HP).build(model_parts=[model])
+
+    def train(model, container, steps):
+        for step in steps:  # every rank the same batch: FSDP2's mean of equal gradients is exact
+            backward(model, step)
+            container.step()
+            container.zero_grad()
+        return [full(p).detach().clone() for p in model.parameters()]
+
+    model, container = sharded()
+    at_save = train(model, container, range(2))
+    assert all(v.placements == p.placements for p in model.parameters()
+               for v in container.optimizers[0].state[p].values() if v.dim())
+    dcp.save({"optimizer": container}, checkpoint_id=ckpt)
+    straight = train(model, container, range(2, 4))
+    model, container = sharded(at_save)
+    dcp.load({"optimizer": container}, checkpoint_id=ckpt)
+    return dict(at_save=at_save, straight=straight, resumed=train(model, container, range(2, 4)))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_adamw_under_fsdp2_with_dcp_resharding(tmp_path):
+    """2 gloo ranks: the sharded run equals the single-process one step for step, resumes from
+    its own sharded checkpoint exactly, and the same checkpoint loads into one process
+    (DCP reshards the state the container saved) and continues exactly too."""
+    from dist_util import run_workers
+
+    ckpt = str(tmp_path / "fsdp")
+    ranks = run_workers(_fsdp_worker, 2, ckpt)
+    model = debug_model()
+    direct = memopt_core.make_optimizer("adamw", model, **HP)
+    for step in range(4):
+        backward(model, step)
+        direct.step()
+        direct.zero_grad()
+        if step == 1:
+            at_save = [p.detach().clone() for p in model.parameters()]
+    expected = [p.detach() for p in model.parameters()]
+    for r in ranks:
+        for key, want in (("at_save", at_save), ("straight", expected), ("resumed", expected)):
+            assert all(torch.equal(a, b) for a, b in zip(r[key], want)), key
+    single = debug_model()
+    with torch.no_grad():
+        for p, v in zip(single.parameters(), at_save):
+            p.copy_(v)
+    container = MemoptOptimizersContainer.Config(name="adamw", **HP).build(model_parts=[single])
+    dcp.load({"optimizer": container}, checkpoint_id=ckpt)
+    for step in range(2, 4):
+        backward(single, step)
+        container.step()
+        container.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(single.parameters(), expected))
