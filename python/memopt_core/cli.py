@@ -2,6 +2,7 @@
 
     memopt compare --quick                       # every optimizer, small model, ~2 min on 2 cores
     memopt train --optimizer apollo_mini --model llama-60m --layerwise --grad-clip 0
+    torchrun --nproc_per_node 2 -m memopt_core.cli train --fsdp --optimizer adamw --ckpt-dir d
     memopt plan --model llama-7b --optimizer apollo_mini --layerwise --dtype bf16
     memopt snr --out rules.json                  # SlimAdam's compression rules from a probe run
 """
@@ -24,7 +25,7 @@ from .compare import compare, write_outputs
 from .models import LLAMA_PRESETS
 from .plan import format_plans, plan
 from .registry import OPTIMIZERS
-from .train import CHECKPOINT, TrainConfig, Trainer
+from .train import CHECKPOINT, DCP_CHECKPOINT, TrainConfig, Trainer
 
 # compare's model and steps: --quick (the README's main command) or the fuller default.
 QUICK, FULL = dict(model="tiny", steps=120), dict(model="small", steps=300)
@@ -97,25 +98,59 @@ def _parse_settings(text: str) -> dict:
     return out
 
 
+def _init_distributed(args) -> bool:
+    """--fsdp: join the process group torchrun describes (gloo on CPU, nccl on CUDA, one GPU per
+    local rank). Returns whether this call created it (and must destroy it)."""
+    import os
+
+    import torch.distributed as dist
+    if dist.is_initialized():  # an embedding program (or a test) made it
+        return False
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("memopt train --fsdp: no process group to join; launch with torchrun, "
+                         "e.g. torchrun --nproc_per_node 2 -m memopt_core.cli train --fsdp ...")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
 def _train(args) -> int:
-    cfg = _config(args, args.optimizer, grad_accum=args.grad_accum, layerwise=args.layerwise,
-                  grad_clip=args.grad_clip, eval_every=args.eval_every)
     if args.layerwise and args.grad_clip:
         raise SystemExit("memopt train: --layerwise cannot clip by global gradient norm (the "
                          "gradients never exist together); pass --grad-clip 0")
+    owns_group = _init_distributed(args) if args.fsdp else False
+    try:
+        return _run_training(args)
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _run_training(args) -> int:
+    cfg = _config(args, args.optimizer, grad_accum=args.grad_accum, layerwise=args.layerwise,
+                  grad_clip=args.grad_clip, eval_every=args.eval_every, fsdp=args.fsdp)
     trainer = Trainer(cfg)
-    ckpt = Path(args.ckpt_dir) / CHECKPOINT if args.ckpt_dir else None
+    main_rank = trainer.rank == 0  # only rank 0 prints and writes the log
+    name = DCP_CHECKPOINT if cfg.fsdp else CHECKPOINT
+    ckpt = Path(args.ckpt_dir) / name if args.ckpt_dir else None
     if args.resume:
         if ckpt is None or not ckpt.exists():
             raise SystemExit(f"memopt train: --resume needs an existing {ckpt or '--ckpt-dir'}")
         trainer.load(ckpt)
-        print(f"resumed from {ckpt} at step {trainer.step}", file=sys.stderr)
-    print(f"{cfg.optimizer} on {cfg.model} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M "
-          f"params, {cfg.dtype}{', layer-wise' if cfg.layerwise else ''}), "
-          f"{trainer.corpus.source}", file=sys.stderr)
+        if main_rank:
+            print(f"resumed from {ckpt} at step {trainer.step}", file=sys.stderr)
+    if main_rank:
+        print(f"{cfg.optimizer} on {cfg.model} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M "
+              f"params, {cfg.dtype}{', layer-wise' if cfg.layerwise else ''}"
+              f"{f', FSDP2 on {trainer.world} ranks' if cfg.fsdp else ''}), "
+              f"{trainer.corpus.source}", file=sys.stderr)
     log = None
     if args.ckpt_dir:
         Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
+    if args.ckpt_dir and main_rank:
         log_path = Path(args.ckpt_dir) / "log.jsonl"
         # On resume keep the log up to the checkpoint: later lines are being re-run.
         kept = [line for line in (log_path.read_text().splitlines() if args.resume and
@@ -129,7 +164,8 @@ def _train(args) -> int:
                       ms=trainer.history["iter_ms"][-1])
         if trainer.history["val"] and trainer.history["val"][-1][0] == trainer.step:
             record["val"] = trainer.history["val"][-1][1]
-        if trainer.step % args.log_every == 0 or "val" in record or trainer.step == cfg.steps:
+        if main_rank and (trainer.step % args.log_every == 0 or "val" in record
+                          or trainer.step == cfg.steps):
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in record.items()), flush=True)
         if log:
@@ -137,8 +173,13 @@ def _train(args) -> int:
             log.flush()
         if ckpt and (trainer.step % args.ckpt_every == 0 or trainer.step == cfg.steps):
             trainer.save(ckpt)
-    print(f"final val loss {trainer.evaluate():.4f}; optimizer state "
-          f"{trainer.summary()['state_bytes'] / 2**20:.1f} MiB", flush=True)
+    val = trainer.evaluate()  # every rank: under FSDP2 the forward is collective
+    if log:
+        log.close()
+    if main_rank:
+        print(f"final val loss {val:.4f}; optimizer state "
+              f"{trainer.summary()['state_bytes'] / 2**20:.1f} MiB"
+              f"{' on this rank' if cfg.fsdp else ''}", flush=True)
     return 0
 
 
@@ -201,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--ckpt-dir", help="checkpoint directory (atomic last.pt, log.jsonl)")
     t.add_argument("--ckpt-every", type=int, default=100)
-    t.add_argument("--resume", action="store_true", help="continue from --ckpt-dir/last.pt")
+    t.add_argument("--resume", action="store_true", help="continue from --ckpt-dir/last.pt "
+                   "(last.dcp with --fsdp)")
+    t.add_argument("--fsdp", action="store_true",
+                   help="shard with FSDP2 (per block and root) under torchrun; checkpoints are "
+                        "DCP directories; the optimizer must support FSDP2")
     t.set_defaults(func=_train)
 
     p = sub.add_parser("plan", help="memory plan of a training run (meta device, no memory)")

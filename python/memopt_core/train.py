@@ -2,11 +2,18 @@
 user corpus, warmup + cosine schedule, gradient clipping, gradient accumulation, optional
 layer-wise stepping and bf16 weights, periodic validation, and atomic checkpoints from which a
 resumed run reproduces the uninterrupted one bit for bit (model, optimizer, scheduler, RNG and
-data position are all saved)."""
+data position are all saved).
+
+With fsdp=True (`torchrun ... -m memopt_core.cli train --fsdp`) every decoder block and the root
+are sharded with FSDP2 over the initialised process group; each rank trains on its slice of the
+same global batch, so the run equals one process on that batch. Checkpoints are then DCP
+directories (torch.distributed.checkpoint: each rank writes its shards of model and optimizer),
+plus the trainer's own state and each rank's RNG, published atomically through a symlink."""
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,6 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from .corpus import Corpus, load
 from .layerwise import LayerwiseStep
@@ -23,6 +32,7 @@ from .registry import make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHECKPOINT = "last.pt"
+DCP_CHECKPOINT = "last.dcp"  # with fsdp: a symlink to the newest complete DCP directory
 
 
 @dataclass
@@ -50,6 +60,7 @@ class TrainConfig:
     tokenizer: str = "byte"
     vocab_size: int = 8192     # BPE only
     optimizer_kwargs: dict = field(default_factory=dict)
+    fsdp: bool = False         # FSDP2 over the initialised process group (see the module doc)
 
     @property
     def label(self) -> str:
@@ -67,6 +78,13 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fsdp:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("fsdp needs an initialised process group: launch with torchrun "
+                                 "(torchrun --nproc_per_node N -m memopt_core.cli train --fsdp)")
+            if self.batch_size % dist.get_world_size():
+                raise ValueError(f"batch_size {self.batch_size} must be a multiple of the "
+                                 f"{dist.get_world_size()} ranks (each takes an equal slice)")
 
 
 class WarmupCosine:
@@ -93,6 +111,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same seed -> same initial weights for every optimizer
         self.model = build(cfg.model, cfg.arch, vocab_size=self.corpus.vocab_size)
         self.model.to(device=self.device, dtype=DTYPES[cfg.dtype])
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if cfg.fsdp else (0, 1)
+        if cfg.fsdp:
+            shard_model(self.model)
         self.opt = make_optimizer(cfg.optimizer, self.model, lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay, **cfg.optimizer_kwargs)
         warmup = max(1, int(cfg.steps * cfg.warmup))
@@ -108,10 +129,16 @@ class Trainer:
         cfg, t0 = self.cfg, time.perf_counter()
         total = 0.0
         for _ in range(cfg.grad_accum):
-            x, y = (t.to(self.device) for t in next(self.stream))
+            # Every rank reads the same global batch and takes its slice (equal token counts, so
+            # the mean of the ranks' losses and gradients is the global batch's).
+            x, y = (t.chunk(self.world)[self.rank].to(self.device) for t in next(self.stream))
             _, loss = self.model(x, y)
             (loss / cfg.grad_accum).backward()  # layer-wise: parameters are stepped in here
             total += loss.item() / cfg.grad_accum
+        if cfg.fsdp:  # the global batch's loss, the same on every rank
+            total_t = torch.tensor([total], dtype=torch.float64, device=self.device)
+            dist.all_reduce(total_t)
+            total = total_t.item() / self.world
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self._sync()
@@ -158,25 +185,40 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
+        return dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
+                    **self._rest_state())
+
+    def _rest_state(self) -> dict:
         return dict(version=1, config=asdict(self.cfg), step=self.step,
-                    model=self.model.state_dict(), optimizer=self.opt.state_dict(),
                     scheduler=self.sched.state_dict(), data=self.stream.state_dict(),
                     layerwise=self.layerwise.state_dict() if self.layerwise else None,
                     rng=torch.get_rng_state(), history=self.history,
                     cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
     def save(self, path) -> None:
+        if self.cfg.fsdp:
+            return self._save_dcp(Path(path))
         atomic_save(self.state_dict(), path)
 
     def load(self, path) -> None:
+        if self.cfg.fsdp:
+            return self._load_dcp(Path(path))
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        self._check_config(ckpt, path)
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self._load_rest(ckpt)
+
+    def _check_config(self, ckpt: dict, path) -> None:
         mine, saved = asdict(self.cfg), dict(ckpt["config"])
         differ = [k for k in mine if k not in ("eval_every", "device") and mine[k] != saved.get(k)]
         if differ:
             raise ValueError(f"checkpoint {path} was written with other settings: " + ", ".join(
                 f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in differ))
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
+
+    def _load_rest(self, ckpt: dict) -> None:
+        """Everything but model and optimizer: scheduler, data position, layer-wise counters,
+        RNG, step and history."""
         self.sched.load_state_dict(ckpt["scheduler"])
         self.stream.load_state_dict(ckpt["data"])
         if self.layerwise:
@@ -186,6 +228,55 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         self.step, self.history = ckpt["step"], ckpt["history"]
 
+    # ---- FSDP2 checkpoints (DCP) -----------------------------------------------------------
+    # `path` (e.g. ckpt_dir/last.dcp) is a symlink to the directory of the newest complete
+    # checkpoint, step-<N>.dcp beside it: a new one is written whole first and the link is then
+    # replaced in one rename, so a crash leaves the previous checkpoint in place.
+    def _save_dcp(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        target = path.with_name(f"step-{self.step}.dcp")
+        if self.rank == 0:
+            shutil.rmtree(target, ignore_errors=True)  # a torn write of this step
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(self.model, self.opt)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(target))
+        rest = self._rest_state()
+        # RNG is per rank; the rest is the same on every rank and written once.
+        atomic_save({"rng": rest.pop("rng"), "cuda_rng": rest.pop("cuda_rng")},
+                    target / f"rng-rank{self.rank}.pt")
+        if self.rank == 0:
+            atomic_save(rest, target / "trainer.pt")
+        dist.barrier()
+        if self.rank == 0:
+            link = path.with_name(f".{path.name}.tmp")
+            link.unlink(missing_ok=True)
+            link.symlink_to(target.name)
+            old = path.resolve() if path.is_symlink() else None
+            os.replace(link, path)
+            if old is not None and old != target.resolve():
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def _load_dcp(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        path = path.resolve()
+        rest = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        self._check_config(rest, path)
+        rng = path / f"rng-rank{self.rank}.pt"
+        if not rng.exists():
+            raise ValueError(f"checkpoint {path} has no RNG state of rank {self.rank}: it was "
+                             f"written by fewer ranks; resume with the same number of ranks")
+        # get_state_dict gives this run's sharded tensors (creating the optimizer state if it
+        # has none yet) for DCP to load into, each rank reading only its own shards.
+        model_sd, optim_sd = get_state_dict(self.model, self.opt)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.opt, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        self._load_rest({**rest, **torch.load(rng, map_location="cpu", weights_only=False)})
+
     def summary(self) -> dict:
         h, n = self.history, num_params(self.model)
         state = optimizer_state_bytes(self.opt)
@@ -194,6 +285,16 @@ class Trainer:
                     bytes_per_param=state / n, step_ms=statistics.fmean(steady),
                     iter_ms=statistics.fmean(h["iter_ms"][1:] or h["iter_ms"]),
                     train_loss=statistics.fmean(h["loss"][-10:]))
+
+
+def shard_model(model: nn.Module) -> None:
+    """FSDP2: each block of the model's block list (LLaMA's model.layers, GPT's h) its own
+    unit, so one block's full weights exist at a time, then the root (embedding, output)."""
+    from torch.distributed.fsdp import fully_shard
+    for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+        for block in blocks:
+            fully_shard(block)
+    fully_shard(model)
 
 
 def atomic_save(obj, path) -> None:
