@@ -212,9 +212,11 @@ def test_cli_selects_the_optimizer():
     from torchtitan.config import ConfigManager
     config = ConfigManager().parse_args([
         "--module", "memopt_core.integrations.torchtitan", "--config", "llama3_debugmodel_memopt",
-        "--optimizer.name", "slim_adam", "--optimizer.lr", "3e-4"])
-    assert isinstance(config.optimizer, MemoptOptimizersContainer.Config)
-    assert (config.optimizer.name, config.optimizer.lr) == ("slim_adam", 3e-4)
+        "--optimizer.name", "slim_adam", "--optimizer.lr", "3e-4", "--optimizer.betas", "0.9",
+        "0.99", "--optimizer.weight-decay", "0.05"])
+    opt = config.optimizer
+    assert isinstance(opt, MemoptOptimizersContainer.Config)
+    assert (opt.name, opt.lr, opt.betas, opt.weight_decay) == ("slim_adam", 3e-4, (0.9, 0.99), 0.05)
 
 
 @pytest.mark.slow
