@@ -219,6 +219,20 @@ def test_cli_selects_the_optimizer():
     assert (opt.name, opt.lr, opt.betas, opt.weight_decay) == ("slim_adam", 3e-4, (0.9, 0.99), 0.05)
 
 
+def test_memopt_core_does_not_import_torchtitan():
+    """`import memopt_core` leaves torchtitan unimported; without torchtitan the integration
+    raises an ImportError that says what to install."""
+    import subprocess
+    import sys
+    code = ("import sys, memopt_core, memopt_core.integrations\n"
+            "assert 'torchtitan' not in sys.modules, 'imported torchtitan'\n"
+            "sys.modules['torchtitan'] = None  # as if not installed\n"
+            "try:\n    import memopt_core.integrations.torchtitan\n"
+            "except ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install torchtitan==0.3.0 triton" in out.stdout
+
 @pytest.mark.slow
 def test_sdpa_swap_matches_flex_forward():
     flex, swapped = debug_model(cpu_attention=False), debug_model()
