@@ -9,6 +9,7 @@ import torch
 import memopt_core
 from memopt_core import _C
 from conftest import make_grads, make_llama
+from cuda_util import EMU, TOL, ops, requires_cuda, tensor_device
 
 HP = (0.9, 0.95, 1e-8, 0.1)  # beta1, beta2, eps, weight_decay
 
@@ -31,8 +32,11 @@ def run_full(params, specs, steps, dtype):
     return ps, ms, vs
 
 
-def run_sharded(params, specs, steps, dtype, world):
-    """[rank] -> (local params, local m, full v) after `steps` steps on row shards."""
+def run_sharded(params, specs, steps, dtype, world, device="cpu"):
+    """[rank] -> (local params, local m, full v) after `steps` steps on row shards, with the ops
+    of `device` (cpu, the host-emulated CUDA glue "emu", or cuda)."""
+    memopt = ops(device)
+    params = [p.to(tensor_device(device)) for p in params]
     enc = _C.encode_block_specs(specs)
     nblocks = [sum((s[1] // s[4]) * (s[2] // s[5]) for s in spec) for spec in specs]
     ranks = []
@@ -41,22 +45,23 @@ def run_sharded(params, specs, steps, dtype, world):
         local = [p.narrow(0, a, n).clone() for p, (a, n) in zip(params, cut)]
         shards = [v for p, (a, _) in zip(params, cut) for v in (a * (p.numel() // max(p.shape[0], 1)), p.numel())]
         ranks.append(dict(cut=cut, p=local, m=[torch.zeros_like(t) for t in local],
-                          v=[torch.zeros(n, dtype=dtype) for n in nblocks],
+                          v=[torch.zeros(n, dtype=dtype, device=local[0].device) for n in nblocks],
                           st=[torch.zeros((), dtype=torch.float32) for _ in local], shards=shards))
     for step in range(steps):
         grads = make_grads(params, step)  # the full gradients; each rank takes its rows
-        sums = torch.zeros(sum(nblocks), dtype=torch.float64)
+        grads = [g.to(params[0].device) for g in grads]
+        sums = torch.zeros(sum(nblocks), dtype=torch.float64, device=params[0].device)
         local_grads = []
         for rk in ranks:
             g = [gr.narrow(0, a, n) for gr, (a, n) in zip(grads, rk["cut"])]
             local_grads.append(g)
             part = torch.zeros_like(sums)
-            torch.ops.memopt.adam_mini_block_sums_(g, enc, rk["shards"], part)
+            memopt.adam_mini_block_sums_(g, enc, rk["shards"], part)
             sums += part
         for rk, g in zip(ranks, local_grads):
             _C.check_adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc, rk["shards"],
                                              sums, torch.tensor(1e-2, dtype=torch.float64), *HP)
-            torch.ops.memopt.adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc,
+            memopt.adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc,
                                                      rk["shards"], sums,
                                                      torch.tensor(1e-2, dtype=torch.float64), *HP)
     return ranks
@@ -100,6 +105,23 @@ def test_shards_equal_full_tensor(source, world):
         assert (got_m - fm[i]).abs().max().item() <= 1e-12 * (fm[i].abs().max().item() or 1.0)
         for rk in ranks:  # v is replicated: every rank holds every block, equal to the full op's
             assert (rk["v"][i] - fv[i]).abs().max().item() <= 1e-12 * fv[i].abs().max().item()
+
+
+@pytest.mark.parametrize("device", [EMU, pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("source", ["auto", "slim", "hand"])
+def test_gpu_shards_equal_cpu_full_tensor(device, dtype, source):
+    """The CUDA glue (on a GPU, or emulated on the host) against the CPU op on the full tensor,
+    within the CPU-vs-CUDA tolerance of the storage dtype."""
+    params, specs = hand_specs() if source == "hand" else llama_specs(source)
+    params = [p.to(dtype) for p in params]
+    fp, fm, fv = run_full(params, specs, 4, dtype)
+    ranks = run_sharded(params, specs, 4, dtype, 3, device)
+    for i in range(len(params)):
+        for got, want in ((torch.cat([rk["p"][i] for rk in ranks]), fp[i]),
+                          (torch.cat([rk["m"][i] for rk in ranks]), fm[i]), (ranks[1]["v"][i], fv[i])):
+            err = (got.cpu().double() - want.double()).abs().max().item()
+            assert err <= TOL[dtype] * (want.double().abs().max().item() or 1.0), f"tensor {i}"
 
 
 def test_shard_ops_reject_bad_shards_untouched():

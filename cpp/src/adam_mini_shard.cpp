@@ -28,10 +28,13 @@ void check_shards(const char* op, TensorList tensors, const std::vector<BlockSpe
     check_block_spec(specs[i], numel, std::string(op) + ": tensor " + std::to_string(i));
     blocks += num_blocks(specs[i]);
   }
-  TORCH_CHECK_VALUE(sums.scalar_type() == at::kDouble && sums.device().is_cpu() &&
+  // On the tensors' device: it is the buffer the collective (NCCL on GPUs) reduces.
+  const c10::Device device = tensors.empty() ? sums.device() : tensors[0].device();
+  TORCH_CHECK_VALUE(sums.scalar_type() == at::kDouble && sums.device() == device &&
                         sums.dim() == 1 && sums.is_contiguous() && sums.numel() == blocks,
-                    op, ": block sums must be a contiguous float64 CPU vector with one entry per "
-                    "block of the full tensors (", blocks, "), got ", sums.sizes());
+                    op, ": block sums must be a contiguous float64 vector on ", device,
+                    " with one entry per block of the full tensors (", blocks, "), got ",
+                    sums.scalar_type(), " ", sums.sizes(), " on ", sums.device());
 }
 
 // Calls f(first element, length, first block, tile_cols) for every tile row of the shard. Tiles of
@@ -56,6 +59,11 @@ void for_each_tile_row(const std::vector<ShardPiece>& pieces, F&& f) {
 
 }  // namespace
 
+void check_adam_mini_block_sums_inputs(TensorList grads, const std::vector<BlockSpec>& specs,
+                                      at::IntArrayRef shards, const Tensor& sums) {
+  check_shards("adam_mini_block_sums_", grads, specs, shards, sums);
+}
+
 void check_adam_mini_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                                   TensorList exp_avg_sqs, TensorList steps,
                                   const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
@@ -77,7 +85,7 @@ void check_adam_mini_shard_inputs(TensorList params, TensorList grads, TensorLis
 
 void adam_mini_block_sums_(TensorList grads, const std::vector<BlockSpec>& specs,
                            at::IntArrayRef shards, const Tensor& sums) {
-  check_shards("adam_mini_block_sums_", grads, specs, shards, sums);
+  check_adam_mini_block_sums_inputs(grads, specs, shards, sums);
   double* out = sums.data_ptr<double>();
   Workspace::Lease lease(Workspace::of(c10::Device(c10::kCPU)));
   for (size_t i = 0; i < grads.size(); ++i) {

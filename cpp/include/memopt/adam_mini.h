@@ -33,6 +33,8 @@ void adam_mini_shard_update_(TensorList params, TensorList grads, TensorList exp
                              const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
                              const Tensor& sums, const Tensor& lr, double beta1, double beta2,
                              double eps, double weight_decay);
+void check_adam_mini_block_sums_inputs(TensorList grads, const std::vector<BlockSpec>& specs,
+                                      at::IntArrayRef shards, const Tensor& sums);
 void check_adam_mini_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                                   TensorList exp_avg_sqs, TensorList steps,
                                   const std::vector<BlockSpec>& specs, at::IntArrayRef shards,

@@ -1,0 +1,101 @@
+// memopt::adam_mini_block_sums_ and adam_mini_shard_update_ for the CUDA dispatch key: Adam-mini
+// on FSDP2 shards of GPU tensors. The layout (which tiles of the full tensor's blocks a shard
+// holds) is cpp/src/adam_mini_shard.cpp's shard_pieces; the math is ATen reductions and in-place
+// ops on strided views of each piece, so no parameter-sized temporary is made and the block
+// statistics (one value per block) are the only extra memory. A handful of launches per piece;
+// the fused single-tensor kernels (adam_mini.cu) stay the path for unsharded tensors.
+#include <torch/library.h>
+
+#include "launch.h"
+#include "memopt/adam_mini.h"
+
+namespace memopt::cuda {
+namespace {
+
+// The piece's elements of a contiguous tensor as (bands, tile_rows, tiles, tile_cols).
+Tensor tiles(const Tensor& t, const Segment& s) {
+  return t.as_strided({s.rows / s.tile_rows, s.tile_rows, s.tiles_per_row(), s.tile_cols},
+                      {s.tile_rows * s.row_stride, s.row_stride, s.tile_cols, 1},
+                      t.storage_offset() + s.offset);
+}
+
+// The entries of a per-block vector that the piece's tiles belong to, (bands, tiles) or
+// broadcast over each tile's elements.
+Tensor of_tiles(const Tensor& per_block, const ShardPiece& pc, bool broadcast) {
+  const Segment& s = pc.seg;
+  const int64_t off = per_block.storage_offset() + pc.block0;
+  if (!broadcast)
+    return per_block.as_strided({s.rows / s.tile_rows, s.tiles_per_row()}, {pc.band_blocks, 1}, off);
+  return per_block.as_strided({s.rows / s.tile_rows, 1, s.tiles_per_row(), 1},
+                              {pc.band_blocks, 0, 1, 0}, off);
+}
+
+void block_sums_cuda(TensorList grads, at::IntArrayRef blocks, at::IntArrayRef shards,
+                     const Tensor& sums) {
+  const auto specs = decode_block_specs(blocks, static_cast<int64_t>(grads.size()));
+  check_adam_mini_block_sums_inputs(grads, specs, shards, sums);
+  if (grads.empty()) return;
+  check_same_cuda_device("adam_mini_block_sums_", {grads, {sums}});
+  const c10::DeviceGuard guard(grads[0].device());
+  int64_t base = 0;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const Tensor g = contiguous_grad(grads[i]);
+    const Tensor mine = sums.narrow(0, base, num_blocks(specs[i]));
+    for (const auto& pc : shard_pieces(specs[i], shards[2 * i], shards[2 * i] + g.numel()))
+      of_tiles(mine, pc, false)
+          .add_(at::linalg_vector_norm(tiles(g, pc.seg), 2, at::IntArrayRef{1, 3}, false,
+                                       at::kDouble)
+                    .square_());
+    base += num_blocks(specs[i]);
+  }
+}
+
+void shard_update_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
+                       TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                       at::IntArrayRef shards, const Tensor& sums, const Tensor& lr_t, double beta1,
+                       double beta2, double eps, double weight_decay) {
+  const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
+  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
+  const double lr = read_lr(lr_t);
+  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+  if (params.empty()) return;
+  check_same_cuda_device("adam_mini_shard_update_", {params, grads, exp_avgs, exp_avg_sqs, {sums}});
+  const c10::DeviceGuard guard(params[0].device());
+  const AdamStepInputs in = adam_step_inputs(grads, steps, lr, beta1, beta2, eps, weight_decay);
+  int64_t base = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i], &g = in.grads[i];
+    const AdamScalars& s = in.scalars[i];
+    // v of every block in float64 (rounded to its dtype once, as the CPU op does), then each
+    // block's step factor lr/(1-b1^t) / (sqrt(v)/sqrt(1-b2^t) + eps) in the compute type.
+    const Tensor v64 = v.to(at::kDouble, false, /*copy=*/true).mul_(s.beta2);
+    int64_t b = 0;
+    for (const auto& seg : specs[i]) {
+      v64.narrow(0, b, seg.num_blocks())
+          .add_(sums.narrow(0, base + b, seg.num_blocks()), (1.0 - s.beta2) / seg.block_numel());
+      b += seg.num_blocks();
+    }
+    v.copy_(v64);
+    const auto compute = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    Tensor factor = v.to(compute, false, /*copy=*/true).sqrt_().div_(s.bc2_sqrt).add_(s.eps);
+    factor = at::full_like(factor, s.step_size).div_(factor);
+    for (const auto& pc : shard_pieces(specs[i], shards[2 * i], shards[2 * i] + p.numel())) {
+      Tensor mv = tiles(m, pc.seg), pv = tiles(p, pc.seg);
+      const Tensor gv = tiles(g, pc.seg);
+      if (m.scalar_type() == g.scalar_type())
+        mv.lerp_(gv, 1.0 - s.beta1);  // torch's m + (1-b1)(g - m), as the fused kernels
+      else
+        mv.mul_(s.beta1).add_(gv, 1.0 - s.beta1);
+      pv.mul_(s.decay).addcmul_(of_tiles(factor, pc, true), mv, -1.0);
+    }
+    base += num_blocks(specs[i]);
+  }
+}
+
+}  // namespace
+}  // namespace memopt::cuda
+
+TORCH_LIBRARY_IMPL(memopt, CUDA, m) {
+  m.impl("adam_mini_block_sums_", &memopt::cuda::block_sums_cuda);
+  m.impl("adam_mini_shard_update_", &memopt::cuda::shard_update_cuda);
+}
