@@ -108,7 +108,8 @@ class AdamMini(MemoptOptimizer):
         the local elements from the totals (cpp/src/adam_mini_shard.cpp)."""
         blocks = [v for p in params for v in self.blocks[p].encoded]
         shards = [v for p in params for v in (self._shard_layout(p).flat_lo, p.numel())]
-        sums = torch.zeros(sum(self.blocks[p].count for p in params), dtype=torch.float64)
+        sums = torch.zeros(sum(self.blocks[p].count for p in params), dtype=torch.float64,
+                           device=local(params[0]).device)
         beta1, beta2 = group["betas"]
         grads = [local(g) for g in grads]
         args = ([local(p) for p in params], grads, [local(s["exp_avg"]) for s in states],
