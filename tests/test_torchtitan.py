@@ -26,7 +26,8 @@ import torchtitan.models.llama3.config_registry as llama3_configs  # noqa: E402
 from torchtitan.components.optimizer import LRSchedulersContainer  # noqa: E402
 
 import memopt_core  # noqa: E402
-from memopt_core.integrations.torchtitan import MemoptOptimizersContainer, memopt_config  # noqa: E402
+from memopt_core.integrations.torchtitan import (  # noqa: E402
+    MemoptOptimizersContainer, memopt_config)
 from memopt_core.roles import infer_roles  # noqa: E402
 
 HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -180,7 +181,8 @@ def test_state_dict_is_torchtitans_flat_fqn_dict(base_model):
     assert len(container) == 2
     before = [p.clone() for m in parts for p in m.parameters()]
     sd = container.state_dict()
-    assert all(torch.equal(a, p) for a, p in zip(before, (p for m in parts for p in m.parameters())))
+    after = [p for m in parts for p in m.parameters()]
+    assert all(torch.equal(a, p) for a, p in zip(before, after))
     assert {"state.tok_embeddings.weight.exp_avg", "state.layers.0.attention.wo.weight.exp_avg_sq",
             "state.attention.qkv_linear.wqkv.weight.exp_avg", "param_groups.norm.weight.lr",
             "param_groups.lm_head.weight.weight_decay"} <= sd.keys()
@@ -195,7 +197,8 @@ def test_config_plumbing_and_errors(base_model):
     assert (opt.name, opt.lr, opt.betas, opt.options) == ("apollo_mini", 8e-4, (0.9, 0.99),
                                                           {"update_proj_gap": 50})
     built = opt.build(model_parts=[copy.deepcopy(base_model)]).optimizers[0]
-    assert isinstance(built, memopt_core.ApolloMini) and built.param_groups[0]["update_proj_gap"] == 50
+    assert isinstance(built, memopt_core.ApolloMini)
+    assert built.param_groups[0]["update_proj_gap"] == 50
     with pytest.raises(ValueError, match="choose from"):
         MemoptOptimizersContainer.Config(name="AdamW").build(model_parts=[base_model])
     from torchtitan.components.optimizer import ParamGroupConfig
@@ -259,7 +262,8 @@ def _fsdp_worker(rank, world, ckpt):
         fully_shard(model)
         for p, v in zip(model.parameters(), values or []):
             p.data.copy_(distribute_tensor(v, p.device_mesh, p.placements))
-        return model, MemoptOptimizersContainer.Config(name="adamw", **HP).build(model_parts=[model])
+        config = MemoptOptimizersContainer.Config(name="adamw", **HP)
+        return model, config.build(model_parts=[model])
 
     def train(model, container, steps):
         for step in steps:  # every rank the same batch: FSDP2's mean of equal gradients is exact

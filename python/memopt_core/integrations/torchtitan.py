@@ -43,10 +43,12 @@ class MemoptOptimizersContainer(OptimizersContainer):
 
     `config.name` is a key of `memopt_core.OPTIMIZERS`; `lr`, `betas`, `eps`, `weight_decay`
     (torchtitan's `default_adamw` values by default) and `options` (the optimizer's own keyword
-    arguments: `rank`, `density`, `roles`, ...) are passed to it. Each optimizer is built from its
-    whole model part, as the registry builds it from a model, so it sees the module tree: torchtitan's
-    regex `param_groups` cannot be combined with that and must stay empty; for per-tensor choices
-    use the optimizer's own options (`options={"roles": {...}}`). Everything else is torchtitan's:
+    arguments: `rank`, `density`, `roles`, ...) are passed to it. Each optimizer is built from
+    its whole model part, as the registry builds it from a model, so it sees the module tree:
+    torchtitan's regex `param_groups` cannot be combined with that and must stay empty; for
+    per-tensor choices use the optimizer's own options (`options={"roles": {...}}`).
+    `implementation` does not apply (memopt optimizers always run their fused ops); its bf16-state
+    mode raises. Everything else is torchtitan's:
     `step`, `zero_grad`, step hooks, the LR schedulers, and `state_dict()` / `load_state_dict()`
     (flat `state.{fqn}.{key}` / `param_groups.{fqn}.{key}` entries, FQNs without activation-
     checkpoint or compile wrappers), which the checkpointer saves and loads through DCP.
@@ -118,7 +120,8 @@ def memopt_config(trainer_config, name: str, **hparams):
         hparams["lr"] = groups[0].optimizer_kwargs["lr"]
     common = {k: v for k, v in hparams.items() if k in fields}
     options = {k: v for k, v in hparams.items() if k not in fields}
-    trainer_config.optimizer = MemoptOptimizersContainer.Config(name=name, options=options, **common)
+    trainer_config.optimizer = MemoptOptimizersContainer.Config(name=name, options=options,
+                                                                **common)
     return trainer_config
 
 
