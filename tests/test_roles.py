@@ -313,3 +313,21 @@ def test_model_dims():
     assert model_dims(wrapper)["n_kv_heads"] == KV
     assert model_dims(build("vit_mha")) == dict(dim=16, n_heads=4, n_kv_heads=4, head_dim=4)
     assert model_dims(build("cnn")) == dict(dim=None, n_heads=None, n_kv_heads=None, head_dim=None)
+
+
+def test_flattened_parameters_are_refused_with_the_fix():
+    import torch
+    from conftest import make_llama
+    """DeepSpeed ZeRO / FSDP1 flat parameters hide shapes: a clear error naming FSDP2, not a
+    partition of a flat buffer as if it were a bias."""
+    import memopt_core
+    model = make_llama()
+    flat = torch.nn.Parameter(torch.zeros(32 * 32))
+    model.model.layers[0].self_attn.q_proj.weight = flat  # what a flattening wrapper leaves
+    with pytest.raises(ValueError, match="fully_shard"):
+        memopt_core.AdamMini(model)
+    zero = torch.nn.Parameter(torch.zeros(0))
+    zero.ds_id = 3  # DeepSpeed ZeRO-3 marks its partitioned parameters so
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO"):
+        memopt_core.SlimAdam([("model.layers.0.mlp.up_proj.weight", zero)])
+    memopt_core.AdamW(model.parameters())  # elementwise needs no shape
