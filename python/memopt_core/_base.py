@@ -154,6 +154,10 @@ class MemoptOptimizer(torch.optim.Optimizer):
         C++ validator is skipped because the op's Meta kernel runs the same checks while
         tracing; new state is made of plain tensors (the pool allocator is not traceable)."""
         for group, params in self._device_batches(only):
+            if is_dtensor(params[0]):
+                raise TypeError("step() of an optimizer over DTensor (FSDP2) parameters cannot "
+                                "be compiled: its partial statistics and all-reduce run eagerly. "
+                                "Compile the model and call opt.step() outside the compiled code")
             new = [p for p in params if p not in self.state]
             if new:
                 pooled, self._pool_state = getattr(self, "_pool_state", True), False
