@@ -246,23 +246,23 @@ def test_sdpa_swap_matches_flex_forward():
         torch.testing.assert_close(swapped(x), ref)
 
 
-def _fsdp_worker(rank, world, ckpt):
-    """AdamW through the container on the debug model sharded by FSDP2 (fully_shard per block and
-    root, as torchtitan's parallelize does): 2 steps, a DCP save of the container (sharded
-    state), 2 more; then a fresh sharded run loads the checkpoint and repeats the 2 steps."""
+def _fsdp_worker(rank, world, root):
+    """Each optimizer through the container on the debug model sharded by FSDP2 (fully_shard per
+    block and root, as torchtitan's parallelize does): 2 steps, a DCP save of the container
+    (sharded state), 2 more; then a fresh sharded run loads the checkpoint and repeats them."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
     from dist_util import full
 
-    def sharded(values=None):
+    def sharded(name, values=None):
         model = debug_model()
         for layer in model.layers.values():
             fully_shard(layer)
         fully_shard(model)
         for p, v in zip(model.parameters(), values or []):
             p.data.copy_(distribute_tensor(v, p.device_mesh, p.placements))
-        config = MemoptOptimizersContainer.Config(name="adamw", **HP)
+        config = MemoptOptimizersContainer.Config(name=name, **HP, options=OPTIONS.get(name, {}))
         return model, config.build(model_parts=[model])
 
     def train(model, container, steps):
@@ -272,28 +272,61 @@ def _fsdp_worker(rank, world, ckpt):
             container.zero_grad()
         return [full(p).detach().clone() for p in model.parameters()]
 
-    model, container = sharded()
-    at_save = train(model, container, range(2))
-    assert all(v.placements == p.placements for p in model.parameters()
-               for v in container.optimizers[0].state[p].values() if v.dim())
-    dcp.save({"optimizer": container}, checkpoint_id=ckpt)
-    straight = train(model, container, range(2, 4))
-    model, container = sharded(at_save)
-    dcp.load({"optimizer": container}, checkpoint_id=ckpt)
-    return dict(at_save=at_save, straight=straight, resumed=train(model, container, range(2, 4)))
+    out = {}
+    for name in NAMES:
+        try:
+            model, container = sharded(name)
+            at_save = train(model, container, range(2))
+            dcp.save({"optimizer": container}, checkpoint_id=f"{root}/{name}")
+            straight = train(model, container, range(2, 4))
+            model, container = sharded(name, at_save)
+            dcp.load({"optimizer": container}, checkpoint_id=f"{root}/{name}")
+            out[name] = dict(at_save=at_save, straight=straight,
+                             resumed=train(model, container, range(2, 4)))
+        except Exception:  # noqa: BLE001  (reported by this optimizer's test)
+            import traceback
+            out[name] = {"error": traceback.format_exc()}
+    return out
+
+
+NAMES = sorted(memopt_core.OPTIMIZERS)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    from dist_util import run_workers
+    root = tmp_path_factory.mktemp("fsdp")
+    return root, run_workers(_fsdp_worker, 2, str(root))
+
+
+def _same(got, want, exact):
+    for a, b in zip(got, want, strict=True):
+        if exact:
+            assert torch.equal(a, b)
+        else:  # statistics summed across shards: float32 rounding of the one-process sums
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# APOLLO's step on DTensor shards is not written yet: its op refuses the shard-sized moments.
+# Strict, so the marks go when it lands.
+_NOT_SHARDED_YET = pytest.mark.xfail(strict=True, raises=AssertionError,
+                                     reason="Apollo/ApolloMini do not step FSDP2 shards yet")
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_adamw_under_fsdp2_with_dcp_resharding(tmp_path):
-    """2 gloo ranks: the sharded run equals the single-process one step for step, resumes from
-    its own sharded checkpoint exactly, and the same checkpoint loads into one process
-    (DCP reshards the state the container saved) and continues exactly too."""
-    from dist_util import run_workers
-
-    ckpt = str(tmp_path / "fsdp")
-    ranks = run_workers(_fsdp_worker, 2, ckpt)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_NOT_SHARDED_YET) if n.startswith("apollo")
+                                  else n for n in NAMES])
+def test_fsdp2_through_the_container_with_dcp_resharding(name, fsdp_runs):
+    """2 gloo ranks: the sharded run equals the single-process one (AdamW bit for bit, the others
+    to float32 rounding of their cross-shard statistics), resumes from its own sharded checkpoint
+    bit for bit, and the same checkpoint loads into one process (DCP reshards the state the
+    container saved) and continues like the uninterrupted run."""
+    root, ranks = fsdp_runs
+    for r in ranks:
+        assert "error" not in r[name], r[name].get("error")
+    exact = name == "adamw"
     model = debug_model()
-    direct = memopt_core.make_optimizer("adamw", model, **HP)
+    direct = memopt_core.make_optimizer(name, model, **HP, **OPTIONS.get(name, {}))
     for step in range(4):
         backward(model, step)
         direct.step()
@@ -302,16 +335,18 @@ def test_adamw_under_fsdp2_with_dcp_resharding(tmp_path):
             at_save = [p.detach().clone() for p in model.parameters()]
     expected = [p.detach() for p in model.parameters()]
     for r in ranks:
-        for key, want in (("at_save", at_save), ("straight", expected), ("resumed", expected)):
-            assert all(torch.equal(a, b) for a, b in zip(r[key], want)), key
+        _same(r[name]["at_save"], at_save, exact)
+        _same(r[name]["straight"], expected, exact)
+        _same(r[name]["resumed"], r[name]["straight"], exact=True)
     single = debug_model()
     with torch.no_grad():
-        for p, v in zip(single.parameters(), at_save):
+        for p, v in zip(single.parameters(), ranks[0][name]["at_save"]):
             p.copy_(v)
-    container = MemoptOptimizersContainer.Config(name="adamw", **HP).build(model_parts=[single])
-    dcp.load({"optimizer": container}, checkpoint_id=ckpt)
+    config = MemoptOptimizersContainer.Config(name=name, **HP, options=OPTIONS.get(name, {}))
+    container = config.build(model_parts=[single])
+    dcp.load({"optimizer": container}, checkpoint_id=f"{root}/{name}")
     for step in range(2, 4):
         backward(single, step)
         container.step()
         container.zero_grad()
-    assert all(torch.equal(a, b) for a, b in zip(single.parameters(), expected))
+    _same(list(single.parameters()), ranks[0][name]["straight"], exact)
