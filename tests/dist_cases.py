@@ -29,9 +29,16 @@ def batch(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
 
 
-def build(name, wrapper, dtype, straddle=False, world=1):
+def device_of(rank: int) -> torch.device:
+    """cuda:rank in an NCCL run, else the CPU."""
+    import torch.distributed as dist
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    return torch.device("cuda", rank) if nccl else torch.device("cpu")
+
+
+def build(name, wrapper, dtype, straddle=False, world=1, rank=0):
     """(model, its optimizer, the module to call) for one case."""
-    model = make_llama(dtype=dtype, **(STRADDLE if straddle else {}))
+    model = make_llama(dtype=dtype, **(STRADDLE if straddle else {})).to(device_of(rank))
     inner = model
     if wrapper == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -40,7 +47,8 @@ def build(name, wrapper, dtype, straddle=False, world=1):
         mesh = None
         if wrapper == "hsdp":
             from torch.distributed.device_mesh import init_device_mesh
-            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+            mesh = init_device_mesh(device_of(rank).type, (2, world // 2),
+                                    mesh_dim_names=("replicate", "shard"))
         for layer in inner.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(inner, mesh=mesh)
@@ -50,11 +58,12 @@ def build(name, wrapper, dtype, straddle=False, world=1):
 
 def train(model, inner, opt, steps, synthetic, rank=0, world=1, start=0):
     params = list(inner.parameters())
-    ids = batch(inner.config.vocab_size)
+    ids = batch(inner.config.vocab_size).to(device_of(rank))
     per = BATCH // world
     for step in range(start, start + steps):
         if synthetic:
             for p, g in zip(params, make_grads(params, step)):
+                g = g.to(device_of(rank))
                 p.grad = g if not hasattr(p, "device_mesh") else _distribute(g, p)
         else:
             mine = ids[rank * per:(rank + 1) * per]
@@ -71,7 +80,7 @@ def _distribute(g, p):
 def snapshot(inner, opt) -> dict:
     """Full parameters and state (every rank must call: DTensors gather)."""
     params = list(inner.parameters())
-    return {"params": [full(p).detach().clone() for p in params],
+    return {"params": [full(p).detach().clone() for p in params],  # (on the CPU)
             "state": [{k: full(v).detach().clone() for k, v in opt.state[p].items()
                        if isinstance(v, torch.Tensor)} for p in params],
             "state_bytes": opt.state_bytes(), "reduced_bytes": getattr(opt, "reduced_bytes", 0)}
@@ -80,7 +89,7 @@ def snapshot(inner, opt) -> dict:
 def run_case(case, rank=0, world=1) -> dict:
     """case = (optimizer, wrapper or None, dtype name, straddle, synthetic, steps)."""
     name, wrapper, dtype, straddle, synthetic, steps = case
-    model, inner, opt = build(name, wrapper, getattr(torch, dtype), straddle, world)
+    model, inner, opt = build(name, wrapper, getattr(torch, dtype), straddle, world, rank)
     train(model, inner, opt, steps, synthetic, rank, world)
     return snapshot(inner, opt)
 

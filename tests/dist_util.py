@@ -25,12 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, out_dir, fn, args):
+def _worker(rank, world_size, port, out_dir, backend, fn, args):
     sys.path.insert(0, _TESTS)
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         dist.barrier()
@@ -39,11 +41,11 @@ def _worker(rank, world_size, port, out_dir, fn, args):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_workers(fn, world_size: int, *args) -> list:
-    """[result of rank 0, result of rank 1, ...]."""
+def run_workers(fn, world_size: int, *args, backend: str = "gloo") -> list:
+    """[result of rank 0, result of rank 1, ...]. With backend="nccl" rank r uses cuda:r."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
-                 join=True)
+        mp.spawn(_worker, args=(world_size, free_port(), out_dir, backend, fn, args),
+                 nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]
 
@@ -51,4 +53,4 @@ def run_workers(fn, world_size: int, *args) -> list:
 def full(t):
     """A DTensor's full value (a collective: every rank must call it), or t itself."""
     from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return (t.full_tensor() if isinstance(t, DTensor) else t).cpu()

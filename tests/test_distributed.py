@@ -50,6 +50,19 @@ def test_matches_one_process(two_ranks, case):
             assert res[case]["state_bytes"] < 0.75 * want["state_bytes"] or want["state_bytes"] < 4096
 
 
+NCCL_CASES = [(name, wrapper, "float32", True, False, STEPS) for name in sorted(memopt_core.OPTIMIZERS)
+              for wrapper in ("ddp", "fsdp")]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_nccl_matches_one_process():
+    """The same runs on 2 GPUs over NCCL (float32: the CUDA kernels against one CPU process)."""
+    results = run_workers(worker, 2, NCCL_CASES, backend="nccl")
+    for case in NCCL_CASES:
+        check(results, case, 1e-4)
+
+
 @pytest.mark.parametrize("case", HSDP_CASES, ids=lambda c: c[0])
 def test_hsdp_matches_one_process(four_ranks, case):
     check(four_ranks, case, 1e-12)
