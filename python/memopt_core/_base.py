@@ -11,8 +11,8 @@ from typing import Callable, Optional
 import torch
 
 from . import _C
-from .distributed import (ShardedCall, as_dtensor, is_dtensor, local, local_shape, local_value,
-                          reduce_stats, shard_layout)
+from .distributed import (ShardedCall, as_dtensor, is_dtensor, local, local_args, local_shape,
+                          local_value, reduce_stats, shard_layout)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -145,7 +145,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
         and ready to run. This default suits elementwise updates: the op on the local shards.
         Optimizers with statistics that span shards override it (partials, then finish)."""
         op, check, args = self._op_call(group, params, grads, states)
-        args = tuple([local(t) for t in a] if isinstance(a, list) else local(a) for a in args)
+        args = local_args(args)
         check(*args)
         return ShardedCall(lambda: op(*args))
 

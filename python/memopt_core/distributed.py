@@ -32,6 +32,11 @@ def local(t):
     return t.to_local() if is_dtensor(t) else t
 
 
+def local_args(args: tuple) -> tuple:
+    """An op's arguments with every DTensor (alone or in a list) replaced by its local shard."""
+    return tuple([local(t) for t in a] if isinstance(a, list) else local(a) for a in args)
+
+
 @dataclass(frozen=True)
 class ShardLayout:
     """Where this rank's shard of a DTensor parameter sits: rows [row0, row0 + local_shape[0])

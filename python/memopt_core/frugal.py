@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
-from .distributed import local
+from .distributed import local, local_args
 from .frugal_shard import FrugalShard
 from .frugal_state import FrugalCheckpoint, named_groups, projectable
 
@@ -223,7 +223,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         def get(key, p, st, dtype):
             return st[key] if st is not None and key in st else self._placeholder(dtype, p.device)
         beta1, beta2 = group["betas"]
-        return self._local_args((params, [p.grad for p in params],
+        return local_args((params, [p.grad for p in params],
                     [get("exp_avg", p, s, p.dtype) for p, s in zip(params, states)],
                     [get("exp_avg_sq", p, s, p.dtype) for p, s in zip(params, states)],
                     [get("step", p, s, torch.float32) for p, s in zip(params, states)],

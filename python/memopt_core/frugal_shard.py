@@ -63,8 +63,3 @@ class FrugalShard:
         if not is_dtensor(p):
             return value
         return as_dtensor(value, self._shard_layout(p), tuple(value.shape), sharded=False)
-
-    @staticmethod
-    def _local_args(args: tuple) -> tuple:
-        """The op's arguments with every DTensor replaced by its local shard."""
-        return tuple([local(t) for t in a] if isinstance(a, list) else local(a) for a in args)
