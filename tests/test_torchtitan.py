@@ -121,6 +121,22 @@ def test_roles_of_the_real_model(base_model):
     assert opt.blocks[a.qkv_linear.wqkv.weight].count == h + kv + kv * hd
 
 
+def test_slim_adam_table_on_the_interleaved_wqkv(base_model):
+    """SlimAdam's table on torchtitan's wqkv, whose rows are per kv group [its q heads | k | v]:
+    q and k averaged over fan-in (one value per row), v over fan-out (one value per column), and
+    each block inside one kv group's rows (the stacked q|k|v reading would average v rows
+    together with q rows of the next group)."""
+    a = base_model.layers["0"].attention
+    w = a.qkv_linear.wqkv.weight
+    hd, h, kv, dim = a.head_dim, a.n_heads, a.n_kv_heads, w.shape[1]
+    lay = memopt_core.SlimAdam(base_model).blocks[w]
+    assert lay.count == kv * ((h // kv + 1) * hd + dim)
+    group = (h // kv + 2) * hd * dim  # elements of one kv group's rows
+    for off, rows, cols, stride, tr, tc in lay.segments:
+        first, last = off, off + (rows - 1) * stride + cols - 1
+        assert first // group == last // group, "a segment spans two kv groups"
+
+
 def test_roles_of_a_gqa_model():
     """Llama 3 1B (GQA: 32 query heads, 8 kv heads of 64), on the meta device: per kv group 4
     query heads and a key head per head, 64 value rows per row."""

@@ -64,22 +64,31 @@ class TensorRole:
     def blocks(self, shape) -> tuple:
         """(segments, note) from the C++ partitioner for a tensor of this role and `shape`."""
         shape = list(shape)
-        g = self.kv_heads if self.kv_interleaved and self.role == "qkv" else 0
-        if not g:
+        if not (self.kv_interleaved and self.role == "qkv"):
             return _C.adam_mini_blocks(self.role, shape, self.transposed, self.head_dim,
                                        self.q_heads, self.kv_heads)
-        if self.transposed or len(shape) != 2 or shape[0] % g or self.q_heads % g:
+        g = self.kv_groups(shape)
+        if not g:
             segments, _ = _C.adam_mini_blocks("linear", shape, False, 0, 0, 0)
             return segments, (f"qkv interleaved per kv head: {shape} does not split into "
-                              f"{g} groups of {self.q_heads // g} query heads + key + value; "
+                              f"{self.kv_heads} groups of query heads + key + value; "
                               "one block per output neuron")
-        # Each kv group is a small fused qkv (q|k|v, one kv head) cut by the C++ partitioner;
-        # the group's segments repeat along the rows, shifted by one group's elements.
-        rows = shape[0] // g
-        segments, note = _C.adam_mini_blocks("qkv", [rows, shape[1]], False, self.head_dim,
-                                             self.q_heads // g, 1)
-        step = rows * shape[1]
-        return [(s[0] + i * step,) + tuple(s[1:]) for i in range(g) for s in segments], note
+        segments, note = _C.adam_mini_blocks("qkv", [shape[0] // g, shape[1]], False,
+                                             self.head_dim, self.q_heads // g, 1)
+        return per_kv_group(segments, shape, g), note
+
+    def kv_groups(self, shape) -> int:
+        """How many kv groups a torchtitan interleaved qkv weight of `shape` splits into (each a
+        small fused q|k|v with one kv head), or 0 when it is not one or does not split."""
+        g = self.kv_heads if self.kv_interleaved and self.role == "qkv" else 0
+        ok = g and not self.transposed and len(shape) == 2 and not shape[0] % g and not self.q_heads % g
+        return g if ok else 0
+
+
+def per_kv_group(segments, shape, g: int) -> list:
+    """The segments of one kv group of an interleaved qkv weight, repeated down its rows."""
+    step = shape[0] // g * shape[1]
+    return [(s[0] + i * step,) + tuple(s[1:]) for i in range(g) for s in segments]
 
 
 def _read(obj) -> dict:

@@ -12,7 +12,7 @@ from torch import nn
 from . import _C
 from ._base import MemoptOptimizer
 from .adam_mini import AdamMini, Blocks, _named_groups
-from .roles import infer_roles
+from .roles import infer_roles, per_kv_group
 
 _COMPILE_PREFIX = "_orig_mod."  # torch.compile's wrapper; the reference strips it from names
 
@@ -163,8 +163,15 @@ def _table_roles(named, model, roles, dims):
 
 
 def _table_layout(name, p, r) -> Layout:
-    segs, v_shape, dims, rule = _C.slim_adam_table_layout(
-        r.role, list(p.shape), r.transposed, r.head_dim, r.q_heads, r.kv_heads)
+    g = r.kv_groups(list(p.shape))
+    if g:  # torchtitan's interleaved qkv: the table's split of one kv group, repeated
+        segs, v_shape, dims, rule = _C.slim_adam_table_layout(
+            "qkv", [p.shape[0] // g, p.shape[1]], False, r.head_dim, r.q_heads // g, 1)
+        segs, v_shape = per_kv_group(segs, list(p.shape), g), [v_shape[0] * g, *v_shape[1:]]
+        rule += f", per kv group ({g})"
+    else:
+        segs, v_shape, dims, rule = _C.slim_adam_table_layout(
+            r.role, list(p.shape), r.transposed, r.head_dim, r.q_heads, r.kv_heads)
     dims = "table" if dims is None else (tuple(dims) or None)
     return Layout(name, r.role, tuple(segs), p.dim() >= 2, r.note, tuple(v_shape), dims, rule)
 
