@@ -63,6 +63,8 @@ def _worker(rank, world):
         out[name] = _snapshot(opt, params)
         out[name]["reduced_bytes"] = opt.reduced_bytes
         out[name]["state_bytes"] = opt.state_bytes()
+        if name == "apollo":
+            out["rejected"] = _rejected_step(opt, params, set_grad)
     model = make_llama(dtype=torch.float64)  # svd cannot be sharded: refused up front
     fully_shard(model)
     try:
@@ -71,6 +73,23 @@ def _worker(rank, world):
     except ValueError as e:
         out["svd"] = str(e)
     return out
+
+
+def _rejected_step(opt, params, set_grad):
+    """A step whose last group (AdamW) is invalid raises after the APOLLO group's statistics
+    were computed, and leaves every local shard of parameters and state as it was."""
+    from memopt_core.distributed import local
+    for p, g in zip(params, make_grads(params, STEPS)):
+        set_grad(p, g)
+    before = [local(t).clone() for p in params for t in (p, *opt.state[p].values())]
+    opt.param_groups[-1]["lr"] = -1.0
+    try:
+        opt.step()
+        return "stepped"
+    except ValueError as e:
+        after = [local(t) for p in params for t in (p, *opt.state[p].values())]
+        return ("learning rate" in str(e) and len(after) == len(before)
+                and all(torch.equal(a, b) for a, b in zip(after, before)))
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +123,10 @@ def test_fsdp2_equals_single_process(sharded, case):
         assert 0 < got["reduced_bytes"] < sum(p.numel() for p in params) * 8 // 4
         assert got["state_bytes"] < opt.state_bytes()
     assert worst <= 1e-12, (name, worst)
+
+
+def test_rejected_sharded_step_changes_nothing(sharded):
+    assert [r["rejected"] for r in sharded] == [True, True]
 
 
 def test_svd_refused_on_sharded_weights(sharded):

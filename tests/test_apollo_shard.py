@@ -195,3 +195,23 @@ def test_meta_kernels_check_shapes():
     meta[10] = torch.zeros(1, dtype=torch.float64, device="meta")
     with pytest.raises(ValueError, match="stats must be"):
         torch.ops.memopt.apollo_shard_update_(*meta)
+
+
+@pytest.mark.parametrize("store", [True, False], ids=["stored", "redrawn"])
+def test_opcheck(store):
+    """torch.library.opcheck on both ops (schema mutations, fake/Meta kernels, dispatch) for
+    the second shard of a Left and a Right weight, with the limiter and tensor scaling."""
+    gen = torch.Generator().manual_seed(3)
+    cfg = CONFIGS["apollo-tensor"]
+    rows = [SPLITS[s[0]][1] for s in SHAPES]
+    ps = [torch.randn(r[1], s[1], generator=gen, dtype=torch.float64) for r, s in zip(rows, SHAPES)]
+    gs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in ps]
+    states = [_state(torch.empty(s, dtype=torch.float64), cfg[0], store, rows=r[1])
+              for r, s in zip(rows, SHAPES)]
+    numel = sum(_C.apollo_shard_stats_numel(list(s), cfg[0], "random", "std", cfg[1], cfg[2])
+                for s in SHAPES)
+    args = [ps, gs, *_lists(states, store), [r[0] for r in rows], [s[0] for s in SHAPES],
+            torch.zeros(numel, dtype=torch.float64), *_hp(cfg)]
+    torch.library.opcheck(torch.ops.memopt.apollo_shard_stats_.default, tuple(args))
+    args[10] = torch.rand(numel, dtype=torch.float64, generator=gen)
+    torch.library.opcheck(torch.ops.memopt.apollo_shard_update_.default, tuple(args))
