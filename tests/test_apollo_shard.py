@@ -215,3 +215,40 @@ def test_opcheck(store):
     torch.library.opcheck(torch.ops.memopt.apollo_shard_stats_.default, tuple(args))
     args[10] = torch.rand(numel, dtype=torch.float64, generator=gen)
     torch.library.opcheck(torch.ops.memopt.apollo_shard_update_.default, tuple(args))
+
+
+@pytest.mark.parametrize("store", [True, False], ids=["stored", "redrawn"])
+def test_no_parameter_sized_allocation(store):
+    """Once the workspace is sized, neither op allocates anything near a weight's size, at a
+    refresh step or a plain one (the statistics buffer is the caller's: r x n for Left)."""
+    from test_optimizer_contract import _allocations_during
+    shapes, rank = [(256, 1024), (1024, 256)], 16    # Left and Right
+    cfg = (rank, "channel", 1.01, 1.0, False)
+    gen = torch.Generator().manual_seed(0)
+    shards = [(0, 100), (100, 156)]                 # rows of 256 / of 1024 split alike
+    calls = []
+    for row0, m in shards:
+        ps, gs, states, r0s = [], [], [], []
+        for s in shapes:
+            r0, mm = (row0, m) if s[0] == 256 else (row0 * 4, m * 4)
+            ps.append(torch.randn(mm, s[1], generator=gen))
+            gs.append(torch.randn(mm, s[1], generator=gen))
+            states.append(_state(torch.empty(s), rank, store, rows=mm))
+            r0s.append(r0)
+        numel = sum(_C.apollo_shard_stats_numel(list(s), rank, "random", "std", "channel", 1.01)
+                    for s in shapes)
+        calls.append([ps, gs, *_lists(states, store), r0s, [s[0] for s in shapes],
+                      torch.zeros(numel, dtype=torch.float64), *_hp(cfg)[:6], "random", "std",
+                      "channel", 2, 1.0, 1.01, False])
+
+    def step():
+        for args in calls:
+            torch.ops.memopt.apollo_shard_stats_(*args)
+        for args in calls:
+            torch.ops.memopt.apollo_shard_update_(*args)
+
+    step()
+    step()                                          # state and workspace sized
+    for _ in range(2):                              # a refresh step (t = 2), then a plain one
+        sizes = _allocations_during(step)
+        assert max(sizes, default=0) < 0.01 * 256 * 1024 * 4, max(sizes)
