@@ -33,6 +33,7 @@ template <typename P, typename S, typename C>
 void stats_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& lease,
                const Tensor& p, const Tensor& g_in, const Tensor& m, const Tensor& v,
                const Tensor& step, const ShardArgs& sa, double beta1, double beta2, double eps) {
+  if (!tp.left && cfg.channel && !tp.limiter) return;  // nothing crosses shards
   const Tensor g = cpu::contiguous_grad(lease, g_in);
   const int64_t t0 = static_cast<int64_t>(step.item<float>());
   const Tensor Pc = step_projection(tp, cfg, lease, p.scalar_type(), compute_type(p.scalar_type()),
@@ -75,8 +76,7 @@ void stats_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& le
     std::fill(g2, g2 + K, 0.0);
     channel_squares<P, C>(false, gp, rows, cols, g2);
   }
-  if (cfg.channel) {  // ||U||^2 of the shard's rows (only requested with the limiter)
-    if (!tp.limiter) return;
+  if (cfg.channel) {  // ||U||^2 of the shard's rows
     channel_factors(a, b, b, K);
     double u2 = 0.0;
     for (int64_t c = 0; c < K; ++c) u2 += b[c] * b[c] * g2[c];
