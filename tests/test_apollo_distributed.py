@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import memopt_core
+from memopt_core import _C
 from conftest import make_grads, make_llama
 from dist_util import full, run_workers
 
@@ -23,7 +24,18 @@ CASES = [  # (name, model overrides, optimizer, options, hsdp)
     ("apollo-uneven", UNEVEN, "Apollo", dict(rank=3, scale_type="tensor"), False),
     ("mini-uneven-redrawn", UNEVEN, "ApolloMini", dict(store_projection=False), False),
     ("apollo-nolimiter-hsdp", UNEVEN, "Apollo", dict(rank=2, norm_growth_limit=None), True),
+    ("apollo-empty-shard", "tiny", "Apollo", dict(rank=2), False),
 ]
+
+
+def _model(overrides):
+    """The LLaMA with `overrides`, or ("tiny") two bias-free linears whose (1, 8) weight leaves
+    rank 1 an empty shard (Left) and whose (7, 3) weight splits 4 + 3 (Right)."""
+    if overrides == "tiny":
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 1, bias=False),
+                                   torch.nn.Linear(3, 7, bias=False)).double()
+    return make_llama(dtype=torch.float64, **overrides)
 
 
 def _run(model, cls, options, set_grad):
@@ -53,10 +65,10 @@ def _worker(rank, world):
 
     out = {}
     for name, overrides, cls, options, hsdp in CASES:
-        model = make_llama(dtype=torch.float64, **overrides)
+        model = _model(overrides)
         mesh = (init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
                 if hsdp else init_device_mesh("cpu", (world,)))
-        for layer in model.model.layers:
+        for layer in model.model.layers if overrides != "tiny" else model:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         opt, params = _run(model, cls, options, set_grad)
@@ -104,7 +116,7 @@ def test_fsdp2_equals_single_process(sharded, case):
     def set_grad(p, g):
         p.grad = g
 
-    opt, params = _run(make_llama(dtype=torch.float64, **overrides), cls, options, set_grad)
+    opt, params = _run(_model(overrides), cls, options, set_grad)
     ref = _snapshot(opt, params)
     worst = 0.0
     for got in (sharded[0][name], sharded[1][name]):
@@ -119,8 +131,14 @@ def test_fsdp2_equals_single_process(sharded, case):
                     assert torch.equal(a, b), (name, k)
                 else:
                     worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item())
-        # the Left partial R and a few scalars cross ranks, never a weight-sized buffer
-        assert 0 < got["reduced_bytes"] < sum(p.numel() for p in params) * 8 // 4
+        # exactly the statistics of the projected weights cross ranks: the Left partial R and
+        # a few scalars, nothing weight-sized
+        assert got["reduced_bytes"] == 8 * sum(
+            _C.apollo_shard_stats_numel(list(p.shape), g["rank"], g["proj"], g["proj_type"],
+                                        g["scale_type"], g["norm_growth_limit"] or 0.0)
+            for g in opt.param_groups if g.get("rank") for p in g["params"]) > 0
+        if overrides != "tiny":
+            assert got["reduced_bytes"] < sum(p.numel() for p in params) * 8 // 4
         assert got["state_bytes"] < opt.state_bytes()
     assert worst <= 1e-12, (name, worst)
 
