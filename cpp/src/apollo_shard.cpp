@@ -101,7 +101,8 @@ void finish_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
   const Tensor g = cpu::contiguous_grad(lease, g_in);
   const int64_t t0 = static_cast<int64_t>(step.item<float>());
   const Tensor Pc = step_projection(tp, cfg, lease, p.scalar_type(), compute_type(p.scalar_type()),
-                                    sa.P_stored, sa.seed, t0, g);  // commits seed and P
+                                    sa.P_stored, sa.seed, t0, g,
+                                    /*want=*/!tp.left);  // commits seed and P; Left needs no P
   const double t = cpu::advance_step(step);
   const int64_t r = tp.r, K = tp.K;
   const double* st = sa.st;

@@ -57,10 +57,11 @@ struct TilePlan {
 // The P of step t0 (the step before its increment) in the compute type: a workspace copy, or
 // the stored P itself. Refreshes every update_proj_gap steps (seed chain / SVD of g). With
 // tp.commit the seed and a refreshed stored P are written; without, nothing is written and a
-// refreshed P is drawn into scratch, exactly as the update will draw it.
+// refreshed P is drawn into scratch, exactly as the update will draw it. !want: the caller
+// needs no P this step (a Left shard's update): only the seed and a stored P are committed.
 inline Tensor step_projection(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& lease,
                               at::ScalarType pdtype, at::ScalarType ct, const Tensor* P_stored,
-                              const Tensor* seed_t, int64_t t0, const Tensor& g) {
+                              const Tensor* seed_t, int64_t t0, const Tensor& g, bool want = true) {
   const bool refresh = Projector::refresh_due(t0, cfg.update_proj_gap);
   const auto pshape = tp.proj.proj_shape();
   const bool from_store = tp.stored && (tp.commit || !refresh);  // P is (or becomes) the stored one
@@ -74,16 +75,17 @@ inline Tensor step_projection(const TilePlan& tp, const ApolloConfig& cfg, Works
       if (tp.commit) seed_t->fill_(seed);
     }
     const Tensor scratch32 = ct == at::kDouble ? draw32 : Pc;
-    if (!from_store) {
+    if (from_store) {
+      if (refresh) tp.proj.gaussian_(*P_stored, seed, scratch32);
+    } else if (want) {
       tp.proj.gaussian_(tp.need_pbuf ? pbuf : Pc, seed, scratch32);
       if (tp.need_pbuf) Pc.copy_(pbuf);  // the parameter dtype's rounding, as a stored P has
-    } else if (refresh) {
-      tp.proj.gaussian_(*P_stored, seed, scratch32);
     }
   } else if (refresh) {
     TORCH_CHECK(tp.commit, "APOLLO: an SVD projection cannot be refreshed by a statistics pass");
     tp.proj.svd_(*P_stored, g);
   }
+  if (!want) return Tensor();
   if (from_store && tp.need_pc) Pc.copy_(*P_stored);
   return Pc;
 }
