@@ -5,10 +5,15 @@
 
 namespace memopt {
 
-void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
-                         TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
-                         TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg) {
-  const char* op = "apollo_update_";
+namespace {
+
+// The checks of apollo_ and of the shard ops. row0s/global_rows (null: whole tensors) place
+// each parameter as rows [row0, row0 + m) of a (global_rows, n) weight: the projector and P
+// are the full weight's, Left moments (r, n) whole, Right moments (m, r) the shard's rows.
+void check_apollo_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
+                        TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
+                        TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg,
+                        const at::IntArrayRef* row0s, const at::IntArrayRef* global_rows) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                         limiter_norms.size() == n && steps.size() == n,
@@ -23,13 +28,27 @@ void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avg
                     "basis cannot be regenerated from a seed");
   TORCH_CHECK_VALUE(random ? seeds.size() == n : seeds.empty(), op, ": ", seeds.size(),
                     " seeds for ", n, " params (one per param for proj='random', none for 'svd')");
+  if (row0s)
+    TORCH_CHECK_VALUE(row0s->size() == n && global_rows->size() == n, op, ": ", row0s->size(),
+                      " row0s and ", global_rows->size(), " global_rows for ", n, " params");
   // Parameters, gradients and steps follow every op's rules; the moments have R's shape, so the
   // parameters stand in for the list that check_update_lists shapes like them (always valid).
   check_update_lists(op, params, grads, params, steps);
   for (size_t i = 0; i < n; ++i) {
     const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
-    const Projector proj(cfg.proj, cfg.proj_type, cfg.rank, p.sizes());  // 2-D, valid keys
-    const auto low = proj.low_rank_shape();
+    TORCH_CHECK_VALUE(p.dim() == 2 || !row0s, op, ": parameter ", i, " has shape ", p.sizes(),
+                      "; a projected parameter must be 2-D (a weight matrix)");
+    std::vector<int64_t> global = p.sizes().vec();
+    if (row0s) {
+      const int64_t row0 = (*row0s)[i], rows = (*global_rows)[i];
+      TORCH_CHECK_VALUE(row0 >= 0 && rows >= 1 && row0 + p.size(0) <= rows, op, ": parameter ",
+                        i, " is a shard of ", p.size(0), " rows at row ", row0, ", which does "
+                        "not fit in a weight of ", rows, " rows");
+      global[0] = rows;
+    }
+    const Projector proj(cfg.proj, cfg.proj_type, cfg.rank, global);  // 2-D, valid keys
+    auto low = proj.low_rank_shape();
+    if (proj.side() == ProjSide::Right) low[0] = p.size(0);  // R's rows are the shard's
     for (const Tensor* s : {&m, &v})
       TORCH_CHECK_VALUE(s->sizes() == at::IntArrayRef(low) && s->is_contiguous() &&
                             s->device() == p.device(),
@@ -61,6 +80,41 @@ void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avg
   }
 }
 
+}  // namespace
+
+void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                         TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
+                         TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg) {
+  check_apollo_lists("apollo_update_", params, grads, exp_avgs, exp_avg_sqs, projs, seeds,
+                     limiter_norms, steps, cfg, nullptr, nullptr);
+}
+
+void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                               TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
+                               TensorList limiter_norms, TensorList steps, at::IntArrayRef row0s,
+                               at::IntArrayRef global_rows, const Tensor& stats,
+                               const ApolloConfig& cfg) {
+  const char* op = "apollo_shard";
+  TORCH_CHECK_VALUE(cfg.proj == "random", op, ": proj='svd' is not supported on row-sharded "
+                    "(FSDP2) parameters: its refresh needs the whole gradient; use "
+                    "proj='random'");
+  for (const Tensor& p : params)  // before any other check: the message names the cause
+    TORCH_CHECK_NOT_IMPLEMENTED(p.device().is_cpu() || p.device().is_meta(), op, ": parameters "
+                                "on ", p.device(), ": the sharded APOLLO ops have CPU kernels "
+                                "only (no CUDA kernel yet)");
+  check_apollo_lists(op, params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
+                     cfg, &row0s, &global_rows);
+  int64_t want = 0;
+  for (size_t i = 0; i < params.size(); ++i)
+    want += apollo_shard_stats_numel({global_rows[i], params[i].size(1)}, cfg);
+  TORCH_CHECK_VALUE(stats.scalar_type() == at::kDouble && stats.dim() == 1 &&
+                        stats.is_contiguous() && stats.numel() == want &&
+                        (stats.device().is_cpu() || stats.device().is_meta()),
+                    op, ": stats must be a contiguous 1-D float64 CPU tensor of ", want,
+                    " values (apollo_shard_stats_numel per tensor), got ", stats.scalar_type(),
+                    " of shape ", stats.sizes());
+}
+
 namespace {
 
 void apollo_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -88,6 +142,44 @@ void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                         cfg);
 }
 
+// The shard ops take apollo_'s arguments with (row0s, global_rows, stats) after steps.
+#define MEMOPT_SHARD_ARGS                                                                     \
+  TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,           \
+      TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,         \
+      at::IntArrayRef row0s, at::IntArrayRef global_rows, const Tensor &stats,                \
+      const Tensor &lr, double beta1, double beta2, double eps, double weight_decay,          \
+      int64_t rank, c10::string_view proj, c10::string_view proj_type,                        \
+      c10::string_view scale_type, int64_t update_proj_gap, double scale,                     \
+      double norm_growth_limit, bool scale_front
+#define MEMOPT_SHARD_CONFIG                                                                   \
+  make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,               \
+                     norm_growth_limit, scale_front)
+
+void apollo_shard_stats_cpu(MEMOPT_SHARD_ARGS) {
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+  apollo_shard_stats_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
+                      row0s, global_rows, stats, beta1, beta2, eps, MEMOPT_SHARD_CONFIG);
+}
+
+void apollo_shard_update_cpu(MEMOPT_SHARD_ARGS) {
+  apollo_shard_update_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
+                       row0s, global_rows, stats, lr, beta1, beta2, eps, weight_decay,
+                       MEMOPT_SHARD_CONFIG);
+}
+
+void apollo_shard_meta(MEMOPT_SHARD_ARGS) {
+  const auto cfg = MEMOPT_SHARD_CONFIG;
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs}))
+    check_apollo_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
+                              steps, row0s, global_rows, stats, cfg);
+}
+
+// No CUDA kernel yet: a clear error instead of the dispatcher's missing-kernel message.
+void apollo_shard_cuda(MEMOPT_SHARD_ARGS) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "memopt::apollo_shard_stats_/apollo_shard_update_: the "
+                              "sharded APOLLO ops have CPU kernels only (no CUDA kernel yet)");
+}
+
 }  // namespace
 }  // namespace memopt
 
@@ -97,8 +189,33 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
         "Tensor(f!)[] limiter_norms, Tensor(g!)[] steps, Tensor lr, float beta1, float beta2, "
         "float eps, float weight_decay, int rank, str proj, str proj_type, str scale_type, "
         "int update_proj_gap, float scale, float norm_growth_limit, bool scale_front) -> ()");
+  // Row-sharded APOLLO (FSDP2): partial statistics into `stats`, then the update from their sum.
+#define MEMOPT_SHARD_TAIL                                                                     \
+  "Tensor lr, float beta1, float beta2, float eps, float weight_decay, int rank, str proj, "  \
+  "str proj_type, str scale_type, int update_proj_gap, float scale, float norm_growth_limit, " \
+  "bool scale_front) -> ()"
+  m.def("apollo_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
+        "Tensor[] exp_avg_sqs, Tensor[] projs, Tensor[] seeds, Tensor[] limiter_norms, "
+        "Tensor[] steps, int[] row0s, int[] global_rows, Tensor(a!) stats, " MEMOPT_SHARD_TAIL);
+  m.def("apollo_shard_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] projs, Tensor(e!)[] seeds, "
+        "Tensor(f!)[] limiter_norms, Tensor(g!)[] steps, int[] row0s, int[] global_rows, "
+        "Tensor stats, " MEMOPT_SHARD_TAIL);
 }
 
-TORCH_LIBRARY_IMPL(memopt, CPU, m) { m.impl("apollo_", &memopt::apollo_cpu); }
+TORCH_LIBRARY_IMPL(memopt, CPU, m) {
+  m.impl("apollo_", &memopt::apollo_cpu);
+  m.impl("apollo_shard_stats_", &memopt::apollo_shard_stats_cpu);
+  m.impl("apollo_shard_update_", &memopt::apollo_shard_update_cpu);
+}
 
-TORCH_LIBRARY_IMPL(memopt, Meta, m) { m.impl("apollo_", &memopt::apollo_meta); }
+TORCH_LIBRARY_IMPL(memopt, Meta, m) {
+  m.impl("apollo_", &memopt::apollo_meta);
+  m.impl("apollo_shard_stats_", &memopt::apollo_shard_meta);
+  m.impl("apollo_shard_update_", &memopt::apollo_shard_meta);
+}
+
+TORCH_LIBRARY_IMPL(memopt, CUDA, m) {
+  m.impl("apollo_shard_stats_", &memopt::apollo_shard_cuda);
+  m.impl("apollo_shard_update_", &memopt::apollo_shard_cuda);
+}

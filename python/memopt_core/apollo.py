@@ -9,6 +9,7 @@ from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
+from .distributed import ShardedCall, local
 from .roles import infer_roles
 
 # Roles whose 2-D weights are projected when the optimizer is built from a model or names
@@ -53,6 +54,17 @@ class Apollo(MemoptOptimizer):
     (2 r n values), P (r m values, unless store_projection=False), an int64 seed and a float32
     limiter norm; against AdamW's 2 m n, about r/m of its memory (1/m for APOLLO-Mini).
 
+    FSDP2 (DTensor parameters sharded by rows, even, uneven or empty shards; HSDP too): each
+    rank steps its own rows and the result equals one process on the full weights. Where P
+    contracts the sharded rows (Left side: the weight's rows are the smaller dimension) every
+    rank forms its partial R = P[rows]^T G, and the partials (r x n float64 values per weight,
+    plus n column norms of G for the limiter) are summed in the step's one all-reduce; the
+    moments (r x n) and P are replicated and every rank updates them alike. On the Right side
+    the moments are row shards like the weight and only a few scalars cross ranks (tensor-wise
+    sums, ||U||^2), at the price of forming that R twice when the limiter or tensor scaling
+    needs them. proj="svd" is refused on sharded weights (ValueError): its refresh needs the
+    whole gradient; use proj="random".
+
     When not to use it: tiny weights (r >= min(m, n) keeps more state than AdamW; see
     ``describe()``), fine-tuning where exact Adam matters, or proj="svd" when a refresh's SVD
     (O(m n) LAPACK memory, every update_proj_gap steps) is too costly.
@@ -92,6 +104,8 @@ class Apollo(MemoptOptimizer):
                 if group["proj"] == "svd" and not group["store_projection"]:
                     raise ValueError("proj='svd' needs store_projection=True: an SVD basis "
                                      "cannot be regenerated from a seed")
+                if group["proj"] == "svd" and any(self._split(p) for p in group["params"]):
+                    raise ValueError(_SVD_SHARDED)
         except Exception:
             del self.param_groups[-1]
             raise
@@ -165,6 +179,42 @@ class Apollo(MemoptOptimizer):
                 bool(group["scale_front"]))
         return torch.ops.memopt.apollo_, _C.check_apollo_, args
 
+    # ---- DTensor (FSDP2) parameters --------------------------------------------------------
+    def _split(self, p) -> bool:
+        """Whether p is a DTensor whose rows are split over more than one rank."""
+        layout = self._shard_layout(p)  # None for a plain tensor
+        return layout is not None and layout.group is not None
+
+    def _state_sharded(self, p, key, shape) -> bool:
+        """Right-side moments (m, r) are row shards like the weight; Left-side moments (r, n),
+        P, seeds and limiter norms are replicated (every rank updates them alike)."""
+        group = self._group_of(p)
+        if group.get("rank") is None:
+            return super()._state_sharded(p, key, shape)
+        return key in ("exp_avg", "exp_avg_sq") and self._projector(p, group).side == "right"
+
+    def _sharded_call(self, group, params, grads, states) -> ShardedCall:
+        """Row-sharded projected weights: apollo_shard_stats_ writes this rank's partial
+        statistics now, the base sums them over the shard group (one all-reduce), and
+        apollo_shard_update_ finishes. Unsplit DTensors and AdamW groups take the base path."""
+        if group.get("rank") is None or not self._split(params[0]):
+            return super()._sharded_call(group, params, grads, states)
+        if group["proj"] == "svd":
+            raise ValueError(_SVD_SHARDED)
+        layouts = [self._shard_layout(p) for p in params]
+        _, _, args = self._op_call(group, params, grads, states)
+        args = tuple([local(t) for t in a] if isinstance(a, list) else local(a) for a in args)
+        rank, proj, proj_type, scale_type = args[13:17]
+        numel = sum(_C.apollo_shard_stats_numel(list(lay.global_shape), rank, proj, proj_type,
+                                                scale_type, args[19]) for lay in layouts)
+        stats = torch.zeros(numel, dtype=torch.float64)
+        full = (*args[:8], [lay.row0 for lay in layouts], [lay.global_shape[0] for lay in layouts],
+                stats, *args[8:])
+        _C.check_apollo_shard_(*full)
+        torch.ops.memopt.apollo_shard_stats_(*full)   # writes nothing but stats
+        return ShardedCall(finish=lambda: torch.ops.memopt.apollo_shard_update_(*full),
+                           stats=stats, group=layouts[0].group)
+
     # ---- reporting ------------------------------------------------------------------------
     def _describe_row(self, p):
         group = self._group_of(p)
@@ -210,6 +260,11 @@ class ApolloMini(Apollo):
                          update_proj_gap=update_proj_gap, scale=scale,
                          norm_growth_limit=norm_growth_limit, scale_front=scale_front,
                          store_projection=store_projection, roles=roles)
+
+
+_SVD_SHARDED = ("APOLLO with proj='svd' cannot step weights sharded by rows (FSDP2): an SVD "
+                "refresh needs the whole gradient on one rank; use proj='random' (the seeded "
+                "projection is the same on every rank)")
 
 
 def _gamma(group) -> float:

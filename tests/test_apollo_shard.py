@@ -1,0 +1,254 @@
+"""Row-sharded APOLLO ops (memopt::apollo_shard_stats_ / apollo_shard_update_), in one process:
+each weight is cut into 1..4 row shards (uneven, one empty), the statistics op runs on every
+shard, the buffers are summed (what the front end's all-reduce does), the update op finishes
+every shard; parameters and every state tensor must equal the whole-tensor apollo_ op's over
+8 steps with projection refreshes at steps 0, 3 and 6. Left and Right tensors share each call
+(so the statistics layout of several tensors is exercised)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memopt_core import _C
+
+STEPS, GAP, LR, WD = 8, 3, 1e-2, 0.1
+SHAPES = [(13, 29), (29, 13)]   # wide: Left (per-column channels), tall: Right (per-row)
+SPLITS = {13: [[13], [4, 9], [5, 0, 8], [3, 4, 0, 6]], 29: [[29], [10, 19], [9, 0, 20], [7, 8, 0, 14]]}
+# (rank, scale_type, norm_growth_limit, scale, scale_front): Apollo, and ApolloMini settings
+CONFIGS = {
+    "apollo": (4, "channel", 1.01, 1.0, False),
+    "apollo-nolimiter": (4, "channel", 0.0, 1.0, False),
+    "apollo-tensor": (3, "tensor", 1.01, 2.0, False),
+    "mini": (1, "tensor", 1.01, 128.0, False),
+    "mini-front-nolimiter": (1, "tensor", 0.0, 128.0, True),
+    "mini-front": (1, "tensor", 1.01, 128.0, True),
+}
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _state(p, rank, store, rows=None):
+    """Zeroed APOLLO state of a (global) weight like p; Right moments keep `rows` rows."""
+    proj = _C.Projector("random", "std", rank, list(p.shape))
+    low = list(proj.low_rank_shape)
+    if proj.side == "right" and rows is not None:
+        low[0] = rows
+    mdt = p.dtype
+    return {"m": torch.zeros(low, dtype=mdt), "v": torch.zeros(low, dtype=mdt),
+            "proj": torch.zeros(proj.proj_shape, dtype=p.dtype) if store else None,
+            "seed": torch.tensor(7 + p.shape[0], dtype=torch.int64),
+            "norm": torch.tensor(-1.0, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32),
+            "step": torch.zeros((), dtype=torch.float32), "side": proj.side}
+
+
+def _lists(states, store):
+    return ([s["m"] for s in states], [s["v"] for s in states],
+            [s["proj"] for s in states] if store else [], [s["seed"] for s in states],
+            [s["norm"] for s in states], [s["step"] for s in states])
+
+
+def _hp(cfg):
+    rank, scale_type, gamma, scale, front = cfg
+    return (torch.tensor(LR, dtype=torch.float64), 0.9, 0.999, 1e-6, WD, rank, "random", "std",
+            scale_type, GAP, scale, gamma, front)
+
+
+def _grads(shapes, step, dtype):
+    gen = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for s in shapes:
+        g = torch.randn(s, generator=gen, dtype=torch.float64)
+        g = g * torch.exp(torch.randn(s[0], 1, generator=gen, dtype=torch.float64)) * (0.5 + step % 3)
+        out.append(g.to(dtype))
+    return out
+
+
+def _relerr(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+
+def _run(cfg, store, dtype, n_shards):
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+    rank = cfg[0]
+    ref_p = [p.clone() for p in full]
+    ref_s = [_state(p, rank, store) for p in full]
+    splits = [SPLITS[p.shape[0]][n_shards - 1] for p in full]
+    # shards[k] = this "rank"'s list of (param shard, state, row0) for every tensor
+    shards = []
+    for k in range(n_shards):
+        row = []
+        for p, sp in zip(full, splits):
+            row0, m = sum(sp[:k]), sp[k]
+            row.append((p[row0:row0 + m].clone(), _state(p, rank, store, rows=m), row0))
+        shards.append(row)
+    hp = _hp(cfg)
+    for step in range(STEPS):
+        grads = _grads(SHAPES, step, dtype)
+        torch.ops.memopt.apollo_(ref_p, grads, *_lists(ref_s, store), *hp)
+        calls, total = [], None
+        for row in shards:
+            ps = [p for p, _, _ in row]
+            gs = [g[r0:r0 + p.shape[0]] for g, (p, _, r0) in zip(grads, row)]
+            row0s = [r0 for _, _, r0 in row]
+            numel = sum(_C.apollo_shard_stats_numel(list(s), rank, "random", "std", cfg[1], cfg[2])
+                        for s in SHAPES)
+            stats = torch.full((numel,), float("nan"), dtype=torch.float64)  # all written
+            args = [ps, gs, *_lists([s for _, s, _ in row], store), row0s,
+                    [s[0] for s in SHAPES], stats, *hp]
+            _C.check_apollo_shard_(*args)
+            torch.ops.memopt.apollo_shard_stats_(*args)
+            total = stats.clone() if total is None else total + stats
+            calls.append(args)
+        for args in calls:  # the all-reduce: every shard finishes from the same sum
+            args[10] = total
+            torch.ops.memopt.apollo_shard_update_(*args)
+    return ref_p, ref_s, shards, splits
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("store", [True, False], ids=["stored", "redrawn"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_shards_equal_whole_tensor(config, store, dtype):
+    tol = TOL[dtype]
+    for n_shards in (1, 2, 3, 4):
+        ref_p, ref_s, shards, splits = _run(CONFIGS[config], store, dtype, n_shards)
+        where = f"{config} {n_shards} shards"
+        for i, (p_ref, s_ref) in enumerate(zip(ref_p, ref_s)):
+            got = torch.cat([row[i][0] for row in shards])
+            assert _relerr(got, p_ref) <= tol, (where, i, "param", _relerr(got, p_ref))
+            for key in ("m", "v"):
+                if s_ref["side"] == "right":   # row shards of the moments
+                    got = torch.cat([row[i][1][key] for row in shards])
+                    assert _relerr(got, s_ref[key]) <= tol, (where, i, key)
+                else:                          # whole on every shard
+                    for row in shards:
+                        assert _relerr(row[i][1][key], s_ref[key]) <= tol, (where, i, key)
+            for row in shards:
+                st = row[i][1]
+                assert st["seed"].item() == s_ref["seed"].item() != 7 + SHAPES[i][0]
+                assert st["step"].item() == STEPS
+                if store:
+                    assert torch.equal(st["proj"], s_ref["proj"]), (where, i, "proj")
+                assert _relerr(st["norm"], s_ref["norm"]) <= tol, (where, i, "norm")
+                if CONFIGS[config][2] == 0.0:
+                    assert st["norm"].item() == -1.0
+
+
+def _one_shard_args(stats_numel_delta=0, proj="random", rows=(0, 5), dtype=torch.float64):
+    p = torch.randn(12, 7, dtype=dtype)  # tall: Right; shard of rows 2..7 of a 12-row weight
+    full_shape = [12, 7]
+    st = _state(torch.empty(full_shape, dtype=dtype), 2, True, rows=rows[1])
+    shard = p[2:2 + rows[1]].clone()
+    numel = _C.apollo_shard_stats_numel(full_shape, 2, "random", "std", "tensor", 1.01)
+    stats = torch.zeros(numel + stats_numel_delta, dtype=torch.float64)
+    hp = list(_hp((2, "tensor", 1.01, 1.0, False)))
+    hp[6] = proj
+    return [[shard], [torch.randn_like(shard)], *_lists([st], True), [2], [12], stats, *hp]
+
+
+def test_stats_layout_sizes():
+    # Left: partial R (r x n) + column sums (or their total); Right: a few scalars
+    assert _C.apollo_shard_stats_numel([13, 29], 4, "random", "std", "channel", 1.01) == 4 * 29 + 29
+    assert _C.apollo_shard_stats_numel([13, 29], 1, "random", "std", "tensor", 1.01) == 29 + 1
+    assert _C.apollo_shard_stats_numel([13, 29], 4, "random", "std", "channel", 0.0) == 4 * 29
+    assert _C.apollo_shard_stats_numel([29, 13], 4, "random", "std", "channel", 1.01) == 1
+    assert _C.apollo_shard_stats_numel([29, 13], 4, "random", "std", "channel", 0.0) == 0
+    assert _C.apollo_shard_stats_numel([29, 13], 1, "random", "std", "tensor", 1.01) == 3
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(stats_numel_delta=1), "stats must be"),
+    (dict(proj="svd"), "svd"),
+])
+def test_bad_input_raises_and_writes_nothing(bad, match):
+    args = _one_shard_args(**bad)
+    before = [[t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+              else a for a in args]
+    with pytest.raises(ValueError, match=match):
+        _C.check_apollo_shard_(*args)
+    for op in (torch.ops.memopt.apollo_shard_stats_, torch.ops.memopt.apollo_shard_update_):
+        with pytest.raises(ValueError, match=match):
+            op(*args)
+    for a, b in zip(args, before):
+        if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_shard_outside_the_weight_is_refused():
+    args = _one_shard_args()
+    args[8] = [9]  # rows 9..14 of a 12-row weight
+    with pytest.raises(ValueError, match="does not fit"):
+        _C.check_apollo_shard_(*args)
+    args = _one_shard_args()
+    args[2] = [torch.zeros(12, 2, dtype=torch.float64)]  # Right moments must be the shard's rows
+    with pytest.raises(ValueError, match="Adam moments"):
+        torch.ops.memopt.apollo_shard_update_(*args)
+
+
+def test_meta_kernels_check_shapes():
+    args = _one_shard_args()
+    meta = [[t.to("meta") for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+            else (a.to("meta") if isinstance(a, torch.Tensor) and a.dim() else a) for a in args]
+    torch.ops.memopt.apollo_shard_stats_(*meta)
+    torch.ops.memopt.apollo_shard_update_(*meta)
+    meta[10] = torch.zeros(1, dtype=torch.float64, device="meta")
+    with pytest.raises(ValueError, match="stats must be"):
+        torch.ops.memopt.apollo_shard_update_(*meta)
+
+
+@pytest.mark.parametrize("store", [True, False], ids=["stored", "redrawn"])
+def test_opcheck(store):
+    """torch.library.opcheck on both ops (schema mutations, fake/Meta kernels, dispatch) for
+    the second shard of a Left and a Right weight, with the limiter and tensor scaling."""
+    gen = torch.Generator().manual_seed(3)
+    cfg = CONFIGS["apollo-tensor"]
+    rows = [SPLITS[s[0]][1] for s in SHAPES]
+    ps = [torch.randn(r[1], s[1], generator=gen, dtype=torch.float64) for r, s in zip(rows, SHAPES)]
+    gs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in ps]
+    states = [_state(torch.empty(s, dtype=torch.float64), cfg[0], store, rows=r[1])
+              for r, s in zip(rows, SHAPES)]
+    numel = sum(_C.apollo_shard_stats_numel(list(s), cfg[0], "random", "std", cfg[1], cfg[2])
+                for s in SHAPES)
+    args = [ps, gs, *_lists(states, store), [r[0] for r in rows], [s[0] for s in SHAPES],
+            torch.zeros(numel, dtype=torch.float64), *_hp(cfg)]
+    torch.library.opcheck(torch.ops.memopt.apollo_shard_stats_.default, tuple(args))
+    args[10] = torch.rand(numel, dtype=torch.float64, generator=gen)
+    torch.library.opcheck(torch.ops.memopt.apollo_shard_update_.default, tuple(args))
+
+
+@pytest.mark.parametrize("store", [True, False], ids=["stored", "redrawn"])
+def test_no_parameter_sized_allocation(store):
+    """Once the workspace is sized, neither op allocates anything near a weight's size, at a
+    refresh step or a plain one (the statistics buffer is the caller's: r x n for Left)."""
+    from test_optimizer_contract import _allocations_during
+    shapes, rank = [(256, 1024), (1024, 256)], 16    # Left and Right
+    cfg = (rank, "channel", 1.01, 1.0, False)
+    gen = torch.Generator().manual_seed(0)
+    shards = [(0, 100), (100, 156)]                 # rows of 256 / of 1024 split alike
+    calls = []
+    for row0, m in shards:
+        ps, gs, states, r0s = [], [], [], []
+        for s in shapes:
+            r0, mm = (row0, m) if s[0] == 256 else (row0 * 4, m * 4)
+            ps.append(torch.randn(mm, s[1], generator=gen))
+            gs.append(torch.randn(mm, s[1], generator=gen))
+            states.append(_state(torch.empty(s), rank, store, rows=mm))
+            r0s.append(r0)
+        numel = sum(_C.apollo_shard_stats_numel(list(s), rank, "random", "std", "channel", 1.01)
+                    for s in shapes)
+        calls.append([ps, gs, *_lists(states, store), r0s, [s[0] for s in shapes],
+                      torch.zeros(numel, dtype=torch.float64), *_hp(cfg)[:6], "random", "std",
+                      "channel", 2, 1.0, 1.01, False])
+
+    def step():
+        for args in calls:
+            torch.ops.memopt.apollo_shard_stats_(*args)
+        for args in calls:
+            torch.ops.memopt.apollo_shard_update_(*args)
+
+    step()
+    step()                                          # state and workspace sized
+    for _ in range(2):                              # a refresh step (t = 2), then a plain one
+        sizes = _allocations_during(step)
+        assert max(sizes, default=0) < 0.01 * 256 * 1024 * 4, max(sizes)
