@@ -152,7 +152,7 @@ def test_layerwise_under_ddp_equals_ddp_step_and_refuses_unreduced_gradients():
 # ---- FSDP2 --------------------------------------------------------------------------------
 # Optimizers whose ordinary step() still raises under FSDP2 (their sharded support is being
 # written): their cases xfail on exactly that error, strictly, so the mark must go once they pass.
-FSDP2_PENDING = {"apollo", "apollo_mini"}
+FSDP2_PENDING: set = set()
 FSDP_CONFIGS = [(n, 1) for n in LAYERWISE_NAMES] + [("adamw", 2), ("adam_mini", 2)]
 
 
