@@ -115,10 +115,18 @@ def _count_calls(opt):
 
 def _worker(rank, world, ckpt_dir):
     out = {"exact": {}, "bytes": {}, "errors": {}, "dcp": {}}
+    from torch.distributed.tensor import DTensor
+    full_tensor = DTensor.full_tensor
     for name in CONFIGS:
         model = _model(shard=True)
         opt = _frugal(model, name)
-        _steps(model, opt, 0, STEPS)
+        gathers = out.setdefault("gathers", {}).setdefault(name, [])  # the step of each
+        DTensor.full_tensor = lambda self, *a, **k: (gathers.append(opt._fr["t"]),
+                                                     full_tensor(self, *a, **k))[1]
+        try:
+            _steps(model, opt, 0, STEPS)
+        finally:
+            DTensor.full_tensor = full_tensor
         out["exact"][name] = _snapshot(model, opt)
         out["bytes"][name] = opt.state_bytes(), opt.planned_state_bytes()
         # a 7th step with the last gradients
@@ -200,9 +208,13 @@ def test_unshardable_selections_raise_clearly(ranks):
             assert f"selection={sel!r}" in msg and "selection='block'" in msg and "'columns'" in msg
 
 
-def test_svd_warns_once_that_it_gathers_gradients(ranks):
+def test_svd_warns_once_and_gathers_only_at_reselections(ranks):
+    n = len(_frugal(_model(), "svd-0.25")._projs)
     for out in ranks[0]:
         assert len(out["svd_warnings"]) == 1 and "full_tensor()" in out["svd_warnings"][0]
+        # each projectable gradient once per update_gap steps; no other selection gathers
+        assert sorted(out["gathers"]["svd-0.25"]) == [t for t in range(0, STEPS, 2) for _ in range(n)]
+        assert not any(out["gathers"][name] for name in CONFIGS if name != "svd-0.25")
 
 
 @pytest.mark.parametrize("name,flatten", DCP_CASES)
