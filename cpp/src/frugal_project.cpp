@@ -3,6 +3,8 @@
 //   p = p*decay - project_up(u) - lr_free * rule(G - project_up(g_low))
 // g_low and u are r-sized; project_up is done in row chunks into workspace tiles, fused with the
 // elementwise update, so neither project_up(u) nor the residual G - G_proj ever exists whole.
+// On row shards (frugal_shard.cpp) left mode's project_down is split: frugal_left_partial gives a
+// shard's part, and frugal_projected_update takes the shards' sum as g_low (summed_low).
 #include "frugal_impl.h"
 
 namespace memopt {
