@@ -1,16 +1,21 @@
 """Frugal under FSDP2 (2 ranks on gloo, the tiny LLaMA in float64, fully_shard per decoder layer
 and at the root) and torch.distributed.checkpoint:
 
-- selection="block" (density 0.25, 0.5, 1 with re-selections every 2 steps) and "columns" give
-  the parameters and every state tensor of one process stepping the same full gradients, with
-  one frugal_ op call per step (one param group, one device, one process group);
-- the selections that cannot step on row shards raise a ValueError naming the supported ones;
+- selection="block" (density 0.25, 0.5, 1 with re-selections every 2 steps), "columns" and the
+  projections "svd" / "random" / "randperm" give the parameters and every state tensor of one
+  process stepping the same full gradients, with one frugal_ op call per step (one param group,
+  one device, one process group), or for the projections (the tiny LLaMA has left- and
+  right-projected weights) one frugal_shard_stats_ / frugal_shard_update_ pair around one
+  all-reduce of exactly the left projections' partial P^T G;
+- "rows" / "randk", which cannot step on row shards, raise a ValueError naming the others;
 - a DCP checkpoint saved on 2 ranks (block: another active set than a fresh optimizer's, so the
   loader must adopt the selection first; flattened and nested) resumes bit-identically on 2
   ranks, and within float64 rounding in one process without a process group;
 - in one process, get/set_optimizer_state_dict and a DCP save/load round trip the selection.
 The distributed tests share one spawn that runs every configuration."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -23,10 +28,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 WORLD, STEPS, SAVE_AT = 2, 6, 3
 HP = dict(lr=1e-2, weight_decay=0.1, update_gap=2, seed=3)
 CONFIGS = {"block-0.25": dict(density=0.25), "block-0.5": dict(density=0.5),
-           "block-1.0": dict(density=1.0), "columns-0.25": dict(density=0.25, selection="columns")}
-UNSHARDABLE = ("rows", "randk", "svd", "random", "randperm")
+           "block-1.0": dict(density=1.0), "columns-0.25": dict(density=0.25, selection="columns"),
+           "svd-0.25": dict(density=0.25, selection="svd"),
+           "random-0.25": dict(density=0.25, selection="random"),
+           "randperm-0.5": dict(density=0.5, selection="randperm")}
+PROJECTIONS = ("svd-0.25", "random-0.25", "randperm-0.5")
+UNSHARDABLE = ("rows", "randk")
+_OPS = ("memopt::frugal_", "memopt::frugal_shard_stats_", "memopt::frugal_shard_update_")
 # (config, flatten_optimizer_state_dict) of the DCP checkpoints saved at step SAVE_AT
-DCP_CASES = [("block-0.5", True), ("block-0.25", False), ("columns-0.25", True)]
+DCP_CASES = [("block-0.5", True), ("block-0.25", False), ("columns-0.25", True),
+             ("random-0.25", False)]
 
 
 def _model(seed=0, shard=False):
@@ -80,39 +91,55 @@ def _resume(model, opt, path, flatten):
 
 
 def _frugal(model, name):
-    return memopt_core.Frugal(model, **HP, **CONFIGS[name])
+    import warnings
+    with warnings.catch_warnings():  # svd's all-gather warning (tested on its own)
+        warnings.simplefilter("ignore")
+        return memopt_core.Frugal(model, **HP, **CONFIGS[name])
 
 
 def _count_calls(opt):
-    """Number of memopt::frugal_ op calls in one step() (the ops dispatch on local shards)."""
+    """{op name: calls} of the FRUGAL ops in one step() (they dispatch on local shards)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+    counts = dict.fromkeys(_OPS, 0)
 
     class Count(TorchDispatchMode):
-        n = 0
-
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += func._schema.name == "memopt::frugal_"
+            if func._schema.name in counts:
+                counts[func._schema.name] += 1
             return func(*args, **(kwargs or {}))
 
     with Count():
         opt.step()
-    return Count.n
+    return counts
 
 
 def _worker(rank, world, ckpt_dir):
     out = {"exact": {}, "bytes": {}, "errors": {}, "dcp": {}}
+    from torch.distributed.tensor import DTensor
+    full_tensor = DTensor.full_tensor
     for name in CONFIGS:
         model = _model(shard=True)
         opt = _frugal(model, name)
-        _steps(model, opt, 0, STEPS)
+        gathers = out.setdefault("gathers", {}).setdefault(name, [])  # the step of each
+        DTensor.full_tensor = lambda self, *a, **k: (gathers.append(opt._fr["t"]),
+                                                     full_tensor(self, *a, **k))[1]
+        try:
+            _steps(model, opt, 0, STEPS)
+        finally:
+            DTensor.full_tensor = full_tensor
         out["exact"][name] = _snapshot(model, opt)
         out["bytes"][name] = opt.state_bytes(), opt.planned_state_bytes()
-        out["calls"] = _count_calls(opt)  # a 7th step with the last gradients
+        # a 7th step with the last gradients
+        out.setdefault("calls", {})[name] = _count_calls(opt), opt.reduced_bytes
     for sel in UNSHARDABLE:
         try:
             memopt_core.Frugal(_model(shard=True), selection=sel)
         except ValueError as e:
             out["errors"][sel] = str(e)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        memopt_core.Frugal(_model(shard=True), selection="svd")
+    out["svd_warnings"] = [str(w.message) for w in caught]
     for name, flatten in DCP_CASES:
         path = f"{ckpt_dir}/{name}-{flatten}"
         model = _model(shard=True)
@@ -157,11 +184,21 @@ def test_fsdp2_equals_one_process(ranks, name):
     opt = _frugal(model, name)
     _steps(model, opt, 0, STEPS)
     want = _snapshot(model, opt)
+    # the left projections' g_low: the only statistics that cross ranks, float64
+    left = sum(opt.state[p]["exp_avg"].numel() for p in opt._projs if opt._mode(p) == 7)
     for out in ranks[0]:
         _assert_close(out["exact"][name], want, 1e-12)
-        assert out["calls"] == 1
-        held, planned = out["bytes"][name]  # each rank holds its half of the moments
-        assert held == planned and held < 0.55 * opt.state_bytes()
+        calls, reduced = out["calls"][name]
+        held, planned = out["bytes"][name]
+        if name in PROJECTIONS:
+            assert left and calls == {_OPS[0]: 0, _OPS[1]: 1, _OPS[2]: 1}
+            assert reduced == 8 * left
+            # left moments and right P are replicated, the rest split in halves
+            assert held == planned and held < 0.75 * opt.state_bytes()
+        else:
+            assert calls == {_OPS[0]: 1, _OPS[1]: 0, _OPS[2]: 0} and reduced == 0
+            # each rank holds its half of the moments
+            assert held == planned and held < 0.55 * opt.state_bytes()
 
 
 def test_unshardable_selections_raise_clearly(ranks):
@@ -169,6 +206,15 @@ def test_unshardable_selections_raise_clearly(ranks):
         for sel in UNSHARDABLE:
             msg = out["errors"][sel]
             assert f"selection={sel!r}" in msg and "selection='block'" in msg and "'columns'" in msg
+
+
+def test_svd_warns_once_and_gathers_only_at_reselections(ranks):
+    n = len(_frugal(_model(), "svd-0.25")._projs)
+    for out in ranks[0]:
+        assert len(out["svd_warnings"]) == 1 and "full_tensor()" in out["svd_warnings"][0]
+        # each projectable gradient once per update_gap steps; no other selection gathers
+        assert sorted(out["gathers"]["svd-0.25"]) == [t for t in range(0, STEPS, 2) for _ in range(n)]
+        assert not any(out["gathers"][name] for name in CONFIGS if name != "svd-0.25")
 
 
 @pytest.mark.parametrize("name,flatten", DCP_CASES)

@@ -1,9 +1,7 @@
 // FRUGAL: fused state-full AdamW + state-free signSGD/SGD update on CPU.
-#include "memopt/frugal.h"
-
 #include <algorithm>
 
-#include "cpu_loops.h"
+#include "frugal_impl.h"
 
 namespace memopt {
 
@@ -169,27 +167,19 @@ void split_span(P* p, const P* g, S* m, S* v, const int32_t* idx, int64_t k, int
 
 }  // namespace
 
-// frugal_project.cpp: the projection modes (r-sized temporaries, row-chunked back-projection).
-void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
-                             const Tensor& proj, bool right, const AdamScalars& s, double lr_free,
-                             int64_t rule, Workspace::Lease& lease);
-int64_t frugal_projected_bytes(const Tensor& p, const Tensor& proj, const Tensor& m);
-
-void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
-                    TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
-                    at::IntArrayRef modes, const Tensor& lr_t, double beta1, double beta2,
-                    double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
-                    int64_t rule) {
-  check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-                      proj_lr_scale, free_lr_scale, rule);
-  const double lr = read_lr(lr_t);
-  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+// frugal_update_'s loop (frugal_impl.h), also the finish of frugal_shard_update_.
+void frugal_update_loop(TensorList params, TensorList grads, TensorList exp_avgs,
+                        TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+                        at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
+                        double weight_decay, double proj_lr_scale, double free_lr_scale,
+                        int64_t rule, const Tensor* left_stats) {
   if (params.empty()) return;
   TORCH_CHECK(params[0].device().is_cpu(), "frugal_update_: no kernel for device ",
               params[0].device(), " in this build");
   const double lr_free = lr * proj_lr_scale * free_lr_scale;
 
   Workspace::Lease lease(Workspace::of(params[0].device()));
+  int64_t stats_at = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto mode = static_cast<FrugalMode>(modes[i]);
     const bool projected = mode == FrugalMode::ProjRight || mode == FrugalMode::ProjLeft;
@@ -216,8 +206,13 @@ void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
     s.decay = 1.0 - lr * weight_decay;
     const Tensor &m = exp_avgs[i], &v = exp_avg_sqs[i], &sub = subspaces[i];
     if (projected) {
+      Tensor summed;
+      if (left_stats != nullptr && mode == FrugalMode::ProjLeft) {
+        summed = left_stats->narrow(0, stats_at, m.numel()).view(m.sizes());
+        stats_at += m.numel();
+      }
       frugal_projected_update(p, g, m, v, sub, mode == FrugalMode::ProjRight, s, lr_free, rule,
-                              lease);
+                              lease, summed.defined() ? &summed : nullptr);
       continue;
     }
     MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "frugal_update_", [&] {
@@ -263,6 +258,19 @@ void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
       }
     });
   }
+}
+
+void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+                    TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+                    at::IntArrayRef modes, const Tensor& lr_t, double beta1, double beta2,
+                    double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
+                    int64_t rule) {
+  check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
+                      proj_lr_scale, free_lr_scale, rule);
+  const double lr = read_lr(lr_t);
+  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+  frugal_update_loop(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1,
+                     beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr);
 }
 
 }  // namespace memopt

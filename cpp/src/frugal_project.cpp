@@ -3,9 +3,9 @@
 //   p = p*decay - project_up(u) - lr_free * rule(G - project_up(g_low))
 // g_low and u are r-sized; project_up is done in row chunks into workspace tiles, fused with the
 // elementwise update, so neither project_up(u) nor the residual G - G_proj ever exists whole.
-#include "memopt/frugal.h"
-
-#include "cpu_loops.h"
+// On row shards (frugal_shard.cpp) left mode's project_down is split: frugal_left_partial gives a
+// shard's part, and frugal_projected_update takes the shards' sum as g_low (summed_low).
+#include "frugal_impl.h"
 
 namespace memopt {
 
@@ -29,35 +29,70 @@ int64_t frugal_projected_bytes(const Tensor& p, const Tensor& proj, const Tensor
          3 * Workspace::aligned(tile * es);
 }
 
-void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
-                             const Tensor& proj, bool right, const AdamScalars& s, double lr_free,
-                             int64_t rule, Workspace::Lease& lease) {
-  const auto cdt = compute_dtype(p);
-  const int64_t rows = p.size(0), cols = p.size(1), chunk = chunk_rows(p);
-  Tensor pc = lease.take_tensor(proj.sizes(), cdt);
-  pc.copy_(proj);
-  Tensor glow = lease.take_tensor(m.sizes(), cdt), u = lease.take_tensor(m.sizes(), cdt);
-  Tensor gbuf = lease.take_tensor({chunk, cols}, cdt), ubuf = lease.take_tensor({chunk, cols}, cdt);
-  Tensor gpbuf = lease.take_tensor({chunk, cols}, cdt);
-  const bool same = p.scalar_type() == cdt;
-  auto grad_rows = [&](int64_t r0, int64_t n) {  // G[r0:r0+n] in the compute dtype
-    if (same) return g.narrow(0, r0, n);
-    Tensor t = gbuf.narrow(0, 0, n);
-    t.copy_(g.narrow(0, r0, n));
-    return t;
-  };
+namespace {
 
-  // 1. project down: right G P^T (row chunks of the output), left P^T G (sum over row chunks).
+// Project down: right glow = G P^T (row chunks of the output), left glow = P^T G (summed over
+// row chunks). pc is P in the compute dtype; gbuf a (chunk, cols) tile for a cast gradient.
+void project_down(const Tensor& g, const Tensor& pc, const Tensor& glow, bool right,
+                  int64_t chunk, const Tensor& gbuf) {
+  const int64_t rows = g.size(0);
+  const bool same = g.scalar_type() == glow.scalar_type();
   if (!right) glow.zero_();
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t n = std::min(chunk, rows - r0);
-    const Tensor gr = grad_rows(r0, n);
+    Tensor gr = g.narrow(0, r0, n);
+    if (!same) {
+      Tensor t = gbuf.narrow(0, 0, n);
+      t.copy_(gr);
+      gr = t;
+    }
     if (right) {
       Tensor out = glow.narrow(0, r0, n);
       at::mm_out(out, gr, pc.t());
     } else {
       glow.addmm_(pc.narrow(0, r0, n).t(), gr);
     }
+  }
+}
+
+}  // namespace
+
+void frugal_left_partial(const Tensor& p, const Tensor& g, const Tensor& proj, const Tensor& out,
+                         Workspace::Lease& lease) {
+  const auto cdt = compute_dtype(p);
+  Tensor pc = lease.take_tensor(proj.sizes(), cdt);
+  pc.copy_(proj);
+  Tensor gbuf = lease.take_tensor({chunk_rows(p), p.size(1)}, cdt);
+  if (out.scalar_type() == cdt) {  // fp64: the partial sums go straight into the buffer
+    project_down(g, pc, out, /*right=*/false, chunk_rows(p), gbuf);
+    return;
+  }
+  Tensor glow = lease.take_tensor(out.sizes(), cdt);
+  project_down(g, pc, glow, /*right=*/false, chunk_rows(p), gbuf);
+  out.copy_(glow);
+}
+
+void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
+                             const Tensor& proj, bool right, const AdamScalars& s, double lr_free,
+                             int64_t rule, Workspace::Lease& lease, const Tensor* summed_low) {
+  const auto cdt = compute_dtype(p);
+  const int64_t rows = p.size(0), cols = p.size(1), chunk = chunk_rows(p);
+  Tensor pc = lease.take_tensor(proj.sizes(), cdt);
+  pc.copy_(proj);
+  Tensor u = lease.take_tensor(m.sizes(), cdt);
+  Tensor gbuf = lease.take_tensor({chunk, cols}, cdt), ubuf = lease.take_tensor({chunk, cols}, cdt);
+  Tensor gpbuf = lease.take_tensor({chunk, cols}, cdt);
+  // 1. g_low: projected here, or (row shards, left) the sum of every shard's partial P^T G,
+  // read in place when it already has the compute dtype (it is only read from here on).
+  Tensor glow;
+  if (summed_low != nullptr && summed_low->scalar_type() == cdt) {
+    glow = *summed_low;
+  } else {
+    glow = lease.take_tensor(m.sizes(), cdt);
+    if (summed_low != nullptr)
+      glow.copy_(*summed_low);
+    else
+      project_down(g, pc, glow, right, chunk, gbuf);
   }
 
   // 2. AdamW on the projected gradient; u = step_size * m / (sqrt(v)/bc2_sqrt + eps).

@@ -1,4 +1,5 @@
-// torch op registration for FRUGAL: torch.ops.memopt.frugal_ (CPU and Meta kernels).
+// torch op registration for FRUGAL: torch.ops.memopt.frugal_ (CPU and Meta kernels; CUDA in
+// cuda/frugal_glue.cpp) and its row-sharded pair frugal_shard_stats_ / frugal_shard_update_.
 #include <torch/library.h>
 
 #include "memopt/frugal.h"
@@ -26,6 +27,37 @@ void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                         proj_lr_scale, free_lr_scale, rule, /*read_data=*/false);
 }
 
+// The shard ops take frugal_'s arguments with `stats` after modes (frugal.h).
+#define MEMOPT_FRUGAL_SHARD_ARGS                                                              \
+  TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,           \
+      TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor &stats,     \
+      const Tensor &lr, double beta1, double beta2, double eps, double weight_decay,          \
+      double proj_lr_scale, double free_lr_scale, int64_t rule
+
+void frugal_shard_stats_cpu(MEMOPT_FRUGAL_SHARD_ARGS) {
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);  // before stats is written
+  frugal_shard_stats_(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
+                      proj_lr_scale, free_lr_scale, rule);
+}
+
+void frugal_shard_update_cpu(MEMOPT_FRUGAL_SHARD_ARGS) {
+  frugal_shard_update_(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats, lr,
+                       beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
+}
+
+void frugal_shard_meta(MEMOPT_FRUGAL_SHARD_ARGS) {
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, subspaces}))
+    check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
+                              proj_lr_scale, free_lr_scale, rule, /*read_data=*/false);
+}
+
+// No CUDA kernel yet: a clear error instead of the dispatcher's missing-kernel message.
+void frugal_shard_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "memopt::frugal_shard_stats_/frugal_shard_update_: the "
+                              "row-sharded FRUGAL ops have CPU kernels only (no CUDA kernel "
+                              "yet); selection='block' or 'columns' steps FSDP2 shards on CUDA");
+}
+
 }  // namespace
 }  // namespace memopt
 
@@ -34,8 +66,31 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] subspaces, int[] modes, "
         "Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
         "float proj_lr_scale, float free_lr_scale, int rule) -> ()");
+  // Row-sharded FRUGAL (FSDP2): partial P^T G into `stats`, then the update from their sum.
+#define MEMOPT_FRUGAL_SHARD_TAIL                                                              \
+  "Tensor lr, float beta1, float beta2, float eps, float weight_decay, float proj_lr_scale, "  \
+  "float free_lr_scale, int rule) -> ()"
+  m.def("frugal_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
+        "Tensor[] exp_avg_sqs, Tensor[] steps, Tensor[] subspaces, int[] modes, "
+        "Tensor(a!) stats, " MEMOPT_FRUGAL_SHARD_TAIL);
+  m.def("frugal_shard_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] subspaces, int[] modes, "
+        "Tensor stats, " MEMOPT_FRUGAL_SHARD_TAIL);
 }
 
-TORCH_LIBRARY_IMPL(memopt, CPU, m) { m.impl("frugal_", &memopt::frugal_cpu); }
+TORCH_LIBRARY_IMPL(memopt, CPU, m) {
+  m.impl("frugal_", &memopt::frugal_cpu);
+  m.impl("frugal_shard_stats_", &memopt::frugal_shard_stats_cpu);
+  m.impl("frugal_shard_update_", &memopt::frugal_shard_update_cpu);
+}
 
-TORCH_LIBRARY_IMPL(memopt, Meta, m) { m.impl("frugal_", &memopt::frugal_meta); }
+TORCH_LIBRARY_IMPL(memopt, Meta, m) {
+  m.impl("frugal_", &memopt::frugal_meta);
+  m.impl("frugal_shard_stats_", &memopt::frugal_shard_meta);
+  m.impl("frugal_shard_update_", &memopt::frugal_shard_meta);
+}
+
+TORCH_LIBRARY_IMPL(memopt, CUDA, m) {
+  m.impl("frugal_shard_stats_", &memopt::frugal_shard_cuda);
+  m.impl("frugal_shard_update_", &memopt::frugal_shard_cuda);
+}

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
-from .distributed import local, local_args
+from .distributed import local_args
 from .frugal_shard import FrugalShard
 from .frugal_state import FrugalCheckpoint, named_groups, projectable
 
@@ -65,11 +65,16 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     draw from the optimizer's own generator (``seed``), saved in the state_dict (under the key
     "frugal" of every param group, so torch.distributed.checkpoint keeps it).
 
-    FSDP2 / DTensor parameters: "block" and "columns" step on each rank's row shard, equal to
-    one process (every rank draws the same selection; moments sharded by rows, column indices
-    replicated); the other selections raise at construction (see frugal_shard). A DCP
-    checkpoint loads with ``opt.load_checkpoint(model, path)``, which adopts the saved
-    selection before laying out the state it loads into (which blocks hold moments).
+    FSDP2 / DTensor parameters: "block", "columns", "svd", "random" and "randperm" step on each
+    rank's row shard, equal to one process (every rank draws the same selection). Moments are
+    sharded by rows except a left projection's (r, cols) moments, which are replicated: its
+    g_low = P^T G contracts the sharded rows, so each rank's partial sum goes through one
+    all-reduce per step and process group (small: r*cols values per left-projected tensor).
+    "svd" all-gathers each split projectable gradient at every re-selection (every
+    ``update_gap`` steps) to take the SVD of the full gradient, and warns once that it does.
+    "rows" / "randk" raise at construction (see frugal_shard). A DCP checkpoint loads with
+    ``opt.load_checkpoint(model, path)``, which adopts the saved selection before laying out
+    the state it loads into (which blocks hold moments).
 
     Example::
 
@@ -80,7 +85,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     # The block/subspace selection is one decision over all tensors per step, made on the host.
     steps_single_params = False
     compilable = False
-    _COLUMNS_MODE = _COLUMNS
+    _COLUMNS_MODE, _RIGHT_MODE, _LEFT_MODE = _COLUMNS, _RIGHT, _LEFT  # for frugal_shard
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, density=0.25, update_gap=200, selection="block",
@@ -190,7 +195,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         if lay is None:
             return 0
         size = {k: torch.empty(0, dtype=dt).element_size() for k, (_, dt) in lay.items()}
-        return sum(size[k] * math.prod(s if k == "subspace" else self._local_state_shape(p, k, s))
+        return sum(size[k] * math.prod(self._local_state_shape(p, k, s))
                    for k, (s, _) in lay.items()) + 4
 
     # ---- state: pools per (pool key, dtype, device) -------------------------------------------
@@ -255,8 +260,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                     total = {_COLUMNS: p.shape[-1], _ROWS: p.shape[0], _RANDK: p.numel()}[mode]
                     sub, fr["rng"] = _C.frugal_select_indices(total, k, fr["rng"])
                 else:
-                    sub, fr["rng"] = _C.frugal_projection(
-                        local(p.grad), k, mode == _RIGHT, self.selection, fr["rng"])
+                    sub, fr["rng"] = _C.frugal_projection(  # the full weight's P
+                        self._projection_source(p), k, mode == _RIGHT, self.selection, fr["rng"])
                 subspaces[p] = sub  # CPU; _build_states puts it on p's device (and mesh)
                 reselected.add(p)
         new = {}
@@ -302,8 +307,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
             states = [new[p] if p in new else (self.state[p] if p in self.state else None)
                       for p in params]
             args = self._op_args(group, params, states, [self._mode(p, fr) for p in params])
-            _C.check_frugal_(*args)
-            runs.append(args)
+            runs.append(self._prepared_call(params, args))  # validated (frugal_shard)
         # 4. commit, then run
         for p, st in new.items():
             if st is None:
@@ -312,8 +316,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                 self.state[p] = st
         fr["t"] += 1
         self._fr = fr
-        for args in runs:
-            torch.ops.memopt.frugal_(*args)
+        self._run_prepared(runs)
         return loss
 
     def _check_grads(self, group, params):

@@ -1,65 +1,136 @@
-"""Frugal with DTensor (FSDP2) parameters: which selections can step on local row shards, and
-how their state is laid out.
+"""Frugal with DTensor (FSDP2) parameters: which selections can step on local row shards, how
+their state is laid out, and the op calls of a sharded step.
 
 FSDP2 gives each rank a contiguous run of whole rows of every parameter (Shard(0)). Frugal's
 selection is drawn on the host from the optimizer's own generator, seeded identically on every
-rank, and every draw depends only on global shapes, so all ranks choose the same subspace; the
-fused op then runs on the local shards with no communication:
+rank, and every draw depends only on global shapes (or, for "svd", on the full gradient), so all
+ranks choose the same subspace:
 
 - "block": whole tensors are active or not, and the update of an active one is elementwise, so
   its moments are sharded exactly like the parameter.
 - "columns": every rank holds all columns of its rows, so the shared column subspace applies to
   its local rows: the (rows, k) moments are sharded by rows, the k column indices replicated.
+- "svd" / "random" / "randperm", right projections (rows >= cols, g_low = G P^T): g_low's rows
+  are the shard's rows, so the (rows, r) moments are sharded by rows, the (r, cols) P replicated,
+  and frugal_ on the local shards is exact with no communication.
+- the same, left projections (rows < cols, g_low = P^T G with P (rows, r)): g_low contracts the
+  sharded rows. P is sharded by rows (each rank needs only its rows of it), the (r, cols) moments
+  are replicated: frugal_shard_stats_ writes this rank's P[rows]^T G[rows], the one all-reduce
+  of the step (reduce_stats) sums it over the shard group, and frugal_shard_update_ steps the
+  replicated moments alike on every rank and updates the local rows.
+
+"svd" takes the top singular vectors of the full gradient: at each re-selection (every
+update_gap steps) each split projectable gradient is all-gathered once (grad.full_tensor()), and
+every rank computes the same SVD of the same values. "random" / "randperm" need only the shape.
 
 "rows" / "randk" keep moments for a random subset of rows / coordinates: a rank's part is a run
 of the selection whose length depends on the draw, which no chunk-style Shard(0) DTensor can
-describe (so DCP could not reshard it). "svd" / "random" / "randperm" project the gradient by
-contracting a dimension across all rows, which needs cross-shard statistics the ops do not
-compute. These selections raise at construction when a projectable tensor is split over ranks.
+describe (so DCP could not reshard it). They raise at construction when a projectable tensor is
+split over ranks.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from .distributed import as_dtensor, is_dtensor, local
+from . import _C
+from .distributed import ShardedCall, as_dtensor, is_dtensor, local, local_value, reduce_stats
 
-SHARDABLE_SELECTIONS = ("block", "columns")
+SHARDABLE_SELECTIONS = ("block", "columns", "svd", "random", "randperm")
+_SVD_GATHER = (
+    "Frugal(selection='svd') on parameters sharded over ranks: at every re-selection (every "
+    "update_gap steps) each split projectable gradient is all-gathered (grad.full_tensor()) so "
+    "that every rank takes the same SVD of the full gradient; this costs one full gradient per "
+    "projectable tensor in memory and traffic at those steps. selection='random' needs none.")
 
 
 class FrugalShard:
     """The DTensor-specific parts of memopt_core.Frugal (mixed in before MemoptOptimizer)."""
 
+    def _split(self, p) -> bool:
+        return is_dtensor(p) and self._shard_layout(p).group is not None
+
     def _check_sharding(self) -> None:
         """Raise if a projectable tensor is split over ranks under a selection that cannot step
-        on local row shards. Replicated DTensors (one shard holds every row) are fine."""
+        on local row shards (replicated DTensors, one shard holding every row, are fine); warn
+        once that "svd" all-gathers split gradients at its re-selections."""
+        split = [p for p in self._projs if self._split(p)]
+        if not split:
+            return
+        if self.selection == "svd":
+            warnings.warn(_SVD_GATHER, stacklevel=3)
         if self.selection in SHARDABLE_SELECTIONS:
             return
-        for p in self._projs:
-            if is_dtensor(p) and self._shard_layout(p).group is not None:
-                why = ("its moments of a random subset of rows/coordinates do not split into the "
-                       "parameter's row shards" if self.selection in ("rows", "randk") else
-                       "its projection contracts the sharded dimension, which needs cross-shard "
-                       "statistics")
-                raise ValueError(
-                    f"Frugal(selection={self.selection!r}) cannot step parameters sharded over "
-                    f"ranks (a {tuple(p.shape)} DTensor with placements {tuple(p.placements)}): "
-                    f"{why}. Under FSDP2/DTensor sharding use selection='block' (the paper's "
-                    f"pre-training default) or 'columns'.")
+        p = split[0]
+        raise ValueError(
+            f"Frugal(selection={self.selection!r}) cannot step parameters sharded over ranks (a "
+            f"{tuple(p.shape)} DTensor with placements {tuple(p.placements)}): its moments of a "
+            f"random subset of rows/coordinates do not split into the parameter's row shards. "
+            f"Under FSDP2/DTensor sharding use selection='block' (the paper's pre-training "
+            f"default), 'columns', 'random', 'randperm' or 'svd'.")
 
     def _state_sharded(self, p, key: str, shape: tuple) -> bool:
-        # A column subspace keeps a (rows, k) moment: one row of state per parameter row, so it
-        # is split by rows like the parameter even though its shape differs.
-        if key in ("exp_avg", "exp_avg_sq") and self._sub.get(p) is not None and \
-                self._sub[p][0] == self._COLUMNS_MODE:
-            return True
+        # Decided by the mode, not by comparing shapes: a (rows, r) moment has one row per
+        # parameter row even when r == cols, a left (r, cols) moment never does even when
+        # r == rows, and a left P (rows, r) is read one parameter row at a time.
+        mode = self._sub[p][0] if self._sub.get(p) is not None else None
+        if key in ("exp_avg", "exp_avg_sq"):
+            if mode in (self._COLUMNS_MODE, self._RIGHT_MODE):
+                return True
+            if mode == self._LEFT_MODE:
+                return False
+        if key == "subspace":
+            return mode == self._LEFT_MODE
         return super()._state_sharded(p, key, shape)
 
     def _subspace_value(self, p, value: torch.Tensor, dtype: torch.dtype):
         """A subspace tensor (indices or projection) as p's state holds it: on p's device in
-        `dtype`, and for a DTensor parameter a replicated DTensor (every rank holds all of it,
-        since all ranks draw the same one). `value` may be a plain tensor or a replicated
-        DTensor (a sharded optimizer's state_dict)."""
-        value = local(value).to(dtype=dtype, device=p.device)
+        `dtype`; for a DTensor parameter a DTensor, replicated (all ranks draw the same one) or,
+        for a left projection, sharded by rows like p. `value` may be a plain full tensor or a
+        DTensor of any placements (a sharded optimizer's state_dict)."""
         if not is_dtensor(p):
-            return value
-        return as_dtensor(value, self._shard_layout(p), tuple(value.shape), sharded=False)
+            return local(value).to(dtype=dtype, device=p.device)
+        shape = tuple(value.shape)
+        sharded = self._state_sharded(p, "subspace", shape)
+        layout = self._shard_layout(p)
+        # copy a row slice, so that the full drawn matrix is not kept alive as its storage
+        mine = local_value(value, layout, sharded).to(dtype=dtype, device=p.device, copy=sharded)
+        return as_dtensor(mine, layout, shape, sharded)
+
+    def _projection_source(self, p) -> torch.Tensor:
+        """The gradient a projection of p is drawn from: "svd" reads the full weight's gradient
+        (all-gathered when split); "random"/"randperm" read only its global shape and dtype."""
+        g = p.grad
+        if not is_dtensor(g):
+            return g
+        if self.selection == "svd":
+            return g.full_tensor() if self._split(p) else local(g)
+        return torch.empty(tuple(p.shape), dtype=p.dtype, device="meta")
+
+    def _prepared_call(self, params: list, args: tuple):
+        """(run_stats or None, ShardedCall) of one (group, device, process group) batch, with
+        `args` the op arguments on local shards, validated here before anything is written.
+        Batches with left projections of split tensors take frugal_shard_stats_ (run_stats, to
+        call before the all-reduce of stats), then frugal_shard_update_; others one frugal_."""
+        modes = args[6]
+        numel = _C.frugal_shard_stats_numel(args[2], modes) if self._split(params[0]) else 0
+        if not numel:
+            _C.check_frugal_(*args)
+            return None, ShardedCall(lambda: torch.ops.memopt.frugal_(*args))
+        stats = torch.zeros(numel, dtype=torch.float64)
+        full = (*args[:7], stats, *args[7:])
+        _C.check_frugal_shard_(*full)
+        return (lambda: torch.ops.memopt.frugal_shard_stats_(*full),
+                ShardedCall(lambda: torch.ops.memopt.frugal_shard_update_(*full), stats,
+                            self._shard_layout(params[0]).group))
+
+    def _run_prepared(self, runs: list) -> None:
+        """Runs _prepared_call's results: every partial statistic, their one all-reduce per
+        process group (distributed.reduce_stats), then every update."""
+        for run_stats, _ in runs:
+            if run_stats is not None:
+                run_stats()
+        self.reduced_bytes = reduce_stats([call for _, call in runs])
+        for _, call in runs:
+            call.finish()

@@ -44,6 +44,32 @@ void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avg
                          at::IntArrayRef modes, double proj_lr_scale, double free_lr_scale,
                          int64_t rule, bool read_data = true);
 
+// ---- row-sharded parameters (FSDP2; frugal_shard.cpp) ---------------------------------------
+// Each parameter is rows [row0, row0 + m) of its full weight, with its gradient's same rows.
+// Only left projections (rows < cols: g_low = P^T G, P (rows, r)) contract the sharded dim, so
+// one step is two ops around one float64 all-reduce over the shard group:
+//   frugal_shard_stats_   writes this shard's P[rows]^T G[rows] of every ProjLeft tensor, in
+//                         order, into `stats` (frugal_shard_stats_numel values) and nothing else;
+//   frugal_shard_update_  the same arguments with the summed `stats`: frugal_update_ with each
+//                         ProjLeft tensor's g_low read from stats instead of projected.
+// Layout per mode: ProjLeft subspace = the shard's rows of P (m, r), moments (r, cols) whole
+// (every rank steps them alike); ProjRight subspace = the whole P (r, cols), moments (m, r) the
+// shard's rows; the other modes are elementwise or per row and need nothing else.
+int64_t frugal_shard_stats_numel(TensorList exp_avgs, at::IntArrayRef modes);
+void check_frugal_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
+                               TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+                               at::IntArrayRef modes, const Tensor& stats, double proj_lr_scale,
+                               double free_lr_scale, int64_t rule, bool read_data = true);
+void frugal_shard_stats_(TensorList params, TensorList grads, TensorList exp_avgs,
+                         TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+                         at::IntArrayRef modes, const Tensor& stats, double proj_lr_scale,
+                         double free_lr_scale, int64_t rule);
+void frugal_shard_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+                          TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+                          at::IntArrayRef modes, const Tensor& stats, const Tensor& lr,
+                          double beta1, double beta2, double eps, double weight_decay,
+                          double proj_lr_scale, double free_lr_scale, int64_t rule);
+
 // ---- subspace selection (frugal_subspace.cpp) ---------------------------------------------
 // Random draws come from a CPU generator restored from `rng_state` (torch.Generator.get_state())
 // and return the advanced state, so a checkpoint resumes the exact random sequence.
