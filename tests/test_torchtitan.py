@@ -323,15 +323,8 @@ def _same(got, want, exact):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-# APOLLO's step on DTensor shards is not written yet: its op refuses the shard-sized moments.
-# Strict, so the marks go when it lands.
-_NOT_SHARDED_YET = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                     reason="Apollo/ApolloMini do not step FSDP2 shards yet")
-
-
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_NOT_SHARDED_YET) if n.startswith("apollo")
-                                  else n for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_fsdp2_through_the_container_with_dcp_resharding(name, fsdp_runs):
     """2 gloo ranks: the sharded run equals the single-process one (AdamW bit for bit, the others
     to float32 rounding of their cross-shard statistics), resumes from its own sharded checkpoint

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import _C
+from .distributed import refuse_flattened
 
 __all__ = ["TensorRole", "infer_roles", "model_dims"]
 
@@ -307,21 +308,6 @@ def _with_heads(r: TensorRole, shape: tuple, dims: dict, layout_known: bool) -> 
     return TensorRole(r.name, "linear", r.transposed, source=r.source, note=note)
 
 
-_SHAPED_ROLES = frozenset({"embedding", "output", "query", "key", "value", "attn_out", "qkv",
-                           "mlp", "conv"})
-
-
-def _refuse_flattened(name: str, p) -> None:
-    """Wrappers that flatten parameters hide the shapes every role but elementwise Adam needs:
-    say so instead of partitioning a flat buffer as if it were a bias."""
-    kind = ("an FSDP1 FlatParameter" if type(p).__name__ == "FlatParameter" else
-            "a DeepSpeed ZeRO parameter" if hasattr(p, "ds_id") else None)
-    if kind:
-        raise ValueError(f"{name} is {kind}: memopt optimizers other than AdamW need each "
-                         "parameter's own shape. Use FSDP2 (fully_shard) or FSDP1 with "
-                         "use_orig_params=True; DeepSpeed ZeRO is not supported")
-
-
 def infer_roles(named_params: Iterable, model: Optional[nn.Module] = None, *, dim=None,
                 n_heads=None, n_kv_heads=None, head_dim=None,
                 roles: Optional[Mapping[str, str]] = None) -> dict[str, TensorRole]:
@@ -344,7 +330,6 @@ def infer_roles(named_params: Iterable, model: Optional[nn.Module] = None, *, di
     items = named_params.items() if isinstance(named_params, Mapping) else named_params
     out: dict[str, TensorRole] = {}
     for name, p in items:
-        _refuse_flattened(name, p)
         owners = tree.owners_of(name, p) if tree else []
         found = tree.role(name, p, owners) if tree else None
         layout_known = found is not None
@@ -355,13 +340,7 @@ def infer_roles(named_params: Iterable, model: Optional[nn.Module] = None, *, di
         r = TensorRole(name, role, transposed, source=source,
                        kv_interleaved=role == "qkv" and tree is not None
                        and _kv_interleaved(tree, owners))
-        shaped = role in _SHAPED_ROLES or any(
-            attr == "weight" and isinstance(mod, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd))
-            for _, mod, attr in owners)
-        if shaped and p.dim() < 2:
-            raise ValueError(f"{name} is a {role} weight of shape {tuple(p.shape)}: flattened (by "
-                             "DeepSpeed ZeRO or FSDP1), which hides the shape memopt needs; use "
-                             "FSDP2 (fully_shard), which keeps it")
+        refuse_flattened(name, p, role, [mod for _, mod, attr in owners if attr == "weight"])
         if role in _HEAD_ROLES:
             raw = {**tree.raw, **tree.dims_near(owners[0][0] if owners else "")} if tree else {}
             r = _with_heads(r, tuple(p.shape), _derive({**raw, **explicit}), layout_known)
