@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
-from .distributed import ShardedCall, local
+from .distributed import ShardedCall, local_args
 from .roles import infer_roles
 
 # Roles whose 2-D weights are projected when the optimizer is built from a model or names
@@ -203,7 +203,7 @@ class Apollo(MemoptOptimizer):
             raise ValueError(_SVD_SHARDED)
         layouts = [self._shard_layout(p) for p in params]
         _, _, args = self._op_call(group, params, grads, states)
-        args = tuple([local(t) for t in a] if isinstance(a, list) else local(a) for a in args)
+        args = local_args(args)
         rank, proj, proj_type, scale_type = args[13:17]
         numel = sum(_C.apollo_shard_stats_numel(list(lay.global_shape), rank, proj, proj_type,
                                                 scale_type, args[19]) for lay in layouts)

@@ -15,7 +15,6 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
