@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from memopt_core import _C
+from cuda_util import EMU, TOL as CUDA_TOL, assert_cuda_build, ops, requires_cuda, tensor_device
 
 STEPS, GAP, LR, WD = 8, 3, 1e-2, 0.1
 SHAPES = [(13, 29), (29, 13)]   # wide: Left (per-column channels), tall: Right (per-row)
@@ -67,42 +68,58 @@ def _relerr(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
 
 
-def _run(cfg, store, dtype, n_shards):
-    gen = torch.Generator().manual_seed(0)
-    full = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
-    rank = cfg[0]
-    ref_p = [p.clone() for p in full]
-    ref_s = [_state(p, rank, store) for p in full]
+def _to(state, device):
+    """The state with its tensors on `device` (the step counter stays on the CPU)."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "step" else v)
+            for k, v in state.items()}
+
+
+def _make_shards(full, cfg, store, n_shards, device="cpu"):
+    """shards[k] = this "rank"'s list of (param shard, state, row0) for every tensor."""
     splits = [SPLITS[p.shape[0]][n_shards - 1] for p in full]
-    # shards[k] = this "rank"'s list of (param shard, state, row0) for every tensor
     shards = []
     for k in range(n_shards):
         row = []
         for p, sp in zip(full, splits):
             row0, m = sum(sp[:k]), sp[k]
-            row.append((p[row0:row0 + m].clone(), _state(p, rank, store, rows=m), row0))
+            row.append((p[row0:row0 + m].clone().to(device),
+                        _to(_state(p, cfg[0], store, rows=m), device), row0))
         shards.append(row)
+    return shards, splits
+
+
+def _shard_step(shards, grads, cfg, store, ns=torch.ops.memopt, device="cpu"):
+    """One sharded step: statistics on every shard, their sum, the update on every shard."""
+    hp = _hp(cfg)
+    numel = sum(_C.apollo_shard_stats_numel(list(s), cfg[0], "random", "std", cfg[1], cfg[2])
+                for s in SHAPES)
+    calls, total = [], None
+    for row in shards:
+        ps = [p for p, _, _ in row]
+        gs = [g[r0:r0 + p.shape[0]].to(device) for g, (p, _, r0) in zip(grads, row)]
+        stats = torch.full((numel,), float("nan"), dtype=torch.float64, device=device)  # all written
+        args = [ps, gs, *_lists([s for _, s, _ in row], store), [r0 for _, _, r0 in row],
+                [s[0] for s in SHAPES], stats, *hp]
+        _C.check_apollo_shard_(*args)
+        ns.apollo_shard_stats_(*args)
+        total = stats.clone() if total is None else total + stats
+        calls.append(args)
+    for args in calls:  # the all-reduce: every shard finishes from the same sum
+        args[10] = total
+        ns.apollo_shard_update_(*args)
+
+
+def _run(cfg, store, dtype, n_shards):
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+    ref_p = [p.clone() for p in full]
+    ref_s = [_state(p, cfg[0], store) for p in full]
+    shards, splits = _make_shards(full, cfg, store, n_shards)
     hp = _hp(cfg)
     for step in range(STEPS):
         grads = _grads(SHAPES, step, dtype)
         torch.ops.memopt.apollo_(ref_p, grads, *_lists(ref_s, store), *hp)
-        calls, total = [], None
-        for row in shards:
-            ps = [p for p, _, _ in row]
-            gs = [g[r0:r0 + p.shape[0]] for g, (p, _, r0) in zip(grads, row)]
-            row0s = [r0 for _, _, r0 in row]
-            numel = sum(_C.apollo_shard_stats_numel(list(s), rank, "random", "std", cfg[1], cfg[2])
-                        for s in SHAPES)
-            stats = torch.full((numel,), float("nan"), dtype=torch.float64)  # all written
-            args = [ps, gs, *_lists([s for _, s, _ in row], store), row0s,
-                    [s[0] for s in SHAPES], stats, *hp]
-            _C.check_apollo_shard_(*args)
-            torch.ops.memopt.apollo_shard_stats_(*args)
-            total = stats.clone() if total is None else total + stats
-            calls.append(args)
-        for args in calls:  # the all-reduce: every shard finishes from the same sum
-            args[10] = total
-            torch.ops.memopt.apollo_shard_update_(*args)
+        _shard_step(shards, grads, cfg, store)
     return ref_p, ref_s, shards, splits
 
 
@@ -252,3 +269,42 @@ def test_no_parameter_sized_allocation(store):
     for _ in range(2):                              # a refresh step (t = 2), then a plain one
         sizes = _allocations_during(step)
         assert max(sizes, default=0) < 0.01 * 256 * 1024 * 4, max(sizes)
+
+
+@pytest.mark.parametrize("device", [EMU, pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("store", [True, False], ids=["stored", "redrawn"])
+@pytest.mark.parametrize("config", ["apollo", "apollo-nolimiter", "apollo-tensor",
+                                    "mini-front-nolimiter", "mini-front"])
+def test_gpu_shards_equal_cpu_shards(config, store, dtype, device):
+    """The CUDA shard ops (on a GPU, or the host-emulated glue) against the CPU shard ops on 1..3
+    row shards of a Left and a Right weight, over 8 steps with refreshes at 0, 3 and 6: every
+    shard's parameter, moments, P, seed, limiter norm and step, within the CPU-vs-CUDA
+    tolerance of the dtype (cuda_util.TOL). Seeds and limiter norms live on the device."""
+    if device == "cuda":
+        assert_cuda_build()
+    ns, dev = ops(device), tensor_device(device)
+    cfg = CONFIGS[config]
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+    worst = 0.0
+    for n_shards in (1, 2, 3):
+        cpu, _ = _make_shards(full, cfg, store, n_shards)
+        gpu, _ = _make_shards(full, cfg, store, n_shards, dev)
+        for step in range(STEPS):
+            grads = _grads(SHAPES, step, dtype)
+            _shard_step(cpu, grads, cfg, store)
+            _shard_step(gpu, grads, cfg, store, ns, dev)
+        for k, (row_c, row_g) in enumerate(zip(cpu, gpu)):
+            for i, ((pc, sc, _), (pg, sg, _)) in enumerate(zip(row_c, row_g)):
+                where = (config, n_shards, k, i)
+                for name, a, b in (("param", pg, pc), ("m", sg["m"], sc["m"]),
+                                   ("v", sg["v"], sc["v"]), ("norm", sg["norm"], sc["norm"])):
+                    err = _relerr(a.cpu(), b)
+                    worst = max(worst, err)
+                    assert err <= CUDA_TOL[dtype], (where, name, err)
+                if store:
+                    assert torch.equal(sg["proj"].cpu(), sc["proj"]), (where, "proj")
+                assert sg["seed"].item() == sc["seed"].item() and sg["step"].item() == STEPS
+                assert sg["norm"].device == sg["m"].device
+    print(f"{device} {config} {dtype}: worst relative error {worst:.2e}")

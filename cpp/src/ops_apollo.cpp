@@ -98,10 +98,6 @@ void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList e
   TORCH_CHECK_VALUE(cfg.proj == "random", op, ": proj='svd' is not supported on row-sharded "
                     "(FSDP2) parameters: its refresh needs the whole gradient; use "
                     "proj='random'");
-  for (const Tensor& p : params)  // before any other check: the message names the cause
-    TORCH_CHECK_NOT_IMPLEMENTED(p.device().is_cpu() || p.device().is_meta(), op, ": parameters "
-                                "on ", p.device(), ": the sharded APOLLO ops have CPU kernels "
-                                "only (no CUDA kernel yet)");
   check_apollo_lists(op, params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                      cfg, &row0s, &global_rows);
   int64_t want = 0;
@@ -109,10 +105,12 @@ void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList e
     want += apollo_shard_stats_numel({global_rows[i], params[i].size(1)}, cfg);
   TORCH_CHECK_VALUE(stats.scalar_type() == at::kDouble && stats.dim() == 1 &&
                         stats.is_contiguous() && stats.numel() == want &&
-                        (stats.device().is_cpu() || stats.device().is_meta()),
-                    op, ": stats must be a contiguous 1-D float64 CPU tensor of ", want,
+                        (stats.device().is_meta() || params.empty() ||
+                         stats.device() == params[0].device()),
+                    op, ": stats must be a contiguous 1-D float64 tensor on the parameters' "
+                    "device of ", want,
                     " values (apollo_shard_stats_numel per tensor), got ", stats.scalar_type(),
-                    " of shape ", stats.sizes());
+                    " of shape ", stats.sizes(), " on ", stats.device());
 }
 
 namespace {
@@ -174,12 +172,6 @@ void apollo_shard_meta(MEMOPT_SHARD_ARGS) {
                               steps, row0s, global_rows, stats, cfg);
 }
 
-// No CUDA kernel yet: a clear error instead of the dispatcher's missing-kernel message.
-void apollo_shard_cuda(MEMOPT_SHARD_ARGS) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "memopt::apollo_shard_stats_/apollo_shard_update_: the "
-                              "sharded APOLLO ops have CPU kernels only (no CUDA kernel yet)");
-}
-
 }  // namespace
 }  // namespace memopt
 
@@ -213,9 +205,4 @@ TORCH_LIBRARY_IMPL(memopt, Meta, m) {
   m.impl("apollo_", &memopt::apollo_meta);
   m.impl("apollo_shard_stats_", &memopt::apollo_shard_meta);
   m.impl("apollo_shard_update_", &memopt::apollo_shard_meta);
-}
-
-TORCH_LIBRARY_IMPL(memopt, CUDA, m) {
-  m.impl("apollo_shard_stats_", &memopt::apollo_shard_cuda);
-  m.impl("apollo_shard_update_", &memopt::apollo_shard_cuda);
 }

@@ -207,7 +207,8 @@ class Apollo(MemoptOptimizer):
         rank, proj, proj_type, scale_type = args[13:17]
         numel = sum(_C.apollo_shard_stats_numel(list(lay.global_shape), rank, proj, proj_type,
                                                 scale_type, args[19]) for lay in layouts)
-        stats = torch.zeros(numel, dtype=torch.float64)
+        # on the parameters' device: NCCL reduces GPU buffers, the CUDA ops read them there
+        stats = torch.zeros(numel, dtype=torch.float64, device=args[0][0].device)
         full = (*args[:8], [lay.row0 for lay in layouts], [lay.global_shape[0] for lay in layouts],
                 stats, *args[8:])
         _C.check_apollo_shard_(*full)
