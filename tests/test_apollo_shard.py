@@ -308,3 +308,21 @@ def test_gpu_shards_equal_cpu_shards(config, store, dtype, device):
                 assert sg["seed"].item() == sc["seed"].item() and sg["step"].item() == STEPS
                 assert sg["norm"].device == sg["m"].device
     print(f"{device} {config} {dtype}: worst relative error {worst:.2e}")
+
+
+@pytest.mark.parametrize("device", [EMU, pytest.param("cuda", marks=requires_cuda)])
+def test_gpu_bad_input_raises_and_writes_nothing(device):
+    """The CUDA ops run the CPU op's validator before any write: a wrong-sized statistics
+    buffer raises the same ValueError and leaves every tensor untouched."""
+    dev = tensor_device(device)
+    args = [[t.to(dev) for t in a] if k < 7 and isinstance(a, list) else
+            (a.to(dev) if k == 10 else a) for k, a in enumerate(_one_shard_args(stats_numel_delta=1))]
+    before = [[t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+              else a for a in args]
+    ns = ops(device)
+    for op in (ns.apollo_shard_stats_, ns.apollo_shard_update_):
+        with pytest.raises(ValueError, match="stats must be"):
+            op(*args)
+    for a, b in zip(args, before):
+        if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))

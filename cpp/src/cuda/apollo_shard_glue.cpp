@@ -8,8 +8,10 @@
 //   - R = P^T G_local (Left: a partial R, summed over the shard group through `stats`) or
 //     G_local P^T (Right: the shard's own channels) by one GEMM, fp32-accumulated for bf16/fp16;
 //   - Adam on R, channel and tensor norms (float64 sums as the CPU's), the limiter on the device
-//     (no sync), then p = (p - coef * g) (1 - lr wd) in place with a broadcast coef.
-// Temporaries are R-, P- or channel-sized, never a parameter's size (but for the host
+//     (no sync), then p = (p - coef * g) (1 - lr wd) with a broadcast coef, rounded once
+//     (in place for fp32/fp64, through bounded row blocks for bf16/fp16).
+// The float64 stats buffer lives on the parameters' device (NCCL reduces it there).
+// Temporaries are R-, P-, channel- or block-sized, never a parameter's size (but for the host
 // emulation's widening of a bf16 gradient, which has no mixed-dtype GEMM).
 #include <torch/library.h>
 
