@@ -34,8 +34,12 @@ CONTENDERS = {
     "memopt SlimAdam": lambda m: memopt_core.SlimAdam(m, **HP),
     "memopt Apollo": lambda m: memopt_core.make_optimizer("apollo", m, **HP),
     "memopt ApolloMini": lambda m: memopt_core.ApolloMini(m, **HP),
+    "memopt Apollo, Left by columns": lambda m: memopt_core.make_optimizer("apollo", m, **HP),
+    "memopt ApolloMini, Left by columns": lambda m: memopt_core.ApolloMini(m, **HP),
     "memopt Frugal rho=0.25": lambda m: memopt_core.Frugal(m, **HP, density=0.25),
 }
+# contenders whose model FSDP2 shards with the optimizer's own placement (Apollo.fsdp_placement)
+BY_COLUMNS = {n for n in CONTENDERS if n.endswith("Left by columns")}
 if Adam_mini is not None:
     CONTENDERS["adam-mini 1.1.1"] = lambda m: Adam_mini(
         m.named_parameters(), **HP, dim=m.config.hidden_size, n_heads=m.config.num_attention_heads,
@@ -60,14 +64,14 @@ class AllReduceCounter:
         dist.all_reduce = self._orig
 
 
-def build(size, layers):
+def build(size, layers, placement=None):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
     torch.manual_seed(0)
     model = Llama(model_config(size, layers))
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, shard_placement_fn=placement)
+    fully_shard(model, shard_placement_fn=placement)
     gen = torch.Generator().manual_seed(1)
     for p in model.parameters():
         g = torch.randn(p.shape, generator=gen).mul_(1e-3)
@@ -83,7 +87,8 @@ def rank_main(rank, world, port, a):
     rows, times = {}, {}
     opts = {}
     for name, make in CONTENDERS.items():
-        model = build(a.size, a.layers)
+        model = build(a.size, a.layers,
+                      memopt_core.Apollo.fsdp_placement(world) if name in BY_COLUMNS else None)
         try:
             opts[name] = (make(model), model)
             with AllReduceCounter() as c:

@@ -42,16 +42,19 @@ def build(name, wrapper, dtype, straddle=False, world=1, rank=0):
     inner = model
     if wrapper == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
-    elif wrapper in ("fsdp", "hsdp"):
+    elif wrapper in ("fsdp", "hsdp", "fsdp-columns"):  # columns: APOLLO's Left weights
         from torch.distributed.fsdp import fully_shard
-        mesh = None
+        from memopt_core.distributed import apollo_shard_placement
+        mesh, place = None, {}
         if wrapper == "hsdp":
             from torch.distributed.device_mesh import init_device_mesh
             mesh = init_device_mesh(device_of(rank).type, (2, world // 2),
                                     mesh_dim_names=("replicate", "shard"))
+        if wrapper == "fsdp-columns":
+            place = dict(shard_placement_fn=apollo_shard_placement(world))
         for layer in inner.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(inner, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **place)
+        fully_shard(inner, mesh=mesh, **place)
     opt = memopt_core.make_optimizer(name, inner, lr=1e-2, **HPARAMS[name])
     return model, inner, opt
 

@@ -1,9 +1,9 @@
-"""Row-sharded APOLLO ops (memopt::apollo_shard_stats_ / apollo_shard_update_), in one process:
-each weight is cut into 1..4 row shards (uneven, one empty), the statistics op runs on every
-shard, the buffers are summed (what the front end's all-reduce does), the update op finishes
-every shard; parameters and every state tensor must equal the whole-tensor apollo_ op's over
-8 steps with projection refreshes at steps 0, 3 and 6. Left and Right tensors share each call
-(so the statistics layout of several tensors is exercised)."""
+"""Sharded APOLLO ops (memopt::apollo_shard_stats_ / apollo_shard_update_), in one process:
+each weight is cut into 1..4 shards (uneven, one empty) by rows, or (a Left weight) by columns,
+the statistics op runs on every shard, the buffers are summed (what the front end's all-reduce
+does), the update op finishes every shard; parameters and every state tensor must equal the
+whole-tensor apollo_ op's over 8 steps with projection refreshes at steps 0, 3 and 6. Left and
+Right tensors share each call (so the statistics layout of several tensors is exercised)."""
 from __future__ import annotations
 
 import pytest
@@ -15,6 +15,10 @@ from cuda_util import EMU, TOL as CUDA_TOL, assert_cuda_build, ops, requires_cud
 STEPS, GAP, LR, WD = 8, 3, 1e-2, 0.1
 SHAPES = [(13, 29), (29, 13)]   # wide: Left (per-column channels), tall: Right (per-row)
 SPLITS = {13: [[13], [4, 9], [5, 0, 8], [3, 4, 0, 6]], 29: [[29], [10, 19], [9, 0, 20], [7, 8, 0, 14]]}
+# the dim each of SHAPES is sharded along: all by rows (FSDP2's default), or the Left weight by
+# columns (distributed.apollo_shard_placement: then only scalars cross shards)
+LAYOUTS = {"rows": (0, 0), "left-by-columns": (1, 0)}
+STATS = 11  # index of the stats buffer in the shard ops' arguments
 # (rank, scale_type, norm_growth_limit, scale, scale_front): Apollo, and ApolloMini settings
 CONFIGS = {
     "apollo": (4, "channel", 1.01, 1.0, False),
@@ -27,12 +31,18 @@ CONFIGS = {
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-def _state(p, rank, store, rows=None):
-    """Zeroed APOLLO state of a (global) weight like p; Right moments keep `rows` rows."""
+def _channels_split(side, dim):
+    """Whether a shard along `dim` splits R's channels (its moments are shards too)."""
+    return (side, dim) in (("right", 0), ("left", 1))
+
+
+def _state(p, rank, store, size=None, dim=0):
+    """Zeroed APOLLO state of a (global) weight like p, for its shard of `size` along `dim`:
+    moments split like the weight where the shard splits R's channels."""
     proj = _C.Projector("random", "std", rank, list(p.shape))
     low = list(proj.low_rank_shape)
-    if proj.side == "right" and rows is not None:
-        low[0] = rows
+    if size is not None and _channels_split(proj.side, dim):
+        low[dim] = size
     mdt = p.dtype
     return {"m": torch.zeros(low, dtype=mdt), "v": torch.zeros(low, dtype=mdt),
             "proj": torch.zeros(proj.proj_shape, dtype=p.dtype) if store else None,
@@ -74,69 +84,72 @@ def _to(state, device):
             for k, v in state.items()}
 
 
-def _make_shards(full, cfg, store, n_shards, device="cpu"):
-    """shards[k] = this "rank"'s list of (param shard, state, row0) for every tensor."""
-    splits = [SPLITS[p.shape[0]][n_shards - 1] for p in full]
+def _make_shards(full, cfg, store, n_shards, device="cpu", dims=(0, 0)):
+    """shards[k] = this "rank"'s list of (param shard, state, offset) for every tensor, each
+    split along its dim in `dims`."""
     shards = []
     for k in range(n_shards):
         row = []
-        for p, sp in zip(full, splits):
-            row0, m = sum(sp[:k]), sp[k]
-            row.append((p[row0:row0 + m].clone().to(device),
-                        _to(_state(p, cfg[0], store, rows=m), device), row0))
+        for p, dim in zip(full, dims):
+            sp = SPLITS[p.shape[dim]][n_shards - 1]
+            at, m = sum(sp[:k]), sp[k]
+            row.append((p.narrow(dim, at, m).clone().to(device),
+                        _to(_state(p, cfg[0], store, m, dim), device), at))
         shards.append(row)
-    return shards, splits
+    return shards
 
 
-def _shard_step(shards, grads, cfg, store, ns=torch.ops.memopt, device="cpu"):
+def _shard_step(shards, grads, cfg, store, ns=torch.ops.memopt, device="cpu", dims=(0, 0)):
     """One sharded step: statistics on every shard, their sum, the update on every shard."""
     hp = _hp(cfg)
-    numel = sum(_C.apollo_shard_stats_numel(list(s), cfg[0], "random", "std", cfg[1], cfg[2])
-                for s in SHAPES)
+    numel = sum(_C.apollo_shard_stats_numel(list(s), cfg[0], "random", "std", cfg[1], cfg[2], d)
+                for s, d in zip(SHAPES, dims))
     calls, total = [], None
     for row in shards:
         ps = [p for p, _, _ in row]
-        gs = [g[r0:r0 + p.shape[0]].to(device) for g, (p, _, r0) in zip(grads, row)]
+        gs = [g.narrow(d, at, p.shape[d]).contiguous().to(device)
+              for g, d, (p, _, at) in zip(grads, dims, row)]
         stats = torch.full((numel,), float("nan"), dtype=torch.float64, device=device)  # all written
-        args = [ps, gs, *_lists([s for _, s, _ in row], store), [r0 for _, _, r0 in row],
-                [s[0] for s in SHAPES], stats, *hp]
+        args = [ps, gs, *_lists([s for _, s, _ in row], store), [at for _, _, at in row],
+                [s[d] for s, d in zip(SHAPES, dims)], list(dims), stats, *hp]
         _C.check_apollo_shard_(*args)
         ns.apollo_shard_stats_(*args)
         total = stats.clone() if total is None else total + stats
         calls.append(args)
     for args in calls:  # the all-reduce: every shard finishes from the same sum
-        args[10] = total
+        args[STATS] = total
         ns.apollo_shard_update_(*args)
 
 
-def _run(cfg, store, dtype, n_shards):
+def _run(cfg, store, dtype, n_shards, dims):
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
     ref_p = [p.clone() for p in full]
     ref_s = [_state(p, cfg[0], store) for p in full]
-    shards, splits = _make_shards(full, cfg, store, n_shards)
+    shards = _make_shards(full, cfg, store, n_shards, dims=dims)
     hp = _hp(cfg)
     for step in range(STEPS):
         grads = _grads(SHAPES, step, dtype)
         torch.ops.memopt.apollo_(ref_p, grads, *_lists(ref_s, store), *hp)
-        _shard_step(shards, grads, cfg, store)
-    return ref_p, ref_s, shards, splits
+        _shard_step(shards, grads, cfg, store, dims=dims)
+    return ref_p, ref_s, shards
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("store", [True, False], ids=["stored", "redrawn"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_shards_equal_whole_tensor(config, store, dtype):
-    tol = TOL[dtype]
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_shards_equal_whole_tensor(layout, config, store, dtype):
+    tol, dims = TOL[dtype], LAYOUTS[layout]
     for n_shards in (1, 2, 3, 4):
-        ref_p, ref_s, shards, splits = _run(CONFIGS[config], store, dtype, n_shards)
-        where = f"{config} {n_shards} shards"
+        ref_p, ref_s, shards = _run(CONFIGS[config], store, dtype, n_shards, dims)
+        where = f"{layout} {config} {n_shards} shards"
         for i, (p_ref, s_ref) in enumerate(zip(ref_p, ref_s)):
-            got = torch.cat([row[i][0] for row in shards])
+            got = torch.cat([row[i][0] for row in shards], dims[i])
             assert _relerr(got, p_ref) <= tol, (where, i, "param", _relerr(got, p_ref))
             for key in ("m", "v"):
-                if s_ref["side"] == "right":   # row shards of the moments
-                    got = torch.cat([row[i][1][key] for row in shards])
+                if _channels_split(s_ref["side"], dims[i]):   # shards of the moments
+                    got = torch.cat([row[i][1][key] for row in shards], dims[i])
                     assert _relerr(got, s_ref[key]) <= tol, (where, i, key)
                 else:                          # whole on every shard
                     for row in shards:
@@ -155,13 +168,13 @@ def test_shards_equal_whole_tensor(config, store, dtype):
 def _one_shard_args(stats_numel_delta=0, proj="random", rows=(0, 5), dtype=torch.float64):
     p = torch.randn(12, 7, dtype=dtype)  # tall: Right; shard of rows 2..7 of a 12-row weight
     full_shape = [12, 7]
-    st = _state(torch.empty(full_shape, dtype=dtype), 2, True, rows=rows[1])
+    st = _state(torch.empty(full_shape, dtype=dtype), 2, True, rows[1])
     shard = p[2:2 + rows[1]].clone()
     numel = _C.apollo_shard_stats_numel(full_shape, 2, "random", "std", "tensor", 1.01)
     stats = torch.zeros(numel + stats_numel_delta, dtype=torch.float64)
     hp = list(_hp((2, "tensor", 1.01, 1.0, False)))
     hp[6] = proj
-    return [[shard], [torch.randn_like(shard)], *_lists([st], True), [2], [12], stats, *hp]
+    return [[shard], [torch.randn_like(shard)], *_lists([st], True), [2], [12], [0], stats, *hp]
 
 
 def test_stats_layout_sizes():
@@ -172,6 +185,10 @@ def test_stats_layout_sizes():
     assert _C.apollo_shard_stats_numel([29, 13], 4, "random", "std", "channel", 1.01) == 1
     assert _C.apollo_shard_stats_numel([29, 13], 4, "random", "std", "channel", 0.0) == 0
     assert _C.apollo_shard_stats_numel([29, 13], 1, "random", "std", "tensor", 1.01) == 3
+    # a Left weight by columns: R's channels are the shard's, so scalars as a Right row shard
+    assert _C.apollo_shard_stats_numel([13, 29], 4, "random", "std", "channel", 1.01, 1) == 1
+    assert _C.apollo_shard_stats_numel([13, 29], 4, "random", "std", "channel", 0.0, 1) == 0
+    assert _C.apollo_shard_stats_numel([13, 29], 1, "random", "std", "tensor", 1.01, 1) == 3
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -203,13 +220,29 @@ def test_shard_outside_the_weight_is_refused():
         torch.ops.memopt.apollo_shard_update_(*args)
 
 
+@pytest.mark.parametrize("dims,match", [([1], "right and sharded by columns"),
+                                        ([2], "rows \\(0\\) or columns \\(1\\)")])
+def test_unsupported_shard_dims_are_refused(dims, match):
+    """A Right weight split by columns (P contracts them: R would have to be summed whole, which
+    the ops do only for Left row shards) and dims other than 0/1 raise before any write."""
+    args = _one_shard_args()
+    args[0], args[1] = [torch.randn(12, 3, dtype=torch.float64)], [torch.ones(12, 3, dtype=torch.float64)]
+    args[8], args[9], args[10] = [2], [7], dims  # columns 2..4 of a tall (12, 7) weight
+    before = args[0][0].clone()
+    for call in (_C.check_apollo_shard_, torch.ops.memopt.apollo_shard_stats_,
+                 torch.ops.memopt.apollo_shard_update_):
+        with pytest.raises(ValueError, match=match):
+            call(*args)
+    assert torch.equal(args[0][0], before)
+
+
 def test_meta_kernels_check_shapes():
     args = _one_shard_args()
     meta = [[t.to("meta") for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
             else (a.to("meta") if isinstance(a, torch.Tensor) and a.dim() else a) for a in args]
     torch.ops.memopt.apollo_shard_stats_(*meta)
     torch.ops.memopt.apollo_shard_update_(*meta)
-    meta[10] = torch.zeros(1, dtype=torch.float64, device="meta")
+    meta[STATS] = torch.zeros(1, dtype=torch.float64, device="meta")
     with pytest.raises(ValueError, match="stats must be"):
         torch.ops.memopt.apollo_shard_update_(*meta)
 
@@ -223,14 +256,14 @@ def test_opcheck(store):
     rows = [SPLITS[s[0]][1] for s in SHAPES]
     ps = [torch.randn(r[1], s[1], generator=gen, dtype=torch.float64) for r, s in zip(rows, SHAPES)]
     gs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in ps]
-    states = [_state(torch.empty(s, dtype=torch.float64), cfg[0], store, rows=r[1])
+    states = [_state(torch.empty(s, dtype=torch.float64), cfg[0], store, r[1])
               for r, s in zip(rows, SHAPES)]
     numel = sum(_C.apollo_shard_stats_numel(list(s), cfg[0], "random", "std", cfg[1], cfg[2])
                 for s in SHAPES)
     args = [ps, gs, *_lists(states, store), [r[0] for r in rows], [s[0] for s in SHAPES],
-            torch.zeros(numel, dtype=torch.float64), *_hp(cfg)]
+            [0, 0], torch.zeros(numel, dtype=torch.float64), *_hp(cfg)]
     torch.library.opcheck(torch.ops.memopt.apollo_shard_stats_.default, tuple(args))
-    args[10] = torch.rand(numel, dtype=torch.float64, generator=gen)
+    args[STATS] = torch.rand(numel, dtype=torch.float64, generator=gen)
     torch.library.opcheck(torch.ops.memopt.apollo_shard_update_.default, tuple(args))
 
 
@@ -250,11 +283,11 @@ def test_no_parameter_sized_allocation(store):
             r0, mm = (row0, m) if s[0] == 256 else (row0 * 4, m * 4)
             ps.append(torch.randn(mm, s[1], generator=gen))
             gs.append(torch.randn(mm, s[1], generator=gen))
-            states.append(_state(torch.empty(s), rank, store, rows=mm))
+            states.append(_state(torch.empty(s), rank, store, mm))
             r0s.append(r0)
         numel = sum(_C.apollo_shard_stats_numel(list(s), rank, "random", "std", "channel", 1.01)
                     for s in shapes)
-        calls.append([ps, gs, *_lists(states, store), r0s, [s[0] for s in shapes],
+        calls.append([ps, gs, *_lists(states, store), r0s, [s[0] for s in shapes], [0, 0],
                       torch.zeros(numel, dtype=torch.float64), *_hp(cfg)[:6], "random", "std",
                       "channel", 2, 1.0, 1.01, False])
 
@@ -276,7 +309,8 @@ def test_no_parameter_sized_allocation(store):
 @pytest.mark.parametrize("store", [True, False], ids=["stored", "redrawn"])
 @pytest.mark.parametrize("config", ["apollo", "apollo-nolimiter", "apollo-tensor",
                                     "mini-front-nolimiter", "mini-front"])
-def test_gpu_shards_equal_cpu_shards(config, store, dtype, device):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gpu_shards_equal_cpu_shards(layout, config, store, dtype, device):
     """The CUDA shard ops (on a GPU, or the host-emulated glue) against the CPU shard ops on 1..3
     row shards of a Left and a Right weight, over 8 steps with refreshes at 0, 3 and 6: every
     shard's parameter, moments, P, seed, limiter norm and step, within the CPU-vs-CUDA
@@ -284,17 +318,17 @@ def test_gpu_shards_equal_cpu_shards(config, store, dtype, device):
     if device == "cuda":
         assert_cuda_build()
     ns, dev = ops(device), tensor_device(device)
-    cfg = CONFIGS[config]
+    cfg, dims = CONFIGS[config], LAYOUTS[layout]
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
     worst = 0.0
     for n_shards in (1, 2, 3):
-        cpu, _ = _make_shards(full, cfg, store, n_shards)
-        gpu, _ = _make_shards(full, cfg, store, n_shards, dev)
+        cpu = _make_shards(full, cfg, store, n_shards, dims=dims)
+        gpu = _make_shards(full, cfg, store, n_shards, dev, dims)
         for step in range(STEPS):
             grads = _grads(SHAPES, step, dtype)
-            _shard_step(cpu, grads, cfg, store)
-            _shard_step(gpu, grads, cfg, store, ns, dev)
+            _shard_step(cpu, grads, cfg, store, dims=dims)
+            _shard_step(gpu, grads, cfg, store, ns, dev, dims)
         for k, (row_c, row_g) in enumerate(zip(cpu, gpu)):
             for i, ((pc, sc, _), (pg, sg, _)) in enumerate(zip(row_c, row_g)):
                 where = (config, n_shards, k, i)
@@ -316,7 +350,8 @@ def test_gpu_bad_input_raises_and_writes_nothing(device):
     buffer raises the same ValueError and leaves every tensor untouched."""
     dev = tensor_device(device)
     args = [[t.to(dev) for t in a] if k < 7 and isinstance(a, list) else
-            (a.to(dev) if k == 10 else a) for k, a in enumerate(_one_shard_args(stats_numel_delta=1))]
+            (a.to(dev) if k == STATS else a)
+            for k, a in enumerate(_one_shard_args(stats_numel_delta=1))]
     before = [[t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
               else a for a in args]
     ns = ops(device)

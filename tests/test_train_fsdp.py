@@ -104,3 +104,37 @@ def test_fsdp_training_resumes_exactly_and_equals_one_process(tmp_path):
         assert err < 1e-5, f"{name}: FSDP2 vs one process, relative error {err:.2e}"
     for (_, la, _), (_, lb, _) in zip(losses(straight), losses(tmp_path / "single")):
         assert abs(la - lb) <= 1e-5 * abs(lb)
+
+
+def _apollo_worker(rank, world, data, root):
+    """`memopt train --fsdp --optimizer apollo`: returns the dims each weight was sharded on."""
+    from memopt_core import train
+    dims, shard = {}, train.shard_model
+
+    def recording(model, placement=None):
+        shard(model, placement)
+        dims.update({n: p.placements[-1].dim for n, p in model.named_parameters()})
+    train.shard_model = recording
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert cli.main(common(data, root / "apollo", "--fsdp", "--optimizer", "apollo")) == 0
+    finally:
+        train.shard_model = shard
+    return dims
+
+
+def test_fsdp_apollo_shards_left_weights_by_columns_and_equals_one_process(tmp_path):
+    """APOLLO's Left weights (fewer rows than columns: the MLP's down projection) go to FSDP2
+    as column shards (Apollo.fsdp_placement), and the run still equals one process."""
+    data = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint16).tofile(data)
+    dims = run_workers(_apollo_worker, 2, data, tmp_path)[0]
+    assert cli.main(common(data, tmp_path / "single", "--optimizer", "apollo")) == 0
+    single = torch.load(tmp_path / "single" / "last.pt", weights_only=False)
+    wide = {n for n, v in single["model"].items()  # Left under "std": rows < columns (even)
+            if v.dim() == 2 and v.shape[0] < v.shape[1] and v.shape[1] % 2 == 0}
+    assert wide and {n for n, d in dims.items() if d == 1} == wide, dims
+    a = flat(full_checkpoint(tmp_path / "apollo" / "last.dcp"))
+    for name, value in single["model"].items():
+        err = (a[f"model.{name}"].double() - value.double()).norm() / value.double().norm()
+        assert err < 1e-5, f"{name}: FSDP2 vs one process, relative error {err:.2e}"

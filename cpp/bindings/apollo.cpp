@@ -29,15 +29,17 @@ void bind_apollo(nb::module_& m) {
   m.def("check_apollo_shard_",
         [](const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
            const Tensors& exp_avg_sqs, const Tensors& projs, const Tensors& seeds,
-           const Tensors& limiter_norms, const Tensors& steps, const std::vector<int64_t>& row0s,
-           const std::vector<int64_t>& global_rows, const at::Tensor& stats, const at::Tensor& lr,
+           const Tensors& limiter_norms, const Tensors& steps, const std::vector<int64_t>& offsets,
+           const std::vector<int64_t>& global_sizes, const std::vector<int64_t>& shard_dims,
+           const at::Tensor& stats, const at::Tensor& lr,
            double beta1, double beta2, double eps, double weight_decay, int64_t rank,
            const std::string& proj, const std::string& proj_type, const std::string& scale_type,
            int64_t update_proj_gap, double scale, double norm_growth_limit, bool scale_front) {
           const auto cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
                                               scale, norm_growth_limit, scale_front);
           check_apollo_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds,
-                                    limiter_norms, steps, row0s, global_rows, stats, cfg);
+                                    limiter_norms, steps, offsets, global_sizes, shard_dims,
+                                    stats, cfg);
           check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
         },
         "Everything torch.ops.memopt.apollo_shard_stats_ / apollo_shard_update_ check before "
@@ -45,15 +47,15 @@ void bind_apollo(nb::module_& m) {
   m.def("apollo_shard_stats_numel",
         [](const std::vector<int64_t>& global_shape, int64_t rank, const std::string& proj,
            const std::string& proj_type, const std::string& scale_type,
-           double norm_growth_limit) {
+           double norm_growth_limit, int64_t shard_dim) {
           const auto cfg = make_apollo_config(rank, proj, proj_type, scale_type, 1, 1.0,
                                               norm_growth_limit, false);
-          return apollo_shard_stats_numel(global_shape, cfg);
+          return apollo_shard_stats_numel(global_shape, cfg, shard_dim);
         },
         nb::arg("global_shape"), nb::arg("rank"), nb::arg("proj"), nb::arg("proj_type"),
-        nb::arg("scale_type"), nb::arg("norm_growth_limit"),
-        "Float64 statistics one row-sharded tensor of this full shape adds to apollo_shard_'s "
-        "stats buffer.");
+        nb::arg("scale_type"), nb::arg("norm_growth_limit"), nb::arg("shard_dim") = 0,
+        "Float64 statistics one tensor of this full shape, sharded along shard_dim (0: rows, "
+        "1: columns), adds to apollo_shard_'s stats buffer.");
   m.def("check_apollo_config",
         [](int64_t rank, const std::string& proj, const std::string& proj_type,
            const std::string& scale_type, int64_t update_proj_gap, double scale,

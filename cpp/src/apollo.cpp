@@ -88,7 +88,7 @@ int64_t apollo_tile_elements() { return apollo_cpu::kTileElements; }
 
 int64_t apollo_workspace_bytes(at::IntArrayRef shape, at::ScalarType dtype, const ApolloConfig& cfg,
                                bool store_projection) {
-  return apollo_cpu::TilePlan(shape, shape.size() == 2 ? shape[0] : 0, dtype, cfg, store_projection).bytes();
+  return apollo_cpu::TilePlan(shape, shape, dtype, cfg, store_projection).bytes();
 }
 
 void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -105,7 +105,7 @@ void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
   Workspace::Lease lease(Workspace::of(params[0].device()));
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor &p = params[i], &m = exp_avgs[i];
-    const apollo_cpu::TilePlan tp(p.sizes(), p.size(0), p.scalar_type(), cfg, stored);
+    const apollo_cpu::TilePlan tp(p.sizes(), p.sizes(), p.scalar_type(), cfg, stored);
     lease.reserve(cpu::staging_bytes(grads[i]) + tp.bytes());
     const Tensor* P = stored ? &projs[i] : nullptr;
     const Tensor* seed = seeds.empty() ? nullptr : &seeds[i];

@@ -1,5 +1,5 @@
 // APOLLO's CPU building blocks (internal header), shared by the whole-tensor op (apollo.cpp)
-// and the row-sharded statistics/update ops (apollo_shard.cpp): the tile plan and scratch, the
+// and the sharded statistics/update ops (apollo_shard.cpp): the tile plan and scratch, the
 // projection of a step, R = P G tile by tile, Adam on R with per-channel sums, the gradient's
 // channel norms, the limiter and the final pass over G.
 #pragma once
@@ -16,21 +16,22 @@ constexpr double kNormEps = 1e-8;  // apollo-torch's "+ 1e-8" (scaling factor an
 
 // How one tensor's (or one row shard's) update is cut into tiles, and the scratch it carves.
 // The projector is that of the full weight; K and L are this shard's channels and contraction
-// (Left: K = n, L = local rows; Right: K = local rows, L = n). commit: the pass writes the seed
-// and a refreshed P (an update); a statistics pass writes neither, so it may need P in scratch.
+// (Left: K = local columns, L = local rows; Right: K = local rows, L = local columns). commit:
+// the pass writes the seed and a refreshed P (an update); a statistics pass writes neither, so
+// it may need P in scratch.
 struct TilePlan {
   Projector proj;
   int64_t r, K, L, cw;          // rank, channels, contraction length, channels per tile
   bool left, stored, commit, convert_g, need_pc, need_draw32, need_pbuf, limiter;
   size_t c_size, p_size;        // bytes of the compute type and of the parameter dtype
 
-  TilePlan(at::IntArrayRef global_shape, int64_t local_rows, at::ScalarType dtype,
+  TilePlan(at::IntArrayRef global_shape, at::IntArrayRef local_shape, at::ScalarType dtype,
            const ApolloConfig& cfg, bool stored_, bool commit_ = true)
       : proj(cfg.proj, cfg.proj_type, cfg.rank, global_shape), stored(stored_), commit(commit_) {
     r = proj.rank();
     left = proj.side() == ProjSide::Left;
-    K = left ? proj.cols() : local_rows;
-    L = left ? local_rows : proj.cols();
+    K = left ? local_shape[1] : local_shape[0];
+    L = left ? local_shape[0] : local_shape[1];
     const bool reduced = dtype == at::kBFloat16 || dtype == at::kHalf;
     const bool random = proj.kind() == Projector::Kind::Random;
     c_size = dtype == at::kDouble ? 8 : 4;
@@ -91,8 +92,8 @@ inline Tensor step_projection(const TilePlan& tp, const ApolloConfig& cfg, Works
 }
 
 // R = P G one tile of channels at a time in the workspace, fn(c0, w, R) on each tile: R is
-// (r, w) row-major (Left) or (w, r) (Right). A row shard starting at global row row0
-// contracts its rows with P's rows [row0, row0 + L) (Left: a partial R).
+// (r, w) row-major (Left) or (w, r) (Right). A Left row shard starting at global row row0
+// contracts its rows with P's rows [row0, row0 + L) (a partial R); else row0 is 0.
 template <typename C, typename Fn>
 void project_tiles(const TilePlan& tp, Workspace::Lease& lease, const Tensor& g, const Tensor& Pc,
                    int64_t row0, Fn&& fn) {

@@ -7,13 +7,15 @@ namespace memopt {
 
 namespace {
 
-// The checks of apollo_ and of the shard ops. row0s/global_rows (null: whole tensors) place
-// each parameter as rows [row0, row0 + m) of a (global_rows, n) weight: the projector and P
-// are the full weight's, Left moments (r, n) whole, Right moments (m, r) the shard's rows.
+// The checks of apollo_ and of the shard ops. offsets/global_sizes/shard_dims (null: whole
+// tensors) place each parameter as a run of rows (dim 0) or columns (dim 1) of the full
+// weight: the projector and P are the full weight's; moments split like the weight when the
+// shard splits R's channels, whole when it splits P's contraction.
 void check_apollo_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
                         TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
                         TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg,
-                        const at::IntArrayRef* row0s, const at::IntArrayRef* global_rows) {
+                        const at::IntArrayRef* offsets, const at::IntArrayRef* global_sizes,
+                        const at::IntArrayRef* shard_dims) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                         limiter_norms.size() == n && steps.size() == n,
@@ -28,27 +30,39 @@ void check_apollo_lists(const char* op, TensorList params, TensorList grads, Ten
                     "basis cannot be regenerated from a seed");
   TORCH_CHECK_VALUE(random ? seeds.size() == n : seeds.empty(), op, ": ", seeds.size(),
                     " seeds for ", n, " params (one per param for proj='random', none for 'svd')");
-  if (row0s)
-    TORCH_CHECK_VALUE(row0s->size() == n && global_rows->size() == n, op, ": ", row0s->size(),
-                      " row0s and ", global_rows->size(), " global_rows for ", n, " params");
+  if (offsets)
+    TORCH_CHECK_VALUE(offsets->size() == n && global_sizes->size() == n &&
+                          shard_dims->size() == n,
+                      op, ": ", offsets->size(), " offsets, ", global_sizes->size(),
+                      " global_sizes and ", shard_dims->size(), " shard_dims for ", n, " params");
   // Parameters, gradients and steps follow every op's rules; the moments have R's shape, so the
   // parameters stand in for the list that check_update_lists shapes like them (always valid).
   check_update_lists(op, params, grads, params, steps);
   for (size_t i = 0; i < n; ++i) {
     const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
-    TORCH_CHECK_VALUE(p.dim() == 2 || !row0s, op, ": parameter ", i, " has shape ", p.sizes(),
-                      "; a projected parameter must be 2-D (a weight matrix)");
+    TORCH_CHECK_VALUE(p.dim() == 2 || !offsets, op, ": parameter ", i, " has shape ",
+                      p.sizes(), "; a projected parameter must be 2-D (a weight matrix)");
     std::vector<int64_t> global = p.sizes().vec();
-    if (row0s) {
-      const int64_t row0 = (*row0s)[i], rows = (*global_rows)[i];
-      TORCH_CHECK_VALUE(row0 >= 0 && rows >= 1 && row0 + p.size(0) <= rows, op, ": parameter ",
-                        i, " is a shard of ", p.size(0), " rows at row ", row0, ", which does "
-                        "not fit in a weight of ", rows, " rows");
-      global[0] = rows;
+    int64_t dim = 0;
+    if (offsets) {
+      dim = (*shard_dims)[i];
+      TORCH_CHECK_VALUE(dim == 0 || dim == 1, op, ": shard_dims[", i, "] is ", dim,
+                        "; a weight is sharded by rows (0) or columns (1)");
+      const int64_t at = (*offsets)[i], size = (*global_sizes)[i];
+      TORCH_CHECK_VALUE(at >= 0 && size >= 1 && at + p.size(dim) <= size, op, ": parameter ",
+                        i, " is a shard of ", p.size(dim), (dim ? " columns" : " rows"), " at ",
+                        at, ", which does not fit in a weight of ", size,
+                        (dim ? " columns" : " rows"));
+      global[dim] = size;
     }
     const Projector proj(cfg.proj, cfg.proj_type, cfg.rank, global);  // 2-D, valid keys
     auto low = proj.low_rank_shape();
-    if (proj.side() == ProjSide::Right) low[0] = p.size(0);  // R's rows are the shard's
+    if (offsets) {
+      TORCH_CHECK_VALUE(dim == 0 || proj.side() == ProjSide::Left, op, ": parameter ", i,
+                        " (full shape ", at::IntArrayRef(global), ") is projected from the "
+                        "right and sharded by columns, which P contracts; shard it by rows");
+      if (!apollo_shard_sums_r(proj, dim)) low[dim] = p.size(dim);  // R's channels: the shard's
+    }
     for (const Tensor* s : {&m, &v})
       TORCH_CHECK_VALUE(s->sizes() == at::IntArrayRef(low) && s->is_contiguous() &&
                             s->device() == p.device(),
@@ -86,23 +100,24 @@ void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avg
                          TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
                          TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg) {
   check_apollo_lists("apollo_update_", params, grads, exp_avgs, exp_avg_sqs, projs, seeds,
-                     limiter_norms, steps, cfg, nullptr, nullptr);
+                     limiter_norms, steps, cfg, nullptr, nullptr, nullptr);
 }
 
 void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                                TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
-                               TensorList limiter_norms, TensorList steps, at::IntArrayRef row0s,
-                               at::IntArrayRef global_rows, const Tensor& stats,
-                               const ApolloConfig& cfg) {
+                               TensorList limiter_norms, TensorList steps, at::IntArrayRef offsets,
+                               at::IntArrayRef global_sizes, at::IntArrayRef shard_dims,
+                               const Tensor& stats, const ApolloConfig& cfg) {
   const char* op = "apollo_shard";
-  TORCH_CHECK_VALUE(cfg.proj == "random", op, ": proj='svd' is not supported on row-sharded "
+  TORCH_CHECK_VALUE(cfg.proj == "random", op, ": proj='svd' is not supported on sharded "
                     "(FSDP2) parameters: its refresh needs the whole gradient; use "
                     "proj='random'");
   check_apollo_lists(op, params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
-                     cfg, &row0s, &global_rows);
+                     cfg, &offsets, &global_sizes, &shard_dims);
   int64_t want = 0;
   for (size_t i = 0; i < params.size(); ++i)
-    want += apollo_shard_stats_numel({global_rows[i], params[i].size(1)}, cfg);
+    want += apollo_shard_stats_numel(
+        apollo_shard_global_shape(params[i], shard_dims[i], global_sizes[i]), cfg, shard_dims[i]);
   TORCH_CHECK_VALUE(stats.scalar_type() == at::kDouble && stats.dim() == 1 &&
                         stats.is_contiguous() && stats.numel() == want &&
                         (stats.device().is_meta() || params.empty() ||
@@ -140,11 +155,13 @@ void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                         cfg);
 }
 
-// The shard ops take apollo_'s arguments with (row0s, global_rows, stats) after steps.
+// The shard ops take apollo_'s arguments with (offsets, global_sizes, shard_dims, stats)
+// after steps.
 #define MEMOPT_SHARD_ARGS                                                                     \
   TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,           \
       TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,         \
-      at::IntArrayRef row0s, at::IntArrayRef global_rows, const Tensor &stats,                \
+      at::IntArrayRef offsets, at::IntArrayRef global_sizes, at::IntArrayRef shard_dims,      \
+      const Tensor &stats,                                                                    \
       const Tensor &lr, double beta1, double beta2, double eps, double weight_decay,          \
       int64_t rank, c10::string_view proj, c10::string_view proj_type,                        \
       c10::string_view scale_type, int64_t update_proj_gap, double scale,                     \
@@ -156,20 +173,21 @@ void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
 void apollo_shard_stats_cpu(MEMOPT_SHARD_ARGS) {
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
   apollo_shard_stats_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
-                      row0s, global_rows, stats, beta1, beta2, eps, MEMOPT_SHARD_CONFIG);
+                      offsets, global_sizes, shard_dims, stats, beta1, beta2, eps,
+                      MEMOPT_SHARD_CONFIG);
 }
 
 void apollo_shard_update_cpu(MEMOPT_SHARD_ARGS) {
   apollo_shard_update_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
-                       row0s, global_rows, stats, lr, beta1, beta2, eps, weight_decay,
-                       MEMOPT_SHARD_CONFIG);
+                       offsets, global_sizes, shard_dims, stats, lr, beta1, beta2, eps,
+                       weight_decay, MEMOPT_SHARD_CONFIG);
 }
 
 void apollo_shard_meta(MEMOPT_SHARD_ARGS) {
   const auto cfg = MEMOPT_SHARD_CONFIG;
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs}))
     check_apollo_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
-                              steps, row0s, global_rows, stats, cfg);
+                              steps, offsets, global_sizes, shard_dims, stats, cfg);
 }
 
 }  // namespace
@@ -181,18 +199,19 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
         "Tensor(f!)[] limiter_norms, Tensor(g!)[] steps, Tensor lr, float beta1, float beta2, "
         "float eps, float weight_decay, int rank, str proj, str proj_type, str scale_type, "
         "int update_proj_gap, float scale, float norm_growth_limit, bool scale_front) -> ()");
-  // Row-sharded APOLLO (FSDP2): partial statistics into `stats`, then the update from their sum.
+  // Sharded APOLLO (FSDP2): partial statistics into `stats`, then the update from their sum.
 #define MEMOPT_SHARD_TAIL                                                                     \
   "Tensor lr, float beta1, float beta2, float eps, float weight_decay, int rank, str proj, "  \
   "str proj_type, str scale_type, int update_proj_gap, float scale, float norm_growth_limit, " \
   "bool scale_front) -> ()"
   m.def("apollo_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
         "Tensor[] exp_avg_sqs, Tensor[] projs, Tensor[] seeds, Tensor[] limiter_norms, "
-        "Tensor[] steps, int[] row0s, int[] global_rows, Tensor(a!) stats, " MEMOPT_SHARD_TAIL);
+        "Tensor[] steps, int[] offsets, int[] global_sizes, int[] shard_dims, Tensor(a!) stats, "
+        MEMOPT_SHARD_TAIL);
   m.def("apollo_shard_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] projs, Tensor(e!)[] seeds, "
-        "Tensor(f!)[] limiter_norms, Tensor(g!)[] steps, int[] row0s, int[] global_rows, "
-        "Tensor stats, " MEMOPT_SHARD_TAIL);
+        "Tensor(f!)[] limiter_norms, Tensor(g!)[] steps, int[] offsets, int[] global_sizes, "
+        "int[] shard_dims, Tensor stats, " MEMOPT_SHARD_TAIL);
 }
 
 TORCH_LIBRARY_IMPL(memopt, CPU, m) {

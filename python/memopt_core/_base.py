@@ -107,11 +107,22 @@ class MemoptOptimizer(torch.optim.Optimizer):
             batches += [(group, params) for params in by_device.values()]
         return batches
 
+    # The dims a DTensor parameter may be sharded along (FSDP2's Shard(d)): rows everywhere;
+    # columns too where the optimizer's ops handle them (shard_placement_fn layouts).
+    _shard_dims = (0,)
+
+    @classmethod
+    def fsdp_placement(cls, mesh=None, **options):
+        """The `shard_placement_fn` to give fully_shard for this optimizer with `options` (the
+        ones its constructor takes), or None for FSDP2's default (rows). mesh: fully_shard's
+        DeviceMesh or the shard group's size (None: the default group's)."""
+        return None
+
     def _shard_layout(self, p):
         """p's ShardLayout (DTensor parameters only), computed once."""
         layouts = self.__dict__.setdefault("_layouts", {})
         if p not in layouts:
-            layouts[p] = shard_layout(p)
+            layouts[p] = shard_layout(p, self._shard_dims, type(self).__name__)
         return layouts[p]
 
     def _step_params(self, only: Optional[set]) -> None:

@@ -24,6 +24,8 @@ class AdamW(MemoptOptimizer):
         opt = memopt_core.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     """
 
+    _shard_dims = (0, 1)  # elementwise: any FSDP2 shard
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
-from .distributed import ShardedCall, local_args
+from .distributed import ShardedCall, apollo_shard_placement, local_args
 from .roles import infer_roles
 
 # Roles whose 2-D weights are projected when the optimizer is built from a model or names
@@ -180,21 +180,33 @@ class Apollo(MemoptOptimizer):
         return torch.ops.memopt.apollo_, _C.check_apollo_, args
 
     # ---- DTensor (FSDP2) parameters --------------------------------------------------------
+    _shard_dims = (0, 1)  # column shards of Left weights: see distributed.apollo_shard_placement
+
+    @classmethod
+    def fsdp_placement(cls, mesh=None, **options):
+        """Left weights by columns (distributed.apollo_shard_placement): only norms cross
+        ranks and each rank holds its share of the moments."""
+        return apollo_shard_placement(mesh, options.get("proj_type", "std"))
+
     def _split(self, p) -> bool:
-        """Whether p is a DTensor whose rows are split over more than one rank."""
+        """Whether p is a DTensor split over more than one rank."""
         layout = self._shard_layout(p)  # None for a plain tensor
         return layout is not None and layout.group is not None
 
     def _state_sharded(self, p, key, shape) -> bool:
-        """Right-side moments (m, r) are row shards like the weight; Left-side moments (r, n),
-        P, seeds and limiter norms are replicated (every rank updates them alike)."""
+        """The moments are split like the weight where the shard splits R's channels: Right
+        moments (m, r) of a row shard, Left moments (r, n) of a column shard. Otherwise (a Left
+        row shard) they are replicated, as P, seeds and limiter norms always are: every rank
+        updates them alike."""
         group = self._group_of(p)
         if group.get("rank") is None:
             return super()._state_sharded(p, key, shape)
-        return key in ("exp_avg", "exp_avg_sq") and self._projector(p, group).side == "right"
+        side = self._projector(p, group).side
+        return key in ("exp_avg", "exp_avg_sq") and \
+            (side, self._shard_layout(p).dim) in (("right", 0), ("left", 1))
 
     def _sharded_call(self, group, params, grads, states) -> ShardedCall:
-        """Row-sharded projected weights: apollo_shard_stats_ writes this rank's partial
+        """Sharded projected weights: apollo_shard_stats_ writes this rank's partial
         statistics now, the base sums them over the shard group (one all-reduce), and
         apollo_shard_update_ finishes. Unsplit DTensors and AdamW groups take the base path."""
         if group.get("rank") is None or not self._split(params[0]):
@@ -206,10 +218,11 @@ class Apollo(MemoptOptimizer):
         args = local_args(args)
         rank, proj, proj_type, scale_type = args[13:17]
         numel = sum(_C.apollo_shard_stats_numel(list(lay.global_shape), rank, proj, proj_type,
-                                                scale_type, args[19]) for lay in layouts)
+                                                scale_type, args[19], lay.dim) for lay in layouts)
         # on the parameters' device: NCCL reduces GPU buffers, the CUDA ops read them there
         stats = torch.zeros(numel, dtype=torch.float64, device=args[0][0].device)
-        full = (*args[:8], [lay.row0 for lay in layouts], [lay.global_shape[0] for lay in layouts],
+        full = (*args[:8], [lay.offset for lay in layouts],
+                [lay.global_shape[lay.dim] for lay in layouts], [lay.dim for lay in layouts],
                 stats, *args[8:])
         _C.check_apollo_shard_(*full)
         torch.ops.memopt.apollo_shard_stats_(*full)   # writes nothing but stats
@@ -263,7 +276,7 @@ class ApolloMini(Apollo):
                          store_projection=store_projection, roles=roles)
 
 
-_SVD_SHARDED = ("APOLLO with proj='svd' cannot step weights sharded by rows (FSDP2): an SVD "
+_SVD_SHARDED = ("APOLLO with proj='svd' cannot step weights sharded over ranks (FSDP2): an SVD "
                 "refresh needs the whole gradient on one rank; use proj='random' (the seeded "
                 "projection is the same on every rank)")
 

@@ -28,7 +28,7 @@ from .corpus import Corpus, load
 from .layerwise import LayerwiseStep
 from .memory import optimizer_state_bytes, peak_during, tensor_bytes
 from .models import build, num_params
-from .registry import make_optimizer
+from .registry import OPTIMIZERS, make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHECKPOINT = "last.pt"
@@ -113,7 +113,8 @@ class Trainer:
         self.model.to(device=self.device, dtype=DTYPES[cfg.dtype])
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if cfg.fsdp else (0, 1)
         if cfg.fsdp:
-            shard_model(self.model)
+            spec = OPTIMIZERS.get(cfg.optimizer)
+            shard_model(self.model, spec and spec.cls.fsdp_placement(**cfg.optimizer_kwargs))
         self.opt = make_optimizer(cfg.optimizer, self.model, lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay, **cfg.optimizer_kwargs)
         warmup = max(1, int(cfg.steps * cfg.warmup))
@@ -287,14 +288,15 @@ class Trainer:
                     train_loss=statistics.fmean(h["loss"][-10:]))
 
 
-def shard_model(model: nn.Module) -> None:
+def shard_model(model: nn.Module, placement=None) -> None:
     """FSDP2: each block of the model's block list (LLaMA's model.layers, GPT's h) its own
-    unit, so one block's full weights exist at a time, then the root (embedding, output)."""
+    unit, so one block's full weights exist at a time, then the root (embedding, output).
+    placement: the optimizer's shard_placement_fn (None: rows)."""
     from torch.distributed.fsdp import fully_shard
     for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
         for block in blocks:
-            fully_shard(block)
-    fully_shard(model)
+            fully_shard(block, shard_placement_fn=placement)
+    fully_shard(model, shard_placement_fn=placement)
 
 
 def atomic_save(obj, path) -> None:

@@ -3,6 +3,7 @@
 // tensor scaling.
 #pragma once
 
+#include <array>
 #include <string>
 
 #include "memopt/common.h"
@@ -59,35 +60,44 @@ int64_t apollo_tile_elements();
 int64_t apollo_workspace_bytes(at::IntArrayRef shape, at::ScalarType dtype, const ApolloConfig& cfg,
                                bool store_projection);
 
-// ---- Row-sharded parameters (FSDP2: each rank holds rows [row0, row0 + m) of the full weight)
+// ---- Sharded parameters (FSDP2: each rank holds a run of rows, or of columns, of the weight)
 // One step is two ops around one all-reduce (summing over the shard group) of a float64 buffer:
 //   apollo_shard_stats_  writes this shard's partial statistics into `stats` and nothing else;
 //   apollo_shard_update_ finishes the update from the summed `stats` (the same arguments).
-// Per tensor (row0s[i], global_rows[i]) place the shard; the projector is the full weight's.
-// Left (P contracts the rows): stats are the partial R = P[rows]^T G (r x n) and the gradient's
-// column sums of squares (n, or their total for scale_type "tensor"; only with the limiter);
-// the moments (r, n) and P are whole on every rank and updated alike. Right: R's rows are the
-// shard's, so the moments are (m, r) row shards; stats are sum Rt^2, sum R^2 (tensor scaling)
-// and ||U||^2 or sum G^2 (limiter): at most 3 values, none for channel scaling without limiter.
-// A Right tensor with statistics forms its R twice (once per op) rather than keeping it
-// between them. proj="svd" is refused (its refresh needs the whole gradient).
+// Per tensor, shard_dims[i] (0: rows, 1: columns), offsets[i] and global_sizes[i] place the
+// shard along that dim; the projector is the full weight's.
+// When the shard splits the dim P contracts (Left on rows; Right on columns is refused) the
+// stats are the partial R = P[rows]^T G (r x n) and the gradient's column sums of squares (n,
+// or their total for scale_type "tensor"; only with the limiter); the moments (r, n) and P are
+// whole on every rank and updated alike: r x n values cross ranks.
+// When it splits the channels (Right on rows, Left on columns) R's channels are the shard's, so
+// the moments are shards of R like the weight; stats are sum Rt^2, sum R^2 (tensor scaling) and
+// ||U||^2 or sum G^2 (limiter): at most 3 values, none for channel scaling without limiter.
+// Such a tensor forms its R twice (once per op) rather than keeping it between them.
+// proj="svd" is refused (its refresh needs the whole gradient).
+// The full shape of tensor i's weight, and whether its shard splits P's contraction.
+std::array<int64_t, 2> apollo_shard_global_shape(const Tensor& p, int64_t shard_dim,
+                                                 int64_t global_size);
+bool apollo_shard_sums_r(const Projector& proj, int64_t shard_dim);
 // Float64 stats of one tensor, laid out tensor after tensor in `stats`.
-int64_t apollo_shard_stats_numel(at::IntArrayRef global_shape, const ApolloConfig& cfg);
+int64_t apollo_shard_stats_numel(at::IntArrayRef global_shape, const ApolloConfig& cfg,
+                                 int64_t shard_dim = 0);
 void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                                TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
-                               TensorList limiter_norms, TensorList steps, at::IntArrayRef row0s,
-                               at::IntArrayRef global_rows, const Tensor& stats,
-                               const ApolloConfig& cfg);
+                               TensorList limiter_norms, TensorList steps, at::IntArrayRef offsets,
+                               at::IntArrayRef global_sizes, at::IntArrayRef shard_dims,
+                               const Tensor& stats, const ApolloConfig& cfg);
 void apollo_shard_stats_(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
-                         TensorList limiter_norms, TensorList steps, at::IntArrayRef row0s,
-                         at::IntArrayRef global_rows, const Tensor& stats, double beta1,
-                         double beta2, double eps, const ApolloConfig& cfg);
+                         TensorList limiter_norms, TensorList steps, at::IntArrayRef offsets,
+                         at::IntArrayRef global_sizes, at::IntArrayRef shard_dims,
+                         const Tensor& stats, double beta1, double beta2, double eps,
+                         const ApolloConfig& cfg);
 void apollo_shard_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                           TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
-                          TensorList limiter_norms, TensorList steps, at::IntArrayRef row0s,
-                          at::IntArrayRef global_rows, const Tensor& stats, const Tensor& lr,
-                          double beta1, double beta2, double eps, double weight_decay,
-                          const ApolloConfig& cfg);
+                          TensorList limiter_norms, TensorList steps, at::IntArrayRef offsets,
+                          at::IntArrayRef global_sizes, at::IntArrayRef shard_dims,
+                          const Tensor& stats, const Tensor& lr, double beta1, double beta2,
+                          double eps, double weight_decay, const ApolloConfig& cfg);
 
 }  // namespace memopt

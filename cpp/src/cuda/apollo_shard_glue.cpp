@@ -1,12 +1,13 @@
 // memopt::apollo_shard_stats_ and apollo_shard_update_ for the CUDA dispatch key: APOLLO on
-// FSDP2 row shards of GPU tensors. The statistics layout and every piece of math are
+// FSDP2 row or column shards of GPU tensors. The statistics layout and every piece of math are
 // cpp/src/apollo_shard.cpp's (apollo_tiles.h); here they are ATen ops on device tensors:
 //   - P of the full weight is drawn on the host by memopt::Projector (the CPU generator, the
 //     values the CPU ops multiply with) and copied to the device, at each refresh into the
 //     stored P, or every step with store_projection=False; seeds and step counters are read on
 //     the host (a sync for those kept on the device);
-//   - R = P^T G_local (Left: a partial R, summed over the shard group through `stats`) or
-//     G_local P^T (Right: the shard's own channels) by one GEMM, fp32-accumulated for bf16/fp16;
+//   - R = P^T G_local (a Left row shard: a partial R, summed over the shard group through
+//     `stats`; a Left column shard: its own channels) or G_local P^T (Right: the shard's own
+//     channels) by one GEMM, fp32-accumulated for bf16/fp16;
 //   - Adam on R, channel and tensor norms (float64 sums as the CPU's), the limiter on the device
 //     (no sync), then p = (p - coef * g) (1 - lr wd) with a broadcast coef, rounded once
 //     (in place for fp32/fp64, through bounded row blocks for bf16/fp16).
@@ -62,7 +63,8 @@ Tensor gemm(const Tensor& a, const Tensor& b, at::ScalarType ct) {
   return out.copy_(at::mm(a.to(ct), b.to(ct)));  // host emulation: the same fp32 product
 }
 
-// R of this shard: Left (r, n) partial over the local rows, Right (rows, r).
+// R of this shard: Left (r, local columns), the partial sum over a row shard's rows starting
+// at row0 (a column shard has every row: row0 = 0); Right (rows, r).
 Tensor project(const Projector& proj, const Tensor& P, const Tensor& g, int64_t row0,
                at::ScalarType ct) {
   if (proj.side() == ProjSide::Right) return gemm(g, P.t(), ct);
@@ -103,16 +105,17 @@ Tensor factor(const Tensor& a, const Tensor& b) { return a.sqrt().div_(b.sqrt().
 
 struct Args {
   TensorList params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps;
-  at::IntArrayRef row0s, global_rows;
+  at::IntArrayRef offsets, global_sizes, shard_dims;
   const Tensor& stats;
 };
 
 // Validation (the CPU op's, then the devices) before anything is written; runs fn(i, proj,
-// g, stats slice) on each tensor.
+// sums_r, g, stats slice) on each tensor (sums_r: the shard splits P's contraction).
 template <typename Fn>
 void for_each_shard(const char* op, const Args& a, const ApolloConfig& cfg, Fn&& fn) {
   check_apollo_shard_inputs(a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.projs, a.seeds,
-                            a.limiter_norms, a.steps, a.row0s, a.global_rows, a.stats, cfg);
+                            a.limiter_norms, a.steps, a.offsets, a.global_sizes, a.shard_dims,
+                            a.stats, cfg);
   if (a.params.empty()) return;
   check_same_cuda_device(op, {a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.projs, {a.stats}});
   const bool fp16_accumulation = at::globalContext().allowFP16AccumulationCuBLAS();
@@ -123,18 +126,20 @@ void for_each_shard(const char* op, const Args& a, const ApolloConfig& cfg, Fn&&
   const c10::DeviceGuard guard(a.params[0].device());
   int64_t off = 0;
   for (size_t i = 0; i < a.params.size(); ++i) {
-    const std::array<int64_t, 2> global{a.global_rows[i], a.params[i].size(1)};
+    const int64_t dim = a.shard_dims[i];
+    const auto global = apollo_shard_global_shape(a.params[i], dim, a.global_sizes[i]);
     const Projector proj(cfg.proj, cfg.proj_type, cfg.rank, global);
-    const int64_t numel = apollo_shard_stats_numel(global, cfg);
-    fn(i, proj, contiguous_grad(a.grads[i]), a.stats.narrow(0, off, numel));
+    const int64_t numel = apollo_shard_stats_numel(global, cfg, dim);
+    fn(i, proj, apollo_shard_sums_r(proj, dim), contiguous_grad(a.grads[i]),
+       a.stats.narrow(0, off, numel));
     off += numel;
   }
 }
 
 void stats_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,
-                at::IntArrayRef row0s, at::IntArrayRef global_rows, const Tensor& stats,
-                const Tensor& lr_t, double beta1, double beta2, double eps, double weight_decay,
+                at::IntArrayRef offsets, at::IntArrayRef global_sizes,
+                at::IntArrayRef shard_dims, const Tensor& stats, const Tensor& lr_t, double beta1, double beta2, double eps, double weight_decay,
                 int64_t rank, c10::string_view proj_s, c10::string_view proj_type,
                 c10::string_view scale_type, int64_t update_proj_gap, double scale,
                 double norm_growth_limit, bool scale_front) {
@@ -144,18 +149,18 @@ void stats_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   check_adam_hparams(read_lr(lr_t), beta1, beta2, eps, weight_decay);
   const bool limiter = cfg.norm_growth_limit > 0.0;
   const Args a{params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
-               row0s, global_rows, stats};
+               offsets, global_sizes, shard_dims, stats};
   for_each_shard("apollo_shard_stats_", a, cfg,
-                 [&](size_t i, const Projector& proj, const Tensor& g, Tensor st) {
+                 [&](size_t i, const Projector& proj, bool sums_r, const Tensor& g, Tensor st) {
     const bool left = proj.side() == ProjSide::Left;
-    if (!left && cfg.channel && !limiter) return;  // nothing crosses shards
+    if (!sums_r && cfg.channel && !limiter) return;  // nothing crosses shards
     const Tensor& p = params[i];
     const auto ct = compute_type(p.scalar_type());
     const int64_t t0 = static_cast<int64_t>(steps[i].item<float>());
     const Tensor P = step_projection(proj, cfg, p, projs.empty() ? nullptr : &projs[i],
                                      seeds[i], t0, /*commit=*/false, /*want=*/true);
-    const Tensor R = project(proj, P, g, row0s[i], ct);
-    if (left) {  // the partial R, then column sums of G^2 (or their total)
+    const Tensor R = project(proj, P, g, sums_r ? offsets[i] : 0, ct);
+    if (sums_r) {  // the partial R, then column sums of G^2 (or their total)
       const int64_t rK = R.numel();
       st.narrow(0, 0, rK).view(R.sizes()).copy_(R);
       if (limiter) {
@@ -167,11 +172,11 @@ void stats_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
       }
       return;
     }
-    // Right: the shard's channels are whole; the moments are read, not written.
+    // The shard's channels are whole; the moments are read, not written.
     const Tensor rt = adam_direction(R, exp_avgs[i], exp_avg_sqs[i], beta1, beta2, eps, false);
-    const Tensor sa = channel_sums(rt, false), sb = channel_sums(R, false);
-    const Tensor g2 = limiter ? grad_squares(g, false) : Tensor();
-    if (cfg.channel)  // ||U||^2 of the shard's rows
+    const Tensor sa = channel_sums(rt, left), sb = channel_sums(R, left);
+    const Tensor g2 = limiter ? grad_squares(g, left) : Tensor();
+    if (cfg.channel)  // ||U||^2 of the shard's channels
       st.narrow(0, 0, 1).copy_(factor(sa, sb).square_().mul_(g2).sum().reshape({1}));
     else
       st.narrow(0, 0, limiter ? 3 : 2)
@@ -213,8 +218,8 @@ void apply_update(const Tensor& p, const Tensor& g, const Tensor& coef, double l
 
 void update_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,
-                 at::IntArrayRef row0s, at::IntArrayRef global_rows, const Tensor& stats,
-                 const Tensor& lr_t, double beta1, double beta2, double eps, double weight_decay,
+                 at::IntArrayRef offsets, at::IntArrayRef global_sizes,
+                 at::IntArrayRef shard_dims, const Tensor& stats, const Tensor& lr_t, double beta1, double beta2, double eps, double weight_decay,
                  int64_t rank, c10::string_view proj_s, c10::string_view proj_type,
                  c10::string_view scale_type, int64_t update_proj_gap, double scale,
                  double norm_growth_limit, bool scale_front) {
@@ -225,30 +230,30 @@ void update_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   const bool limiter = cfg.norm_growth_limit > 0.0;
   const Args a{params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
-               row0s, global_rows, stats};
+               offsets, global_sizes, shard_dims, stats};
   for_each_shard("apollo_shard_update_", a, cfg,
-                 [&](size_t i, const Projector& proj, const Tensor& g, Tensor st) {
+                 [&](size_t i, const Projector& proj, bool sums_r, const Tensor& g, Tensor st) {
     const bool left = proj.side() == ProjSide::Left;
     const Tensor& p = params[i];
     const auto ct = compute_type(p.scalar_type());
     const int64_t t0 = static_cast<int64_t>(steps[i].item<float>());
     const Tensor P = step_projection(proj, cfg, p, projs.empty() ? nullptr : &projs[i], seeds[i],
-                                     t0, /*commit=*/true, /*want=*/!left);
+                                     t0, /*commit=*/true, /*want=*/!sums_r);
     const double t = advance_step(steps[i]);
     const int64_t r = proj.rank(), K = left ? p.size(1) : p.size(0);
-    // Left: the whole R is in st, every rank steps the same moments alike; Right: R of the
-    // shard's rows again, this time stepping the moments.
-    const Tensor R = left ? st.narrow(0, 0, r * K).view({r, K}).to(ct)
-                          : project(proj, P, g, row0s[i], ct);
+    // A summed R is whole in st, every rank steps the same moments alike; else R of the
+    // shard's channels again, this time stepping the moments.
+    const Tensor R = sums_r ? st.narrow(0, 0, r * K).view({r, K}).to(ct)
+                            : project(proj, P, g, 0, ct);
     const Tensor rt = adam_direction(R, exp_avgs[i], exp_avg_sqs[i], beta1, beta2, eps, true);
     const Tensor sa = channel_sums(rt, left), sb = channel_sums(R, left);
     Tensor fac, u2;  // fac: (K) per channel or 0-d
     if (cfg.channel) {
       fac = factor(sa, sb);
-      if (limiter) u2 = left ? fac.square().mul_(st.narrow(0, r * K, K)).sum() : st[0];
+      if (limiter) u2 = sums_r ? fac.square().mul_(st.narrow(0, r * K, K)).sum() : st[0];
     } else {
-      fac = left ? factor(sa.sum(), sb.sum()) : factor(st[0], st[1]);
-      if (limiter) u2 = fac.square() * st[left ? r * K : 2];
+      fac = sums_r ? factor(sa.sum(), sb.sum()) : factor(st[0], st[1]);
+      if (limiter) u2 = fac.square() * st[sums_r ? r * K : 2];
     }
     const double step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
     Tensor coef = fac.mul(step_size * std::sqrt(cfg.scale));
