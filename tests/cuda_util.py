@@ -58,7 +58,8 @@ def load_emulator():
         out = Path(os.environ.get("MEMOPT_CUDA_EMU_DIR", root / "build" / "cuda_emu"))
         lib = torch.library.Library("memopt_emu", "DEF")
         for name in ("adamw_", "adam_mini_", "apollo_", "frugal_", "adam_mini_block_sums_",
-                     "adam_mini_shard_update_", "apollo_shard_stats_", "apollo_shard_update_"):
+                     "adam_mini_shard_update_", "apollo_shard_stats_", "apollo_shard_update_",
+                     "frugal_shard_stats_", "frugal_shard_update_"):
             schema = str(getattr(torch.ops.memopt, name).default._schema)
             lib.define(schema.split("::", 1)[1])
         torch.ops.load_library(str(mod.build(out)))

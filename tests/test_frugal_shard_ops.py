@@ -5,13 +5,15 @@ finishes every shard. Parameters and every state tensor must equal the whole-ten
 over 6 steps with re-selections (fresh P, zeroed moments) at steps 0, 2 and 4, for each
 projection selection, fp64 and fp32. One call mixes two left and one right projection and an
 AdamW tensor, so the statistics layout of several tensors and the modes around them are
-exercised."""
+exercised. The CUDA ops (on a GPU, or their glue on the emulated device) run the same shards
+against the same whole-tensor CPU op."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from memopt_core import _C
+from cuda_util import EMU, TOL as CUDA_TOL, assert_cuda_build, ops, requires_cuda, tensor_device
 
 ADAM, RIGHT, LEFT = 0, 6, 7
 STEPS, GAP, LR, WD = 6, 2, 1e-2, 0.1
@@ -53,12 +55,15 @@ def _relerr(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
 
 
-def _run(selection, dtype, n_shards):
+def _run(selection, dtype, n_shards, ns=torch.ops.memopt, device="cpu"):
+    """Max relative error of the shard ops (`ns`, on `device`; steps stay on the CPU) against
+    frugal_ on the whole tensors (CPU)."""
+    dev = (lambda t: t.to(device)) if device != "cpu" else (lambda t: t)
     gen = torch.Generator().manual_seed(0)
     whole = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s, _, _ in TENSORS]
     modes = [mode for _, mode, _ in TENSORS]
     cuts = [[sum(SPLITS[s[0]][n_shards - 1][:k]) for k in range(n_shards + 1)] for s, _, _ in TENSORS]
-    shard_p = [[_rows(p, c[k], c[k + 1] - c[k]) for p, c in zip(whole, cuts)]
+    shard_p = [[dev(_rows(p, c[k], c[k + 1] - c[k])) for p, c in zip(whole, cuts)]
                for k in range(n_shards)]
     rng = torch.Generator().manual_seed(5).get_state()
     empty = torch.empty(0, dtype=dtype)
@@ -74,39 +79,41 @@ def _run(selection, dtype, n_shards):
                 subs.append(P)
             w_state = [_moments(s, m, r, dtype) + (torch.zeros(1),) for s, m, r in TENSORS]
             # a shard's right moments are its rows, its left moments a whole copy
-            s_state = [[(_rows(m, c[k], c[k + 1] - c[k]), _rows(v, c[k], c[k + 1] - c[k]), st.clone())
-                        if mode in (RIGHT, ADAM) else (m.clone(), v.clone(), st.clone())
+            s_state = [[(dev(_rows(m, c[k], c[k + 1] - c[k])), dev(_rows(v, c[k], c[k + 1] - c[k])),
+                         st.clone())
+                        if mode in (RIGHT, ADAM) else (dev(m.clone()), dev(v.clone()), st.clone())
                         for (m, v, st), (_, mode, _), c in zip(w_state, TENSORS, cuts)]
                        for k in range(n_shards)]
         torch.ops.memopt.frugal_(whole, grads, [s[0] for s in w_state], [s[1] for s in w_state],
                                  [s[2] for s in w_state], subs, modes, _lr(), *HP)
         calls = []
         for k in range(n_shards):
-            g = [_rows(gr, c[k], c[k + 1] - c[k]) for gr, c in zip(grads, cuts)]
-            sub = [_rows(P, c[k], c[k + 1] - c[k]) if mode == LEFT else P
+            g = [dev(_rows(gr, c[k], c[k + 1] - c[k])) for gr, c in zip(grads, cuts)]
+            sub = [dev(_rows(P, c[k], c[k + 1] - c[k]) if mode == LEFT else P)
                    for P, (_, mode, _), c in zip(subs, TENSORS, cuts)]
             st = s_state[k]
             args = [shard_p[k], g, [s[0] for s in st], [s[1] for s in st], [s[2] for s in st],
                     sub, modes]
             stats = torch.full((_C.frugal_shard_stats_numel(args[2], modes),), float("nan"),
-                               dtype=torch.float64)
+                               dtype=torch.float64, device=device)
             before = [p.clone() for p in shard_p[k]] + [t.clone() for s in st for t in s]
-            torch.ops.memopt.frugal_shard_stats_(*args, stats, _lr(), *HP)
+            ns.frugal_shard_stats_(*args, stats, _lr(), *HP)
             after = list(shard_p[k]) + [t for s in st for t in s]
             assert all(torch.equal(a, b) for a, b in zip(before, after))  # writes only stats
             calls.append((args, stats))
         total = sum(s for _, s in calls)  # the all-reduce
         for args, _ in calls:
-            torch.ops.memopt.frugal_shard_update_(*args, total, _lr(), *HP)
+            ns.frugal_shard_update_(*args, total, _lr(), *HP)
     errs = []
     for i, (p, c) in enumerate(zip(whole, cuts)):
-        errs.append(_relerr(torch.cat([shard_p[k][i] for k in range(n_shards)]), p))
+        errs.append(_relerr(torch.cat([shard_p[k][i].cpu() for k in range(n_shards)]), p))
         for j in range(3):
             want = w_state[i][j]
             if modes[i] in (RIGHT, ADAM) and j < 2:
-                errs.append(_relerr(torch.cat([s_state[k][i][j] for k in range(n_shards)]), want))
+                errs.append(_relerr(torch.cat([s_state[k][i][j].cpu() for k in range(n_shards)]),
+                                    want))
             else:  # replicated: every shard holds the whole value
-                errs += [_relerr(s_state[k][i][j], want) for k in range(n_shards)]
+                errs += [_relerr(s_state[k][i][j].cpu(), want) for k in range(n_shards)]
     return max(errs)
 
 
@@ -154,13 +161,30 @@ def test_bad_input_raises_and_writes_nothing(bad):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tensors_get_a_clear_error():
-    args = _one_shard_args()
-    args[:7] = [[t.cuda() for t in a] if isinstance(a, list) and a and
-                isinstance(a[0], torch.Tensor) else a for a in args[:7]]
-    args[4] = [torch.zeros(1), torch.zeros(1)]
-    for op in (_C.check_frugal_shard_, torch.ops.memopt.frugal_shard_stats_,
-               torch.ops.memopt.frugal_shard_update_):
-        with pytest.raises(NotImplementedError, match="CPU kernels only"):
+@pytest.mark.parametrize("device", [EMU, pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("selection", ["svd", "random", "randperm"])
+def test_gpu_shards_equal_whole_tensor_op(selection, dtype, device):
+    """The CUDA shard ops on 1..3 shards against the whole-tensor CPU op, within the CPU-vs-CUDA
+    tolerance of the dtype (cuda_util.TOL)."""
+    if device == "cuda":
+        assert_cuda_build()
+    for n_shards in (1, 2, 3):
+        err = _run(selection, dtype, n_shards, ops(device), tensor_device(device))
+        assert err <= CUDA_TOL[dtype], (n_shards, err)
+
+
+@pytest.mark.parametrize("device", [EMU, pytest.param("cuda", marks=requires_cuda)])
+def test_gpu_bad_input_raises_and_writes_nothing(device):
+    """The CUDA ops run the CPU op's validator first: stats of the wrong size (or, on a GPU,
+    on the CPU) raise and leave every tensor untouched."""
+    dev = tensor_device(device)
+    args = _one_shard_args(19)
+    args[:4] = [[t.to(dev) for t in a] for a in args[:4]]
+    args[5] = [t.to(dev) for t in args[5]]
+    args[7] = args[7].to(dev)
+    before = [t.clone() for t in args[0] + args[2] + args[3]]
+    for op in (ops(device).frugal_shard_stats_, ops(device).frugal_shard_update_):
+        with pytest.raises(ValueError, match="stats must be"):
             op(*args)
+    assert all(torch.equal(a, b) for a, b in zip(before, args[0] + args[2] + args[3]))

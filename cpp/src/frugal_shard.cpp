@@ -17,17 +17,15 @@ void check_frugal_shard_inputs(TensorList params, TensorList grads, TensorList e
                                TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                                at::IntArrayRef modes, const Tensor& stats, double proj_lr_scale,
                                double free_lr_scale, int64_t rule, bool read_data) {
-  for (const Tensor& p : params)  // first: the message must name the cause, not a symptom
-    TORCH_CHECK_NOT_IMPLEMENTED(p.device().is_cpu() || p.device().is_meta(), "frugal_shard: "
-                                "parameters on ", p.device(), ": the row-sharded FRUGAL ops "
-                                "have CPU kernels only (no CUDA kernel yet)");
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                       proj_lr_scale, free_lr_scale, rule, read_data);
   const int64_t want = frugal_shard_stats_numel(exp_avgs, modes);
   TORCH_CHECK_VALUE(stats.scalar_type() == at::kDouble && stats.dim() == 1 &&
                         stats.is_contiguous() && stats.numel() == want &&
-                        (stats.device().is_cpu() || stats.device().is_meta()),
-                    "frugal_shard: stats must be a contiguous 1-D float64 CPU tensor of ", want,
+                        (stats.device().is_meta() || params.empty() ||
+                         stats.device() == params[0].device()),
+                    "frugal_shard: stats must be a contiguous 1-D float64 tensor on the "
+                    "parameters' device of ", want,
                     " values (the moments' size of every left-projected tensor), got ",
                     stats.scalar_type(), " of shape ", stats.sizes(), " on ", stats.device());
 }
@@ -39,6 +37,8 @@ void frugal_shard_stats_(TensorList params, TensorList grads, TensorList exp_avg
   check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
                             proj_lr_scale, free_lr_scale, rule);
   if (params.empty()) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "frugal_shard_stats_: no kernel for device ",
+              params[0].device(), " in this build");
   Workspace::Lease lease(Workspace::of(params[0].device()));
   int64_t at = 0;
   for (size_t i = 0; i < params.size(); ++i) {

@@ -1,5 +1,6 @@
 // torch op registration for FRUGAL: torch.ops.memopt.frugal_ (CPU and Meta kernels; CUDA in
-// cuda/frugal_glue.cpp) and its row-sharded pair frugal_shard_stats_ / frugal_shard_update_.
+// cuda/frugal_glue.cpp) and its row-sharded pair frugal_shard_stats_ / frugal_shard_update_
+// (CUDA in cuda/frugal_shard_glue.cpp).
 #include <torch/library.h>
 
 #include "memopt/frugal.h"
@@ -51,13 +52,6 @@ void frugal_shard_meta(MEMOPT_FRUGAL_SHARD_ARGS) {
                               proj_lr_scale, free_lr_scale, rule, /*read_data=*/false);
 }
 
-// No CUDA kernel yet: a clear error instead of the dispatcher's missing-kernel message.
-void frugal_shard_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "memopt::frugal_shard_stats_/frugal_shard_update_: the "
-                              "row-sharded FRUGAL ops have CPU kernels only (no CUDA kernel "
-                              "yet); selection='block' or 'columns' steps FSDP2 shards on CUDA");
-}
-
 }  // namespace
 }  // namespace memopt
 
@@ -88,9 +82,4 @@ TORCH_LIBRARY_IMPL(memopt, Meta, m) {
   m.impl("frugal_", &memopt::frugal_meta);
   m.impl("frugal_shard_stats_", &memopt::frugal_shard_meta);
   m.impl("frugal_shard_update_", &memopt::frugal_shard_meta);
-}
-
-TORCH_LIBRARY_IMPL(memopt, CUDA, m) {
-  m.impl("frugal_shard_stats_", &memopt::frugal_shard_cuda);
-  m.impl("frugal_shard_update_", &memopt::frugal_shard_cuda);
 }

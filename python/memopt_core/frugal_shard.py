@@ -118,7 +118,8 @@ class FrugalShard:
         if not numel:
             _C.check_frugal_(*args)
             return None, ShardedCall(lambda: torch.ops.memopt.frugal_(*args))
-        stats = torch.zeros(numel, dtype=torch.float64)
+        # on the parameters' device: NCCL reduces GPU buffers, the CUDA ops read them there
+        stats = torch.zeros(numel, dtype=torch.float64, device=args[0][0].device)
         full = (*args[:7], stats, *args[7:])
         _C.check_frugal_shard_(*full)
         return (lambda: torch.ops.memopt.frugal_shard_stats_(*full),

@@ -55,14 +55,6 @@ Tensor step_projection(const Projector& proj, const ApolloConfig& cfg, const Ten
   return host.to(p.device(), /*non_blocking=*/true);                  // by the caching allocator
 }
 
-// R = a b in the compute type ct (bf16/fp16 in, fp32 accumulated and out).
-Tensor gemm(const Tensor& a, const Tensor& b, at::ScalarType ct) {
-  if (a.scalar_type() == ct) return at::mm(a, b);
-  Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(ct));
-  if (kKernelDevice == c10::DeviceType::CUDA) return at::mm_out(out, a, b, ct);
-  return out.copy_(at::mm(a.to(ct), b.to(ct)));  // host emulation: the same fp32 product
-}
-
 // R of this shard: Left (r, local columns), the partial sum over a row shard's rows starting
 // at row0 (a column shard has every row: row0 = 0); Right (rows, r).
 Tensor project(const Projector& proj, const Tensor& P, const Tensor& g, int64_t row0,

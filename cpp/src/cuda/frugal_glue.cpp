@@ -4,13 +4,15 @@
 //   modes 2-5 (state-free block, columns, rows, randk): multi-tensor frugal_split launches;
 //   modes 6-7 (projections): per tensor, ATen GEMMs (fp32, TF32 off) on chunks of rows (right)
 //   or columns (left) into chunk-sized scratch, around the fused kernels of cuda/frugal.cu.
+// frugal_run is also the finish of the row-sharded op (frugal_shard_glue.cpp).
+#include "frugal_glue.h"
+
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 
 #include "launch.h"
-#include "memopt/frugal.h"
 
 namespace memopt::cuda {
 namespace {
@@ -197,11 +199,14 @@ ProjShape proj_shape(const Call& c, int64_t i) {
   return s;
 }
 
+// summed: a left row shard's P^T G summed over the shards (float64, the moments' shape), used
+// instead of projecting the local rows; null projects g.
 void projected_update(const Call& c, int64_t i, const ProjShape& sh, const Tensor& low,
-                      const Tensor& tile) {
+                      const Tensor& tile, const Tensor* summed) {
   const Tensor& p = c.params[i];
   const Tensor &g = c.g[i], &m = c.exp_avgs[i], &v = c.exp_avg_sqs[i], &proj = c.subspaces[i];
-  if (p.numel() == 0) return;
+  // An empty row shard still steps a left projection's replicated moments from `summed`.
+  if (p.numel() == 0 && (sh.right || summed == nullptr)) return;
   const at::NoTF32Guard no_tf32;  // fp32 products stay IEEE fp32, whatever torch.backends says
   const Tensor pc = proj.scalar_type() == sh.cdt ? proj : proj.to(sh.cdt);  // as on the CPU
   const bool right = sh.right;
@@ -228,6 +233,7 @@ void projected_update(const Call& c, int64_t i, const ProjShape& sh, const Tenso
                             : low.narrow(0, 0, n * nb * r).view({r, nb, n});
     Tensor lowv = lw.select(1, nb - 1);
     if (right) at::mm_out(lowv, gc, pc.t());
+    else if (summed) lowv.copy_(summed->narrow(1, c0, n));
     else at::mm_out(lowv, pc.t(), gc);
     const Tensor uv = lw.select(1, 0), mc = part(m), vc = part(v);
     ap.outer = lowv.size(0), ap.inner = lowv.size(1);
@@ -235,6 +241,7 @@ void projected_update(const Call& c, int64_t i, const ProjShape& sh, const Tenso
     ap.out = uv.data_ptr(), ap.ld_out = uv.stride(0);
     ap.m = mc.data_ptr(), ap.v = vc.data_ptr(), ap.ld_m = mc.stride(0);
     check_launch(launch_frugal_proj_adam(ap, c.stream), "frugal_update_");
+    if (rows == 0) continue;  // no local rows to update
 
     // back-projection: right, row i * nb + b of t is (u_i, low_i)[b] P; left, columns
     // [b * n, b * n + n) of t are P (u, low)[b]
@@ -250,14 +257,12 @@ void projected_update(const Call& c, int64_t i, const ProjShape& sh, const Tenso
   }
 }
 
-void frugal_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr_t,
-                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
-                 double free_lr_scale, int64_t rule) {
-  check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-                      proj_lr_scale, free_lr_scale, rule);
-  const double lr = read_lr(lr_t);
-  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+}  // namespace
+
+void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
+                double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
+                double free_lr_scale, int64_t rule, const Tensor* left_stats) {
   if (params.empty()) return;
   check_cuda_inputs(params, subspaces, modes);
   const c10::DeviceGuard guard(params[0].device());
@@ -302,10 +307,32 @@ void frugal_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   }
   if (!whole.empty()) launch_whole(c, whole);
   if (!split.empty()) launch_split(c, split);
+  int64_t stats_at = 0;  // left_stats: every left tensor's summed P^T G, in order
   for (int64_t i : projected) {
     const bool fp64 = shapes[i].cdt == at::kDouble;
-    projected_update(c, i, shapes[i], scratch[fp64][0], scratch[fp64][1]);
+    Tensor summed;
+    if (left_stats && !shapes[i].right) {
+      const Tensor& m = exp_avgs[i];
+      summed = left_stats->narrow(0, stats_at, m.numel()).view(m.sizes());
+      stats_at += m.numel();
+    }
+    projected_update(c, i, shapes[i], scratch[fp64][0], scratch[fp64][1],
+                     summed.defined() ? &summed : nullptr);
   }
+}
+
+namespace {
+
+void frugal_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr_t,
+                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
+                 double free_lr_scale, int64_t rule) {
+  check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
+                      proj_lr_scale, free_lr_scale, rule);
+  const double lr = read_lr(lr_t);
+  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+  frugal_run(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2, eps,
+             weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr);
 }
 
 }  // namespace

@@ -54,6 +54,17 @@ inline void check_same_cuda_device(const char* op, std::initializer_list<TensorL
 // gradient's size, and autograd never produces one for a contiguous parameter.
 inline Tensor contiguous_grad(const Tensor& g) { return g.is_contiguous() ? g : g.contiguous(); }
 
+// a b in the compute type ct: bf16/fp16 inputs of one dtype are multiplied with fp32
+// accumulation into an fp32 result (no widened copy on a GPU); the host emulation, which has no
+// mixed-dtype GEMM, and inputs of two dtypes widen both first.
+inline Tensor gemm(const Tensor& a, const Tensor& b, at::ScalarType ct) {
+  if (a.scalar_type() == ct && b.scalar_type() == ct) return at::mm(a, b);
+  Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(ct));
+  if (kKernelDevice == c10::DeviceType::CUDA && a.scalar_type() == b.scalar_type())
+    return at::mm_out(out, a, b, ct);
+  return out.copy_(at::mm(a.to(ct), b.to(ct)));
+}
+
 // Increments a step counter and returns the new value. Steps normally live on the CPU (no
 // synchronisation); a step tensor on the GPU is advanced there and read back, which waits.
 inline double advance_step(const Tensor& step) {
