@@ -23,7 +23,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import memopt_core
-from memopt_core.models import build, num_params
+from memopt_core.app.models import build, num_params
 
 
 def timed(fn) -> float:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import HP, Adam_mini, append_results, arg_parser, commit, machine, model_config  # noqa: E402
 
 import memopt_core  # noqa: E402
-from memopt_core.models import Llama  # noqa: E402
+from memopt_core.app.models import Llama  # noqa: E402
 
 CONTENDERS = {
     "torch AdamW": lambda m: torch.optim.AdamW(m.parameters(), **HP),

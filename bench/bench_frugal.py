@@ -26,7 +26,7 @@ import bench_step  # noqa: E402
 import torch  # noqa: E402
 
 import memopt_core  # noqa: E402
-from memopt_core.models import num_params  # noqa: E402
+from memopt_core.app.models import num_params  # noqa: E402
 
 HP = bench_step.HP
 CONTENDERS = {

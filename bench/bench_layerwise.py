@@ -16,9 +16,9 @@ import sys
 
 import torch
 
-from memopt_core.models import build, num_params
+from memopt_core.app.models import build, num_params
 
-CHILD = ("import resource, sys; from memopt_core.cli import main; main(sys.argv[1:]); "
+CHILD = ("import resource, sys; from memopt_core.app.cli import main; main(sys.argv[1:]); "
          "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
 
 

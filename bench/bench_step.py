@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 import memopt_core
-from memopt_core.models import Llama, llama_config, num_params
+from memopt_core.app.models import Llama, llama_config, num_params
 
 HP = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

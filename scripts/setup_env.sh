@@ -5,7 +5,7 @@
 #
 #   --test      also install the test extras (pytest, adam-mini, transformers, ...)
 #
-# Always installs the `plot` extra (matplotlib) for `memopt compare`'s PNG.
+# Always installs the `app` extra (numpy, tqdm, matplotlib) for the `memopt` command.
 #   --venv DIR  environment directory (default .venv in the repo root)
 #   --offline   no network (the GPU machines): pip never looks at an index (PIP_NO_INDEX), takes
 #               wheels from .whl/ where that folder exists, and installs only what is satisfied
@@ -18,11 +18,11 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 venv=.venv
-extras="[plot]"
+extras="[app]"
 offline=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --test) extras="[plot,test]" ;;
+    --test) extras="[app,test]" ;;
     --venv) venv="${2:?--venv needs a directory}"; shift ;;
     --offline) offline=1 ;;
     *) echo "usage: $0 [--test] [--venv DIR] [--offline]" >&2; exit 2 ;;

@@ -14,7 +14,7 @@ import memopt_core
 from conftest import (assert_close, assert_within_low_precision_budget, make_grads, make_gpt2,
                       make_llama, roundtrip, set_grads)
 from memopt_core import _C
-from memopt_core.models import Llama, llama_config
+from memopt_core.app.models import Llama, llama_config
 from reference import apollo_ref as R
 
 apollo_torch = pytest.importorskip("apollo_torch")

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import bench_step  # noqa: E402
 import bench_step_cuda  # noqa: E402
-from memopt_core.models import Llama, num_params  # noqa: E402
+from memopt_core.app.models import Llama, num_params  # noqa: E402
 
 
 def test_cuda_arguments_parse_and_cpu_keeps_its_sizes():

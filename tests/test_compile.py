@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import memopt_core
-from memopt_core.models import build
+from memopt_core.app.models import build
 
 STEPS = 5
 

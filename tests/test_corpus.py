@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from memopt_core import corpus
-from memopt_core.corpus import Corpus, TokenStream, is_val_file, stdlib_files
+from memopt_core.app import corpus
+from memopt_core.app.corpus import Corpus, TokenStream, is_val_file, stdlib_files
 
 
 def test_stdlib_corpus_is_split_by_file_and_disjoint():
@@ -54,7 +54,7 @@ def test_user_text_directory_and_bin(tmp_path):
 def test_bpe_is_trained_once_then_cached(tmp_path, monkeypatch):
     pytest.importorskip("tokenizers")
     monkeypatch.setenv("MEMOPT_CACHE", str(tmp_path / "cache"))
-    from memopt_core.bpe import bpe_tokens
+    from memopt_core.app.bpe import bpe_tokens
     text = b"\n\n".join(b"def function_%d(x):\n    return x * %d\n" % (i, i) for i in range(400))
     train, val = bpe_tokens(text, b"def function_7(x):\n    return x\n", 300)
     assert train.dtype == torch.int32 and int(train.max()) < 300 and len(train) < len(text) / 2

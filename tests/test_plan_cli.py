@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import memopt_core
-from memopt_core import cli
-from memopt_core.models import build
-from memopt_core.plan import activation_bytes, plan
-from memopt_core.memory import peak_during
+from memopt_core.app import cli
+from memopt_core.app.models import build
+from memopt_core.app.plan import activation_bytes, plan
+from memopt_core.app.memory import peak_during
 
 
 def test_llama7b_state_matches_adam_mini_paper():
@@ -87,7 +87,7 @@ def test_cli_train_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch):
                 "2", "--ckpt-dir", str(d), "--ckpt-every", "2"]
     assert cli.main(args(tmp_path / "straight")) == 0
 
-    from memopt_core.train import Trainer
+    from memopt_core.app.train import Trainer
     original = Trainer.run_step
 
     def crash_at_step_3(self):

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 transformers = pytest.importorskip("transformers")
 
-import memopt_core.models as mm  # noqa: E402
+import memopt_core.app.models as mm  # noqa: E402
 from memopt_core import _C  # noqa: E402
 from memopt_core.roles import TensorRole, infer_roles, model_dims  # noqa: E402
 

@@ -16,7 +16,8 @@ from torch import nn
 
 import memopt_core
 from conftest import make_grads, make_llama, set_grads
-from memopt_core.snr import SNRTracker, add_snr_subcommand, dim_subsets, snr
+from memopt_core.app.snr_cli import _probe_setup, add_snr_subcommand
+from memopt_core.snr import SNRTracker, dim_subsets, snr
 
 
 def numpy_snr(v: np.ndarray, axes) -> float:
@@ -154,7 +155,7 @@ def test_memopt_snr_command(tmp_path, capsys):
                               "--seq-len", "16", "--out", str(out)])
     assert args.func(args) == 0
     rules = json.loads(out.read_text())
-    model = memopt_core.snr._probe_setup(args)[0]
+    model = _probe_setup(args)[0]
     assert set(rules) == {n for n, _ in model.named_parameters()}
     memopt_core.SlimAdam(model, rules=str(out))
     assert "% saved" in capsys.readouterr().err

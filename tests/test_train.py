@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import memopt_core
-from memopt_core.corpus import Corpus
-from memopt_core.train import TrainConfig, Trainer, atomic_save
+from memopt_core.app.corpus import Corpus
+from memopt_core.app.train import TrainConfig, Trainer, atomic_save
 
 # A small synthetic corpus keeps these tests independent of the interpreter's stdlib size.
 _GEN = torch.Generator().manual_seed(0)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dist_util import run_workers
-from memopt_core import cli
-from memopt_core.train import Trainer
+from memopt_core.app import cli
+from memopt_core.app.train import Trainer
 
 STEPS = 4
 
@@ -108,7 +108,7 @@ def test_fsdp_training_resumes_exactly_and_equals_one_process(tmp_path):
 
 def _apollo_worker(rank, world, data, root):
     """`memopt train --fsdp --optimizer apollo`: returns the dims each weight was sharded on."""
-    from memopt_core import train
+    from memopt_core.app import train
     dims, shard = {}, train.shard_model
 
     def recording(model, placement=None):

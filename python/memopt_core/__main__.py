@@ -1,6 +1,6 @@
 """`python -m memopt_core demo ...`: the `memopt` command without the installed script."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -18,7 +18,7 @@ ln_* to null; here the role decides).
     tracker.save_json("rules.json")                 # -> SlimAdam(model, rules="rules.json")
     tracker.plot("snr.png")
 
-`memopt snr` runs such a probe on a built-in model and corpus (`add_snr_subcommand`).
+`memopt snr` (memopt_core.app.snr_cli) runs such a probe on a built-in model and corpus.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import statistics
-import sys
 import warnings
 from collections import defaultdict
 from typing import Mapping
@@ -38,7 +37,7 @@ from torch import nn
 from . import _C
 from .roles import infer_roles
 
-__all__ = ["snr", "dim_subsets", "SNRTracker", "add_snr_subcommand", "run_snr"]
+__all__ = ["snr", "dim_subsets", "SNRTracker"]
 
 
 def dim_subsets(ndim: int) -> list[tuple]:
@@ -194,66 +193,3 @@ class SNRTracker:
 
 def _short(name: str) -> str:
     return name.removesuffix(".weight").replace("model.layers.", "L").replace("transformer.h.", "h")
-
-
-# ---- `memopt snr` ----------------------------------------------------------------------------
-def add_snr_subcommand(subparsers) -> None:
-    """Registers `memopt snr` on the CLI's argparse subparsers (dispatches to run_snr)."""
-    p = subparsers.add_parser(
-        "snr", help="run a short full-Adam probe, measure the SNR of Adam's second moment and "
-                    "write SlimAdam rules")
-    p.add_argument("--model", default="tiny", help="memopt_core.models preset (default tiny)")
-    p.add_argument("--arch", choices=["llama", "gpt"], default="llama")
-    p.add_argument("--steps", type=int, default=200, help="probe steps (default 200)")
-    p.add_argument("--every", type=int, default=20, help="measure every N steps (default 20)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--cutoff", type=float, default=1.0, help="SNR a dim set must exceed (1.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="slimadam_rules.json", help="rules JSON to write")
-    p.add_argument("--csv", default=None, help="also write every measurement to this CSV")
-    p.add_argument("--plot", default=None, help="also plot SNR per tensor and dim set (PNG)")
-    p.set_defaults(func=run_snr)
-
-
-def _probe_setup(args):
-    """(model, endless (x, y) batches) for the probe; the one place that knows the built-ins."""
-    from . import corpus, models
-    torch.manual_seed(args.seed)
-    model = models.build(args.model, arch=args.arch)
-    return model, corpus.batches(args.seq_len, args.batch_size, args.seed)
-
-
-def run_snr(args) -> int:
-    from .adamw import AdamW
-    from .slim_adam import plan_layouts
-    if args.steps < 1 or args.every < 1:
-        raise SystemExit("memopt snr: --steps and --every must be at least 1")
-    model, data = _probe_setup(args)
-    opt = AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    tracker = SNRTracker(model, start_step=1, early_every=args.every, late_every=args.every)
-    for _ in range(args.steps):
-        x, y = next(data)
-        opt.zero_grad(set_to_none=True)
-        model(x, y)[1].backward()
-        opt.step()
-        tracker.update(opt)
-    rules = tracker.save_json(args.out, args.cutoff)
-    if args.csv:
-        tracker.save_csv(args.csv)
-    if args.plot:
-        tracker.plot(args.plot, args.cutoff)
-    means = tracker.mean_snr()
-    width = max(len(n) for n in rules)
-    print(f"{'tensor':<{width}}  {'best K':>8}  {'SNR':>8}  rule")
-    for name, dims in rules.items():
-        best = max(means.get(name, {}).items(), key=lambda kv: kv[1], default=((), math.nan))
-        print(f"{name:<{width}}  {str(best[0]):>8}  {best[1]:8.3g}  {dims}")
-    named = list(model.named_parameters())
-    kept = sum(b.count for b in plan_layouts(named, model, rules).values())
-    total = sum(p.numel() for _, p in named)
-    print(f"\n{len(rules)} rules -> {args.out}; with them SlimAdam keeps {kept:,} of {total:,} "
-          f"second-moment entries ({100 * (1 - kept / total):.2f}% saved)", file=sys.stderr)
-    return 0

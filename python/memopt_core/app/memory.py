@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from .._base import tensor_bytes
+
 MiB = 2 ** 20
 
 
@@ -26,13 +28,13 @@ def _quiet_stderr():
         os.close(devnull)
 
 
-def tensor_bytes(tensors) -> int:
-    """Bytes of distinct tensors (a tied weight counts once)."""
+def distinct_bytes(tensors) -> int:
+    """Bytes of distinct tensors (a tied weight counts once; a DTensor by this rank's shard)."""
     seen, total = set(), 0
     for t in tensors:
         if t is not None and id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += tensor_bytes(t)
     return total
 
 
@@ -41,7 +43,7 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     (how a torch.optim baseline is counted)."""
     if hasattr(opt, "state_bytes"):
         return int(opt.state_bytes())
-    return tensor_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return distinct_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def peak_during(fn: Callable[[], None], device: torch.device) -> int:

@@ -2,7 +2,7 @@
 
     memopt compare --quick                       # every optimizer, small model, ~2 min on 2 cores
     memopt train --optimizer apollo_mini --model llama-60m --layerwise --grad-clip 0
-    torchrun --nproc_per_node 2 -m memopt_core.cli train --fsdp --optimizer adamw --ckpt-dir d
+    torchrun --nproc_per_node 2 -m memopt_core.app.cli train --fsdp --optimizer adamw --ckpt-dir d
     memopt plan --model llama-7b --optimizer apollo_mini --layerwise --dtype bf16
     memopt snr --out rules.json                  # SlimAdam's compression rules from a probe run
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .compare import compare, write_outputs
 from .models import LLAMA_PRESETS
 from .plan import format_plans, plan
-from .registry import OPTIMIZERS
+from ..registry import OPTIMIZERS
 from .train import CHECKPOINT, DCP_CHECKPOINT, TrainConfig, Trainer
 
 # compare's model and steps: --quick (the README's main command) or the fuller default.
@@ -107,7 +107,7 @@ def _init_distributed(args) -> bool:
         return False
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SystemExit("memopt train --fsdp: no process group to join; launch with torchrun, "
-                         "e.g. torchrun --nproc_per_node 2 -m memopt_core.cli train --fsdp ...")
+                         "e.g. torchrun --nproc_per_node 2 -m memopt_core.app.cli train --fsdp ...")
     cuda = args.device.startswith("cuda")
     if cuda:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -197,7 +197,7 @@ def _plan(args) -> int:
     print(format_plans(plans, base))
     print(f"\nGB = 1e9 bytes. Optimizer state is each optimizer's own planned_state_bytes() on the "
           f"meta device; activations: estimate for batch {args.batch_size} x {args.seq_len} "
-          "tokens, fused attention, no checkpointing (see memopt_core.plan.activation_bytes).")
+          "tokens, fused attention, no checkpointing (see memopt_core.app.plan.activation_bytes).")
     return 0
 
 
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.set_defaults(func=_plan)
 
-    from .snr import add_snr_subcommand
+    from .snr_cli import add_snr_subcommand
     add_snr_subcommand(sub)  # `memopt snr`: the SNR probe that derives SlimAdam's rules
     return parser
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import tensor_bytes
+from .memory import distinct_bytes
 from .models import build, num_params
-from .registry import make_optimizer
+from ..registry import make_optimizer
 
 GB = 1e9  # decimal, as the papers report (Adam-mini: 53.92 GB for Llama-2-7B AdamW state)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -58,10 +58,10 @@ def plan(model: str, optimizer: str, *, dtype: str = "fp32", layerwise: bool = F
     if layerwise and not opt.steps_single_params:
         raise ValueError(f"{optimizer} cannot be stepped layer-wise")
     params = list(net.parameters())
-    weights = tensor_bytes(params)
+    weights = distinct_bytes(params)
     # Layer-wise stepping frees each gradient as soon as it is used: at most one exists at a
     # time (the largest bounds it); otherwise every gradient exists before step().
-    grads = max(tensor_bytes([p]) for p in params) if layerwise else weights
+    grads = max(distinct_bytes([p]) for p in params) if layerwise else weights
     return Plan(model, optimizer, dtype, layerwise, num_params(net), weights, grads,
                 int(opt.planned_state_bytes()),
                 activation_bytes(net.config, batch_size, seq_len, DTYPES[dtype].itemsize))

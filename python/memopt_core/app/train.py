@@ -4,7 +4,7 @@ layer-wise stepping and bf16 weights, periodic validation, and atomic checkpoint
 resumed run reproduces the uninterrupted one bit for bit (model, optimizer, scheduler, RNG and
 data position are all saved).
 
-With fsdp=True (`torchrun ... -m memopt_core.cli train --fsdp`) every decoder block and the root
+With fsdp=True (`torchrun ... -m memopt_core.app.cli train --fsdp`) every decoder block and the root
 are sharded with FSDP2 over the initialised process group; each rank trains on its slice of the
 same global batch, so the run equals one process on that batch. Checkpoints are then DCP
 directories (torch.distributed.checkpoint: each rank writes its shards of model and optimizer),
@@ -25,10 +25,10 @@ import torch.distributed as dist
 from torch import nn
 
 from .corpus import Corpus, load
-from .layerwise import LayerwiseStep
-from .memory import optimizer_state_bytes, peak_during, tensor_bytes
+from ..layerwise import LayerwiseStep
+from .memory import distinct_bytes, optimizer_state_bytes, peak_during
 from .models import build, num_params
-from .registry import OPTIMIZERS, make_optimizer
+from ..registry import OPTIMIZERS, make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHECKPOINT = "last.pt"
@@ -81,7 +81,7 @@ class TrainConfig:
         if self.fsdp:
             if not (dist.is_available() and dist.is_initialized()):
                 raise ValueError("fsdp needs an initialised process group: launch with torchrun "
-                                 "(torchrun --nproc_per_node N -m memopt_core.cli train --fsdp)")
+                                 "(torchrun --nproc_per_node N -m memopt_core.app.cli train --fsdp)")
             if self.batch_size % dist.get_world_size():
                 raise ValueError(f"batch_size {self.batch_size} must be a multiple of the "
                                  f"{dist.get_world_size()} ranks (each takes an equal slice)")
@@ -175,12 +175,12 @@ class Trainer:
         """Bytes of weights, optimizer state and the gradients alive at the peak, and the peak
         tensor memory of one iteration (measured on the next iteration, which this call runs)."""
         params = list(self.model.parameters())
-        weights, state = tensor_bytes(params), optimizer_state_bytes(self.opt)
+        weights, state = distinct_bytes(params), optimizer_state_bytes(self.opt)
         extra = peak_during(self.run_step, self.device)
         # Gradients alive at the peak: all of them before step(), one at a time layer-wise.
         trained = [p for p in params if p.requires_grad]
-        grads = (max(tensor_bytes([p]) for p in trained) if self.cfg.layerwise
-                 else tensor_bytes(trained))
+        grads = (max(distinct_bytes([p]) for p in trained) if self.cfg.layerwise
+                 else distinct_bytes(trained))
         return dict(weights=weights, state=state, grads=grads, peak=weights + state + extra,
                     transient=extra)
 
