@@ -2,6 +2,8 @@
 against torch.optim.AdamW: parameters and every state tensor after >= 7 steps."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -195,3 +197,16 @@ def test_bad_hparam_in_a_param_group_raises_at_construction():
     groups[1]["betas"] = (0.9, 1.5)
     with pytest.raises(ValueError, match="beta2"):
         memopt_core.AdamW(groups, lr=1e-3)
+
+
+def test_takes_a_model_like_the_other_optimizers():
+    """AdamW(model) is AdamW(model.parameters()), as every other memopt optimizer takes a model."""
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    b = copy.deepcopy(a)
+    opts = [memopt_core.AdamW(a, lr=1e-2), memopt_core.AdamW(b.parameters(), lr=1e-2)]
+    x = torch.randn(5, 4)
+    for model, opt in zip((a, b), opts):
+        model(x).square().sum().backward()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -121,3 +121,48 @@ def test_cli_compare_runs_one_optimizer_with_two_settings(tmp_path):
     assert rows["frugal:density=0"]["state_bytes"] < rows["frugal:density=0.25"]["state_bytes"]
     with pytest.raises(SystemExit, match="not key=value"):
         cli.main(["compare", "--optimizers", "frugal:density", "--steps", "2"])
+
+
+def test_cli_plan_rows_counts_and_bad_sizes(capsys):
+    """adamw (the baseline row) appears once however it is asked for; a tiny model's size reads
+    in K/M, not "0.00B"; non-positive sizes and unknown optimizers are clear errors."""
+    assert cli.main(["plan", "--model", "tiny", "--optimizer", "adamw,adam_mini,adam_mini"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| adamw |") == 1 and out.count("| adam_mini |") == 1
+    assert "0.00B" not in out and "K) |" in out
+    for bad in (["--seq-len", "-5"], ["--batch-size", "0"], ["--seq-len", "x"]):
+        with pytest.raises(SystemExit):
+            cli.main(["plan", "--model", "tiny", *bad])
+        err = capsys.readouterr().err
+        assert "must be at least 1" in err or "is not an integer" in err, err
+    with pytest.raises(SystemExit, match="unknown optimizer 'adamm'"):
+        cli.main(["plan", "--model", "tiny", "--optimizer", "adamw,adamm"])
+
+
+def test_cli_help_shows_defaults(capsys):
+    for command, shown in (("train", ["default: tiny", "default: 1000", "default: 0\n"]),
+                           ("plan", ["default: llama-7b", "default: 2048"]),
+                           ("compare", ["default: 0.002", "default: 16"])):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = capsys.readouterr().out
+        assert all(s in out for s in shown), (command, out)
+
+
+def test_cli_compare_settings_checked_before_any_run_and_lr_per_run(monkeypatch):
+    """A typo in any arm stops compare before the first run, naming the valid keys; lr,
+    weight_decay and betas set the run's own values (and its label), the rest go to the
+    optimizer."""
+    seen = []
+    monkeypatch.setattr(cli, "compare", lambda configs: seen.extend(configs) or [])
+    monkeypatch.setattr(cli, "write_outputs", lambda *a: "")
+    with pytest.raises(SystemExit, match=r"apollo has no setting 'rnak'; valid: .*rank"):
+        cli.main(["compare", "--optimizers", "adamw apollo:rnak=4", "--steps", "2"])
+    assert seen == []
+    assert cli.main(["compare", "--optimizers", "adamw apollo:lr=1e-2,rank=4,betas=(0.9,0.99)",
+                     "--steps", "2", "--out", "/tmp/memopt-cli-test"]) == 0
+    adamw, apollo = seen
+    assert adamw.lr == 2e-3 and adamw.label == "adamw"
+    assert apollo.lr == 1e-2 and apollo.betas == (0.9, 0.99)
+    assert apollo.optimizer_kwargs == {"rank": 4}
+    assert apollo.label == "apollo:rank=4,lr=0.01,betas=(0.9, 0.99)"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
@@ -21,12 +22,14 @@ class AdamW(MemoptOptimizer):
 
     Example::
 
-        opt = memopt_core.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+        opt = memopt_core.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)  # or AdamW(model)
     """
 
     _shard_dims = (0, 1)  # elementwise: any FSDP2 shard
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        if isinstance(params, nn.Module):  # a model, as every other memopt optimizer takes
+            params = params.parameters()
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _state_shapes(self, p):

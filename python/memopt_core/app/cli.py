@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import platform
 import subprocess
@@ -28,6 +29,37 @@ from .train import CHECKPOINT, DCP_CHECKPOINT, TrainConfig, Trainer
 
 # compare's model and steps: --quick (the README's main command) or the fuller default.
 QUICK, FULL = dict(model="tiny", steps=120), dict(model="small", steps=300)
+# Settings of one compare arm that are the run's, not the optimizer's ("apollo:lr=1e-2").
+RUN_SETTINGS = ("lr", "weight_decay", "betas")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (argparse's own formatter skips options
+    without a help text and those whose help names none)."""
+
+    def add_argument(self, action):
+        if action.help is None and action.default is not None and action.default is not False \
+                and action.default is not argparse.SUPPRESS:
+            action.help = "default: %(default)s"  # argparse prints no help line for None
+        super().add_argument(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default" in text or action.default is None or \
+                action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _add_data_args(p):
@@ -40,9 +72,9 @@ def _add_data_args(p):
 
 def _add_train_args(p, steps, model):
     p.add_argument("--model", choices=LLAMA_PRESETS, default=model)
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=positive_int, default=steps)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--eval-batches", type=int, default=8)
@@ -53,11 +85,13 @@ def _add_train_args(p, steps, model):
 
 
 def _config(args, optimizer: str, **extra) -> TrainConfig:
+    """The run's TrainConfig; `extra` adds fields and overrides lr / weight_decay / betas."""
+    base = dict(lr=args.lr, weight_decay=args.weight_decay)
     return TrainConfig(optimizer=optimizer, model=args.model, steps=args.steps,
-                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                       weight_decay=args.weight_decay, eval_batches=args.eval_batches,
-                       seed=args.seed, device=args.device, dtype=args.dtype, data=args.data,
-                       tokenizer=args.tokenizer, vocab_size=args.vocab_size, **extra)
+                       batch_size=args.batch_size, seq_len=args.seq_len,
+                       eval_batches=args.eval_batches, seed=args.seed, device=args.device,
+                       dtype=args.dtype, data=args.data, tokenizer=args.tokenizer,
+                       vocab_size=args.vocab_size, **{**base, **extra})
 
 
 def _compare(args) -> int:
@@ -72,7 +106,12 @@ def _compare(args) -> int:
         if name not in OPTIMIZERS:
             raise SystemExit(f"memopt compare: unknown optimizer {name!r}; "
                              f"choose from {', '.join(OPTIMIZERS)}")
-        configs.append(_config(args, name, optimizer_kwargs=_parse_settings(settings)))
+        kwargs = _parse_settings(settings)
+        _check_settings(name, kwargs)  # every arm before any runs: a typo costs no training
+        run = {k: kwargs.pop(k) for k in RUN_SETTINGS if k in kwargs}
+        if "betas" in run:
+            run["betas"] = tuple(run["betas"])
+        configs.append(_config(args, name, optimizer_kwargs=kwargs, **run))
     results = compare(configs)
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     table = write_outputs(results, out, _machine())
@@ -84,9 +123,16 @@ def _compare(args) -> int:
 
 
 def _parse_settings(text: str) -> dict:
-    """"density=0,update_gap=100" -> {"density": 0, "update_gap": 100} (Python literals)."""
+    """"density=0,update_gap=100" -> {"density": 0, "update_gap": 100} (Python literals; a
+    comma inside brackets, as in betas=(0.9,0.99), belongs to its value)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
     out = {}
-    for item in filter(None, text.split(",")):
+    for item in filter(None, items):
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"memopt compare: setting {item!r} is not key=value")
@@ -95,6 +141,18 @@ def _parse_settings(text: str) -> dict:
         except (ValueError, SyntaxError):
             out[key.strip()] = value.strip()  # a bare word: a string option
     return out
+
+
+def _check_settings(name: str, kwargs: dict) -> None:
+    """Raises SystemExit naming the valid keys when a setting is not one `name` takes."""
+    signature = inspect.signature(OPTIMIZERS[name].cls.__init__)
+    valid = sorted(k for k, p in signature.parameters.items()
+                   if k not in ("self", "params", "named_params_or_model", "source")
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise SystemExit(f"memopt compare: {name} has no setting {', '.join(map(repr, unknown))}; "
+                         f"valid: {', '.join(valid)}")
 
 
 def _init_distributed(args) -> bool:
@@ -185,7 +243,12 @@ def _run_training(args) -> int:
 def _plan(args) -> int:
     base = plan(args.model, "adamw", dtype=args.dtype, layerwise=False,
                 batch_size=args.batch_size, seq_len=args.seq_len)
-    names = args.optimizer.split(",") if args.optimizer else [n for n in OPTIMIZERS if n != "adamw"]
+    names = args.optimizer.split(",") if args.optimizer else list(OPTIMIZERS)
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown:
+        raise SystemExit(f"memopt plan: unknown optimizer {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(OPTIMIZERS)}")
+    names = [n for n in dict.fromkeys(names) if n != "adamw"]  # adamw is the first row already
     if args.layerwise:
         cannot = [n for n in names
                   if n in OPTIMIZERS and not OPTIMIZERS[n].cls.steps_single_params]
@@ -216,12 +279,14 @@ def _machine() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memopt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    fmt = dict(formatter_class=_HelpFormatter)
 
     c = sub.add_parser("compare", help="train one model with each optimizer, same seed and data, "
-                                       "and compare memory, speed and loss")
+                                       "and compare memory, speed and loss", **fmt)
     c.add_argument("--optimizers", help=f"comma-separated (default all: {','.join(OPTIMIZERS)}); "
                                         "settings after a colon, runs separated by spaces: "
-                                        "\"adamw frugal:density=0.25 frugal:density=0\"")
+                                        "\"adamw frugal:density=0.25 apollo:lr=1e-2,rank=64\" "
+                                        "(lr, weight_decay and betas set that run's own)")
     _add_train_args(c, steps=None, model=None)
     c.add_argument("--quick", action="store_true",
                    help="tiny model, 120 steps: under 3 minutes on 2 CPU cores (default: small "
@@ -229,10 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output directory (default runs/compare-<time>)")
     c.set_defaults(func=_compare)
 
-    t = sub.add_parser("train", help="train a model with one optimizer")
+    t = sub.add_parser("train", help="train a model with one optimizer", **fmt)
     t.add_argument("--optimizer", choices=list(OPTIMIZERS), required=True)
     _add_train_args(t, steps=1000, model="tiny")
-    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--grad-accum", type=positive_int, default=1)
     t.add_argument("--grad-clip", type=float, default=1.0,
                    help="global-norm clipping (0: off; required with --layerwise)")
     t.add_argument("--layerwise", action="store_true",
@@ -248,13 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "DCP directories; the optimizer must support FSDP2")
     t.set_defaults(func=_train)
 
-    p = sub.add_parser("plan", help="memory plan of a training run (meta device, no memory)")
+    p = sub.add_parser("plan", help="memory plan of a training run (meta device, no memory)",
+                       **fmt)
     p.add_argument("--model", choices=LLAMA_PRESETS, default="llama-7b")
     p.add_argument("--optimizer", help="comma-separated (default: every optimizer)")
     p.add_argument("--layerwise", action="store_true")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--seq-len", type=positive_int, default=2048)
     p.set_defaults(func=_plan)
 
     from .snr_cli import add_snr_subcommand

@@ -67,13 +67,21 @@ def plan(model: str, optimizer: str, *, dtype: str = "fp32", layerwise: bool = F
                 activation_bytes(net.config, batch_size, seq_len, DTYPES[dtype].itemsize))
 
 
+def _count(n: int) -> str:
+    """A parameter count as the papers write it: 6.74B, 60.3M, 120.5K."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}" if n < 100 * scale else f"{n / scale:.0f}{unit}"
+    return str(n)
+
+
 def format_plans(plans: list[Plan], baseline: Plan) -> str:
     """Markdown table, one row per plan, with the state and total against `baseline`."""
     rows = ["| model | optimizer | dtype | layer-wise | weights GB | grads GB | state GB "
             "| state vs AdamW | activations GB | total GB |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for p in [baseline] + plans:
-        rows.append(f"| {p.model} ({p.params / 1e9:.2f}B) | {p.optimizer} | {p.dtype} | "
+        rows.append(f"| {p.model} ({_count(p.params)}) | {p.optimizer} | {p.dtype} | "
                     f"{'yes' if p.layerwise else 'no'} | {p.weights / GB:.2f} | "
                     f"{p.grads / GB:.2f} | {p.state / GB:.2f} | "
                     f"{p.state / baseline.state:.3f} | {p.activations / GB:.2f} | "

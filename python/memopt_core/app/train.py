@@ -16,7 +16,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +33,10 @@ from ..registry import OPTIMIZERS, make_optimizer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHECKPOINT = "last.pt"
 DCP_CHECKPOINT = "last.dcp"  # with fsdp: a symlink to the newest complete DCP directory
+
+
+def _as_tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
 @dataclass
@@ -64,8 +68,12 @@ class TrainConfig:
 
     @property
     def label(self) -> str:
-        """The optimizer and its extra settings, as `memopt compare` names a run."""
-        extra = ",".join(f"{k}={v}" for k, v in self.optimizer_kwargs.items())
+        """The optimizer and its extra settings, as `memopt compare` names a run: its own
+        options, then lr / weight_decay / betas where they differ from TrainConfig's defaults."""
+        run = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name in ("lr", "weight_decay", "betas")
+               and _as_tuple(getattr(self, f.name)) != _as_tuple(f.default)}
+        extra = ",".join(f"{k}={v}" for k, v in {**self.optimizer_kwargs, **run}.items())
         return f"{self.optimizer}:{extra}" if extra else self.optimizer
 
     def check(self) -> None:
