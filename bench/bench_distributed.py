@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import HP, Adam_mini, append_results, arg_parser, commit, machine, model_config  # noqa: E402
+from harness import (HP, Adam_mini, append_results, arg_parser, commit, machine,  # noqa: E402
+                     model_config, state_bytes)
 
 import memopt_core  # noqa: E402
 from memopt_core.app.models import Llama  # noqa: E402
@@ -106,10 +107,7 @@ def rank_main(rank, world, port, a):
             opts[n][0].step()
             dist.barrier()
             times.setdefault(n, []).append(time.perf_counter() - t0)
-    state = {n: sum(t.to_local().numel() * t.to_local().element_size() if hasattr(t, "to_local")
-                    else t.numel() * t.element_size()
-                    for s in o.state.values() for t in s.values() if torch.is_tensor(t))
-             for n, (o, _) in opts.items()}
+    state = {n: state_bytes(o) for n, (o, _) in opts.items()}  # this rank's shards
     if rank == 0:
         report(a, world, rows, times, state, opts)
     dist.destroy_process_group()

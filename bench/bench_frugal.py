@@ -4,8 +4,9 @@
 Command (from the repo root; about 1 min for 50m on 2 idle cores):
     python bench/bench_frugal.py --size 50m [--write]
 
-Same method as bench/bench_step.py (imported: model, fixed gradients, round-robin timing with the
-median and the ratio to torch fused AdamW from the same rounds, peak RSS in a fresh subprocess).
+Same method as bench/bench_step.py (bench/harness.py: model, fixed gradients, round-robin
+timing with the median and the ratio to torch fused AdamW from the same rounds, peak RSS in a
+fresh subprocess).
 Contenders: memopt_core.Frugal with block selection at rho=0.25 (the paper's pre-training
 default) and rho=0 (its 7B setting), column selection at rho=0.25, memopt AdamW and torch AdamW
 fused. update_gap is the default 200, so the timed steps contain no re-selection (a block
@@ -22,41 +23,40 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_step  # noqa: E402
+import harness as H  # noqa: E402
 import torch  # noqa: E402
 
 import memopt_core  # noqa: E402
 from memopt_core.app.models import num_params  # noqa: E402
 
-HP = bench_step.HP
+HP = H.HP
 CONTENDERS = {
     "Frugal block rho=0.25": lambda m: memopt_core.Frugal(m, **HP, density=0.25),
     "Frugal block rho=0": lambda m: memopt_core.Frugal(m, **HP, density=0.0),
     "Frugal columns rho=0.25": lambda m: memopt_core.Frugal(m, **HP, density=0.25,
                                                             selection="columns"),
-    "memopt AdamW": bench_step.CONTENDERS["memopt AdamW"],
-    bench_step.BASELINE: bench_step.CONTENDERS[bench_step.BASELINE],
+    "memopt AdamW": H.ADAM_CONTENDERS["memopt AdamW"],
+    H.BASELINE: H.ADAM_CONTENDERS[H.BASELINE],
 }
-bench_step.CONTENDERS = CONTENDERS  # the harness looks contenders up by name
 
 
 def main() -> None:
-    args = bench_step.arg_parser(__doc__, rounds=9).parse_args()
+    args = H.arg_parser(__doc__, rounds=9).parse_args()
     if args.memory_child:
-        return bench_step.memory_child(args.size, args.memory_child)
+        return H.memory_child(CONTENDERS, args.memory_child, args.size)
     names = list(CONTENDERS)
-    model = bench_step.build_model(args.size)
+    model = H.build_model(args.size)
     n = num_params(model)
-    times, sbytes = bench_step.time_steps(model, names, args.warmup, args.rounds)
+    times, sbytes = H.time_steps(model, CONTENDERS, args.warmup, args.rounds)
     del model
     gc.collect()
     mem = {} if args.no_memory else {
-        k: bench_step.measure_memory(args.size, k, __file__) for k in names}
+        k: H.measure_memory(args.size, k, __file__) for k in names}
     med = {k: statistics.median(v) for k, v in times.items()}
-    base = med[bench_step.BASELINE]
+    base = med[H.BASELINE]
     lines = [f"### FRUGAL step() on CPU, LLaMA-style {args.size} ({n / 1e6:.1f}M params, fp32)", "",
-             f"{datetime.date.today()} | {bench_step.machine()} (shared with other jobs: noisy) | "
-             f"torch {torch.__version__} | commit {bench_step.commit()} | median of {args.rounds} "
+             f"{datetime.date.today()} | {H.machine()} (shared with other jobs: noisy) | "
+             f"torch {torch.__version__} | commit {H.commit()} | median of {args.rounds} "
              f"round-robin rounds after {args.warmup} warm-up steps | "
              "`python bench/bench_frugal.py --size " + args.size + "`", "",
              "| optimizer | step ms | vs torch fused AdamW | state bytes/param | state vs AdamW "
@@ -64,12 +64,11 @@ def main() -> None:
     for k in names:
         peak = f"{mem[k]['over'] / 2**20:.1f}" if k in mem else "-"
         lines.append(f"| {k} | {1e3 * med[k]:.1f} | {med[k] / base:.2f}x | {sbytes[k] / n:.2f} "
-                     f"| {sbytes[k] / sbytes[bench_step.BASELINE]:.3f} | {peak} |")
+                     f"| {sbytes[k] / sbytes[H.BASELINE]:.3f} | {peak} |")
     table = "\n".join(lines)
     print(table)
     if args.write:
-        with (bench_step.ROOT / "bench" / "RESULTS.md").open("a") as f:
-            f.write("\n" + table + "\n")
+        H.append_results(table)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 """The CUDA half of bench/bench_step.py (`--device cuda`); imported by it, importable without a GPU.
+It imports nothing of bench_step: its shared code comes from bench/harness.py, its contenders
+from bench_step.main (an argument).
 
 Method (the device METHOD: events, warm-up, medians, rotation, a measured ceiling):
   * Time: every contender shares one model on the GPU with a fixed random gradient (never zeros)
@@ -28,6 +30,9 @@ import subprocess
 import sys
 
 import torch
+
+import harness as H
+from memopt_core.app.models import num_params
 
 DEVICE_SIZES = ("50m", "200m", "llama-1b", "7b-layers")
 
@@ -91,12 +96,12 @@ def step_transient(opt) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def memory_child(B, args, name: str) -> None:
+def memory_child(args, contenders: dict, name: str) -> None:
     """Run in a fresh process: peak above params + grads + state during steady-state steps."""
-    model = B.build_model(args.size, "cuda", args.dtype, args.layers)
+    model = H.build_model(args.size, "cuda", args.dtype, args.layers)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()  # params + grads (and the model's buffers)
-    opt = B.CONTENDERS[name](model)
+    opt = contenders[name](model)
     for _ in range(2):
         opt.step()
     peak = transient = 0
@@ -108,7 +113,7 @@ def memory_child(B, args, name: str) -> None:
         torch.cuda.synchronize()
         peak = max(peak, torch.cuda.max_memory_allocated())
         transient = max(transient, torch.cuda.max_memory_allocated() - before)
-    sb = B.state_bytes(opt)
+    sb = H.state_bytes(opt)
     print(json.dumps(dict(base=base, state=sb, over=peak - base - sb, transient=transient)))
 
 
@@ -125,22 +130,22 @@ def machine() -> str:
             f"CUDA {torch.version.cuda}")
 
 
-def main(B, args, script: str) -> None:
+def main(args, contenders: dict, script: str) -> None:
+    """bench_step.py --device cuda with `contenders` ({name: make(model)}, the baseline among
+    them); `script` is bench_step.py, run again for the memory children."""
     require_cuda()
     if args.memory_child:
-        return memory_child(B, args, args.memory_child)
-    names = args.only or list(B.CONTENDERS)
-    if B.BASELINE not in names:
-        names.append(B.BASELINE)
+        return memory_child(args, contenders, args.memory_child)
+    names = list(contenders)
     copy_bw = copy_bandwidth()  # before the model, while the memory is free
-    model = B.build_model(args.size, "cuda", args.dtype, args.layers)
-    n = B.num_params(model)
+    model = H.build_model(args.size, "cuda", args.dtype, args.layers)
+    n = num_params(model)
     print(f"timing {len(names)} optimizers on {args.size} ({n / 1e6:.1f}M params, {args.dtype}) "
           f"on {machine()}...", file=sys.stderr)
-    opts = {k: B.CONTENDERS[k](model) for k in names}  # every state alive at once
-    times = B.round_robin(opts, args.warmup, args.rounds, _timed_step)
+    opts = {k: make(model) for k, make in contenders.items()}  # every state alive at once
+    times = H.round_robin(opts, args.warmup, args.rounds, _timed_step)
     moved = {k: min_bytes(o) for k, o in opts.items()}
-    sbytes = {k: B.state_bytes(o) for k, o in opts.items()}
+    sbytes = {k: H.state_bytes(o) for k, o in opts.items()}
     transient = {k: step_transient(o) for k, o in opts.items()}
     del opts, model
     torch.cuda.empty_cache()
@@ -154,7 +159,7 @@ def main(B, args, script: str) -> None:
     spread = {k: (max(v) - min(v)) / med[k] for k, v in times.items()}
     lines = [f"### step() on CUDA, LLaMA-style {args.size} ({n / 1e6:.1f}M params, {args.dtype})", "",
              f"{datetime.date.today()} | {machine()} | torch {torch.__version__} | commit "
-             f"{B.commit()} | median of {args.rounds} rotated rounds after {args.warmup} warm-up "
+             f"{H.commit()} | median of {args.rounds} rotated rounds after {args.warmup} warm-up "
              f"steps, CUDA events | device copy {copy_bw / 1e9:.0f} GB/s (read + write)", "",
              "| optimizer | step ms | vs torch fused AdamW | spread | bytes/param to move "
              "| GB/s | of copy | state bytes/param | step transient (MiB) "
@@ -164,11 +169,11 @@ def main(B, args, script: str) -> None:
         bw = moved[name] / med[name]
         m = mem.get(name)
         peak = f"{m['over'] / 2**20:.1f} | {m['over'] / n:.3f}" if m else "- | -"
-        lines.append(f"| {name} | {1e3 * med[name]:.2f} | {med[name] / med[B.BASELINE]:.2f}x "
+        lines.append(f"| {name} | {1e3 * med[name]:.2f} | {med[name] / med[H.BASELINE]:.2f}x "
                      f"| {100 * spread[name]:.0f}% | {moved[name] / n:.2f} | {bw / 1e9:.0f} "
                      f"| {bw / copy_bw:.2f} | {sbytes[name] / n:.2f} "
                      f"| {transient[name] / 2**20:.1f} | {peak} |")
     table = "\n".join(lines)
     print(table)
     if args.write:
-        B.append_results(table)
+        H.append_results(table)
