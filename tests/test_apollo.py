@@ -198,7 +198,7 @@ def test_store_projection_false_gives_identical_results_with_less_state():
     p_bytes = sum(o1.state[a]["proj"].numel() * 2 for a in p1)
     assert o1.state_bytes() - o2.state_bytes() == p_bytes
     with pytest.raises(ValueError, match="store_projection"):
-        memopt_core.Apollo(_params(), proj="svd", store_projection=False)
+        memopt_core.Apollo(_params(), rank=RANK, proj="svd", store_projection=False)
 
 
 def test_resume_across_a_refresh_is_exact():

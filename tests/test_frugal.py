@@ -174,7 +174,7 @@ def test_bad_options_raise(kw, exc, word):
 
 
 def test_needs_names():
-    with pytest.raises(TypeError, match="names"):
+    with pytest.raises(TypeError, match="name"):
         memopt_core.Frugal(list(make_llama().parameters()))
 
 

@@ -6,7 +6,7 @@
 
 #include <fstream>
 #include <iostream>
-#include <memopt/optimizers.h>
+#include <memopt/memopt.h>
 #include <string>
 #include <utility>
 #include <vector>

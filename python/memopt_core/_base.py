@@ -310,16 +310,19 @@ class MemoptOptimizer(torch.optim.Optimizer):
         return sum(self._state_dtype(p, k).itemsize * math.prod(s)
                    for k, s in self._state_shapes(p).items()) + 4
 
-    def _describe_row(self, p: torch.Tensor) -> tuple[str, int]:
-        """(role, number of second-moment values) of a parameter."""
-        return "adam", p.numel()
+    def _describe_row(self, p: torch.Tensor) -> tuple[str, object]:
+        """(role, its second-moment blocks: a count, or "elementwise" for Adam's own v)."""
+        return "adam", "elementwise"
 
     def describe(self) -> str:
         """A table of what the optimizer decided per tensor: role, blocks, state bytes (as it
         will be once initialised), with totals against AdamW (m and v in the parameter dtype)."""
-        rows, total, adamw = [], 0, 0
+        rows, total, adamw, index = [], 0, 0, 0
         for group in self.param_groups:
-            names = group.get("param_names") or [f"param{i}" for i in range(len(group["params"]))]
+            # unnamed parameters are numbered across groups, as state_dict() numbers them
+            names = group.get("param_names") or [f"param{index + i}"
+                                                 for i in range(len(group["params"]))]
+            index += len(group["params"])
             for name, p in zip(names, group["params"]):
                 role, blocks = self._describe_row(p)
                 nbytes = self._planned_bytes(p)
@@ -327,8 +330,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 adamw += 2 * tensor_bytes(p) + 4
                 rows.append((name, "x".join(map(str, p.shape)) or "scalar", role, blocks, nbytes))
         width = max([len(r[0]) for r in rows] + [6])
-        lines = [f"{'tensor':<{width}}  {'shape':>14}  {'role':<9} {'blocks':>10} {'state bytes':>13}"]
-        lines += [f"{n:<{width}}  {s:>14}  {r:<9} {b:>10} {nb:>13,}" for n, s, r, b, nb in rows]
+        lines = [f"{'tensor':<{width}}  {'shape':>14}  {'role':<9} {'blocks':>11} {'state bytes':>13}"]
+        lines += [f"{n:<{width}}  {s:>14}  {r:<9} {b:>11} {nb:>13,}" for n, s, r, b, nb in rows]
         ratio = total / adamw if adamw else 0.0
         lines.append(f"total state {total:,} bytes = {ratio:.4f} x AdamW's {adamw:,} bytes")
         return "\n".join(lines)

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
 from .distributed import ShardedCall, local
 from .roles import infer_roles, model_dims
+from .sources import need_names, resolve
 
 _NO_DECAY_ROLES = {"norm", "bias", "scalar"}
 # adam-mini 1.1.1's defaults, used by partition="reference" when no model config says otherwise.
@@ -68,10 +68,11 @@ class AdamMini(MemoptOptimizer):
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, dim=None, n_heads=None, n_kv_heads=None,
-                 partition="auto", roles=None):
-        model = named_params_or_model if isinstance(named_params_or_model, nn.Module) else None
-        groups = _named_groups(named_params_or_model)
-        named = [np for g in groups for np in g["params"]]
+                 partition="auto", roles=None, model=None):
+        src = resolve(named_params_or_model, model)
+        need_names(src, type(self).__name__, "its blocks (attention heads, embedding rows, "
+                   "norms) and which tensors decay")
+        model, groups, named = src.model, src.groups, src.named
         self.blocks = _partition(named, model, partition, roles, dim, n_heads, n_kv_heads)
         torch_groups = []
         for g in groups:
@@ -120,27 +121,6 @@ class AdamMini(MemoptOptimizer):
         torch.ops.memopt.adam_mini_block_sums_(grads, blocks, shards, sums)
         return ShardedCall(lambda: torch.ops.memopt.adam_mini_shard_update_(*args), sums,
                            self._shard_layout(params[0]).group)
-
-
-def _named_groups(source) -> list[dict]:
-    """Param groups whose 'params' are (name, tensor) pairs, from a model, named parameters, or
-    dict groups of named parameters. Tensors that do not require grad are left out."""
-    if isinstance(source, nn.Module):
-        source = source.named_parameters()
-    items = list(source)
-    if items and isinstance(items[0], dict):
-        groups = [dict(g, params=list(g["params"])) for g in items]
-    else:
-        groups = [{"params": items}]
-    for g in groups:
-        for entry in g["params"]:
-            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
-                    and isinstance(entry[1], torch.Tensor)):
-                raise TypeError(
-                    "AdamMini needs parameter names to partition: pass a model, "
-                    "model.named_parameters(), or groups whose 'params' are (name, tensor) pairs")
-        g["params"] = [(n, p) for n, p in g["params"] if p.requires_grad]
-    return groups
 
 
 def _partition(named, model, partition, roles, dim, n_heads, n_kv_heads) -> dict:

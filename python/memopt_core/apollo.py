@@ -5,12 +5,12 @@ import warnings
 from typing import Optional
 
 import torch
-from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
 from .distributed import ShardedCall, apollo_shard_placement, local_args
 from .roles import infer_roles
+from .sources import need_names, resolve
 
 # Roles whose 2-D weights are projected when the optimizer is built from a model or names
 # (apollo-torch's main_pretrain: the attention and MLP linears). Embeddings, the output layer,
@@ -39,11 +39,15 @@ class Apollo(MemoptOptimizer):
     gradient-sized. Other tensors (groups without ``rank``) get AdamW (``memopt_core.AdamW``'s
     op, torch.optim.AdamW semantics; apollo-torch's own AdamW adds eps before bias correction).
 
-    Parameters: ``params`` is a model or ``named_parameters()`` (attention and MLP 2-D weights,
-    by role, are projected with ``rank``; embeddings, norms, output layer and biases get AdamW;
-    ``roles=`` overrides as in ``memopt_core.roles.infer_roles``), apollo-torch-style groups (a
-    group with a ``rank`` key is projected, and may set any setting below), or plain tensors
-    (2-D ones projected). ``proj``: "random" or "svd" (GaLore's top-r singular vectors, float32).
+    Parameters (memopt_core.sources): ``params`` is a model or ``named_parameters()``, or param
+    groups with ``model=``: attention and MLP 2-D weights, by role, are projected with ``rank``;
+    embeddings, norms, output layer and biases get AdamW (``roles=`` overrides as in
+    ``memopt_core.roles.infer_roles``). ``rank`` defaults to the model's hidden size / 4, at
+    most 256 (APOLLO's pre-training scripts; 256 when the model does not say), and a tensor
+    never gets more than its smaller side. apollo-torch-style groups (a group with a ``rank``
+    key is projected and may set any setting below) are kept as given. Bare tensors without
+    names are projected (the 2-D ones) only when ``rank`` is given; otherwise the
+    constructor raises and says how to pass the model. ``proj``: "random" or "svd" (GaLore's top-r singular vectors, float32).
     ``proj_type``: "std" (compress the smaller dim), "reverse_std", "left", "right".
     ``scale``: alpha^2 (the update is scaled by sqrt(scale), as apollo-torch does).
     ``norm_growth_limit``: gamma, or None to turn the limiter off (apollo-torch's disable_nl).
@@ -76,10 +80,10 @@ class Apollo(MemoptOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
-                 rank=256, proj="random", proj_type="std", scale_type="channel",
+                 rank=None, proj="random", proj_type="std", scale_type="channel",
                  update_proj_gap=200, scale=1.0, norm_growth_limit: Optional[float] = 1.01,
-                 scale_front=False, store_projection=True, roles=None):
-        groups = _apollo_groups(params, rank, roles)
+                 scale_front=False, store_projection=True, roles=None, model=None):
+        groups = _apollo_groups(resolve(params, model), rank, roles, self)
         self._seed0: dict = {}    # before super().__init__, which calls add_param_group
         self._group_cache: tuple = ((), {})
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, proj=proj,
@@ -88,6 +92,13 @@ class Apollo(MemoptOptimizer):
                         norm_growth_limit=norm_growth_limit, scale_front=scale_front,
                         store_projection=store_projection)
         super().__init__(groups, defaults)
+
+    @staticmethod
+    def default_rank(model) -> int:
+        """APOLLO's pre-training scripts: rank d/4 up to 256 (60M 128, 130M 192, 350M-7B 256);
+        256 when the model does not give its hidden size (model.config.hidden_size)."""
+        d = getattr(getattr(model, "config", None), "hidden_size", None)
+        return max(1, min(256, int(d) // 4)) if d else 256
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group plus APOLLO's checks for a group with ``rank``; every
@@ -233,7 +244,7 @@ class Apollo(MemoptOptimizer):
     def _describe_row(self, p):
         group = self._group_of(p)
         if group.get("rank") is None:
-            return "adamw", p.numel()
+            return "adamw", "elementwise"
         proj = self._projector(p, group)
         factors = proj.channels if group["scale_type"] == "channel" else 1
         return f"apollo-{proj.side[0].upper()}{proj.rank}", factors
@@ -266,14 +277,18 @@ class ApolloMini(Apollo):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
-                 rank=1, proj="random", proj_type="std", scale_type="tensor",
+                 rank=None, proj="random", proj_type="std", scale_type="tensor",
                  update_proj_gap=200, scale=128.0, norm_growth_limit: Optional[float] = 1.01,
-                 scale_front=False, store_projection=True, roles=None):
+                 scale_front=False, store_projection=True, roles=None, model=None):
         super().__init__(params, lr, betas, eps, weight_decay, rank=rank, proj=proj,
                          proj_type=proj_type, scale_type=scale_type,
                          update_proj_gap=update_proj_gap, scale=scale,
                          norm_growth_limit=norm_growth_limit, scale_front=scale_front,
-                         store_projection=store_projection, roles=roles)
+                         store_projection=store_projection, roles=roles, model=model)
+
+    @staticmethod
+    def default_rank(model) -> int:
+        return 1  # the paper's APOLLO-Mini
 
 
 _SVD_SHARDED = ("APOLLO with proj='svd' cannot step weights sharded over ranks (FSDP2): an SVD "
@@ -286,39 +301,44 @@ def _gamma(group) -> float:
     return 0.0 if gamma is None else float(gamma)
 
 
-def _apollo_groups(source, rank, roles) -> list:
-    """Param groups from a model, named parameters, apollo-torch-style dict groups (kept as
-    given; names in (name, tensor) pairs move to 'param_names') or plain tensors."""
-    model = source if isinstance(source, nn.Module) else None
-    if model is not None:
-        source = model.named_parameters()
-    items = list(source)
-    if items and isinstance(items[0], dict):
-        groups = []
-        for g in items:
-            g, params = dict(g), list(g["params"])
-            if params and isinstance(params[0], tuple):
-                g["param_names"] = [n for n, _ in params]
-                params = [p for _, p in params]
-            groups.append({**g, "params": params})
-        return groups
-    if items and isinstance(items[0], tuple):
-        named = [(n, p) for n, p in items if p.requires_grad]
+def _apollo_groups(src, rank, roles, opt) -> list:
+    """Torch param groups from resolved sources: apollo-torch-style groups (any with a 'rank'
+    key) as given; otherwise each group split into projected tensors (by role, or every 2-D
+    tensor of bare tensors given with an explicit rank), one group per effective rank (a
+    tensor's never above its smaller side), and AdamW tensors."""
+    if any("rank" in g for g in src.groups):
+        return [_torch_group(g, g["params"]) for g in src.groups if g["params"]]
+    if rank is None:
+        need_names(src, type(opt).__name__, "which weights are projected (the paper projects "
+                   "attention and MLP weights, not embeddings, norms or the head)")
+        rank = opt.default_rank(src.model)
+    named = src.named
+    if src.all_named:
         with warnings.catch_warnings():  # head-count fallbacks matter to Adam-mini, not here
             warnings.simplefilter("ignore")
-            inferred = infer_roles(named, model, roles=roles)
-        chosen = [p.dim() == 2 and inferred[n].role in PROJECTED_ROLES for n, p in named]
+            inferred = infer_roles(named, src.model, roles=roles)
+        chosen = {p: p.dim() == 2 and inferred[n].role in PROJECTED_ROLES for n, p in named}
     else:
-        named = [(None, p) for p in items]
-        chosen = [p.dim() == 2 for p in items]
+        chosen = {p: p.dim() == 2 for _, p in named}
     groups = []
-    for projected in (True, False):
-        members = [(n, p) for (n, p), c in zip(named, chosen) if c == projected]
-        if members:
-            group = {"params": [p for _, p in members]}
-            if members[0][0] is not None:
-                group["param_names"] = [n for n, _ in members]
-            if projected:
-                group["rank"] = rank
-            groups.append(group)
+    for g in src.groups:
+        by_rank, rest = {}, []
+        for n, p in g["params"]:
+            if chosen[p]:
+                by_rank.setdefault(max(1, min(int(rank), *p.shape)), []).append((n, p))
+            else:
+                rest.append((n, p))
+        groups += [_torch_group(g, members, rank=r) for r, members in by_rank.items()]
+        if rest:
+            groups.append(_torch_group(g, rest))
     return groups
+
+
+def _torch_group(g: dict, members: list, **extra) -> dict:
+    """A torch param group: g's settings, `members`' tensors and, where all are named, their
+    names."""
+    out = {**{k: v for k, v in g.items() if k != "params"}, **extra,
+           "params": [p for _, p in members]}
+    if members and all(n is not None for n, _ in members):
+        out["param_names"] = [n for n, _ in members]
+    return out

@@ -6,13 +6,13 @@ from collections import defaultdict
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
 from .distributed import local_args
 from .frugal_shard import FrugalShard
-from .frugal_state import FrugalCheckpoint, named_groups, projectable
+from .frugal_state import FrugalCheckpoint, projectable
+from .sources import need_names, resolve
 
 SELECTIONS = ("block", "columns", "rows", "randk", "svd", "random", "randperm")
 _PROJECTIONS = ("svd", "random", "randperm")
@@ -91,7 +91,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                  weight_decay=0.0, *, density=0.25, update_gap=200, selection="block",
                  block_order="descending", state_free="sign_sgd", state_free_lr_scale=1.0,
                  proj_params_lr_scale=1.0, reset_statistics=True, proj_embeds=False,
-                 proj_norms=False, proj_logits=False, roles=None, seed=None):
+                 proj_norms=False, proj_logits=False, roles=None, seed=None, model=None):
         if not (isinstance(density, (int, float)) and 0.0 <= density <= 1.0):
             raise ValueError(f"density must be in [0, 1], got {density!r}")
         if not (isinstance(update_gap, int) and update_gap >= 1):
@@ -103,9 +103,10 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         self.density, self.update_gap, self.selection = float(density), update_gap, selection
         self.block_order, self.state_free = block_order, state_free
         self.reset_statistics = bool(reset_statistics)
-        model = named_params_or_model if isinstance(named_params_or_model, nn.Module) else None
-        groups = named_groups(named_params_or_model)
-        named = [np for g in groups for np in g["params"]]
+        src = resolve(named_params_or_model, model)
+        need_names(src, type(self).__name__, "which tensors are projectable blocks (attention "
+                   "and MLP weights, not embeddings, norms or the head)")
+        model, groups, named = src.model, src.groups, src.named
         proj = projectable(named, model, roles, proj_embeds, proj_norms, proj_logits)
         torch_groups = [{**{k: v for k, v in g.items() if k != "params"},
                          "params": [p for _, p in g["params"]],

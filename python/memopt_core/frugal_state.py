@@ -177,22 +177,3 @@ def projectable(named, model, roles, proj_embeds, proj_norms, proj_logits) -> di
                 (r.role == "linear" and r.note and p.dim() == 2):  # a q/k whose heads are unknown
             out[p] = name
     return out
-
-
-def named_groups(source) -> list[dict]:
-    """Param groups of (name, tensor) pairs from a model, named parameters or dict groups of
-    named parameters; tensors that do not require grad are left out."""
-    if isinstance(source, nn.Module):
-        source = source.named_parameters()
-    items = list(source)
-    groups = [dict(g, params=list(g["params"])) for g in items] \
-        if items and isinstance(items[0], dict) else [{"params": items}]
-    for g in groups:
-        for entry in g["params"]:
-            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
-                    and isinstance(entry[1], torch.Tensor)):
-                raise TypeError("Frugal needs parameter names to find the projectable tensors: "
-                                "pass a model, model.named_parameters(), or groups whose "
-                                "'params' are (name, tensor) pairs")
-        g["params"] = [(n, p) for n, p in g["params"] if p.requires_grad]
-    return groups

@@ -283,6 +283,9 @@ def _with_heads(r: TensorRole, shape: tuple, dims: dict, layout_known: bool) -> 
     """Attach head sizes to a query / key / qkv role; without usable heads an inferred role
     falls back to per-output-neuron blocks ('linear'), an override keeps its role."""
     hd, q = dims["head_dim"] or 0, dims["n_heads"] or 0
+    if not hd and q and len(shape) == 2:  # n_heads alone: the hidden size is the input width
+        width = shape[0] if r.transposed else shape[1]
+        hd = width // q if width % q == 0 else 0
 
     def kv_split(out: int) -> int:  # kv heads if `out` features split as q | k | v heads, else 0
         rest = out // hd - q if hd and out % hd == 0 else 0

@@ -7,12 +7,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
-from .adam_mini import AdamMini, Blocks, _named_groups
+from .adam_mini import AdamMini, Blocks
 from .roles import infer_roles, per_kv_group
+from .sources import need_names, resolve
 
 _COMPILE_PREFIX = "_orig_mod."  # torch.compile's wrapper; the reference strips it from names
 
@@ -67,10 +67,11 @@ class SlimAdam(MemoptOptimizer):
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, rules="table", roles=None, dim=None, n_heads=None,
-                 n_kv_heads=None):
-        model = named_params_or_model if isinstance(named_params_or_model, nn.Module) else None
-        groups = _named_groups(named_params_or_model)
-        named = [np for g in groups for np in g["params"]]
+                 n_kv_heads=None, model=None):
+        src = resolve(named_params_or_model, model)
+        need_names(src, type(self).__name__, "the layout of each second moment (its rule "
+                   "keys are tensor names and roles) and which tensors decay")
+        model, groups, named = src.model, src.groups, src.named
         self.blocks = plan_layouts(named, model, rules, roles=roles, dim=dim, n_heads=n_heads,
                                    n_kv_heads=n_kv_heads)
         torch_groups = []
