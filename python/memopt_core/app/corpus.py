@@ -9,8 +9,9 @@ validation text ever appears in a training window.
 Tokenizers: "byte" (UTF-8 bytes, vocabulary 256, nothing to train) or "bpe" (a byte-level BPE
 trained on the spot on the training files with Hugging Face `tokenizers`, then cached with the
 token ids under ~/.cache/memopt_core, keyed by the corpus content and vocabulary size).
-`load(data=PATH)` takes a user's text file or directory of text files instead, or a
-pre-tokenized `.bin` (nanoGPT's format: uint16 token ids; last 10% is validation).
+`load(data=PATH)` takes a user's text file or directory of text files instead (a single file
+is split by lines: its last 10% to validation), or a pre-tokenized `.bin` (nanoGPT's format:
+uint16 token ids; last 10% is validation). Empty data is a ValueError.
 """
 from __future__ import annotations
 
@@ -124,13 +125,30 @@ def _check(data: torch.Tensor, seq_len: int, split: str) -> None:
 
 # ---- building a corpus ------------------------------------------------------------------------
 def _read_files(root: Path, files: list[str]) -> tuple[bytes, bytes]:
-    train, val = [], []
-    for rel in files:
-        (val if is_val_file(rel) else train).append((root / rel).read_bytes())
+    texts = [(rel, (root / rel).read_bytes()) for rel in files]
+    if not any(text for _, text in texts):
+        where = root / files[0] if len(files) == 1 else root
+        raise ValueError(f"{where}: no text (empty file{'s' if len(files) > 1 else ''}); "
+                         "nothing to train on")
+    if len(texts) == 1:  # one file: split it by lines
+        return _split_lines(texts[0][1])
+    train = [text for rel, text in texts if not is_val_file(rel)]
+    val = [text for rel, text in texts if is_val_file(rel)]
     if not val or not train:  # too few files for a by-file split: hold out the last one
         train, val = train + val, []
         val.append(train.pop())
     return b"\n\n".join(train), b"\n\n".join(val)
+
+
+def _split_lines(text: bytes) -> tuple[bytes, bytes]:
+    """One text: its last 10% of lines (at least one) to validation, cut at a line boundary, so
+    no validation text is in a training window; a single line is cut by bytes (90/10)."""
+    lines = text.splitlines(keepends=True)
+    if len(lines) < 2:
+        cut = max(1, int(len(text) * 0.9))
+        return text[:cut], text[cut:]
+    cut = len(lines) - max(1, len(lines) // 10)
+    return b"".join(lines[:cut]), b"".join(lines[cut:])
 
 
 def _text_files(path: Path) -> tuple[Path, list[str]]:
@@ -151,6 +169,8 @@ def load(data: Optional[str] = None, tokenizer: str = "byte", vocab_size: int = 
     if data is not None and str(data).endswith(".bin"):
         import numpy as np
         ids = torch.from_numpy(np.fromfile(data, dtype=np.uint16).astype(np.int32))
+        if len(ids) == 0:
+            raise ValueError(f"{data}: no tokens (empty file); nothing to train on")
         cut = int(len(ids) * 0.9)
         return Corpus(ids[:cut], ids[cut:], int(ids.max()) + 1, f"{data} (pre-tokenized)")
     if data is None:

@@ -83,6 +83,14 @@ class TrainConfig:
                              "(--grad-clip 0) with --layerwise")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device {self.device!r} is not a device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None else
+                   f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no GPU")
+            raise ValueError(f"device {self.device!r}: no CUDA device ({why}); use --device cpu")
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -212,7 +220,20 @@ class Trainer:
     def load(self, path) -> None:
         if self.cfg.fsdp:
             return self._load_dcp(Path(path))
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated, garbage, not a torch file: say so, and what to do
+            raise ValueError(
+                f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                f"It is truncated or not a `memopt train` checkpoint; saves replace it atomically, "
+                f"so it was damaged outside a save. Resume from a copy you kept, or start over "
+                f"without --resume") from None
+        missing = {"config", "model", "optimizer", "scheduler", "data", "rng"} - \
+            (set(ckpt) if isinstance(ckpt, dict) else set())
+        if missing:
+            raise ValueError(f"{path} is not a `memopt train` checkpoint (no {sorted(missing)}); "
+                             "start over without --resume, or point --ckpt-dir at the run's own "
+                             "directory")
         self._check_config(ckpt, path)
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
