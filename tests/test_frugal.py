@@ -214,3 +214,42 @@ def test_unsorted_indices_rejected_before_any_write():
                                  [torch.tensor([4, 1], dtype=torch.int32)], [3], torch.tensor(1e-3),
                                  0.9, 0.999, 1e-8, 0.0, 1.0, 1.0, 2)
     assert torch.equal(p, before)
+
+
+def _damage(sd, key, value):
+    import copy
+    sd = copy.deepcopy(sd)
+    for g in sd["param_groups"]:
+        g["frugal"][key] = value(g["frugal"][key]) if callable(value) else value
+    return sd
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("cycle", lambda c: c[:-1], "cycle has"),
+    ("rng", "garbage", "rng is not a torch generator state"),
+    ("rng", lambda r: r[:10], "rng is not a torch generator state"),
+    ("density", 1.0, "density=1.0"),
+    ("active", lambda a: list(range(len(a) + 1)), "active has"),
+    ("active", lambda a: [a[0], a[0]] + list(a[2:]), "names a tensor twice"),
+    ("t", -1, "t must be"),
+    ("t", "3", "t must be"),
+    ("cursor", 10**6, "cursor must be"),
+    ("held", [10**6], "held holds"),
+])
+def test_damaged_selection_raises_and_loads_nothing(key, value, match):
+    """Every field of a saved selection is checked before anything is loaded: a damaged or
+    foreign checkpoint raises a ValueError naming the field, and the optimizer steps on exactly
+    as an untouched one."""
+    model, twin = make_llama(), make_llama()
+    opts = [memopt_core.Frugal(m, density=0.25, update_gap=2, seed=0) for m in (model, twin)]
+    for step in range(3):
+        for m, opt in zip((model, twin), opts):
+            set_grads(list(m.parameters()), make_grads(list(m.parameters()), step))
+            opt.step()
+    with pytest.raises(ValueError, match=match):
+        opts[0].load_state_dict(_damage(opts[0].state_dict(), key, value))
+    for step in range(3, 6):  # re-selections included: the generator state was not replaced
+        for m, opt in zip((model, twin), opts):
+            set_grads(list(m.parameters()), make_grads(list(m.parameters()), step))
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))

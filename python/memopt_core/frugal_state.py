@@ -10,6 +10,46 @@ PROJECTABLE_ROLES = ("query", "key", "value", "attn_out", "qkv", "mlp")
 _KEYS = ("t", "cursor", "active", "block_cycle", "cycle")
 
 
+def _check_selection(saved: dict, n: int, k_blocks: int, density: float) -> None:
+    """Raises a ValueError naming the first field of a saved selection that this optimizer
+    (n projectable tensors, k_blocks active per cycle, `density`) could not step from: every
+    field is checked before anything is loaded."""
+    def bad(what):
+        raise ValueError(f"Frugal checkpoint: {what}; it was damaged or written by another "
+                         "configuration, so nothing was loaded")
+
+    def is_int(v, lo, hi=None):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v < hi)
+
+    missing = [k for k in (*_KEYS, "rng") if k not in saved]
+    if missing:
+        bad(f"the selection lacks {missing}")
+    if "density" in saved and saved["density"] != density:  # older checkpoints lack it
+        bad(f"saved with density={saved['density']}, this optimizer has density={density}")
+    for key, lo in (("t", 0), ("block_cycle", 0)):
+        if not is_int(saved[key], lo):
+            bad(f"{key} must be an int >= {lo}, got {saved[key]!r}")
+    if not is_int(saved["cursor"], -1, n):
+        bad(f"cursor must be an int in [-1, {n}), got {saved['cursor']!r}")
+    for key, values, length in (("active", saved["active"], k_blocks),
+                                ("cycle", saved["cycle"], n),
+                                ("held", saved.get("held") or [], None)):
+        if not isinstance(values, (list, tuple)):
+            bad(f"{key} must be a list, got {type(values).__name__}")
+        lo = -1 if key == "cycle" else 0
+        if not all(is_int(v, lo, n if key != "cycle" else None) for v in values):
+            bad(f"{key} holds an entry that is not a projectable tensor's ({values!r})")
+        if key != "cycle" and len(set(values)) != len(values):
+            bad(f"{key} names a tensor twice ({values!r})")
+        if length is not None and len(values) != length:
+            bad(f"{key} has {len(values)} entries, this optimizer needs {length}")
+    rng = saved["rng"]
+    try:
+        torch.Generator().set_state(rng)
+    except (TypeError, RuntimeError) as e:
+        bad(f"rng is not a torch generator state ({type(e).__name__}: {e})")
+
+
 class FrugalCheckpoint:
     """state_dict / load_state_dict for memopt_core.Frugal: the step count, block cursor, active
     set, per-tensor selection cycles, generator state and which projectable tensors hold state
@@ -32,7 +72,7 @@ class FrugalCheckpoint:
         saved = dict(t=fr["t"], rng=fr["rng"].clone(), cursor=fr["cursor"],
                      active=list(fr["active"]), block_cycle=fr["block_cycle"],
                      cycle=list(fr["cycle"]), selection=self.selection,
-                     num_projectable=len(self._projs),
+                     num_projectable=len(self._projs), density=self.density,
                      held=[j for j, p in enumerate(self._projs) if self.state.get(p)])
         for g in sd["param_groups"]:
             g["frugal"] = saved
@@ -57,12 +97,12 @@ class FrugalCheckpoint:
             raise ValueError(
                 f"not a state_dict of a Frugal optimizer with selection={self.selection!r} and "
                 f"{n} projectable tensors")
+        _check_selection(saved, n, self._k_blocks if self.selection == "block" else 0,
+                         self.density)
         fr = {k: saved[k] for k in _KEYS}
+        fr["active"], fr["cycle"] = list(fr["active"]), list(fr["cycle"])
         fr["rng"] = saved["rng"].clone()
         held = saved.get("held")
-        if any(not 0 <= j < n for j in list(fr["active"]) + list(held or [])) or \
-                len(fr["cycle"]) != n:
-            raise ValueError("loaded state_dict names a projectable tensor that does not exist")
         return fr, None if held is None else set(held)
 
     def load_state_dict(self, state_dict: dict) -> None:
