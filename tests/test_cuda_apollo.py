@@ -256,3 +256,28 @@ def test_step_allocates_no_parameter_sized_memory(store):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - start
     assert extra <= 0.01 * 1024 * 2816 * 4, f"{extra} bytes during a step"
+
+
+@pytest.mark.parametrize("op_device", ["cpu", "dev"])
+def test_failing_svd_refresh_writes_nothing(device, op_device):
+    """proj="svd": the refresh of the second tensor fails (a NaN gradient: no SVD), after the
+    first tensor's would have succeeded. The step raises and no tensor was written: every SVD is
+    taken before the first write, on the CPU op and in the CUDA glue alike."""
+    ns = torch.ops.memopt if op_device == "cpu" else ops(device)
+    dev = "cpu" if op_device == "cpu" else tensor_device(device)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 10), (12, 5)]
+    ps = [torch.randn(s, generator=gen).to(dev) for s in shapes]
+    gs = [torch.randn(s, generator=gen).to(dev) for s in shapes]
+    gs[1][0, 0] = float("nan")
+    projs = [torch.zeros(_C.Projector("svd", "std", 2, list(s)).proj_shape).to(dev) for s in shapes]
+    ms = [torch.zeros(_C.Projector("svd", "std", 2, list(s)).low_rank_shape).to(dev) for s in shapes]
+    vs = [m.clone() for m in ms]
+    norms = [torch.tensor(-1.0) for _ in shapes]
+    steps = [torch.zeros(()) for _ in shapes]
+    tensors = ps + ms + vs + projs + norms + steps
+    before = [t.clone() for t in tensors]
+    with pytest.raises(RuntimeError):
+        ns.apollo_(ps, gs, ms, vs, projs, [], norms, steps, torch.tensor(1e-2, dtype=torch.float64),
+                   0.9, 0.999, 1e-6, 0.0, 2, "svd", "std", "channel", 2, 1.0, 1.01, False)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before))

@@ -34,14 +34,16 @@ template <typename P, typename S, typename C>
 void update_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& lease,
                 const Tensor& p, const Tensor& g_in, const Tensor& m, const Tensor& v,
                 const Tensor* P_stored, const Tensor* seed_t, const Tensor& limiter_norm,
-                const Tensor& step, double lr, double beta1, double beta2, double eps, double wd) {
+                const Tensor& step, double lr, double beta1, double beta2, double eps, double wd,
+                const Tensor* svd_ready) {
   const at::ScalarType ct = std::is_same_v<C, double> ? at::kDouble : at::kFloat;
   const Tensor g = cpu::contiguous_grad(lease, g_in);
   const int64_t K = tp.K;
 
   // 1. The projection for this step (refresh every update_proj_gap steps, seed chain).
   const int64_t t0 = static_cast<int64_t>(step.item<float>());
-  const Tensor Pc = step_projection(tp, cfg, lease, p.scalar_type(), ct, P_stored, seed_t, t0, g);
+  const Tensor Pc = step_projection(tp, cfg, lease, p.scalar_type(), ct, P_stored, seed_t, t0, g,
+                                    /*want=*/true, svd_ready);
   const double t = cpu::advance_step(step);
 
   // 2. R tile by tile: GEMM into scratch, Adam on it, per-channel sums of Rt^2 and R^2.
@@ -102,6 +104,16 @@ void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
   TORCH_CHECK(params[0].device().is_cpu(), "apollo_update_: no kernel for device ",
               params[0].device(), " in this build");
   const bool stored = !projs.empty();
+  // SVD refreshes first: an SVD can fail (a non-finite gradient), and a failure must come before
+  // the first write so that the step is all or nothing. Each new P is r x min(m, n).
+  std::vector<Tensor> svd_ready(params.size());
+  if (cfg.proj == "svd")
+    for (size_t i = 0; i < params.size(); ++i)
+      if (Projector::refresh_due(static_cast<int64_t>(steps[i].item<float>()), cfg.update_proj_gap)) {
+        const Projector proj(cfg.proj, cfg.proj_type, cfg.rank, params[i].sizes());
+        svd_ready[i] = at::empty(proj.proj_shape(), projs[i].options());
+        proj.svd_(svd_ready[i], grads[i]);
+      }
   Workspace::Lease lease(Workspace::of(params[0].device()));
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor &p = params[i], &m = exp_avgs[i];
@@ -112,7 +124,8 @@ void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
     MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "apollo_update_", [&] {
       update_one<scalar_t, state_t, opmath_t>(tp, cfg, lease, p, grads[i], m, exp_avg_sqs[i], P,
                                               seed, limiter_norms[i], steps[i], lr, beta1, beta2,
-                                              eps, weight_decay);
+                                              eps, weight_decay,
+                                              svd_ready[i].defined() ? &svd_ready[i] : nullptr);
     });
   }
 }

@@ -60,9 +60,11 @@ struct TilePlan {
 // tp.commit the seed and a refreshed stored P are written; without, nothing is written and a
 // refreshed P is drawn into scratch, exactly as the update will draw it. !want: the caller
 // needs no P this step (a Left shard's update): only the seed and a stored P are committed.
+// svd_ready: proj="svd" at a refresh, the new P already computed (see apollo_update_).
 inline Tensor step_projection(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& lease,
                               at::ScalarType pdtype, at::ScalarType ct, const Tensor* P_stored,
-                              const Tensor* seed_t, int64_t t0, const Tensor& g, bool want = true) {
+                              const Tensor* seed_t, int64_t t0, const Tensor& g, bool want = true,
+                              const Tensor* svd_ready = nullptr) {
   const bool refresh = Projector::refresh_due(t0, cfg.update_proj_gap);
   const auto pshape = tp.proj.proj_shape();
   const bool from_store = tp.stored && (tp.commit || !refresh);  // P is (or becomes) the stored one
@@ -84,7 +86,10 @@ inline Tensor step_projection(const TilePlan& tp, const ApolloConfig& cfg, Works
     }
   } else if (refresh) {
     TORCH_CHECK(tp.commit, "APOLLO: an SVD projection cannot be refreshed by a statistics pass");
-    tp.proj.svd_(*P_stored, g);
+    if (svd_ready != nullptr)
+      P_stored->copy_(*svd_ready);
+    else
+      tp.proj.svd_(*P_stored, g);
   }
   if (!want) return Tensor();
   if (from_store && tp.need_pc) Pc.copy_(*P_stored);

@@ -38,6 +38,8 @@ struct Plan {
   int64_t ch_off = 0, g2_off = 0;     // this tensor's slice of the per-channel scratch
   int32_t splits = 1;
   double step_size = 0.0;             // lr sqrt(1 - b2^t) / (1 - b1^t), t after the increment
+  Tensor svd;                         // proj="svd" at a refresh: the new P, computed (and able
+                                      // to fail, e.g. on a non-finite gradient) before any write
 };
 
 Tensor pinned(at::IntArrayRef shape, at::ScalarType dtype) {
@@ -129,6 +131,7 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
     pl.refresh = Projector::refresh_due(pl.step_before, cfg.update_proj_gap);
     pl.draw = random && (pl.refresh || !stored);
     pl.new_seed = random && pl.refresh && pl.step_before > 0;
+    if (!random && pl.refresh) pl.svd = host_svd(pl.proj, g[i]);
     const int64_t c_size = params[i].scalar_type() == at::kDouble ? 8 : 4;
     r_bytes = std::max(r_bytes, r * K * c_size);
     if (!stored) p_bytes = std::max(p_bytes, r * L * params[i].element_size());
@@ -166,8 +169,8 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                       : p_buf.narrow(0, 0, p_size).view(p.scalar_type()).view(pl.proj.proj_shape());
     if (pl.draw)
       P.copy_(host_gaussian(pl.proj, pl.seed, p.scalar_type()), /*non_blocking=*/true);
-    else if (!random && pl.refresh)
-      P.copy_(host_svd(pl.proj, g[i]), /*non_blocking=*/true);
+    else if (pl.svd.defined())
+      P.copy_(pl.svd, /*non_blocking=*/true);
     const double t = advance_step(steps[i]);
     pl.step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
 

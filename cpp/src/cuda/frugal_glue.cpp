@@ -201,14 +201,14 @@ ProjShape proj_shape(const Call& c, int64_t i) {
 
 // summed: a left row shard's P^T G summed over the shards (float64, the moments' shape), used
 // instead of projecting the local rows; null projects g.
-void projected_update(const Call& c, int64_t i, const ProjShape& sh, const Tensor& low,
-                      const Tensor& tile, const Tensor* summed) {
+// pc: the subspace P in the compute type (made before the first write).
+void projected_update(const Call& c, int64_t i, const ProjShape& sh, const Tensor& pc,
+                      const Tensor& low, const Tensor& tile, const Tensor* summed) {
   const Tensor& p = c.params[i];
-  const Tensor &g = c.g[i], &m = c.exp_avgs[i], &v = c.exp_avg_sqs[i], &proj = c.subspaces[i];
+  const Tensor &g = c.g[i], &m = c.exp_avgs[i], &v = c.exp_avg_sqs[i];
   // An empty row shard still steps a left projection's replicated moments from `summed`.
   if (p.numel() == 0 && (sh.right || summed == nullptr)) return;
   const at::NoTF32Guard no_tf32;  // fp32 products stay IEEE fp32, whatever torch.backends says
-  const Tensor pc = proj.scalar_type() == sh.cdt ? proj : proj.to(sh.cdt);  // as on the CPU
   const bool right = sh.right;
   const int64_t rows = p.size(0), cols = p.size(1), r = sh.r, nb = sh.nb;
 
@@ -275,6 +275,7 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
          lr * proj_lr_scale * free_lr_scale, rule, current_stream(params[0].device())};
   std::vector<int64_t> whole, split, projected;
   std::vector<ProjShape> shapes(n);
+  std::vector<Tensor> pcs(n);  // each P in its compute type, as on the CPU (rank-sized)
   int64_t need[2][2] = {{-1, -1}, {-1, -1}};  // [float, double][low, tile] elements
   for (size_t i = 0; i < n; ++i) {
     c.g[i] = contiguous_grad(grads[i]);
@@ -285,6 +286,8 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
     list.push_back(static_cast<int64_t>(i));
     if (mode < FrugalMode::ProjRight) continue;
     shapes[i] = proj_shape(c, static_cast<int64_t>(i));
+    const Tensor& sub = subspaces[i];
+    pcs[i] = sub.scalar_type() == shapes[i].cdt ? sub : sub.to(shapes[i].cdt);
     auto& nd = need[shapes[i].cdt == at::kDouble];
     nd[0] = std::max(nd[0], shapes[i].low_elems());
     nd[1] = std::max(nd[1], shapes[i].tile_elems());
@@ -316,7 +319,7 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
       summed = left_stats->narrow(0, stats_at, m.numel()).view(m.sizes());
       stats_at += m.numel();
     }
-    projected_update(c, i, shapes[i], scratch[fp64][0], scratch[fp64][1],
+    projected_update(c, i, shapes[i], pcs[i], scratch[fp64][0], scratch[fp64][1],
                      summed.defined() ? &summed : nullptr);
   }
 }
