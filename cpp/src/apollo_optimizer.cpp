@@ -208,11 +208,8 @@ void Apollo::update(const ApolloOptions& o, const GroupLists& l) {
   const at::Tensor lr = at::scalar_tensor(o.lr(), at::kDouble);
   const double b1 = std::get<0>(o.betas()), b2 = std::get<1>(o.betas());
   if (o.rank() == 0) {
-    static auto adamw = c10::Dispatcher::singleton().findSchemaOrThrow("memopt::adamw_", "")
-        .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                    at::TensorList, const at::Tensor&, double, double, double, double)>();
-    adamw.call(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, lr, b1, b2, o.eps(),
-               o.weight_decay());
+    call_adamw_op(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, lr, b1, b2, o.eps(),
+                  o.weight_decay(), "torch");
     return;
   }
   static auto apollo = c10::Dispatcher::singleton().findSchemaOrThrow("memopt::apollo_", "")
