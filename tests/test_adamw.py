@@ -147,19 +147,23 @@ def test_noncontiguous_grads_match_reference():
     assert_close(opt.state[w]["exp_avg_sq"], ref.v[0], 1e-5, "exp_avg_sq")
 
 
-def test_raw_op_matches_reference():
-    """torch.ops.memopt.adamw_ directly (tensor lr, one call for several tensors)."""
+@pytest.mark.parametrize("rule", [None, "torch", "apollo"])
+def test_raw_op_matches_reference(rule):
+    """torch.ops.memopt.adamw_ directly (tensor lr, one call for several tensors), by default and
+    under each rule (apollo: apollo-torch's AdamW)."""
     torch.manual_seed(1)
     params = [torch.randn(7, 9), torch.randn(33), torch.randn(2, 3, 4)]
     ms = [torch.zeros_like(p) for p in params]
     vs = [torch.zeros_like(p) for p in params]
     steps = [torch.zeros((), dtype=torch.float32) for _ in params]
-    # eps comparable to sqrt(v): pins down where eps enters (after sqrt and bias correction)
-    ref = AdamWRef(params, lr=3e-3, betas=(0.9, 0.98), eps=3e-3, weight_decay=0.2)
+    # eps comparable to sqrt(v): pins down where eps enters (torch: after sqrt and bias
+    # correction; apollo: before) and a large decay pins down when it applies
+    ref = AdamWRef(params, lr=3e-3, betas=(0.9, 0.98), eps=3e-3, weight_decay=0.2,
+                   rule=rule or "torch")
     for step in range(STEPS):
         grads = make_grads(params, step)
         torch.ops.memopt.adamw_(params, grads, ms, vs, steps, torch.tensor(3e-3, dtype=torch.float64),
-                                0.9, 0.98, 3e-3, 0.2)
+                                0.9, 0.98, 3e-3, 0.2, *([rule] if rule else []))
         ref.step(grads)
     for i, p in enumerate(params):
         assert steps[i].item() == STEPS

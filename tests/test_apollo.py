@@ -1,9 +1,11 @@
 """memopt_core.Apollo / ApolloMini against PyPI apollo-torch 1.0.3 (same groups, so the same
 seeds and projections) and against the float64 paper reference (tests/reference/apollo_ref.py):
 parameters, both moments, P, seed chain and limiter norm, over runs crossing >= 2 projection
-refreshes; plus the Projector, model-based construction, state bytes and error cases."""
+refreshes; every parameter of a whole model (the AdamW groups under both adamw_rule values);
+plus the Projector, model-based construction, state bytes and error cases."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,11 +13,12 @@ import torch
 from torch import nn
 
 import memopt_core
-from conftest import (assert_close, assert_within_low_precision_budget, make_grads, make_gpt2,
-                      make_llama, roundtrip, set_grads)
+from conftest import (assert_close, assert_snapshot_equal, assert_within_low_precision_budget,
+                      make_grads, make_gpt2, make_llama, roundtrip, set_grads, snapshot)
 from memopt_core import _C
 from memopt_core.app.models import Llama, llama_config
 from reference import apollo_ref as R
+from reference.adamw_ref import AdamWRef
 
 apollo_torch = pytest.importorskip("apollo_torch")
 from apollo_torch.random_projector import next_seed as their_next_seed  # noqa: E402
@@ -97,6 +100,10 @@ def test_matches_apollo_torch(case):
         set_grads(their_p + [their_bias], grads)
         ours.step()
         theirs.step()
+    s, t = ours.state[bias], theirs.state[their_bias]  # the AdamW group: apollo-torch's rule
+    assert_close(bias, their_bias, 2e-5, f"{case} bias")
+    assert_close(s["exp_avg"], t["exp_avg"], 2e-5, f"{case} bias exp_avg")
+    assert_close(s["exp_avg_sq"], t["exp_avg_sq"], 2e-5, f"{case} bias exp_avg_sq")
     for i, (p, q, p0) in enumerate(zip(ours_p, their_p, start)):
         s, t = ours.state[p], theirs.state[q]
         what = f"{case} tensor {i} {tuple(p.shape)}"
@@ -136,6 +143,152 @@ def test_several_tiles_match_apollo_torch():
             assert_close(p[0], q[0], 2e-5, "param")
         else:  # apollo-torch projects in bf16, we in fp32: agree to bf16 precision
             assert_close(ours.state[p[0]]["exp_avg"], theirs.state[q[0]]["exp_avg"], 2e-2, "m")
+
+
+# ---- every parameter of a whole model ---------------------------------------------------------------
+MODEL_STEPS, MODEL_GAP = 13, 4  # projection refreshes at steps 0, 4, 8 and 12
+MODEL_HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+MODEL_CASES = {  # apollo-torch README's groups: APOLLO (per channel) and APOLLO-Mini
+    "apollo": (memopt_core.Apollo, dict(rank=8, scale_type="channel", scale=1.0)),
+    "apollo_mini": (memopt_core.ApolloMini, dict(rank=1, scale_type="tensor", scale=128.0)),
+}
+
+
+def _apollo_torch_groups(model, settings):
+    """apollo-torch's own group format (its main_pretrain.py): the weights of the attention and
+    MLP linears in a `rank` group, every other parameter (embedding, norms, lm_head) in a plain
+    one, first, so the projected weights' seeds follow theirs."""
+    lowrank = [m.weight for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and ("attn" in name or "mlp" in name)]
+    ids = {id(p) for p in lowrank}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids]},
+            {"params": lowrank, "proj": "random", "proj_type": "std",
+             "update_proj_gap": MODEL_GAP, **settings}]
+
+
+def _run_models(case, **ours_kw):
+    """Our optimizer and apollo-torch's on two copies of a tiny HF LLaMA, the same gradients for
+    MODEL_STEPS steps. Returns [(name, ours, theirs, start, projected)] per parameter, the
+    optimizers, and the float64 torch-rule AdamW reference run on the non-projected tensors."""
+    cls, settings = MODEL_CASES[case]
+    ours_model, their_model = make_llama(seed=3), make_llama(seed=3)
+    ours = cls(_apollo_torch_groups(ours_model, settings), **MODEL_HP, **ours_kw)
+    theirs = apollo_torch.APOLLOAdamW(_apollo_torch_groups(their_model, settings), **MODEL_HP)
+    projected = {id(p) for p in ours.param_groups[1]["params"]}
+    named = list(ours_model.named_parameters())
+    params, their_params = [p for _, p in named], list(their_model.parameters())
+    start = [p.detach().clone() for p in params]
+    plain = [p for p in params if id(p) not in projected]
+    ref = AdamWRef(plain, lr=MODEL_HP["lr"], betas=MODEL_HP["betas"], eps=MODEL_HP["eps"],
+                   weight_decay=MODEL_HP["weight_decay"])
+    for step in range(MODEL_STEPS):
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        set_grads(their_params, grads)
+        ours.step()
+        theirs.step()
+        ref.step([g for p, g in zip(params, grads) if id(p) not in projected])
+    rows = [(n, p, q, p0, id(p) in projected)
+            for (n, p), q, p0 in zip(named, their_params, start)]
+    return rows, ours, theirs, ref
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_every_parameter_of_a_model_matches_apollo_torch(case):
+    """The default adamw_rule="apollo": embeddings, norms and lm_head (apollo-torch's groups
+    without rank) step as apollo-torch steps them, and so do the projected weights: every
+    parameter and moment within 1e-5 of apollo-torch after 13 float32 steps, 4 refreshes."""
+    rows, ours, theirs, _ = _run_models(case)
+    assert {g["adamw_rule"] for g in ours.param_groups} == {"apollo"}
+    assert sum(not projected for *_, projected in rows) == 7  # embedding, 4+1 norms, lm_head
+    for name, p, q, p0, _ in rows:
+        s, t = ours.state[p], theirs.state[q]
+        assert s["step"].item() == t["step"] == MODEL_STEPS
+        assert_close(p, q, 1e-5, f"{case} {name} param", origin=p0)
+        assert_close(s["exp_avg"], t["exp_avg"], 1e-5, f"{case} {name} exp_avg")
+        assert_close(s["exp_avg_sq"], t["exp_avg_sq"], 1e-5, f"{case} {name} exp_avg_sq")
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_torch_rule_steps_the_other_tensors_as_torch_adamw(case):
+    """adamw_rule="torch": the non-projected tensors follow a float64 torch.optim.AdamW (and
+    differ from apollo-torch: the two rules are told apart here), the projected ones still
+    follow apollo-torch."""
+    rows, ours, theirs, ref = _run_models(case, adamw_rule="torch")
+    plain = [row for row in rows if not row[-1]]
+    for i, (name, p, q, p0, _) in enumerate(plain):
+        s = ours.state[p]
+        assert_close(p, ref.p[i], 1e-5, f"{case} {name} param", origin=p0)
+        assert_close(s["exp_avg"], ref.m[i], 1e-5, f"{case} {name} exp_avg")
+        assert_close(s["exp_avg_sq"], ref.v[i], 1e-5, f"{case} {name} exp_avg_sq")
+        moved, apart = (q - p0).norm(), (p - q).norm()
+        assert apart > 1e-3 * moved, f"{name}: the torch rule should differ from apollo-torch's"
+    for name, p, q, p0, _ in (row for row in rows if row[-1]):
+        assert_close(p, q, 1e-5, f"{case} {name} param", origin=p0)
+
+
+def _with_bias(rule=None):
+    params, bias = _params(), nn.Parameter(torch.linspace(-1, 1, 5))
+    kw = {} if rule is None else dict(adamw_rule=rule)
+    opt = memopt_core.Apollo([{"params": [bias]}, {"params": params, "rank": RANK}], lr=1e-2,
+                             weight_decay=0.1, update_proj_gap=GAP, **kw)
+    return params + [bias], opt
+
+
+def _steps(opt, params, start, stop):
+    for step in range(start, stop):
+        set_grads(params, make_grads(params, step))
+        opt.step()
+
+
+def test_adamw_rule_is_saved_and_a_checkpoint_without_it_resumes_with_torchs_rule():
+    """state_dict() keeps adamw_rule per group. A checkpoint saved before the option existed
+    (no key) was stepped with torch's rule: it loads as "torch" and resumes bit-identically."""
+    straight_p, straight = _with_bias("torch")
+    _steps(straight, straight_p, 0, STEPS)
+    params, opt = _with_bias("torch")
+    _steps(opt, params, 0, 4)
+    sd = roundtrip(opt.state_dict())
+    assert [g["adamw_rule"] for g in sd["param_groups"]] == ["torch", "torch"]
+    old = copy.deepcopy(sd)
+    for g in old["param_groups"]:
+        del g["adamw_rule"]
+    fresh_p = [nn.Parameter(p.detach().clone()) for p in params]
+    fresh = memopt_core.Apollo([{"params": fresh_p[-1:]}, {"params": fresh_p[:-1], "rank": RANK}],
+                               lr=1e-2, weight_decay=0.1, update_proj_gap=GAP)  # "apollo"
+    fresh.load_state_dict(old)
+    assert [g["adamw_rule"] for g in fresh.param_groups] == ["torch", "torch"]
+    _steps(fresh, fresh_p, 4, STEPS)
+    assert all(torch.equal(a, b) for a, b in zip(fresh_p, straight_p))
+    # a current checkpoint's own rule wins over the constructor's, as every option does
+    params, opt = _with_bias()
+    _steps(opt, params, 0, 2)
+    other_p, other = _with_bias("torch")
+    other.load_state_dict(roundtrip(opt.state_dict()))
+    assert [g["adamw_rule"] for g in other.param_groups] == ["apollo", "apollo"]
+
+
+@pytest.mark.parametrize("rule", ["adam", "Torch", "", None, 1])
+def test_bad_adamw_rule_raises_value_error(rule):
+    with pytest.raises(ValueError, match="adamw_rule must be 'apollo'.* or 'torch'"):
+        memopt_core.Apollo(_params(), adamw_rule=rule)
+    with pytest.raises(ValueError, match="adamw_rule"):  # a group's own value
+        memopt_core.ApolloMini([{"params": _params()[:1], "rank": 1},
+                                {"params": [nn.Parameter(torch.zeros(3))], "adamw_rule": rule}])
+
+
+@pytest.mark.parametrize("after_steps", [0, 2], ids=["first_step", "later_step"])
+def test_bad_adamw_rule_set_after_construction_fails_step_atomically(after_steps):
+    model = make_llama(seed=5)
+    opt = memopt_core.Apollo(model, rank=4)
+    params = list(model.parameters())
+    _steps(opt, params, 0, after_steps)
+    set_grads(params, make_grads(params, after_steps))
+    opt.param_groups[-1]["adamw_rule"] = "adam"   # the AdamW group, stepped after the projected
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match="adamw_rule"):
+        opt.step()
+    assert_snapshot_equal(snapshot(opt, params), before)
 
 
 # ---- the float64 paper reference ------------------------------------------------------------------

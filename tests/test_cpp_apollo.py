@@ -1,7 +1,10 @@
 """memopt::Apollo / memopt::ApolloMini, the LibTorch optimizers, driven through _C.CppApollo:
-the same trajectory as the Python front end (same op, same seeds: bit-identical), torch::save /
-torch::load resume, group options kept by add_param_group, and bad input refused."""
+the same trajectory as the Python front end (same op, same seeds: bit-identical) under both
+adamw_rule values, torch::save / torch::load resume (a checkpoint from before adamw_rule resumes
+with torch's rule), group options kept by add_param_group, and bad input refused."""
 from __future__ import annotations
+
+import zipfile
 
 import pytest
 import torch
@@ -19,6 +22,8 @@ VARIANTS = {
     "tensor_front_unstored": dict(mini=False, rank=2, scale_type="tensor", scale_front=True,
                                   store_projection=False),
     "svd_no_limiter": dict(mini=False, rank=3, proj="svd", norm_growth_limit=0.0),
+    "torch_rule": dict(mini=False, rank=4, adamw_rule="torch"),
+    "mini_torch_rule": dict(mini=True, adamw_rule="torch"),
 }
 
 
@@ -68,7 +73,7 @@ def test_same_groups_and_trajectory_as_the_python_front_end(variant):
             assert norm.item() == st["limiter_norm"].item(), NAMES[i]
 
 
-@pytest.mark.parametrize("variant", ["apollo", "mini", "tensor_front_unstored"])
+@pytest.mark.parametrize("variant", ["apollo", "mini", "tensor_front_unstored", "torch_rule"])
 def test_save_load_resume_is_bit_identical(variant, tmp_path):
     straight = make_params(requires_grad=True)
     opt = cpp(straight, variant)
@@ -79,6 +84,32 @@ def test_save_load_resume_is_bit_identical(variant, tmp_path):
     first.save(str(tmp_path / "opt.pt"))
     second = cpp(resumed, variant)
     second.load(str(tmp_path / "opt.pt"))
+    run(second, resumed, STEPS - 4, start=4)
+    for i, (p, q) in enumerate(zip(straight, resumed)):
+        assert torch.equal(p, q), f"parameter {i} ({NAMES[i]})"
+
+
+def _without_adamw_rule(src, dst):
+    """A copy of a torch::save archive in which no group has an adamw_rule (renamed to a key
+    nothing reads, same length): a checkpoint saved before the option existed."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info, data.replace(b"adamw_rule", b"adamw_xxxx"))
+
+
+def test_checkpoint_without_adamw_rule_resumes_with_torchs_rule(tmp_path):
+    """The options' default is "apollo", but a checkpoint without the key was stepped with
+    torch's rule (the only one before the option): it resumes with it, bit-identically."""
+    straight = make_params(requires_grad=True)
+    run(cpp(straight, "torch_rule"), straight, STEPS)
+    resumed = make_params(requires_grad=True)
+    first = cpp(resumed, "torch_rule")
+    run(first, resumed, 4)
+    first.save(str(tmp_path / "new.pt"))
+    _without_adamw_rule(tmp_path / "new.pt", tmp_path / "old.pt")
+    second = cpp(resumed, "apollo")  # adamw_rule "apollo" until the load
+    second.load(str(tmp_path / "old.pt"))
     run(second, resumed, STEPS - 4, start=4)
     for i, (p, q) in enumerate(zip(straight, resumed)):
         assert torch.equal(p, q), f"parameter {i} ({NAMES[i]})"
@@ -119,6 +150,7 @@ def test_add_param_group_keeps_its_options_and_checks_them():
 @pytest.mark.parametrize("kw, match", [
     (dict(rank=-1), "rank"), (dict(proj="qr"), "proj"), (dict(scale_type="row"), "scale_type"),
     (dict(proj="svd", store_projection=False), "store_projection"), (dict(lr=-1.0), "learning rate"),
+    (dict(adamw_rule="adam"), "adamw_rule must be 'apollo'"),
 ])
 def test_invalid_options_raise(kw, match):
     with pytest.raises(RAISES, match=match):

@@ -14,11 +14,12 @@ def _adam_lists(shapes, dtype=torch.float32, seed=0):
     return params, grads, [torch.zeros_like(p) for p in params], [torch.zeros(()) for _ in params]
 
 
-def test_opcheck_adamw():
+@pytest.mark.parametrize("rule", [None, "torch", "apollo"])
+def test_opcheck_adamw(rule):
     params, grads, m, steps = _adam_lists([(8, 4), (5,)])
     v = [torch.zeros_like(p) for p in params]
-    torch.library.opcheck(torch.ops.memopt.adamw_.default,
-                          (params, grads, m, v, steps, torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.01))
+    args = (params, grads, m, v, steps, torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.01)
+    torch.library.opcheck(torch.ops.memopt.adamw_.default, args + ((rule,) if rule else ()))
 
 
 def test_opcheck_adam_mini():

@@ -36,6 +36,11 @@ BlockSpec from_tuples(const std::vector<SegmentTuple>& tuples) {
   return spec;
 }
 c10::Device parse_device(const std::string& device) { return c10::Device(device); }
+// A Python value as an AdamWRule: a str naming one; anything else gets the same ValueError.
+AdamWRule adamw_rule_of(nb::handle rule) {
+  return parse_adamw_rule(nb::isinstance<nb::str>(rule) ? nb::cast<std::string>(rule)
+                                                        : std::string(nb::repr(rule).c_str()));
+}
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -73,10 +78,16 @@ NB_MODULE(_C, m) {
         [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
            const std::vector<at::Tensor>& steps, const at::Tensor& lr, double beta1,
-           double beta2, double eps, double weight_decay) {
+           double beta2, double eps, double weight_decay, nb::handle rule) {
+          adamw_rule_of(rule);
           check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
           check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
-        });
+        },
+        nb::arg("params"), nb::arg("grads"), nb::arg("exp_avgs"), nb::arg("exp_avg_sqs"),
+        nb::arg("steps"), nb::arg("lr"), nb::arg("beta1"), nb::arg("beta2"), nb::arg("eps"),
+        nb::arg("weight_decay"), nb::arg("rule").none() = "torch");
+  m.def("check_adamw_rule", [](nb::handle rule) { adamw_rule_of(rule); }, nb::arg("rule").none(),
+        "Raises ValueError unless rule is 'apollo' or 'torch' (adamw_'s rule argument).");
   m.def("check_adam_mini_",
         [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,

@@ -133,12 +133,13 @@ void bind_optimizers(nb::module_& m) {
          std::optional<int64_t> rank, std::string proj, std::string proj_type,
          std::optional<std::string> scale_type, int64_t update_proj_gap,
          std::optional<double> scale, double norm_growth_limit, bool scale_front,
-         bool store_projection) {
+         bool store_projection, std::string adamw_rule) {
         ApolloOptions o = mini ? ApolloOptions::mini(lr) : ApolloOptions(lr);
         o.betas(std::make_tuple(betas.first, betas.second)).eps(eps).weight_decay(weight_decay)
             .proj(std::move(proj)).proj_type(std::move(proj_type))
             .update_proj_gap(update_proj_gap).norm_growth_limit(norm_growth_limit)
-            .scale_front(scale_front).store_projection(store_projection);
+            .scale_front(scale_front).store_projection(store_projection)
+            .adamw_rule(std::move(adamw_rule));
         if (rank) o.rank(*rank);
         if (scale_type) o.scale_type(*scale_type);
         if (scale) o.scale(*scale);
@@ -150,7 +151,8 @@ void bind_optimizers(nb::module_& m) {
       nb::arg("rank") = nb::none(), nb::arg("proj") = "random", nb::arg("proj_type") = "std",
       nb::arg("scale_type") = nb::none(), nb::arg("update_proj_gap") = 200,
       nb::arg("scale") = nb::none(), nb::arg("norm_growth_limit") = 1.01,
-      nb::arg("scale_front") = false, nb::arg("store_projection") = true);
+      nb::arg("scale_front") = false, nb::arg("store_projection") = true,
+      nb::arg("adamw_rule") = "apollo");
   apollo.def("add_param_group",
              [](Apollo& opt, std::vector<at::Tensor> params, int64_t rank, double lr) {
                opt.add_param_group(torch::optim::OptimizerParamGroup(

@@ -1,4 +1,4 @@
-// AdamW: fused multi-tensor update on CPU (torch.optim.AdamW semantics).
+// AdamW: fused multi-tensor update on CPU (torch.optim.AdamW's rule, or apollo-torch's).
 #include "memopt/adamw.h"
 
 #include "cpu_loops.h"
@@ -18,9 +18,17 @@ void check_adamw_inputs(TensorList params, TensorList grads, TensorList exp_avgs
                       "adamw_update_: exp_avg_sq ", i, " must match exp_avg in shape and dtype");
 }
 
+AdamWRule parse_adamw_rule(c10::string_view rule) {
+  if (rule == "torch") return AdamWRule::kTorch;
+  TORCH_CHECK_VALUE(rule == "apollo", "adamw_rule must be 'apollo' (apollo-torch's AdamW: eps "
+                    "before bias correction, decay after the update) or 'torch' "
+                    "(torch.optim.AdamW's), got '", std::string(rule), "'");
+  return AdamWRule::kApollo;
+}
+
 void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                    TensorList exp_avg_sqs, TensorList steps, const Tensor& lr_t, double beta1,
-                   double beta2, double eps, double weight_decay) {
+                   double beta2, double eps, double weight_decay, AdamWRule rule) {
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
@@ -33,7 +41,7 @@ void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
     lease.reserve(cpu::staging_bytes(grads[i]));
     const Tensor g = cpu::contiguous_grad(lease, grads[i]);
     const auto s = AdamScalars::make(lr, beta1, beta2, eps, weight_decay,
-                                     cpu::advance_step(steps[i]));
+                                     cpu::advance_step(steps[i]), rule);
     const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
     MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "adamw_update_", [&] {
       auto* pp = p.data_ptr<scalar_t>();

@@ -1,6 +1,7 @@
 // memopt::Apollo / ApolloMini, the LibTorch optimizers: projected shapes and seeds fixed at
 // construction, then one fused call per group through the dispatcher (memopt::apollo_ for
-// rank > 0, memopt::adamw_ otherwise). Shared machinery: optimizers.cpp.
+// rank > 0, memopt::adamw_ with the group's adamw_rule otherwise). Shared machinery:
+// optimizers.cpp.
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "memopt/adamw.h"
@@ -44,6 +45,7 @@ std::vector<torch::optim::OptimizerParamGroup> apollo_groups(
 }  // namespace
 
 void check_apollo_options(const ApolloOptions& o) {
+  parse_adamw_rule(o.adamw_rule());
   TORCH_CHECK_VALUE(o.rank() >= 0, "Apollo: rank must be >= 0 (0: plain AdamW), got ", o.rank());
   if (o.rank() == 0) return;
   config_of(o);  // raises, naming the key
@@ -64,6 +66,10 @@ void ApolloOptions::serialize(InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, norm_growth_limit);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, scale_front);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, store_projection);
+  // Absent from checkpoints saved before the option existed: those stepped their AdamW groups
+  // with torch's rule, and resume with it.
+  c10::IValue rule;
+  adamw_rule(archive.try_read("adamw_rule", rule) ? rule.toStringRef() : std::string("torch"));
 }
 
 void ApolloOptions::serialize(OutputArchive& archive) const {
@@ -77,6 +83,7 @@ void ApolloOptions::serialize(OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(norm_growth_limit);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(scale_front);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(store_projection);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(adamw_rule);
 }
 
 // proj / seed / limiter_norm exist only for projected parameters: written when defined.
@@ -194,7 +201,7 @@ ApolloLists extra_lists(const ApolloOptions& o, const std::vector<State*>& state
 
 void Apollo::check_group(const std::string& op, const ApolloOptions& o,
                          const GroupLists& l) const {
-  if (o.rank() == 0) {
+  if (o.rank() == 0) {  // adamw_rule: checked with the options
     check_adamw_inputs(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps);
     return;
   }
@@ -208,11 +215,8 @@ void Apollo::update(const ApolloOptions& o, const GroupLists& l) {
   const at::Tensor lr = at::scalar_tensor(o.lr(), at::kDouble);
   const double b1 = std::get<0>(o.betas()), b2 = std::get<1>(o.betas());
   if (o.rank() == 0) {
-    static auto adamw = c10::Dispatcher::singleton().findSchemaOrThrow("memopt::adamw_", "")
-        .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                    at::TensorList, const at::Tensor&, double, double, double, double)>();
-    adamw.call(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, lr, b1, b2, o.eps(),
-               o.weight_decay());
+    call_adamw_op(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, lr, b1, b2, o.eps(),
+                  o.weight_decay(), o.adamw_rule());
     return;
   }
   static auto apollo = c10::Dispatcher::singleton().findSchemaOrThrow("memopt::apollo_", "")

@@ -16,12 +16,14 @@
 
 namespace memopt::cpu {
 
-// Elementwise AdamW on [0, n) of contiguous arrays.
+// Elementwise AdamW on [0, n) of contiguous arrays, under the rule `s` was made for
+// (AdamScalars: the decay before the update, or after it for AdamWRule::kApollo).
 template <typename P, typename S, typename C>
 MEMOPT_CPU_CLONES void adamw_span(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v,
                        int64_t n, const AdamScalars& s) {
-  const C decay = s.decay, b1c = 1.0 - s.beta1, b2 = s.beta2, b2c = 1.0 - s.beta2;
+  const C b1c = 1.0 - s.beta1, b2 = s.beta2, b2c = 1.0 - s.beta2;
   const C step_size = s.step_size, bc2_sqrt = s.bc2_sqrt, eps = s.eps;
+  const C pre = s.decay_after ? 1.0 : s.decay, post = s.decay_after ? s.decay : 1.0;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const C gj = static_cast<C>(g[j]);
@@ -30,7 +32,7 @@ MEMOPT_CPU_CLONES void adamw_span(P* __restrict p, const P* __restrict g, S* __r
     mj += b1c * (gj - mj);  // torch's lerp(m, g, 1-b1) for weights < 0.5
     vj = b2 * vj + b2c * gj * gj;
     const C denom = std::sqrt(vj) / bc2_sqrt + eps;
-    p[j] = static_cast<P>(static_cast<C>(p[j]) * decay - step_size * mj / denom);
+    p[j] = static_cast<P>((static_cast<C>(p[j]) * pre - step_size * mj / denom) * post);
     m[j] = static_cast<S>(mj);
     v[j] = static_cast<S>(vj);
   }

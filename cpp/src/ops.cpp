@@ -1,6 +1,7 @@
 // torch op registration: schemas (mutable, like aten::_fused_adamw_), CPU and Meta kernels.
 // This file owns TORCH_LIBRARY(memopt); other algorithms add their ops from their own
 // ops_<name>.cpp with TORCH_LIBRARY_FRAGMENT(memopt, m).
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "memopt/adam_mini.h"
@@ -11,12 +12,15 @@ namespace {
 
 void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
-               double weight_decay) {
-  adamw_update_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
+               double weight_decay, c10::string_view rule) {
+  adamw_update_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
+                parse_adamw_rule(rule));
 }
 
 void adamw_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                TensorList steps, const Tensor&, double, double, double, double) {
+                TensorList steps, const Tensor&, double, double, double, double,
+                c10::string_view rule) {
+  parse_adamw_rule(rule);
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: list lengths differ");
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs}))
     check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
@@ -67,12 +71,25 @@ void adam_mini_shard_update_meta(TensorList params, TensorList grads, TensorList
 }
 
 }  // namespace
+
+void call_adamw_op(TensorList params, TensorList grads, TensorList exp_avgs,
+                   TensorList exp_avg_sqs, TensorList steps, const Tensor& lr, double beta1,
+                   double beta2, double eps, double weight_decay, c10::string_view rule) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("memopt::adamw_", "")
+                       .typed<void(TensorList, TensorList, TensorList, TensorList, TensorList,
+                                   const Tensor&, double, double, double, double,
+                                   c10::string_view)>();
+  op.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, rule);
+}
+
 }  // namespace memopt
 
 TORCH_LIBRARY(memopt, m) {
+  // rule: "torch" (torch.optim.AdamW) or "apollo" (apollo-torch's AdamW), memopt/common.h.
   m.def("adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor lr, float beta1, float beta2, "
-        "float eps, float weight_decay) -> ()");
+        "float eps, float weight_decay, str rule=\"torch\") -> ()");
   m.def("adam_mini_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, Tensor lr, float beta1, "
         "float beta2, float eps, float weight_decay) -> ()");

@@ -2,7 +2,6 @@
 // serialization, step, checked load) and AdamW itself. AdamMini's own part: adam_mini_optimizer.cpp.
 #include "memopt/optimizers.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/types.h>
 #include <torch/utils.h>
 
@@ -267,14 +266,9 @@ std::vector<int64_t> AdamW::exp_avg_sq_sizes(const at::Tensor& param) const {
 // Through the dispatcher, as torch.ops.memopt.adamw_: the kernel for the parameters' device
 // (CPU, or CUDA when built) runs, exactly as for the Python front end.
 void AdamW::update(const AdamWOptions& o, const GroupLists& l) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("memopt::adamw_", "")
-                       .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                                   at::TensorList, const at::Tensor&, double, double, double,
-                                   double)>();
-  op.call(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps,
-          at::scalar_tensor(o.lr(), at::kDouble), std::get<0>(o.betas()),
-          std::get<1>(o.betas()), o.eps(), o.weight_decay());
+  call_adamw_op(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps,
+                at::scalar_tensor(o.lr(), at::kDouble), std::get<0>(o.betas()),
+                std::get<1>(o.betas()), o.eps(), o.weight_decay(), "torch");
 }
 
 template struct AdamFamilyParamState<AdamWParamState>;

@@ -197,7 +197,12 @@ void test_apollo() {
           memopt::Apollo(make(), memopt::ApolloOptions(1e-2).proj("svd").store_projection(false));
         }),
         "svd without a stored projection raises");
-  const auto options = memopt::ApolloOptions::mini(1e-2).update_proj_gap(2).weight_decay(0.1);
+  check(throws<c10::ValueError>([&] {
+          memopt::Apollo(make(), memopt::ApolloOptions(1e-2).rank(2).adamw_rule("adam"));
+        }),
+        "an unknown adamw_rule raises c10::ValueError");
+  const auto options =
+      memopt::ApolloOptions::mini(1e-2).update_proj_gap(2).weight_decay(0.1).adamw_rule("torch");
   auto straight = make();
   memopt::ApolloMini a(straight, options);
   check(a.param_groups().size() == 2 &&
@@ -214,7 +219,8 @@ void test_apollo() {
   memopt::ApolloMini second(resumed, options);
   torch::load(second, buffer);
   const auto& loaded = static_cast<memopt::ApolloOptions&>(second.param_groups()[0].options());
-  check(loaded.scale() == 128.0 && loaded.scale_type() == "tensor" && loaded.rank() == 1,
+  check(loaded.scale() == 128.0 && loaded.scale_type() == "tensor" && loaded.rank() == 1 &&
+            loaded.adamw_rule() == "torch",
         "ApolloOptions round-trip through torch::save / torch::load");
   for (int s = 3; s < 5; ++s) set_grads(tensors(resumed), s), second.step();
   check(same(tensors(straight), tensors(resumed)),

@@ -17,7 +17,9 @@ from .sources import need_names, resolve
 # norms, biases and conv kernels keep full AdamW state.
 PROJECTED_ROLES = frozenset({"query", "key", "value", "attn_out", "qkv", "mlp", "linear"})
 _SETTINGS = ("proj", "proj_type", "scale_type", "update_proj_gap", "scale", "norm_growth_limit",
-             "scale_front", "store_projection")
+             "scale_front", "store_projection", "adamw_rule")
+# The rule of a group saved before adamw_rule existed: those checkpoints were stepped with it.
+_LEGACY_ADAMW_RULE = "torch"
 
 
 class Apollo(MemoptOptimizer):
@@ -36,8 +38,14 @@ class Apollo(MemoptOptimizer):
 
     All of it is one fused C++ op per group: R is formed tile by tile in a reused workspace and
     U never exists (its norm follows from the per-channel factors), so a step allocates nothing
-    gradient-sized. Other tensors (groups without ``rank``) get AdamW (``memopt_core.AdamW``'s
-    op, torch.optim.AdamW semantics; apollo-torch's own AdamW adds eps before bias correction).
+    gradient-sized. Other tensors (groups without ``rank``: embeddings, norms, output layer) get
+    AdamW with full m and v, by default apollo-torch's rule (``adamw_rule="apollo"``)::
+
+        p -= lr sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps);  p -= lr wd p
+
+    (eps added before bias correction, decay after the update), or torch.optim.AdamW's with
+    ``adamw_rule="torch"``: ``p *= 1 - lr wd; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``.
+    Both run on ``memopt_core.AdamW``'s op (``torch.ops.memopt.adamw_``, its ``rule`` argument).
 
     Parameters (memopt_core.sources): ``params`` is a model or ``named_parameters()``, or param
     groups with ``model=``: attention and MLP 2-D weights, by role, are projected with ``rank``;
@@ -53,6 +61,9 @@ class Apollo(MemoptOptimizer):
     ``norm_growth_limit``: gamma, or None to turn the limiter off (apollo-torch's disable_nl).
     ``scale_front``: apply sqrt(scale) before the limiter. ``store_projection=False`` keeps no P
     in state: it is redrawn from its seed every step (random projection only; same results).
+    ``adamw_rule``: "apollo" (default) or "torch", the rule of the groups without ``rank`` (a
+    group may set its own); it is saved in ``state_dict()``, and a checkpoint saved before the
+    option existed loads as "torch", the rule it was stepped with.
 
     State per projected m x n weight (m <= n, rank r): exp_avg and exp_avg_sq of R's shape
     (2 r n values), P (r m values, unless store_projection=False), an int64 seed and a float32
@@ -82,7 +93,8 @@ class Apollo(MemoptOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
                  rank=None, proj="random", proj_type="std", scale_type="channel",
                  update_proj_gap=200, scale=1.0, norm_growth_limit: Optional[float] = 1.01,
-                 scale_front=False, store_projection=True, roles=None, model=None):
+                 scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
+                 model=None):
         groups = _apollo_groups(resolve(params, model), rank, roles, self)
         self._seed0: dict = {}    # before super().__init__, which calls add_param_group
         self._group_cache: tuple = ((), {})
@@ -90,7 +102,7 @@ class Apollo(MemoptOptimizer):
                         proj_type=proj_type, scale_type=scale_type,
                         update_proj_gap=update_proj_gap, scale=scale,
                         norm_growth_limit=norm_growth_limit, scale_front=scale_front,
-                        store_projection=store_projection)
+                        store_projection=store_projection, adamw_rule=adamw_rule)
         super().__init__(groups, defaults)
 
     @staticmethod
@@ -106,6 +118,7 @@ class Apollo(MemoptOptimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            _C.check_adamw_rule(group["adamw_rule"])
             if group.get("rank") is not None:
                 _C.check_apollo_config(int(group["rank"]), group["proj"], group["proj_type"],
                                        group["scale_type"], int(group["update_proj_gap"]),
@@ -159,6 +172,14 @@ class Apollo(MemoptOptimizer):
                 values[(p, "limiter_norm")] = torch.tensor(-1.0)  # negative: no norm yet
         self._pack_states(params, {k: v for k, v in values.items() if k[1] in self._state_shapes(k[0])})
 
+    def __setstate__(self, state: dict) -> None:
+        """torch's load_state_dict and unpickling end here: a group saved before adamw_rule
+        existed gets "torch", the rule it was stepped with (as torch's optimizers default
+        options added later to their old behaviour)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("adamw_rule", _LEGACY_ADAMW_RULE)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """The base load, then the seeds and limiter norms put back exactly: torch casts every
         non-step state tensor to the parameter dtype, which would round an int64 seed."""
@@ -181,7 +202,8 @@ class Apollo(MemoptOptimizer):
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         steps = [s["step"] for s in states]
         if group.get("rank") is None:
-            return torch.ops.memopt.adamw_, _C.check_adamw_, (params, grads, m, v, steps, *hp)
+            return (torch.ops.memopt.adamw_, _C.check_adamw_,
+                    (params, grads, m, v, steps, *hp, group["adamw_rule"]))
         projs = [s["proj"] for s in states] if group["store_projection"] else []
         seeds = [s["seed"] for s in states] if group["proj"] == "random" else []
         args = (params, grads, m, v, projs, seeds, [s["limiter_norm"] for s in states], steps,
@@ -279,12 +301,14 @@ class ApolloMini(Apollo):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
                  rank=None, proj="random", proj_type="std", scale_type="tensor",
                  update_proj_gap=200, scale=128.0, norm_growth_limit: Optional[float] = 1.01,
-                 scale_front=False, store_projection=True, roles=None, model=None):
+                 scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
+                 model=None):
         super().__init__(params, lr, betas, eps, weight_decay, rank=rank, proj=proj,
                          proj_type=proj_type, scale_type=scale_type,
                          update_proj_gap=update_proj_gap, scale=scale,
                          norm_growth_limit=norm_growth_limit, scale_front=scale_front,
-                         store_projection=store_projection, roles=roles, model=model)
+                         store_projection=store_projection, adamw_rule=adamw_rule, roles=roles,
+                         model=model)
 
     @staticmethod
     def default_rank(model) -> int:

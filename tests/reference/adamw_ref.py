@@ -14,6 +14,14 @@ with torch.optim.AdamW's parameterisation of the schedule: eta_t = 1, alpha = lr
 scaled by the learning rate (lambda -> lr * weight_decay), so the decay is applied to the
 *previous* parameter: theta <- theta * (1 - lr*wd) - lr * m^ / (sqrt(v^) + eps).
 
+rule="apollo" is instead apollo-torch 1.0.3's AdamW, what its APOLLOAdamW.step does to a
+parameter of a group without `rank` (apollo_torch/apollo.py): eps is added to the uncorrected
+sqrt(v), the bias corrections go into the step size, and the decay follows the update with the
+uncorrected lr:
+
+    theta' = theta - lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m_t / (sqrt(v_t) + eps)
+    theta  = theta' - lr * wd * theta'
+
 The reference keeps its own float64 copies of the parameters, m and v, so tests can compare every
 state tensor. `storage_dtype` simulates low-precision storage (e.g. bfloat16): the math runs in
 float64 and p, m and v are rounded to that dtype after every step — this is "the same reference
@@ -34,7 +42,9 @@ class AdamWRef:
                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  lrs: Optional[Sequence[float]] = None,
                  weight_decays: Optional[Sequence[float]] = None,
-                 storage_dtype: torch.dtype = torch.float64):
+                 storage_dtype: torch.dtype = torch.float64, rule: str = "torch"):
+        assert rule in ("torch", "apollo"), rule
+        self.rule = rule
         self.p = [t.detach().to(torch.float64).clone() for t in params]
         self.p0 = [t.clone() for t in self.p]  # starting values, for displacement comparisons
         self.m = [torch.zeros_like(t) for t in self.p]
@@ -64,9 +74,13 @@ class AdamWRef:
             t = self.steps[i]
             m = b1 * self.m[i] + (1 - b1) * g                      # Alg. 2 line 7
             v = b2 * self.v[i] + (1 - b2) * g * g                  # line 8
-            m_hat = m / (1 - b1 ** t)                              # line 9
-            v_hat = v / (1 - b2 ** t)                              # line 10
-            p = self.p[i] - lr * wd * self.p[i] - lr * m_hat / (v_hat.sqrt() + eps)  # line 12
+            if self.rule == "apollo":  # apollo-torch: eps before bias correction, decay after
+                p = self.p[i] - lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t) * m / (v.sqrt() + eps)
+                p = p - lr * wd * p
+            else:
+                m_hat = m / (1 - b1 ** t)                              # line 9
+                v_hat = v / (1 - b2 ** t)                              # line 10
+                p = self.p[i] - lr * wd * self.p[i] - lr * m_hat / (v_hat.sqrt() + eps)  # line 12
             self.p[i], self.m[i], self.v[i] = self._round(p), self._round(m), self._round(v)
 
     def state(self, i: int) -> dict:

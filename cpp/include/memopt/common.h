@@ -16,17 +16,33 @@ using at::TensorList;
 // Elements handed to one thread at a time; matches ATen's own grain (at::internal::GRAIN_SIZE).
 constexpr int64_t kGrain = 32768;
 
-// Scalars every Adam-family step needs, computed once per tensor in double.
+// Which AdamW a plain (full-state) Adam step follows. Both decay decoupled by lr * wd; they
+// differ in where eps enters and when the decay applies:
+//   kTorch  (torch.optim.AdamW):  p *= 1 - lr wd;  p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+//   kApollo (apollo-torch 1.0.3's APOLLOAdamW on a group without `rank`):
+//           p -= lr sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps);  p *= 1 - lr wd
+enum class AdamWRule : int32_t { kTorch = 0, kApollo = 1 };
+
+// Scalars every Adam-family step needs, computed once per tensor in double. Every kernel
+// computes  p = (p * pre - step_size * m / (sqrt(v) / bc2_sqrt + eps)) * post  with
+// (pre, post) = (decay, 1), or (1, decay) when decay_after.
 struct AdamScalars {
   double lr, beta1, beta2, eps, weight_decay;
   double step;            // after increment
   double decay;           // 1 - lr * weight_decay (decoupled weight decay)
-  double step_size;       // lr / (1 - beta1^step)
-  double bc2_sqrt;        // sqrt(1 - beta2^step)
-  static AdamScalars make(double lr, double b1, double b2, double eps, double wd, double step) {
+  double step_size;       // lr / (1 - beta1^step); kApollo: times sqrt(1 - beta2^step)
+  double bc2_sqrt;        // sqrt(1 - beta2^step); kApollo: 1 (eps on the uncorrected sqrt(v))
+  bool decay_after = false;  // kApollo: the decay multiplies the updated p
+  static AdamScalars make(double lr, double b1, double b2, double eps, double wd, double step,
+                          AdamWRule rule = AdamWRule::kTorch) {
     AdamScalars s{lr, b1, b2, eps, wd, step, 1.0 - lr * wd, 0, 0};
     s.step_size = lr / (1.0 - std::pow(b1, step));
     s.bc2_sqrt = std::sqrt(1.0 - std::pow(b2, step));
+    if (rule == AdamWRule::kApollo) {
+      s.step_size *= s.bc2_sqrt;
+      s.bc2_sqrt = 1.0;
+      s.decay_after = true;
+    }
     return s;
   }
 };

@@ -43,10 +43,13 @@ struct AdamWParams {
   void* m[kMaxTensors];
   void* v[kMaxTensors];
   // Per tensor (each has its own step count), computed on the host in double.
+  // The tensor's AdamScalars (common.h), which carry the AdamWRule: the kernel computes
+  // p = (p * pre - step_size * m / (sqrt(v) / bc2_sqrt + eps)) * post.
   double decay[kMaxTensors];      // 1 - lr * weight_decay
-  double step_size[kMaxTensors];  // lr / (1 - beta1^t)
-  double bc2_sqrt[kMaxTensors];   // sqrt(1 - beta2^t)
+  double step_size[kMaxTensors];  // lr / (1 - beta1^t) (kApollo: times sqrt(1 - beta2^t))
+  double bc2_sqrt[kMaxTensors];   // sqrt(1 - beta2^t) (kApollo: 1)
   double beta1, beta2, eps;
+  int32_t decay_after;            // 0: (pre, post) = (decay, 1); 1 (kApollo): (1, decay)
   ChunkMap<kMaxTensors, 320> map;
 };
 static_assert(sizeof(AdamWParams) <= 4096, "kernel argument over 4 KiB");

@@ -76,6 +76,10 @@ struct ApolloOptions : public torch::optim::OptimizerCloneableOptions<ApolloOpti
   TORCH_ARG(double, norm_growth_limit) = 1.01;   // 0 turns the limiter off
   TORCH_ARG(bool, scale_front) = false;
   TORCH_ARG(bool, store_projection) = true;      // false: regenerate P from its seed each step
+  // The rank-0 (AdamW) groups' rule: "apollo" (apollo-torch's AdamW: eps before bias correction,
+  // decay after the update) or "torch" (torch.optim.AdamW's); see AdamWRule in common.h. A
+  // checkpoint saved before this option existed loads as "torch", the rule it was stepped with.
+  TORCH_ARG(std::string, adamw_rule) = "apollo";
 
  public:
   // APOLLO-Mini's defaults (arXiv 2412.05270 §3.3): rank 1, one tensor-wise factor, scale 128.
@@ -86,7 +90,8 @@ struct ApolloOptions : public torch::optim::OptimizerCloneableOptions<ApolloOpti
   void serialize(torch::serialize::OutputArchive& archive) const override;
 };
 
-// The APOLLO-specific options of a projected group (rank > 0): ValueError naming the key.
+// The APOLLO-specific options (adamw_rule for every group, the rest for a projected group,
+// rank > 0): ValueError naming the key.
 void check_apollo_options(const ApolloOptions& options);
 
 // Per-parameter state of the Adam family. `step` is a 0-dim float32 CPU tensor (the fused
@@ -231,7 +236,8 @@ class SlimAdam : public AdamMini {
 };
 
 // APOLLO (Zhu et al., arXiv 2412.05270) as apollo-torch 1.0.3's APOLLOAdamW: the fused
-// memopt::apollo_ op for projected groups (rank > 0), memopt::adamw_ for the others. Random
+// memopt::apollo_ op for projected groups (rank > 0), memopt::adamw_ with the group's
+// adamw_rule (apollo-torch's by default) for the others. Random
 // projections are seeded as apollo-torch seeds them: a parameter's 1-based position in the
 // optimizer, so the same parameters in the same order give the Python front end's P.
 class Apollo : public AdamFamily<ApolloOptions, ApolloParamState> {

@@ -1,5 +1,6 @@
 // AdamW on CUDA: one multi-tensor launch per 24 tensors / 320 chunks, one pass over p, g, m, v
-// (28 bytes per fp32 parameter, the floor). Same operation order as cpu::adamw_span.
+// (28 bytes per fp32 parameter, the floor). Same operation order as cpu::adamw_span, under
+// either AdamWRule (the host folds it into the scalars and decay_after).
 #include "cuda_common.cuh"
 
 namespace memopt::cuda {
@@ -21,6 +22,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams prm) 
   S* v = static_cast<S*>(prm.v[slot]) + begin;
   const C decay = prm.decay[slot], step_size = prm.step_size[slot], bc2 = prm.bc2_sqrt[slot];
   const C b1c = 1.0 - prm.beta1, b2 = prm.beta2, b2c = 1.0 - prm.beta2, eps = prm.eps;
+  const C pre = prm.decay_after ? C(1) : decay, post = prm.decay_after ? decay : C(1);
 
   for (int64_t base = 0; base < n; base += static_cast<int64_t>(kThreads) * kUnroll) {
     C gj[kUnroll], mj[kUnroll], vj[kUnroll], pj[kUnroll];
@@ -41,7 +43,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams prm) 
         mj[u] += b1c * (gj[u] - mj[u]);
         vj[u] = b2 * vj[u] + b2c * gj[u] * gj[u];
         const C denom = sqrt(vj[u]) / bc2 + eps;
-        store(p + j, pj[u] * decay - step_size * mj[u] / denom);
+        store(p + j, (pj[u] * pre - step_size * mj[u] / denom) * post);
         store(m + j, mj[u]);
         store(v + j, vj[u]);
       }

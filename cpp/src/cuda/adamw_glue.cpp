@@ -1,5 +1,5 @@
-// memopt::adamw_ for the CUDA dispatch key: validates like the CPU op, advances the step
-// counters, computes each tensor's scalars in double and launches cuda/adamw.cu.
+// memopt::adamw_ for the CUDA dispatch key: validates like the CPU op (the rule first), advances
+// the step counters, computes each tensor's scalars in double and launches cuda/adamw.cu.
 #include <torch/library.h>
 
 #include "launch.h"
@@ -12,7 +12,8 @@ constexpr int64_t kChunk = 65536;
 
 void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr_t, double beta1, double beta2, double eps,
-                double weight_decay) {
+                double weight_decay, c10::string_view rule_name) {
+  const AdamWRule rule = parse_adamw_rule(rule_name);
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
@@ -21,11 +22,13 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   const c10::DeviceGuard guard(params[0].device());
   const Stream stream = current_stream(params[0].device());
 
-  const AdamStepInputs in = adam_step_inputs(grads, steps, lr, beta1, beta2, eps, weight_decay);
+  const AdamStepInputs in =
+      adam_step_inputs(grads, steps, lr, beta1, beta2, eps, weight_decay, rule);
   const auto& g = in.grads;
   const auto& s = in.scalars;
   AdamWParams prm{};
   prm.beta1 = beta1, prm.beta2 = beta2, prm.eps = eps;
+  prm.decay_after = rule == AdamWRule::kApollo;
   for (const auto& idx : by_dtypes(params, exp_avgs)) {
     prm.param_dtype = dtype_of(params[idx[0]].scalar_type());
     prm.state_dtype = dtype_of(exp_avgs[idx[0]].scalar_type());

@@ -85,14 +85,15 @@ struct AdamStepInputs {
 };
 inline AdamStepInputs adam_step_inputs(TensorList grads, TensorList steps, double lr,
                                        double beta1, double beta2, double eps,
-                                       double weight_decay) {
+                                       double weight_decay,
+                                       AdamWRule rule = AdamWRule::kTorch) {
   AdamStepInputs in;
   in.grads.reserve(grads.size());
   in.scalars.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     in.grads.push_back(contiguous_grad(grads[i]));
     in.scalars.push_back(
-        AdamScalars::make(lr, beta1, beta2, eps, weight_decay, advance_step(steps[i])));
+        AdamScalars::make(lr, beta1, beta2, eps, weight_decay, advance_step(steps[i]), rule));
   }
   return in;
 }
