@@ -271,7 +271,7 @@ def test_adamw_rule_is_saved_and_a_checkpoint_without_it_resumes_with_torchs_rul
 @pytest.mark.parametrize("rule", ["adam", "Torch", "", None, 1])
 def test_bad_adamw_rule_raises_value_error(rule):
     with pytest.raises(ValueError, match="adamw_rule must be 'apollo'.* or 'torch'"):
-        memopt_core.Apollo(_params(), adamw_rule=rule)
+        memopt_core.Apollo(_params(), rank=RANK, adamw_rule=rule)
     with pytest.raises(ValueError, match="adamw_rule"):  # a group's own value
         memopt_core.ApolloMini([{"params": _params()[:1], "rank": 1},
                                 {"params": [nn.Parameter(torch.zeros(3))], "adamw_rule": rule}])
