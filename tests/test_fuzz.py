@@ -977,10 +977,9 @@ FRUGAL_RANDK_SCALAR = Case(shapes=[()], roles=["norm"], dtype=torch.float32, ste
                            grads=[[0.5]], opts=dict(selection="randk", density=1.0, proj_norms=True))
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="Frugal, selection='randk': a 0-D "
-                   "projectable tensor raises IndexError in _plan (p.shape[0] of a scalar)")
 @KNOWN
 @given(case=st.none())
 @example(case=FRUGAL_RANDK_SCALAR)
-def test_known_frugal_randk_on_a_scalar(case):
+def test_frugal_randk_on_a_scalar(case):
+    """Was an IndexError in the re-selection (p.shape[0] of a 0-D tensor); found by this fuzzer."""
     fuzz_frugal(with_defaults("frugal", case))

@@ -258,7 +258,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                     continue
                 mode, k = self._sub[p][0], self._sub[p][4]
                 if mode in (_COLUMNS, _ROWS, _RANDK):  # global shapes: every rank draws alike
-                    total = {_COLUMNS: p.shape[-1], _ROWS: p.shape[0], _RANDK: p.numel()}[mode]
+                    total = (p.numel() if mode == _RANDK else  # a 0-D tensor has no columns
+                             p.shape[-1] if mode == _COLUMNS else p.shape[0])
                     sub, fr["rng"] = _C.frugal_select_indices(total, k, fr["rng"])
                 else:
                     sub, fr["rng"] = _C.frugal_projection(  # the full weight's P
