@@ -22,6 +22,10 @@ class OptimizerSpec:
     defaults: dict = field(default_factory=dict)
     # Defaults that depend on the model (read from model.config), below explicit hparams.
     model_defaults: Optional[Callable[[nn.Module], dict]] = None
+    # Recommended peak learning rate (warmup + cosine, as `memopt train` / `compare` schedule
+    # it): `memopt compare` runs each optimizer at its own unless told otherwise. Not applied by
+    # make(), which leaves lr to the caller. Each entry says where its value comes from.
+    lr: Optional[float] = None
 
     def make(self, model: nn.Module, **hparams):
         sized = self.model_defaults(model) if self.model_defaults else {}
@@ -36,12 +40,21 @@ def _apollo_rank(model: nn.Module) -> dict:
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec("adamw", AdamW, needs_names=False),
-    "adam_mini": OptimizerSpec("adam_mini", AdamMini, needs_names=True),
-    "slim_adam": OptimizerSpec("slim_adam", SlimAdam, needs_names=True),
-    "frugal": OptimizerSpec("frugal", Frugal, needs_names=True),
-    "apollo": OptimizerSpec("apollo", Apollo, needs_names=True, model_defaults=_apollo_rank),
-    "apollo_mini": OptimizerSpec("apollo_mini", ApolloMini, needs_names=True),
+    # adamw, adam_mini, slim_adam: measured here, the best validation loss of 5 lrs (5e-4 to
+    # 8e-3, x2 apart) on `memopt compare --quick --lr-sweep 5 --lr 2e-3` (bench/RESULTS.md,
+    # "Recommended learning rates"); all three are best at 1e-3 there.
+    "adamw": OptimizerSpec("adamw", AdamW, needs_names=False, lr=1e-3),
+    # Measured here (above); Adam-mini's authors advise AdamW's hyperparameters, as measured.
+    "adam_mini": OptimizerSpec("adam_mini", AdamMini, needs_names=True, lr=1e-3),
+    # Measured here (above).
+    "slim_adam": OptimizerSpec("slim_adam", SlimAdam, needs_names=True, lr=1e-3),
+    # FRUGAL's paper: lr 1e-3 for its LLaMA pre-training runs (60M-1B).
+    "frugal": OptimizerSpec("frugal", Frugal, needs_names=True, lr=1e-3),
+    # APOLLO's pre-training scripts (scripts/pretrain_c4/*.sh): lr 1e-2.
+    "apollo": OptimizerSpec("apollo", Apollo, needs_names=True, model_defaults=_apollo_rank,
+                            lr=1e-2),
+    # APOLLO-Mini: the same scripts, lr 1e-2 (with scale 128).
+    "apollo_mini": OptimizerSpec("apollo_mini", ApolloMini, needs_names=True, lr=1e-2),
 }
 
 
