@@ -142,7 +142,7 @@ def test_cli_plan_rows_counts_and_bad_sizes(capsys):
 def test_cli_help_shows_defaults(capsys):
     for command, shown in (("train", ["default: tiny", "default: 1000", "default: 0\n"]),
                            ("plan", ["default: llama-7b", "default: 2048"]),
-                           ("compare", ["default: 0.002", "default: 16"])):
+                           ("compare", ["default: 16", "default: 128"])):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         out = capsys.readouterr().out
@@ -162,7 +162,7 @@ def test_cli_compare_settings_checked_before_any_run_and_lr_per_run(monkeypatch)
     assert cli.main(["compare", "--optimizers", "adamw apollo:lr=1e-2,rank=4,betas=(0.9,0.99)",
                      "--steps", "2", "--out", "/tmp/memopt-cli-test"]) == 0
     adamw, apollo = seen
-    assert adamw.lr == 2e-3 and adamw.label == "adamw"
+    assert adamw.lr == memopt_core.OPTIMIZERS["adamw"].lr  # its recommended lr
     assert apollo.lr == 1e-2 and apollo.betas == (0.9, 0.99)
     assert apollo.optimizer_kwargs == {"rank": 4}
     assert apollo.label == "apollo:rank=4,lr=0.01,betas=(0.9, 0.99)"
