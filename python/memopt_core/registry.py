@@ -3,7 +3,7 @@ Adding an algorithm is one entry here plus its files."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import nn
 
@@ -20,23 +20,14 @@ class OptimizerSpec:
     cls: type
     needs_names: bool            # constructed from the model (roles) rather than bare parameters
     defaults: dict = field(default_factory=dict)
-    # Defaults that depend on the model (read from model.config), below explicit hparams.
-    model_defaults: Optional[Callable[[nn.Module], dict]] = None
     # Recommended peak learning rate (warmup + cosine, as `memopt train` / `compare` schedule
     # it): `memopt compare` runs each optimizer at its own unless told otherwise. Not applied by
     # make(), which leaves lr to the caller. Each entry says where its value comes from.
     lr: Optional[float] = None
 
     def make(self, model: nn.Module, **hparams):
-        sized = self.model_defaults(model) if self.model_defaults else {}
-        kwargs = {**self.defaults, **sized, **hparams}
+        kwargs = {**self.defaults, **hparams}
         return self.cls(model if self.needs_names else model.parameters(), **kwargs)
-
-
-def _apollo_rank(model: nn.Module) -> dict:
-    """APOLLO's pre-training scripts: rank d/4 up to 256 (60M 128, 130M 192, 350M-7B 256)."""
-    d = getattr(getattr(model, "config", None), "hidden_size", None)
-    return {"rank": max(1, min(256, d // 4))} if d else {}
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -50,9 +41,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "slim_adam": OptimizerSpec("slim_adam", SlimAdam, needs_names=True, lr=1e-3),
     # FRUGAL's paper: lr 1e-3 for its LLaMA pre-training runs (60M-1B).
     "frugal": OptimizerSpec("frugal", Frugal, needs_names=True, lr=1e-3),
-    # APOLLO's pre-training scripts (scripts/pretrain_c4/*.sh): lr 1e-2.
-    "apollo": OptimizerSpec("apollo", Apollo, needs_names=True, model_defaults=_apollo_rank,
-                            lr=1e-2),
+    # APOLLO's pre-training scripts (scripts/pretrain_c4/*.sh): lr 1e-2. Its rank defaults to
+    # the model's (Apollo.default_rank: d/4 up to 256).
+    "apollo": OptimizerSpec("apollo", Apollo, needs_names=True, lr=1e-2),
     # APOLLO-Mini: the same scripts, lr 1e-2 (with scale 128).
     "apollo_mini": OptimizerSpec("apollo_mini", ApolloMini, needs_names=True, lr=1e-2),
 }
