@@ -155,36 +155,21 @@ void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                         cfg);
 }
 
-// The shard ops take apollo_'s arguments with (offsets, global_sizes, shard_dims, stats)
-// after steps.
-#define MEMOPT_SHARD_ARGS                                                                     \
-  TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,           \
-      TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,         \
-      at::IntArrayRef offsets, at::IntArrayRef global_sizes, at::IntArrayRef shard_dims,      \
-      const Tensor &stats,                                                                    \
-      const Tensor &lr, double beta1, double beta2, double eps, double weight_decay,          \
-      int64_t rank, c10::string_view proj, c10::string_view proj_type,                        \
-      c10::string_view scale_type, int64_t update_proj_gap, double scale,                     \
-      double norm_growth_limit, bool scale_front
-#define MEMOPT_SHARD_CONFIG                                                                   \
-  make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,               \
-                     norm_growth_limit, scale_front)
-
-void apollo_shard_stats_cpu(MEMOPT_SHARD_ARGS) {
+void apollo_shard_stats_cpu(MEMOPT_APOLLO_SHARD_ARGS) {
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
   apollo_shard_stats_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                       offsets, global_sizes, shard_dims, stats, beta1, beta2, eps,
-                      MEMOPT_SHARD_CONFIG);
+                      MEMOPT_APOLLO_SHARD_CONFIG);
 }
 
-void apollo_shard_update_cpu(MEMOPT_SHARD_ARGS) {
+void apollo_shard_update_cpu(MEMOPT_APOLLO_SHARD_ARGS) {
   apollo_shard_update_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                        offsets, global_sizes, shard_dims, stats, lr, beta1, beta2, eps,
-                       weight_decay, MEMOPT_SHARD_CONFIG);
+                       weight_decay, MEMOPT_APOLLO_SHARD_CONFIG);
 }
 
-void apollo_shard_meta(MEMOPT_SHARD_ARGS) {
-  const auto cfg = MEMOPT_SHARD_CONFIG;
+void apollo_shard_meta(MEMOPT_APOLLO_SHARD_ARGS) {
+  const auto cfg = MEMOPT_APOLLO_SHARD_CONFIG;
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs}))
     check_apollo_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
                               steps, offsets, global_sizes, shard_dims, stats, cfg);

@@ -28,13 +28,6 @@ void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                         proj_lr_scale, free_lr_scale, rule, /*read_data=*/false);
 }
 
-// The shard ops take frugal_'s arguments with `stats` after modes (frugal.h).
-#define MEMOPT_FRUGAL_SHARD_ARGS                                                              \
-  TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,           \
-      TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor &stats,     \
-      const Tensor &lr, double beta1, double beta2, double eps, double weight_decay,          \
-      double proj_lr_scale, double free_lr_scale, int64_t rule
-
 void frugal_shard_stats_cpu(MEMOPT_FRUGAL_SHARD_ARGS) {
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);  // before stats is written
   frugal_shard_stats_(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,

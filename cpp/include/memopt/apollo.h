@@ -87,6 +87,20 @@ void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList e
                                TensorList limiter_norms, TensorList steps, at::IntArrayRef offsets,
                                at::IntArrayRef global_sizes, at::IntArrayRef shard_dims,
                                const Tensor& stats, const ApolloConfig& cfg);
+// The shard ops' kernel signature (their schema in C++), shared by the CPU, Meta and CUDA
+// kernels: apollo_'s arguments with (offsets, global_sizes, shard_dims, stats) after steps.
+#define MEMOPT_APOLLO_SHARD_ARGS                                                             \
+  TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,           \
+      TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,         \
+      at::IntArrayRef offsets, at::IntArrayRef global_sizes, at::IntArrayRef shard_dims,      \
+      const Tensor &stats, const Tensor &lr, double beta1, double beta2, double eps,          \
+      double weight_decay, int64_t rank, c10::string_view proj, c10::string_view proj_type,   \
+      c10::string_view scale_type, int64_t update_proj_gap, double scale,                     \
+      double norm_growth_limit, bool scale_front
+#define MEMOPT_APOLLO_SHARD_CONFIG                                                           \
+  make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,               \
+                     norm_growth_limit, scale_front)
+
 void apollo_shard_stats_(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
                          TensorList limiter_norms, TensorList steps, at::IntArrayRef offsets,

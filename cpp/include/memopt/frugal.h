@@ -60,6 +60,14 @@ void check_frugal_shard_inputs(TensorList params, TensorList grads, TensorList e
                                TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                                at::IntArrayRef modes, const Tensor& stats, double proj_lr_scale,
                                double free_lr_scale, int64_t rule, bool read_data = true);
+// The shard ops' kernel signature (their schema in C++), shared by the CPU, Meta and CUDA
+// kernels: frugal_'s arguments with `stats` after modes.
+#define MEMOPT_FRUGAL_SHARD_ARGS                                                              \
+  TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,           \
+      TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor &stats,     \
+      const Tensor &lr, double beta1, double beta2, double eps, double weight_decay,          \
+      double proj_lr_scale, double free_lr_scale, int64_t rule
+
 void frugal_shard_stats_(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                          at::IntArrayRef modes, const Tensor& stats, double proj_lr_scale,

@@ -128,17 +128,9 @@ void for_each_shard(const char* op, const Args& a, const ApolloConfig& cfg, Fn&&
   }
 }
 
-void stats_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,
-                at::IntArrayRef offsets, at::IntArrayRef global_sizes,
-                at::IntArrayRef shard_dims, const Tensor& stats, const Tensor& lr_t, double beta1, double beta2, double eps, double weight_decay,
-                int64_t rank, c10::string_view proj_s, c10::string_view proj_type,
-                c10::string_view scale_type, int64_t update_proj_gap, double scale,
-                double norm_growth_limit, bool scale_front) {
-  const ApolloConfig cfg = make_apollo_config(rank, proj_s, proj_type, scale_type,
-                                              update_proj_gap, scale, norm_growth_limit,
-                                              scale_front);
-  check_adam_hparams(read_lr(lr_t), beta1, beta2, eps, weight_decay);
+void stats_cuda(MEMOPT_APOLLO_SHARD_ARGS) {
+  const ApolloConfig cfg = MEMOPT_APOLLO_SHARD_CONFIG;
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
   const bool limiter = cfg.norm_growth_limit > 0.0;
   const Args a{params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                offsets, global_sizes, shard_dims, stats};
@@ -208,18 +200,10 @@ void apply_update(const Tensor& p, const Tensor& g, const Tensor& coef, double l
   }
 }
 
-void update_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                 TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,
-                 at::IntArrayRef offsets, at::IntArrayRef global_sizes,
-                 at::IntArrayRef shard_dims, const Tensor& stats, const Tensor& lr_t, double beta1, double beta2, double eps, double weight_decay,
-                 int64_t rank, c10::string_view proj_s, c10::string_view proj_type,
-                 c10::string_view scale_type, int64_t update_proj_gap, double scale,
-                 double norm_growth_limit, bool scale_front) {
-  const ApolloConfig cfg = make_apollo_config(rank, proj_s, proj_type, scale_type,
-                                              update_proj_gap, scale, norm_growth_limit,
-                                              scale_front);
-  const double lr = read_lr(lr_t);
-  check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
+void update_cuda(MEMOPT_APOLLO_SHARD_ARGS) {
+  const ApolloConfig cfg = MEMOPT_APOLLO_SHARD_CONFIG;
+  const double lr_value = read_lr(lr);
+  check_adam_hparams(lr_value, beta1, beta2, eps, weight_decay);
   const bool limiter = cfg.norm_growth_limit > 0.0;
   const Args a{params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                offsets, global_sizes, shard_dims, stats};
@@ -247,12 +231,12 @@ void update_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
       fac = sums_r ? factor(sa.sum(), sb.sum()) : factor(st[0], st[1]);
       if (limiter) u2 = fac.square() * st[sums_r ? r * K : 2];
     }
-    const double step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
+    const double step_size = lr_value * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
     Tensor coef = fac.mul(step_size * std::sqrt(cfg.scale));
     if (limiter) coef.div_(limiter_step(cfg, u2, limiter_norms[i]));
     coef = coef.to(ct);
     if (cfg.channel) coef = left ? coef.view({1, K}) : coef.view({K, 1});
-    apply_update(p, g, coef, lr * weight_decay);
+    apply_update(p, g, coef, lr_value * weight_decay);
   });
 }
 

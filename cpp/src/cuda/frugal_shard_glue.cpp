@@ -14,24 +14,18 @@
 namespace memopt::cuda {
 namespace {
 
-#define MEMOPT_FRUGAL_SHARD_ARGS                                                              \
-  TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,           \
-      TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor &stats,     \
-      const Tensor &lr_t, double beta1, double beta2, double eps, double weight_decay,        \
-      double proj_lr_scale, double free_lr_scale, int64_t rule
-
 // The CPU op's checks, then that every tensor the GEMMs read is on the parameters' device.
 void check(const char* op, MEMOPT_FRUGAL_SHARD_ARGS) {
   check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
                             proj_lr_scale, free_lr_scale, rule);
-  check_adam_hparams(read_lr(lr_t), beta1, beta2, eps, weight_decay);
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
   if (!params.empty())
     check_same_cuda_device(op, {params, grads, exp_avgs, exp_avg_sqs, subspaces, {stats}});
 }
 
 void stats_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
   check("frugal_shard_stats_", params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-        stats, lr_t, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
+        stats, lr, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
   if (params.empty()) return;
   const c10::DeviceGuard guard(params[0].device());
   const at::NoTF32Guard no_tf32;  // fp32 products stay IEEE fp32, as the update's
@@ -52,8 +46,8 @@ void stats_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
 
 void update_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
   check("frugal_shard_update_", params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-        stats, lr_t, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
-  frugal_run(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, read_lr(lr_t), beta1,
+        stats, lr, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
+  frugal_run(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, read_lr(lr), beta1,
              beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, &stats);
 }
 
