@@ -10,6 +10,7 @@ import memopt_core
 from memopt_core.app import cli
 from memopt_core.app.models import build
 from memopt_core.app.plan import activation_bytes, plan
+from memopt_core.app.train import TrainConfig
 from memopt_core.app.memory import peak_during
 
 
@@ -165,4 +166,17 @@ def test_cli_compare_settings_checked_before_any_run_and_lr_per_run(monkeypatch)
     assert adamw.lr == memopt_core.OPTIMIZERS["adamw"].lr  # its recommended lr
     assert apollo.lr == 1e-2 and apollo.betas == (0.9, 0.99)
     assert apollo.optimizer_kwargs == {"rank": 4}
-    assert apollo.label == "apollo:rank=4,lr=0.01,betas=(0.9, 0.99)"
+    assert apollo.label == "apollo:rank=4,betas=(0.9, 0.99)"  # lr 1e-2 is its recommended one
+
+
+def test_train_runs_at_the_optimizers_recommended_lr_unless_told():
+    """`memopt train` and TrainConfig take the registry's lr for the optimizer, as compare does;
+    --lr overrides it."""
+    parser = cli.build_parser()
+    for name, spec in memopt_core.OPTIMIZERS.items():
+        args = parser.parse_args(["train", "--optimizer", name])
+        assert cli._config(args, name).lr == spec.lr
+    args = parser.parse_args(["train", "--optimizer", "apollo", "--lr", "3e-4"])
+    assert cli._config(args, "apollo").lr == 3e-4
+    assert TrainConfig(optimizer="apollo_mini").lr == memopt_core.OPTIMIZERS["apollo_mini"].lr
+    assert "apollo 0.01" in parser._subparsers._group_actions[0].choices["train"].format_help()

@@ -25,6 +25,13 @@ class OptimizerSpec:
     # make(), which leaves lr to the caller. Each entry says where its value comes from.
     lr: Optional[float] = None
 
+    def peak_lr(self, lr: Optional[float] = None) -> float:
+        """`lr` if given, else the recommended one: where `memopt train` / `compare` (and
+        TrainConfig) choose a run's lr."""
+        if lr is None and self.lr is None:
+            raise ValueError(f"{self.name} has no recommended lr; give one (--lr)")
+        return float(self.lr if lr is None else lr)
+
     def make(self, model: nn.Module, **hparams):
         kwargs = {**self.defaults, **hparams}
         return self.cls(model if self.needs_names else model.parameters(), **kwargs)

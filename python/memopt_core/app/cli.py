@@ -83,7 +83,9 @@ def _add_train_args(p, steps, model):
     p.add_argument("--steps", type=positive_int, default=steps)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seq-len", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak lr (default: the optimizer's recommended one: " + ", ".join(
+                       f"{n} {s.lr:g}" for n, s in OPTIMIZERS.items()) + ")")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -127,11 +129,8 @@ def _compare(args) -> int:
             run["betas"] = tuple(run["betas"])
         # lr: the arm's own, else --lr for every arm, else the optimizer's recommended one.
         own_lr |= "lr" in run
-        lr = run.pop("lr", args.lr if args.lr is not None else OPTIMIZERS[name].lr)
-        if lr is None:
-            raise SystemExit(f"memopt compare: {name} has no recommended lr; give one with "
-                             f"--lr or {name}:lr=...")
-        for point in lr_points(float(lr), args.lr_sweep, args.lr_sweep_factor):
+        lr = OPTIMIZERS[name].peak_lr(run.pop("lr", args.lr))
+        for point in lr_points(lr, args.lr_sweep, args.lr_sweep_factor):
             configs.append(_config(args, name, optimizer_kwargs=dict(kwargs),
                                    **{**shared, **run, "lr": point}))
             arms.append(arm)
@@ -358,7 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
                                         "\"adamw frugal:density=0.25 apollo:lr=1e-2,rank=64\" "
                                         "(lr, weight_decay and betas set that run's own)")
     _add_train_args(c, steps=None, model=None)
-    c.set_defaults(lr=None)  # each optimizer's recommended lr unless --lr is given
     next(a for a in c._actions if a.dest == "lr").help = (
         "one peak lr for every run instead of each optimizer's recommended one (a run's own "
         "lr= still wins; --lr-sweep centres on it); default: each optimizer's recommended lr ("

@@ -47,7 +47,7 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 16
     seq_len: int = 128
-    lr: float = 2e-3
+    lr: Optional[float] = None  # peak lr; None: the optimizer's recommended one (registry)
     betas: tuple = (0.9, 0.95)
     weight_decay: float = 0.1
     warmup: float = 0.1        # fraction of steps with linear warmup
@@ -66,13 +66,20 @@ class TrainConfig:
     optimizer_kwargs: dict = field(default_factory=dict)
     fsdp: bool = False         # FSDP2 over the initialised process group (see the module doc)
 
+    def __post_init__(self):
+        if self.lr is None and self.optimizer in OPTIMIZERS:  # an unknown name: check() says so
+            self.lr = OPTIMIZERS[self.optimizer].peak_lr()
+
     @property
     def label(self) -> str:
         """The optimizer and its extra settings, as `memopt compare` names a run: its own
-        options, then lr / weight_decay / betas where they differ from TrainConfig's defaults."""
-        run = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name in ("lr", "weight_decay", "betas")
-               and _as_tuple(getattr(self, f.name)) != _as_tuple(f.default)}
+        options, then lr / weight_decay / betas where they differ from the defaults (the
+        optimizer's recommended lr, TrainConfig's others)."""
+        default = {f.name: f.default for f in fields(self)}
+        if self.optimizer in OPTIMIZERS:
+            default["lr"] = OPTIMIZERS[self.optimizer].lr
+        run = {name: getattr(self, name) for name in ("lr", "weight_decay", "betas")
+               if _as_tuple(getattr(self, name)) != _as_tuple(default[name])}
         extra = ",".join(f"{k}={v}" for k, v in {**self.optimizer_kwargs, **run}.items())
         return f"{self.optimizer}:{extra}" if extra else self.optimizer
 
