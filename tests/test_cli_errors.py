@@ -58,3 +58,26 @@ def test_cuda_device_without_cuda_is_a_clear_error():
         cli.main(TRAIN[:-1] + ["cuda"])
     with pytest.raises(SystemExit, match="is not a device"):
         cli.main(TRAIN[:-1] + ["gpu"])
+
+
+def test_train_logs_a_skipped_step(monkeypatch, tmp_path, capsys):
+    """memopt train skips a step with a non-finite gradient by default and says so, in the
+    terminal and in log.jsonl."""
+    real = cli.Trainer
+
+    class Poisoned(real):
+        def run_step(self):
+            if self.step == 1:  # the 2nd step's gradients hold a NaN
+                p = next(self.model.parameters())
+                handle = p.register_hook(lambda g: g * float("nan"))
+                try:
+                    return super().run_step()
+                finally:
+                    handle.remove()
+            return super().run_step()
+    monkeypatch.setattr(cli, "Trainer", Poisoned)
+    data = _text(tmp_path / "one.txt")
+    assert cli.main(TRAIN + ["--data", str(data), "--ckpt-dir", str(tmp_path / "run")]) == 0
+    assert "step 2: a gradient is not finite; the update was skipped (1 so far)" in \
+        capsys.readouterr().err
+    assert '"skipped": true' in (tmp_path / "run" / "log.jsonl").read_text()

@@ -141,3 +141,43 @@ def test_layerwise_lowers_peak_memory_by_about_the_gradients():
     grads = peaks[False]["weights"]  # fp32 gradients weigh what the weights do
     saved = peaks[False]["peak"] - peaks[True]["peak"]
     assert 0.75 * grads < saved <= 1.05 * grads, (saved, grads)
+
+
+def _poison_step(t: Trainer, bad_step: int) -> None:
+    """Makes the gradients of the trainer's `bad_step`-th backward NaN (one parameter's; global
+    clipping spreads it)."""
+    calls = {"n": 0}
+
+    def hook(g):
+        calls["n"] += 1
+        return g * float("nan") if calls["n"] == bad_step else g
+    next(t.model.parameters()).register_hook(hook)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(optimizer="apollo_mini"),
+                                dict(layerwise=True, grad_clip=0.0)])
+def test_a_non_finite_gradient_skips_the_update_by_default(kw):
+    """TrainConfig's nonfinite="skip": the step with a NaN gradient leaves the weights as they
+    were and is recorded; training goes on."""
+    t = trainer(**kw)
+    _poison_step(t, 2)
+    t.run_step()
+    before = params_of(t)
+    t.run_step()
+    after = params_of(t)
+    if kw.get("layerwise"):  # each parameter decided alone: only the poisoned one kept
+        assert torch.equal(after[0], before[0])
+        assert not all(torch.equal(a, b) for a, b in zip(after[1:], before[1:]))
+    else:
+        assert_same_params(before, after)
+    assert t.history["skipped"] == [2] and t.opt.skipped_steps == 1
+    t.run_step()
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(t), after))
+
+
+def test_nonfinite_propagate_lets_the_nan_through():
+    t = trainer(nonfinite="propagate")
+    _poison_step(t, 1)
+    t.run_step()
+    assert t.history["skipped"] == [] and not torch.isfinite(next(t.model.parameters())).all()

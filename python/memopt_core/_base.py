@@ -13,6 +13,7 @@ import torch
 from . import _C
 from .distributed import (ShardedCall, as_dtensor, is_dtensor, local, local_args, local_shape,
                           local_value, reduce_stats, shard_layout)
+from .nonfinite import NONFINITE, saved_skipped_steps, skips_step
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -44,6 +45,20 @@ class MemoptOptimizer(torch.optim.Optimizer):
     # host-side selection logic is not traceable by torch.compile.
     steps_single_params = True
     compilable = True
+    # torch.amp.GradScaler hands this optimizer `grad_scale` and `found_inf` (attributes set for
+    # the duration of step()) instead of unscaling and checking the gradients itself, as it does
+    # for torch's fused optimizers; see nonfinite.py.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, nonfinite: str = "propagate"):
+        """nonfinite: "propagate" (torch's behaviour: an inf/NaN gradient reaches the parameter)
+        or "skip" (a step with any non-finite gradient changes nothing; counted in
+        `skipped_steps`)."""
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0  # steps (step_params calls, layer-wise) left out by _skips_step
+        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group (also used by __init__), then the checks a group must pass:
@@ -125,14 +140,22 @@ class MemoptOptimizer(torch.optim.Optimizer):
             layouts[p] = shard_layout(p, self._shard_dims, type(self).__name__)
         return layouts[p]
 
+    def _skips_step(self, batches: list) -> bool:
+        """Whether this step must change nothing (nonfinite.py); it has unscaled the gradients
+        of `batches` by GradScaler's grad_scale if one was set, and counted a skip."""
+        return skips_step(self, batches)
+
     def _step_params(self, only: Optional[set]) -> None:
+        batches = self._device_batches(only)
+        if self._skips_step(batches):
+            return
         if torch.compiler.is_compiling():
-            return self._traced_step(only)
+            return self._traced_step(batches)
         calls, fresh = [], []
         try:
             # Validate every (group, device) call before running any, so that a bad input
             # anywhere leaves all parameters and state as they were.
-            for group, params in self._device_batches(only):
+            for group, params in batches:
                 new = [p for p in params if p not in self.state]
                 self._init_states(new)
                 fresh += new
@@ -160,11 +183,11 @@ class MemoptOptimizer(torch.optim.Optimizer):
         check(*args)
         return ShardedCall(lambda: op(*args))
 
-    def _traced_step(self, only: Optional[set]) -> None:
+    def _traced_step(self, batches: list) -> None:
         """step() under torch.compile: the same op calls with nothing Dynamo cannot trace. The
         C++ validator is skipped because the op's Meta kernel runs the same checks while
         tracing; new state is made of plain tensors (the pool allocator is not traceable)."""
-        for group, params in self._device_batches(only):
+        for group, params in batches:
             if is_dtensor(params[0]):
                 raise TypeError("step() of an optimizer over DTensor (FSDP2) parameters cannot "
                                 "be compiled: its partial statistics and all-reduce run eagerly. "
@@ -257,12 +280,24 @@ class MemoptOptimizer(torch.optim.Optimizer):
         return p.dtype
 
     # ---- state_dict -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's, with `skipped_steps` in every param group (where torch.distributed.checkpoint
+        keeps it too)."""
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            g["skipped_steps"] = self.skipped_steps
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, preceded by a check that every saved state tensor has the shape this
         optimizer expects (so a mismatched checkpoint raises and changes nothing), and followed
         by repacking the loaded state into flat pools."""
         self._check_loadable(state_dict)
+        skipped = saved_skipped_steps(state_dict)
         super().load_state_dict(state_dict)
+        self.skipped_steps = skipped
+        for g in self.param_groups:
+            g.pop("skipped_steps", None)
         params = [p for g in self.param_groups for p in g["params"] if p in self.state]
         values = {(p, k): v for p in params for k, v in self.state[p].items()}
         for p in params:

@@ -68,7 +68,7 @@ class AdamMini(MemoptOptimizer):
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, dim=None, n_heads=None, n_kv_heads=None,
-                 partition="auto", roles=None, model=None):
+                 partition="auto", roles=None, model=None, nonfinite="propagate"):
         src = resolve(named_params_or_model, model)
         need_names(src, type(self).__name__, "its blocks (attention heads, embedding rows, "
                    "norms) and which tensors decay")
@@ -83,7 +83,8 @@ class AdamMini(MemoptOptimizer):
                 if members:
                     torch_groups.append({**opts, "params": [p for _, p in members],
                                          "param_names": [n for n, _ in members], "weight_decay": wd})
-        super().__init__(torch_groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(torch_groups, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                            weight_decay=weight_decay), nonfinite)
 
     def _state_shapes(self, p):
         return {"exp_avg": tuple(p.shape), "exp_avg_sq": (self.blocks[p].count,)}

@@ -28,14 +28,15 @@ class AdamW(MemoptOptimizer):
     _shard_dims = (0, 1)  # elementwise: any FSDP2 shard
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 model=None):
+                 model=None, nonfinite="propagate"):
         # A model, or groups with model= (memopt_core.sources), as every other memopt optimizer
         # takes them; AdamW needs no names, so the model only stands in for its parameters.
         if isinstance(params, nn.Module):
             params = params.parameters()
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+                         nonfinite)
 
     def _state_shapes(self, p):
         return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}

@@ -94,7 +94,7 @@ class Apollo(MemoptOptimizer):
                  rank=None, proj="random", proj_type="std", scale_type="channel",
                  update_proj_gap=200, scale=1.0, norm_growth_limit: Optional[float] = 1.01,
                  scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
-                 model=None):
+                 model=None, nonfinite="propagate"):
         groups = _apollo_groups(resolve(params, model), rank, roles, self)
         self._seed0: dict = {}    # before super().__init__, which calls add_param_group
         self._group_cache: tuple = ((), {})
@@ -103,7 +103,7 @@ class Apollo(MemoptOptimizer):
                         update_proj_gap=update_proj_gap, scale=scale,
                         norm_growth_limit=norm_growth_limit, scale_front=scale_front,
                         store_projection=store_projection, adamw_rule=adamw_rule)
-        super().__init__(groups, defaults)
+        super().__init__(groups, defaults, nonfinite)
 
     @staticmethod
     def default_rank(model) -> int:
@@ -302,13 +302,13 @@ class ApolloMini(Apollo):
                  rank=None, proj="random", proj_type="std", scale_type="tensor",
                  update_proj_gap=200, scale=128.0, norm_growth_limit: Optional[float] = 1.01,
                  scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
-                 model=None):
+                 model=None, nonfinite="propagate"):
         super().__init__(params, lr, betas, eps, weight_decay, rank=rank, proj=proj,
                          proj_type=proj_type, scale_type=scale_type,
                          update_proj_gap=update_proj_gap, scale=scale,
                          norm_growth_limit=norm_growth_limit, scale_front=scale_front,
                          store_projection=store_projection, adamw_rule=adamw_rule, roles=roles,
-                         model=model)
+                         model=model, nonfinite=nonfinite)
 
     @staticmethod
     def default_rank(model) -> int:

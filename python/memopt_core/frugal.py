@@ -91,7 +91,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                  weight_decay=0.0, *, density=0.25, update_gap=200, selection="block",
                  block_order="descending", state_free="sign_sgd", state_free_lr_scale=1.0,
                  proj_params_lr_scale=1.0, reset_statistics=True, proj_embeds=False,
-                 proj_norms=False, proj_logits=False, roles=None, seed=None, model=None):
+                 proj_norms=False, proj_logits=False, roles=None, seed=None, model=None,
+                 nonfinite="propagate"):
         if not (isinstance(density, (int, float)) and 0.0 <= density <= 1.0):
             raise ValueError(f"density must be in [0, 1], got {density!r}")
         if not (isinstance(update_gap, int) and update_gap >= 1):
@@ -115,7 +116,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         super().__init__(torch_groups, dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             proj_params_lr_scale=proj_params_lr_scale, state_free_lr_scale=state_free_lr_scale,
-            frugal=None))  # the key state_dict() fills with the selection (see frugal_state)
+            frugal=None), nonfinite)  # "frugal": the key state_dict() fills (frugal_state)
         for g in self.param_groups:  # the op's own check, for the two FRUGAL scales
             _C.check_frugal_([], [], [], [], [], [], [], torch.tensor(1.0), 0.9, 0.9, 0.0, 0.0,
                              float(g["proj_params_lr_scale"]), float(g["state_free_lr_scale"]), 0)
@@ -297,7 +298,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
             with torch.enable_grad():
                 loss = closure()
         calls = self._device_batches()
-        if not calls:
+        if not calls or self._skips_step(calls):
             return loss
         # 1. gradients and hyperparameters, before anything is selected or allocated
         for group, params in calls:

@@ -67,7 +67,7 @@ class SlimAdam(MemoptOptimizer):
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, rules="table", roles=None, dim=None, n_heads=None,
-                 n_kv_heads=None, model=None):
+                 n_kv_heads=None, model=None, nonfinite="propagate"):
         src = resolve(named_params_or_model, model)
         need_names(src, type(self).__name__, "the layout of each second moment (its rule "
                    "keys are tensor names and roles) and which tensors decay")
@@ -84,7 +84,8 @@ class SlimAdam(MemoptOptimizer):
                     torch_groups.append({**opts, "params": [p for _, p in members],
                                          "param_names": [n for n, _ in members], "weight_decay": wd})
         self._encoded: dict[tuple, list] = {}
-        super().__init__(torch_groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(torch_groups, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                            weight_decay=weight_decay), nonfinite)
 
     # The same state and op as Adam-mini (v: one entry per block): shared, not rewritten.
     _state_shapes = AdamMini._state_shapes

@@ -91,6 +91,9 @@ def _add_train_args(p, steps, model):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--nonfinite", choices=["skip", "propagate"], default="skip",
+                   help="skip (and log) a step whose gradients hold an inf or NaN, or let it "
+                        "reach the weights as torch.optim does")
     _add_data_args(p)
 
 
@@ -101,7 +104,8 @@ def _config(args, optimizer: str, **extra) -> TrainConfig:
                        batch_size=args.batch_size, seq_len=args.seq_len,
                        eval_batches=args.eval_batches, seed=args.seed, device=args.device,
                        dtype=args.dtype, data=args.data, tokenizer=args.tokenizer,
-                       vocab_size=args.vocab_size, **{**base, **extra})
+                       vocab_size=args.vocab_size, nonfinite=args.nonfinite,
+                       **{**base, **extra})
 
 
 def _compare(args) -> int:
@@ -288,6 +292,11 @@ def _run_training(args) -> int:
         loss = trainer.run_step()
         record = dict(step=trainer.step, loss=loss, lr=trainer.sched.get_last_lr()[0],
                       ms=trainer.history["iter_ms"][-1])
+        if trainer.history["skipped"][-1:] == [trainer.step]:
+            record["skipped"] = True
+            if main_rank:
+                print(f"step {trainer.step}: a gradient is not finite; the update was skipped "
+                      f"({len(trainer.history['skipped'])} so far)", file=sys.stderr)
         if trainer.history["val"] and trainer.history["val"][-1][0] == trainer.step:
             record["val"] = trainer.history["val"][-1][1]
         if main_rank and (trainer.step % args.log_every == 0 or "val" in record

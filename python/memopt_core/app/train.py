@@ -64,6 +64,9 @@ class TrainConfig:
     tokenizer: str = "byte"
     vocab_size: int = 8192     # BPE only
     optimizer_kwargs: dict = field(default_factory=dict)
+    # "skip": a step whose gradients hold an inf/NaN changes nothing (history["skipped"]);
+    # "propagate": torch's behaviour
+    nonfinite: str = "skip"
     fsdp: bool = False         # FSDP2 over the initialised process group (see the module doc)
 
     def __post_init__(self):
@@ -139,19 +142,21 @@ class Trainer:
             spec = OPTIMIZERS.get(cfg.optimizer)
             shard_model(self.model, spec and spec.cls.fsdp_placement(**cfg.optimizer_kwargs))
         self.opt = make_optimizer(cfg.optimizer, self.model, lr=cfg.lr, betas=tuple(cfg.betas),
-                                  weight_decay=cfg.weight_decay, **cfg.optimizer_kwargs)
+                                  weight_decay=cfg.weight_decay, nonfinite=cfg.nonfinite,
+                                  **cfg.optimizer_kwargs)
         warmup = max(1, int(cfg.steps * cfg.warmup))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, WarmupCosine(cfg.steps, warmup, cfg.min_lr))
         self.layerwise = LayerwiseStep(self.opt, cfg.grad_accum) if cfg.layerwise else None
         self.stream = self.corpus.stream(cfg.seq_len, cfg.batch_size, cfg.seed)
         self.step = 0
-        self.history: dict[str, list] = {"loss": [], "val": [], "step_ms": [], "iter_ms": []}
+        self.history: dict[str, list] = {"loss": [], "val": [], "step_ms": [], "iter_ms": [],
+                                         "skipped": []}  # steps left out (nonfinite="skip")
 
     # ---- training ------------------------------------------------------------------------
     def run_step(self) -> float:
         cfg, t0 = self.cfg, time.perf_counter()
-        total = 0.0
+        total, skipped = 0.0, self.opt.skipped_steps
         for _ in range(cfg.grad_accum):
             # Every rank reads the same global batch and takes its slice (equal token counts, so
             # the mean of the ranks' losses and gradients is the global batch's).
@@ -173,6 +178,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         self.step += 1
+        if self.opt.skipped_steps != skipped:  # (layer-wise: some parameters' updates)
+            self.history["skipped"].append(self.step)
         self.history["loss"].append(total)
         self.history["step_ms"].append(1e3 * (t2 - t1))
         self.history["iter_ms"].append(1e3 * (t2 - t0))
@@ -247,7 +254,9 @@ class Trainer:
         self._load_rest(ckpt)
 
     def _check_config(self, ckpt: dict, path) -> None:
-        mine, saved = asdict(self.cfg), dict(ckpt["config"])
+        mine = asdict(self.cfg)
+        # a setting added after the checkpoint was written: it ran at that setting's default
+        saved = {**{f.name: f.default for f in fields(TrainConfig)}, **ckpt["config"]}
         differ = [k for k in mine if k not in ("eval_every", "device") and mine[k] != saved.get(k)]
         if differ:
             raise ValueError(f"checkpoint {path} was written with other settings: " + ", ".join(
@@ -263,7 +272,8 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"])
         if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        self.step, self.history = ckpt["step"], ckpt["history"]
+        self.step = ckpt["step"]
+        self.history = {**{k: [] for k in self.history}, **ckpt["history"]}
 
     # ---- FSDP2 checkpoints (DCP) -----------------------------------------------------------
     # `path` (e.g. ckpt_dir/last.dcp) is a symlink to the directory of the newest complete
