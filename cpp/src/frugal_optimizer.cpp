@@ -186,6 +186,7 @@ torch::Tensor Frugal::step(LossClosure closure) {
     at::AutoGradMode enable_grad(true);
     loss = closure();
   }
+  if (skips_step()) return loss;
   std::vector<std::vector<at::Tensor>> with_grad(param_groups_.size());
   ska::flat_hash_map<void*, bool> has_grad;
   for (size_t i = 0; i < param_groups_.size(); ++i)

@@ -10,6 +10,7 @@
 #include "memopt/adamw.h"
 #include "memopt/common.h"
 #include "memopt/frugal_optimizer.h"
+#include "memopt/nonfinite.h"
 
 namespace memopt {
 
@@ -44,6 +45,7 @@ template <typename Options>
 void check_options(const Options& o) {
   check_adam_hparams(o.lr(), std::get<0>(o.betas()), std::get<1>(o.betas()), o.eps(),
                      o.weight_decay());
+  skips_nonfinite(o.nonfinite());
   if constexpr (std::is_same_v<Options, ApolloOptions>) check_apollo_options(o);
   if constexpr (std::is_same_v<Options, FrugalOptions>) check_frugal_options(o);
 }
@@ -137,6 +139,7 @@ torch::Tensor AdamFamily<Options, State>::step(LossClosure closure) {
     at::AutoGradMode enable_grad(true);
     loss = closure();
   }
+  if (skips_step()) return loss;
   // Gather and validate every group before updating any, so bad input anywhere raises with
   // parameters and state untouched. New state joins state_ only once its group has stepped.
   std::vector<GroupLists> lists(param_groups_.size());
@@ -176,8 +179,21 @@ torch::Tensor AdamFamily<Options, State>::step(LossClosure closure) {
 }
 
 template <typename Options, typename State>
+bool AdamFamily<Options, State>::skips_step() {
+  if (!skips_nonfinite(static_cast<const Options&>(defaults()).nonfinite())) return false;
+  std::vector<at::Tensor> grads;
+  for (const auto& group : param_groups_)
+    for (const auto& p : group.params())
+      if (p.grad().defined()) grads.push_back(p.grad());
+  if (!any_nonfinite(grads)) return false;
+  ++skipped_steps_;
+  return true;
+}
+
+template <typename Options, typename State>
 void AdamFamily<Options, State>::save(OutputArchive& archive) const {
   torch::optim::serialize<State, Options>(archive, *this);
+  archive.write("skipped_steps", c10::IValue(skipped_steps_));
 }
 
 template <typename Options, typename State>
@@ -246,7 +262,12 @@ void AdamFamily<Options, State>::load(InputArchive& archive) {
       state[params[j].unsafeGetTensorImpl()] = std::move(it->second);
     }
   }
+  c10::IValue skipped(int64_t{0});  // a checkpoint from before the counter: 0
+  archive.try_read("skipped_steps", skipped);
+  TORCH_CHECK_VALUE(skipped.isInt() && skipped.toInt() >= 0,
+                    "checkpoint: skipped_steps must be an integer >= 0");
   // Exactly the checkpoint: a parameter without saved state has none after the load.
+  skipped_steps_ = skipped.toInt();
   state_ = std::move(state);
   for (size_t i = 0; i < saved_groups.size(); ++i)
     param_groups_[i].set_options(std::move(saved_groups[i].second));

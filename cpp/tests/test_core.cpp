@@ -7,7 +7,7 @@
 
 #include <functional>
 #include <iostream>
-#include <memopt/optimizers.h>
+#include <memopt/memopt.h>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -226,6 +226,64 @@ void test_apollo() {
   check(same(tensors(straight), tensors(resumed)),
         "ApolloMini: save after 3 steps (mid refresh cycle), load, 2 more == 5 straight steps");
 }
+// nonfinite "skip": a step with a NaN gradient changes nothing (the oracle: the same optimizer
+// never asked to take it), is counted, and the count survives torch::save / torch::load.
+template <typename Opt, typename Make>
+void check_nonfinite_skip(const std::string& name, const Make& make) {
+  using Named = std::vector<std::pair<std::string, torch::Tensor>>;
+  const auto named = [] {
+    torch::manual_seed(0);
+    return Named{{"model.layers.0.mlp.up_proj.weight", torch::randn({16, 8}).requires_grad_()},
+                 {"model.layers.0.self_attn.o_proj.weight", torch::randn({8, 8}).requires_grad_()},
+                 {"model.norm.weight", torch::randn({8}).requires_grad_()}};
+  };
+  const auto tensors = [](const Named& n) {
+    std::vector<torch::Tensor> out;
+    for (const auto& [name, p] : n) out.push_back(p);
+    return out;
+  };
+  auto skipping = named(), oracle = named();
+  auto a = make(skipping, "skip");
+  auto b = make(oracle, "propagate");
+  for (int s = 0; s < 5; ++s) {
+    set_grads(tensors(skipping), s);
+    if (s == 2) tensors(skipping)[1].mutable_grad()[0][0] = std::nan("");
+    a->step();
+    if (s != 2) set_grads(tensors(oracle), s), b->step();
+  }
+  check(a->skipped_steps() == 1 && b->skipped_steps() == 0 &&
+            same(tensors(skipping), tensors(oracle)),
+        name + ": nonfinite skip == never taking the NaN step");
+  std::stringstream buffer;
+  torch::save(*a, buffer);
+  auto c = make(named(), "skip");
+  torch::load(*c, buffer);
+  check(c->skipped_steps() == 1, name + ": skipped_steps round-trips through torch::save");
+  check(throws<c10::ValueError>([&] { make(named(), "Skip"); }),
+        name + ": an unknown nonfinite raises c10::ValueError");
+}
+
+void test_nonfinite() {
+  using Named = std::vector<std::pair<std::string, torch::Tensor>>;
+  check_nonfinite_skip<memopt::AdamW>("AdamW", [](const Named& n, const std::string& mode) {
+    std::vector<torch::Tensor> ps;
+    for (const auto& [name, p] : n) ps.push_back(p);
+    return std::make_unique<memopt::AdamW>(ps, memopt::AdamWOptions(1e-2).nonfinite(mode));
+  });
+  check_nonfinite_skip<memopt::AdamMini>("AdamMini", [](const Named& n, const std::string& mode) {
+    return std::make_unique<memopt::AdamMini>(n, memopt::AdamMiniOptions(1e-2).nonfinite(mode));
+  });
+  check_nonfinite_skip<memopt::Apollo>("Apollo", [](const Named& n, const std::string& mode) {
+    return std::make_unique<memopt::Apollo>(
+        n, memopt::ApolloOptions(1e-2).rank(2).update_proj_gap(2).nonfinite(mode));
+  });
+  check_nonfinite_skip<memopt::Frugal>("Frugal", [](const Named& n, const std::string& mode) {
+    memopt::FrugalConfig config;
+    config.density = 0.5, config.update_gap = 2, config.seed = 3;
+    return std::make_unique<memopt::Frugal>(n, memopt::FrugalOptions(1e-2).nonfinite(mode),
+                                            config);
+  });
+}
 }  // namespace
 
 int main() {
@@ -236,6 +294,7 @@ int main() {
   test_adam_mini_blocks();
   test_slim_adam_table();
   test_apollo();
+  test_nonfinite();
   std::cout << (failures ? "FAILED" : "all passed") << "\n";
   return failures ? 1 : 0;
 }

@@ -32,6 +32,9 @@ namespace memopt {
   TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);     \
   TORCH_ARG(double, eps) = 1e-8;                               \
   TORCH_ARG(double, weight_decay) = DEFAULT_WEIGHT_DECAY;      \
+  /* "propagate" or "skip" (nonfinite.h); the optimizer's */   \
+  /* defaults decide, for the whole step */                    \
+  TORCH_ARG(std::string, nonfinite) = "propagate";             \
                                                                \
  public:                                                       \
   double get_lr() const override { return lr(); }              \
@@ -140,6 +143,8 @@ class AdamFamily : public torch::optim::Optimizer {
   // Raises, leaving state and options as they were, unless the checkpoint has this optimizer's
   // groups, group sizes and state shapes.
   void load(torch::serialize::InputArchive& archive) override;
+  // Steps left out because a gradient was not finite (defaults' nonfinite "skip"); saved.
+  int64_t skipped_steps() const { return skipped_steps_; }
 
  protected:
   // One group's parameters that have gradients, as the parallel lists the fused ops take.
@@ -174,6 +179,10 @@ class AdamFamily : public torch::optim::Optimizer {
   }
   // The single fused update call for one group.
   virtual void update(const Options& options, const GroupLists& lists) = 0;
+  // Whether this step must change nothing: the defaults' nonfinite is "skip" and a gradient of
+  // the step is not finite (then counted). Called before anything is created or written.
+  bool skips_step();
+  int64_t skipped_steps_ = 0;
 
  private:
   void keep_group_options(size_t index, const torch::optim::OptimizerParamGroup& group);
