@@ -10,6 +10,7 @@
 #include "memopt/adamw.h"
 #include "memopt/arena.h"
 #include "memopt/common.h"
+#include "memopt/nonfinite.h"
 #include "memopt/partition.h"
 #include "tensor_caster.h"
 
@@ -37,10 +38,13 @@ BlockSpec from_tuples(const std::vector<SegmentTuple>& tuples) {
 }
 c10::Device parse_device(const std::string& device) { return c10::Device(device); }
 // A Python value as an AdamWRule: a str naming one; anything else gets the same ValueError.
-AdamWRule adamw_rule_of(nb::handle rule) {
-  return parse_adamw_rule(nb::isinstance<nb::str>(rule) ? nb::cast<std::string>(rule)
-                                                        : std::string(nb::repr(rule).c_str()));
+// A string option as text, or the repr of a non-string (so the C++ check rejects it by name).
+std::string option_text(nb::handle value) {
+  return nb::isinstance<nb::str>(value) ? nb::cast<std::string>(value)
+                                        : std::string(nb::repr(value).c_str());
 }
+
+AdamWRule adamw_rule_of(nb::handle rule) { return parse_adamw_rule(option_text(rule)); }
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -88,6 +92,9 @@ NB_MODULE(_C, m) {
         nb::arg("weight_decay"), nb::arg("rule").none() = "torch");
   m.def("check_adamw_rule", [](nb::handle rule) { adamw_rule_of(rule); }, nb::arg("rule").none(),
         "Raises ValueError unless rule is 'apollo' or 'torch' (adamw_'s rule argument).");
+  m.def("skips_nonfinite", [](nb::handle v) { return skips_nonfinite(option_text(v)); },
+        nb::arg("nonfinite").none(),
+        "True for 'skip', False for 'propagate'; ValueError otherwise (memopt/nonfinite.h).");
   m.def("check_adam_mini_",
         [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,

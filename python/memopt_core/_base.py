@@ -13,7 +13,7 @@ import torch
 from . import _C
 from .distributed import (ShardedCall, as_dtensor, is_dtensor, local, local_args, local_shape,
                           local_value, reduce_stats, shard_layout)
-from .nonfinite import NONFINITE, saved_skipped_steps, skips_step
+from .nonfinite import saved_skipped_steps, skips_step
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -54,11 +54,18 @@ class MemoptOptimizer(torch.optim.Optimizer):
         """nonfinite: "propagate" (torch's behaviour: an inf/NaN gradient reaches the parameter)
         or "skip" (a step with any non-finite gradient changes nothing; counted in
         `skipped_steps`)."""
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # steps (step_params calls, layer-wise) left out by _skips_step
         super().__init__(params, defaults)
+
+    @property
+    def nonfinite(self) -> str:
+        return self.__dict__.get("_nonfinite", "propagate")  # (pickles from before it existed)
+
+    @nonfinite.setter
+    def nonfinite(self, value: str) -> None:
+        self._skips_nonfinite = _C.skips_nonfinite(value)  # ValueError unless propagate / skip
+        self._nonfinite = value
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group (also used by __init__), then the checks a group must pass:

@@ -10,8 +10,6 @@ import torch.distributed as dist
 
 from .distributed import is_dtensor, local
 
-NONFINITE = ("propagate", "skip")
-
 
 def skips_step(opt, batches: list) -> bool:
     """Whether the step of `batches` ([(group, params)]) must change nothing, after
@@ -22,13 +20,14 @@ def skips_step(opt, batches: list) -> bool:
     own skip for other optimizers). With DTensor parameters every rank of their meshes
     decides alike. Counts skipped steps in `skipped_steps`."""
     scale, found = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
-    if scale is None and found is None and getattr(opt, "nonfinite", "propagate") != "skip":
+    skip_bad = getattr(opt, "_skips_nonfinite", False)  # set with opt.nonfinite
+    if scale is None and found is None and not skip_bad:
         return False
     if torch.compiler.is_compiling():
         raise TypeError("nonfinite='skip' and GradScaler decide on the host whether to "
                         "step; compile the model and call opt.step() outside compiled code")
     flags = [] if found is None else [found.double().sum().cpu()]
-    if scale is not None or getattr(opt, "nonfinite", "propagate") == "skip":
+    if scale is not None or skip_bad:
         by_device = defaultdict(list)
         for _, params in batches:
             for p in params:
