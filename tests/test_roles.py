@@ -331,3 +331,52 @@ def test_flattened_parameters_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="DeepSpeed ZeRO"):
         memopt_core.SlimAdam([("model.layers.0.mlp.up_proj.weight", zero)])
     memopt_core.AdamW(model.parameters())  # elementwise needs no shape
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(32, 32, bias=False), nn.Linear(32, 16, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(32, 16, bias=False), nn.Linear(32, 32, bias=False)
+
+
+class _Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn, self.input_layernorm = _Attention(), nn.LayerNorm(32)
+        self.up_proj = nn.Linear(32, 48)
+
+
+class _Tiny(nn.Module):
+    """The LLaMA-shaped model cpp/tests/test_core.cpp builds in LibTorch (test_module_roles)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens, self.layers = nn.Embedding(64, 32), nn.ModuleList([_Layer()])
+        self.lm_head = nn.Linear(32, 64, bias=False)
+
+
+def test_module_tree_roles_are_those_the_cpp_front_end_gets():
+    """Python reads the facts from nn.Module types, the LibTorch front end (memopt::module_roles)
+    from torch::nn ones; C++ infer_role decides for both. The C++ test asserts the same string."""
+    inferred = infer_roles(_Tiny().named_parameters(), _Tiny(), dim=32, n_heads=4, n_kv_heads=2)
+    got = " ".join(f"{r.role}/{r.head_dim}" for r in inferred.values()) + " "
+    assert got == "embedding/0 query/8 key/8 value/0 attn_out/0 norm/0 bias/0 mlp/0 bias/0 output/0 "
+
+
+def test_one_role_traits_table_drives_every_optimizer():
+    """What APOLLO projects, FRUGAL splits, Adam-mini decays: the C++ table (memopt/roles.h)."""
+    traits = _C.role_traits()
+    assert set(traits) == set(_C.role_names())
+    hidden = {r for r, t in traits.items() if t["hidden_matrix"]}
+    split = {r for r, t in traits.items() if t["attention_or_mlp"]}
+    assert split == {"query", "key", "value", "attn_out", "qkv", "mlp"}
+    assert hidden == split | {"linear"}
+    assert {r for r, t in traits.items() if not t["decays"]} == {"norm", "bias", "scalar"}
+    named = list(llama().named_parameters())
+    import memopt_core
+    apollo = memopt_core.Apollo(named, rank=2)
+    projected = {n for g in apollo.param_groups if g.get("rank") for n in g["param_names"]}
+    roles = infer_roles(named)
+    assert projected == {n for n, p in named if p.dim() == 2 and
+                         traits[roles[n].role]["hidden_matrix"]}

@@ -21,6 +21,7 @@ void bind_optimizers(nb::module_& m);  // optimizers.cpp: the LibTorch optimizer
 void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: SlimAdam's v layouts
 void bind_frugal(nb::module_& m);      // frugal.cpp
 void bind_apollo(nb::module_& m);      // apollo.cpp: APOLLO's validator and the Projector
+void bind_roles(nb::module_& m);       // roles.cpp: role inference and the role traits
 
 namespace {
 using SegmentTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
@@ -115,22 +116,17 @@ NB_MODULE(_C, m) {
               decode_block_specs(blocks, static_cast<int64_t>(params.size())), shards, sums);
           check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
         });
-  m.def("role_names", &role_names, "All role names the partitioner knows.");
-  m.def("role_from_name",
-        [](const std::string& name, const std::vector<int64_t>& shape) {
-          return role_name(role_from_name(name, shape));
-        },
-        nb::arg("name"), nb::arg("shape"), "Role of a parameter from its name and shape alone.");
   m.def("adam_mini_blocks",
         [](const std::string& role, const std::vector<int64_t>& shape, bool transposed,
-           int64_t head_dim, int64_t q_heads, int64_t kv_heads) {
+           int64_t head_dim, int64_t q_heads, int64_t kv_heads, bool kv_interleaved) {
           std::string note;
-          RoleInfo info{role_from_string(role), transposed, head_dim, q_heads, kv_heads};
+          RoleInfo info{role_from_string(role), transposed, head_dim, q_heads, kv_heads,
+                        kv_interleaved};
           auto spec = adam_mini_blocks(info, shape, &note);
           return std::make_pair(to_tuples(spec), note);
         },
         nb::arg("role"), nb::arg("shape"), nb::arg("transposed") = false, nb::arg("head_dim") = 0,
-        nb::arg("q_heads") = 0, nb::arg("kv_heads") = 0,
+        nb::arg("q_heads") = 0, nb::arg("kv_heads") = 0, nb::arg("kv_interleaved") = false,
         "Adam-mini blocks of a tensor: (segments, note); a segment is (offset, rows, cols, "
         "row_stride, tile_rows, tile_cols).");
   m.def("adam_mini_reference_blocks",
@@ -169,6 +165,7 @@ NB_MODULE(_C, m) {
         "Zeroed tensors of the given shapes, all views of one flat allocation of like's dtype "
         "and device (64-byte aligned).");
 
+  bind_roles(m);
   bind_optimizers(m);
   bind_slim_adam(m);
   bind_frugal(m);

@@ -37,12 +37,13 @@ void bind_slim_adam(nb::module_& m) {
         nb::arg("shape"), nb::arg("dims"), "Whether the kernel can average v over `dims`.");
   m.def("slim_adam_table_layout",
         [](const std::string& role, const std::vector<int64_t>& shape, bool transposed,
-           int64_t head_dim, int64_t q_heads, int64_t kv_heads) {
-          RoleInfo info{role_from_string(role), transposed, head_dim, q_heads, kv_heads};
+           int64_t head_dim, int64_t q_heads, int64_t kv_heads, bool kv_interleaved) {
+          RoleInfo info{role_from_string(role), transposed, head_dim, q_heads, kv_heads,
+                        kv_interleaved};
           return as_tuple(slim_adam_table_layout(info, shape));
         },
         nb::arg("role"), nb::arg("shape"), nb::arg("transposed") = false, nb::arg("head_dim") = 0,
-        nb::arg("q_heads") = 0, nb::arg("kv_heads") = 0,
+        nb::arg("q_heads") = 0, nb::arg("kv_heads") = 0, nb::arg("kv_interleaved") = false,
         "SlimAdam's static table (paper Table 1) for a tensor of this role: (segments, v_shape, "
         "dims or None for fused QKV, rule).");
 }

@@ -31,25 +31,31 @@ RoleInfo head_geometry(const AdamMiniOptions& o) {
   return info;
 }
 
-RoleParams roles_from_names(const std::vector<std::pair<std::string, at::Tensor>>& named) {
+// Roles of bare named parameters, decided as the Python front end decides them (infer_role with
+// names only), with the head geometry of the options.
+RoleParams roles_from_names(const std::vector<std::pair<std::string, at::Tensor>>& named,
+                            const AdamMiniOptions& o, bool qk_need_heads) {
+  const RoleInfo g = head_geometry(o);
+  TensorFacts facts;
+  facts.qk_need_heads = qk_need_heads;
+  facts.heads = {o.dim(), g.q_heads, g.kv_heads, g.head_dim};
   RoleParams out;
   for (const auto& [name, p] : named) {
     TORCH_CHECK_VALUE(p.defined(), "AdamMini: parameter '", name, "' is an undefined tensor");
-    RoleInfo info;
-    info.role = role_from_name(name, p.sizes());
-    out.emplace_back(p, info);
+    out.emplace_back(p, infer_role(name, p.sizes(), facts).info);
   }
   return out;
 }
 
-// Decoupled weight decay applies to weight matrices only, as in adam-mini (which exempts norms
-// and biases by name) and common LLM recipes (which exempt every 1-D tensor).
+// Decoupled weight decay: tensors with >= 2 dims whose role decays (roles.h), or, as
+// SlimAdam's reference does, every tensor with >= 2 dims.
 std::vector<torch::optim::OptimizerParamGroup> decay_groups(const RoleParams& params,
-                                                            const AdamMiniOptions& defaults) {
+                                                            const AdamMiniOptions& defaults,
+                                                            bool by_dims_only) {
   std::vector<at::Tensor> decay, no_decay;
   for (const auto& [p, info] : params) {
     TORCH_CHECK_VALUE(p.defined(), "AdamMini: a parameter is an undefined tensor");
-    const bool decays = p.dim() >= 2 && info.role != Role::Norm && info.role != Role::Bias;
+    const bool decays = p.dim() >= 2 && (by_dims_only || role_traits(info.role).decays);
     (decays ? decay : no_decay).push_back(p);
   }
   std::vector<torch::optim::OptimizerParamGroup> groups;
@@ -63,25 +69,26 @@ std::vector<torch::optim::OptimizerParamGroup> decay_groups(const RoleParams& pa
 
 AdamMini::AdamMini(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
                    AdamMiniOptions defaults)
-    : AdamMini(roles_from_names(named_params), std::move(defaults)) {}
+    : AdamMini(roles_from_names(named_params, defaults, true), defaults) {}
 
 SlimAdam::SlimAdam(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
                    AdamMiniOptions defaults)
-    : SlimAdam(roles_from_names(named_params), std::move(defaults)) {}
+    : SlimAdam(roles_from_names(named_params, defaults, false), defaults) {}
 
 SlimAdam::SlimAdam(const RoleParams& params, AdamMiniOptions defaults)
     : AdamMini(params, std::move(defaults), [](const RoleInfo& info, at::IntArrayRef shape) {
         return slim_adam_table_layout(info, shape).spec;
-      }) {}
+      }, /*decay_by_dims_only=*/true) {}
 
 AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults)
     : AdamMini(params, std::move(defaults),
                [](const RoleInfo& info, at::IntArrayRef shape) {
                  return adam_mini_blocks(info, shape);
-               }) {}
+               }, /*decay_by_dims_only=*/false) {}
 
-AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults, const BlockRule& rule)
-    : AdamFamily(decay_groups(params, defaults), defaults) {
+AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults, const BlockRule& rule,
+                   bool decay_by_dims_only)
+    : AdamFamily(decay_groups(params, defaults, decay_by_dims_only), defaults) {
   const RoleInfo geometry = head_geometry(defaults);
   for (const auto& [p, given] : params) {
     RoleInfo info = given;

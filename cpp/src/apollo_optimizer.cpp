@@ -20,20 +20,14 @@ ApolloConfig config_of(const ApolloOptions& o) {
                             o.scale_front());
 }
 
-bool projected_role(Role role) {  // as the Python front end's PROJECTED_ROLES
-  switch (role) {
-    case Role::Query: case Role::Key: case Role::Value: case Role::AttnOut:
-    case Role::FusedQKV: case Role::Mlp: case Role::Linear: return true;
-    default: return false;
-  }
-}
-
 std::vector<torch::optim::OptimizerParamGroup> apollo_groups(
     const std::vector<std::pair<std::string, torch::Tensor>>& named, const ApolloOptions& d) {
   std::vector<at::Tensor> projected, rest;
   for (const auto& [name, p] : named) {
     TORCH_CHECK_VALUE(p.defined(), "Apollo: parameter '", name, "' is an undefined tensor");
-    const bool proj = d.rank() > 0 && p.dim() == 2 && projected_role(role_from_name(name, p.sizes()));
+    // names only: roles as the Python front end infers them from bare named parameters
+    const Role role = infer_role(name, p.sizes(), TensorFacts{}).info.role;
+    const bool proj = d.rank() > 0 && p.dim() == 2 && role_traits(role).hidden_matrix;
     (proj ? projected : rest).push_back(p);
   }
   std::vector<torch::optim::OptimizerParamGroup> groups;

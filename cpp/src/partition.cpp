@@ -7,6 +7,8 @@
 #include <numeric>
 #include <sstream>
 
+#include "name_match.h"
+
 namespace memopt {
 
 bool Segment::operator==(const Segment& o) const {
@@ -123,13 +125,6 @@ std::vector<ShardPiece> shard_pieces(const BlockSpec& spec, int64_t lo, int64_t 
 }
 
 namespace {
-const std::array<std::pair<Role, const char*>, 14> kRoleNames{{
-    {Role::Embedding, "embedding"}, {Role::Output, "output"}, {Role::Query, "query"},
-    {Role::Key, "key"}, {Role::Value, "value"}, {Role::AttnOut, "attn_out"},
-    {Role::FusedQKV, "qkv"}, {Role::Mlp, "mlp"}, {Role::Norm, "norm"}, {Role::Bias, "bias"},
-    {Role::Conv, "conv"}, {Role::Linear, "linear"}, {Role::Scalar, "scalar"},
-    {Role::Elementwise, "adam"}}};
-
 // The tensor as rows x cols: dim 0 by the rest (a 1-D tensor is one column).
 std::pair<int64_t, int64_t> as_matrix(at::IntArrayRef shape) {
   const int64_t numel = c10::multiply_integers(shape);
@@ -148,27 +143,40 @@ Segment per_neuron(int64_t rows, int64_t cols, bool transposed) {
 }
 }  // namespace
 
-std::string role_name(Role role) {
-  for (const auto& [r, n] : kRoleNames)
-    if (r == role) return n;
-  return "?";
+int64_t kv_groups(const RoleInfo& info, at::IntArrayRef shape) {
+  const int64_t g = info.kv_interleaved && info.role == Role::FusedQKV ? info.kv_heads : 0;
+  const bool ok = g > 0 && !info.transposed && shape.size() == 2 && shape[0] % g == 0 &&
+                  info.q_heads % g == 0;
+  return ok ? g : 0;
 }
 
-std::vector<std::string> role_names() {
-  std::vector<std::string> out;
-  for (const auto& rn : kRoleNames) out.emplace_back(rn.second);
+BlockSpec per_kv_group(const BlockSpec& group, at::IntArrayRef shape, int64_t g) {
+  const int64_t step = shape[0] / g * shape[1];
+  BlockSpec out;
+  for (int64_t i = 0; i < g; ++i)
+    for (Segment s : group) {
+      s.offset += i * step;
+      out.push_back(s);
+    }
   return out;
 }
 
-Role role_from_string(const std::string& name) {
-  for (const auto& [r, n] : kRoleNames)
-    if (name == n) return r;
-  std::ostringstream valid;
-  for (const auto& n : role_names()) valid << " " << n;
-  TORCH_CHECK_VALUE(false, "unknown role '", name, "'; valid roles:", valid.str());
-}
-
 BlockSpec adam_mini_blocks(const RoleInfo& info, at::IntArrayRef shape, std::string* note) {
+  if (info.kv_interleaved && info.role == Role::FusedQKV) {
+    const int64_t g = kv_groups(info, shape);
+    if (g == 0) {
+      if (note) {
+        std::ostringstream why;
+        why << "qkv interleaved per kv head: " << shape << " does not split into "
+            << info.kv_heads << " groups of query heads + key + value; one block per output "
+            << "neuron";
+        *note = why.str();
+      }
+      return adam_mini_blocks(RoleInfo{Role::Linear}, shape);
+    }
+    const RoleInfo one{Role::FusedQKV, false, info.head_dim, info.q_heads / g, 1};
+    return per_kv_group(adam_mini_blocks(one, {shape[0] / g, shape[1]}, note), shape, g);
+  }
   const auto [rows, cols] = as_matrix(shape);
   if (rows * cols == 0) return {};
   const bool tr = info.transposed && shape.size() == 2;
@@ -230,27 +238,10 @@ BlockSpec adam_mini_blocks(const RoleInfo& info, at::IntArrayRef shape, std::str
   return {whole(rows, cols, rows, cols)};
 }
 
-namespace {
-std::string lower(std::string s) {
-  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
-  return s;
-}
-bool contains_any(const std::string& s, std::initializer_list<const char*> keys) {
-  for (const char* k : keys)
-    if (s.find(k) != std::string::npos) return true;
-  return false;
-}
-std::vector<std::string> split_dots(const std::string& s) {
-  std::vector<std::string> parts;
-  std::stringstream ss(s);
-  for (std::string p; std::getline(ss, p, '.');) parts.push_back(p);
-  return parts;
-}
-}  // namespace
-
 ReferencePartition adam_mini_reference_blocks(const std::string& name, at::IntArrayRef shape,
                                               int64_t dim, int64_t n_heads) {
-  const std::string n = lower(name);
+  using names::contains_any;
+  const std::string n = names::lower(name);
   const int64_t numel = c10::multiply_integers(shape);
   const bool decay = !contains_any(n, {"norm", "ln", "bias"});
   if (contains_any(n, {"bias"})) return {{whole(numel, 1, 1, 1)}, Role::Elementwise, decay};
@@ -269,54 +260,6 @@ ReferencePartition adam_mini_reference_blocks(const std::string& name, at::IntAr
     return {{whole(shape[0], shape[1], 1, shape[1])}, Role::Linear, decay};
   }
   return {{whole(numel, 1, numel, 1)}, Role::Scalar, decay};
-}
-
-namespace {
-bool one_of(const std::string& s, std::initializer_list<const char*> names) {
-  for (const char* n : names)
-    if (s == n) return true;
-  return false;
-}
-}  // namespace
-
-Role role_from_name(const std::string& name, at::IntArrayRef shape) {
-  // Module names are matched exactly (not as substrings) so that e.g. "keypoint_head" is not a
-  // key projection and "network" not an attention output ("wo").
-  const std::string n = lower(name);
-  auto parts = split_dots(n);
-  const std::string leaf = parts.empty() ? n : parts.back();
-  const std::string module = parts.size() >= 2 ? parts[parts.size() - 2] : "";
-  const std::string parent = parts.size() >= 3 ? parts[parts.size() - 3] : "";
-  const bool is_bias = leaf == "bias" || contains_any(leaf, {"_bias", "bias_"});
-  if (shape.size() <= 1) {
-    if (is_bias) return Role::Bias;
-    if (contains_any(n, {"norm", "ln"})) return Role::Norm;
-    return Role::Scalar;
-  }
-  const bool in_layer = std::any_of(parts.begin(), parts.end(), [](const std::string& p) {
-    return !p.empty() && std::all_of(p.begin(), p.end(), ::isdigit);
-  });
-  if (!in_layer && one_of(module, {"lm_head", "output", "head", "final_layer", "embed_out"}))
-    return Role::Output;
-  if (contains_any(n, {"embed", "embd", "wte", "wpe", "tok_embeddings"})) return Role::Embedding;
-  // GPT-NeoX's query_key_value interleaves q, k, v per head, which q|k|v segments do not
-  // describe; it is left to per-neuron blocks.
-  if (one_of(module, {"c_attn", "qkv", "qkv_proj", "wqkv", "w_pack"}) || leaf == "in_proj_weight")
-    return Role::FusedQKV;
-  if (one_of(module, {"q_proj", "wq", "query", "to_q", "q"})) return Role::Query;
-  if (one_of(module, {"k_proj", "wk", "key", "to_k", "k"})) return Role::Key;
-  if (one_of(module, {"v_proj", "wv", "value", "to_v", "v"})) return Role::Value;
-  const bool attention = contains_any(parent, {"attn", "attention"});
-  if (one_of(module, {"o_proj", "wo", "out_proj", "to_out"}) ||
-      (attention && one_of(module, {"c_proj", "proj", "dense"})) ||
-      (module == "dense" && parent == "output" && contains_any(n, {"attention.output"})))
-    return Role::AttnOut;
-  if (one_of(module, {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "fc1", "fc2", "c_fc",
-                      "c_proj", "dense_h_to_4h", "dense_4h_to_h"}) ||
-      contains_any(n, {"mlp", "feed_forward", "ffn", "intermediate", "output.dense"}))
-    return Role::Mlp;
-  if (shape.size() >= 3) return Role::Conv;
-  return Role::Linear;
 }
 
 }  // namespace memopt

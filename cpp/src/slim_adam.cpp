@@ -97,6 +97,14 @@ SlimLayout slim_adam_dims_layout(at::IntArrayRef shape, const std::vector<int64_
 }
 
 SlimLayout slim_adam_table_layout(const RoleInfo& info, at::IntArrayRef shape) {
+  if (const int64_t g = kv_groups(info, shape)) {  // the split of one kv group, repeated
+    const RoleInfo one{Role::FusedQKV, false, info.head_dim, info.q_heads / g, 1};
+    SlimLayout l = slim_adam_table_layout(one, {shape[0] / g, shape[1]});
+    l.spec = per_kv_group(l.spec, shape, g);
+    l.v_shape[0] *= g;
+    l.rule += ", per kv group (" + std::to_string(g) + ")";
+    return l;
+  }
   const int64_t nd = static_cast<int64_t>(shape.size());
   const bool tr = info.transposed && nd == 2;
   auto mean_over = [&](int64_t dim, const char* what) {

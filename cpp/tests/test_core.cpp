@@ -284,6 +284,45 @@ void test_nonfinite() {
                                             config);
   });
 }
+// A LLaMA-shaped LibTorch model (GQA: 4 query heads, 2 kv heads of 8), named as HF names it.
+struct Attention : torch::nn::Module {
+  Attention() {
+    register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(32, 32).bias(false)));
+    register_module("k_proj", torch::nn::Linear(torch::nn::LinearOptions(32, 16).bias(false)));
+    register_module("v_proj", torch::nn::Linear(torch::nn::LinearOptions(32, 16).bias(false)));
+    register_module("o_proj", torch::nn::Linear(torch::nn::LinearOptions(32, 32).bias(false)));
+  }
+};
+struct Layer : torch::nn::Module {
+  Layer() {
+    register_module("self_attn", std::make_shared<Attention>());
+    register_module("input_layernorm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({32})));
+    register_module("up_proj", torch::nn::Linear(32, 48));
+  }
+};
+struct Tiny : torch::nn::Module {
+  Tiny() {
+    register_module("embed_tokens", torch::nn::Embedding(64, 32));
+    auto layers = torch::nn::ModuleList();
+    layers->push_back(std::make_shared<Layer>());
+    register_module("layers", layers);
+    register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(32, 64).bias(false)));
+  }
+};
+
+// The roles the module tree gives, as tests/test_roles.py expects of the same nn.Module.
+void test_module_roles() {
+  Tiny model;
+  const auto roles = memopt::module_roles(model, {32, 4, 2, 0});
+  std::string got;
+  for (const auto& [p, info] : roles)
+    got += memopt::role_name(info.role) + "/" + std::to_string(info.head_dim) + " ";
+  check(got == "embedding/0 query/8 key/8 value/0 attn_out/0 norm/0 bias/0 mlp/0 bias/0 output/0 ",
+        "module_roles of a LLaMA-shaped LibTorch model: " + got);
+  memopt::AdamMini opt(roles, memopt::AdamMiniOptions(1e-3));
+  check(memopt::num_blocks(opt.block_spec(roles[2].first)) == 2,
+        "GQA key of 2 kv heads from the module tree: 2 blocks");
+}
 }  // namespace
 
 int main() {
@@ -295,6 +334,7 @@ int main() {
   test_slim_adam_table();
   test_apollo();
   test_nonfinite();
+  test_module_roles();
   std::cout << (failures ? "FAILED" : "all passed") << "\n";
   return failures ? 1 : 0;
 }

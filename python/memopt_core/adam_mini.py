@@ -8,10 +8,9 @@ import torch
 from . import _C
 from ._base import MemoptOptimizer
 from .distributed import ShardedCall, local
-from .roles import infer_roles, model_dims
+from .roles import infer_roles, model_dims, role_has
 from .sources import need_names, resolve
 
-_NO_DECAY_ROLES = {"norm", "bias", "scalar"}
 # adam-mini 1.1.1's defaults, used by partition="reference" when no model config says otherwise.
 _REFERENCE_DIM, _REFERENCE_HEADS = 2048, 32
 
@@ -132,7 +131,7 @@ def _partition(named, model, partition, roles, dim, n_heads, n_kv_heads) -> dict
             r = inferred[name]
             segments, note = r.blocks(list(p.shape))
             note = r.note or note  # why the paper's blocks could not be used, if they could not
-            decay = r.role not in _NO_DECAY_ROLES and p.dim() > 1
+            decay = role_has(r.role, "decays") and p.dim() > 1
             out[p] = Blocks(name, r.role, tuple(segments), decay, note)
         return out
     if partition == "reference":

@@ -9,13 +9,12 @@ import torch
 from . import _C
 from ._base import MemoptOptimizer
 from .distributed import ShardedCall, apollo_shard_placement, local_args
-from .roles import infer_roles
+from .roles import infer_roles, role_has
 from .sources import need_names, resolve
 
 # Roles whose 2-D weights are projected when the optimizer is built from a model or names
 # (apollo-torch's main_pretrain: the attention and MLP linears). Embeddings, the output layer,
 # norms, biases and conv kernels keep full AdamW state.
-PROJECTED_ROLES = frozenset({"query", "key", "value", "attn_out", "qkv", "mlp", "linear"})
 _SETTINGS = ("proj", "proj_type", "scale_type", "update_proj_gap", "scale", "norm_growth_limit",
              "scale_front", "store_projection", "adamw_rule")
 # The rule of a group saved before adamw_rule existed: those checkpoints were stepped with it.
@@ -341,7 +340,7 @@ def _apollo_groups(src, rank, roles, opt) -> list:
         with warnings.catch_warnings():  # head-count fallbacks matter to Adam-mini, not here
             warnings.simplefilter("ignore")
             inferred = infer_roles(named, src.model, roles=roles)
-        chosen = {p: p.dim() == 2 and inferred[n].role in PROJECTED_ROLES for n, p in named}
+        chosen = {p: p.dim() == 2 and role_has(inferred[n].role, "hidden_matrix") for n, p in named}
     else:
         chosen = {p: p.dim() == 2 for _, p in named}
     groups = []

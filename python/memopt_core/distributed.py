@@ -38,27 +38,6 @@ def local_args(args: tuple) -> tuple:
     return tuple([local(t) for t in a] if isinstance(a, list) else local(a) for a in args)
 
 
-_SHAPED_ROLES = frozenset({"embedding", "output", "query", "key", "value", "attn_out", "qkv",
-                           "mlp", "conv"})
-
-
-def refuse_flattened(name: str, p, role: str, weight_of: list) -> None:
-    """Wrappers that flatten parameters (FSDP1 without use_orig_params, DeepSpeed ZeRO) hide the
-    shapes every role but elementwise Adam needs: say so, instead of partitioning a flat buffer
-    as if it were a bias. `weight_of`: the modules whose `weight` p is."""
-    kind = ("an FSDP1 FlatParameter" if type(p).__name__ == "FlatParameter" else
-            "a DeepSpeed ZeRO parameter" if hasattr(p, "ds_id") else None)
-    if kind:
-        raise ValueError(f"{name} is {kind}: memopt optimizers other than AdamW need each "
-                         "parameter's own shape. Use FSDP2 (fully_shard) or FSDP1 with "
-                         "use_orig_params=True; DeepSpeed ZeRO is not supported")
-    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd)
-    if p.dim() < 2 and (role in _SHAPED_ROLES or any(isinstance(m, layers) for m in weight_of)):
-        raise ValueError(f"{name} is a {role} weight of shape {tuple(p.shape)}: flattened (by "
-                         "DeepSpeed ZeRO or FSDP1), which hides the shape memopt needs; use FSDP2 "
-                         "(fully_shard), which keeps it")
-
-
 @dataclass(frozen=True)
 class ShardLayout:
     """Where this rank's shard of a DTensor parameter sits: indices [offset, offset +

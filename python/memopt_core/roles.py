@@ -5,9 +5,10 @@ V/O/MLP, per token for embedding and output, one per norm, elementwise for biase
 alone get this wrong (fused QKV, GPT-2's Conv1D stored (in, out), BERT's 1-D
 `attention.output.LayerNorm.weight`, conv weights, head_dim * n_heads != hidden), so when a model
 is given the role comes from the module tree: the type of the module owning each tensor, the
-output head, and the head counts of the enclosing attention module. Only tensors the tree does not
-explain fall back to the C++ name heuristic `_C.role_from_name`. The blocks themselves are cut in
-C++ (`_C.adam_mini_blocks`); this module only decides the role and head sizes it is given:
+output head, and the head counts of the enclosing attention module. This module only READS those
+facts; the decision (and the name heuristic for tensors the tree does not explain) is C++
+`infer_role` (cpp/include/memopt/roles.h), which the LibTorch front end uses too, and the blocks
+are cut in C++ (`_C.adam_mini_blocks`):
 `infer_roles(model.named_parameters(), model)["lm_head.weight"].blocks(shape)`.
 """
 from __future__ import annotations
@@ -15,23 +16,27 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 from . import _C
-from .distributed import refuse_flattened
 
-__all__ = ["TensorRole", "infer_roles", "model_dims"]
+__all__ = ["TensorRole", "infer_roles", "model_dims", "role_has"]
 
-_HEAD_ROLES = ("query", "key", "qkv")
+# What the algorithms decide from a role alone, the one table (C++ memopt/roles.h): e.g.
+# role_has("mlp", "hidden_matrix") -> True (APOLLO projects it).
+_TRAITS = _C.role_traits()
+
+
+def role_has(role: str, trait: str) -> bool:
+    return _TRAITS[role][trait]
+
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
           nn.ConvTranspose3d)
-_MHA_ROLES = {"in_proj_weight": "qkv", "q_proj_weight": "query", "k_proj_weight": "key",
-              "v_proj_weight": "value"}
 # One quantity, many spellings: HF configs (hidden_size, num_attention_heads, ...), GPT-2 and
 # nanoGPT (n_embd, n_head), torchtitan ModelArgs (dim, n_heads, n_kv_heads), T5 (d_model, d_kv),
 # and attention modules (GPT2Attention.num_heads, nn.MultiheadAttention.head_dim,
@@ -64,32 +69,8 @@ class TensorRole:
 
     def blocks(self, shape) -> tuple:
         """(segments, note) from the C++ partitioner for a tensor of this role and `shape`."""
-        shape = list(shape)
-        if not (self.kv_interleaved and self.role == "qkv"):
-            return _C.adam_mini_blocks(self.role, shape, self.transposed, self.head_dim,
-                                       self.q_heads, self.kv_heads)
-        g = self.kv_groups(shape)
-        if not g:
-            segments, _ = _C.adam_mini_blocks("linear", shape, False, 0, 0, 0)
-            return segments, (f"qkv interleaved per kv head: {shape} does not split into "
-                              f"{self.kv_heads} groups of query heads + key + value; "
-                              "one block per output neuron")
-        segments, note = _C.adam_mini_blocks("qkv", [shape[0] // g, shape[1]], False,
-                                             self.head_dim, self.q_heads // g, 1)
-        return per_kv_group(segments, shape, g), note
-
-    def kv_groups(self, shape) -> int:
-        """How many kv groups a torchtitan interleaved qkv weight of `shape` splits into (each a
-        small fused q|k|v with one kv head), or 0 when it is not one or does not split."""
-        g = self.kv_heads if self.kv_interleaved and self.role == "qkv" else 0
-        ok = g and not self.transposed and len(shape) == 2 and not shape[0] % g and not self.q_heads % g
-        return g if ok else 0
-
-
-def per_kv_group(segments, shape, g: int) -> list:
-    """The segments of one kv group of an interleaved qkv weight, repeated down its rows."""
-    step = shape[0] // g * shape[1]
-    return [(s[0] + i * step,) + tuple(s[1:]) for i in range(g) for s in segments]
+        return _C.adam_mini_blocks(self.role, list(shape), self.transposed, self.head_dim,
+                                   self.q_heads, self.kv_heads, self.kv_interleaved)
 
 
 def _read(obj) -> dict:
@@ -168,8 +149,22 @@ def _weight_id(m) -> Optional[int]:
     return id(w) if isinstance(w, torch.Tensor) else None
 
 
-def _is_bias(attr: str) -> bool:
-    return attr == "bias" or attr.startswith("bias_") or attr.endswith("_bias")
+def refuse_flattened(name: str, p, role: str, weight_of: list) -> None:
+    """Wrappers that flatten parameters (FSDP1 without use_orig_params, DeepSpeed ZeRO) hide the
+    shapes every role but elementwise Adam needs: say so, instead of partitioning a flat buffer
+    as if it were a bias. `weight_of`: the modules whose `weight` p is."""
+    kind = ("an FSDP1 FlatParameter" if type(p).__name__ == "FlatParameter" else
+            "a DeepSpeed ZeRO parameter" if hasattr(p, "ds_id") else None)
+    if kind:
+        raise ValueError(f"{name} is {kind}: memopt optimizers other than AdamW need each "
+                         "parameter's own shape. Use FSDP2 (fully_shard) or FSDP1 with "
+                         "use_orig_params=True; DeepSpeed ZeRO is not supported")
+    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd)
+    if p.dim() < 2 and (role_has(role, "needs_shape") or
+                        any(isinstance(m, layers) for m in weight_of)):
+        raise ValueError(f"{name} is a {role} weight of shape {tuple(p.shape)}: flattened (by "
+                         "DeepSpeed ZeRO or FSDP1), which hides the shape memopt needs; use FSDP2 "
+                         "(fully_shard), which keeps it")
 
 
 class _Tree:
@@ -221,29 +216,26 @@ class _Tree:
             self._local[mname] = found if _has_heads(found) else {}
         return self._local[mname]
 
-    def role(self, name: str, p: torch.Tensor, owners: list):
-        """(role, transposed, source) from the owning module's type, or None if it does not say."""
-        if not owners:
-            return None
-        _, mod, attr = owners[0]
-        if any(_is_bias(a) for _, _, a in owners):
-            return "bias", False, "module"
-        if p.dim() <= 1:  # a 1-D tensor is never cut per row: norm, or the name decides
-            return ("norm", False, "module") if _is_norm(mod) else None
-        if any(isinstance(m, _EMBEDDINGS) for _, m, _ in owners):  # tied head: per token anyway
-            return "embedding", False, "module"
-        if id(p) == self.output_id:
-            return "output", False, "module"
-        if _is_norm(mod):
-            return "norm", False, "module"
-        if isinstance(mod, _CONVS):
-            return "conv", False, "module"
-        if isinstance(mod, nn.MultiheadAttention) and attr in _MHA_ROLES:
-            return _MHA_ROLES[attr], False, "module"
-        transposed = _is_conv1d(mod)
-        if isinstance(mod, nn.Linear) or transposed:  # which linear (q, k, mlp ...): the name says
-            return _C.role_from_name(name, list(p.shape)), transposed, "name"
-        return None
+    def heads(self, owners: list, explicit: dict) -> list:
+        """(dim, n_heads, n_kv_heads, head_dim), 0 where unknown: the enclosing attention
+        module's, else the model config's, overridden by the user's."""
+        raw = {**self.raw, **self.dims_near(owners[0][0] if owners else "")}
+        return [v or 0 for v in _derive({**raw, **explicit}).values()]
+
+
+def _kind(m: nn.Module) -> str:
+    """The module kind memopt's role inference (C++ infer_role) reads."""
+    if isinstance(m, _EMBEDDINGS):
+        return "embedding"
+    if _is_norm(m):
+        return "norm"
+    if isinstance(m, _CONVS):
+        return "conv"
+    if isinstance(m, nn.MultiheadAttention):
+        return "mha"
+    if _is_conv1d(m):
+        return "conv1d"
+    return "linear" if isinstance(m, nn.Linear) else "other"
 
 
 def _kv_interleaved(tree: _Tree, owners: list) -> bool:
@@ -279,41 +271,10 @@ def _compile_overrides(roles: Optional[Mapping[str, str]]) -> list:
     return rules
 
 
-def _with_heads(r: TensorRole, shape: tuple, dims: dict, layout_known: bool) -> TensorRole:
-    """Attach head sizes to a query / key / qkv role; without usable heads an inferred role
-    falls back to per-output-neuron blocks ('linear'), an override keeps its role."""
-    hd, q = dims["head_dim"] or 0, dims["n_heads"] or 0
-    if not hd and q and len(shape) == 2:  # n_heads alone: the hidden size is the input width
-        width = shape[0] if r.transposed else shape[1]
-        hd = width // q if width % q == 0 else 0
-
-    def kv_split(out: int) -> int:  # kv heads if `out` features split as q | k | v heads, else 0
-        rest = out // hd - q if hd and out % hd == 0 else 0
-        return rest // 2 if rest > 0 and rest % 2 == 0 else 0
-
-    if r.role == "qkv" and len(shape) == 2:
-        if not layout_known and not kv_split(shape[0]) and kv_split(shape[1]):
-            r = replace(r, transposed=True)  # names only: only the columns split, so Conv1D
-        # kv heads from the shape: configs often omit n_kv_heads when it equals n_heads
-        kv = kv_split(shape[1] if r.transposed else shape[0]) or dims["n_kv_heads"] or 0
-        r = replace(r, head_dim=hd, q_heads=q, kv_heads=kv)
-    else:
-        r = replace(r, head_dim=hd)
-    if not hd or (r.role == "qkv" and not q):
-        note = (f"{r.role}: no head count known (pass n_heads= or a model whose config has it); "
-                "one block per output neuron")
-    else:
-        note = r.blocks(shape)[1]
-    if not note:
-        return r
-    if r.source == "override":
-        return replace(r, note=note)
-    return TensorRole(r.name, "linear", r.transposed, source=r.source, note=note)
-
-
 def infer_roles(named_params: Iterable, model: Optional[nn.Module] = None, *, dim=None,
                 n_heads=None, n_kv_heads=None, head_dim=None,
-                roles: Optional[Mapping[str, str]] = None) -> dict[str, TensorRole]:
+                roles: Optional[Mapping[str, str]] = None,
+                qk_need_heads: bool = True) -> dict[str, TensorRole]:
     """Role of every (name, tensor) in `named_params` (pairs or a dict), keyed by name.
 
     With `model`, roles come from the module tree: nn.Embedding -> 'embedding' (also when tied to
@@ -324,7 +285,8 @@ def infer_roles(named_params: Iterable, model: Optional[nn.Module] = None, *, di
     Head sizes: explicit dim / n_heads / n_kv_heads / head_dim, else the enclosing attention
     module, else the model config (head_dim defaults to dim // n_heads). `roles` maps a regex
     (re.search) or glob (if it has * or ?) to a role; the first matching pattern wins over
-    inference. An unknown role raises ValueError.
+    inference. An unknown role raises ValueError. qk_need_heads=False (SlimAdam's table, which
+    averages Q/K over fan-in whatever the heads): a Q/K without usable heads keeps its role.
     """
     rules = _compile_overrides(roles)
     explicit = {k: v for k, v in zip(_DIM_KEYS, (dim, n_heads, n_kv_heads, head_dim))
@@ -334,20 +296,15 @@ def infer_roles(named_params: Iterable, model: Optional[nn.Module] = None, *, di
     out: dict[str, TensorRole] = {}
     for name, p in items:
         owners = tree.owners_of(name, p) if tree else []
-        found = tree.role(name, p, owners) if tree else None
-        layout_known = found is not None
-        role, transposed, source = found or (_C.role_from_name(name, list(p.shape)), False, "name")
         forced = next((rl for match, rl in rules if match(name)), None)
-        if forced is not None:
-            role, source = forced, "override"
-        r = TensorRole(name, role, transposed, source=source,
-                       kv_interleaved=role == "qkv" and tree is not None
-                       and _kv_interleaved(tree, owners))
+        heads = tree.heads(owners, explicit) if tree else \
+            [v or 0 for v in _derive(explicit).values()]
+        role, transposed, hd, q, kv, interleaved, source, note = _C.infer_role(
+            name, list(p.shape), [(_kind(m), attr) for _, m, attr in owners],
+            tree is not None and id(p) == tree.output_id,
+            tree is not None and _kv_interleaved(tree, owners), heads, forced, qk_need_heads)
         refuse_flattened(name, p, role, [mod for _, mod, attr in owners if attr == "weight"])
-        if role in _HEAD_ROLES:
-            raw = {**tree.raw, **tree.dims_near(owners[0][0] if owners else "")} if tree else {}
-            r = _with_heads(r, tuple(p.shape), _derive({**raw, **explicit}), layout_known)
-        out[name] = r
+        out[name] = TensorRole(name, role, transposed, hd, q, kv, source, note, interleaved)
     fell_back = [r.name for r in out.values() if r.note and r.role == "linear"]
     if fell_back:
         warnings.warn(f"{len(fell_back)} query/key/qkv tensor(s) get one block per output neuron, "

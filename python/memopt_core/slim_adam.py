@@ -11,7 +11,7 @@ import torch
 from . import _C
 from ._base import MemoptOptimizer
 from .adam_mini import AdamMini, Blocks
-from .roles import infer_roles, per_kv_group
+from .roles import infer_roles
 from .sources import need_names, resolve
 
 _COMPILE_PREFIX = "_orig_mod."  # torch.compile's wrapper; the reference strips it from names
@@ -150,30 +150,17 @@ def load_rules(rules) -> dict:
 
 
 def _table_roles(named, model, roles, dims):
-    """infer_roles, keeping the roles the table needs: Q/K whose heads are unknown fall back to
-    'linear' for Adam-mini's per-head blocks, but SlimAdam's fan-in mean needs no heads."""
+    """infer_roles for the table: Q/K keep their role without heads (the fan-in mean needs
+    none); a fused QKV whose heads are unknown is left whole, quietly (the warning is about
+    Adam-mini's per-head blocks)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its warning is about Adam-mini's per-head blocks
-        inferred = infer_roles(named, model, roles=roles, **dims)
-    for name, p in named:
-        r = inferred[name]
-        if r.note and r.role == "linear":
-            named_role = _C.role_from_name(name, list(p.shape))
-            if named_role in ("query", "key"):
-                inferred[name] = type(r)(name, named_role, r.transposed, source=r.source, note=r.note)
-    return inferred
+        warnings.simplefilter("ignore")
+        return infer_roles(named, model, roles=roles, qk_need_heads=False, **dims)
 
 
 def _table_layout(name, p, r) -> Layout:
-    g = r.kv_groups(list(p.shape))
-    if g:  # torchtitan's interleaved qkv: the table's split of one kv group, repeated
-        segs, v_shape, dims, rule = _C.slim_adam_table_layout(
-            "qkv", [p.shape[0] // g, p.shape[1]], False, r.head_dim, r.q_heads // g, 1)
-        segs, v_shape = per_kv_group(segs, list(p.shape), g), [v_shape[0] * g, *v_shape[1:]]
-        rule += f", per kv group ({g})"
-    else:
-        segs, v_shape, dims, rule = _C.slim_adam_table_layout(
-            r.role, list(p.shape), r.transposed, r.head_dim, r.q_heads, r.kv_heads)
+    segs, v_shape, dims, rule = _C.slim_adam_table_layout(
+        r.role, list(p.shape), r.transposed, r.head_dim, r.q_heads, r.kv_heads, r.kv_interleaved)
     dims = "table" if dims is None else (tuple(dims) or None)
     return Layout(name, r.role, tuple(segs), p.dim() >= 2, r.note, tuple(v_shape), dims, rule)
 

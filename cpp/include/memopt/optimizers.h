@@ -219,7 +219,7 @@ class AdamMini : public AdamFamily<AdamMiniOptions, AdamMiniParamState> {
   // Blocks of a parameter from its role (head geometry filled in from the options).
   using BlockRule = std::function<BlockSpec(const RoleInfo&, at::IntArrayRef)>;
   AdamMini(const std::vector<std::pair<torch::Tensor, RoleInfo>>& params, AdamMiniOptions defaults,
-           const BlockRule& rule);
+           const BlockRule& rule, bool decay_by_dims_only);
 
   // Parameters of a group added later have no name: blocks from the shape alone (per output
   // neuron for >= 2-D, plain Adam for 1-D). Pass roles at construction for anything else.
@@ -234,8 +234,8 @@ class AdamMini : public AdamFamily<AdamMiniOptions, AdamMiniParamState> {
 // SlimAdam (Kalra et al., arXiv 2503.01843) with the paper's static table on roles (slim_adam.h):
 // Adam-mini's update with other blocks (v averaged over fan-in for embedding, output, Q, K; over
 // fan-out for V, attention output, MLP; norms, biases and unknown tensors uncompressed), on the
-// same op. Weight decay as AdamMini: tensors with >= 2 dims. SNR-derived rules (any dim set per
-// tensor) are available in the Python front end (memopt_core.SlimAdam(rules=...)).
+// same op. Weight decay on every tensor with >= 2 dims, as the reference. SNR-derived rules (any
+// dim set per tensor) are available in the Python front end (memopt_core.SlimAdam(rules=...)).
 class SlimAdam : public AdamMini {
  public:
   SlimAdam(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "memopt/roles.h"
+
 namespace memopt {
 
 // A 2-D region of a tensor's flat storage, cut into equal tiles; each tile is one block.
@@ -41,23 +43,11 @@ struct ShardPiece {
 };
 std::vector<ShardPiece> shard_pieces(const BlockSpec& spec, int64_t lo, int64_t hi);
 
-// What a tensor is in the network; decides its blocks.
-enum class Role {
-  Embedding, Output, Query, Key, Value, AttnOut, FusedQKV, Mlp, Norm, Bias, Conv, Linear,
-  Scalar,      // one block for the whole tensor
-  Elementwise  // plain Adam
-};
-std::string role_name(Role role);
-Role role_from_string(const std::string& name);  // throws on an unknown name, listing valid ones
-std::vector<std::string> role_names();
-
-struct RoleInfo {
-  Role role = Role::Linear;
-  bool transposed = false;  // stored (in, out), as HF GPT-2 Conv1D; output neurons are columns
-  int64_t head_dim = 0;     // Query / Key / FusedQKV: rows (cols if transposed) per head
-  int64_t q_heads = 0;      // FusedQKV: query heads; key and value have kv_heads each
-  int64_t kv_heads = 0;
-};
+// How many kv groups a torchtitan interleaved fused QKV weight (RoleInfo::kv_interleaved) of
+// `shape` splits into (each a small q|k|v with one kv head), or 0 when it is none or does not.
+int64_t kv_groups(const RoleInfo& info, at::IntArrayRef shape);
+// `group`, the blocks of one kv group's rows, repeated down the g groups of a (rows, cols) tensor.
+BlockSpec per_kv_group(const BlockSpec& group, at::IntArrayRef shape, int64_t g);
 
 // The paper's blocks (Adam-mini §3): per head for Q/K, per output neuron for V/O/MLP/linear/conv,
 // per token for embedding/output, one per norm or scalar tensor, elementwise for biases.
@@ -73,8 +63,5 @@ struct ReferencePartition {
 };
 ReferencePartition adam_mini_reference_blocks(const std::string& name, at::IntArrayRef shape,
                                               int64_t dim, int64_t n_heads);
-
-// Role from a parameter name and shape alone (used when no module tree is available).
-Role role_from_name(const std::string& name, at::IntArrayRef shape);
 
 }  // namespace memopt
