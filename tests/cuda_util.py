@@ -44,6 +44,12 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.fl
 _EMU = {}
 
 
+def memopt_schemas() -> list:
+    """The schemas of every op registered in the memopt namespace, by name."""
+    return sorted((s for s in torch._C._jit_get_all_schemas() if s.name.startswith("memopt::")),
+                  key=lambda s: s.name)
+
+
 def load_emulator():
     """Builds (once; cached under build/cuda_emu) and loads the emulated CUDA ops."""
     if "lib" not in _EMU:
@@ -57,11 +63,8 @@ def load_emulator():
         spec.loader.exec_module(mod)
         out = Path(os.environ.get("MEMOPT_CUDA_EMU_DIR", root / "build" / "cuda_emu"))
         lib = torch.library.Library("memopt_emu", "DEF")
-        for name in ("adamw_", "adam_mini_", "apollo_", "frugal_", "adam_mini_block_sums_",
-                     "adam_mini_shard_update_", "apollo_shard_stats_", "apollo_shard_update_",
-                     "frugal_shard_stats_", "frugal_shard_update_"):
-            schema = str(getattr(torch.ops.memopt, name).default._schema)
-            lib.define(schema.split("::", 1)[1])
+        for schema in memopt_schemas():  # every op, read from the dispatcher: none hand-kept
+            lib.define(str(schema).split("::", 1)[1])
         torch.ops.load_library(str(mod.build(out)))
         _EMU["lib"] = lib
     return torch.ops.memopt_emu

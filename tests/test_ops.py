@@ -74,3 +74,16 @@ def test_workspace_is_sized_once_and_reused():
         opt.step()
     assert _C.workspace_stats("cpu")[2] == grows  # no growth after the first step
     assert largest < w.numel() * w.element_size()  # scratch is block-sized, not tensor-sized
+
+
+def test_every_memopt_op_has_cpu_and_meta_kernels_and_a_mutable_schema():
+    """Read from the dispatcher, so an op added later is covered without editing a list: each
+    has a CPU kernel, a Meta kernel (torch.compile traces it) and declares what it writes."""
+    from cuda_util import memopt_schemas
+    schemas = memopt_schemas()
+    assert len(schemas) >= 10
+    for s in schemas:
+        for key in ("CPU", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(s.name, key), (s.name, key)
+        assert any(a.alias_info is not None and a.alias_info.is_write for a in s.arguments), \
+            f"{s.name} writes nothing according to its schema"
