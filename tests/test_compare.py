@@ -7,7 +7,7 @@ import json
 import pytest
 
 from memopt_core import OPTIMIZERS
-from memopt_core.app import cli, compare
+from memopt_core.app import cli, compare, compare_cli
 
 TINY = ["--model", "tiny", "--steps", "3", "--batch-size", "2", "--seq-len", "16",
         "--eval-batches", "1"]
@@ -17,8 +17,8 @@ TINY = ["--model", "tiny", "--steps", "3", "--batch-size", "2", "--seq-len", "16
 def captured(monkeypatch):
     """Runs nothing: records the TrainConfigs `memopt compare` would train."""
     seen = []
-    monkeypatch.setattr(cli, "compare", lambda configs: seen.extend(configs) or [])
-    monkeypatch.setattr(cli, "write_outputs", lambda *a: "")
+    monkeypatch.setattr(compare_cli, "compare", lambda configs: seen.extend(configs) or [])
+    monkeypatch.setattr(compare_cli, "write_outputs", lambda *a: "")
     return seen
 
 

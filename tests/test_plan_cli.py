@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memopt_core
-from memopt_core.app import cli
+from memopt_core.app import cli, cli_args, compare_cli
 from memopt_core.app.models import build
 from memopt_core.app.plan import activation_bytes, plan
 from memopt_core.app.train import TrainConfig
@@ -155,8 +155,8 @@ def test_cli_compare_settings_checked_before_any_run_and_lr_per_run(monkeypatch)
     weight_decay and betas set the run's own values (and its label), the rest go to the
     optimizer."""
     seen = []
-    monkeypatch.setattr(cli, "compare", lambda configs: seen.extend(configs) or [])
-    monkeypatch.setattr(cli, "write_outputs", lambda *a: "")
+    monkeypatch.setattr(compare_cli, "compare", lambda configs: seen.extend(configs) or [])
+    monkeypatch.setattr(compare_cli, "write_outputs", lambda *a: "")
     with pytest.raises(SystemExit, match=r"apollo has no setting 'rnak'; valid: .*rank"):
         cli.main(["compare", "--optimizers", "adamw apollo:rnak=4", "--steps", "2"])
     assert seen == []
@@ -175,8 +175,8 @@ def test_train_runs_at_the_optimizers_recommended_lr_unless_told():
     parser = cli.build_parser()
     for name, spec in memopt_core.OPTIMIZERS.items():
         args = parser.parse_args(["train", "--optimizer", name])
-        assert cli._config(args, name).lr == spec.lr
+        assert cli_args.train_config(args, name).lr == spec.lr
     args = parser.parse_args(["train", "--optimizer", "apollo", "--lr", "3e-4"])
-    assert cli._config(args, "apollo").lr == 3e-4
+    assert cli_args.train_config(args, "apollo").lr == 3e-4
     assert TrainConfig(optimizer="apollo_mini").lr == memopt_core.OPTIMIZERS["apollo_mini"].lr
     assert "apollo 0.01" in parser._subparsers._group_actions[0].choices["train"].format_help()
