@@ -16,7 +16,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
@@ -29,88 +29,10 @@ from ..layerwise import LayerwiseStep
 from .memory import distinct_bytes, optimizer_state_bytes, peak_during
 from .models import build, num_params
 from ..registry import OPTIMIZERS, make_optimizer
+from .train_config import DTYPES, TrainConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHECKPOINT = "last.pt"
 DCP_CHECKPOINT = "last.dcp"  # with fsdp: a symlink to the newest complete DCP directory
-
-
-def _as_tuple(v) -> tuple:
-    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
-
-
-@dataclass
-class TrainConfig:
-    optimizer: str = "adamw"
-    model: str = "tiny"
-    arch: str = "llama"
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: Optional[float] = None  # peak lr; None: the optimizer's recommended one (registry)
-    betas: tuple = (0.9, 0.95)
-    weight_decay: float = 0.1
-    warmup: float = 0.1        # fraction of steps with linear warmup
-    min_lr: float = 0.1        # cosine decays to this fraction of lr
-    grad_clip: float = 1.0     # global-norm clipping; 0 disables (must be 0 with layerwise)
-    grad_accum: int = 1
-    layerwise: bool = False
-    dtype: str = "fp32"        # weights (and optimizer state) dtype: fp32 or bf16
-    eval_every: int = 0        # 0: validate at the end only
-    eval_batches: int = 8
-    seed: int = 0
-    device: str = "cpu"
-    data: Optional[str] = None
-    tokenizer: str = "byte"
-    vocab_size: int = 8192     # BPE only
-    optimizer_kwargs: dict = field(default_factory=dict)
-    # "skip": a step whose gradients hold an inf/NaN changes nothing (history["skipped"]);
-    # "propagate": torch's behaviour
-    nonfinite: str = "skip"
-    fsdp: bool = False         # FSDP2 over the initialised process group (see the module doc)
-
-    def __post_init__(self):
-        if self.lr is None and self.optimizer in OPTIMIZERS:  # an unknown name: check() says so
-            self.lr = OPTIMIZERS[self.optimizer].peak_lr()
-
-    @property
-    def label(self) -> str:
-        """The optimizer and its extra settings, as `memopt compare` names a run: its own
-        options, then lr / weight_decay / betas where they differ from the defaults (the
-        optimizer's recommended lr, TrainConfig's others)."""
-        default = {f.name: f.default for f in fields(self)}
-        if self.optimizer in OPTIMIZERS:
-            default["lr"] = OPTIMIZERS[self.optimizer].lr
-        run = {name: getattr(self, name) for name in ("lr", "weight_decay", "betas")
-               if _as_tuple(getattr(self, name)) != _as_tuple(default[name])}
-        extra = ",".join(f"{k}={v}" for k, v in {**self.optimizer_kwargs, **run}.items())
-        return f"{self.optimizer}:{extra}" if extra else self.optimizer
-
-    def check(self) -> None:
-        if self.layerwise and self.grad_clip:
-            raise ValueError("gradient clipping by global norm needs every gradient at once, "
-                             "which layer-wise stepping never holds: set grad_clip=0 "
-                             "(--grad-clip 0) with --layerwise")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as e:
-            raise ValueError(f"device {self.device!r} is not a device: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            why = ("this torch is built without CUDA" if torch.version.cuda is None else
-                   f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no GPU")
-            raise ValueError(f"device {self.device!r}: no CUDA device ({why}); use --device cpu")
-        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.fsdp:
-            if not (dist.is_available() and dist.is_initialized()):
-                raise ValueError("fsdp needs an initialised process group: launch with torchrun "
-                                 "(torchrun --nproc_per_node N -m memopt_core.app.cli train --fsdp)")
-            if self.batch_size % dist.get_world_size():
-                raise ValueError(f"batch_size {self.batch_size} must be a multiple of the "
-                                 f"{dist.get_world_size()} ranks (each takes an equal slice)")
 
 
 class WarmupCosine:
