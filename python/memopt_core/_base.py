@@ -34,6 +34,15 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _in_param_layout(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """State shaped like a dense non-contiguous parameter (channels_last, transposed) takes its
+    strides, so the ops step both in one memory order without staging (cpp/include/memopt/
+    layout.h decides, _C.state_strides); anything else stays as allocated (contiguous)."""
+    if state.shape != p.shape or p.is_contiguous():
+        return state
+    return state.as_strided(state.shape, _C.state_strides(list(state.shape), p))
+
+
 class MemoptOptimizer(torch.optim.Optimizer):
     """Base class. Subclasses define `_state_shapes(p)` (name -> shape of each state tensor but
     'step') and `_op_call(group, params, grads, states)` -> (op, check, args): the fused torch op,
@@ -218,6 +227,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 views = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
             for (p, key, shape), view in zip(items, views):
                 layout = self._shard_layout(p) if key != "step" and len(shape) else None
+                if layout is None and key != "step":
+                    view = _in_param_layout(view, p)
                 sharded = layout is not None and self._state_sharded(p, key, shape)
                 if (p, key) in values:
                     value = values[(p, key)]
