@@ -881,7 +881,7 @@ def test_noncontiguous_parameter_matches_contiguous_run(name, rows, cols, layout
             opt.step()
     for n in names:
         assert torch.equal(ours[n], plain[n]), (name, layout, n)
-        mine, theirs = opts[0].state[ours[n]], opts[1].state[plain[n]]
+        mine, theirs = opts[0].state.get(ours[n], {}), opts[1].state.get(plain[n], {})
         assert set(mine) == set(theirs)
         for key, ref in theirs.items():
             if torch.is_tensor(ref):

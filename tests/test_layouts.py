@@ -223,3 +223,24 @@ def test_libtorch_classes_accept_strided_params(cls):
             torch.testing.assert_close(y, x, rtol=1e-6, atol=0)
             if y.shape == b.shape and b.dim() > 1:
                 assert y.stride() == b.stride()
+
+
+def test_opcheck_on_strided_params():
+    """Schema, fake (Meta) and dispatch checks of adamw_ and adam_mini_ on a channels_last, a
+    transposed and a gapped parameter, with state in the parameter's layout where it is dense."""
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.randn(4, 3, 2, 2, generator=gen).to(memory_format=torch.channels_last)
+    params = [conv, torch.randn(6, 5, generator=gen).t(), torch.randn(5, 8, generator=gen)[:, ::2]]
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros(()) for _ in params]
+    lr = torch.tensor(1e-3)
+    torch.library.opcheck(torch.ops.memopt.adamw_.default,
+                          (params, grads, m, [torch.zeros_like(p) for p in params], steps, lr,
+                           0.9, 0.999, 1e-8, 0.01))
+    specs = [_C.adam_mini_blocks("conv", list(p.shape))[0] if p.dim() == 4
+             else _C.adam_mini_blocks("mlp", list(p.shape))[0] for p in params]
+    v = [torch.zeros(p.shape[0]) for p in params]
+    torch.library.opcheck(torch.ops.memopt.adam_mini_.default,
+                          (params, grads, m, v, steps, _C.encode_block_specs(specs), lr, 0.9,
+                           0.999, 1e-8, 0.0))
