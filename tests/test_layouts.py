@@ -250,3 +250,30 @@ def test_opcheck_on_strided_params():
     torch.library.opcheck(torch.ops.memopt.adam_mini_.default,
                           (params, grads, m, v, steps, _C.encode_block_specs(specs), lr, 0.9,
                            0.999, 1e-8, 0.0))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "gapped"])
+def test_adam_mini_shard_ops_on_a_strided_shard(layout):
+    """FSDP2's Adam-mini shard ops (block sums, then the update) on rows 4..7 of a conv weight
+    held channels_last (stepped in memory order) or with gaps (staged), against the same shard
+    held contiguously: equal to float rounding of the reordered block sums."""
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(8, 3, 2, 2, generator=gen)
+    spec = _C.encode_block_specs([_C.adam_mini_blocks("conv", list(full.shape))[0]])
+    shards, results = [4 * 12, full.numel()], []
+    for strided in (False, True):
+        p = full[4:].clone()
+        if strided:
+            p = (p.to(memory_format=torch.channels_last) if layout == "channels_last"
+                 else torch.stack([p, torch.full_like(p, float("nan"))], -1)[..., 0])
+        m, v, step = torch.zeros_like(p), torch.zeros(8), torch.zeros(())
+        g2 = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            g = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g2))
+            sums = torch.zeros(8, dtype=torch.float64)
+            torch.ops.memopt.adam_mini_block_sums_([g], spec, shards, sums)
+            torch.ops.memopt.adam_mini_shard_update_([p], [g], [m], [v], [step], spec, shards,
+                                                     sums, torch.tensor(1e-2), 0.9, 0.99, 1e-8, 0.1)
+        results.append((p, m, v))
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-9)
