@@ -62,7 +62,7 @@ int64_t memory_order_run(const Tensor& t) {
 }
 
 std::vector<int64_t> state_strides(at::IntArrayRef sizes, const Tensor& p) {
-  if (sizes == p.sizes() && is_dense_layout(p)) return p.strides().vec();
+  if (p.defined() && sizes == p.sizes() && is_dense_layout(p)) return p.strides().vec();
   const auto contiguous = c10::contiguous_strides(sizes);
   return {contiguous.begin(), contiguous.end()};
 }

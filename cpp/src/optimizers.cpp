@@ -151,9 +151,10 @@ torch::Tensor AdamFamily<Options, State>::step(LossClosure closure) {
       if (state == nullptr) {
         auto created = std::make_unique<State>();
         created->step(torch::zeros({}, torch::kFloat));
-        // Shaped like p: in p's layout (memopt/layout.h), so a dense p steps without staging.
-        created->exp_avg(state_zeros(exp_avg_sizes(p), p, p.options()));
-        created->exp_avg_sq(state_zeros(exp_avg_sq_sizes(p), p, p.options()));
+        // Elementwise moments in p's layout (memopt/layout.h): a dense p steps without staging.
+        const at::Tensor& like = moments_follow_param(p) ? p : at::Tensor();
+        created->exp_avg(state_zeros(exp_avg_sizes(p), like, p.options()));
+        created->exp_avg_sq(state_zeros(exp_avg_sq_sizes(p), like, p.options()));
         init_extra_state(*created, p);
         state = created.get();
         fresh[i].emplace_back(key, std::move(created));
@@ -209,9 +210,10 @@ void AdamFamily<Options, State>::check_loaded_state(State& s, const at::Tensor& 
   // The archive loads onto the CPU; state lives with its parameter.
   s.step(s.step().to(at::kCPU).reshape({}));
   // Copied into the parameter's layout (a contiguous checkpoint into a channels_last model).
-  s.exp_avg(state_like_param(s.exp_avg(), param, s.exp_avg().options().device(param.device())));
+  const at::Tensor& like = moments_follow_param(param) ? param : at::Tensor();
+  s.exp_avg(state_like_param(s.exp_avg(), like, s.exp_avg().options().device(param.device())));
   s.exp_avg_sq(
-      state_like_param(s.exp_avg_sq(), param, s.exp_avg_sq().options().device(param.device())));
+      state_like_param(s.exp_avg_sq(), like, s.exp_avg_sq().options().device(param.device())));
   check_extra_state(s, param, where());
 }
 

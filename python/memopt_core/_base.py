@@ -227,7 +227,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 views = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
             for (p, key, shape), view in zip(items, views):
                 layout = self._shard_layout(p) if key != "step" and len(shape) else None
-                if layout is None and key != "step":
+                if layout is None and key != "step" and self._state_follows_param(p, key):
                     view = _in_param_layout(view, p)
                 sharded = layout is not None and self._state_sharded(p, key, shape)
                 if (p, key) in values:
@@ -260,6 +260,12 @@ class MemoptOptimizer(torch.optim.Optimizer):
         """Capability hook: whether `p` holds optimizer state once it has had a gradient. False
         for tensors updated without any state (FRUGAL's inactive blocks); the contract tests
         expect state exactly for the tensors where this is True."""
+        return True
+
+    def _state_follows_param(self, p: torch.Tensor, key: str) -> bool:
+        """Capability hook: whether state `key` is elementwise with `p` (then, shaped like a
+        dense `p`, it takes p's layout). False for state that only happens to share p's shape
+        (APOLLO's projected moments)."""
         return True
 
     def _state_dtype(self, p: torch.Tensor, key: str) -> torch.dtype:

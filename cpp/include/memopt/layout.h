@@ -49,7 +49,8 @@ bool is_dense_layout(const Tensor& t);
 int64_t memory_order_run(const Tensor& t);
 
 // The strides optimizer state of shape `sizes` created for parameter p takes: p's when the state
-// is shaped like p and p is dense (so the update is one pass over memory), else contiguous.
+// is shaped like p and p is dense (so the update is one pass over memory), else (or p undefined:
+// state that is not elementwise with p) contiguous.
 std::vector<int64_t> state_strides(at::IntArrayRef sizes, const Tensor& p);
 // Zeroed state of shape `sizes` for p, in state_strides (the LibTorch classes' state).
 Tensor state_zeros(at::IntArrayRef sizes, const Tensor& p, const at::TensorOptions& options);
