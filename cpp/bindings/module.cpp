@@ -150,13 +150,25 @@ NB_MODULE(_C, m) {
         "Raises ValueError/RuntimeError unless the segments exactly tile `numel` elements.");
 
   m.def("workspace_stats",
-        [](const std::string& device) {
-          auto& ws = Workspace::of(parse_device(device));
+        [](const std::string& device, bool staging) {
+          auto& ws = staging ? Workspace::staging_of(parse_device(device))
+                             : Workspace::of(parse_device(device));
           return std::make_tuple(ws.capacity_bytes(), ws.largest_request_bytes(), ws.grow_count());
         },
-        nb::arg("device") = "cpu", "(capacity_bytes, largest_request_bytes, grow_count).");
-  m.def("workspace_release", [](const std::string& device) { Workspace::of(parse_device(device)).release(); },
+        nb::arg("device") = "cpu", nb::arg("staging") = false,
+        "(capacity_bytes, largest_request_bytes, grow_count) of the scratch workspace, or of the "
+        "one that stages non-contiguous parameters (memopt/layout.h) with staging=True.");
+  m.def("workspace_release",
+        [](const std::string& device) {
+          Workspace::of(parse_device(device)).release();
+          Workspace::staging_of(parse_device(device)).release();
+        },
         nb::arg("device") = "cpu");
+  m.def("state_strides",
+        [](const std::vector<int64_t>& sizes, const at::Tensor& p) { return state_strides(sizes, p); },
+        nb::arg("sizes"), nb::arg("param"),
+        "Strides of optimizer state of shape `sizes` for parameter `param` (memopt/layout.h): "
+        "the parameter's when the state is shaped like it and it is dense, else contiguous.");
   m.def("pool_views",
         [](const std::vector<std::vector<int64_t>>& shapes, at::Tensor like) {
           return pool_views(shapes, like.scalar_type(), like.device());

@@ -1,6 +1,8 @@
 // Adam-mini: block-mean second moment, fused reduce + update on CPU.
 #include "memopt/adam_mini.h"
 
+#include <algorithm>
+
 #include "cpu_loops.h"
 
 namespace memopt {
@@ -17,12 +19,57 @@ void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_
     check_block_spec(specs[i], params[i].numel(), what);
     const Tensor& v = exp_avg_sqs[i];
     TORCH_CHECK_VALUE(v.dim() == 1 && v.numel() == num_blocks(specs[i]) && v.is_contiguous(),
-                      what, ": exp_avg_sq must be 1-D with one entry per block (",
+                      what, ": exp_avg_sq must be contiguous and 1-D with one entry per block (",
                       num_blocks(specs[i]), "), got shape ", v.sizes());
     TORCH_CHECK_TYPE(v.scalar_type() == exp_avgs[i].scalar_type() &&
                          v.device() == params[i].device(),
                      what, ": exp_avg_sq must have exp_avg's dtype and device");
   }
+}
+
+namespace {
+
+bool elementwise(const BlockSpec& spec) {
+  return spec.size() == 1 && spec[0].offset == 0 && spec[0].block_numel() == 1 &&
+         spec[0].row_stride == spec[0].cols;
+}
+
+// Whether every block of `spec` is a union of whole aligned runs of `run` elements: each tile row
+// is (offset, row stride and tile width multiples of run), or each tile is one dense stretch.
+bool blocks_follow_runs(const BlockSpec& spec, int64_t run) {
+  return std::all_of(spec.begin(), spec.end(), [run](const Segment& s) {
+    const bool rows_of_runs =
+        s.offset % run == 0 && s.row_stride % run == 0 && s.tile_cols % run == 0;
+    const bool dense_tiles = s.row_stride == s.cols && s.tile_cols == s.cols &&
+                             s.offset % run == 0 && (s.tile_rows * s.cols) % run == 0;
+    return rows_of_runs || dense_tiles;
+  });
+}
+
+std::vector<Tensor> v_viewed_as_params(TensorList params, TensorList exp_avg_sqs,
+                                       const std::vector<BlockSpec>& specs, bool sharded) {
+  std::vector<Tensor> out(exp_avg_sqs.begin(), exp_avg_sqs.end());
+  for (size_t i = 0; i < out.size() && i < params.size() && i < specs.size(); ++i)
+    if (!sharded && elementwise(specs[i]) && out[i].numel() == params[i].numel() &&
+        out[i].is_contiguous())
+      out[i] = out[i].view(params[i].sizes());
+  return out;
+}
+
+}  // namespace
+
+AdamMiniLayouts::AdamMiniLayouts(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
+                                 const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
+                                 bool params_written)
+    : v_as_params_(v_viewed_as_params(params, exp_avg_sqs, specs, !shards.empty())),
+      layouts_(params, {exp_avgs, v_as_params_},
+               [&](size_t i, int64_t run) {
+                 if (!shards.empty() && shards[2 * i] % run != 0) return false;
+                 return (shards.empty() && elementwise(specs[i])) ||
+                        blocks_follow_runs(specs[i], run);
+               },
+               params_written) {
+  for (const Tensor& v : layouts_.written(1)) v_seen_.push_back(v.dim() == 1 ? v : v.view(-1));
 }
 
 namespace {
@@ -168,16 +215,20 @@ struct SegmentKernel {
 
 }  // namespace
 
-void adam_mini_update_(TensorList params, TensorList grads, TensorList exp_avgs,
-                       TensorList exp_avg_sqs, TensorList steps,
+void adam_mini_update_(TensorList params_in, TensorList grads_in, TensorList exp_avgs_in,
+                       TensorList exp_avg_sqs_in, TensorList steps,
                        const std::vector<BlockSpec>& specs, const Tensor& lr_t, double beta1,
                        double beta2, double eps, double weight_decay) {
-  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
+  check_adam_mini_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, steps, specs);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
-  if (params.empty()) return;
-  TORCH_CHECK(params[0].device().is_cpu(), "adam_mini_update_: no kernel for device ",
-              params[0].device(), " in this build");
+  if (params_in.empty()) return;
+  TORCH_CHECK(params_in[0].device().is_cpu(), "adam_mini_update_: no kernel for device ",
+              params_in[0].device(), " in this build");
+  AdamMiniLayouts layouts(params_in, exp_avgs_in, exp_avg_sqs_in, specs);
+  const auto grads_seen = layouts.follow(grads_in);
+  TensorList params = layouts.params(), grads = grads_seen, exp_avgs = layouts.exp_avgs(),
+             exp_avg_sqs = layouts.exp_avg_sqs();
 
   Workspace::Lease lease(Workspace::of(params[0].device()));
   for (size_t i = 0; i < params.size(); ++i) {
@@ -218,6 +269,7 @@ void adam_mini_update_(TensorList params, TensorList grads, TensorList exp_avgs,
       }
     });
   }
+  layouts.write_back();
 }
 
 }  // namespace memopt

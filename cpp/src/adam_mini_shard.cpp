@@ -83,9 +83,12 @@ void check_adam_mini_shard_inputs(TensorList params, TensorList grads, TensorLis
   }
 }
 
-void adam_mini_block_sums_(TensorList grads, const std::vector<BlockSpec>& specs,
+void adam_mini_block_sums_(TensorList grads_in, const std::vector<BlockSpec>& specs,
                            at::IntArrayRef shards, const Tensor& sums) {
-  check_adam_mini_block_sums_inputs(grads, specs, shards, sums);
+  check_adam_mini_block_sums_inputs(grads_in, specs, shards, sums);
+  // Summed in the memory order adam_mini_shard_update_ steps the parameter in (read only).
+  AdamMiniLayouts layouts(grads_in, {}, {}, specs, shards, /*params_written=*/false);
+  TensorList grads = layouts.params();
   double* out = sums.data_ptr<double>();
   Workspace::Lease lease(Workspace::of(c10::Device(c10::kCPU)));
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -107,17 +110,21 @@ void adam_mini_block_sums_(TensorList grads, const std::vector<BlockSpec>& specs
   }
 }
 
-void adam_mini_shard_update_(TensorList params, TensorList grads, TensorList exp_avgs,
+void adam_mini_shard_update_(TensorList params_in, TensorList grads_in, TensorList exp_avgs_in,
                              TensorList exp_avg_sqs, TensorList steps,
                              const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
                              const Tensor& sums, const Tensor& lr_t, double beta1, double beta2,
                              double eps, double weight_decay) {
-  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
+  check_adam_mini_shard_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs, steps, specs,
+                               shards, sums);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
-  if (params.empty()) return;
-  TORCH_CHECK(params[0].device().is_cpu(), "adam_mini_shard_update_: no kernel for device ",
-              params[0].device(), " in this build");
+  if (params_in.empty()) return;
+  TORCH_CHECK(params_in[0].device().is_cpu(), "adam_mini_shard_update_: no kernel for device ",
+              params_in[0].device(), " in this build");
+  AdamMiniLayouts layouts(params_in, exp_avgs_in, exp_avg_sqs, specs, shards);
+  const auto grads_seen = layouts.follow(grads_in);
+  TensorList params = layouts.params(), grads = grads_seen, exp_avgs = layouts.exp_avgs();
   const double* sum = sums.data_ptr<double>();
   Workspace::Lease lease(Workspace::of(params[0].device()));
   for (size_t i = 0; i < params.size(); ++i) {
@@ -158,6 +165,7 @@ void adam_mini_shard_update_(TensorList params, TensorList grads, TensorList exp
     });
     sum += nb;
   }
+  layouts.write_back();
 }
 
 }  // namespace memopt

@@ -2,6 +2,7 @@
 #include "memopt/adamw.h"
 
 #include "cpu_loops.h"
+#include "memopt/layout.h"
 
 namespace memopt {
 
@@ -10,12 +11,13 @@ void check_adamw_inputs(TensorList params, TensorList grads, TensorList exp_avgs
   check_update_lists("adamw_update_", params, grads, exp_avgs, steps);
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: ", exp_avg_sqs.size(),
                     " exp_avg_sqs for ", params.size(), " params");
-  for (size_t i = 0; i < params.size(); ++i)
+  for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK_VALUE(exp_avg_sqs[i].sizes() == params[i].sizes() &&
                           exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type() &&
-                          exp_avg_sqs[i].is_contiguous() &&
                           exp_avg_sqs[i].device() == params[i].device(),
                       "adamw_update_: exp_avg_sq ", i, " must match exp_avg in shape and dtype");
+    check_param_layout("adamw_update_: exp_avg_sq " + std::to_string(i), exp_avg_sqs[i]);
+  }
 }
 
 AdamWRule parse_adamw_rule(c10::string_view rule) {
@@ -26,15 +28,20 @@ AdamWRule parse_adamw_rule(c10::string_view rule) {
   return AdamWRule::kApollo;
 }
 
-void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
-                   TensorList exp_avg_sqs, TensorList steps, const Tensor& lr_t, double beta1,
+void adamw_update_(TensorList params_in, TensorList grads_in, TensorList exp_avgs_in,
+                   TensorList exp_avg_sqs_in, TensorList steps, const Tensor& lr_t, double beta1,
                    double beta2, double eps, double weight_decay, AdamWRule rule) {
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
+  check_adamw_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, steps);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
-  if (params.empty()) return;
-  TORCH_CHECK(params[0].device().is_cpu(), "adamw_update_: no kernel for device ",
-              params[0].device(), " in this build");
+  if (params_in.empty()) return;
+  TORCH_CHECK(params_in[0].device().is_cpu(), "adamw_update_: no kernel for device ",
+              params_in[0].device(), " in this build");
+  // Elementwise: any dense layout is stepped in its memory order (memopt/layout.h).
+  ParamLayouts layouts(params_in, {exp_avgs_in, exp_avg_sqs_in}, any_order);
+  const auto grads_seen = layouts.follow(grads_in);
+  TensorList params = layouts.params(), grads = grads_seen, exp_avgs = layouts.written(0),
+             exp_avg_sqs = layouts.written(1);
 
   Workspace::Lease lease(Workspace::of(params[0].device()));
   for (size_t i = 0; i < params.size(); ++i) {
@@ -54,6 +61,7 @@ void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
       });
     });
   }
+  layouts.write_back();
 }
 
 }  // namespace memopt

@@ -5,6 +5,7 @@
 #include "memopt/apollo.h"
 
 #include "apollo_tiles.h"
+#include "memopt/layout.h"
 
 namespace memopt {
 
@@ -114,9 +115,12 @@ void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
         svd_ready[i] = at::empty(proj.proj_shape(), projs[i].options());
         proj.svd_(svd_ready[i], grads[i]);
       }
+  // R's channels are logical rows/columns: a non-contiguous weight (a transposed matrix, a view
+  // with gaps) is updated staged in logical order (memopt/layout.h).
+  ParamLayouts layouts(params, {}, logical_order_only);
   Workspace::Lease lease(Workspace::of(params[0].device()));
   for (size_t i = 0; i < params.size(); ++i) {
-    const Tensor &p = params[i], &m = exp_avgs[i];
+    const Tensor &p = layouts.params()[i], &m = exp_avgs[i];
     const apollo_cpu::TilePlan tp(p.sizes(), p.sizes(), p.scalar_type(), cfg, stored);
     lease.reserve(cpu::staging_bytes(grads[i]) + tp.bytes());
     const Tensor* P = stored ? &projs[i] : nullptr;
@@ -128,6 +132,7 @@ void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                                               svd_ready[i].defined() ? &svd_ready[i] : nullptr);
     });
   }
+  layouts.write_back();
 }
 
 }  // namespace memopt

@@ -146,6 +146,7 @@ std::vector<int64_t> Apollo::exp_avg_sizes(const at::Tensor& p) const {
   return l.low_rank.empty() ? p.sizes().vec() : l.low_rank;
 }
 std::vector<int64_t> Apollo::exp_avg_sq_sizes(const at::Tensor& p) const { return exp_avg_sizes(p); }
+bool Apollo::moments_follow_param(const at::Tensor& p) const { return layout(p).low_rank.empty(); }
 
 void Apollo::init_extra_state(ApolloParamState& s, const at::Tensor& p) const {
   const auto& l = layout(p);

@@ -2,6 +2,7 @@
 // from their sum over the shard group. Every piece of math is apollo.cpp's (apollo_tiles.h);
 // only where R and the norms come from differs. See apollo.h for the statistics' layout.
 #include "apollo_tiles.h"
+#include "memopt/layout.h"
 
 namespace memopt {
 
@@ -158,7 +159,7 @@ void finish_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
   apply_update<P, C>(tp, cfg, p, g.data_ptr<P>(), fac, a, t, limit, lr, beta1, beta2, wd);
 }
 
-// Runs fn(tp, lease, i, ShardArgs) on every tensor with its dtype dispatch.
+// Runs fn(tp, lease, i, ShardArgs, parameter as the kernel sees it) on every tensor with its dtype dispatch.
 template <typename Fn>
 void for_each_shard(TensorList params, TensorList grads, TensorList projs, TensorList seeds,
                     at::IntArrayRef offsets, at::IntArrayRef global_sizes,
@@ -166,19 +167,23 @@ void for_each_shard(TensorList params, TensorList grads, TensorList projs, Tenso
                     bool commit, Fn&& fn) {
   if (params.empty()) return;
   const bool stored = !projs.empty();
+  // R's channels are logical rows/columns: a non-contiguous weight is updated staged in logical
+  // order (memopt/layout.h); the stats op reads only the gradient, so it stages nothing.
+  ParamLayouts layouts(commit ? params : TensorList(), {}, logical_order_only);
   Workspace::Lease lease(Workspace::of(params[0].device()));
   double* st = stats.data_ptr<double>();
   for (size_t i = 0; i < params.size(); ++i) {
-    const Tensor& p = params[i];
+    const Tensor& p = commit ? layouts.params()[i] : params[i];
     const auto global = apollo_shard_global_shape(p, shard_dims[i], global_sizes[i]);
     const TilePlan tp(global, p.sizes(), p.scalar_type(), cfg, stored, commit);
     lease.reserve(cpu::staging_bytes(grads[i]) + tp.bytes());
     const bool sums_r = apollo_shard_sums_r(tp.proj, shard_dims[i]);
     const ShardArgs sa{stored ? &projs[i] : nullptr, seeds.empty() ? nullptr : &seeds[i],
                        sums_r ? offsets[i] : 0, sums_r, st};
-    fn(tp, lease, i, sa);
+    fn(tp, lease, i, sa, p);
     st += apollo_shard_stats_numel(global, cfg, shard_dims[i]);
   }
+  layouts.write_back();
 }
 
 }  // namespace
@@ -193,8 +198,8 @@ void apollo_shard_stats_(TensorList params, TensorList grads, TensorList exp_avg
                             steps, offsets, global_sizes, shard_dims, stats, cfg);
   check_adam_hparams(0.0, beta1, beta2, eps, 0.0);
   for_each_shard(params, grads, projs, seeds, offsets, global_sizes, shard_dims, stats, cfg, false,
-                 [&](const TilePlan& tp, Workspace::Lease& lease, size_t i, const ShardArgs& sa) {
-    const Tensor& p = params[i];
+                 [&](const TilePlan& tp, Workspace::Lease& lease, size_t i, const ShardArgs& sa,
+                     const Tensor& p) {
     MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), exp_avgs[i].scalar_type(), "apollo_shard_stats_", [&] {
       stats_one<scalar_t, state_t, opmath_t>(tp, cfg, lease, p, grads[i], exp_avgs[i],
                                              exp_avg_sqs[i], steps[i], sa, beta1, beta2, eps);
@@ -213,8 +218,8 @@ void apollo_shard_update_(TensorList params, TensorList grads, TensorList exp_av
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   for_each_shard(params, grads, projs, seeds, offsets, global_sizes, shard_dims, stats, cfg, true,
-                 [&](const TilePlan& tp, Workspace::Lease& lease, size_t i, const ShardArgs& sa) {
-    const Tensor& p = params[i];
+                 [&](const TilePlan& tp, Workspace::Lease& lease, size_t i, const ShardArgs& sa,
+                     const Tensor& p) {
     MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), exp_avgs[i].scalar_type(), "apollo_shard_update_", [&] {
       finish_one<scalar_t, state_t, opmath_t>(tp, cfg, lease, p, grads[i], exp_avgs[i],
                                               exp_avg_sqs[i], limiter_norms[i], steps[i], sa, lr,

@@ -3,17 +3,27 @@
 
 #include <map>
 #include <memory>
+#include <tuple>
 
 namespace memopt {
 
-Workspace& Workspace::of(const c10::Device& device) {
+namespace {
+Workspace* registered(const c10::Device& device, int kind, Workspace* (*make)(c10::Device)) {
   static std::mutex registry_mutex;
-  static std::map<std::pair<int, int>, std::unique_ptr<Workspace>> registry;
+  static std::map<std::tuple<int, int, int>, std::unique_ptr<Workspace>> registry;
   std::lock_guard<std::mutex> lock(registry_mutex);
-  auto key = std::make_pair(static_cast<int>(device.type()), static_cast<int>(device.index()));
-  auto& slot = registry[key];
-  if (!slot) slot.reset(new Workspace(device));
-  return *slot;
+  auto& slot = registry[{static_cast<int>(device.type()), static_cast<int>(device.index()), kind}];
+  if (!slot) slot.reset(make(device));
+  return slot.get();
+}
+}  // namespace
+
+Workspace& Workspace::of(const c10::Device& device) {
+  return *registered(device, 0, [](c10::Device d) { return new Workspace(d); });
+}
+
+Workspace& Workspace::staging_of(const c10::Device& device) {
+  return *registered(device, 1, [](c10::Device d) { return new Workspace(d); });
 }
 
 void Workspace::release() {

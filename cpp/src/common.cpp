@@ -1,5 +1,6 @@
 // Input validation shared by every op: runs before any tensor is written.
 #include "memopt/common.h"
+#include "memopt/layout.h"
 
 namespace memopt {
 
@@ -33,7 +34,8 @@ void check_update_lists(const char* op, TensorList params, TensorList grads, Ten
     const Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &s = steps[i];
     TORCH_CHECK_TYPE(supported_float(p.scalar_type()), op, ": parameter ", i, " has dtype ",
                      p.scalar_type(), "; only float32, bfloat16, float16 and float64 are supported");
-    TORCH_CHECK_VALUE(p.is_contiguous(), op, ": parameter ", i, " must be contiguous");
+    // Any non-overlapping layout (memopt/layout.h decides how the kernels see it).
+    check_param_layout(std::string(op) + ": parameter " + std::to_string(i), p);
     TORCH_CHECK_VALUE(g.layout() == at::kStrided, op, ": gradient ", i,
                       " is sparse; memopt optimizers support dense gradients only");
     TORCH_CHECK_TYPE(!g.is_complex(), op, ": gradient ", i,
@@ -42,9 +44,9 @@ void check_update_lists(const char* op, TensorList params, TensorList grads, Ten
                      g.scalar_type(), " but its parameter has ", p.scalar_type());
     TORCH_CHECK_VALUE(g.sizes() == p.sizes(), op, ": gradient ", i, " has shape ", g.sizes(),
                       " but its parameter has ", p.sizes());
-    TORCH_CHECK_VALUE(m.sizes() == p.sizes() && m.is_contiguous(), op, ": exp_avg ", i,
-                      " must be contiguous with the parameter's shape ", p.sizes(), ", got ",
-                      m.sizes());
+    TORCH_CHECK_VALUE(m.sizes() == p.sizes(), op, ": exp_avg ", i,
+                      " must have the parameter's shape ", p.sizes(), ", got ", m.sizes());
+    check_param_layout(std::string(op) + ": exp_avg " + std::to_string(i), m);
     TORCH_CHECK_TYPE(m.scalar_type() == p.scalar_type() || m.scalar_type() == at::kFloat, op,
                      ": exp_avg ", i, " has dtype ", m.scalar_type(),
                      "; state must be float32 or the parameter dtype ", p.scalar_type());

@@ -57,7 +57,7 @@ void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avg
     const auto mode = static_cast<FrugalMode>(modes[i]);
     TORCH_CHECK_TYPE(supported_float(p.scalar_type()), what, ": parameter dtype ", p.scalar_type(),
                      " is not supported; use float32, bfloat16, float16 or float64");
-    TORCH_CHECK_VALUE(p.is_contiguous(), what, ": parameter must be contiguous");
+    check_param_layout(what + ": parameter", p);  // any non-overlapping layout (layout.h)
     TORCH_CHECK_VALUE(g.layout() == at::kStrided, what,
                       ": gradient is sparse; memopt optimizers support dense gradients only");
     TORCH_CHECK_TYPE(!g.is_complex(), what,
@@ -91,10 +91,15 @@ void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avg
                        ": projection must have the parameter's dtype and device");
     }
     const auto shape = moment_shape(mode, p, sub);
+    // State shaped like the parameter (Adam, active blocks) may take any layout, as p may.
+    const bool param_shaped = m.sizes() == p.sizes();
     TORCH_CHECK_VALUE(m.sizes() == at::IntArrayRef(shape) && v.sizes() == m.sizes() &&
-                          m.is_contiguous() && v.is_contiguous(),
-                      what, ": exp_avg and exp_avg_sq must be contiguous of shape ",
-                      at::IntArrayRef(shape), ", got ", m.sizes(), " and ", v.sizes());
+                          (param_shaped || (m.is_contiguous() && v.is_contiguous())),
+                      what, ": exp_avg and exp_avg_sq must be ",
+                      param_shaped ? "" : "contiguous ", "of shape ", at::IntArrayRef(shape),
+                      ", got ", m.sizes(), " and ", v.sizes());
+    check_param_layout(what + ": exp_avg", m);
+    check_param_layout(what + ": exp_avg_sq", v);
     TORCH_CHECK_TYPE((m.scalar_type() == p.scalar_type() || m.scalar_type() == at::kFloat) &&
                          v.scalar_type() == m.scalar_type() && m.device() == p.device() &&
                          v.device() == p.device(),
@@ -168,14 +173,18 @@ void split_span(P* p, const P* g, S* m, S* v, const int32_t* idx, int64_t k, int
 }  // namespace
 
 // frugal_update_'s loop (frugal_impl.h), also the finish of frugal_shard_update_.
-void frugal_update_loop(TensorList params, TensorList grads, TensorList exp_avgs,
-                        TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList exp_avgs_in,
+                        TensorList exp_avg_sqs_in, TensorList steps, TensorList subspaces,
                         at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
                         double weight_decay, double proj_lr_scale, double free_lr_scale,
                         int64_t rule, const Tensor* left_stats) {
-  if (params.empty()) return;
-  TORCH_CHECK(params[0].device().is_cpu(), "frugal_update_: no kernel for device ",
-              params[0].device(), " in this build");
+  if (params_in.empty()) return;
+  TORCH_CHECK(params_in[0].device().is_cpu(), "frugal_update_: no kernel for device ",
+              params_in[0].device(), " in this build");
+  ParamLayouts layouts(params_in, {exp_avgs_in, exp_avg_sqs_in}, frugal_order_free(modes));
+  const auto grads_seen = layouts.follow(grads_in);
+  TensorList params = layouts.params(), grads = grads_seen, exp_avgs = layouts.written(0),
+             exp_avg_sqs = layouts.written(1);
   const double lr_free = lr * proj_lr_scale * free_lr_scale;
 
   Workspace::Lease lease(Workspace::of(params[0].device()));
@@ -258,6 +267,16 @@ void frugal_update_loop(TensorList params, TensorList grads, TensorList exp_avgs
       }
     });
   }
+  layouts.write_back();
+}
+
+OrderFreeWithin frugal_order_free(at::IntArrayRef modes) {
+  std::vector<int64_t> kept(modes.begin(), modes.end());
+  return [kept](size_t i, int64_t run) {
+    const auto mode = static_cast<FrugalMode>(kept[i]);
+    return run <= 1 || mode == FrugalMode::Adam || mode == FrugalMode::ActiveBlock ||
+           mode == FrugalMode::FreeBlock;
+  };
 }
 
 void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,

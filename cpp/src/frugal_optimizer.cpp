@@ -259,8 +259,8 @@ torch::Tensor Frugal::step(LossClosure closure) {
       const auto sizes = moment_sizes(p, sel);
       auto s = std::make_unique<FrugalParamState>();
       s->step(torch::zeros({}, torch::kFloat));
-      s->exp_avg(torch::zeros(sizes, p.options()));
-      s->exp_avg_sq(torch::zeros(sizes, p.options()));
+      s->exp_avg(state_zeros(sizes, p, p.options()));  // p's layout if shaped like p
+      s->exp_avg_sq(state_zeros(sizes, p, p.options()));
       if (reselected) s->subspace(sub->second.to(p.device()));
       fresh[key] = std::move(s);
     }

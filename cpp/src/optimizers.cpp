@@ -9,6 +9,7 @@
 
 #include "memopt/adamw.h"
 #include "memopt/common.h"
+#include "memopt/layout.h"
 #include "memopt/frugal_optimizer.h"
 #include "memopt/nonfinite.h"
 
@@ -153,8 +154,10 @@ torch::Tensor AdamFamily<Options, State>::step(LossClosure closure) {
       if (state == nullptr) {
         auto created = std::make_unique<State>();
         created->step(torch::zeros({}, torch::kFloat));
-        created->exp_avg(torch::zeros(exp_avg_sizes(p), p.options()));
-        created->exp_avg_sq(torch::zeros(exp_avg_sq_sizes(p), p.options()));
+        // Elementwise moments in p's layout (memopt/layout.h): a dense p steps without staging.
+        const at::Tensor& like = moments_follow_param(p) ? p : at::Tensor();
+        created->exp_avg(state_zeros(exp_avg_sizes(p), like, p.options()));
+        created->exp_avg_sq(state_zeros(exp_avg_sq_sizes(p), like, p.options()));
         init_extra_state(*created, p);
         state = created.get();
         fresh[i].emplace_back(key, std::move(created));
@@ -222,8 +225,11 @@ void AdamFamily<Options, State>::check_loaded_state(State& s, const at::Tensor& 
                    param.scalar_type());
   // The archive loads onto the CPU; state lives with its parameter.
   s.step(s.step().to(at::kCPU).reshape({}));
-  s.exp_avg(s.exp_avg().to(param.device()).contiguous());
-  s.exp_avg_sq(s.exp_avg_sq().to(param.device()).contiguous());
+  // Copied into the parameter's layout (a contiguous checkpoint into a channels_last model).
+  const at::Tensor& like = moments_follow_param(param) ? param : at::Tensor();
+  s.exp_avg(state_like_param(s.exp_avg(), like, s.exp_avg().options().device(param.device())));
+  s.exp_avg_sq(
+      state_like_param(s.exp_avg_sq(), like, s.exp_avg_sq().options().device(param.device())));
   check_extra_state(s, param, where());
 }
 

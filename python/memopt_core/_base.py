@@ -35,6 +35,15 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _in_param_layout(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """State shaped like a dense non-contiguous parameter (channels_last, transposed) takes its
+    strides, so the ops step both in one memory order without staging (cpp/include/memopt/
+    layout.h decides, _C.state_strides); anything else stays as allocated (contiguous)."""
+    if state.shape != p.shape or p.is_contiguous():
+        return state
+    return state.as_strided(state.shape, _C.state_strides(list(state.shape), p))
+
+
 class MemoptOptimizer(torch.optim.Optimizer):
     """Base class. Subclasses define `_state_shapes(p)` (name -> shape of each state tensor but
     'step') and `_op_call(group, params, grads, states)` -> (op, check, args): the fused torch op,
@@ -248,6 +257,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 views = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
             for (p, key, shape), view in zip(items, views):
                 layout = self._shard_layout(p) if key != "step" and len(shape) else None
+                if layout is None and key != "step" and self._state_follows_param(p, key):
+                    view = _in_param_layout(view, p)
                 sharded = layout is not None and self._state_sharded(p, key, shape)
                 if (p, key) in values:
                     value = values[(p, key)]
@@ -279,6 +290,12 @@ class MemoptOptimizer(torch.optim.Optimizer):
         """Capability hook: whether `p` holds optimizer state once it has had a gradient. False
         for tensors updated without any state (FRUGAL's inactive blocks); the contract tests
         expect state exactly for the tensors where this is True."""
+        return True
+
+    def _state_follows_param(self, p: torch.Tensor, key: str) -> bool:
+        """Capability hook: whether state `key` is elementwise with `p` (then, shaped like a
+        dense `p`, it takes p's layout). False for state that only happens to share p's shape
+        (APOLLO's projected moments)."""
         return True
 
     def _state_dtype(self, p: torch.Tensor, key: str) -> torch.dtype:

@@ -145,6 +145,9 @@ class Apollo(MemoptOptimizer):
     def _projector(self, p, group):
         return _C.Projector(group["proj"], group["proj_type"], int(group["rank"]), list(p.shape))
 
+    def _state_follows_param(self, p, key):
+        return self._group_of(p).get("rank") is None  # projected moments stay contiguous
+
     def _state_shapes(self, p):
         group = self._group_of(p)
         if group.get("rank") is None:

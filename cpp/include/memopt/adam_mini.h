@@ -2,6 +2,7 @@
 #pragma once
 
 #include "memopt/common.h"
+#include "memopt/layout.h"
 #include "memopt/partition.h"
 
 namespace memopt {
@@ -39,5 +40,30 @@ void check_adam_mini_shard_inputs(TensorList params, TensorList grads, TensorLis
                                   TensorList exp_avg_sqs, TensorList steps,
                                   const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
                                   const Tensor& sums);
+
+// How the Adam-mini kernels (adam_mini_, the shard ops; CPU and CUDA) see a non-contiguous
+// parameter (memopt/layout.h): a dense one is stepped in its memory order, without a copy, when
+// every block is a union of whole runs (per-output-channel blocks of a channels_last conv weight,
+// one block per tensor); with elementwise blocks (plain Adam: SlimAdam's uncompressed tensors)
+// also in memory order, its 1-D v (kept in logical order, as checkpoints and second_moment()
+// expose it) staged in that order, a state-sized copy. Anything else (blocks that cut a run,
+// e.g. per-row blocks of a transposed weight; gapped views) is staged. shards: the shard ops'
+// [lo, numel] pairs (a shard's runs must start on a run of the full tensor), empty for adam_mini_.
+class AdamMiniLayouts {
+ public:
+  AdamMiniLayouts(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
+                  const std::vector<BlockSpec>& specs, at::IntArrayRef shards = {},
+                  bool params_written = true);
+  const std::vector<Tensor>& params() const { return layouts_.params(); }
+  const std::vector<Tensor>& exp_avgs() const { return layouts_.written(0); }
+  const std::vector<Tensor>& exp_avg_sqs() const { return v_seen_; }
+  std::vector<Tensor> follow(TensorList grads) const { return layouts_.follow(grads); }
+  void write_back() { layouts_.write_back(); }
+
+ private:
+  std::vector<Tensor> v_as_params_;  // elementwise tensors' v viewed as the parameter
+  ParamLayouts layouts_;
+  std::vector<Tensor> v_seen_;
+};
 
 }  // namespace memopt

@@ -10,6 +10,9 @@ namespace memopt {
 //            p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
 //   kApollo: the same m, v; p -= lr*sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps); p *= 1 - lr*wd
 // params/grads/exp_avgs/exp_avg_sqs are parallel lists; steps are 0-dim float32 CPU tensors.
+// Layouts (memopt/layout.h): elementwise, so any dense parameter (channels_last, transposed, ...)
+// is stepped in its memory order without a copy; a view with gaps is staged; overlapping
+// parameters raise ValueError.
 void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                    TensorList exp_avg_sqs, TensorList steps, const Tensor& lr, double beta1,
                    double beta2, double eps, double weight_decay,

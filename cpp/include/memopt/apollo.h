@@ -41,6 +41,9 @@ ApolloConfig make_apollo_config(int64_t rank, c10::string_view proj, c10::string
 // R, its Adam step and all norms are computed tile by tile in workspace scratch (at most
 // apollo_tile_elements() values of R at a time); U is never formed: ||U|| follows from the
 // per-channel factors and gradient norms, and the last pass writes p directly.
+// Layouts (memopt/layout.h): R's channels are logical rows or columns, so a non-contiguous
+// weight (transposed, or a view with gaps) is staged in logical order through the staging
+// workspace (the weights APOLLO projects are 2-D; conv weights take the AdamW op, copy-free).
 // projs: the stored P per tensor, or empty (regenerated from seeds each step; random only).
 // seeds: int64 one-element CPU tensors (random only, else empty): the seed of the current P.
 // limiter_norms: float32 (float64 for float64 params) one-element CPU tensors; negative: no norm yet.

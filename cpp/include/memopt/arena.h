@@ -14,6 +14,9 @@ class Workspace {
  public:
   // The process-wide workspace of a device.
   static Workspace& of(const c10::Device& device);
+  // A second one per device for parameters staged around a whole kernel call (memopt/layout.h),
+  // held while the kernel carves the first.
+  static Workspace& staging_of(const c10::Device& device);
 
   // Exclusive use of the workspace for one kernel call (kernels may run from several threads).
   class Lease {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "memopt/common.h"
+#include "memopt/layout.h"
 
 namespace memopt {
 
@@ -36,6 +37,12 @@ void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                     at::IntArrayRef modes, const Tensor& lr, double beta1, double beta2,
                     double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
                     int64_t rule);
+
+// How the FRUGAL kernels (CPU and CUDA, whole and row-sharded) see a non-contiguous parameter
+// (memopt/layout.h): Adam, active and free blocks are elementwise, so any dense layout is
+// stepped in its memory order without a copy; the column, row, randk and projection modes index
+// logical rows, columns or coordinates, so a non-contiguous weight there is staged.
+OrderFreeWithin frugal_order_free(at::IntArrayRef modes);
 
 // Everything frugal_update_ checks before it writes. `read_data` also checks index contents
 // (sorted, in range), which needs host-readable tensors (not on Meta).

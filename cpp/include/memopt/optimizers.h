@@ -169,6 +169,9 @@ class AdamFamily : public torch::optim::Optimizer {
     return param.sizes().vec();
   }
   virtual std::vector<int64_t> exp_avg_sq_sizes(const at::Tensor& param) const = 0;
+  // Whether the moments are elementwise with the parameter, and so take its layout
+  // (memopt/layout.h); false for APOLLO's projected moments, whatever their shape.
+  virtual bool moments_follow_param(const at::Tensor&) const { return true; }
   // State beyond step and the moments: set for new state, validated (and moved to the
   // parameter's device) for loaded state.
   virtual void init_extra_state(State&, const at::Tensor&) const {}
@@ -263,6 +266,7 @@ class Apollo : public AdamFamily<ApolloOptions, ApolloParamState> {
   void adopt_params(const std::vector<at::Tensor>& params, const ApolloOptions& options) override;
   std::vector<int64_t> exp_avg_sizes(const at::Tensor& param) const override;
   std::vector<int64_t> exp_avg_sq_sizes(const at::Tensor& param) const override;
+  bool moments_follow_param(const at::Tensor& param) const override;
   void init_extra_state(ApolloParamState& state, const at::Tensor& param) const override;
   void check_extra_state(ApolloParamState& state, const at::Tensor& param,
                          const std::string& where) const override;

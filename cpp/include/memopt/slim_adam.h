@@ -7,6 +7,7 @@
 // and sqrt(v/(1-b2^t)) = sqrt(v)/sqrt(1-b2^t), which is adam_mini_update_'s denominator. So
 // SlimAdam runs on memopt::adam_mini_update_ (torch.ops.memopt.adam_mini_); this file only cuts
 // "mean over dims K" into that kernel's blocks (one block per slice of the kept dims).
+// Non-contiguous parameters take adam_mini_update_'s paths (AdamMiniLayouts, adam_mini.h).
 #pragma once
 
 #include <optional>

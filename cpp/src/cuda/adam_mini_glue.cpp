@@ -130,7 +130,7 @@ void* at_element(const Tensor& t, int64_t i) {
   return static_cast<char*>(t.data_ptr()) + i * static_cast<int64_t>(t.element_size());
 }
 
-void adam_mini_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
+void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor& lr_t, double beta1, double beta2, double eps,
                     double weight_decay) {
@@ -214,6 +214,20 @@ void adam_mini_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
         },
         [&](const AdamWParams& launch) { return launch_adamw(launch, stream); });
   }
+}
+
+// Validation on the caller's tensors, then the kernels on the tensors memopt/layout.h presents
+// (a non-contiguous parameter in its memory order, or staged), and the staged ones copied back.
+void adam_mini_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
+                    TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                    const Tensor& lr, double beta1, double beta2, double eps,
+                    double weight_decay) {
+  const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
+  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
+  AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs);
+  adam_mini_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),
+                    layouts.exp_avg_sqs(), steps, blocks, lr, beta1, beta2, eps, weight_decay);
+  layouts.write_back();
 }
 
 }  // namespace

@@ -30,7 +30,7 @@ Tensor of_tiles(const Tensor& per_block, const ShardPiece& pc, bool broadcast) {
                               {pc.band_blocks, 0, 1, 0}, off);
 }
 
-void block_sums_cuda(TensorList grads, at::IntArrayRef blocks, at::IntArrayRef shards,
+void block_sums_kernels(TensorList grads, at::IntArrayRef blocks, at::IntArrayRef shards,
                      const Tensor& sums) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(grads.size()));
   check_adam_mini_block_sums_inputs(grads, specs, shards, sums);
@@ -50,7 +50,7 @@ void block_sums_cuda(TensorList grads, at::IntArrayRef blocks, at::IntArrayRef s
   }
 }
 
-void shard_update_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
+void shard_update_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                        TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                        at::IntArrayRef shards, const Tensor& sums, const Tensor& lr_t, double beta1,
                        double beta2, double eps, double weight_decay) {
@@ -90,6 +90,30 @@ void shard_update_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
     }
     base += num_blocks(specs[i]);
   }
+}
+
+// Validation on the caller's tensors, then the kernels on the tensors memopt/layout.h presents
+// (a non-contiguous parameter in its memory order, or staged), and the staged ones copied back.
+void block_sums_cuda(TensorList grads, at::IntArrayRef blocks, at::IntArrayRef shards,
+                     const Tensor& sums) {
+  const auto specs = decode_block_specs(blocks, static_cast<int64_t>(grads.size()));
+  check_adam_mini_block_sums_inputs(grads, specs, shards, sums);
+  // Summed in the memory order shard_update_cuda steps the parameter in (read only).
+  AdamMiniLayouts layouts(grads, {}, {}, specs, shards, /*params_written=*/false);
+  block_sums_kernels(layouts.params(), blocks, shards, sums);
+}
+
+void shard_update_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
+                       TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                       at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
+                       double beta1, double beta2, double eps, double weight_decay) {
+  const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
+  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
+  AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs, shards);
+  shard_update_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),
+                       layouts.exp_avg_sqs(), steps, blocks, shards, sums, lr, beta1, beta2, eps,
+                       weight_decay);
+  layouts.write_back();
 }
 
 }  // namespace

@@ -10,7 +10,7 @@ namespace {
 
 constexpr int64_t kChunk = 65536;
 
-void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr_t, double beta1, double beta2, double eps,
                 double weight_decay, c10::string_view rule_name) {
   const AdamWRule rule = parse_adamw_rule(rule_name);
@@ -47,6 +47,18 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
         },
         [&](const AdamWParams& launch) { return launch_adamw(launch, stream); });
   }
+}
+
+// Validation on the caller's tensors, then the kernels on the tensors memopt/layout.h presents
+// (a non-contiguous parameter in its memory order, or staged), and the staged ones copied back.
+void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
+                double weight_decay, c10::string_view rule) {
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
+  ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, any_order);
+  adamw_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),
+                steps, lr, beta1, beta2, eps, weight_decay, rule);
+  layouts.write_back();
 }
 
 }  // namespace

@@ -91,7 +91,7 @@ void project(Tensor R, const Tensor& P, const Tensor& g, bool left) {
     R.copy_(at::mm(a.to(R.scalar_type()), b.to(R.scalar_type())));
 }
 
-void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,
                  const Tensor& lr_t, double beta1, double beta2, double eps, double weight_decay,
                  int64_t rank, c10::string_view proj, c10::string_view proj_type,
@@ -249,6 +249,25 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
         },
         [&](const ApolloUpdateParams& launch) { return launch_apollo_update(launch, stream); });
   }
+}
+
+// Validation on the caller's tensors, then the kernels on the tensors memopt/layout.h presents
+// (a non-contiguous parameter in its memory order, or staged), and the staged ones copied back.
+void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                 TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,
+                 const Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
+                 int64_t rank, c10::string_view proj, c10::string_view proj_type,
+                 c10::string_view scale_type, int64_t update_proj_gap, double scale,
+                 double norm_growth_limit, bool scale_front) {
+  check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
+                      make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
+                                         scale, norm_growth_limit, scale_front));
+  // R's channels are logical rows/columns: a non-contiguous weight is staged in logical order.
+  ParamLayouts layouts(params, {}, logical_order_only);
+  apollo_kernels(layouts.params(), grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
+                 steps, lr, beta1, beta2, eps, weight_decay, rank, proj, proj_type, scale_type,
+                 update_proj_gap, scale, norm_growth_limit, scale_front);
+  layouts.write_back();
 }
 
 }  // namespace

@@ -200,7 +200,7 @@ void apply_update(const Tensor& p, const Tensor& g, const Tensor& coef, double l
   }
 }
 
-void update_cuda(MEMOPT_APOLLO_SHARD_ARGS) {
+void update_kernels(MEMOPT_APOLLO_SHARD_ARGS) {
   const ApolloConfig cfg = MEMOPT_APOLLO_SHARD_CONFIG;
   const double lr_value = read_lr(lr);
   check_adam_hparams(lr_value, beta1, beta2, eps, weight_decay);
@@ -238,6 +238,21 @@ void update_cuda(MEMOPT_APOLLO_SHARD_ARGS) {
     if (cfg.channel) coef = left ? coef.view({1, K}) : coef.view({K, 1});
     apply_update(p, g, coef, lr_value * weight_decay);
   });
+}
+
+// Validation on the caller's tensors, then the kernels on the tensors memopt/layout.h presents
+// (a non-contiguous parameter in its memory order, or staged), and the staged ones copied back.
+void update_cuda(MEMOPT_APOLLO_SHARD_ARGS) {
+  check_apollo_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
+                            steps, offsets, global_sizes, shard_dims, stats,
+                            MEMOPT_APOLLO_SHARD_CONFIG);
+  // R's channels are logical rows/columns: a non-contiguous weight is staged in logical order.
+  ParamLayouts layouts(params, {}, logical_order_only);
+  update_kernels(layouts.params(), grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
+                 steps, offsets, global_sizes, shard_dims, stats, lr, beta1, beta2, eps,
+                 weight_decay, rank, proj, proj_type, scale_type, update_proj_gap, scale,
+                 norm_growth_limit, scale_front);
+  layouts.write_back();
 }
 
 }  // namespace

@@ -259,10 +259,12 @@ void projected_update(const Call& c, int64_t i, const ProjShape& sh, const Tenso
 
 }  // namespace
 
-void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
-                double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
-                double free_lr_scale, int64_t rule, const Tensor* left_stats) {
+namespace {
+void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
+                    TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
+                    at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, double proj_lr_scale, double free_lr_scale, int64_t rule,
+                    const Tensor* left_stats) {
   if (params.empty()) return;
   check_cuda_inputs(params, subspaces, modes);
   const c10::DeviceGuard guard(params[0].device());
@@ -322,6 +324,21 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
     projected_update(c, i, shapes[i], pcs[i], scratch[fp64][0], scratch[fp64][1],
                      summed.defined() ? &summed : nullptr);
   }
+}
+
+}  // namespace
+
+// The kernels on the tensors memopt/layout.h presents (frugal_order_free: elementwise modes in
+// memory order, the others staged), then the staged ones copied back.
+void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
+                double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
+                double free_lr_scale, int64_t rule, const Tensor* left_stats) {
+  ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, frugal_order_free(modes));
+  frugal_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),
+                 steps, subspaces, modes, lr, beta1, beta2, eps, weight_decay, proj_lr_scale,
+                 free_lr_scale, rule, left_stats);
+  layouts.write_back();
 }
 
 namespace {

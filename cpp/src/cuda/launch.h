@@ -7,6 +7,7 @@
 
 #include "memopt/common.h"
 #include "memopt/kernel_params.h"
+#include "memopt/layout.h"
 
 namespace memopt::cuda {
 
