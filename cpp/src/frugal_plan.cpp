@@ -1,0 +1,346 @@
+// memopt::FrugalPlan (frugal_plan.h): FRUGAL's decisions for both front ends, in upstream's
+// order of random draws (proj_optimizer_templates.py), so that the Python and LibTorch
+// optimizers and a resumed run make the same choices.
+#include "memopt/frugal_plan.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <sstream>
+
+namespace memopt {
+
+namespace {
+
+const std::vector<std::string> kSelections = {"block", "columns", "rows", "randk",
+                                              "svd", "random", "randperm"};
+
+bool contains(const std::vector<int64_t>& v, int64_t x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+bool is_index_mode(FrugalMode m) {
+  return m == FrugalMode::Columns || m == FrugalMode::Rows || m == FrugalMode::RandK;
+}
+
+// A saved value as Python's repr() writes it, so that messages read the same from both front
+// ends (and "density=1.0" is not "density=1").
+std::string repr(const c10::IValue& v) {
+  if (v.isNone()) return "None";
+  if (v.isBool()) return v.toBool() ? "True" : "False";
+  if (v.isInt()) return std::to_string(v.toInt());
+  if (v.isString()) return "'" + v.toStringRef() + "'";
+  if (v.isTensor()) return "a tensor of shape " + c10::str(v.toTensor().sizes());
+  if (v.isDouble()) {  // the shortest text that reads back as the same double
+    const double d = v.toDouble();
+    if (!std::isfinite(d)) return std::isnan(d) ? "nan" : d > 0 ? "inf" : "-inf";
+    char buf[32];
+    for (int digits = 1; digits <= 17; ++digits) {
+      std::snprintf(buf, sizeof(buf), "%.*g", digits, d);
+      if (std::strtod(buf, nullptr) == d) break;
+    }
+    std::string s = buf;
+    return s.find_first_of(".e") == std::string::npos ? s + ".0" : s;
+  }
+  if (v.isList()) {
+    std::string s = "[";
+    for (const auto& e : v.toListRef()) s += (s.size() > 1 ? ", " : "") + repr(e);
+    return s + "]";
+  }
+  return v.tagKind();
+}
+
+[[noreturn]] void damaged(const std::string& what) {
+  TORCH_CHECK_VALUE(false, "Frugal checkpoint: ", what, "; it was damaged or written by another "
+                    "configuration, so nothing was loaded");
+  __builtin_unreachable();
+}
+
+bool is_int(const c10::IValue& v, int64_t lo, std::optional<int64_t> hi = std::nullopt) {
+  return v.isInt() && v.toInt() >= lo && (!hi || v.toInt() < *hi);
+}
+
+// A list of ints, each in [lo, hi), unique unless `repeats`, of `length` entries if given.
+std::vector<int64_t> read_list(const std::string& key, const c10::IValue& v, int64_t lo,
+                               std::optional<int64_t> hi, bool repeats,
+                               std::optional<int64_t> length) {
+  if (!v.isList()) damaged(key + " must be a list, got " + v.tagKind());
+  std::vector<int64_t> out;
+  for (const auto& e : v.toListRef()) {
+    if (!is_int(e, lo, hi))
+      damaged(key + " holds an entry that is not a projectable tensor's (" + repr(v) + ")");
+    out.push_back(e.toInt());
+  }
+  auto sorted = out;
+  std::sort(sorted.begin(), sorted.end());
+  if (!repeats && std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+    damaged(key + " names a tensor twice (" + repr(v) + ")");
+  if (length && static_cast<int64_t>(out.size()) != *length)
+    damaged(key + " has " + std::to_string(out.size()) + " entries, this optimizer needs " +
+            std::to_string(*length));
+  return out;
+}
+
+}  // namespace
+
+bool frugal_projectable(const FrugalTensor& t, const FrugalConfig& c) {
+  const bool matrix = t.shape.size() == 2;
+  switch (t.role) {
+    case Role::Query: case Role::Key: case Role::Value: case Role::AttnOut:
+    case Role::FusedQKV: case Role::Mlp: return matrix;
+    case Role::Linear: return matrix && t.heads_unknown;
+    case Role::Embedding: return c.proj_embeds;
+    case Role::Norm: return c.proj_norms;
+    case Role::Output: return c.proj_logits;
+    default: return false;
+  }
+}
+
+FrugalPlan::FrugalPlan(const std::vector<FrugalTensor>& tensors, FrugalConfig config)
+    : config_(std::move(config)) {
+  const auto& c = config_;
+  TORCH_CHECK_VALUE(std::isfinite(c.density) && c.density >= 0.0 && c.density <= 1.0,
+                    "Frugal: density must be in [0, 1], got ", c.density);
+  TORCH_CHECK_VALUE(c.update_gap >= 1, "Frugal: update_gap must be a positive int, got ",
+                    c.update_gap);
+  TORCH_CHECK_VALUE(std::find(kSelections.begin(), kSelections.end(), c.selection) !=
+                        kSelections.end(), "Frugal: selection must be one of block, columns, "
+                    "rows, randk, svd, random, randperm; got '", c.selection, "'");
+  if (c.state_free == "none") rule_ = FrugalRule::None;
+  else if (c.state_free == "sgd") rule_ = FrugalRule::Sgd;
+  else TORCH_CHECK_VALUE(c.state_free == "sign_sgd", "Frugal: state_free must be 'sign_sgd', "
+                         "'sgd' or 'none' (None in Python), got '", c.state_free, "'");
+  block_ = c.selection == "block";
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!frugal_projectable(tensors[i], c)) continue;
+    projectable_.push_back(static_cast<int64_t>(i));
+    shapes_.push_back(tensors[i].shape);
+    geometry_.push_back(block_ ? Geometry{} : geometry(tensors[i]));
+  }
+  const int64_t n = num_projectable();
+  // from torch's global generator, so torch.manual_seed reproduces an unseeded optimizer
+  const int64_t seed = c.seed ? *c.seed
+                              : at::randint(0, int64_t{1} << 62, {1}, at::kLong).item<int64_t>();
+  selection_.rng = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed))
+                       .get_state();
+  selection_.cycle.assign(n, -1);
+  k_blocks_ = frugal_round(static_cast<double>(n) * c.density);
+  if (block_)  // chosen now, so that the layout (and describe(), planning) is known before a step
+    selection_.active = frugal_select_blocks(n, k_blocks_, c.block_order, selection_.cursor,
+                                             selection_.rng);
+}
+
+FrugalPlan::Geometry FrugalPlan::geometry(const FrugalTensor& t) const {
+  const auto& sel = config_.selection;
+  const double d = config_.density;
+  Geometry g;
+  if (sel == "randk") {
+    int64_t numel = 1;
+    for (int64_t s : t.shape) numel *= s;
+    g.total = numel;
+    g.k = static_cast<int64_t>(static_cast<double>(numel) * d);  // int(): toward zero
+    g.mode = FrugalMode::RandK;
+    g.moments = g.subspace = {g.k};
+  } else {
+    TORCH_CHECK_VALUE(t.shape.size() == 2, "Frugal: selection='", sel, "' needs 2-D projectable "
+                      "tensors; ", t.name, " has shape ", at::IntArrayRef(t.shape),
+                      " (use selection='block' or 'randk')");
+    const int64_t rows = t.shape[0], cols = t.shape[1];
+    if (sel == "columns" || sel == "rows") {
+      const bool by_cols = sel == "columns";
+      g.total = by_cols ? cols : rows;
+      g.k = static_cast<int64_t>(static_cast<double>(g.total) * d);
+      g.mode = by_cols ? FrugalMode::Columns : FrugalMode::Rows;
+      g.moments = by_cols ? std::vector<int64_t>{rows, g.k} : std::vector<int64_t>{g.k, cols};
+      g.subspace = {g.k};
+    } else {  // a projection on GaLore's 'std' side: compress the smaller dimension
+      const bool right = rows >= cols;
+      g.k = frugal_round(static_cast<double>(right ? cols : rows) * d);
+      g.mode = right ? FrugalMode::ProjRight : FrugalMode::ProjLeft;
+      g.moments = right ? std::vector<int64_t>{rows, g.k} : std::vector<int64_t>{g.k, cols};
+      g.subspace = right ? std::vector<int64_t>{g.k, cols} : std::vector<int64_t>{rows, g.k};
+    }
+  }
+  if (g.k == 0) g.mode = FrugalMode::FreeBlock;  // an empty subspace: state-free only
+  return g;
+}
+
+FrugalMode FrugalPlan::mode(int64_t j, const FrugalSelection& sel) const {
+  TORCH_CHECK_INDEX(j >= 0 && j < num_projectable(), "Frugal: no projectable tensor ", j);
+  if (!block_) return geometry_[j].mode;
+  return contains(sel.active, j) ? FrugalMode::ActiveBlock : FrugalMode::FreeBlock;
+}
+
+std::optional<std::vector<int64_t>> FrugalPlan::moment_shape(int64_t j, FrugalMode m) const {
+  if (m == FrugalMode::FreeBlock) return std::nullopt;
+  if (m == FrugalMode::ActiveBlock || m == FrugalMode::Adam) return shapes_.at(j);
+  return geometry_.at(j).moments;
+}
+
+std::optional<std::vector<int64_t>> FrugalPlan::subspace_shape(int64_t j, FrugalMode m) const {
+  if (m == FrugalMode::FreeBlock || m == FrugalMode::ActiveBlock || m == FrugalMode::Adam)
+    return std::nullopt;
+  return geometry_.at(j).subspace;
+}
+
+bool FrugalPlan::subspace_is_index(int64_t j) const {
+  return !block_ && is_index_mode(geometry_.at(j).mode);
+}
+
+FrugalStepDecision FrugalPlan::begin_step(const std::vector<int64_t>& with_grad,
+                                          const std::vector<int64_t>& holding,
+                                          const std::function<at::Tensor(int64_t)>& gradient) const {
+  const int64_t n = num_projectable();
+  auto flags = [n](const std::vector<int64_t>& js) {
+    std::vector<char> out(n, 0);
+    for (int64_t j : js) {
+      TORCH_CHECK_INDEX(j >= 0 && j < n, "Frugal: no projectable tensor ", j);
+      out[j] = 1;
+    }
+    return out;
+  };
+  const auto grad = flags(with_grad), holds = flags(holding);
+  FrugalStepDecision d;
+  d.selection = selection_;
+  d.selection.held.reset();
+  auto& s = d.selection;
+  d.subspaces.resize(n);
+  // counted in steps with at least one gradient; every update_gap steps a new cycle
+  const int64_t cycle = s.t / config_.update_gap;
+  if (block_ && cycle != s.block_cycle) {
+    s.active = frugal_select_blocks(n, k_blocks_, config_.block_order, s.cursor, s.rng);
+    s.block_cycle = cycle;
+  }
+  // Each tensor redraws at its first gradient of a cycle, in tensor order (upstream's draws).
+  for (int64_t j = 0; !block_ && j < n; ++j) {
+    if (!grad[j] || s.cycle[j] == cycle) continue;
+    s.cycle[j] = cycle;
+    const auto& g = geometry_[j];
+    if (g.mode == FrugalMode::FreeBlock) continue;
+    d.subspaces[j] = is_index_mode(g.mode)  // global shapes: every rank draws alike
+        ? frugal_select_indices(g.total, g.k, s.rng)
+        : frugal_projection(gradient(j), g.k, g.mode == FrugalMode::ProjRight,
+                            config_.selection, s.rng);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const FrugalMode m = mode(j, s);
+    const bool redrawn = d.subspaces[j].defined();
+    FrugalStateChange change = FrugalStateChange::Keep;
+    if (m == FrugalMode::FreeBlock)
+      change = holds[j] ? FrugalStateChange::Drop : FrugalStateChange::None;
+    else if (!holds[j])  // a block stays stateless until it has a gradient
+      change = grad[j] ? FrugalStateChange::Start : FrugalStateChange::None;
+    else if (redrawn)  // moments of the old subspace: restarted, or carried over unprojected
+      change = config_.reset_statistics ? FrugalStateChange::Start : FrugalStateChange::Carry;
+    TORCH_CHECK(change != FrugalStateChange::Start || redrawn || !subspace_shape(j, m),
+                "Frugal: projectable tensor ", j, " holds no state, yet its subspace of this "
+                "cycle was drawn (state loaded without its subspace?)");
+    d.modes.push_back(static_cast<int64_t>(m));
+    d.changes.push_back(static_cast<int64_t>(change));
+    d.repack |= change != FrugalStateChange::Keep && change != FrugalStateChange::None;
+  }
+  return d;
+}
+
+void FrugalPlan::commit(const FrugalStepDecision& decision) {
+  selection_ = decision.selection;
+  selection_.t += 1;
+}
+
+const std::vector<std::string>& FrugalPlan::saved_keys() {
+  static const std::vector<std::string> keys = {"t", "rng", "cursor", "active", "block_cycle",
+                                                "cycle", "selection", "num_projectable",
+                                                "density", "held"};
+  return keys;
+}
+
+FrugalSavedFields FrugalPlan::save(const std::vector<int64_t>& holding) const {
+  const auto& s = selection_;
+  auto held = holding;
+  std::sort(held.begin(), held.end());
+  return {{"t", s.t}, {"rng", s.rng.clone()}, {"cursor", s.cursor}, {"active", s.active},
+          {"block_cycle", s.block_cycle}, {"cycle", s.cycle}, {"selection", config_.selection},
+          {"num_projectable", num_projectable()}, {"density", config_.density}, {"held", held}};
+}
+
+FrugalSelection FrugalPlan::read(const FrugalSavedFields& saved) const {
+  auto find = [&](const std::string& key) -> const c10::IValue* {
+    for (const auto& [k, v] : saved)
+      if (k == key) return &v;
+    return nullptr;
+  };
+  const int64_t n = num_projectable();
+  const auto* sel = find("selection");
+  const auto* num = find("num_projectable");
+  TORCH_CHECK_VALUE(sel && sel->isString() && sel->toStringRef() == config_.selection && num &&
+                        num->isInt() && num->toInt() == n,
+                    "not a checkpoint of a Frugal optimizer with selection='", config_.selection,
+                    "' and ", n, " projectable tensors");
+  std::vector<std::string> missing;
+  for (const char* key : {"t", "cursor", "active", "block_cycle", "cycle", "rng"})
+    if (!find(key)) missing.push_back(key);
+  if (!missing.empty()) damaged("the selection lacks " + c10::Join(", ", missing));
+  const auto* density = find("density");  // checkpoints from before it was saved lack it
+  if (density && !((density->isDouble() || density->isInt()) &&
+                   density->toScalar().toDouble() == config_.density))
+    damaged("saved with density=" + repr(*density) + ", this optimizer has density=" +
+            repr(config_.density));
+  FrugalSelection out;
+  for (const char* key : {"t", "block_cycle"})
+    if (!is_int(*find(key), 0)) damaged(std::string(key) + " must be an int >= 0, got " + repr(*find(key)));
+  if (!is_int(*find("cursor"), -1, n))
+    damaged("cursor must be an int in [-1, " + std::to_string(n) + "), got " +
+            repr(*find("cursor")));
+  out.t = find("t")->toInt();
+  out.block_cycle = find("block_cycle")->toInt();
+  out.cursor = find("cursor")->toInt();
+  out.active = read_list("active", *find("active"), 0, n, false, block_ ? k_blocks_ : 0);
+  out.cycle = read_list("cycle", *find("cycle"), -1, std::nullopt, true, n);
+  const auto* held = find("held");
+  if (held && !held->isNone()) out.held = read_list("held", *held, 0, n, false, std::nullopt);
+  const auto& rng = *find("rng");
+  try {
+    TORCH_CHECK_VALUE(rng.isTensor(), "got ", repr(rng));
+    at::make_generator<at::CPUGeneratorImpl>().set_state(rng.toTensor());
+  } catch (const c10::Error& e) {
+    damaged(std::string("rng is not a torch generator state (") + e.what_without_backtrace() + ")");
+  }
+  out.rng = rng.toTensor().clone();
+  return out;
+}
+
+void FrugalPlan::adopt(FrugalSelection sel) {
+  sel.held.reset();
+  selection_ = std::move(sel);
+}
+
+std::optional<std::vector<int64_t>> FrugalPlan::holders(const FrugalSelection& sel,
+                                                        const std::vector<int64_t>& holding) const {
+  if (!block_) return std::nullopt;
+  std::vector<int64_t> out;
+  for (int64_t j = 0; j < num_projectable(); ++j)
+    if (mode(j, sel) != FrugalMode::FreeBlock && contains(sel.held ? *sel.held : holding, j))
+      out.push_back(j);
+  return out;
+}
+
+void FrugalPlan::check_loaded(int64_t j, const FrugalSelection& sel, bool has_state,
+                              const std::optional<std::vector<int64_t>>& subspace) const {
+  const FrugalMode m = mode(j, sel);
+  const at::IntArrayRef shape(shapes_[j]);
+  TORCH_CHECK_VALUE(!has_state || m != FrugalMode::FreeBlock, "loaded state has state for a "
+                    "tensor of shape ", shape, " that FRUGAL keeps state-free now");
+  TORCH_CHECK_VALUE(!sel.held || has_state == contains(*sel.held, j), "loaded state ",
+                    has_state ? "has" : "lacks", " the moments of a projectable ", shape,
+                    " tensor that the saved selection says it ",
+                    has_state ? "does not hold" : "holds", ": a DCP or flattened state dict was "
+                    "made with another selection's layout. Load with opt.load_checkpoint(model, "
+                    "path), or call opt.load_selection(sd) before get_optimizer_state_dict");
+  const auto expected = subspace_shape(j, m);
+  TORCH_CHECK_VALUE(!has_state || !expected || (subspace && *subspace == *expected),
+                    "loaded subspace of a ", shape, " tensor must have shape ",
+                    at::IntArrayRef(expected ? *expected : std::vector<int64_t>{}));
+}
+
+}  // namespace memopt
