@@ -237,7 +237,8 @@ def test_save_read_adopt_round_trip_and_old_formats():
 
 @pytest.mark.parametrize("key,value,match", [
     ("t", True, "t must be an int"), ("t", 1.0, "t must be an int"),
-    ("block_cycle", -1, "block_cycle must be"), ("cursor", 6, r"cursor must be an int in \[-1, 6\)"),
+    ("block_cycle", -1, "block_cycle must be"),
+    ("cursor", 6, r"cursor must be an int in \[-1, 6\)"),
     ("active", [0, 1.0, 2], "active holds"), ("active", "012", "active must be a list"),
     ("active", [0, 1], "active has 2 entries, this optimizer needs 3"),
     ("cycle", [0] * 5 + [-2], "cycle holds"), ("held", [6], "held holds"),

@@ -152,7 +152,9 @@ std::vector<int64_t> Frugal::exp_avg_sizes(const at::Tensor& p) const {
   if (!sizes) plan_.check_loaded(j, selection(), true, std::nullopt);  // raises: state-free
   return *sizes;
 }
-std::vector<int64_t> Frugal::exp_avg_sq_sizes(const at::Tensor& p) const { return exp_avg_sizes(p); }
+std::vector<int64_t> Frugal::exp_avg_sq_sizes(const at::Tensor& p) const {
+  return exp_avg_sizes(p);
+}
 
 void Frugal::check_extra_state(FrugalParamState& s, const at::Tensor& p, const std::string&) const {
   const int64_t j = block_of(p);

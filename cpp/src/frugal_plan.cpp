@@ -128,9 +128,9 @@ bool FrugalPlan::subspace_is_index(int64_t j) const {
   return !block_ && is_index_mode(geometry_.at(j).mode);
 }
 
-FrugalStepDecision FrugalPlan::begin_step(const std::vector<int64_t>& with_grad,
-                                          const std::vector<int64_t>& holding,
-                                          const std::function<at::Tensor(int64_t)>& gradient) const {
+FrugalStepDecision FrugalPlan::begin_step(
+    const std::vector<int64_t>& with_grad, const std::vector<int64_t>& holding,
+    const std::function<at::Tensor(int64_t)>& gradient) const {
   const int64_t n = num_projectable();
   auto flags = [n](const std::vector<int64_t>& js) {
     std::vector<char> out(n, 0);

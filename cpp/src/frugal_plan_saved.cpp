@@ -116,7 +116,8 @@ FrugalSelection FrugalPlan::read(const FrugalSavedFields& saved) const {
             repr(config_.density));
   FrugalSelection out;
   for (const char* key : {"t", "block_cycle"})
-    if (!is_int(*find(key), 0)) damaged(std::string(key) + " must be an int >= 0, got " + repr(*find(key)));
+    if (!is_int(*find(key), 0))
+      damaged(std::string(key) + " must be an int >= 0, got " + repr(*find(key)));
   if (!is_int(*find("cursor"), -1, n))
     damaged("cursor must be an int in [-1, " + std::to_string(n) + "), got " +
             repr(*find("cursor")));

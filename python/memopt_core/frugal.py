@@ -17,7 +17,6 @@ from .frugal_shard import FrugalShard
 from .frugal_state import FrugalCheckpoint, tensor_specs
 from .sources import need_names, resolve
 
-SELECTIONS = ("block", "columns", "rows", "randk", "svd", "random", "randperm")
 # FrugalMode (frugal.h) and FrugalStateChange (frugal_plan.h)
 _ADAM, _ACTIVE, _FREE, _COLUMNS, _ROWS, _RANDK, _RIGHT, _LEFT = range(8)
 _NONE, _KEEP, _CARRY, _START, _DROP = range(5)
@@ -94,6 +93,9 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         need_names(src, type(self).__name__, "which tensors are projectable blocks (attention "
                    "and MLP weights, not embeddings, norms or the head)")
         named = [np for g in src.groups for np in g["params"]]  # optimizer order
+        if not (isinstance(density, (int, float)) and isinstance(update_gap, int)):
+            raise ValueError(f"density must be a number and update_gap an int, got "
+                             f"{density!r} and {update_gap!r}")  # their values: the plan's
         self.plan = _C.FrugalPlan(  # validates every option (ValueError naming it)
             tensor_specs(named, src.named, src.model, roles), density=density,
             update_gap=update_gap, selection=selection, block_order=block_order,
@@ -137,7 +139,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                 return None
         lay = {"exp_avg": (tuple(moments), p.dtype), "exp_avg_sq": (tuple(moments), p.dtype)}
         if sub is not None:
-            lay["subspace"] = (tuple(sub), torch.int32 if self.plan.subspace_is_index(j) else p.dtype)
+            index = self.plan.subspace_is_index(j)  # int32 indices, or a projection P
+            lay["subspace"] = (tuple(sub), torch.int32 if index else p.dtype)
         return lay
 
     def _holds_state(self, p) -> bool:
