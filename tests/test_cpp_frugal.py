@@ -1,6 +1,7 @@
 """memopt::Frugal, the LibTorch optimizer, driven through _C.CppFrugal: the same selections,
-states and parameters as the Python front end (same op, same generator draws: bit-identical) for
-every selection, exact torch::save / torch::load resume across a re-selection, and checked loads."""
+states and parameters as the Python front end for every selection (both apply the same
+memopt::FrugalPlan and op: bit-identical, end to end), exact torch::save / torch::load resume
+across a re-selection, and checked loads."""
 from __future__ import annotations
 
 import pytest
@@ -22,6 +23,9 @@ VARIANTS = {
     "svd": dict(selection="svd"),
     "random": dict(selection="random", state_free="none"),
     "randperm": dict(selection="randperm", proj_params_lr_scale=0.5),
+    # embeddings, norms and the head projectable too (one plan rule for both front ends)
+    "block_proj_all": dict(selection="block", proj_embeds=True, proj_norms=True, proj_logits=True),
+    "randk_proj_norms": dict(selection="randk", proj_norms=True, proj_embeds=True),
 }
 
 
@@ -50,7 +54,7 @@ def test_same_selection_state_and_parameters_as_the_python_front_end(variant):
         run(ours, a, 1, start=step)
         run(ref, b, 1, start=step)
         if VARIANTS[variant]["selection"] == "block":
-            assert list(ours.active_blocks()) == list(ref._fr["active"]), f"step {step}"
+            assert list(ours.active_blocks()) == list(ref.plan.selection.active), f"step {step}"
         for i, (p, q) in enumerate(zip(a, b)):
             assert torch.equal(p, q), f"step {step}: parameter {i} ({NAMES[i]})"
             mine, theirs = ours.state(p), ref.state.get(q, {})

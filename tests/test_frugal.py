@@ -100,7 +100,7 @@ def test_state_bytes_block_and_columns():
     model = make_llama()
     params = list(model.parameters())
     block = memopt_core.Frugal(model, density=0.25)
-    active = {block._projs[j] for j in block._fr["active"]}
+    active = {block._projs[j] for j in block.plan.selection.active}
     assert len(active) == round(0.25 * len(block._projs)) == 4
     set_grads(params, make_grads(params, 0))
     block.step()

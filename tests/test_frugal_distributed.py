@@ -121,7 +121,7 @@ def _worker(rank, world, ckpt_dir):
         model = _model(shard=True)
         opt = _frugal(model, name)
         gathers = out.setdefault("gathers", {}).setdefault(name, [])  # the step of each
-        DTensor.full_tensor = lambda self, *a, **k: (gathers.append(opt._fr["t"]),
+        DTensor.full_tensor = lambda self, *a, **k: (gathers.append(opt.plan.selection.t),
                                                      full_tensor(self, *a, **k))[1]
         try:
             _steps(model, opt, 0, STEPS)
@@ -250,7 +250,8 @@ def test_get_set_optimizer_state_dict_round_trips_the_selection(flatten):
             set_optimizer_state_dict(model2, fresh, sd, options=_options(flatten))
         fresh.load_selection(sd)
     set_optimizer_state_dict(model2, fresh, sd, options=_options(flatten))
-    assert fresh._fr["t"] == SAVE_AT and fresh._fr["active"] == opt._fr["active"]
+    assert fresh.plan.selection.t == SAVE_AT
+    assert fresh.plan.selection.active == opt.plan.selection.active
     _steps(model, opt, SAVE_AT, STEPS)
     _steps(model2, fresh, SAVE_AT, STEPS)
     _assert_close(_snapshot(model2, fresh), _snapshot(model, opt), 0.0)
@@ -292,7 +293,7 @@ def test_bad_selection_raises_and_changes_nothing():
     opt = _frugal(model, "block-0.25")
     _steps(model, opt, 0, SAVE_AT)
     sd = opt.state_dict()
-    before = _snapshot(model, opt), dict(opt._fr)
+    before = _snapshot(model, opt), opt.plan.selection
     for bad in (dict(active=[99]), dict(num_projectable=3), dict(selection="columns"),
                 dict(cycle=[0])):
         broken = {**sd, "param_groups": [dict(g, frugal={**g["frugal"], **bad})
@@ -301,4 +302,4 @@ def test_bad_selection_raises_and_changes_nothing():
             with pytest.raises(ValueError):
                 load(broken)
     _assert_close(_snapshot(model, opt), before[0], 0.0)
-    assert opt._fr["t"] == before[1]["t"] and opt._fr["active"] == before[1]["active"]
+    assert opt.plan.selection.t == before[1].t and opt.plan.selection.active == before[1].active

@@ -177,12 +177,14 @@ void bind_optimizers(nb::module_& m) {
          double lr, Betas betas, double eps, double weight_decay, double density,
          int64_t update_gap, std::string selection, std::string block_order,
          std::string state_free, double state_free_lr_scale, double proj_params_lr_scale,
-         bool reset_statistics, std::optional<int64_t> seed) {
+         bool reset_statistics, std::optional<int64_t> seed, bool proj_embeds, bool proj_norms,
+         bool proj_logits) {
         FrugalOptions o(lr);
         o.betas(std::make_tuple(betas.first, betas.second)).eps(eps).weight_decay(weight_decay)
             .state_free_lr_scale(state_free_lr_scale).proj_params_lr_scale(proj_params_lr_scale);
         FrugalConfig c{density, update_gap, std::move(selection), std::move(block_order),
-                       std::move(state_free), reset_statistics, seed};
+                       std::move(state_free), reset_statistics, seed, proj_embeds, proj_norms,
+                       proj_logits};
         new (self) Frugal(named_params, o, std::move(c));
       },
       nb::arg("named_params"), nb::arg("lr") = 1e-3, nb::arg("betas") = Betas{0.9, 0.999},
@@ -190,7 +192,9 @@ void bind_optimizers(nb::module_& m) {
       nb::arg("update_gap") = 200, nb::arg("selection") = "block",
       nb::arg("block_order") = "descending", nb::arg("state_free") = "sign_sgd",
       nb::arg("state_free_lr_scale") = 1.0, nb::arg("proj_params_lr_scale") = 1.0,
-      nb::arg("reset_statistics") = true, nb::arg("seed") = nb::none());
+      nb::arg("reset_statistics") = true, nb::arg("seed") = nb::none(),
+      nb::arg("proj_embeds") = false, nb::arg("proj_norms") = false,
+      nb::arg("proj_logits") = false);
   frugal.def("subspace",
              [](const Frugal& opt, const at::Tensor& param) {
                auto it = opt.state().find(param.unsafeGetTensorImpl());

@@ -325,8 +325,42 @@ void test_module_roles() {
 }
 }  // namespace
 
+// Explicit roles give the decisions that role_from_name gives for the same tensors, and the
+// plan's proj_* flags make an embedding and a norm projectable, as in the Python front end.
+void test_frugal_roles() {
+  auto make = [] {
+    torch::manual_seed(0);
+    return std::vector<torch::Tensor>{torch::randn({16, 8}).requires_grad_(),
+                                      torch::randn({8, 8}).requires_grad_(),
+                                      torch::randn({8}).requires_grad_()};
+  };
+  auto a = make(), b = make();
+  memopt::FrugalConfig config;
+  config.density = 0.5, config.update_gap = 2, config.seed = 3;
+  config.proj_embeds = config.proj_norms = true;
+  const std::vector<std::pair<std::string, torch::Tensor>> named_params = {
+      {"model.embed_tokens.weight", a[0]}, {"model.layers.0.mlp.up_proj.weight", a[1]},
+      {"model.norm.weight", a[2]}};
+  auto with_roles = [](const std::vector<torch::Tensor>& ps) {
+    return std::vector<std::pair<torch::Tensor, memopt::Role>>{
+        {ps[0], memopt::Role::Embedding}, {ps[1], memopt::Role::Mlp}, {ps[2], memopt::Role::Norm}};
+  };
+  memopt::Frugal named(named_params, memopt::FrugalOptions(1e-2), config);
+  memopt::Frugal roles(with_roles(b), memopt::FrugalOptions(1e-2), config);
+  check(named.plan().num_projectable() == 3 && roles.plan().num_projectable() == 3,
+        "Frugal: proj_embeds and proj_norms make an embedding and a norm projectable");
+  for (int s = 0; s < 5; ++s) set_grads(a, s), set_grads(b, s), named.step(), roles.step();
+  check(same(a, b) && named.active_blocks() == roles.active_blocks(),
+        "Frugal: explicit roles step as the same roles from names");
+  config.proj_embeds = config.proj_norms = false;
+  memopt::Frugal plain(with_roles(b), memopt::FrugalOptions(1e-2), config);
+  check(plain.plan().projectable() == std::vector<int64_t>{1},
+        "Frugal: without proj_* only the MLP weight is projectable");
+}
+
 int main() {
   test_option_validation();
+  test_frugal_roles();
   test_save_load_round_trip();
   test_group_options_are_kept();
   test_scheduler_and_dispatcher();

@@ -1,4 +1,7 @@
-"""FRUGAL on the fused memopt core: AdamW state on a rho-subspace, signSGD on the rest."""
+"""FRUGAL on the fused memopt core: AdamW state on a rho-subspace, signSGD on the rest. Every
+decision (which tensors are projectable, their modes and state shapes, the selection state
+machine, checkpoint validation) is memopt::FrugalPlan's (cpp/src/frugal_plan.cpp, _C.FrugalPlan),
+shared with the LibTorch memopt::Frugal; this front end applies them to torch's state."""
 from __future__ import annotations
 
 import math
@@ -11,13 +14,12 @@ from . import _C
 from ._base import MemoptOptimizer
 from .distributed import local_args
 from .frugal_shard import FrugalShard
-from .frugal_state import FrugalCheckpoint, projectable
+from .frugal_state import FrugalCheckpoint, tensor_specs
 from .sources import need_names, resolve
 
-SELECTIONS = ("block", "columns", "rows", "randk", "svd", "random", "randperm")
-_PROJECTIONS = ("svd", "random", "randperm")
-_RULES = {None: 0, "sgd": 1, "sign_sgd": 2}
+# FrugalMode (frugal.h) and FrugalStateChange (frugal_plan.h)
 _ADAM, _ACTIVE, _FREE, _COLUMNS, _ROWS, _RANDK, _RIGHT, _LEFT = range(8)
+_NONE, _KEEP, _CARRY, _START, _DROP = range(5)
 _NOT_COMPILABLE = (
     "Frugal.step() cannot be compiled: every update_gap steps it moves Adam state between "
     "tensors (inactive blocks hold none) or redraws subspaces on the host, which changes the "
@@ -66,15 +68,9 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     "frugal" of every param group, so torch.distributed.checkpoint keeps it).
 
     FSDP2 / DTensor parameters: "block", "columns", "svd", "random" and "randperm" step on each
-    rank's row shard, equal to one process (every rank draws the same selection). Moments are
-    sharded by rows except a left projection's (r, cols) moments, which are replicated: its
-    g_low = P^T G contracts the sharded rows, so each rank's partial sum goes through one
-    all-reduce per step and process group (small: r*cols values per left-projected tensor).
-    "svd" all-gathers each split projectable gradient at every re-selection (every
-    ``update_gap`` steps) to take the SVD of the full gradient, and warns once that it does.
-    "rows" / "randk" raise at construction (see frugal_shard). A DCP checkpoint loads with
-    ``opt.load_checkpoint(model, path)``, which adopts the saved selection before laying out
-    the state it loads into (which blocks hold moments).
+    rank's row shard, equal to one process; "rows" / "randk" raise (see frugal_shard). A DCP
+    checkpoint loads with ``opt.load_checkpoint(model, path)``, which adopts the saved
+    selection before laying out the state it loads into (which blocks hold moments).
 
     Example::
 
@@ -93,25 +89,25 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                  proj_params_lr_scale=1.0, reset_statistics=True, proj_embeds=False,
                  proj_norms=False, proj_logits=False, roles=None, seed=None, model=None,
                  nonfinite="propagate"):
-        if not (isinstance(density, (int, float)) and 0.0 <= density <= 1.0):
-            raise ValueError(f"density must be in [0, 1], got {density!r}")
-        if not (isinstance(update_gap, int) and update_gap >= 1):
-            raise ValueError(f"update_gap must be a positive int, got {update_gap!r}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if state_free not in _RULES:
-            raise ValueError(f"state_free must be 'sign_sgd', 'sgd' or None, got {state_free!r}")
-        self.density, self.update_gap, self.selection = float(density), update_gap, selection
-        self.block_order, self.state_free = block_order, state_free
-        self.reset_statistics = bool(reset_statistics)
         src = resolve(named_params_or_model, model)
         need_names(src, type(self).__name__, "which tensors are projectable blocks (attention "
                    "and MLP weights, not embeddings, norms or the head)")
-        model, groups, named = src.model, src.groups, src.named
-        proj = projectable(named, model, roles, proj_embeds, proj_norms, proj_logits)
+        named = [np for g in src.groups for np in g["params"]]  # optimizer order
+        if not (isinstance(density, (int, float)) and isinstance(update_gap, int)):
+            raise ValueError(f"density must be a number and update_gap an int, got "
+                             f"{density!r} and {update_gap!r}")  # their values: the plan's
+        self.plan = _C.FrugalPlan(  # validates every option (ValueError naming it)
+            tensor_specs(named, src.named, src.model, roles), density=density,
+            update_gap=update_gap, selection=selection, block_order=block_order,
+            state_free="none" if state_free is None else state_free,
+            reset_statistics=bool(reset_statistics), seed=None if seed is None else int(seed),
+            proj_embeds=proj_embeds, proj_norms=proj_norms, proj_logits=proj_logits)
+        self.density, self.update_gap, self.selection = float(density), update_gap, selection
+        self.block_order, self.state_free = block_order, state_free
+        self.reset_statistics = bool(reset_statistics)
         torch_groups = [{**{k: v for k, v in g.items() if k != "params"},
                          "params": [p for _, p in g["params"]],
-                         "param_names": [n for n, _ in g["params"]]} for g in groups]
+                         "param_names": [n for n, _ in g["params"]]} for g in src.groups]
         self._empty: dict = {}
         super().__init__(torch_groups, dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -120,71 +116,39 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         for g in self.param_groups:  # the op's own check, for the two FRUGAL scales
             _C.check_frugal_([], [], [], [], [], [], [], torch.tensor(1.0), 0.9, 0.9, 0.0, 0.0,
                              float(g["proj_params_lr_scale"]), float(g["state_free_lr_scale"]), 0)
-        # Projectable tensors in optimizer order; the index is the block number.
-        self._projs = [p for g in self.param_groups for p in g["params"] if p in proj]
+        # Projectable tensors in the plan's order; the index j is the block number.
+        self._projs = [named[i][1] for i in self.plan.projectable]
         self._index = {p: j for j, p in enumerate(self._projs)}
-        self._sub = {p: self._subspace_shapes(p, proj[p]) for p in self._projs}
         self._check_sharding()
-        if seed is None:  # from torch's global generator, so torch.manual_seed reproduces it
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        rng = torch.Generator().manual_seed(int(seed)).get_state()
-        fr = dict(t=0, rng=rng, cursor=-1, active=[], block_cycle=0, cycle=[-1] * len(self._projs))
-        self._k_blocks = _C.frugal_round(len(self._projs) * self.density)
-        if selection == "block":  # chosen now, so describe() and planning know the active set
-            fr["active"], fr["cursor"], fr["rng"] = _C.frugal_select_blocks(
-                len(self._projs), self._k_blocks, block_order, -1, rng)
-        self._fr = fr
 
     # ---- layout: which state each tensor holds ------------------------------------------------
-    def _subspace_shapes(self, p, name):
-        """(mode, moment shape, subspace shape, subspace dtype, k) for a non-block selection, or
-        mode _FREE when its subspace is empty."""
-        sel, d, shape = self.selection, self.density, tuple(p.shape)
-        if sel == "block":
-            return None
-        if sel != "randk" and p.dim() != 2:
-            raise ValueError(f"selection={sel!r} needs 2-D projectable tensors; {name} has shape "
-                             f"{shape} (use selection='block' or 'randk')")
-        if sel == "randk":
-            k = int(p.numel() * d)
-            return (_RANDK, (k,), (k,), torch.int32, k) if k else (_FREE,)
-        rows, cols = shape
-        if sel == "columns":
-            k = int(cols * d)
-            return (_COLUMNS, (rows, k), (k,), torch.int32, k) if k else (_FREE,)
-        if sel == "rows":
-            k = int(rows * d)
-            return (_ROWS, (k, cols), (k,), torch.int32, k) if k else (_FREE,)
-        right = rows >= cols  # GaLore's 'std' side: compress the smaller dimension
-        r = _C.frugal_round((cols if right else rows) * d)
-        if not r:
-            return (_FREE,)
-        if right:
-            return (_RIGHT, (rows, r), (r, cols), p.dtype, r)
-        return (_LEFT, (r, cols), (rows, r), p.dtype, r)
+    def _mode(self, p, sel=None) -> int:
+        j = self._index.get(p)
+        return _ADAM if j is None else self.plan.mode(j, sel)
 
-    def _mode(self, p, fr=None) -> int:
-        fr = fr or self._fr
+    def _layout(self, p, mode=None) -> Optional[dict]:
+        """{key: (shape, dtype)} of p's state tensors but step under `mode` (now by default),
+        or None if p holds no state."""
         j = self._index.get(p)
         if j is None:
-            return _ADAM
-        if self.selection == "block":
-            return _ACTIVE if j in set(fr["active"]) else _FREE
-        return self._sub[p][0]
-
-    def _layout(self, p, fr=None) -> Optional[dict]:
-        """{key: (shape, dtype)} of p's state tensors but step, or None if p holds no state."""
-        mode = self._mode(p, fr)
-        if mode == _FREE:
-            return None
-        if mode in (_ADAM, _ACTIVE):
-            return {"exp_avg": (tuple(p.shape), p.dtype), "exp_avg_sq": (tuple(p.shape), p.dtype)}
-        _, mshape, sshape, sdtype, _ = self._sub[p]
-        return {"exp_avg": (mshape, p.dtype), "exp_avg_sq": (mshape, p.dtype),
-                "subspace": (sshape, sdtype)}
+            moments, sub = tuple(p.shape), None
+        else:
+            mode = self.plan.mode(j) if mode is None else mode
+            moments, sub = self.plan.moment_shape(j, mode), self.plan.subspace_shape(j, mode)
+            if moments is None:
+                return None
+        lay = {"exp_avg": (tuple(moments), p.dtype), "exp_avg_sq": (tuple(moments), p.dtype)}
+        if sub is not None:
+            index = self.plan.subspace_is_index(j)  # int32 indices, or a projection P
+            lay["subspace"] = (tuple(sub), torch.int32 if index else p.dtype)
+        return lay
 
     def _holds_state(self, p) -> bool:
         return self._layout(p) is not None
+
+    def _holding(self) -> list:
+        """The projectable tensors (j) holding state now."""
+        return [j for j, p in enumerate(self._projs) if self.state.get(p)]
 
     def _pool_key(self, p):
         return "subspace" if p in self._index else "static"
@@ -201,14 +165,16 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                    for k, (s, _) in lay.items()) + 4
 
     # ---- state: pools per (pool key, dtype, device) -------------------------------------------
-    def _build_states(self, params: list, values: dict, fr=None) -> dict:
-        """Fresh state dicts for `params` (those holding state under `fr`): moments pooled per
-        pool key, dtype and device, steps in a float32 CPU pool per key, subspace tensors as given
-        in values[(p, 'subspace')]. Other values (p, key) are copied in; the rest start at zero."""
+    def _build_states(self, params: list, values: dict, modes=None) -> dict:
+        """Fresh state dicts for `params` (those holding state under `modes`, the projectable
+        tensors' modes; now by default): moments pooled per pool key, dtype and device, steps in
+        a float32 CPU pool per key, subspace tensors as given in values[(p, 'subspace')]. Other
+        values (p, key) are copied in; the rest start at zero."""
         out = {p: {} for p in params}
         wanted = defaultdict(list)
         for p in params:
-            for key, (shape, dtype) in self._layout(p, fr).items():
+            mode = modes[self._index[p]] if modes is not None and p in self._index else None
+            for key, (shape, dtype) in self._layout(p, mode).items():
                 if key == "subspace":
                     out[p][key] = self._subspace_value(p, values[(p, key)], dtype)
                 else:
@@ -216,6 +182,26 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         for (p, key), tensor in self._allocate(params, wanted, values).items():
             out[p][key] = tensor
         return out
+
+    def _new_states(self, decision, with_grad: set) -> dict:
+        """The states `decision` asks for, without changing anything: {p: its new state dict, or
+        None (p drops its state)}. The subspace pool is rebuilt whole when the plan says so
+        (every kept tensor's values copied in), so that the previous pool is freed whole."""
+        new, values, members = {}, {}, []
+        for j, p in enumerate(self._projs):
+            change = decision.changes[j] if decision.repack else _NONE
+            if change == _DROP:
+                new[p] = None
+            if change in (_KEEP, _CARRY):  # a carried tensor's subspace is replaced below
+                values.update({(p, key): v for key, v in self.state[p].items()})
+            if change in (_KEEP, _CARRY, _START):
+                members.append(p)
+                if decision.subspaces[j] is not None:  # CPU; put on p's device (and mesh)
+                    values[(p, "subspace")] = decision.subspaces[j]
+        new.update(self._build_states(members, values, decision.modes))
+        fresh = [p for p in with_grad if p not in self._index and not self.state.get(p)]
+        new.update(self._build_states(fresh, {}))  # AdamW state from the first gradient
+        return new
 
     # ---- step ----------------------------------------------------------------------------------
     def _placeholder(self, dtype, device):
@@ -237,57 +223,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                     [get("subspace", p, s, p.dtype) for p, s in zip(params, states)],
                     modes, self._lr(group), float(beta1), float(beta2), float(group["eps"]),
                     float(group["weight_decay"]), float(group["proj_params_lr_scale"]),
-                    float(group["state_free_lr_scale"]), _RULES[self.state_free]))
-
-    def _plan(self, with_grad: set):
-        """The selection this step runs under, without changing anything: (fr, new_states) where
-        new_states[p] is p's new state dict or None (p drops its state)."""
-        fr = dict(self._fr, cycle=list(self._fr["cycle"]))
-        cycle = fr["t"] // self.update_gap
-        reselected = set()
-        if self.selection == "block" and cycle != fr["block_cycle"]:
-            fr["active"], fr["cursor"], fr["rng"] = _C.frugal_select_blocks(
-                len(self._projs), self._k_blocks, self.block_order, fr["cursor"], fr["rng"])
-            fr["block_cycle"] = cycle
-        subspaces = {}
-        if self.selection != "block":
-            for j, p in enumerate(self._projs):
-                if p not in with_grad or fr["cycle"][j] == cycle:
-                    continue
-                fr["cycle"][j] = cycle
-                if self._sub[p][0] == _FREE:
-                    continue
-                mode, k = self._sub[p][0], self._sub[p][4]
-                if mode in (_COLUMNS, _ROWS, _RANDK):  # global shapes: every rank draws alike
-                    total = (p.numel() if mode == _RANDK else  # a 0-D tensor has no columns
-                             p.shape[-1] if mode == _COLUMNS else p.shape[0])
-                    sub, fr["rng"] = _C.frugal_select_indices(total, k, fr["rng"])
-                else:
-                    sub, fr["rng"] = _C.frugal_projection(  # the full weight's P
-                        self._projection_source(p), k, mode == _RIGHT, self.selection, fr["rng"])
-                subspaces[p] = sub  # CPU; _build_states puts it on p's device (and mesh)
-                reselected.add(p)
-        new = {}
-        # tensors of the subspace pool after this step: repacked together whenever that set or a
-        # selection changes, so the previous pool is freed whole
-        has = lambda p: p in self.state and len(self.state[p]) > 0  # noqa: E731
-        members = [p for p in self._projs if self._layout(p, fr) is not None
-                   and (has(p) or p in with_grad)]
-        if set(members) != {p for p in self._projs if has(p)} or reselected:
-            values = {}
-            for p in members:
-                old = self.state[p] if has(p) else {}
-                keep = p not in reselected or not self.reset_statistics
-                for key, v in old.items():
-                    if keep or key == "subspace":
-                        values[(p, key)] = v
-                if p in subspaces:
-                    values[(p, "subspace")] = subspaces[p]
-            new.update(self._build_states(members, values, fr))
-            new.update({p: None for p in self._projs if has(p) and p not in new})
-        fresh = [p for p in with_grad if p not in self._index and not has(p)]
-        new.update(self._build_states(fresh, {}, fr))
-        return fr, new
+                    float(group["state_free_lr_scale"]), self.plan.rule))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -303,22 +239,25 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         # 1. gradients and hyperparameters, before anything is selected or allocated
         for group, params in calls:
             self._check_grads(group, params)
-        # 2. this step's subspaces and states, as candidates; 3. the full check against them
-        fr, new = self._plan({p for _, params in calls for p in params})
+        # 2. the plan's decision and the states it asks for, as candidates; 3. the full check
+        with_grad = {p for _, params in calls for p in params}
+        decision = self.plan.begin_step(
+            [j for j, p in enumerate(self._projs) if p in with_grad], self._holding(),
+            lambda j: self._projection_source(self._projs[j]))
+        new = self._new_states(decision, with_grad)
         runs = []
         for group, params in calls:
             states = [new[p] if p in new else (self.state[p] if p in self.state else None)
                       for p in params]
-            args = self._op_args(group, params, states, [self._mode(p, fr) for p in params])
-            runs.append(self._prepared_call(params, args))  # validated (frugal_shard)
+            modes = [decision.modes[self._index[p]] if p in self._index else _ADAM for p in params]
+            runs.append(self._prepared_call(params, self._op_args(group, params, states, modes)))
         # 4. commit, then run
         for p, st in new.items():
             if st is None:
                 self.state.pop(p, None)
             else:
                 self.state[p] = st
-        fr["t"] += 1
-        self._fr = fr
+        self.plan.commit(decision)
         self._run_prepared(runs)
         return loss
 
@@ -330,18 +269,16 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     # ---- reporting -----------------------------------------------------------------------------
     def _describe_row(self, p):
         """(mode, number of coordinates with Adam state)."""
-        mode = self._mode(p)
         lay = self._layout(p)
-        return _MODE_NAMES[mode], math.prod(lay["exp_avg"][0]) if lay else 0
+        return _MODE_NAMES[self._mode(p)], math.prod(lay["exp_avg"][0]) if lay else 0
 
     def describe(self) -> str:
         lines = super().describe().splitlines()
-        fr, n = self._fr, len(self._projs)
+        sel, n = self.plan.selection, len(self._projs)
         if self.selection == "block":
-            what = f"{len(fr['active'])}/{n} projectable tensors active (block_order={self.block_order})"
+            what = f"{len(sel.active)}/{n} projectable tensors active (block_order={self.block_order})"
         else:
             what = f"{self.selection} subspaces of density {self.density:g} on {n} projectable tensors"
         lines[-1] += (f"; FRUGAL: {what}, state-free rule {self.state_free}, "
-                      f"next re-selection at step {(fr['t'] // self.update_gap + 1) * self.update_gap}")
+                      f"next re-selection at step {(sel.t // self.update_gap + 1) * self.update_gap}")
         return "\n".join(lines)
-

@@ -74,7 +74,7 @@ class FrugalShard:
         # Decided by the mode, not by comparing shapes: a (rows, r) moment has one row per
         # parameter row even when r == cols, a left (r, cols) moment never does even when
         # r == rows, and a left P (rows, r) is read one parameter row at a time.
-        mode = self._sub[p][0] if self._sub.get(p) is not None else None
+        mode = self._mode(p)
         if key in ("exp_avg", "exp_avg_sq"):
             if mode in (self._COLUMNS_MODE, self._RIGHT_MODE):
                 return True

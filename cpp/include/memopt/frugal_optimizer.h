@@ -1,12 +1,14 @@
-// memopt::Frugal, the LibTorch optimizer for FRUGAL (frugal.h): the Python front end's state
-// machine (block or subspace selection every update_gap steps, state only where Adam runs) on the
-// memopt::frugal_ op, with the selection (step count, cursor, active set, cycles, generator)
-// saved by torch::save so that a resumed run continues exactly.
+// memopt::Frugal, the LibTorch optimizer for FRUGAL (frugal.h): applies memopt::FrugalPlan's
+// decisions (frugal_plan.h, shared with the Python front end) to its state and runs the
+// memopt::frugal_ op; torch::save stores the plan's selection so that a resumed run continues
+// exactly.
 #pragma once
 
+#include <functional>
 #include <optional>
 
 #include "memopt/frugal.h"
+#include "memopt/frugal_plan.h"
 #include "memopt/optimizers.h"
 
 namespace memopt {
@@ -23,17 +25,6 @@ struct FrugalOptions : public torch::optim::OptimizerCloneableOptions<FrugalOpti
   void serialize(torch::serialize::OutputArchive& archive) const override;
 };
 
-// How subspaces are chosen, for the whole optimizer (fixed at construction).
-struct FrugalConfig {
-  double density = 0.25;
-  int64_t update_gap = 200;
-  std::string selection = "block";  // block | columns | rows | randk | svd | random | randperm
-  std::string block_order = "descending";  // descending | ascending | mirror | random
-  std::string state_free = "sign_sgd";     // sign_sgd | sgd | none
-  bool reset_statistics = true;
-  std::optional<int64_t> seed;  // none: drawn from torch's global generator
-};
-
 // `subspace` exists for column/row/randk selections (int32 indices) and projections (P).
 struct FrugalParamState : public AdamFamilyParamState<FrugalParamState> {
   TORCH_ARG(torch::Tensor, subspace);
@@ -47,17 +38,23 @@ void check_frugal_options(const FrugalOptions& options);
 
 class Frugal : public AdamFamily<FrugalOptions, FrugalParamState> {
  public:
-  // Attention and MLP weights (roles from names, 2-D) are projectable; every other parameter
-  // takes plain AdamW at the group lr. Groups as in memopt_core.Frugal(model.named_parameters()).
+  // Roles from names and shapes (role_from_name); which tensors are projectable is the plan's
+  // rule (attention and MLP weights; embeddings, norms, output layer with config.proj_*). Every
+  // other parameter takes plain AdamW at the group lr, as memopt_core.Frugal(named_params).
   Frugal(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+         FrugalOptions defaults = {}, FrugalConfig config = {});
+  // Explicit roles.
+  Frugal(const std::vector<std::pair<torch::Tensor, Role>>& params_with_roles,
          FrugalOptions defaults = {}, FrugalConfig config = {});
 
   torch::Tensor step(LossClosure closure = nullptr) override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
+  const FrugalPlan& plan() const { return plan_; }
+  using Described = std::pair<std::vector<at::Tensor>, std::vector<FrugalTensor>>;
   // The projectable tensors' indices (in optimizer order) that hold Adam state now (block mode).
-  const std::vector<int64_t>& active_blocks() const { return sel_.active; }
+  const std::vector<int64_t>& active_blocks() const { return plan_.selection().active; }
 
  protected:
   void adopt_params(const std::vector<at::Tensor>& params, const FrugalOptions&) override;
@@ -68,33 +65,23 @@ class Frugal : public AdamFamily<FrugalOptions, FrugalParamState> {
   void update(const FrugalOptions& options, const GroupLists& lists) override;
 
  private:
-  // The selection: what torch::save stores beside the moments.
-  struct Selection {
-    int64_t t = 0, cursor = -1, block_cycle = 0;
-    std::vector<int64_t> active, cycle;
-    at::Tensor rng;  // torch.Generator state (uint8)
-  };
-  // A projectable tensor's subspace geometry for non-block selections.
-  struct Sub {
-    FrugalMode mode = FrugalMode::FreeBlock;
-    std::vector<int64_t> moments, subspace;
-    at::ScalarType dtype = at::kInt;
-    int64_t k = 0;
-  };
-  FrugalMode mode(const at::Tensor& p, const Selection& sel) const;
-  std::vector<int64_t> moment_sizes(const at::Tensor& p, const Selection& sel) const;
-  bool holds_state(const at::Tensor& p, const Selection& sel) const;
+  Frugal(const Described& params, FrugalOptions defaults, FrugalConfig config);
+  int64_t block_of(const at::Tensor& p) const;  // projectable number, or -1
+  FrugalMode mode(const at::Tensor& p, const FrugalSelection& sel) const;
+  // The selection being loaded while load() checks the archive's state, else the plan's.
+  const FrugalSelection& selection() const { return loading_ ? *loading_ : plan_.selection(); }
   FrugalParamState* state_of(const at::Tensor& p) const;
   const at::Tensor& placeholder(at::ScalarType dtype, const c10::Device& device) const;
-  void op_lists(const GroupLists& l, const Selection& sel, std::vector<at::Tensor>& subspaces,
-                std::vector<int64_t>& modes) const;
+  void op_lists(const GroupLists& l, const FrugalSelection* sel,
+                std::vector<at::Tensor>& subspaces, std::vector<int64_t>& modes) const;
+  using StateFor = std::function<FrugalParamState*(const at::Tensor&)>;
+  GroupLists lists(size_t group, const StateFor& state_for) const;
+  void check(size_t group, const GroupLists& l, const FrugalSelection* sel) const;
 
-  FrugalConfig config_;
-  int64_t k_blocks_ = 0;
-  std::vector<at::Tensor> projs_;                // projectable tensors, optimizer order
+  FrugalPlan plan_;
+  std::vector<at::Tensor> projs_;                // projectable tensors, plan order
   ska::flat_hash_map<void*, int64_t> index_;      // TensorImpl* -> position in projs_
-  ska::flat_hash_map<void*, Sub> subs_;
-  Selection sel_;
+  std::optional<FrugalSelection> loading_;
   mutable ska::flat_hash_map<int64_t, at::Tensor> empty_;  // placeholder() by (dtype, device)
 };
 

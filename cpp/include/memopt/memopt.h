@@ -11,6 +11,7 @@
 #include "memopt/common.h"
 #include "memopt/frugal.h"
 #include "memopt/frugal_optimizer.h"
+#include "memopt/frugal_plan.h"
 #include "memopt/module_roles.h"
 #include "memopt/nonfinite.h"
 #include "memopt/optimizers.h"

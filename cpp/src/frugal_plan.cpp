@@ -1,0 +1,191 @@
+// memopt::FrugalPlan (frugal_plan.h): FRUGAL's decisions for both front ends, in upstream's
+// order of random draws (proj_optimizer_templates.py), so that the Python and LibTorch
+// optimizers and a resumed run make the same choices.
+#include "memopt/frugal_plan.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+
+namespace memopt {
+
+namespace {
+
+const std::vector<std::string> kSelections = {"block", "columns", "rows", "randk",
+                                              "svd", "random", "randperm"};
+
+bool contains(const std::vector<int64_t>& v, int64_t x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+bool is_index_mode(FrugalMode m) {
+  return m == FrugalMode::Columns || m == FrugalMode::Rows || m == FrugalMode::RandK;
+}
+
+}  // namespace
+
+bool frugal_projectable(const FrugalTensor& t, const FrugalConfig& c) {
+  // attention and MLP weights (role_traits), also a q/k that fell back to Linear for want of
+  // heads; embeddings, norms and the head when asked
+  if (role_traits(t.role).attention_or_mlp || (t.role == Role::Linear && t.heads_unknown))
+    return t.shape.size() == 2;
+  switch (t.role) {
+    case Role::Embedding: return c.proj_embeds;
+    case Role::Norm: return c.proj_norms;
+    case Role::Output: return c.proj_logits;
+    default: return false;
+  }
+}
+
+FrugalPlan::FrugalPlan(const std::vector<FrugalTensor>& tensors, FrugalConfig config)
+    : config_(std::move(config)) {
+  const auto& c = config_;
+  TORCH_CHECK_VALUE(std::isfinite(c.density) && c.density >= 0.0 && c.density <= 1.0,
+                    "Frugal: density must be in [0, 1], got ", c.density);
+  TORCH_CHECK_VALUE(c.update_gap >= 1, "Frugal: update_gap must be a positive int, got ",
+                    c.update_gap);
+  TORCH_CHECK_VALUE(std::find(kSelections.begin(), kSelections.end(), c.selection) !=
+                        kSelections.end(), "Frugal: selection must be one of block, columns, "
+                    "rows, randk, svd, random, randperm; got '", c.selection, "'");
+  if (c.state_free == "none") rule_ = FrugalRule::None;
+  else if (c.state_free == "sgd") rule_ = FrugalRule::Sgd;
+  else TORCH_CHECK_VALUE(c.state_free == "sign_sgd", "Frugal: state_free must be 'sign_sgd', "
+                         "'sgd' or 'none' (None in Python), got '", c.state_free, "'");
+  block_ = c.selection == "block";
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!frugal_projectable(tensors[i], c)) continue;
+    projectable_.push_back(static_cast<int64_t>(i));
+    shapes_.push_back(tensors[i].shape);
+    geometry_.push_back(block_ ? Geometry{} : geometry(tensors[i]));
+  }
+  const int64_t n = num_projectable();
+  // from torch's global generator, so torch.manual_seed reproduces an unseeded optimizer
+  const int64_t seed = c.seed ? *c.seed
+                              : at::randint(0, int64_t{1} << 62, {1}, at::kLong).item<int64_t>();
+  selection_.rng = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed))
+                       .get_state();
+  selection_.cycle.assign(n, -1);
+  k_blocks_ = frugal_round(static_cast<double>(n) * c.density);
+  if (block_)  // chosen now, so that the layout (and describe(), planning) is known before a step
+    selection_.active = frugal_select_blocks(n, k_blocks_, c.block_order, selection_.cursor,
+                                             selection_.rng);
+}
+
+FrugalPlan::Geometry FrugalPlan::geometry(const FrugalTensor& t) const {
+  const auto& sel = config_.selection;
+  const double d = config_.density;
+  Geometry g;
+  if (sel == "randk") {
+    int64_t numel = 1;
+    for (int64_t s : t.shape) numel *= s;
+    g.total = numel;
+    g.k = static_cast<int64_t>(static_cast<double>(numel) * d);  // int(): toward zero
+    g.mode = FrugalMode::RandK;
+    g.moments = g.subspace = {g.k};
+  } else {
+    TORCH_CHECK_VALUE(t.shape.size() == 2, "Frugal: selection='", sel, "' needs 2-D projectable "
+                      "tensors; ", t.name, " has shape ", at::IntArrayRef(t.shape),
+                      " (use selection='block' or 'randk')");
+    const int64_t rows = t.shape[0], cols = t.shape[1];
+    if (sel == "columns" || sel == "rows") {
+      const bool by_cols = sel == "columns";
+      g.total = by_cols ? cols : rows;
+      g.k = static_cast<int64_t>(static_cast<double>(g.total) * d);
+      g.mode = by_cols ? FrugalMode::Columns : FrugalMode::Rows;
+      g.moments = by_cols ? std::vector<int64_t>{rows, g.k} : std::vector<int64_t>{g.k, cols};
+      g.subspace = {g.k};
+    } else {  // a projection on GaLore's 'std' side: compress the smaller dimension
+      const bool right = rows >= cols;
+      g.k = frugal_round(static_cast<double>(right ? cols : rows) * d);
+      g.mode = right ? FrugalMode::ProjRight : FrugalMode::ProjLeft;
+      g.moments = right ? std::vector<int64_t>{rows, g.k} : std::vector<int64_t>{g.k, cols};
+      g.subspace = right ? std::vector<int64_t>{g.k, cols} : std::vector<int64_t>{rows, g.k};
+    }
+  }
+  if (g.k == 0) g.mode = FrugalMode::FreeBlock;  // an empty subspace: state-free only
+  return g;
+}
+
+FrugalMode FrugalPlan::mode(int64_t j, const FrugalSelection& sel) const {
+  TORCH_CHECK_INDEX(j >= 0 && j < num_projectable(), "Frugal: no projectable tensor ", j);
+  if (!block_) return geometry_[j].mode;
+  return contains(sel.active, j) ? FrugalMode::ActiveBlock : FrugalMode::FreeBlock;
+}
+
+std::optional<std::vector<int64_t>> FrugalPlan::moment_shape(int64_t j, FrugalMode m) const {
+  if (m == FrugalMode::FreeBlock) return std::nullopt;
+  if (m == FrugalMode::ActiveBlock || m == FrugalMode::Adam) return shapes_.at(j);
+  return geometry_.at(j).moments;
+}
+
+std::optional<std::vector<int64_t>> FrugalPlan::subspace_shape(int64_t j, FrugalMode m) const {
+  if (m == FrugalMode::FreeBlock || m == FrugalMode::ActiveBlock || m == FrugalMode::Adam)
+    return std::nullopt;
+  return geometry_.at(j).subspace;
+}
+
+bool FrugalPlan::subspace_is_index(int64_t j) const {
+  return !block_ && is_index_mode(geometry_.at(j).mode);
+}
+
+FrugalStepDecision FrugalPlan::begin_step(
+    const std::vector<int64_t>& with_grad, const std::vector<int64_t>& holding,
+    const std::function<at::Tensor(int64_t)>& gradient) const {
+  const int64_t n = num_projectable();
+  auto flags = [n](const std::vector<int64_t>& js) {
+    std::vector<char> out(n, 0);
+    for (int64_t j : js) {
+      TORCH_CHECK_INDEX(j >= 0 && j < n, "Frugal: no projectable tensor ", j);
+      out[j] = 1;
+    }
+    return out;
+  };
+  const auto grad = flags(with_grad), holds = flags(holding);
+  FrugalStepDecision d;
+  d.selection = selection_;
+  d.selection.held.reset();
+  auto& s = d.selection;
+  d.subspaces.resize(n);
+  // counted in steps with at least one gradient; every update_gap steps a new cycle
+  const int64_t cycle = s.t / config_.update_gap;
+  if (block_ && cycle != s.block_cycle) {
+    s.active = frugal_select_blocks(n, k_blocks_, config_.block_order, s.cursor, s.rng);
+    s.block_cycle = cycle;
+  }
+  // Each tensor redraws at its first gradient of a cycle, in tensor order (upstream's draws).
+  for (int64_t j = 0; !block_ && j < n; ++j) {
+    if (!grad[j] || s.cycle[j] == cycle) continue;
+    s.cycle[j] = cycle;
+    const auto& g = geometry_[j];
+    if (g.mode == FrugalMode::FreeBlock) continue;
+    d.subspaces[j] = is_index_mode(g.mode)  // global shapes: every rank draws alike
+        ? frugal_select_indices(g.total, g.k, s.rng)
+        : frugal_projection(gradient(j), g.k, g.mode == FrugalMode::ProjRight,
+                            config_.selection, s.rng);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const FrugalMode m = mode(j, s);
+    const bool redrawn = d.subspaces[j].defined();
+    FrugalStateChange change = FrugalStateChange::Keep;
+    if (m == FrugalMode::FreeBlock)
+      change = holds[j] ? FrugalStateChange::Drop : FrugalStateChange::None;
+    else if (!holds[j])  // a block stays stateless until it has a gradient
+      change = grad[j] ? FrugalStateChange::Start : FrugalStateChange::None;
+    else if (redrawn)  // moments of the old subspace: restarted, or carried over unprojected
+      change = config_.reset_statistics ? FrugalStateChange::Start : FrugalStateChange::Carry;
+    TORCH_CHECK(change != FrugalStateChange::Start || redrawn || !subspace_shape(j, m),
+                "Frugal: projectable tensor ", j, " holds no state, yet its subspace of this "
+                "cycle was drawn (state loaded without its subspace?)");
+    d.modes.push_back(static_cast<int64_t>(m));
+    d.changes.push_back(static_cast<int64_t>(change));
+    d.repack |= change != FrugalStateChange::Keep && change != FrugalStateChange::None;
+  }
+  return d;
+}
+
+void FrugalPlan::commit(const FrugalStepDecision& decision) {
+  selection_ = decision.selection;
+  selection_.t += 1;
+}
+
+}  // namespace memopt
