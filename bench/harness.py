@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import memopt_core
-from memopt_core._base import tensor_bytes
+from memopt_core.reporting import tensor_bytes
 from memopt_core.app.models import Llama, llama_config
 
 HP = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)

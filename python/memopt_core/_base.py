@@ -4,7 +4,6 @@ lives once, in the C++ ops; this layer only keeps torch's bookkeeping (groups, s
 state_dict) and guarantees that a rejected step leaves parameters and state untouched."""
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Callable, Optional
 
@@ -14,6 +13,7 @@ from . import _C
 from .distributed import (ShardedCall, as_dtensor, is_dtensor, local, local_args, local_shape,
                           local_value, reduce_stats, shard_layout)
 from .nonfinite import saved_skipped_steps, skips_step
+from .reporting import Reporting
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -29,12 +29,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes of a tensor, or of this rank's shard of a DTensor."""
-    t = local(t)
-    return t.numel() * t.element_size()
-
-
 def _in_param_layout(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """State shaped like a dense non-contiguous parameter (channels_last, transposed) takes its
     strides, so the ops step both in one memory order without staging (cpp/include/memopt/
@@ -44,7 +38,7 @@ def _in_param_layout(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return state.as_strided(state.shape, _C.state_strides(list(state.shape), p))
 
 
-class MemoptOptimizer(torch.optim.Optimizer):
+class MemoptOptimizer(Reporting, torch.optim.Optimizer):
     """Base class. Subclasses define `_state_shapes(p)` (name -> shape of each state tensor but
     'step') and `_op_call(group, params, grads, states)` -> (op, check, args): the fused torch op,
     the C++ validator with the op's signature, and the arguments for both."""
@@ -351,46 +345,3 @@ class MemoptOptimizer(torch.optim.Optimizer):
                             f"cannot load state '{key}' of shape {got} for a parameter of shape "
                             f"{tuple(p.shape)}: {type(self).__name__} expects {tuple(shape)}"
                         )
-
-    # ---- reporting ------------------------------------------------------------------------
-    def state_bytes(self) -> int:
-        """Exact bytes of all optimizer state tensors (moments and step counters)."""
-        return sum(tensor_bytes(t) for s in self.state.values() for t in s.values()
-                   if isinstance(t, torch.Tensor))
-
-    def planned_state_bytes(self) -> int:
-        """The state bytes this optimizer will hold after its first step, computed without
-        stepping; works for parameters on the meta device (`memopt plan`). Optimizers whose
-        state is not one fixed shape set per parameter override `_planned_bytes`."""
-        return sum(self._planned_bytes(p) for g in self.param_groups for p in g["params"])
-
-    def _planned_bytes(self, p: torch.Tensor) -> int:
-        """State bytes of one parameter once initialised (its step counter included)."""
-        return sum(self._state_dtype(p, k).itemsize * math.prod(s)
-                   for k, s in self._state_shapes(p).items()) + 4
-
-    def _describe_row(self, p: torch.Tensor) -> tuple[str, object]:
-        """(role, its second-moment blocks: a count, or "elementwise" for Adam's own v)."""
-        return "adam", "elementwise"
-
-    def describe(self) -> str:
-        """A table of what the optimizer decided per tensor: role, blocks, state bytes (as it
-        will be once initialised), with totals against AdamW (m and v in the parameter dtype)."""
-        rows, total, adamw, index = [], 0, 0, 0
-        for group in self.param_groups:
-            # unnamed parameters are numbered across groups, as state_dict() numbers them
-            names = group.get("param_names") or [f"param{index + i}"
-                                                 for i in range(len(group["params"]))]
-            index += len(group["params"])
-            for name, p in zip(names, group["params"]):
-                role, blocks = self._describe_row(p)
-                nbytes = self._planned_bytes(p)
-                total += nbytes
-                adamw += 2 * tensor_bytes(p) + 4
-                rows.append((name, "x".join(map(str, p.shape)) or "scalar", role, blocks, nbytes))
-        width = max([len(r[0]) for r in rows] + [6])
-        lines = [f"{'tensor':<{width}}  {'shape':>14}  {'role':<9} {'blocks':>11} {'state bytes':>13}"]
-        lines += [f"{n:<{width}}  {s:>14}  {r:<9} {b:>11} {nb:>13,}" for n, s, r, b, nb in rows]
-        ratio = total / adamw if adamw else 0.0
-        lines.append(f"total state {total:,} bytes = {ratio:.4f} x AdamW's {adamw:,} bytes")
-        return "\n".join(lines)

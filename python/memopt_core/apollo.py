@@ -1,7 +1,6 @@
 """APOLLO and APOLLO-Mini on the fused memopt core."""
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -9,12 +8,9 @@ import torch
 from . import _C
 from ._base import MemoptOptimizer
 from .distributed import ShardedCall, apollo_shard_placement, local_args
-from .roles import infer_roles, role_has
-from .sources import need_names, resolve
+from .apollo_groups import apollo_groups
+from .sources import resolve
 
-# Roles whose 2-D weights are projected when the optimizer is built from a model or names
-# (apollo-torch's main_pretrain: the attention and MLP linears). Embeddings, the output layer,
-# norms, biases and conv kernels keep full AdamW state.
 _SETTINGS = ("proj", "proj_type", "scale_type", "update_proj_gap", "scale", "norm_growth_limit",
              "scale_front", "store_projection", "adamw_rule")
 # The rule of a group saved before adamw_rule existed: those checkpoints were stepped with it.
@@ -94,7 +90,7 @@ class Apollo(MemoptOptimizer):
                  update_proj_gap=200, scale=1.0, norm_growth_limit: Optional[float] = 1.01,
                  scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
                  model=None, nonfinite="propagate"):
-        groups = _apollo_groups(resolve(params, model), rank, roles, self)
+        groups = apollo_groups(resolve(params, model), rank, roles, self)
         self._seed0: dict = {}    # before super().__init__, which calls add_param_group
         self._group_cache: tuple = ((), {})
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, proj=proj,
@@ -325,46 +321,3 @@ _SVD_SHARDED = ("APOLLO with proj='svd' cannot step weights sharded over ranks (
 def _gamma(group) -> float:
     gamma = group["norm_growth_limit"]
     return 0.0 if gamma is None else float(gamma)
-
-
-def _apollo_groups(src, rank, roles, opt) -> list:
-    """Torch param groups from resolved sources: apollo-torch-style groups (any with a 'rank'
-    key) as given; otherwise each group split into projected tensors (by role, or every 2-D
-    tensor of bare tensors given with an explicit rank), one group per effective rank (a
-    tensor's never above its smaller side), and AdamW tensors."""
-    if any("rank" in g for g in src.groups):
-        return [_torch_group(g, g["params"]) for g in src.groups if g["params"]]
-    if rank is None:
-        need_names(src, type(opt).__name__, "which weights are projected (the paper projects "
-                   "attention and MLP weights, not embeddings, norms or the head)")
-        rank = opt.default_rank(src.model)
-    named = src.named
-    if src.all_named:
-        with warnings.catch_warnings():  # head-count fallbacks matter to Adam-mini, not here
-            warnings.simplefilter("ignore")
-            inferred = infer_roles(named, src.model, roles=roles)
-        chosen = {p: p.dim() == 2 and role_has(inferred[n].role, "hidden_matrix") for n, p in named}
-    else:
-        chosen = {p: p.dim() == 2 for _, p in named}
-    groups = []
-    for g in src.groups:
-        by_rank, rest = {}, []
-        for n, p in g["params"]:
-            if chosen[p]:
-                by_rank.setdefault(max(1, min(int(rank), *p.shape)), []).append((n, p))
-            else:
-                rest.append((n, p))
-        groups += [_torch_group(g, members, rank=r) for r, members in by_rank.items()]
-        if rest:
-            groups.append(_torch_group(g, rest))
-    return groups
-
-
-def _torch_group(g: dict, members: list, **extra) -> dict:
-    """A torch param group: g's settings, `members`' tensors and, where all are named, their
-    names."""
-    out = {**{k: v for k, v in g.items() if k != "params"}, **extra,
-           "params": [p for _, p in members]}
-    if members and all(n is not None for n, _ in members):
-        out["param_names"] = [n for n, _ in members]
-    return out

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .._base import tensor_bytes
+from ..reporting import tensor_bytes
 
 MiB = 2 ** 20
 
