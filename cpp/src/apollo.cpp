@@ -56,9 +56,9 @@ void update_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
   std::fill(b, b + K, 0.0);
   S* mp = m.data_ptr<S>();
   S* vp = v.data_ptr<S>();
-  const C b1 = beta1, b2 = beta2, ce = eps;
+  const MomentCoefs<C> coefs(beta1, beta2, eps);
   project_tiles<C>(tp, lease, g, Pc, 0, [&](int64_t c0, int64_t w, const C* R) {
-    adam_channels<S, C, true, C>(tp, R, w, c0, w, mp, vp, a, b, b1, b2, ce);
+    adam_channels<S, C, true, C>(tp, R, w, c0, w, mp, vp, a, b, coefs);
   });
 
   // 3. Scaling factors: ||Rt_c|| / (||R_c|| + 1e-8), or one for the tensor.

@@ -83,9 +83,9 @@ void stats_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& le
   std::fill(b, b + K, 0.0);
   S* mp = m.data_ptr<S>();
   S* vp = v.data_ptr<S>();
-  const C b1 = beta1, b2 = beta2, ce = eps;
+  const MomentCoefs<C> coefs(beta1, beta2, eps);
   project_tiles<C>(tp, lease, g, Pc, sa.row0, [&](int64_t c0, int64_t w, const C* R) {
-    adam_channels<S, C, false, C>(tp, R, w, c0, w, mp, vp, a, b, b1, b2, ce);
+    adam_channels<S, C, false, C>(tp, R, w, c0, w, mp, vp, a, b, coefs);
   });
   if (tp.limiter) {
     std::fill(g2, g2 + K, 0.0);
@@ -128,10 +128,10 @@ void finish_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
   std::fill(b, b + K, 0.0);
   S* mp = m.data_ptr<S>();
   S* vp = v.data_ptr<S>();
-  const C b1 = beta1, b2 = beta2, ce = eps;
+  const MomentCoefs<C> coefs(beta1, beta2, eps);
   double u2 = 0.0;
   if (sa.sums_r) {  // the whole R is in st: every rank steps the same moments alike
-    adam_channels<S, C, true, double>(tp, st, K, 0, K, mp, vp, a, b, b1, b2, ce);
+    adam_channels<S, C, true, double>(tp, st, K, 0, K, mp, vp, a, b, coefs);
     if (cfg.channel) {
       channel_factors(a, b, fac, K);
       if (tp.limiter)
@@ -144,7 +144,7 @@ void finish_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
     }
   } else {  // R of the shard's channels again, this time stepping the moments
     project_tiles<C>(tp, lease, g, Pc, sa.row0, [&](int64_t c0, int64_t w, const C* R) {
-      adam_channels<S, C, true, C>(tp, R, w, c0, w, mp, vp, a, b, b1, b2, ce);
+      adam_channels<S, C, true, C>(tp, R, w, c0, w, mp, vp, a, b, coefs);
     });
     if (cfg.channel) {
       channel_factors(a, b, fac, K);

@@ -124,17 +124,28 @@ void project_tiles(const TilePlan& tp, Workspace::Lease& lease, const Tensor& g,
   }
 }
 
+// apollo-torch's moment coefficients in the compute type, each rounded once from double as
+// torch rounds the Python floats beta and 1.0 - beta: 1 - b2 formed in float from b2 rounded to
+// float is 1.7e-4 off at b2 = 0.9999 (1 - 0.9999f = 1.000166e-4). Passed by value (no aliasing
+// with the moments in the loops).
+template <typename C>
+struct MomentCoefs {
+  C b1, b1c, b2, b2c, eps;
+  MomentCoefs(double beta1, double beta2, double e)
+      : b1(beta1), b1c(1.0 - beta1), b2(beta2), b2c(1.0 - beta2), eps(e) {}
+};
+
 // apollo-torch's Adam on one value of R (stored rounding kept): returns the Adam direction
 // Rt = M / (sqrt(V) + eps); Write: the moments are updated in place (else only read).
 template <typename S, typename C, bool Write>
-inline C adam_element(C x, S* m, S* v, C b1, C b2, C eps) {
-  const S m1 = static_cast<S>(b1 * static_cast<C>(*m) + (1 - b1) * x);
-  const S v1 = static_cast<S>(b2 * static_cast<C>(*v) + (1 - b2) * x * x);
+inline C adam_element(C x, S* m, S* v, MomentCoefs<C> coefs) {
+  const S m1 = static_cast<S>(coefs.b1 * static_cast<C>(*m) + coefs.b1c * x);
+  const S v1 = static_cast<S>(coefs.b2 * static_cast<C>(*v) + coefs.b2c * x * x);
   if constexpr (Write) {
     *m = m1;
     *v = v1;
   }
-  return static_cast<C>(m1) / (std::sqrt(static_cast<C>(v1)) + eps);
+  return static_cast<C>(m1) / (std::sqrt(static_cast<C>(v1)) + coefs.eps);
 }
 
 // Adam on a run of R values whose channels are the run's elements (Left side): the sums of
@@ -142,10 +153,10 @@ inline C adam_element(C x, S* m, S* v, C b1, C b2, C eps) {
 template <typename S, typename C, bool Write, typename RT>
 MEMOPT_CPU_CLONES void adam_run_per_element(const RT* __restrict R, S* __restrict m, S* __restrict v,
                                             double* __restrict a, double* __restrict b, int64_t n,
-                                            C b1, C b2, C eps) {
+                                            MomentCoefs<C> coefs) {
   for (int64_t j = 0; j < n; ++j) {
     const C x = static_cast<C>(R[j]);
-    const C rt = adam_element<S, C, Write>(x, m + j, v + j, b1, b2, eps);
+    const C rt = adam_element<S, C, Write>(x, m + j, v + j, coefs);
     a[j] += static_cast<double>(rt) * rt;
     b[j] += static_cast<double>(x) * x;
   }
@@ -154,11 +165,12 @@ MEMOPT_CPU_CLONES void adam_run_per_element(const RT* __restrict R, S* __restric
 // Adam on one channel's r values (Right side): the channel's two sums go to *a and *b.
 template <typename S, typename C, bool Write, typename RT>
 MEMOPT_CPU_CLONES void adam_run_one_channel(const RT* __restrict R, S* __restrict m, S* __restrict v,
-                                            double* a, double* b, int64_t n, C b1, C b2, C eps) {
+                                            double* a, double* b, int64_t n,
+                                            MomentCoefs<C> coefs) {
   double sa = 0.0, sb = 0.0;
   for (int64_t j = 0; j < n; ++j) {
     const C x = static_cast<C>(R[j]);
-    const C rt = adam_element<S, C, Write>(x, m + j, v + j, b1, b2, eps);
+    const C rt = adam_element<S, C, Write>(x, m + j, v + j, coefs);
     sa += static_cast<double>(rt) * rt;
     sb += static_cast<double>(x) * x;
   }
@@ -171,21 +183,21 @@ MEMOPT_CPU_CLONES void adam_run_one_channel(const RT* __restrict R, S* __restric
 // (w, r), moments (K, r), sums assigned.
 template <typename S, typename C, bool Write, typename RT>
 void adam_channels(const TilePlan& tp, const RT* R, int64_t ldr, int64_t c0, int64_t w, S* mp,
-                   S* vp, double* a, double* b, C b1, C b2, C eps) {
+                   S* vp, double* a, double* b, MomentCoefs<C> coefs) {
   const int64_t r = tp.r, K = tp.K;
   if (tp.left) {
     at::parallel_for(0, w, std::max<int64_t>(16, kGrain / r), [&](int64_t j0, int64_t j1) {
       for (int64_t i = 0; i < r; ++i) {
         const int64_t off = i * K + c0 + j0;
         adam_run_per_element<S, C, Write, RT>(R + i * ldr + j0, mp + off, vp + off, a + c0 + j0,
-                                              b + c0 + j0, j1 - j0, b1, b2, eps);
+                                              b + c0 + j0, j1 - j0, coefs);
       }
     });
   } else {
     at::parallel_for(0, w, std::max<int64_t>(1, kGrain / r), [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j)
         adam_run_one_channel<S, C, Write, RT>(R + j * r, mp + (c0 + j) * r, vp + (c0 + j) * r,
-                                          a + c0 + j, b + c0 + j, r, b1, b2, eps);
+                                          a + c0 + j, b + c0 + j, r, coefs);
     });
   }
 }

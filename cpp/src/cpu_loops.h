@@ -2,6 +2,8 @@
 // (float for fp32/bf16/fp16 storage, double for float64) and rounds to storage once.
 #pragma once
 
+#include <cmath>
+
 #include "memopt/arena.h"
 #include "memopt/common.h"
 
@@ -16,6 +18,15 @@
 
 namespace memopt::cpu {
 
+// torch.lerp(start, end, w) as ATen computes it (ATen/native/Lerp.h): start + w (end - start)
+// for |w| < 0.5, else end - (end - start)(1 - w). Every first moment is lerp(m, g, 1 - b1), as
+// torch.optim.AdamW's: at beta1 = 0 that is g exactly, where m + (g - m) keeps m's rounding.
+// (cuda_common.cuh has the device twin.)
+template <typename C>
+inline C lerp(C start, C end, C w) {
+  return std::abs(w) < C(0.5) ? start + w * (end - start) : end - (end - start) * (C(1) - w);
+}
+
 // Elementwise AdamW on [0, n) of contiguous arrays, under the rule `s` was made for
 // (AdamScalars: the decay before the update, or after it for AdamWRule::kApollo).
 template <typename P, typename S, typename C>
@@ -29,7 +40,7 @@ MEMOPT_CPU_CLONES void adamw_span(P* __restrict p, const P* __restrict g, S* __r
     const C gj = static_cast<C>(g[j]);
     C mj = static_cast<C>(m[j]);
     C vj = static_cast<C>(v[j]);
-    mj += b1c * (gj - mj);  // torch's lerp(m, g, 1-b1) for weights < 0.5
+    mj = lerp(mj, gj, b1c);
     vj = b2 * vj + b2c * gj * gj;
     const C denom = std::sqrt(vj) / bc2_sqrt + eps;
     p[j] = static_cast<P>((static_cast<C>(p[j]) * pre - step_size * mj / denom) * post);
@@ -45,7 +56,7 @@ MEMOPT_CPU_CLONES void block_update_span(P* __restrict p, const P* __restrict g,
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     C mj = static_cast<C>(m[j]);
-    mj += b1c * (static_cast<C>(g[j]) - mj);
+    mj = lerp(mj, static_cast<C>(g[j]), b1c);
     p[j] = static_cast<P>(static_cast<C>(p[j]) * decay - f * mj);
     m[j] = static_cast<S>(mj);
   }
@@ -58,7 +69,7 @@ MEMOPT_CPU_CLONES void column_update_span(P* __restrict p, const P* __restrict g
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     C mj = static_cast<C>(m[j]);
-    mj += b1c * (static_cast<C>(g[j]) - mj);
+    mj = lerp(mj, static_cast<C>(g[j]), b1c);
     p[j] = static_cast<P>(static_cast<C>(p[j]) * decay - f[j] * mj);
     m[j] = static_cast<S>(mj);
   }

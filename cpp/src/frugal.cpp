@@ -138,7 +138,7 @@ MEMOPT_CPU_CLONES void free_span(P* __restrict p, const P* __restrict g, int64_t
 template <typename P, typename S, typename C>
 inline void adam_one(P& p, C g, S& m, S& v, const AdamScalars& s) {
   C mj = static_cast<C>(m), vj = static_cast<C>(v);
-  mj += static_cast<C>(1.0 - s.beta1) * (g - mj);
+  mj = cpu::lerp(mj, g, static_cast<C>(1.0 - s.beta1));
   vj = static_cast<C>(s.beta2) * vj + static_cast<C>(1.0 - s.beta2) * g * g;
   const C denom = std::sqrt(vj) / static_cast<C>(s.bc2_sqrt) + static_cast<C>(s.eps);
   p = static_cast<P>(static_cast<C>(p) * static_cast<C>(s.decay) -

@@ -108,7 +108,7 @@ void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, 
       for (int64_t j = b; j < e; ++j) {
         C mj = static_cast<C>(mp[j]), vj = static_cast<C>(vp[j]);
         const C gj = gl[j];
-        mj += b1c * (gj - mj);
+        mj = cpu::lerp(mj, gj, b1c);
         vj = b2 * vj + b2c * gj * gj;
         up[j] = ss * mj / (std::sqrt(vj) / bc2 + eps);
         mp[j] = static_cast<state_t>(mj);

@@ -68,9 +68,14 @@ SlimLayout slim_adam_dims_layout(at::IntArrayRef shape, const std::vector<int64_
   SlimLayout out;
   out.dims = k;
   out.rule = k.empty() ? "none" : dims_text(k);
+  // An empty tensor has no blocks, so no v entries: v_shape is then its own (empty) shape. The
+  // keepdim shape would promise entries (a mean over an empty dim) that are not stored.
+  if (numel == 0) {
+    out.v_shape.assign(shape.begin(), shape.end());
+    return out;
+  }
   for (size_t i = 0; i < shape.size(); ++i)
     out.v_shape.push_back(std::binary_search(k.begin(), k.end(), static_cast<int64_t>(i)) ? 1 : shape[i]);
-  if (numel == 0) return out;
   const auto runs = runs_of(shape, k);
   TORCH_CHECK_VALUE(fits(runs), "SlimAdam: the mean over dims ", dims, " of a tensor of shape ",
                     shape, " is not supported (the averaged dims must form one run of "

@@ -27,8 +27,9 @@ struct SlimLayout {
 
 // v = mean of g^2 over `dims` (any order, negative allowed; empty: uncompressed, plain Adam).
 // The blocks' order is the row-major order of the keepdim mean, so v.view(v_shape) is the
-// reference's `nu`. Raises ValueError for dims out of range or repeated, or a set the tile model
-// cannot express (see slim_adam_dims_supported).
+// reference's `nu` (an empty tensor has no entries: v_shape is then its own shape). Raises
+// ValueError for dims out of range or repeated, or a set the tile model cannot express (see
+// slim_adam_dims_supported).
 SlimLayout slim_adam_dims_layout(at::IntArrayRef shape, const std::vector<int64_t>& dims);
 
 // Whether mean-over-`dims` fits one Segment: after dropping size-1 dims and merging neighbours of

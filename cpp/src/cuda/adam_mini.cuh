@@ -65,7 +65,7 @@ __device__ __forceinline__ void update_n(P* p, S* m, const I (&at)[N], const boo
 #pragma unroll
   for (int u = 0; u < N; ++u) {
     if (!ok[u]) continue;
-    mj[u] += b1c * (gj[u] - mj[u]);  // torch's lerp(m, g, 1-b1), as cpu::block_update_span
+    mj[u] = lerp(mj[u], gj[u], b1c);  // as cpu::block_update_span
     store(p + at[u], pj[u] * decay - f * mj[u]);
     store(m + at[u], mj[u]);
   }

@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams prm) 
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t j = base + u * kThreads + threadIdx.x;
       if (j < n) {
-        mj[u] += b1c * (gj[u] - mj[u]);
+        mj[u] = lerp(mj[u], gj[u], b1c);
         vj[u] = b2 * vj[u] + b2c * gj[u] * gj[u];
         const C denom = sqrt(vj[u]) / bc2 + eps;
         store(p + j, (pj[u] * pre - step_size * mj[u] / denom) * post);

@@ -66,8 +66,9 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(const ApolloMomentsPa
   const C* R = static_cast<const C*>(prm.R);
   S* m = static_cast<S*>(prm.m);
   S* v = static_cast<S*>(prm.v);
-  // (1 - b) in the compute type, as the CPU's adam_element forms it
-  const C b1 = prm.beta1, b2 = prm.beta2, eps = prm.eps, b1c = C(1) - b1, b2c = C(1) - b2;
+  // 1 - b in double, then rounded, as the CPU's MomentCoefs (1 - 0.9999f is 1.7e-4 off)
+  const C b1 = prm.beta1, b2 = prm.beta2, eps = prm.eps;
+  const C b1c = static_cast<C>(1.0 - prm.beta1), b2c = static_cast<C>(1.0 - prm.beta2);
   double s[2] = {0.0, 0.0};  // sums of Rt^2 and R^2
   if (c < K) {
     for (int64_t k = grp.lane; k < r; k += lanes) {

@@ -70,12 +70,9 @@ Tensor project(const Projector& proj, const Tensor& P, const Tensor& g, int64_t 
 Tensor adam_direction(const Tensor& R, const Tensor& m, const Tensor& v, double b1, double b2,
                       double eps, bool write) {
   const at::ScalarType ct = R.scalar_type();
-  // 1 - b in the compute type, as the CPU's C-typed arithmetic (1 - 0.999f is not 0.001f)
-  const auto one_minus = [&](double b) {
-    return ct == at::kFloat ? static_cast<double>(1.0f - static_cast<float>(b)) : 1.0 - b;
-  };
-  Tensor m1 = m.to(ct, false, true).mul_(b1).add_(R, one_minus(b1));
-  Tensor v1 = v.to(ct, false, true).mul_(b2).addcmul_(R, R, one_minus(b2));
+  // 1 - b in double, rounded by the op, as apollo-torch and the CPU's MomentCoefs
+  Tensor m1 = m.to(ct, false, true).mul_(b1).add_(R, 1.0 - b1);
+  Tensor v1 = v.to(ct, false, true).mul_(b2).addcmul_(R, R, 1.0 - b2);
   if (write) {
     m.copy_(m1);
     v.copy_(v1);

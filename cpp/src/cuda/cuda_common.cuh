@@ -40,6 +40,14 @@ __device__ __forceinline__ C round_to(C x) {
   return load<C>(&stored);
 }
 
+// torch.lerp(start, end, w) as ATen computes it, the twin of cpu::lerp (cpu_loops.h): every
+// first moment is lerp(m, g, 1 - b1), which is g exactly at beta1 = 0.
+template <typename C>
+__device__ __forceinline__ C lerp(C start, C end, C w) {
+  const bool small = w < C(0.5) && w > C(-0.5);  // |w| < 0.5
+  return small ? start + w * (end - start) : end - (end - start) * (C(1) - w);
+}
+
 template <typename T>
 struct Tag { using type = T; };
 

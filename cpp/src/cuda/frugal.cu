@@ -35,7 +35,7 @@ struct Step {
   __device__ bool free_writes() const { return rule != kRuleNone || decay != C(1); }
   // AdamW on one coordinate, cpu::adamw_span's order (and adamw.cu's).
   __device__ C adam(C p, C g, C& m, C& v) const {
-    m += b1c * (g - m);
+    m = lerp(m, g, b1c);
     v = b2 * v + b2c * g * g;
     const C denom = sqrt(v) / bc2 + eps;
     return p * decay - step_size * m / denom;
@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) proj_adam_kernel(const FrugalProjAda
        o += stride) {
     const C gl = low[o * prm.ld_low];
     C mj = load<C>(m + o * prm.ld_m), vj = load<C>(v + o * prm.ld_m);
-    mj += b1c * (gl - mj);
+    mj = lerp(mj, gl, b1c);
     vj = b2 * vj + b2c * gl * gl;
     const C u = ss * mj / (sqrt(vj) / bc2 + eps);
     out[o * prm.ld_out] = prm.rule == kRuleSgd ? u - lf * gl : u;
