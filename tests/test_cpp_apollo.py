@@ -167,3 +167,17 @@ def test_bad_gradient_raises_before_anything_is_written():
     with pytest.raises(RAISES, match="sparse"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_a_rank_above_a_tensors_smaller_side_is_capped_per_tensor_as_in_python():
+    """rank 12 on 16x16 weights and 8x16 k/v: groups of effective rank 12 and 8 (then AdamW), in
+    the same order in both front ends (so the same seeds), and the same trajectory."""
+    a, b = make_params(requires_grad=True), make_params(requires_grad=True)
+    ours = _C.CppApollo(list(zip(NAMES, a)), **KW, mini=False, rank=12)
+    ref = memopt_core.Apollo(list(zip(NAMES, b)), **KW, rank=12)
+    assert [len(g[0]) for g in ours.param_groups()] == [len(g["params"]) for g in ref.param_groups]
+    assert [g.get("rank") for g in ref.param_groups] == [12, 8, None]
+    run(ours, a, STEPS)
+    run(ref, b, STEPS)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)

@@ -22,16 +22,27 @@ ApolloConfig config_of(const ApolloOptions& o) {
 
 std::vector<torch::optim::OptimizerParamGroup> apollo_groups(
     const std::vector<std::pair<std::string, torch::Tensor>>& named, const ApolloOptions& d) {
-  std::vector<at::Tensor> projected, rest;
+  // one group per effective rank (never above a tensor's smaller side), in order of first
+  // appearance, then the AdamW tensors: as python/memopt_core/apollo_groups.py groups them
+  std::vector<std::pair<int64_t, std::vector<at::Tensor>>> by_rank;
+  std::vector<at::Tensor> rest;
   for (const auto& [name, p] : named) {
     TORCH_CHECK_VALUE(p.defined(), "Apollo: parameter '", name, "' is an undefined tensor");
     // names only: roles as the Python front end infers them from bare named parameters
     const Role role = infer_role(name, p.sizes(), TensorFacts{}).info.role;
-    const bool proj = d.rank() > 0 && p.dim() == 2 && role_traits(role).hidden_matrix;
-    (proj ? projected : rest).push_back(p);
+    if (d.rank() <= 0 || p.dim() != 2 || !role_traits(role).hidden_matrix) {
+      rest.push_back(p);
+      continue;
+    }
+    const int64_t r = std::max<int64_t>(1, std::min({d.rank(), p.size(0), p.size(1)}));
+    auto it = std::find_if(by_rank.begin(), by_rank.end(), [&](const auto& g) { return g.first == r; });
+    if (it == by_rank.end()) it = by_rank.insert(by_rank.end(), {r, {}});
+    it->second.push_back(p);
   }
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  if (!projected.empty()) groups.emplace_back(std::move(projected));
+  for (auto& [r, params] : by_rank)
+    groups.emplace_back(std::move(params), r == d.rank() ? nullptr
+                                                         : std::make_unique<ApolloOptions>(ApolloOptions(d).rank(r)));
   if (!rest.empty())
     groups.emplace_back(std::move(rest), std::make_unique<ApolloOptions>(ApolloOptions(d).rank(0)));
   return groups;
