@@ -2,6 +2,7 @@
 // order of random draws (proj_optimizer_templates.py), so that the Python and LibTorch
 // optimizers and a resumed run make the same choices.
 #include "memopt/frugal_plan.h"
+#include "memopt/projection.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -95,7 +96,7 @@ FrugalPlan::Geometry FrugalPlan::geometry(const FrugalTensor& t) const {
       g.moments = by_cols ? std::vector<int64_t>{rows, g.k} : std::vector<int64_t>{g.k, cols};
       g.subspace = {g.k};
     } else {  // a projection on GaLore's 'std' side: compress the smaller dimension
-      const bool right = rows >= cols;
+      const bool right = std_side(rows, cols) == ProjSide::Right;
       g.k = frugal_round(static_cast<double>(right ? cols : rows) * d);
       g.mode = right ? FrugalMode::ProjRight : FrugalMode::ProjLeft;
       g.moments = right ? std::vector<int64_t>{rows, g.k} : std::vector<int64_t>{g.k, cols};

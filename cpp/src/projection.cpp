@@ -19,11 +19,10 @@ Projector::Projector(const std::string& kind, const std::string& proj_type, int6
   n_ = shape[1];
   TORCH_CHECK_VALUE(m_ >= 1 && n_ >= 1, "cannot project an empty weight of shape ", shape);
   kind_ = kind == "random" ? Kind::Random : Kind::Svd;
-  const bool tall = m_ >= n_;
   if (proj_type == "std") {
-    side_ = tall ? ProjSide::Right : ProjSide::Left;
+    side_ = std_side(m_, n_);
   } else if (proj_type == "reverse_std") {
-    side_ = tall ? ProjSide::Left : ProjSide::Right;
+    side_ = std_side(m_, n_) == ProjSide::Right ? ProjSide::Left : ProjSide::Right;
   } else if (proj_type == "left") {
     side_ = ProjSide::Left;
   } else if (proj_type == "right") {

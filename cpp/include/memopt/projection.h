@@ -12,6 +12,10 @@ namespace memopt {
 // Right: P is (r, n) and R = G P^T is (m, r): the m rows of G are the channels.
 enum class ProjSide { Left, Right };
 
+// GaLore's "std" side of an m x n weight: the smaller dimension is compressed (Right if m >= n).
+// APOLLO's proj_type "std" and FRUGAL's projections both use it.
+inline ProjSide std_side(int64_t m, int64_t n) { return m >= n ? ProjSide::Right : ProjSide::Left; }
+
 // The projection of one m x n weight, as apollo-torch 1.0.3 / GaLore define it:
 //   proj_type "std": Right if m >= n else Left (the smaller dimension is compressed),
 //   "reverse_std": the opposite, "left" / "right": always that side.
