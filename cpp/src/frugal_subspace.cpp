@@ -7,6 +7,7 @@
 #include <cfenv>
 
 #include "memopt/frugal.h"
+#include "memopt/projection.h"
 
 namespace memopt {
 
@@ -92,8 +93,7 @@ Tensor frugal_projection(const Tensor& grad, int64_t rank, bool right, const std
   const auto cdt = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor proj;
   if (kind == "svd") {  // GaLore's projector: top singular vectors of the current gradient
-    auto [U, S, Vh] = at::linalg_svd(grad.to(cdt), /*full_matrices=*/false);
-    proj = right ? Vh.narrow(0, 0, rank) : U.narrow(1, 0, rank);
+    proj = svd_basis(grad, rank, right ? ProjSide::Right : ProjSide::Left, cdt);
   } else if (kind == "random") {  // torch.nn.init.orthogonal_ on fp32 normals, as upstream
     const int64_t r0 = right ? rank : rows, c0 = right ? cols : rank;
     auto gen = generator_from(rng_state);

@@ -80,11 +80,12 @@ void Projector::svd_(const at::Tensor& out, const at::Tensor& grad) const {
   TORCH_CHECK_VALUE(grad.dim() == 2 && grad.size(0) == m_ && grad.size(1) == n_,
                     "Projector.svd_: gradient of shape ", grad.sizes(), " for a ", m_, " x ", n_,
                     " projector");
-  auto [U, S, Vh] = at::linalg_svd(grad.to(at::kFloat), /*full_matrices=*/false);
-  if (side_ == ProjSide::Left)
-    out.copy_(U.narrow(1, 0, rank_));
-  else
-    out.copy_(Vh.narrow(0, 0, rank_));
+  out.copy_(svd_basis(grad, rank_, side_, at::kFloat));
+}
+
+at::Tensor svd_basis(const at::Tensor& grad, int64_t rank, ProjSide side, at::ScalarType compute) {
+  auto [U, S, Vh] = at::linalg_svd(grad.to(compute), /*full_matrices=*/false);
+  return side == ProjSide::Left ? U.narrow(1, 0, rank) : Vh.narrow(0, 0, rank);
 }
 
 at::Tensor Projector::gaussian(int64_t seed, at::ScalarType dtype) const {

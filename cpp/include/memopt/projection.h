@@ -16,6 +16,11 @@ enum class ProjSide { Left, Right };
 // APOLLO's proj_type "std" and FRUGAL's projections both use it.
 inline ProjSide std_side(int64_t m, int64_t n) { return m >= n ? ProjSide::Right : ProjSide::Left; }
 
+// GaLore's SVD projection of a 2-D gradient: its top `rank` singular vectors, the first columns
+// of U (Left, (m, rank)) or rows of Vh (Right, (rank, n)), the SVD computed in `compute`.
+// APOLLO's proj="svd" (in float32) and FRUGAL's selection="svd" both take it from here.
+at::Tensor svd_basis(const at::Tensor& grad, int64_t rank, ProjSide side, at::ScalarType compute);
+
 // The projection of one m x n weight, as apollo-torch 1.0.3 / GaLore define it:
 //   proj_type "std": Right if m >= n else Left (the smaller dimension is compressed),
 //   "reverse_std": the opposite, "left" / "right": always that side.
