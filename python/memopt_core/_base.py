@@ -82,12 +82,17 @@ class MemoptOptimizer(Reporting, torch.optim.Optimizer):
                     f"{type(self).__name__} can only optimize float32, bfloat16, float16 or "
                     f"float64 parameters, got a {p.dtype} parameter of shape {tuple(p.shape)}")
         try:
-            beta1, beta2 = group["betas"]
-            _C.check_adam_hparams(float(group["lr"]), float(beta1), float(beta2),
-                                  float(group["eps"]), float(group["weight_decay"]))
+            self._check_hparams(group)
         except Exception:
             del self.param_groups[-1]
             raise
+
+    def _check_hparams(self, group: dict) -> None:
+        """Raises for an invalid hyperparameter of `group`: the Adam family's (the C++ rule);
+        an optimizer with other hyperparameters overrides it."""
+        beta1, beta2 = group["betas"]
+        _C.check_adam_hparams(float(group["lr"]), float(beta1), float(beta2),
+                              float(group["eps"]), float(group["weight_decay"]))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
