@@ -26,7 +26,9 @@ def skips_step(opt, batches: list) -> bool:
     if torch.compiler.is_compiling():
         raise TypeError("nonfinite='skip' and GradScaler decide on the host whether to "
                         "step; compile the model and call opt.step() outside compiled code")
-    flags = [] if found is None else [found.double().sum().cpu()]
+    # Every flag is summed into one tensor on one device and read once, at the end: one host
+    # synchronisation per step, however many devices and meshes.
+    flags = [] if found is None else [found]
     if scale is not None or skip_bad:
         by_device = defaultdict(list)
         for _, params in batches:
@@ -37,14 +39,15 @@ def skips_step(opt, batches: list) -> bool:
             inv = (torch.ones(1, device=device) if scale is None else
                    torch.as_tensor(scale, device=device).double().reciprocal().float().reshape(1))
             torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv)
-            flags.append(flag.double().sum().cpu())
-    skip = torch.stack(flags).sum() if flags else torch.zeros((), dtype=torch.float64)
+            flags.append(flag)
+    home = flags[0].device if flags else torch.device("cpu")
+    skip = sum((f.to(home, torch.float64).sum() for f in flags),
+               torch.zeros((), dtype=torch.float64, device=home))
     for mesh in {p.device_mesh for _, params in batches for p in params if is_dtensor(p)}:
         for dim in range(mesh.ndim):  # a shard with an inf anywhere skips every rank
-            flag = skip.to(mesh.device_type)
-            dist.all_reduce(flag, dist.ReduceOp.MAX, group=mesh.get_group(dim))
-            skip = flag.cpu()
-    if bool(skip > 0):
+            skip = skip.to(mesh.device_type)
+            dist.all_reduce(skip, dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    if skip.item() > 0:
         opt.skipped_steps = getattr(opt, "skipped_steps", 0) + 1
         return True
     return False
