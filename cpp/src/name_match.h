@@ -25,6 +25,10 @@ inline bool one_of(const std::string& s, std::initializer_list<const char*> name
     if (s == n) return true;
   return false;
 }
+// A bias by its leaf name or attribute ("bias", "in_proj_bias", "bias_k"), lower-cased.
+inline bool is_bias_leaf(const std::string& leaf) {
+  return leaf == "bias" || contains_any(leaf, {"_bias", "bias_"});
+}
 inline std::vector<std::string> split_dots(const std::string& s) {
   std::vector<std::string> parts;
   std::stringstream ss(s);

@@ -70,7 +70,7 @@ Role role_from_name(const std::string& name, at::IntArrayRef shape) {
   const std::string leaf = parts.empty() ? n : parts.back();
   const std::string module = parts.size() >= 2 ? parts[parts.size() - 2] : "";
   const std::string parent = parts.size() >= 3 ? parts[parts.size() - 3] : "";
-  const bool is_bias = leaf == "bias" || contains_any(leaf, {"_bias", "bias_"});
+  const bool is_bias = names::is_bias_leaf(leaf);
   if (shape.size() <= 1) {
     if (is_bias) return Role::Bias;
     if (contains_any(n, {"norm", "ln"})) return Role::Norm;
@@ -115,11 +115,6 @@ OwnerKind owner_kind_from_string(const std::string& kind) {
 }
 
 namespace {
-bool is_bias_attr(const std::string& a) {
-  return a == "bias" || a.rfind("bias_", 0) == 0 ||
-         (a.size() >= 5 && a.compare(a.size() - 5, 5, "_bias") == 0);
-}
-
 struct OwnerRole {
   Role role;
   bool transposed = false;
@@ -132,7 +127,7 @@ std::optional<OwnerRole> role_from_owners(const std::string& name, at::IntArrayR
   if (f.owners.empty()) return std::nullopt;
   const Owner& first = f.owners.front();
   for (const auto& o : f.owners)
-    if (is_bias_attr(o.attr)) return OwnerRole{Role::Bias};
+    if (names::is_bias_leaf(names::lower(o.attr))) return OwnerRole{Role::Bias};
   if (shape.size() <= 1) {  // a 1-D tensor is never cut per row: norm, or the name decides
     if (first.kind == OwnerKind::Norm) return OwnerRole{Role::Norm};
     return std::nullopt;
