@@ -1,0 +1,57 @@
+// memopt::OptimizerPlan: what every optimizer's plan answers, so that each front end applies any
+// optimizer's decisions the same way. A plan is built once from the tensors (names, shapes,
+// roles) and the optimizer's options; the Python MemoptOptimizer and the LibTorch classes only
+// store what it lays out and call the op it names. FrugalPlan adds its per-step decisions
+// (begin_step / commit); the other optimizers' state never changes shape once created.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace memopt {
+
+// A state tensor's dtype, relative to its parameter's.
+enum class StateDType : int64_t {
+  Param = 0,    // the parameter's dtype (moments, projections)
+  Float32 = 1,
+  Int64 = 2,    // seeds
+  Int32 = 3,    // index subspaces
+  Scalar = 4,   // a float statistic: float64 for float64 parameters, else float32
+};
+at::ScalarType resolve_dtype(StateDType dtype, at::ScalarType param);
+
+// One state tensor a parameter keeps, besides its step counter (a 0-dim float32 CPU tensor that
+// every front end adds and every op increments).
+struct StateSpec {
+  std::string key;             // "exp_avg", "exp_avg_sq", "proj", "seed", "limiter_norm", ...
+  std::vector<int64_t> shape;
+  StateDType dtype = StateDType::Param;
+  // Elementwise with the parameter: created in its memory layout (memopt/layout.h).
+  bool follows_param = false;
+  // The parameter dims along which, when the parameter is sharded (FSDP2) along one of them,
+  // this state is sharded the same way; empty: replicated (every rank updates it alike).
+  std::vector<int64_t> sharded_along;
+  double fill = 0.0;           // initial value (a seed's, a limiter's "no norm yet")
+};
+using StateLayout = std::vector<StateSpec>;
+
+class OptimizerPlan {
+ public:
+  virtual ~OptimizerPlan() = default;
+  // Tensors in the plan (positions are the front end's optimizer order).
+  virtual int64_t size() const = 0;
+  // The state tensor i keeps once it has had a gradient (empty: none), in a fixed key order.
+  virtual StateLayout state(int64_t i) const = 0;
+
+  // Raises c10::ValueError (naming `where` and the key) unless `saved`, tensor i's state read
+  // from a checkpoint (step included), is the state this plan lays out for a parameter of
+  // dtype `param`: every key present and no other, shapes equal, dtypes as laid out (one of the
+  // parameter's dtype may be float32), step a one-element float32 tensor.
+  void check_saved(int64_t i, const std::vector<std::pair<std::string, at::Tensor>>& saved,
+                   at::ScalarType param, const std::string& where) const;
+};
+
+}  // namespace memopt
