@@ -64,7 +64,10 @@ void bind_common(nb::class_<Opt>& cls) {
             auto it = opt.state().find(param.unsafeGetTensorImpl());
             if (it == opt.state().end()) return std::nullopt;
             const auto& s = static_cast<const State&>(*it->second);
-            return StateTuple{s.step(), s.exp_avg(), s.exp_avg_sq()};
+            if constexpr (std::is_same_v<State, ParamState>)
+              return StateTuple{s.at("step"), s.at("exp_avg"), s.at("exp_avg_sq")};
+            else
+              return StateTuple{s.step(), s.exp_avg(), s.exp_avg_sq()};
           },
           nb::arg("param"), "(step, exp_avg, exp_avg_sq) of a parameter (live tensors), or None.");
   cls.def("param_groups",
@@ -199,9 +202,10 @@ void bind_optimizers(nb::module_& m) {
              [](const Frugal& opt, const at::Tensor& param) {
                auto it = opt.state().find(param.unsafeGetTensorImpl());
                TORCH_CHECK_VALUE(it != opt.state().end(), "no state for this parameter");
-               return static_cast<const FrugalParamState&>(*it->second).subspace();
+               const auto& s = static_cast<const ParamState&>(*it->second);
+               return s.has("subspace") ? s.at("subspace") : at::Tensor();
              },
              nb::arg("param"), "The parameter's subspace tensor (None for block selection).");
   frugal.def("active_blocks", &Frugal::active_blocks);
-  bind_common<Frugal, FrugalOptions, FrugalParamState>(frugal);
+  bind_common<Frugal, FrugalOptions, ParamState>(frugal);
 }

@@ -54,7 +54,10 @@ FrugalPlan::FrugalPlan(const std::vector<FrugalTensor>& tensors, FrugalConfig co
                          "'sgd' or 'none' (None in Python), got '", c.state_free, "'");
   block_ = c.selection == "block";
   for (size_t i = 0; i < tensors.size(); ++i) {
-    if (!frugal_projectable(tensors[i], c)) continue;
+    shapes_all_.push_back(tensors[i].shape);
+    const bool projectable = frugal_projectable(tensors[i], c);
+    block_of_.push_back(projectable ? static_cast<int64_t>(projectable_.size()) : -1);
+    if (!projectable) continue;
     projectable_.push_back(static_cast<int64_t>(i));
     shapes_.push_back(tensors[i].shape);
     geometry_.push_back(block_ ? Geometry{} : geometry(tensors[i]));
@@ -123,6 +126,40 @@ std::optional<std::vector<int64_t>> FrugalPlan::subspace_shape(int64_t j, Frugal
   if (m == FrugalMode::FreeBlock || m == FrugalMode::ActiveBlock || m == FrugalMode::Adam)
     return std::nullopt;
   return geometry_.at(j).subspace;
+}
+
+void FrugalPlan::add_adamw(const std::vector<std::vector<int64_t>>& shapes) {
+  for (const auto& shape : shapes) {
+    shapes_all_.push_back(shape);
+    block_of_.push_back(-1);
+  }
+}
+
+StateLayout FrugalPlan::state(int64_t i, const FrugalSelection& sel) const {
+  const int64_t j = block(i);
+  return layout(i, j < 0 ? FrugalMode::Adam : mode(j, sel));
+}
+
+StateLayout FrugalPlan::layout(int64_t i, FrugalMode m) const {
+  const auto& shape = shapes_all_.at(i);
+  const int64_t j = block(i);
+  const auto moments = j < 0 ? std::optional(shape) : moment_shape(j, m);
+  if (!moments) return {};
+  // Under FSDP2 (rows): whole-tensor moments split like the parameter, (rows, k) moments of
+  // column / right-projection subspaces by rows; a left projection's (k, cols) moments are
+  // replicated and its P (rows, k) is read one parameter row at a time, so split by rows.
+  const bool whole = m == FrugalMode::Adam || m == FrugalMode::ActiveBlock;
+  std::vector<int64_t> along;
+  if (whole)
+    for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) along.push_back(d);
+  else if (m == FrugalMode::Columns || m == FrugalMode::ProjRight)
+    along = {0};
+  StateLayout out{{"exp_avg", *moments, StateDType::Param, whole, along},
+                  {"exp_avg_sq", *moments, StateDType::Param, whole, along}};
+  if (const auto sub = j < 0 ? std::nullopt : subspace_shape(j, m))
+    out.push_back({"subspace", *sub, subspace_is_index(j) ? StateDType::Int32 : StateDType::Param,
+                   false, m == FrugalMode::ProjLeft ? std::vector<int64_t>{0} : std::vector<int64_t>{}});
+  return out;
 }
 
 bool FrugalPlan::subspace_is_index(int64_t j) const {

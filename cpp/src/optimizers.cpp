@@ -10,7 +10,6 @@
 #include "memopt/adamw.h"
 #include "memopt/common.h"
 #include "memopt/layout.h"
-#include "memopt/frugal_optimizer.h"
 #include "memopt/nonfinite.h"
 
 namespace memopt {
@@ -48,7 +47,6 @@ void check_options(const Options& o) {
                      o.weight_decay());
   skips_nonfinite(o.nonfinite());
   if constexpr (std::is_same_v<Options, ApolloOptions>) check_apollo_options(o);
-  if constexpr (std::is_same_v<Options, FrugalOptions>) check_frugal_options(o);
 }
 }  // namespace
 
@@ -301,10 +299,8 @@ void AdamW::update(const AdamWOptions& o, const GroupLists& l) {
 template struct AdamFamilyParamState<AdamWParamState>;
 template struct AdamFamilyParamState<AdamMiniParamState>;
 template struct AdamFamilyParamState<ApolloParamState>;
-template struct AdamFamilyParamState<FrugalParamState>;
 template class AdamFamily<AdamWOptions, AdamWParamState>;
 template class AdamFamily<AdamMiniOptions, AdamMiniParamState>;
 template class AdamFamily<ApolloOptions, ApolloParamState>;
-template class AdamFamily<FrugalOptions, FrugalParamState>;
 
 }  // namespace memopt

@@ -18,10 +18,9 @@ at::ScalarType resolve_dtype(StateDType dtype, at::ScalarType param) {
   TORCH_CHECK_VALUE(false, "unknown StateDType ", static_cast<int64_t>(dtype));
 }
 
-void OptimizerPlan::check_saved(int64_t i,
-                                const std::vector<std::pair<std::string, at::Tensor>>& saved,
-                                at::ScalarType param, const std::string& where) const {
-  const StateLayout layout = state(i);
+void OptimizerPlan::check_saved_state(const StateLayout& layout,
+                                      const std::vector<std::pair<std::string, at::Tensor>>& saved,
+                                      at::ScalarType param, const std::string& where) {
   const auto find = [&](const std::string& key) -> const at::Tensor* {
     auto it = std::find_if(saved.begin(), saved.end(), [&](const auto& kv) { return kv.first == key; });
     return it == saved.end() ? nullptr : &it->second;

@@ -16,6 +16,7 @@
 
 #include "memopt/frugal.h"
 #include "memopt/partition.h"
+#include "memopt/plan.h"
 
 namespace memopt {
 
@@ -81,11 +82,23 @@ struct FrugalStepDecision {
 // every param group's "frugal" key, the LibTorch one as archive keys "frugal_<key>".
 using FrugalSavedFields = std::vector<std::pair<std::string, c10::IValue>>;
 
-class FrugalPlan {
+class FrugalPlan : public OptimizerPlan {
  public:
   // Raises c10::ValueError on a bad option, or on a projectable tensor the selection cannot
   // split (columns / rows / projections need 2-D tensors).
   FrugalPlan(const std::vector<FrugalTensor>& tensors, FrugalConfig config);
+
+  // Tensor i (in the order given, then those added by add_adamw): its position's state under
+  // the current selection, or under `sel`, or in `mode`: moments (where the mode holds
+  // state) and the subspace (columns / rows / coordinates as int32, or a projection P).
+  int64_t size() const override { return static_cast<int64_t>(shapes_all_.size()); }
+  StateLayout state(int64_t i) const override { return state(i, selection_); }
+  StateLayout state(int64_t i, const FrugalSelection& sel) const;
+  StateLayout layout(int64_t i, FrugalMode mode) const;
+  // Projectable number j of tensor i, or -1 (plain AdamW).
+  int64_t block(int64_t i) const { return block_of_.at(i); }
+  // Tensors added after construction (a later param group): plain AdamW, outside the selection.
+  void add_adamw(const std::vector<std::vector<int64_t>>& shapes);
 
   const FrugalConfig& config() const { return config_; }
   // Positions (in the tensors given) of the projectable ones; projectable tensor j is block j.
@@ -147,6 +160,8 @@ class FrugalPlan {
   bool block_ = true;
   int64_t k_blocks_ = 0;
   std::vector<int64_t> projectable_;
+  std::vector<std::vector<int64_t>> shapes_all_;  // every tensor's
+  std::vector<int64_t> block_of_;                 // every tensor's projectable number, or -1
   std::vector<std::vector<int64_t>> shapes_;  // per projectable tensor
   std::vector<Geometry> geometry_;            // per projectable tensor (non-block selections)
   FrugalSelection selection_;

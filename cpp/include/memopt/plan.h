@@ -51,7 +51,13 @@ class OptimizerPlan {
   // dtype `param`: every key present and no other, shapes equal, dtypes as laid out (one of the
   // parameter's dtype may be float32), step a one-element float32 tensor.
   void check_saved(int64_t i, const std::vector<std::pair<std::string, at::Tensor>>& saved,
-                   at::ScalarType param, const std::string& where) const;
+                   at::ScalarType param, const std::string& where) const {
+    check_saved_state(state(i), saved, param, where);
+  }
+  // The same check against any layout (FRUGAL's under a selection being loaded).
+  static void check_saved_state(const StateLayout& layout,
+                                const std::vector<std::pair<std::string, at::Tensor>>& saved,
+                                at::ScalarType param, const std::string& where);
 };
 
 }  // namespace memopt
