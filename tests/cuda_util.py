@@ -44,10 +44,11 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.fl
 _EMU = {}
 
 
-def memopt_schemas() -> list:
-    """The schemas of every op registered in the memopt namespace, by name."""
-    return sorted((s for s in torch._C._jit_get_all_schemas() if s.name.startswith("memopt::")),
-                  key=lambda s: s.name)
+def memopt_schemas(validators: bool = False) -> list:
+    """The schemas of every op registered in the memopt namespace, by name: the update ops, or
+    their validators (check_<op>, cpp/src/define_op.h)."""
+    return sorted((s for s in torch._C._jit_get_all_schemas() if s.name.startswith("memopt::")
+                   and s.name.startswith("memopt::check_") == validators), key=lambda s: s.name)
 
 
 def load_emulator():

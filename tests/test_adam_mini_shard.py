@@ -59,7 +59,7 @@ def run_sharded(params, specs, steps, dtype, world, device="cpu"):
             memopt.adam_mini_block_sums_(g, enc, rk["shards"], part)
             sums += part
         for rk, g in zip(ranks, local_grads):
-            _C.check_adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc, rk["shards"],
+            torch.ops.memopt.check_adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc, rk["shards"],
                                              sums, torch.tensor(1e-2, dtype=torch.float64), *HP)
             memopt.adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc,
                                                      rk["shards"], sums,

@@ -7,6 +7,8 @@ The op is defined with torch.library in Python here so that the test needs no C+
 optimizer registers its op in C++ (cpp/src/ops_<name>.cpp), which is the same dispatcher path."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -17,12 +19,16 @@ from conftest import make_grads, make_llama, set_grads
 from memopt_core._base import MemoptOptimizer
 from memopt_core.registry import OptimizerSpec
 
-# ---- 1. the op: one fused call per (group, device), mutable schema, CPU and fake kernels ----
+# ---- 1. the op: one fused call per (group, device), mutable schema, CPU and fake kernels, and
+# its validator check_<op> from the same schema (as cpp/src/define_op.h registers them) ----
 _LIB = torch.library.Library("memopt_toy", "DEF")
-_LIB.define("sgd_momentum_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, "
-            "Tensor(c!)[] steps, Tensor lr, float momentum, float weight_decay) -> ()")
+_SCHEMA = ("sgd_momentum_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, "
+           "Tensor(c!)[] steps, Tensor lr, float momentum, float weight_decay) -> ()")
+_LIB.define(_SCHEMA)
+_LIB.define("check_" + re.sub(r"\([a-z]!\)", "", _SCHEMA))
 
 
+@torch.library.impl(_LIB, "check_sgd_momentum_", "CompositeExplicitAutograd")
 def check_sgd_momentum_(params, grads, bufs, steps, lr, momentum, weight_decay):
     """The op's validator: everything the kernel needs, checked before anything is written."""
     if not 0.0 <= momentum < 1.0 or weight_decay < 0.0 or float(lr) < 0.0:
@@ -71,7 +77,7 @@ class SGDMomentum(MemoptOptimizer):
         args = (params, grads, [s["momentum_buffer"] for s in states],
                 [s["step"] for s in states], self._lr(group), float(group["momentum"]),
                 float(group["weight_decay"]))
-        return torch.ops.memopt_toy.sgd_momentum_, check_sgd_momentum_, args
+        return torch.ops.memopt_toy.sgd_momentum_, args
 
 
 # ---- 3. one registry entry ---------------------------------------------------------------------

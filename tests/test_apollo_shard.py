@@ -112,7 +112,7 @@ def _shard_step(shards, grads, cfg, store, ns=torch.ops.memopt, device="cpu", di
         stats = torch.full((numel,), float("nan"), dtype=torch.float64, device=device)  # all written
         args = [ps, gs, *_lists([s for _, s, _ in row], store), [at for _, _, at in row],
                 [s[d] for s, d in zip(SHAPES, dims)], list(dims), stats, *hp]
-        _C.check_apollo_shard_(*args)
+        torch.ops.memopt.check_apollo_shard_update_(*args)
         ns.apollo_shard_stats_(*args)
         total = stats.clone() if total is None else total + stats
         calls.append(args)
@@ -200,7 +200,7 @@ def test_bad_input_raises_and_writes_nothing(bad, match):
     before = [[t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
               else a for a in args]
     with pytest.raises(ValueError, match=match):
-        _C.check_apollo_shard_(*args)
+        torch.ops.memopt.check_apollo_shard_update_(*args)
     for op in (torch.ops.memopt.apollo_shard_stats_, torch.ops.memopt.apollo_shard_update_):
         with pytest.raises(ValueError, match=match):
             op(*args)
@@ -213,7 +213,7 @@ def test_shard_outside_the_weight_is_refused():
     args = _one_shard_args()
     args[8] = [9]  # rows 9..14 of a 12-row weight
     with pytest.raises(ValueError, match="does not fit"):
-        _C.check_apollo_shard_(*args)
+        torch.ops.memopt.check_apollo_shard_update_(*args)
     args = _one_shard_args()
     args[2] = [torch.zeros(12, 2, dtype=torch.float64)]  # Right moments must be the shard's rows
     with pytest.raises(ValueError, match="Adam moments"):
@@ -229,7 +229,7 @@ def test_unsupported_shard_dims_are_refused(dims, match):
     args[0], args[1] = [torch.randn(12, 3, dtype=torch.float64)], [torch.ones(12, 3, dtype=torch.float64)]
     args[8], args[9], args[10] = [2], [7], dims  # columns 2..4 of a tall (12, 7) weight
     before = args[0][0].clone()
-    for call in (_C.check_apollo_shard_, torch.ops.memopt.apollo_shard_stats_,
+    for call in (torch.ops.memopt.check_apollo_shard_update_, torch.ops.memopt.apollo_shard_stats_,
                  torch.ops.memopt.apollo_shard_update_):
         with pytest.raises(ValueError, match=match):
             call(*args)

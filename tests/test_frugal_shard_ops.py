@@ -153,7 +153,7 @@ def test_bad_input_raises_and_writes_nothing(bad):
         args[8] = torch.tensor(-1.0, dtype=torch.float64)
     args[7].fill_(7.0)
     before = [t.clone() for t in args[0] + args[2] + args[3] + args[4] + [args[7]]]
-    for check in (_C.check_frugal_shard_, torch.ops.memopt.frugal_shard_stats_,
+    for check in (torch.ops.memopt.check_frugal_shard_update_, torch.ops.memopt.frugal_shard_stats_,
                   torch.ops.memopt.frugal_shard_update_):
         with pytest.raises(ValueError):
             check(*args)

@@ -87,3 +87,31 @@ def test_every_memopt_op_has_cpu_and_meta_kernels_and_a_mutable_schema():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(s.name, key), (s.name, key)
         assert any(a.alias_info is not None and a.alias_info.is_write for a in s.arguments), \
             f"{s.name} writes nothing according to its schema"
+
+
+def test_every_memopt_op_has_a_validator_with_its_arguments_on_every_device():
+    """Each op's validator (torch.ops.memopt.check_<op>, what the front ends call before any op
+    of a step runs) is registered from the op's own schema: the same arguments, none written,
+    one kernel for every device."""
+    from cuda_util import memopt_schemas
+    ops, validators = memopt_schemas(), {s.name: s for s in memopt_schemas(validators=True)}
+    assert len(validators) == len(ops)
+    for s in ops:
+        v = validators["memopt::check_" + s.name.split("::")[1]]
+        assert [(a.name, str(a.type)) for a in v.arguments] == \
+            [(a.name, str(a.type)) for a in s.arguments]
+        assert all(a.alias_info is None for a in v.arguments), v.name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(v.name, "CompositeExplicitAutograd")
+
+
+def test_a_validator_raises_what_its_op_would_and_writes_nothing():
+    p, g = torch.zeros(3), torch.ones(4)
+    args = ([p], [g], [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(())],
+            torch.tensor(1e-3, dtype=torch.float64), 0.9, 0.999, 1e-8, 0.0)
+    for call in (torch.ops.memopt.check_adamw_, torch.ops.memopt.adamw_):
+        with pytest.raises(ValueError, match="shape"):
+            call(*args)
+    assert p.eq(0).all()
+    bad_lr = args[:5] + (torch.tensor(-1.0, dtype=torch.float64),) + args[6:]
+    with pytest.raises(ValueError, match="learning rate"):
+        torch.ops.memopt.check_adamw_([p], [torch.ones(3)], *bad_lr[2:])

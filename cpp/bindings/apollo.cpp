@@ -1,4 +1,4 @@
-// _C bindings for APOLLO: the op's validator, the Projector, and the scratch planner. Thin.
+// _C bindings for APOLLO: the option check, the Projector, and the scratch planner. Thin.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -12,38 +12,6 @@ using namespace memopt;
 
 void bind_apollo(nb::module_& m) {
   using Tensors = std::vector<at::Tensor>;
-  m.def("check_apollo_",
-        [](const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
-           const Tensors& exp_avg_sqs, const Tensors& projs, const Tensors& seeds,
-           const Tensors& limiter_norms, const Tensors& steps, const at::Tensor& lr, double beta1,
-           double beta2, double eps, double weight_decay, int64_t rank, const std::string& proj,
-           const std::string& proj_type, const std::string& scale_type, int64_t update_proj_gap,
-           double scale, double norm_growth_limit, bool scale_front) {
-          const auto cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
-                                              scale, norm_growth_limit, scale_front);
-          check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
-                              steps, cfg);
-          check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
-        },
-        "Everything torch.ops.memopt.apollo_ checks before it writes (same arguments).");
-  m.def("check_apollo_shard_",
-        [](const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
-           const Tensors& exp_avg_sqs, const Tensors& projs, const Tensors& seeds,
-           const Tensors& limiter_norms, const Tensors& steps, const std::vector<int64_t>& offsets,
-           const std::vector<int64_t>& global_sizes, const std::vector<int64_t>& shard_dims,
-           const at::Tensor& stats, const at::Tensor& lr,
-           double beta1, double beta2, double eps, double weight_decay, int64_t rank,
-           const std::string& proj, const std::string& proj_type, const std::string& scale_type,
-           int64_t update_proj_gap, double scale, double norm_growth_limit, bool scale_front) {
-          const auto cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
-                                              scale, norm_growth_limit, scale_front);
-          check_apollo_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds,
-                                    limiter_norms, steps, offsets, global_sizes, shard_dims,
-                                    stats, cfg);
-          check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
-        },
-        "Everything torch.ops.memopt.apollo_shard_stats_ / apollo_shard_update_ check before "
-        "they write (same arguments).");
   m.def("apollo_shard_stats_numel",
         [](const std::vector<int64_t>& global_shape, int64_t rank, const std::string& proj,
            const std::string& proj_type, const std::string& scale_type,

@@ -53,27 +53,6 @@ nb::object from_ivalue(const c10::IValue& v) {
 
 void bind_frugal(nb::module_& m) {
   using TL = std::vector<at::Tensor>;
-  m.def("check_frugal_",
-        [](const TL& params, const TL& grads, const TL& exp_avgs, const TL& exp_avg_sqs,
-           const TL& steps, const TL& subspaces, const std::vector<int64_t>& modes,
-           const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
-           double proj_lr_scale, double free_lr_scale, int64_t rule) {
-          check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-                              proj_lr_scale, free_lr_scale, rule);
-          check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
-        },
-        "Everything torch.ops.memopt.frugal_ checks before it writes (same arguments).");
-  m.def("check_frugal_shard_",
-        [](const TL& params, const TL& grads, const TL& exp_avgs, const TL& exp_avg_sqs,
-           const TL& steps, const TL& subspaces, const std::vector<int64_t>& modes,
-           const at::Tensor& stats, const at::Tensor& lr, double beta1, double beta2, double eps,
-           double weight_decay, double proj_lr_scale, double free_lr_scale, int64_t rule) {
-          check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces,
-                                    modes, stats, proj_lr_scale, free_lr_scale, rule);
-          check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
-        },
-        "Everything torch.ops.memopt.frugal_shard_stats_ / frugal_shard_update_ check before "
-        "they write (same arguments).");
   m.def("frugal_shard_stats_numel",
         [](const TL& exp_avgs, const std::vector<int64_t>& modes) {
           return frugal_shard_stats_numel(exp_avgs, modes);

@@ -76,46 +76,11 @@ NB_MODULE(_C, m) {
   m.def("check_adam_hparams", &check_adam_hparams, nb::arg("lr"), nb::arg("beta1"),
         nb::arg("beta2"), nb::arg("eps"), nb::arg("weight_decay"),
         "Raises ValueError for an invalid Adam-family hyperparameter.");
-  // The ops' own validation, callable for every group before any op runs, so that a bad
-  // gradient in a later group leaves earlier groups untouched (and a sparse one never reaches
-  // the dispatcher, which has no sparse kernel to route it to).
-  m.def("check_adamw_",
-        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-           const std::vector<at::Tensor>& steps, const at::Tensor& lr, double beta1,
-           double beta2, double eps, double weight_decay, nb::handle rule) {
-          adamw_rule_of(rule);
-          check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
-          check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
-        },
-        nb::arg("params"), nb::arg("grads"), nb::arg("exp_avgs"), nb::arg("exp_avg_sqs"),
-        nb::arg("steps"), nb::arg("lr"), nb::arg("beta1"), nb::arg("beta2"), nb::arg("eps"),
-        nb::arg("weight_decay"), nb::arg("rule").none() = "torch");
   m.def("check_adamw_rule", [](nb::handle rule) { adamw_rule_of(rule); }, nb::arg("rule").none(),
         "Raises ValueError unless rule is 'apollo' or 'torch' (adamw_'s rule argument).");
   m.def("skips_nonfinite", [](nb::handle v) { return skips_nonfinite(option_text(v)); },
         nb::arg("nonfinite").none(),
         "True for 'skip', False for 'propagate'; ValueError otherwise (memopt/nonfinite.h).");
-  m.def("check_adam_mini_",
-        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-           const std::vector<at::Tensor>& steps, const std::vector<int64_t>& blocks,
-           const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay) {
-          check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
-                                 decode_block_specs(blocks, static_cast<int64_t>(params.size())));
-          check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
-        });
-  m.def("check_adam_mini_shard_update_",
-        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-           const std::vector<at::Tensor>& steps, const std::vector<int64_t>& blocks,
-           const std::vector<int64_t>& shards, const at::Tensor& sums, const at::Tensor& lr,
-           double beta1, double beta2, double eps, double weight_decay) {
-          check_adam_mini_shard_inputs(
-              params, grads, exp_avgs, exp_avg_sqs, steps,
-              decode_block_specs(blocks, static_cast<int64_t>(params.size())), shards, sums);
-          check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
-        });
   m.def("adam_mini_blocks",
         [](const std::string& role, const std::vector<int64_t>& shape, bool transposed,
            int64_t head_dim, int64_t q_heads, int64_t kv_heads, bool kv_interleaved) {

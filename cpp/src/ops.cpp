@@ -4,6 +4,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <regex>
+
+#include "define_op.h"
 #include "memopt/adam_mini.h"
 #include "memopt/adamw.h"
 
@@ -26,6 +29,14 @@ void adamw_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
     check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
 }
 
+void adamw_check(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                 TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
+                 double weight_decay, c10::string_view rule) {
+  parse_adamw_rule(rule);
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+}
+
 void adam_mini_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                    TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                    const Tensor& lr, double beta1, double beta2, double eps, double weight_decay) {
@@ -40,6 +51,15 @@ void adam_mini_meta(TensorList params, TensorList grads, TensorList exp_avgs,
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs}))
     check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
+}
+
+void adam_mini_check(TensorList params, TensorList grads, TensorList exp_avgs,
+                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                     const Tensor& lr, double beta1, double beta2, double eps,
+                     double weight_decay) {
+  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
+                         decode_block_specs(blocks, static_cast<int64_t>(params.size())));
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
 void adam_mini_block_sums_cpu(TensorList grads, at::IntArrayRef blocks, at::IntArrayRef shards,
@@ -70,7 +90,22 @@ void adam_mini_shard_update_meta(TensorList params, TensorList grads, TensorList
     check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
 }
 
+void adam_mini_shard_check(TensorList params, TensorList grads, TensorList exp_avgs,
+                           TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                           at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
+                           double beta1, double beta2, double eps, double weight_decay) {
+  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
+                               decode_block_specs(blocks, static_cast<int64_t>(params.size())),
+                               shards, sums);
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+}
+
 }  // namespace
+
+std::string validator_schema(const std::string& op_schema) {
+  static const std::regex alias(R"(\([a-z]!?\))");
+  return "check_" + std::regex_replace(op_schema, alias, "");
+}
 
 void call_adamw_op(TensorList params, TensorList grads, TensorList exp_avgs,
                    TensorList exp_avg_sqs, TensorList steps, const Tensor& lr, double beta1,
@@ -86,19 +121,22 @@ void call_adamw_op(TensorList params, TensorList grads, TensorList exp_avgs,
 }  // namespace memopt
 
 TORCH_LIBRARY(memopt, m) {
+  using memopt::define_op;
   // rule: "torch" (torch.optim.AdamW) or "apollo" (apollo-torch's AdamW), memopt/common.h.
-  m.def("adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor lr, float beta1, float beta2, "
-        "float eps, float weight_decay, str rule=\"torch\") -> ()");
-  m.def("adam_mini_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, Tensor lr, float beta1, "
-        "float beta2, float eps, float weight_decay) -> ()");
+  define_op(m, "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+            "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor lr, float beta1, float beta2, "
+            "float eps, float weight_decay, str rule=\"torch\") -> ()", &memopt::adamw_check);
+  define_op(m, "adam_mini_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+            "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, Tensor lr, float beta1, "
+            "float beta2, float eps, float weight_decay) -> ()", &memopt::adam_mini_check);
   // Adam-mini on shards of tensors (FSDP2): partial block sums, then the update from the
   // all-reduced sums (cpp/src/adam_mini_shard.cpp).
-  m.def("adam_mini_block_sums_(Tensor[] grads, int[] blocks, int[] shards, Tensor(a!) sums) -> ()");
-  m.def("adam_mini_shard_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, int[] shards, Tensor sums, "
-        "Tensor lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
+  define_op(m, "adam_mini_block_sums_(Tensor[] grads, int[] blocks, int[] shards, "
+            "Tensor(a!) sums) -> ()", &memopt::adam_mini_block_sums_meta);
+  define_op(m, "adam_mini_shard_update_(Tensor(a!)[] params, Tensor[] grads, "
+            "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, "
+            "int[] shards, Tensor sums, Tensor lr, float beta1, float beta2, float eps, "
+            "float weight_decay) -> ()", &memopt::adam_mini_shard_check);
 }
 
 TORCH_LIBRARY_IMPL(memopt, CPU, m) {

@@ -1,6 +1,7 @@
 // APOLLO's torch op (memopt::apollo_): input validation, schema, CPU and Meta kernels.
 #include <torch/library.h>
 
+#include "define_op.h"
 #include "memopt/apollo.h"
 
 namespace memopt {
@@ -142,6 +143,19 @@ void apollo_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                            norm_growth_limit, scale_front));
 }
 
+void apollo_check(TensorList params, TensorList grads, TensorList exp_avgs,
+                  TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
+                  TensorList limiter_norms, TensorList steps, const Tensor& lr, double beta1,
+                  double beta2, double eps, double weight_decay, int64_t rank,
+                  c10::string_view proj, c10::string_view proj_type, c10::string_view scale_type,
+                  int64_t update_proj_gap, double scale, double norm_growth_limit,
+                  bool scale_front) {
+  check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
+                      make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
+                                         scale, norm_growth_limit, scale_front));
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+}
+
 void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList projs, TensorList seeds, TensorList limiter_norms, TensorList steps,
                  const Tensor&, double, double, double, double, int64_t rank,
@@ -153,6 +167,13 @@ void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs}))
     check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                         cfg);
+}
+
+void apollo_shard_check(MEMOPT_APOLLO_SHARD_ARGS) {
+  check_apollo_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
+                            steps, offsets, global_sizes, shard_dims, stats,
+                            MEMOPT_APOLLO_SHARD_CONFIG);
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
 void apollo_shard_stats_cpu(MEMOPT_APOLLO_SHARD_ARGS) {
@@ -179,24 +200,26 @@ void apollo_shard_meta(MEMOPT_APOLLO_SHARD_ARGS) {
 }  // namespace memopt
 
 TORCH_LIBRARY_FRAGMENT(memopt, m) {
-  m.def("apollo_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+  using memopt::define_op;
+  define_op(m, "apollo_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] projs, Tensor(e!)[] seeds, "
         "Tensor(f!)[] limiter_norms, Tensor(g!)[] steps, Tensor lr, float beta1, float beta2, "
         "float eps, float weight_decay, int rank, str proj, str proj_type, str scale_type, "
-        "int update_proj_gap, float scale, float norm_growth_limit, bool scale_front) -> ()");
+        "int update_proj_gap, float scale, float norm_growth_limit, bool scale_front) -> ()",
+            &memopt::apollo_check);
   // Sharded APOLLO (FSDP2): partial statistics into `stats`, then the update from their sum.
 #define MEMOPT_SHARD_TAIL                                                                     \
   "Tensor lr, float beta1, float beta2, float eps, float weight_decay, int rank, str proj, "  \
   "str proj_type, str scale_type, int update_proj_gap, float scale, float norm_growth_limit, " \
   "bool scale_front) -> ()"
-  m.def("apollo_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
+  define_op(m, "apollo_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
         "Tensor[] exp_avg_sqs, Tensor[] projs, Tensor[] seeds, Tensor[] limiter_norms, "
         "Tensor[] steps, int[] offsets, int[] global_sizes, int[] shard_dims, Tensor(a!) stats, "
-        MEMOPT_SHARD_TAIL);
-  m.def("apollo_shard_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        MEMOPT_SHARD_TAIL, &memopt::apollo_shard_check);
+  define_op(m, "apollo_shard_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] projs, Tensor(e!)[] seeds, "
         "Tensor(f!)[] limiter_norms, Tensor(g!)[] steps, int[] offsets, int[] global_sizes, "
-        "int[] shard_dims, Tensor stats, " MEMOPT_SHARD_TAIL);
+        "int[] shard_dims, Tensor stats, " MEMOPT_SHARD_TAIL, &memopt::apollo_shard_check);
 }
 
 TORCH_LIBRARY_IMPL(memopt, CPU, m) {

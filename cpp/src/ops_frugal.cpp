@@ -3,6 +3,7 @@
 // (CUDA in cuda/frugal_shard_glue.cpp).
 #include <torch/library.h>
 
+#include "define_op.h"
 #include "memopt/frugal.h"
 
 namespace memopt {
@@ -16,6 +17,15 @@ void frugal_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                  eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
 }
 
+void frugal_check(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                  TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr,
+                  double beta1, double beta2, double eps, double weight_decay,
+                  double proj_lr_scale, double free_lr_scale, int64_t rule) {
+  check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
+                      proj_lr_scale, free_lr_scale, rule);
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+}
+
 void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor&,
                  double, double, double, double, double proj_lr_scale, double free_lr_scale,
@@ -26,6 +36,12 @@ void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, subspaces}))
     check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                         proj_lr_scale, free_lr_scale, rule, /*read_data=*/false);
+}
+
+void frugal_shard_check(MEMOPT_FRUGAL_SHARD_ARGS) {
+  check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
+                            proj_lr_scale, free_lr_scale, rule);
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
 void frugal_shard_stats_cpu(MEMOPT_FRUGAL_SHARD_ARGS) {
@@ -49,20 +65,21 @@ void frugal_shard_meta(MEMOPT_FRUGAL_SHARD_ARGS) {
 }  // namespace memopt
 
 TORCH_LIBRARY_FRAGMENT(memopt, m) {
-  m.def("frugal_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+  using memopt::define_op;
+  define_op(m, "frugal_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] subspaces, int[] modes, "
         "Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
-        "float proj_lr_scale, float free_lr_scale, int rule) -> ()");
+        "float proj_lr_scale, float free_lr_scale, int rule) -> ()", &memopt::frugal_check);
   // Row-sharded FRUGAL (FSDP2): partial P^T G into `stats`, then the update from their sum.
 #define MEMOPT_FRUGAL_SHARD_TAIL                                                              \
   "Tensor lr, float beta1, float beta2, float eps, float weight_decay, float proj_lr_scale, "  \
   "float free_lr_scale, int rule) -> ()"
-  m.def("frugal_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
+  define_op(m, "frugal_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
         "Tensor[] exp_avg_sqs, Tensor[] steps, Tensor[] subspaces, int[] modes, "
-        "Tensor(a!) stats, " MEMOPT_FRUGAL_SHARD_TAIL);
-  m.def("frugal_shard_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(a!) stats, " MEMOPT_FRUGAL_SHARD_TAIL, &memopt::frugal_shard_check);
+  define_op(m, "frugal_shard_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] subspaces, int[] modes, "
-        "Tensor stats, " MEMOPT_FRUGAL_SHARD_TAIL);
+        "Tensor stats, " MEMOPT_FRUGAL_SHARD_TAIL, &memopt::frugal_shard_check);
 }
 
 TORCH_LIBRARY_IMPL(memopt, CPU, m) {

@@ -29,6 +29,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
+def validator(op):
+    """The validator of a memopt op: torch.ops.<namespace>.check_<name>, registered beside the op
+    from the same schema (cpp/src/define_op.h); same arguments, writes nothing, raises for
+    anything the op would reject."""
+    namespace, name = op._qualified_op_name.split("::")
+    return getattr(getattr(torch.ops, namespace), "check_" + name)
+
+
 def _in_param_layout(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """State shaped like a dense non-contiguous parameter (channels_last, transposed) takes its
     strides, so the ops step both in one memory order without staging (cpp/include/memopt/
@@ -40,8 +48,8 @@ def _in_param_layout(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 class MemoptOptimizer(Reporting, torch.optim.Optimizer):
     """Base class. Subclasses define `_state_shapes(p)` (name -> shape of each state tensor but
-    'step') and `_op_call(group, params, grads, states)` -> (op, check, args): the fused torch op,
-    the C++ validator with the op's signature, and the arguments for both."""
+    'step') and `_op_call(group, params, grads, states)` -> (op, args): the fused torch op and its
+    arguments, which its validator (`validator(op)`) checks before any op of the step runs."""
 
     # Capabilities. An optimizer whose step makes a decision across all tensors at once (FRUGAL's
     # subspace selection) cannot step one parameter at a time (layer-wise stepping), and its
@@ -178,8 +186,8 @@ class MemoptOptimizer(Reporting, torch.optim.Optimizer):
                 if is_dtensor(params[0]):
                     calls.append(self._sharded_call(group, params, grads, states))
                     continue
-                op, check, args = self._op_call(group, params, grads, states)
-                check(*args)
+                op, args = self._op_call(group, params, grads, states)
+                validator(op)(*args)
                 calls.append(ShardedCall(lambda op=op, args=args: op(*args)))
         except Exception:
             for p in fresh:
@@ -193,9 +201,9 @@ class MemoptOptimizer(Reporting, torch.optim.Optimizer):
         """The step of a batch of DTensor parameters (grads and states DTensors too), validated
         and ready to run. This default suits elementwise updates: the op on the local shards.
         Optimizers with statistics that span shards override it (partials, then finish)."""
-        op, check, args = self._op_call(group, params, grads, states)
+        op, args = self._op_call(group, params, grads, states)
         args = local_args(args)
-        check(*args)
+        validator(op)(*args)
         return ShardedCall(lambda: op(*args))
 
     def _traced_step(self, batches: list) -> None:
@@ -212,7 +220,7 @@ class MemoptOptimizer(Reporting, torch.optim.Optimizer):
                 pooled, self._pool_state = getattr(self, "_pool_state", True), False
                 self._init_states(new)
                 self._pool_state = pooled
-            op, _, args = self._op_call(group, params, [p.grad for p in params],
+            op, args = self._op_call(group, params, [p.grad for p in params],
                                         [self.state[p] for p in params])
             op(*args)
 

@@ -97,7 +97,7 @@ class AdamMini(MemoptOptimizer):
         args = (params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states], blocks, self._lr(group), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]))
-        return torch.ops.memopt.adam_mini_, _C.check_adam_mini_, args
+        return torch.ops.memopt.adam_mini_, args
 
     # ---- DTensor (FSDP2) parameters ----------------------------------------------------------
     def _state_sharded(self, p, key, shape):
@@ -117,7 +117,7 @@ class AdamMini(MemoptOptimizer):
                 [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], blocks,
                 shards, sums, self._lr(group), float(beta1), float(beta2), float(group["eps"]),
                 float(group["weight_decay"]))
-        _C.check_adam_mini_shard_update_(*args)
+        torch.ops.memopt.check_adam_mini_shard_update_(*args)
         torch.ops.memopt.adam_mini_block_sums_(grads, blocks, shards, sums)
         return ShardedCall(lambda: torch.ops.memopt.adam_mini_shard_update_(*args), sums,
                            self._shard_layout(params[0]).group)

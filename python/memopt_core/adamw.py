@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _C
 from ._base import MemoptOptimizer
 
 
@@ -46,4 +45,4 @@ class AdamW(MemoptOptimizer):
         args = (params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states], self._lr(group), float(beta1), float(beta2),
                 float(group["eps"]), float(group["weight_decay"]))
-        return torch.ops.memopt.adamw_, _C.check_adamw_, args
+        return torch.ops.memopt.adamw_, args

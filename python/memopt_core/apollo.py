@@ -200,15 +200,14 @@ class Apollo(MemoptOptimizer):
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         steps = [s["step"] for s in states]
         if group.get("rank") is None:
-            return (torch.ops.memopt.adamw_, _C.check_adamw_,
-                    (params, grads, m, v, steps, *hp, group["adamw_rule"]))
+            return torch.ops.memopt.adamw_, (params, grads, m, v, steps, *hp, group["adamw_rule"])
         projs = [s["proj"] for s in states] if group["store_projection"] else []
         seeds = [s["seed"] for s in states] if group["proj"] == "random" else []
         args = (params, grads, m, v, projs, seeds, [s["limiter_norm"] for s in states], steps,
                 *hp, int(group["rank"]), group["proj"], group["proj_type"], group["scale_type"],
                 int(group["update_proj_gap"]), float(group["scale"]), _gamma(group),
                 bool(group["scale_front"]))
-        return torch.ops.memopt.apollo_, _C.check_apollo_, args
+        return torch.ops.memopt.apollo_, args
 
     # ---- DTensor (FSDP2) parameters --------------------------------------------------------
     _shard_dims = (0, 1)  # column shards of Left weights: see distributed.apollo_shard_placement
@@ -245,7 +244,7 @@ class Apollo(MemoptOptimizer):
         if group["proj"] == "svd":
             raise ValueError(_SVD_SHARDED)
         layouts = [self._shard_layout(p) for p in params]
-        _, _, args = self._op_call(group, params, grads, states)
+        _, args = self._op_call(group, params, grads, states)
         args = local_args(args)
         rank, proj, proj_type, scale_type = args[13:17]
         numel = sum(_C.apollo_shard_stats_numel(list(lay.global_shape), rank, proj, proj_type,
@@ -255,7 +254,7 @@ class Apollo(MemoptOptimizer):
         full = (*args[:8], [lay.offset for lay in layouts],
                 [lay.global_shape[lay.dim] for lay in layouts], [lay.dim for lay in layouts],
                 stats, *args[8:])
-        _C.check_apollo_shard_(*full)
+        torch.ops.memopt.check_apollo_shard_update_(*full)
         torch.ops.memopt.apollo_shard_stats_(*full)   # writes nothing but stats
         return ShardedCall(finish=lambda: torch.ops.memopt.apollo_shard_update_(*full),
                            stats=stats, group=layouts[0].group)

@@ -114,7 +114,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
             proj_params_lr_scale=proj_params_lr_scale, state_free_lr_scale=state_free_lr_scale,
             frugal=None), nonfinite)  # "frugal": the key state_dict() fills (frugal_state)
         for g in self.param_groups:  # the op's own check, for the two FRUGAL scales
-            _C.check_frugal_([], [], [], [], [], [], [], torch.tensor(1.0), 0.9, 0.9, 0.0, 0.0,
+            torch.ops.memopt.check_frugal_([], [], [], [], [], [], [], torch.tensor(1.0), 0.9, 0.9, 0.0, 0.0,
                              float(g["proj_params_lr_scale"]), float(g["state_free_lr_scale"]), 0)
         # Projectable tensors in the plan's order; the index j is the block number.
         self._projs = [named[i][1] for i in self.plan.projectable]
@@ -211,7 +211,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         return self._empty[key]
 
     def _op_args(self, group, params, states, modes):
-        """Arguments of torch.ops.memopt.frugal_ (and _C.check_frugal_) for one group/device,
+        """Arguments of torch.ops.memopt.frugal_ (and its validator) for one group/device,
         DTensors as their local shards."""
         def get(key, p, st, dtype):
             return st[key] if st is not None and key in st else self._placeholder(dtype, p.device)
@@ -264,7 +264,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     def _check_grads(self, group, params):
         """The op's check with every tensor state-free: gradients, dtypes, hyperparameters."""
         args = self._op_args(group, params, [None] * len(params), [_FREE] * len(params))
-        _C.check_frugal_(*args)
+        torch.ops.memopt.check_frugal_(*args)
 
     # ---- reporting -----------------------------------------------------------------------------
     def _describe_row(self, p):

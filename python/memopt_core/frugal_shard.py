@@ -116,12 +116,12 @@ class FrugalShard:
         modes = args[6]
         numel = _C.frugal_shard_stats_numel(args[2], modes) if self._split(params[0]) else 0
         if not numel:
-            _C.check_frugal_(*args)
+            torch.ops.memopt.check_frugal_(*args)
             return None, ShardedCall(lambda: torch.ops.memopt.frugal_(*args))
         # on the parameters' device: NCCL reduces GPU buffers, the CUDA ops read them there
         stats = torch.zeros(numel, dtype=torch.float64, device=args[0][0].device)
         full = (*args[:7], stats, *args[7:])
-        _C.check_frugal_shard_(*full)
+        torch.ops.memopt.check_frugal_shard_update_(*full)
         return (lambda: torch.ops.memopt.frugal_shard_stats_(*full),
                 ShardedCall(lambda: torch.ops.memopt.frugal_shard_update_(*full), stats,
                             self._shard_layout(params[0]).group))
