@@ -22,6 +22,8 @@ void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: SlimAdam's v layouts
 void bind_frugal(nb::module_& m);      // frugal.cpp
 void bind_apollo(nb::module_& m);      // apollo.cpp: APOLLO's validator and the Projector
 void bind_roles(nb::module_& m);       // roles.cpp: role inference and the role traits
+void bind_plan(nb::module_& m);        // plan.cpp: OptimizerPlan, the plans' base class
+void bind_block_plan(nb::module_& m);  // block_plan.cpp: AdamW's, Adam-mini's, SlimAdam's plan
 
 namespace {
 using SegmentTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
@@ -178,6 +180,8 @@ NB_MODULE(_C, m) {
         "and device (64-byte aligned).");
 
   bind_roles(m);
+  bind_plan(m);  // before every plan's binding, which derives from it
+  bind_block_plan(m);
   bind_optimizers(m);
   bind_slim_adam(m);
   bind_frugal(m);
