@@ -131,13 +131,6 @@ NB_MODULE(_C, m) {
         nb::arg("q_heads") = 0, nb::arg("kv_heads") = 0, nb::arg("kv_interleaved") = false,
         "Adam-mini blocks of a tensor: (segments, note); a segment is (offset, rows, cols, "
         "row_stride, tile_rows, tile_cols).");
-  m.def("adam_mini_reference_blocks",
-        [](const std::string& name, const std::vector<int64_t>& shape, int64_t dim, int64_t n_heads) {
-          auto r = adam_mini_reference_blocks(name, shape, dim, n_heads);
-          return std::make_tuple(to_tuples(r.spec), role_name(r.role), r.weight_decay);
-        },
-        nb::arg("name"), nb::arg("shape"), nb::arg("dim"), nb::arg("n_heads"),
-        "adam-mini 1.1.1's partition: (segments, role, weight_decay).");
   m.def("encode_block_specs",
         [](const std::vector<std::vector<SegmentTuple>>& specs) {
           std::vector<BlockSpec> all;
