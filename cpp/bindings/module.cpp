@@ -18,7 +18,7 @@ namespace nb = nanobind;
 using namespace memopt;
 
 void bind_optimizers(nb::module_& m);  // optimizers.cpp: the LibTorch optimizer classes
-void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: SlimAdam's v layouts
+void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: which dim sets SlimAdam supports
 void bind_frugal(nb::module_& m);      // frugal.cpp
 void bind_apollo(nb::module_& m);      // apollo.cpp: APOLLO's validator and the Projector
 void bind_roles(nb::module_& m);       // roles.cpp: role inference and the role traits
