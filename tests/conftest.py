@@ -40,6 +40,17 @@ def make_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     return model.to(dtype)
 
 
+def slim_adam_blocks(shape, dims=None, role=("linear", False, 0, 0, 0, False)):
+    """SlimAdam's blocks of one tensor as memopt::BlockPlan decides them: v averaged over `dims`
+    (a rules entry) or, dims None, the static table's choice for `role` (as _C.BlockPlan takes
+    it: role, transposed, head_dim, q_heads, kv_heads, kv_interleaved). Returns (segments,
+    v_shape, dims, rule)."""
+    rules = "table" if dims is None else {"t": list(dims)}
+    plan = memopt_core._C.BlockPlan([("t", list(shape), role, "")], "slim_adam", rules=rules)
+    _, segments, _, _, _, v_shape, got, rule, _ = plan.blocks(0)
+    return segments, v_shape, got, rule
+
+
 def make_grads(params, step: int, seed: int = 1234):
     """Deterministic gradients for `params` at `step`: Gaussian with a per-row scale (so blocks
     differ in magnitude) and a per-step scale, in each parameter's dtype. Same call, same values."""

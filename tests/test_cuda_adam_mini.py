@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import assert_close, make_grads, rounding_atol
+from conftest import assert_close, make_grads, rounding_atol, slim_adam_blocks
 from cuda_util import (EMU, TOL, assert_cuda_build, non_contiguous, ops, rel_err, requires_cuda,
                        tensor_device)
 from memopt_core import _C
@@ -44,7 +44,7 @@ def blocks(role, shape, **kw):
 
 
 def slim(shape, dims):
-    return [tuple(s) for s in _C.slim_adam_dims_layout(list(shape), list(dims))[0]]
+    return [tuple(s) for s in slim_adam_blocks(shape, dims)[0]]
 
 
 def col_groups(shape, width):
@@ -95,9 +95,9 @@ def _kinds():
         "slim_fan_in": [Case((9, 13), slim((9, 13), [1]), rule=(1,))],
         "slim_fan_out": [Case(s, slim(s, [0]), rule=(0,)) for s in [(9, 13), (300, 700)]],
         "slim_qkv": [
-            Case((12, 5), [tuple(s) for s in _C.slim_adam_table_layout("qkv", [12, 5], False, 3, 2, 1)[0]],
+            Case((12, 5), list(slim_adam_blocks((12, 5), role=("qkv", False, 3, 2, 1, False))[0]),
                  rule=[(0, 0, 9, (1,)), (0, 9, 12, (0,))]),
-            Case((5, 12), [tuple(s) for s in _C.slim_adam_table_layout("qkv", [5, 12], True, 3, 2, 1)[0]],
+            Case((5, 12), list(slim_adam_blocks((5, 12), role=("qkv", True, 3, 2, 1, False))[0]),
                  rule=[(1, 0, 9, (0,)), (1, 9, 12, (1,))])],
         "slim_3d": [Case((3, 4, 5), slim((3, 4, 5), [0, 2]), rule=(0, 2)),
                     Case((3, 4, 5), slim((3, 4, 5), [1]), rule=(1,))],

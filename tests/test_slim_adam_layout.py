@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import memopt_core
-from conftest import assert_close, rounding_atol
+from conftest import assert_close, rounding_atol, slim_adam_blocks
 from test_slim_adam import STEPS, _run
 
 
@@ -17,8 +17,8 @@ def test_opcheck_adam_mini_op_with_slimadam_layouts():
     from memopt_core import _C
     g = torch.Generator().manual_seed(0)
     shapes = [(8, 24), (12, 16), (3, 4, 5)]
-    layouts = [_C.slim_adam_table_layout("qkv", [8, 24], True, 4, 2, 2),
-               _C.slim_adam_dims_layout([12, 16], [0]), _C.slim_adam_dims_layout([3, 4, 5], [0, 2])]
+    layouts = [slim_adam_blocks([8, 24], role=("qkv", True, 4, 2, 2, False)),
+               slim_adam_blocks([12, 16], [0]), slim_adam_blocks([3, 4, 5], [0, 2])]
     params = [torch.randn(s, generator=g) for s in shapes]
     grads = [torch.randn(s, generator=g) for s in shapes]
     v = [torch.zeros(torch.Size(lay[1]).numel()) for lay in layouts]
@@ -43,7 +43,7 @@ def test_dims_layout_blocks_are_the_keepdim_mean_in_row_major_order(shape):
             assert len(shape) >= 4          # every set of a 1-, 2- or 3-D tensor is supported
             continue
         supported += 1
-        segs, v_shape, got_dims, _ = _C.slim_adam_dims_layout(list(shape), list(dims))
+        segs, v_shape, got_dims, _ = slim_adam_blocks(shape, dims)
         assert tuple(got_dims) == dims and list(v_shape) == [1 if d in dims else s for d, s in enumerate(shape)]
         block = torch.full((n,), -1)
         base = 0

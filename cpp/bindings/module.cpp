@@ -18,10 +18,12 @@ namespace nb = nanobind;
 using namespace memopt;
 
 void bind_optimizers(nb::module_& m);  // optimizers.cpp: the LibTorch optimizer classes
-void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: SlimAdam's v layouts
+void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: which dim sets SlimAdam supports
 void bind_frugal(nb::module_& m);      // frugal.cpp
 void bind_apollo(nb::module_& m);      // apollo.cpp: APOLLO's validator and the Projector
 void bind_roles(nb::module_& m);       // roles.cpp: role inference and the role traits
+void bind_plan(nb::module_& m);        // plan.cpp: OptimizerPlan, the plans' base class
+void bind_block_plan(nb::module_& m);  // block_plan.cpp: AdamW's, Adam-mini's, SlimAdam's plan
 
 namespace {
 using SegmentTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
@@ -94,13 +96,6 @@ NB_MODULE(_C, m) {
         nb::arg("q_heads") = 0, nb::arg("kv_heads") = 0, nb::arg("kv_interleaved") = false,
         "Adam-mini blocks of a tensor: (segments, note); a segment is (offset, rows, cols, "
         "row_stride, tile_rows, tile_cols).");
-  m.def("adam_mini_reference_blocks",
-        [](const std::string& name, const std::vector<int64_t>& shape, int64_t dim, int64_t n_heads) {
-          auto r = adam_mini_reference_blocks(name, shape, dim, n_heads);
-          return std::make_tuple(to_tuples(r.spec), role_name(r.role), r.weight_decay);
-        },
-        nb::arg("name"), nb::arg("shape"), nb::arg("dim"), nb::arg("n_heads"),
-        "adam-mini 1.1.1's partition: (segments, role, weight_decay).");
   m.def("encode_block_specs",
         [](const std::vector<std::vector<SegmentTuple>>& specs) {
           std::vector<BlockSpec> all;
@@ -143,6 +138,8 @@ NB_MODULE(_C, m) {
         "and device (64-byte aligned).");
 
   bind_roles(m);
+  bind_plan(m);  // before every plan's binding, which derives from it
+  bind_block_plan(m);
   bind_optimizers(m);
   bind_slim_adam(m);
   bind_frugal(m);

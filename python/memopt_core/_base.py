@@ -12,6 +12,7 @@ import torch
 from . import _C
 from .distributed import (ShardedCall, as_dtensor, is_dtensor, local, local_args, local_shape,
                           local_value, reduce_stats, shard_layout)
+from ._planned import PlannedState
 from .nonfinite import saved_skipped_steps, skips_step
 from .reporting import Reporting
 
@@ -46,10 +47,12 @@ def _in_param_layout(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return state.as_strided(state.shape, _C.state_strides(list(state.shape), p))
 
 
-class MemoptOptimizer(Reporting, torch.optim.Optimizer):
-    """Base class. Subclasses define `_state_shapes(p)` (name -> shape of each state tensor but
-    'step') and `_op_call(group, params, grads, states)` -> (op, args): the fused torch op and its
-    arguments, which its validator (`validator(op)`) checks before any op of the step runs."""
+class MemoptOptimizer(Reporting, PlannedState, torch.optim.Optimizer):
+    """Base class. Subclasses define `_op_call(group, params, grads, states)` -> (op, args): the
+    fused torch op and its arguments, which its validator (`validator(op)`) checks before any op
+    of the step runs; and either adopt a C++ plan (`_adopt_plan`), which then lays out every state tensor and
+    checks checkpoints, or define `_state_shapes(p)` (name -> shape of each state tensor but
+    'step') and, where the defaults do not fit, the other `_state_*` hooks (_planned.py)."""
 
     # Capabilities. An optimizer whose step makes a decision across all tensors at once (FRUGAL's
     # subspace selection) cannot step one parameter at a time (layer-wise stepping), and its
@@ -270,6 +273,8 @@ class MemoptOptimizer(Reporting, torch.optim.Optimizer):
                 if (p, key) in values:
                     value = values[(p, key)]
                     view.copy_(local_value(value, layout, sharded) if layout else local(value))
+                elif key != "step" and self._state_fill(p, key):
+                    view.fill_(self._state_fill(p, key))
                 out[(p, key)] = as_dtensor(view, layout, tuple(shape), sharded) if layout else view
         return out
 
@@ -281,11 +286,6 @@ class MemoptOptimizer(Reporting, torch.optim.Optimizer):
         if layout is None:
             return tuple(shape)
         return local_shape(layout, tuple(shape), self._state_sharded(p, key, shape))
-
-    def _state_sharded(self, p, key: str, shape: tuple) -> bool:
-        """Whether state `key` of a DTensor parameter is split by rows like the parameter
-        (full-size state) or replicated (small statistics, which every rank updates alike)."""
-        return tuple(shape) == tuple(p.shape)
 
     def _pool_key(self, p: torch.Tensor):
         """Capability hook: state of parameters with different keys lives in different pools.
@@ -299,17 +299,6 @@ class MemoptOptimizer(Reporting, torch.optim.Optimizer):
         expect state exactly for the tensors where this is True."""
         return True
 
-    def _state_follows_param(self, p: torch.Tensor, key: str) -> bool:
-        """Capability hook: whether state `key` is elementwise with `p` (then, shaped like a
-        dense `p`, it takes p's layout). False for state that only happens to share p's shape
-        (APOLLO's projected moments)."""
-        return True
-
-    def _state_dtype(self, p: torch.Tensor, key: str) -> torch.dtype:
-        """dtype of state `key` of `p`: the parameter's, unless a subclass keeps e.g. an int64
-        seed or a float32 scalar."""
-        return p.dtype
-
     # ---- state_dict -------------------------------------------------------------------
     def state_dict(self) -> dict:
         """torch's, with `skipped_steps` in every param group (where torch.distributed.checkpoint
@@ -320,8 +309,8 @@ class MemoptOptimizer(Reporting, torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, preceded by a check that every saved state tensor has the shape this
-        optimizer expects (so a mismatched checkpoint raises and changes nothing), and followed
+        """torch's load, preceded by a check that the saved state is the state this optimizer
+        keeps (_check_loadable: a mismatched checkpoint raises and changes nothing), and followed
         by repacking the loaded state into flat pools."""
         self._check_loadable(state_dict)
         skipped = saved_skipped_steps(state_dict)
@@ -334,27 +323,3 @@ class MemoptOptimizer(Reporting, torch.optim.Optimizer):
         for p in params:
             self.state[p] = {}
         self._pack_states(params, values)
-
-    def _check_loadable(self, state_dict: dict) -> None:
-        saved_groups = state_dict.get("param_groups")
-        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"loaded state_dict has {len(saved_groups or [])} parameter groups, this "
-                f"optimizer has {len(self.param_groups)}"
-            )
-        for mine, saved in zip(self.param_groups, saved_groups):
-            if len(mine["params"]) != len(saved["params"]):
-                raise ValueError("loaded state_dict has a group of a different size")
-            for p, pid in zip(mine["params"], saved["params"]):
-                entry = state_dict["state"].get(pid)
-                if entry is None:
-                    continue
-                expected = dict(self._state_shapes(p), step=())
-                for key, shape in expected.items():
-                    value = entry.get(key)
-                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else None
-                    if got != tuple(shape) and not (key == "step" and value is not None and got in ((), (1,), None)):
-                        raise ValueError(
-                            f"cannot load state '{key}' of shape {got} for a parameter of shape "
-                            f"{tuple(p.shape)}: {type(self).__name__} expects {tuple(shape)}"
-                        )

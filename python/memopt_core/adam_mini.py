@@ -1,38 +1,38 @@
-"""Adam-mini on the fused memopt core."""
+"""Adam-mini on the fused memopt core. What it decides (blocks, weight decay, state) is
+memopt::BlockPlan's (cpp/include/memopt/block_plan.h); this module reads the roles and applies it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import namedtuple
 
 import torch
 
 from . import _C
 from ._base import MemoptOptimizer
 from .distributed import ShardedCall, local
-from .roles import infer_roles, model_dims, role_has
+from .roles import infer_roles, model_dims
 from .sources import need_names, resolve
 
-# adam-mini 1.1.1's defaults, used by partition="reference" when no model config says otherwise.
-_REFERENCE_DIM, _REFERENCE_HEADS = 2048, 32
+
+# What the plan decided for one tensor (_C.BlockPlan.blocks), kept in plain Python so that a
+# compiled step reads it without calling C++: role, segments (offset, rows, cols, row_stride,
+# tile_rows, tile_cols), number of blocks, weight decay, why the paper's blocks were not used,
+# SlimAdam's v_shape (the reference's keepdim v), dims and rule, and the op's flat block list.
+Blocks = namedtuple("Blocks", "name role segments count decay note v_shape dims rule encoded")
 
 
-@dataclass(frozen=True)
-class Blocks:
-    """How one tensor is partitioned: its role, the C++ segments, and any fallback note."""
-    name: str
-    role: str
-    segments: tuple
-    decay: bool
-    note: str = ""
-
-    @property
-    def encoded(self) -> list:
-        """The op's flat block list for this tensor (memopt::encode_block_specs' layout):
-        [number of segments, then 6 ints per segment]. Plain Python, so torch.compile traces it."""
-        return [len(self.segments)] + [int(v) for seg in self.segments for v in seg]
-
-    @property
-    def count(self) -> int:
-        return sum((s[1] // s[4]) * (s[2] // s[5]) for s in self.segments)
+def adopt(opt, src, roles, weight_decay: float, algorithm: str, **options) -> list:
+    """Builds the BlockPlan of src.named (roles: infer_roles', or None) and adopts it for `opt`,
+    with `opt.blocks` {param: Blocks}; returns src's groups for torch, each split by the plan's
+    decay: the decaying tensors with the group's weight_decay, the others with 0."""
+    named = src.named
+    plan = _C.BlockPlan([(n, list(p.shape), roles[n].info if roles else None,
+                          roles[n].note if roles else "") for n, p in named], algorithm, **options)
+    opt._adopt_plan(plan, [p for _, p in named])
+    opt.blocks = {p: Blocks(n, *plan.blocks(i)) for i, (n, p) in enumerate(named)}
+    return [{**g, "params": [p for _, p in part], "param_names": [n for n, _ in part],
+             "weight_decay": g.get("weight_decay", weight_decay) if decay else 0.0}
+            for g in src.groups for decay in (True, False)
+            if (part := [(n, p) for n, p in g["params"] if opt.blocks[p].decay == decay])]
 
 
 class AdamMini(MemoptOptimizer):
@@ -71,22 +71,14 @@ class AdamMini(MemoptOptimizer):
         src = resolve(named_params_or_model, model)
         need_names(src, type(self).__name__, "its blocks (attention heads, embedding rows, "
                    "norms) and which tensors decay")
-        model, groups, named = src.model, src.groups, src.named
-        self.blocks = _partition(named, model, partition, roles, dim, n_heads, n_kv_heads)
-        torch_groups = []
-        for g in groups:
-            opts = {k: v for k, v in g.items() if k != "params"}
-            decay = [(n, p) for n, p in g["params"] if self.blocks[p].decay]
-            keep = [(n, p) for n, p in g["params"] if not self.blocks[p].decay]
-            for members, wd in ((decay, opts.get("weight_decay", weight_decay)), (keep, 0.0)):
-                if members:
-                    torch_groups.append({**opts, "params": [p for _, p in members],
-                                         "param_names": [n for n, _ in members], "weight_decay": wd})
-        super().__init__(torch_groups, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                            weight_decay=weight_decay), nonfinite)
-
-    def _state_shapes(self, p):
-        return {"exp_avg": tuple(p.shape), "exp_avg_sq": (self.blocks[p].count,)}
+        auto, reference = partition == "auto", partition == "reference"  # else: the plan says
+        found = model_dims(src.model) if reference and src.model is not None else {}
+        groups = adopt(self, src, infer_roles(src.named, src.model, dim=dim, n_heads=n_heads,
+                                              n_kv_heads=n_kv_heads, roles=roles) if auto else None,
+                       weight_decay, "adam_mini", partition=partition, role_overrides=bool(roles),
+                       dim=dim or found.get("dim") or 0, n_heads=n_heads or found.get("n_heads") or 0)
+        super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+                         nonfinite)
 
     def _describe_row(self, p):
         return self.blocks[p].role, self.blocks[p].count
@@ -100,9 +92,6 @@ class AdamMini(MemoptOptimizer):
         return torch.ops.memopt.adam_mini_, args
 
     # ---- DTensor (FSDP2) parameters ----------------------------------------------------------
-    def _state_sharded(self, p, key, shape):
-        return key == "exp_avg"  # v holds every block of the full tensor, the same on every rank
-
     def _sharded_call(self, group, params, grads, states):
         """Blocks cut by shard boundaries: each shard's sums of g^2 per block of the full tensor
         (this rank's partials, reduced by the caller), then v of every block and the update of
@@ -122,27 +111,3 @@ class AdamMini(MemoptOptimizer):
         return ShardedCall(lambda: torch.ops.memopt.adam_mini_shard_update_(*args), sums,
                            self._shard_layout(params[0]).group)
 
-
-def _partition(named, model, partition, roles, dim, n_heads, n_kv_heads) -> dict:
-    if partition == "auto":
-        inferred = infer_roles(named, model, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, roles=roles)
-        out = {}
-        for name, p in named:
-            r = inferred[name]
-            segments, note = r.blocks(list(p.shape))
-            note = r.note or note  # why the paper's blocks could not be used, if they could not
-            decay = role_has(r.role, "decays") and p.dim() > 1
-            out[p] = Blocks(name, r.role, tuple(segments), decay, note)
-        return out
-    if partition == "reference":
-        if roles:
-            raise ValueError("roles= overrides apply to partition='auto' only")
-        found = model_dims(model) if model is not None else {}
-        d = dim or found.get("dim") or _REFERENCE_DIM
-        h = n_heads or found.get("n_heads") or _REFERENCE_HEADS
-        out = {}
-        for name, p in named:
-            segments, role, decay = _C.adam_mini_reference_blocks(name, list(p.shape), d, h)
-            out[p] = Blocks(name, role, tuple(segments), decay)  # adam-mini: decay by name
-        return out
-    raise ValueError(f"partition must be 'auto' or 'reference', got {partition!r}")

@@ -37,8 +37,13 @@ class AdamW(MemoptOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          nonfinite)
 
-    def _state_shapes(self, p):
-        return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's (and the base's checks), then the group's plan (m, v shaped like each tensor;
+        every tensor decays, as in torch): groups may be added after construction."""
+        super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        self._adopt_plan(_C.BlockPlan([("", list(p.shape), None, "") for p in params], "adamw"),
+                         params)
 
     def _op_call(self, group, params, grads, states):
         beta1, beta2 = group["betas"]

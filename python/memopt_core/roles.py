@@ -67,6 +67,12 @@ class TensorRole:
     # (torchtitan's FusedQKVLinear) rather than q | k | v
     kv_interleaved: bool = False
 
+    @property
+    def info(self) -> tuple:
+        """The role as _C.BlockPlan takes it (memopt::RoleInfo)."""
+        return (self.role, self.transposed, self.head_dim, self.q_heads, self.kv_heads,
+                self.kv_interleaved)
+
     def blocks(self, shape) -> tuple:
         """(segments, note) from the C++ partitioner for a tensor of this role and `shape`."""
         return _C.adam_mini_blocks(self.role, list(shape), self.transposed, self.head_dim,

@@ -1,28 +1,17 @@
-"""SlimAdam on the fused memopt core: Adam-mini's update op with SlimAdam's second-moment layouts."""
+"""SlimAdam on the fused memopt core: Adam-mini's update op with SlimAdam's second-moment layouts,
+which memopt::BlockPlan decides (cpp/include/memopt/block_plan.h) from the roles and rules read here."""
 from __future__ import annotations
 
 import json
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from . import _C
 from ._base import MemoptOptimizer
-from .adam_mini import AdamMini, Blocks
+from .adam_mini import AdamMini, adopt
 from .roles import infer_roles
 from .sources import need_names, resolve
-
-_COMPILE_PREFIX = "_orig_mod."  # torch.compile's wrapper; the reference strips it from names
-
-
-@dataclass(frozen=True)
-class Layout(Blocks):
-    """One tensor's second moment: Adam-mini blocks (`segments`) plus what SlimAdam calls it."""
-    v_shape: tuple = ()
-    dims: object = None   # averaged dims (tuple), None (uncompressed) or "table" (fused QKV split)
-    rule: str = ""
 
 
 class SlimAdam(MemoptOptimizer):
@@ -71,26 +60,23 @@ class SlimAdam(MemoptOptimizer):
         src = resolve(named_params_or_model, model)
         need_names(src, type(self).__name__, "the layout of each second moment (its rule "
                    "keys are tensor names and roles) and which tensors decay")
-        model, groups, named = src.model, src.groups, src.named
-        self.blocks = plan_layouts(named, model, rules, roles=roles, dim=dim, n_heads=n_heads,
-                                   n_kv_heads=n_kv_heads)
-        torch_groups = []
-        for g in groups:
-            opts = {k: v for k, v in g.items() if k != "params"}
-            for decay in (True, False):
-                members = [(n, p) for n, p in g["params"] if self.blocks[p].decay == decay]
-                if members:
-                    wd = opts.get("weight_decay", weight_decay) if decay else 0.0
-                    torch_groups.append({**opts, "params": [p for _, p in members],
-                                         "param_names": [n for n, _ in members], "weight_decay": wd})
-        self._encoded: dict[tuple, list] = {}
-        super().__init__(torch_groups, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                            weight_decay=weight_decay), nonfinite)
+        # Q/K keep their role without heads (the table's fan-in mean needs none); the warning
+        # about heads is Adam-mini's (per-head blocks), not the table's.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = infer_roles(src.named, src.model, roles=roles, qk_need_heads=False, dim=dim,
+                                n_heads=n_heads, n_kv_heads=n_kv_heads)
+        if isinstance(rules, os.PathLike) or isinstance(rules, str) and rules != "table":
+            with open(rules) as f:
+                rules = json.load(f)
+        groups = adopt(self, src, table, weight_decay, "slim_adam", rules=rules)
+        if self.plan.rules_warning:  # names the rules miss, rule names matching nothing
+            warnings.warn(self.plan.rules_warning, stacklevel=2)
+        super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+                         nonfinite)
 
-    # The same state and op as Adam-mini (v: one entry per block): shared, not rewritten.
-    _state_shapes = AdamMini._state_shapes
+    # The same op as Adam-mini (v: one entry per block): shared, not rewritten.
     _op_call = AdamMini._op_call
-    _state_sharded = AdamMini._state_sharded
     _sharded_call = AdamMini._sharded_call
 
     def _describe_row(self, p):
@@ -129,70 +115,3 @@ class SlimAdam(MemoptOptimizer):
         """p's v in the reference's keepdim shape (a view of the state; 1-D for a split QKV)."""
         return self.state[p]["exp_avg_sq"].view(self.blocks[p].v_shape)
 
-
-def load_rules(rules) -> dict:
-    """A rules dict from a dict or a JSON file path, checked: values are lists of ints, null or
-    "table"; a torch.compile prefix is stripped from names."""
-    if isinstance(rules, (str, os.PathLike)):
-        with open(rules) as f:
-            rules = json.load(f)
-    if not isinstance(rules, dict):
-        raise TypeError(f"rules must be 'table', None, a dict or a JSON path, got {type(rules).__name__}")
-    out = {}
-    for name, dims in rules.items():
-        ok = dims is None or dims == "table" or (
-            isinstance(dims, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool)
-                                                    for d in dims))
-        if not ok:
-            raise ValueError(f"rules[{name!r}] must be a list of dims, null or 'table', got {dims!r}")
-        out[name.removeprefix(_COMPILE_PREFIX)] = dims if dims is None or dims == "table" else tuple(dims)
-    return out
-
-
-def _table_roles(named, model, roles, dims):
-    """infer_roles for the table: Q/K keep their role without heads (the fan-in mean needs
-    none); a fused QKV whose heads are unknown is left whole, quietly (the warning is about
-    Adam-mini's per-head blocks)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return infer_roles(named, model, roles=roles, qk_need_heads=False, **dims)
-
-
-def _table_layout(name, p, r) -> Layout:
-    segs, v_shape, dims, rule = _C.slim_adam_table_layout(
-        r.role, list(p.shape), r.transposed, r.head_dim, r.q_heads, r.kv_heads, r.kv_interleaved)
-    dims = "table" if dims is None else (tuple(dims) or None)
-    return Layout(name, r.role, tuple(segs), p.dim() >= 2, r.note, tuple(v_shape), dims, rule)
-
-
-def plan_layouts(named, model=None, rules="table", *, roles=None, dim=None, n_heads=None,
-                 n_kv_heads=None) -> dict:
-    """{param: Layout} for (name, tensor) pairs under `rules` (see SlimAdam)."""
-    table = _table_roles(named, model, roles, dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads))
-    explicit = None if rules is None or (isinstance(rules, str) and rules == "table") else load_rules(rules)
-    out, missing = {}, []
-    for name, p in named:
-        r = table[name]
-        key = name.removeprefix(_COMPILE_PREFIX)
-        choice = "table" if isinstance(rules, str) and rules == "table" else None
-        if explicit is not None:
-            choice = explicit.get(key)
-            if key not in explicit:
-                missing.append(name)
-        if choice == "table":
-            out[p] = _table_layout(name, p, r)
-            continue
-        try:
-            segs, v_shape, dims, rule = _C.slim_adam_dims_layout(list(p.shape), list(choice or ()))
-        except ValueError as e:
-            raise ValueError(f"rules[{name!r}]: {e}") from None
-        out[p] = Layout(name, r.role, tuple(segs), p.dim() >= 2, "", tuple(v_shape),
-                        tuple(dims) or None, rule)
-    if explicit is not None:
-        unknown = set(explicit) - {n.removeprefix(_COMPILE_PREFIX) for n, _ in named}
-        if missing or unknown:
-            warnings.warn(f"SlimAdam rules: {len(missing)} parameter(s) not in the rules stay "
-                          f"uncompressed{' (' + missing[0] + ', ...)' if missing else ''}; "
-                          f"{len(unknown)} rule name(s) match no parameter"
-                          f"{' (' + sorted(unknown)[0] + ', ...)' if unknown else ''}", stacklevel=3)
-    return out

@@ -40,7 +40,7 @@ def _probe_setup(args):
 
 def run_snr(args) -> int:
     from ..adamw import AdamW
-    from ..slim_adam import plan_layouts
+    from ..slim_adam import SlimAdam
     if args.steps < 1 or args.every < 1:
         raise SystemExit("memopt snr: --steps and --every must be at least 1")
     model, data = _probe_setup(args)
@@ -63,9 +63,8 @@ def run_snr(args) -> int:
     for name, dims in rules.items():
         best = max(means.get(name, {}).items(), key=lambda kv: kv[1], default=((), math.nan))
         print(f"{name:<{width}}  {str(best[0]):>8}  {best[1]:8.3g}  {dims}")
-    named = list(model.named_parameters())
-    kept = sum(b.count for b in plan_layouts(named, model, rules).values())
-    total = sum(p.numel() for _, p in named)
+    kept = SlimAdam(model, rules=rules).v_entries()
+    total = sum(p.numel() for p in model.parameters())
     print(f"\n{len(rules)} rules -> {args.out}; with them SlimAdam keeps {kept:,} of {total:,} "
           f"second-moment entries ({100 * (1 - kept / total):.2f}% saved)", file=sys.stderr)
     return 0
