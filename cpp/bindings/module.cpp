@@ -12,6 +12,7 @@
 #include "memopt/common.h"
 #include "memopt/nonfinite.h"
 #include "memopt/partition.h"
+#include "option_text.h"
 #include "tensor_caster.h"
 
 namespace nb = nanobind;
@@ -21,6 +22,7 @@ void bind_optimizers(nb::module_& m);  // optimizers.cpp: the LibTorch optimizer
 void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: SlimAdam's v layouts
 void bind_frugal(nb::module_& m);      // frugal.cpp
 void bind_apollo(nb::module_& m);      // apollo.cpp: APOLLO's validator and the Projector
+void bind_apollo_plan(nb::module_& m);  // apollo_plan.cpp: memopt::ApolloPlan
 void bind_roles(nb::module_& m);       // roles.cpp: role inference and the role traits
 
 namespace {
@@ -39,12 +41,6 @@ BlockSpec from_tuples(const std::vector<SegmentTuple>& tuples) {
 }
 c10::Device parse_device(const std::string& device) { return c10::Device(device); }
 // A Python value as an AdamWRule: a str naming one; anything else gets the same ValueError.
-// A string option as text, or the repr of a non-string (so the C++ check rejects it by name).
-std::string option_text(nb::handle value) {
-  return nb::isinstance<nb::str>(value) ? nb::cast<std::string>(value)
-                                        : std::string(nb::repr(value).c_str());
-}
-
 AdamWRule adamw_rule_of(nb::handle rule) { return parse_adamw_rule(option_text(rule)); }
 }  // namespace
 
@@ -182,4 +178,5 @@ NB_MODULE(_C, m) {
   bind_slim_adam(m);
   bind_frugal(m);
   bind_apollo(m);
+  bind_apollo_plan(m);
 }
