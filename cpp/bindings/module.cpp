@@ -87,8 +87,6 @@ NB_MODULE(_C, m) {
         nb::arg("params"), nb::arg("grads"), nb::arg("exp_avgs"), nb::arg("exp_avg_sqs"),
         nb::arg("steps"), nb::arg("lr"), nb::arg("beta1"), nb::arg("beta2"), nb::arg("eps"),
         nb::arg("weight_decay"), nb::arg("rule").none() = "torch");
-  m.def("check_adamw_rule", [](nb::handle rule) { adamw_rule_of(rule); }, nb::arg("rule").none(),
-        "Raises ValueError unless rule is 'apollo' or 'torch' (adamw_'s rule argument).");
   m.def("skips_nonfinite", [](nb::handle v) { return skips_nonfinite(option_text(v)); },
         nb::arg("nonfinite").none(),
         "True for 'skip', False for 'propagate'; ValueError otherwise (memopt/nonfinite.h).");
