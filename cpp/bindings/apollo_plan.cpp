@@ -50,6 +50,7 @@ void bind_apollo_plan(nb::module_& m) {
 
   nb::class_<ApolloPlan>(m, "ApolloPlan", "memopt::ApolloPlan: every decision APOLLO makes.")
       .def(nb::init<>())
+      .def_ro_static("legacy_adamw_rule", &ApolloSettings::kLegacyAdamWRule)
       .def("add_group",
            [](ApolloPlan& plan, const std::vector<std::vector<int64_t>>& shapes,
               std::optional<int64_t> rank, nb::handle proj, nb::handle proj_type,

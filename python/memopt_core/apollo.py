@@ -11,8 +11,7 @@ from .distributed import ShardedCall, apollo_shard_placement, local_args
 from .apollo_groups import apollo_groups
 from .sources import resolve
 
-# The rule of a group saved before adamw_rule existed: those checkpoints were stepped with it.
-_LEGACY_ADAMW_RULE = "torch"
+_LEGACY_ADAMW_RULE = _C.ApolloPlan.legacy_adamw_rule  # of a group saved before the option
 _PARAM_DTYPE = 0  # memopt::StateDType::Param: state in the parameter's own dtype
 
 

@@ -49,6 +49,9 @@ struct ApolloSettings {
   bool scale_front = false;
   bool store_projection = true;     // false: P is regenerated from its seed every step
   std::string adamw_rule = "apollo";
+  // The adamw_rule of a group saved before the option existed: such checkpoints were stepped
+  // with torch.optim.AdamW's rule and resume with it.
+  static constexpr const char* kLegacyAdamWRule = "torch";
 };
 
 class ApolloPlan : public OptimizerPlan {
