@@ -3,8 +3,8 @@ of APOLLO's decisions that both front ends apply, against an independent pure-Py
 of apollo-torch 1.0.3's rules (GaLore's projection sides, one group per rank, seeds = 1-based
 positions) and the memopt state layout: which tensors are projected at which rank, every
 tensor's state (keys, shapes, dtypes, layout, sharding, fills), seeds across groups, settings
-checks and checkpoint checks. The front end's wiring: test_apollo.py; trajectories against
-apollo-torch itself: test_apollo.py, test_fuzz_apollo.py."""
+checks and checkpoint checks; and what the Python front end does with it on loading. Its
+trajectories against apollo-torch itself: test_apollo.py, test_fuzz_apollo.py."""
 from __future__ import annotations
 
 import itertools
@@ -12,6 +12,7 @@ import itertools
 import pytest
 import torch
 
+import memopt_core
 from memopt_core import _C
 
 PARAM, INT64, SCALAR = 0, 2, 4  # memopt::StateDType codes
@@ -183,3 +184,66 @@ def test_check_saved():
             plan.check_saved(0, saved, torch.float32, "where")
     with pytest.raises(ValueError, match="'proj', which this optimizer does not keep"):
         plan.check_saved(1, {**saved_state(plan, 1), "proj": torch.zeros(1)}, torch.float32, "p")
+
+
+# ---- the Python front end on the plan (its trajectories: test_apollo.py) -------------------
+def _steps(opt, params, start, stop):
+    for step in range(start, stop):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+        opt.step()
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 10), (9, 4), (5,)]]
+
+
+@pytest.mark.parametrize("saved_store", [True, False])
+def test_a_loaded_checkpoint_brings_its_layout_settings(saved_store):
+    """torch takes a group's settings from the checkpoint: the plan is rebuilt from them, so a
+    checkpoint saved with the other store_projection loads and resumes exactly."""
+
+    def make(params, store):
+        return memopt_core.Apollo([{"params": params[:2], "rank": 3}, {"params": params[2:]}],
+                                  lr=1e-2, update_proj_gap=2, store_projection=store)
+    straight_p = _params()
+    straight = make(straight_p, saved_store)
+    _steps(straight, straight_p, 0, 5)
+    params = _params()
+    opt = make(params, saved_store)
+    _steps(opt, params, 0, 3)
+    fresh_p = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = make(fresh_p, not saved_store)
+    fresh.load_state_dict(opt.state_dict())
+    assert ("proj" in fresh.state[fresh_p[0]]) == saved_store
+    assert fresh.param_groups[0]["store_projection"] == saved_store
+    _steps(fresh, fresh_p, 3, 5)
+    assert all(torch.equal(a, b) for a, b in zip(fresh_p, straight_p))
+
+
+def test_a_checkpoint_the_plan_refuses_changes_nothing():
+    params = _params()
+    opt = memopt_core.Apollo([{"params": params[:2], "rank": 3}, {"params": params[2:]}], lr=1e-2)
+    _steps(opt, params, 0, 2)
+    for change, exc in [({"seed": torch.zeros(())}, TypeError),
+                        ({"extra": torch.zeros(1)}, ValueError)]:
+        sd = opt.state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        sd["state"][0].update(change)
+        sd["param_groups"][0]["scale_type"] = "tensor"  # the plan loading it would have
+        before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+        with pytest.raises(exc, match="Apollo: parameter 0"):
+            opt.load_state_dict(sd)
+        assert opt.param_groups[0]["scale_type"] == "channel" and len(opt.plan) == 3
+        assert opt.plan.scale_factors(0) == 10  # the constructor's plan: one per column
+        assert all(torch.equal(opt.state[params[0]][k], v) for k, v in before.items())
+    _steps(opt, params, 2, 3)
+
+
+def test_rank_zero_projects_nothing_and_a_negative_rank_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    opt = memopt_core.Apollo(model, rank=0, roles={r"\.weight$": "mlp"})
+    assert [g.get("rank") for g in opt.param_groups] == [None]
+    with pytest.raises(ValueError, match="rank must be >= 0"):
+        memopt_core.Apollo(model, rank=-1)
