@@ -188,7 +188,7 @@ def test_fsdp2_equals_single_process(sharded, case):
         if overrides != "tiny":
             assert 0 < got["reduced_bytes"] < sum(p.numel() for p in params) * 8 // 4
         lefts = [p for g in opt.param_groups if g.get("rank") for p in g["params"]
-                 if opt._projector(p, g).side == "left"]
+                 if opt.plan.side(opt._index[p]) == "left"]
         if columns:
             assert any(dim_of(p).dim == 1 for p in lefts)
         if columns and all(dim_of(p).dim == 1 for p in lefts):

@@ -1,4 +1,5 @@
-// _C bindings for APOLLO: the option check, the Projector, and the scratch planner. Thin.
+// _C bindings for APOLLO: the Projector and the scratch planner (the settings' checks are
+// ApolloPlan.add_group's: apollo_plan.cpp; the op's validator is registered beside the op). Thin.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -24,16 +25,6 @@ void bind_apollo(nb::module_& m) {
         nb::arg("scale_type"), nb::arg("norm_growth_limit"), nb::arg("shard_dim") = 0,
         "Float64 statistics one tensor of this full shape, sharded along shard_dim (0: rows, "
         "1: columns), adds to apollo_shard_'s stats buffer.");
-  m.def("check_apollo_config",
-        [](int64_t rank, const std::string& proj, const std::string& proj_type,
-           const std::string& scale_type, int64_t update_proj_gap, double scale,
-           double norm_growth_limit) {
-          make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,
-                             norm_growth_limit, false);
-        },
-        nb::arg("rank"), nb::arg("proj"), nb::arg("proj_type"), nb::arg("scale_type"),
-        nb::arg("update_proj_gap"), nb::arg("scale"), nb::arg("norm_growth_limit"),
-        "Raises ValueError for an invalid APOLLO group setting.");
   m.def("apollo_workspace_bytes",
         [](const std::vector<int64_t>& shape, const at::Tensor& like, int64_t rank,
            const std::string& proj, const std::string& proj_type, const std::string& scale_type,

@@ -12,6 +12,7 @@
 #include "memopt/common.h"
 #include "memopt/nonfinite.h"
 #include "memopt/partition.h"
+#include "option_text.h"
 #include "tensor_caster.h"
 
 namespace nb = nanobind;
@@ -20,7 +21,8 @@ using namespace memopt;
 void bind_optimizers(nb::module_& m);  // optimizers.cpp: the LibTorch optimizer classes
 void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: which dim sets SlimAdam supports
 void bind_frugal(nb::module_& m);      // frugal.cpp
-void bind_apollo(nb::module_& m);      // apollo.cpp: APOLLO's validator and the Projector
+void bind_apollo(nb::module_& m);      // apollo.cpp: the Projector, the scratch planner
+void bind_apollo_plan(nb::module_& m);  // apollo_plan.cpp: memopt::ApolloPlan
 void bind_roles(nb::module_& m);       // roles.cpp: role inference and the role traits
 void bind_plan(nb::module_& m);        // plan.cpp: OptimizerPlan, the plans' base class
 void bind_block_plan(nb::module_& m);  // block_plan.cpp: AdamW's, Adam-mini's, SlimAdam's plan
@@ -41,12 +43,6 @@ BlockSpec from_tuples(const std::vector<SegmentTuple>& tuples) {
 }
 c10::Device parse_device(const std::string& device) { return c10::Device(device); }
 // A Python value as an AdamWRule: a str naming one; anything else gets the same ValueError.
-// A string option as text, or the repr of a non-string (so the C++ check rejects it by name).
-std::string option_text(nb::handle value) {
-  return nb::isinstance<nb::str>(value) ? nb::cast<std::string>(value)
-                                        : std::string(nb::repr(value).c_str());
-}
-
 AdamWRule adamw_rule_of(nb::handle rule) { return parse_adamw_rule(option_text(rule)); }
 }  // namespace
 
@@ -78,8 +74,6 @@ NB_MODULE(_C, m) {
   m.def("check_adam_hparams", &check_adam_hparams, nb::arg("lr"), nb::arg("beta1"),
         nb::arg("beta2"), nb::arg("eps"), nb::arg("weight_decay"),
         "Raises ValueError for an invalid Adam-family hyperparameter.");
-  m.def("check_adamw_rule", [](nb::handle rule) { adamw_rule_of(rule); }, nb::arg("rule").none(),
-        "Raises ValueError unless rule is 'apollo' or 'torch' (adamw_'s rule argument).");
   m.def("skips_nonfinite", [](nb::handle v) { return skips_nonfinite(option_text(v)); },
         nb::arg("nonfinite").none(),
         "True for 'skip', False for 'propagate'; ValueError otherwise (memopt/nonfinite.h).");
@@ -144,4 +138,5 @@ NB_MODULE(_C, m) {
   bind_slim_adam(m);
   bind_frugal(m);
   bind_apollo(m);
+  bind_apollo_plan(m);
 }

@@ -11,10 +11,8 @@ from .distributed import ShardedCall, apollo_shard_placement, local_args
 from .apollo_groups import apollo_groups
 from .sources import resolve
 
-_SETTINGS = ("proj", "proj_type", "scale_type", "update_proj_gap", "scale", "norm_growth_limit",
-             "scale_front", "store_projection", "adamw_rule")
-# The rule of a group saved before adamw_rule existed: those checkpoints were stepped with it.
-_LEGACY_ADAMW_RULE = "torch"
+_LEGACY_ADAMW_RULE = _C.ApolloPlan.legacy_adamw_rule  # of a group saved before the option
+_PARAM_DTYPE = 0  # memopt::StateDType::Param: state in the parameter's own dtype
 
 
 class Apollo(MemoptOptimizer):
@@ -47,10 +45,11 @@ class Apollo(MemoptOptimizer):
     embeddings, norms, output layer and biases get AdamW (``roles=`` overrides as in
     ``memopt_core.roles.infer_roles``). ``rank`` defaults to the model's hidden size / 4, at
     most 256 (APOLLO's pre-training scripts; 256 when the model does not say), and a tensor
-    never gets more than its smaller side. apollo-torch-style groups (a group with a ``rank``
-    key is projected and may set any setting below) are kept as given. Bare tensors without
-    names are projected (the 2-D ones) only when ``rank`` is given; otherwise the
-    constructor raises and says how to pass the model. ``proj``: "random" or "svd" (GaLore's top-r singular vectors, float32).
+    never gets more than its smaller side (``rank=0``: none is projected). apollo-torch-style
+    groups (a group with a ``rank`` key is projected and may set any setting below) are kept
+    as given. Bare tensors without names are projected (the 2-D ones) only when ``rank`` is
+    given; otherwise the constructor raises and says how to pass the model. ``proj``: "random"
+    or "svd" (GaLore's top-r singular vectors, float32).
     ``proj_type``: "std" (compress the smaller dim), "reverse_std", "left", "right".
     ``scale``: alpha^2 (the update is scaled by sqrt(scale), as apollo-torch does).
     ``norm_growth_limit``: gamma, or None to turn the limiter off (apollo-torch's disable_nl).
@@ -64,16 +63,9 @@ class Apollo(MemoptOptimizer):
     (2 r n values), P (r m values, unless store_projection=False), an int64 seed and a float32
     limiter norm; against AdamW's 2 m n, about r/m of its memory (1/m for APOLLO-Mini).
 
-    FSDP2 (DTensor parameters sharded by rows, even, uneven or empty shards; HSDP too): each
-    rank steps its own rows and the result equals one process on the full weights. Where P
-    contracts the sharded rows (Left side: the weight's rows are the smaller dimension) every
-    rank forms its partial R = P[rows]^T G, and the partials (r x n float64 values per weight,
-    plus n column norms of G for the limiter) are summed in the step's one all-reduce; the
-    moments (r x n) and P are replicated and every rank updates them alike. On the Right side
-    the moments are row shards like the weight and only a few scalars cross ranks (tensor-wise
-    sums, ||U||^2), at the price of forming that R twice when the limiter or tensor scaling
-    needs them. proj="svd" is refused on sharded weights (ValueError): its refresh needs the
-    whole gradient; use proj="random".
+    FSDP2 (row or column shards, even, uneven or empty; HSDP too) gives the result of one
+    process on the full weights (README, "Distributed training": what crosses ranks).
+    proj="svd" is refused on sharded weights (ValueError): its refresh needs the whole gradient.
 
     When not to use it: tiny weights (r >= min(m, n) keeps more state than AdamW; see
     ``describe()``), fine-tuning where exact Adam matters, or proj="svd" when a refresh's SVD
@@ -91,8 +83,9 @@ class Apollo(MemoptOptimizer):
                  scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
                  model=None, nonfinite="propagate"):
         groups = apollo_groups(resolve(params, model), rank, roles, self)
-        self._seed0: dict = {}    # before super().__init__, which calls add_param_group
-        self._group_cache: tuple = ((), {})
+        # before super().__init__, which calls add_param_group: every decision is the plan's
+        # (cpp/src/apollo_plan.cpp); _index: each parameter's position in it
+        self.plan, self._index = _C.ApolloPlan(), {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, proj=proj,
                         proj_type=proj_type, scale_type=scale_type,
                         update_proj_gap=update_proj_gap, scale=scale,
@@ -108,67 +101,58 @@ class Apollo(MemoptOptimizer):
         return max(1, min(256, int(d) // 4)) if d else 256
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's add_param_group plus APOLLO's checks for a group with ``rank``; every
-        parameter gets apollo-torch's seed, its 1-based position among all parameters."""
+        """torch's add_param_group, then the group's tensors added to the plan (which checks
+        its settings and raises, leaving the optimizer as it was, on a bad one)."""
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        group, start = self.param_groups[-1], len(self.plan)
         try:
-            _C.check_adamw_rule(group["adamw_rule"])
-            if group.get("rank") is not None:
-                _C.check_apollo_config(int(group["rank"]), group["proj"], group["proj_type"],
-                                       group["scale_type"], int(group["update_proj_gap"]),
-                                       float(group["scale"]), _gamma(group))
-                for p in group["params"]:
-                    _C.Projector(group["proj"], group["proj_type"], int(group["rank"]), list(p.shape))
-                if group["proj"] == "svd" and not group["store_projection"]:
-                    raise ValueError("proj='svd' needs store_projection=True: an SVD basis "
-                                     "cannot be regenerated from a seed")
-                if group["proj"] == "svd" and any(self._split(p) for p in group["params"]):
-                    raise ValueError(_SVD_SHARDED)
+            self._plan_group(self.plan, group)
         except Exception:
             del self.param_groups[-1]
             raise
-        for p in group["params"]:
-            self._seed0.setdefault(p, len(self._seed0) + 1)
+        for k, p in enumerate(group["params"]):
+            self._index.setdefault(p, start + k)
 
-    # ---- state ----------------------------------------------------------------------------
-    def _group_of(self, p) -> dict:
-        key = tuple(id(g) for g in self.param_groups)  # load_state_dict makes new group dicts
-        if self._group_cache[0] != key:
-            self._group_cache = (key, {q: g for g in self.param_groups for q in g["params"]})
-        return self._group_cache[1][p]
+    def _plan_group(self, plan, group: dict) -> None:
+        rank = group.get("rank")  # None: the group takes AdamW
+        plan.add_group([list(p.shape) for p in group["params"]],
+                       None if rank is None else int(rank), group["proj"], group["proj_type"],
+                       group["scale_type"], int(group["update_proj_gap"]),
+                       float(group["scale"]), _gamma(group), bool(group["scale_front"]),
+                       bool(group["store_projection"]), group["adamw_rule"],
+                       [] if rank is None else [self._split(p) for p in group["params"]])
 
-    def _projector(self, p, group):
-        return _C.Projector(group["proj"], group["proj_type"], int(group["rank"]), list(p.shape))
-
-    def _state_follows_param(self, p, key):
-        return self._group_of(p).get("rank") is None  # projected moments stay contiguous
+    # ---- state: as the plan lays it out --------------------------------------------------
+    def _spec(self, p, key: str) -> tuple:
+        """(shape, dtype code, follows_param, sharded_along, fill) of p's state `key`."""
+        return next(s[1:] for s in self.plan.state(self._index[p]) if s[0] == key)
 
     def _state_shapes(self, p):
-        group = self._group_of(p)
-        if group.get("rank") is None:
-            return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
-        proj = self._projector(p, group)
-        shapes = {"exp_avg": tuple(proj.low_rank_shape), "exp_avg_sq": tuple(proj.low_rank_shape)}
-        if group["store_projection"]:
-            shapes["proj"] = tuple(proj.proj_shape)
-        if group["proj"] == "random":
-            shapes["seed"] = ()
-        shapes["limiter_norm"] = ()
-        return shapes
+        return {s[0]: tuple(s[1]) for s in self.plan.state(self._index[p])}
 
     def _state_dtype(self, p, key):
-        if key == "limiter_norm":  # a float32 scalar (float64 for float64 parameters)
-            return torch.float64 if p.dtype == torch.float64 else torch.float32
-        return torch.int64 if key == "seed" else p.dtype
+        return _C.ApolloPlan.resolve_dtype(self._spec(p, key)[1], p.dtype)
+
+    def _state_follows_param(self, p, key):
+        return self._spec(p, key)[2]
+
+    def _state_sharded(self, p, key, shape) -> bool:
+        return self._shard_layout(p).dim in self._spec(p, key)[3]
 
     def _init_states(self, params):
-        values = {}
-        for p in params:
-            if self._group_of(p).get("rank") is not None:
-                values[(p, "seed")] = torch.tensor(self._seed0[p], dtype=torch.int64)
-                values[(p, "limiter_norm")] = torch.tensor(-1.0)  # negative: no norm yet
-        self._pack_states(params, {k: v for k, v in values.items() if k[1] in self._state_shapes(k[0])})
+        """Zeroed state, but the plan's fills: apollo-torch's seeds and -1 limiter norms."""
+        self._pack_states(params, {
+            (p, key): torch.full(shape, fill, dtype=self._state_dtype(p, key))
+            for p in params for key, shape, _, _, _, fill in self.plan.state(self._index[p])
+            if fill})
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        super()._check_loadable(state_dict)  # the groups match; then each saved state: the plan's
+        for mine, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for p, pid in zip(mine["params"], saved["params"]):
+                if state_dict["state"].get(pid) is not None:
+                    self.plan.check_saved(self._index[p], dict(state_dict["state"][pid]), p.dtype,
+                                          f"{type(self).__name__}: parameter {pid}")
 
     def __setstate__(self, state: dict) -> None:
         """torch's load_state_dict and unpickling end here: a group saved before adamw_rule
@@ -179,21 +163,31 @@ class Apollo(MemoptOptimizer):
             group.setdefault("adamw_rule", _LEGACY_ADAMW_RULE)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """The base load, then the seeds and limiter norms put back exactly: torch casts every
-        non-step state tensor to the parameter dtype, which would round an int64 seed."""
-        exact = {}
+        """The base load under a plan of the loaded groups' settings (torch takes them from the
+        checkpoint); then the state not kept in the parameter's dtype (seeds, limiter norms)
+        put back exactly: torch casts it to the parameter dtype, which would round a seed."""
+        plan, old, exact = _C.ApolloPlan(), self.plan, {}
         for mine, saved in zip(self.param_groups, state_dict.get("param_groups", [])):
+            self._plan_group(plan, {**self.defaults, "adamw_rule": _LEGACY_ADAMW_RULE, **saved,
+                                    "params": mine["params"]})
             for p, pid in zip(mine["params"], saved.get("params", [])):
                 entry = state_dict.get("state", {}).get(pid, {})
-                exact.update({(p, k): entry[k] for k in ("seed", "limiter_norm")
-                              if isinstance(entry.get(k), torch.Tensor)})
-        super().load_state_dict(state_dict)
+                exact.update({(p, key): entry[key] for key, _, code, *_ in
+                              plan.state(self._index[p]) if code != _PARAM_DTYPE
+                              and isinstance(entry.get(key), torch.Tensor)})
+        self.plan = plan
+        try:
+            super().load_state_dict(state_dict)
+        except Exception:
+            self.plan = old
+            raise
         for (p, key), value in exact.items():
             if key in self.state.get(p, {}):
                 self.state[p][key].copy_(value.reshape(self.state[p][key].shape))
 
     # ---- the op ---------------------------------------------------------------------------
     def _op_call(self, group, params, grads, states):
+        # the group's settings, read as plain dicts so that torch.compile traces this
         beta1, beta2 = group["betas"]
         hp = (self._lr(group), float(beta1), float(beta2), float(group["eps"]),
               float(group["weight_decay"]))
@@ -223,26 +217,12 @@ class Apollo(MemoptOptimizer):
         layout = self._shard_layout(p)  # None for a plain tensor
         return layout is not None and layout.group is not None
 
-    def _state_sharded(self, p, key, shape) -> bool:
-        """The moments are split like the weight where the shard splits R's channels: Right
-        moments (m, r) of a row shard, Left moments (r, n) of a column shard. Otherwise (a Left
-        row shard) they are replicated, as P, seeds and limiter norms always are: every rank
-        updates them alike."""
-        group = self._group_of(p)
-        if group.get("rank") is None:
-            return super()._state_sharded(p, key, shape)
-        side = self._projector(p, group).side
-        return key in ("exp_avg", "exp_avg_sq") and \
-            (side, self._shard_layout(p).dim) in (("right", 0), ("left", 1))
-
     def _sharded_call(self, group, params, grads, states) -> ShardedCall:
         """Sharded projected weights: apollo_shard_stats_ writes this rank's partial
         statistics now, the base sums them over the shard group (one all-reduce), and
         apollo_shard_update_ finishes. Unsplit DTensors and AdamW groups take the base path."""
         if group.get("rank") is None or not self._split(params[0]):
             return super()._sharded_call(group, params, grads, states)
-        if group["proj"] == "svd":
-            raise ValueError(_SVD_SHARDED)
         layouts = [self._shard_layout(p) for p in params]
         _, args = self._op_call(group, params, grads, states)
         args = local_args(args)
@@ -254,33 +234,24 @@ class Apollo(MemoptOptimizer):
         full = (*args[:8], [lay.offset for lay in layouts],
                 [lay.global_shape[lay.dim] for lay in layouts], [lay.dim for lay in layouts],
                 stats, *args[8:])
-        torch.ops.memopt.check_apollo_shard_update_(*full)
+        torch.ops.memopt.check_apollo_shard_update_(*full)  # refuses proj='svd' too, should a group switch to it
         torch.ops.memopt.apollo_shard_stats_(*full)   # writes nothing but stats
         return ShardedCall(finish=lambda: torch.ops.memopt.apollo_shard_update_(*full),
                            stats=stats, group=layouts[0].group)
 
     # ---- reporting ------------------------------------------------------------------------
     def _describe_row(self, p):
-        group = self._group_of(p)
-        if group.get("rank") is None:
+        i = self._index[p]
+        if not self.plan.projected(i):
             return "adamw", "elementwise"
-        proj = self._projector(p, group)
-        factors = proj.channels if group["scale_type"] == "channel" else 1
-        return f"apollo-{proj.side[0].upper()}{proj.rank}", factors
+        side = self.plan.side(i)[0].upper()
+        return f"apollo-{side}{self.plan.rank(i)}", self.plan.scale_factors(i)
 
     def scratch_bytes(self) -> int:
         """Workspace the largest projected tensor's update carves (its R tile, P in fp32 where
         needed, per-channel sums): r-sized, reused across tensors and steps."""
-        out = 0
-        for group in self.param_groups:
-            if group.get("rank") is None:
-                continue
-            for p in group["params"]:
-                out = max(out, _C.apollo_workspace_bytes(
-                    list(p.shape), torch.empty(0, dtype=p.dtype), int(group["rank"]),
-                    group["proj"], group["proj_type"], group["scale_type"], _gamma(group),
-                    bool(group["store_projection"])))
-        return out
+        return max((self.plan.workspace_bytes(self._index[p], p.dtype)
+                    for g in self.param_groups for p in g["params"]), default=0)
 
 
 class ApolloMini(Apollo):
@@ -300,6 +271,7 @@ class ApolloMini(Apollo):
                  update_proj_gap=200, scale=128.0, norm_growth_limit: Optional[float] = 1.01,
                  scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
                  model=None, nonfinite="propagate"):
+        # the full signature: `memopt compare` reads the settings an optimizer takes from it
         super().__init__(params, lr, betas, eps, weight_decay, rank=rank, proj=proj,
                          proj_type=proj_type, scale_type=scale_type,
                          update_proj_gap=update_proj_gap, scale=scale,
@@ -310,11 +282,6 @@ class ApolloMini(Apollo):
     @staticmethod
     def default_rank(model) -> int:
         return 1  # the paper's APOLLO-Mini
-
-
-_SVD_SHARDED = ("APOLLO with proj='svd' cannot step weights sharded over ranks (FSDP2): an SVD "
-                "refresh needs the whole gradient on one rank; use proj='random' (the seeded "
-                "projection is the same on every rank)")
 
 
 def _gamma(group) -> float:

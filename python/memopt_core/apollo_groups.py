@@ -1,20 +1,19 @@
-"""Which tensors APOLLO projects, at which rank: torch param groups from resolved sources
-(memopt_core.sources). The roles' hidden matrices (role_traits, apollo-torch's main_pretrain:
-attention and MLP linears) are projected; embeddings, the output layer, norms, biases and conv
-kernels keep full AdamW state."""
+"""APOLLO's torch param groups from resolved sources (memopt_core.sources). Which tensors are
+projected, at which rank, and how they are grouped is the plan's rule (_C.apollo_ranks,
+_C.apollo_rank_groups: cpp/src/apollo_plan.cpp); this module gives it the roles and the rank."""
 from __future__ import annotations
 
 import warnings
 
-from .roles import infer_roles, role_has
+from . import _C
+from .roles import infer_roles
 from .sources import need_names
 
 
 def apollo_groups(src, rank, roles, opt) -> list:
-    """Torch param groups from resolved sources: apollo-torch-style groups (any with a 'rank'
-    key) as given; otherwise each group split into projected tensors (by role, or every 2-D
-    tensor of bare tensors given with an explicit rank), one group per effective rank (a
-    tensor's never above its smaller side), and AdamW tensors."""
+    """apollo-torch-style groups (any with a 'rank' key) as given; otherwise each group split
+    into one group per effective rank, then its AdamW tensors. rank None: the optimizer's
+    default_rank for the model, which needs names (roles decide what is projected)."""
     if any("rank" in g for g in src.groups):
         return [_torch_group(g, g["params"]) for g in src.groups if g["params"]]
     if rank is None:
@@ -22,24 +21,19 @@ def apollo_groups(src, rank, roles, opt) -> list:
                    "attention and MLP weights, not embeddings, norms or the head)")
         rank = opt.default_rank(src.model)
     named = src.named
+    kinds = [None] * len(named)  # bare tensors: every matrix is projected
     if src.all_named:
         with warnings.catch_warnings():  # head-count fallbacks matter to Adam-mini, not here
             warnings.simplefilter("ignore")
             inferred = infer_roles(named, src.model, roles=roles)
-        chosen = {p: p.dim() == 2 and role_has(inferred[n].role, "hidden_matrix") for n, p in named}
-    else:
-        chosen = {p: p.dim() == 2 for _, p in named}
+        kinds = [inferred[n].role for n, _ in named]
+    ranks = iter(_C.apollo_ranks([list(p.shape) for _, p in named], kinds, int(rank)))
     groups = []
     for g in src.groups:
-        by_rank, rest = {}, []
-        for n, p in g["params"]:
-            if chosen[p]:
-                by_rank.setdefault(max(1, min(int(rank), *p.shape)), []).append((n, p))
-            else:
-                rest.append((n, p))
-        groups += [_torch_group(g, members, rank=r) for r, members in by_rank.items()]
-        if rest:
-            groups.append(_torch_group(g, rest))
+        members = g["params"]
+        split = _C.apollo_rank_groups([next(ranks) for _ in members])
+        groups += [_torch_group(g, [members[k] for k in idx], **({"rank": r} if r else {}))
+                   for r, idx in split]
     return groups
 
 

@@ -7,6 +7,7 @@
 #include "memopt/adam_mini.h"
 #include "memopt/adamw.h"
 #include "memopt/apollo.h"
+#include "memopt/apollo_plan.h"
 #include "memopt/arena.h"
 #include "memopt/common.h"
 #include "memopt/frugal.h"
