@@ -18,7 +18,6 @@
 namespace nb = nanobind;
 using namespace memopt;
 
-void bind_optimizers(nb::module_& m);  // optimizers.cpp: the LibTorch optimizer classes
 void bind_slim_adam(nb::module_& m);   // slim_adam.cpp: which dim sets SlimAdam supports
 void bind_frugal(nb::module_& m);      // frugal.cpp
 void bind_apollo(nb::module_& m);      // apollo.cpp: the Projector, the scratch planner
@@ -134,7 +133,6 @@ NB_MODULE(_C, m) {
   bind_roles(m);
   bind_plan(m);  // before every plan's binding, which derives from it
   bind_block_plan(m);
-  bind_optimizers(m);
   bind_slim_adam(m);
   bind_frugal(m);
   bind_apollo(m);

@@ -1,63 +1,90 @@
-// memopt::AdamMini, the LibTorch optimizer: roles -> blocks once, at construction, then one
-// fused adam_mini_update_ call per param group (shared machinery: optimizers.cpp).
-#include <ATen/core/dispatch/Dispatcher.h>
-
-#include "memopt/adam_mini.h"
+// memopt::AdamMini and memopt::SlimAdam, the LibTorch optimizers: memopt::BlockPlan decides each
+// tensor's blocks and weight decay once, at construction; one fused adam_mini_ call per group.
 #include "memopt/optimizers.h"
-#include "memopt/slim_adam.h"
+
+#include "plan_optimizer_impl.h"
 
 namespace memopt {
 
 namespace {
 using RoleParams = std::vector<std::pair<at::Tensor, RoleInfo>>;
 
-// The query/key head geometry the options describe, validated.
-RoleInfo head_geometry(const AdamMiniOptions& o) {
-  TORCH_CHECK_VALUE(o.dim() >= 0 && o.n_heads() >= 0 && o.n_kv_heads() >= 0 && o.head_dim() >= 0,
+BlockPlanConfig config_for(BlockAlgorithm algorithm) {
+  BlockPlanConfig c;
+  c.algorithm = algorithm;
+  return c;
+}
+}  // namespace
+
+RoleInfo AdamMiniOptions::head_geometry() const {
+  TORCH_CHECK_VALUE(dim() >= 0 && n_heads() >= 0 && n_kv_heads() >= 0 && head_dim() >= 0,
                     "AdamMini: dim, n_heads, n_kv_heads and head_dim must be >= 0");
   RoleInfo info;
-  info.head_dim = o.head_dim();
-  if (info.head_dim == 0 && o.n_heads() > 0) {
-    TORCH_CHECK_VALUE(o.dim() > 0 && o.dim() % o.n_heads() == 0, "AdamMini: dim (", o.dim(),
-                      ") must be a positive multiple of n_heads (", o.n_heads(),
+  info.head_dim = head_dim();
+  if (info.head_dim == 0 && n_heads() > 0) {
+    TORCH_CHECK_VALUE(dim() > 0 && dim() % n_heads() == 0, "AdamMini: dim (", dim(),
+                      ") must be a positive multiple of n_heads (", n_heads(),
                       "), or give head_dim");
-    info.head_dim = o.dim() / o.n_heads();
+    info.head_dim = dim() / n_heads();
   }
-  info.q_heads = o.n_heads();
-  info.kv_heads = o.n_kv_heads() > 0 ? o.n_kv_heads() : o.n_heads();
-  TORCH_CHECK_VALUE(o.n_kv_heads() == 0 || (o.n_heads() > 0 && o.n_heads() % o.n_kv_heads() == 0),
-                    "AdamMini: n_heads (", o.n_heads(), ") must be a multiple of n_kv_heads (",
-                    o.n_kv_heads(), ")");
+  info.q_heads = n_heads();
+  info.kv_heads = n_kv_heads() > 0 ? n_kv_heads() : n_heads();
+  TORCH_CHECK_VALUE(n_kv_heads() == 0 || (n_heads() > 0 && n_heads() % n_kv_heads() == 0),
+                    "AdamMini: n_heads (", n_heads(), ") must be a multiple of n_kv_heads (",
+                    n_kv_heads(), ")");
   return info;
 }
 
+struct AdamMini::Planned {
+  BlockPlan plan;
+  std::vector<at::Tensor> params;  // in the plan's order
+};
+
 // Roles of bare named parameters, decided as the Python front end decides them (infer_role with
-// names only), with the head geometry of the options.
-RoleParams roles_from_names(const std::vector<std::pair<std::string, at::Tensor>>& named,
-                            const AdamMiniOptions& o, bool qk_need_heads) {
-  const RoleInfo g = head_geometry(o);
+// names only, the options' head geometry); SlimAdam's table keeps Q/K roles without heads.
+AdamMini::Planned AdamMini::planned(const std::vector<std::pair<std::string, torch::Tensor>>& named,
+                                    const AdamMiniOptions& o, BlockAlgorithm algorithm) {
+  const RoleInfo g = o.head_geometry();
   TensorFacts facts;
-  facts.qk_need_heads = qk_need_heads;
+  facts.qk_need_heads = algorithm != BlockAlgorithm::SlimAdam;
   facts.heads = {o.dim(), g.q_heads, g.kv_heads, g.head_dim};
-  RoleParams out;
+  std::vector<BlockTensor> tensors;
+  std::vector<at::Tensor> params;
   for (const auto& [name, p] : named) {
     TORCH_CHECK_VALUE(p.defined(), "AdamMini: parameter '", name, "' is an undefined tensor");
-    out.emplace_back(p, infer_role(name, p.sizes(), facts).info);
+    const InferredRole r = infer_role(name, p.sizes(), facts);
+    tensors.push_back({name, p.sizes().vec(), r.info, r.note});
+    params.push_back(p);
   }
-  return out;
+  return {BlockPlan(std::move(tensors), config_for(algorithm)), std::move(params)};
 }
 
-// Decoupled weight decay: tensors with >= 2 dims whose role decays (roles.h), or, as
-// SlimAdam's reference does, every tensor with >= 2 dims.
-std::vector<torch::optim::OptimizerParamGroup> decay_groups(const RoleParams& params,
-                                                            const AdamMiniOptions& defaults,
-                                                            bool by_dims_only) {
-  std::vector<at::Tensor> decay, no_decay;
-  for (const auto& [p, info] : params) {
+// Explicit roles, their head geometry filled in from the options where left 0.
+AdamMini::Planned AdamMini::planned(const RoleParams& given, const AdamMiniOptions& o,
+                                    BlockAlgorithm algorithm) {
+  const RoleInfo g = o.head_geometry();
+  std::vector<BlockTensor> tensors;
+  std::vector<at::Tensor> params;
+  for (const auto& [p, role] : given) {
     TORCH_CHECK_VALUE(p.defined(), "AdamMini: a parameter is an undefined tensor");
-    const bool decays = p.dim() >= 2 && (by_dims_only || role_traits(info.role).decays);
-    (decays ? decay : no_decay).push_back(p);
+    RoleInfo info = role;
+    if (info.head_dim == 0) info.head_dim = g.head_dim;
+    if (info.q_heads == 0) info.q_heads = g.q_heads;
+    if (info.kv_heads == 0) info.kv_heads = g.kv_heads;
+    tensors.push_back({"parameter " + std::to_string(params.size()), p.sizes().vec(), info, ""});
+    params.push_back(p);
   }
+  return {BlockPlan(std::move(tensors), config_for(algorithm)), std::move(params)};
+}
+
+namespace {
+// The plan's weight decay as two groups: decayed (the defaults), and exempt (weight_decay 0).
+std::vector<torch::optim::OptimizerParamGroup> decay_groups(const BlockPlan& plan,
+                                                            const std::vector<at::Tensor>& params,
+                                                            const AdamMiniOptions& defaults) {
+  std::vector<at::Tensor> decay, no_decay;
+  for (size_t i = 0; i < params.size(); ++i)
+    (plan.decision(static_cast<int64_t>(i)).decay ? decay : no_decay).push_back(params[i]);
   std::vector<torch::optim::OptimizerParamGroup> groups;
   if (!decay.empty()) groups.emplace_back(std::move(decay));
   if (!no_decay.empty())
@@ -67,75 +94,52 @@ std::vector<torch::optim::OptimizerParamGroup> decay_groups(const RoleParams& pa
 }
 }  // namespace
 
+AdamMini::AdamMini(Planned p, const AdamMiniOptions& defaults)
+    : PlanOptimizer(decay_groups(p.plan, p.params, defaults), defaults, p.params),
+      plan_(std::move(p.plan)) {}
+
 AdamMini::AdamMini(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
                    AdamMiniOptions defaults)
-    : AdamMini(roles_from_names(named_params, defaults, true), defaults) {}
+    : AdamMini(planned(named_params, defaults, BlockAlgorithm::AdamMini), defaults) {}
+
+AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults)
+    : AdamMini(planned(params, defaults, BlockAlgorithm::AdamMini), defaults) {}
 
 SlimAdam::SlimAdam(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
                    AdamMiniOptions defaults)
-    : SlimAdam(roles_from_names(named_params, defaults, false), defaults) {}
+    : AdamMini(planned(named_params, defaults, BlockAlgorithm::SlimAdam), defaults) {}
 
 SlimAdam::SlimAdam(const RoleParams& params, AdamMiniOptions defaults)
-    : AdamMini(params, std::move(defaults), [](const RoleInfo& info, at::IntArrayRef shape) {
-        return slim_adam_table_layout(info, shape).spec;
-      }, /*decay_by_dims_only=*/true) {}
-
-AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults)
-    : AdamMini(params, std::move(defaults),
-               [](const RoleInfo& info, at::IntArrayRef shape) {
-                 return adam_mini_blocks(info, shape);
-               }, /*decay_by_dims_only=*/false) {}
-
-AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults, const BlockRule& rule,
-                   bool decay_by_dims_only)
-    : AdamFamily(decay_groups(params, defaults, decay_by_dims_only), defaults) {
-  const RoleInfo geometry = head_geometry(defaults);
-  for (const auto& [p, given] : params) {
-    RoleInfo info = given;
-    if (info.head_dim == 0) info.head_dim = geometry.head_dim;
-    if (info.q_heads == 0) info.q_heads = geometry.q_heads;
-    if (info.kv_heads == 0) info.kv_heads = geometry.kv_heads;
-    BlockSpec spec = rule(info, p.sizes());
-    check_block_spec(spec, p.numel(), "AdamMini: " + role_name(info.role) + " parameter");
-    specs_.emplace(p.unsafeGetTensorImpl(), std::move(spec));
-  }
-}
+    : AdamMini(planned(params, defaults, BlockAlgorithm::SlimAdam), defaults) {}
 
 const BlockSpec& AdamMini::block_spec(const torch::Tensor& param) const {
-  auto it = specs_.find(param.unsafeGetTensorImpl());
-  TORCH_CHECK_VALUE(it != specs_.end(),
-                    "AdamMini: tensor of shape ", param.sizes(),
-                    " was not given to the constructor; a parameter added later has no role, "
-                    "so no blocks (construct the optimizer with it)");
-  return it->second;
+  return plan_.decision(position(param)).spec;
 }
 
-void AdamMini::adopt_params(const std::vector<at::Tensor>& params, const AdamMiniOptions&) {
+void AdamMini::extend_plan(const std::vector<at::Tensor>& params, const AdamMiniOptions&) {
+  std::vector<BlockTensor> tensors;
   for (const auto& p : params) {
     RoleInfo info;
     info.role = p.dim() >= 2 ? Role::Linear : Role::Elementwise;
-    specs_[p.unsafeGetTensorImpl()] = adam_mini_blocks(info, p.sizes());
+    tensors.push_back({"added parameter", p.sizes().vec(), info, ""});
   }
+  plan_.add(std::move(tensors));
 }
 
-std::vector<int64_t> AdamMini::exp_avg_sq_sizes(const at::Tensor& param) const {
-  return {num_blocks(block_spec(param))};
+// Through the dispatcher, as torch.ops.memopt.adam_mini_ (device-dispatched kernels).
+void AdamMini::run(const AdamMiniOptions& o, const GroupLists& l, bool validate) const {
+  std::vector<int64_t> blocks;
+  for (const auto& p : l.params) {
+    const auto e = plan_.encoded(position(p));
+    blocks.insert(blocks.end(), e.begin(), e.end());
+  }
+  call_op<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+               at::IntArrayRef, const at::Tensor&, double, double, double, double)>(
+      "adam_mini_", validate, l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),
+      l.list("step"), at::IntArrayRef(blocks), at::scalar_tensor(o.lr(), at::kDouble),
+      std::get<0>(o.betas()), std::get<1>(o.betas()), o.eps(), o.weight_decay());
 }
 
-void AdamMini::update(const AdamMiniOptions& o, const GroupLists& l) {
-  std::vector<BlockSpec> specs;
-  specs.reserve(l.params.size());
-  for (const auto& p : l.params) specs.push_back(block_spec(p));
-  // Through the dispatcher, as torch.ops.memopt.adam_mini_ (device-dispatched kernels).
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("memopt::adam_mini_", "")
-                       .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                                   at::TensorList, at::IntArrayRef, const at::Tensor&, double,
-                                   double, double, double)>();
-  const auto blocks = encode_block_specs(specs);
-  op.call(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.steps, blocks,
-          at::scalar_tensor(o.lr(), at::kDouble), std::get<0>(o.betas()),
-          std::get<1>(o.betas()), o.eps(), o.weight_decay());
-}
+template class PlanOptimizer<AdamMiniOptions>;
 
 }  // namespace memopt

@@ -56,6 +56,14 @@ BlockAlgorithm block_algorithm_from_string(const std::string& name) {
   TORCH_CHECK_VALUE(false, "algorithm must be 'adamw', 'adam_mini' or 'slim_adam', got '", name, "'");
 }
 
+void BlockPlan::add(std::vector<BlockTensor> tensors) {
+  BlockPlanConfig config = config_;
+  if (config.rules.kind == SlimRules::Kind::Map) config.rules = SlimRules{SlimRules::Kind::None, {}};
+  BlockPlan more(std::move(tensors), std::move(config));
+  tensors_.insert(tensors_.end(), more.tensors_.begin(), more.tensors_.end());
+  decisions_.insert(decisions_.end(), more.decisions_.begin(), more.decisions_.end());
+}
+
 BlockPlan::BlockPlan(std::vector<BlockTensor> tensors, BlockPlanConfig config)
     : tensors_(std::move(tensors)), config_(std::move(config)) {
   const BlockAlgorithm algo = config_.algorithm;

@@ -29,7 +29,8 @@ std::vector<at::Tensor> PlanOptimizer<Options>::GroupLists::list(const std::stri
 
 template <typename Options>
 PlanOptimizer<Options>::PlanOptimizer(
-    const std::vector<torch::optim::OptimizerParamGroup>& param_groups, const Options& defaults)
+    const std::vector<torch::optim::OptimizerParamGroup>& param_groups, const Options& defaults,
+    const std::vector<at::Tensor>& plan_order)
     : torch::optim::Optimizer(param_groups, std::make_unique<Options>(defaults)) {
   validate_options(defaults);
   // LibTorch only rejects a parameter seen twice once it has state; a repeat here would be
@@ -41,7 +42,12 @@ PlanOptimizer<Options>::PlanOptimizer(
                         ": a parameter appears more than once in the optimizer");
     keep_group_options(i, param_groups[i]);
   }
-  for (const auto& g : param_groups_) index_params(g.params());
+  if (!plan_order.empty()) {
+    TORCH_CHECK(plan_order.size() == seen.size(), "plan_order must list every parameter once");
+    index_params(plan_order);
+  } else {
+    for (const auto& g : param_groups_) index_params(g.params());
+  }
 }
 
 template <typename Options>

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _C
 from ._base import MemoptOptimizer
 
 

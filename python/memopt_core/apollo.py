@@ -234,7 +234,8 @@ class Apollo(MemoptOptimizer):
         full = (*args[:8], [lay.offset for lay in layouts],
                 [lay.global_shape[lay.dim] for lay in layouts], [lay.dim for lay in layouts],
                 stats, *args[8:])
-        torch.ops.memopt.check_apollo_shard_update_(*full)  # refuses proj='svd' too, should a group switch to it
+        # (refuses proj="svd" too, should a group switch to it)
+        torch.ops.memopt.check_apollo_shard_update_(*full)
         torch.ops.memopt.apollo_shard_stats_(*full)   # writes nothing but stats
         return ShardedCall(finish=lambda: torch.ops.memopt.apollo_shard_update_(*full),
                            stats=stats, group=layouts[0].group)

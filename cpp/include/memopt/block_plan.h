@@ -76,6 +76,11 @@ class BlockPlan : public OptimizerPlan {
   // Raises c10::ValueError for an invalid option or rule, naming it.
   BlockPlan(std::vector<BlockTensor> tensors, BlockPlanConfig config);
 
+  // Tensors of a param group added later (the LibTorch add_param_group), decided under the same
+  // config (a rules map, which named the tensors of the construction, leaves them uncompressed);
+  // raises, changing nothing, as the constructor does.
+  void add(std::vector<BlockTensor> tensors);
+
   int64_t size() const override { return static_cast<int64_t>(tensors_.size()); }
   // AdamW: exp_avg, exp_avg_sq shaped like the parameter. Adam-mini, SlimAdam: exp_avg shaped
   // like it, exp_avg_sq one entry per block, replicated (every rank updates all blocks).

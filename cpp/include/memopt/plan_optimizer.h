@@ -14,6 +14,8 @@
 
 #include "memopt/plan.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 namespace memopt {
 
 // A parameter's state: its plan's tensors by key ("step", then the layout's keys), saved under
@@ -32,6 +34,11 @@ struct ParamState : public torch::optim::OptimizerCloneableParamState<ParamState
 // Options: a torch::optim::OptimizerCloneableOptions with Adam's hyperparameters
 // (MEMOPT_ADAM_OPTIONS_ARGS) and `void check() const` for its own. The template's definitions are
 // in cpp/src/plan_optimizer_impl.h; each optimizer's source file instantiates it for its options.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const std::string& name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").typed<Signature>();
+}
+
 template <typename Options>
 class PlanOptimizer : public torch::optim::Optimizer {
  public:
@@ -60,9 +67,10 @@ class PlanOptimizer : public torch::optim::Optimizer {
   };
 
   // Groups that carry options keep them as given (LibTorch merges group options only for its
-  // own optimizer types). Positions in the plan are the parameters' order over the groups.
+  // own optimizer types). `plan_order`: the parameters in the plan's order (empty: their order
+  // over the groups); a group added later takes the next positions.
   PlanOptimizer(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
-                const Options& defaults);
+                const Options& defaults, const std::vector<at::Tensor>& plan_order = {});
 
   const Options& group_options(size_t group) const {
     return static_cast<const Options&>(param_groups_[group].options());
@@ -70,6 +78,14 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // The parameter's position in the plan (raises for a tensor the optimizer does not have).
   int64_t position(const at::Tensor& param) const;
   ParamState* mutable_state(const at::Tensor& param) const;
+  // Calls the op memopt::<name> through the dispatcher (the device's kernel, as the Python front
+  // end's torch.ops.memopt.<name>), or with `validate` its validator memopt::check_<name>.
+  template <typename Signature, typename... Args>
+  static void call_op(const char* name, bool validate, Args&&... args) {
+    // looked up per call (a hash lookup): ops of one signature must not share a cached handle
+    find_op<Signature>(std::string(validate ? "memopt::check_" : "memopt::") + name)
+        .call(std::forward<Args>(args)...);
+  }
   // Zeroed (or filled) state as `layout` says, with a zero float32 CPU step.
   static std::unique_ptr<ParamState> make_state(const at::Tensor& param, const StateLayout& layout);
 
