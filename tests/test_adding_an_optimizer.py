@@ -1,7 +1,7 @@
 """docs/adding_an_optimizer.md, checked: a sixth optimizer (plain SGD with momentum) added the way
 the walk-through says, through its own op, its own front-end class and one registry entry, and
 nothing else, passes the torch.optim contract tests that every registered optimizer passes
-(tests/test_optimizer_contract.py, run here against it) and matches torch.optim.SGD bit for bit.
+(tests/test_optimizer_contract*.py, run here against it) and matches torch.optim.SGD bit for bit.
 
 The op is defined with torch.library in Python here so that the test needs no C++ build; a real
 optimizer registers its op in C++ (cpp/src/ops_<name>.cpp), which is the same dispatcher path."""
@@ -15,6 +15,8 @@ from torch import nn
 
 import memopt_core
 import test_optimizer_contract as contract
+import test_optimizer_contract_bad_input as contract_bad_input
+import test_optimizer_contract_memory as contract_memory
 from conftest import make_grads, make_llama, set_grads
 from memopt_core._base import MemoptOptimizer
 from memopt_core.registry import OptimizerSpec
@@ -94,9 +96,9 @@ CONTRACT = [contract.test_state_pool_after_first_step,
             contract.test_params_without_grad_are_skipped,
             contract.test_zero_grad_set_to_none_then_step_changes_nothing,
             contract.test_noncontiguous_grads_give_the_same_result,
-            contract.test_integer_or_complex_parameter_rejected_at_construction,
-            contract.test_state_bytes_is_the_sum_of_state_tensors_and_describe_lists_each,
-            contract.test_planned_state_bytes_match_the_state_after_a_step]
+            contract_bad_input.test_integer_or_complex_parameter_rejected_at_construction,
+            contract_memory.test_state_bytes_is_the_sum_of_state_tensors_and_describe_lists_each,
+            contract_memory.test_planned_state_bytes_match_the_state_after_a_step]
 
 
 @pytest.mark.parametrize("check", CONTRACT, ids=lambda f: f.__name__)

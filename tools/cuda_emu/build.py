@@ -6,8 +6,9 @@
 Every cpp/src/cuda/*.cu is compiled as host C++ against include/ (an emulated CUDA runtime:
 threads as fibers, shuffles and __syncthreads as barriers), with each `kernel<<<grid, block, 0,
 stream>>>(args)` rewritten to `emu::launch(grid, block, [&] { kernel(args); })`. Every
-*_glue.cpp is compiled unchanged but for its dispatch registration, which goes to the CPU key of
-the op namespace `memopt_emu` (the test defines its schemas from the real ops'), and with
+*_glue.cpp is compiled unchanged but for its dispatch registration (at most one; a glue file
+without one holds code another glue calls), which goes to the CPU key of the op namespace
+`memopt_emu` (the test defines its schemas from the real ops'), and with
 MEMOPT_CUDA_EMULATION (launch.h: CPU tensors, no stream). The result runs the real kernels and
 glue on CPU tensors, so CI compares them with the CPU ops and the float64 references without a
 GPU. Rebuilds only when a source is newer than the library.
@@ -26,6 +27,7 @@ CUDA = ROOT / "cpp" / "src" / "cuda"
 # kernel<targs><<<grid, block, 0, stream>>>(arg[, arg]);  (targs may nest one level)
 LAUNCH = re.compile(r"([\w:]+(?:<(?:[^<>]|<[^<>]*>)*>)?)\s*<<<(.+?), ([\w.]+), 0, (.+?)>>>\(([^()]*)\);")
 REGISTER = re.compile(r"TORCH_LIBRARY_IMPL\(memopt, CUDA, m\)")
+ANY_REGISTER = re.compile(r"TORCH_LIBRARY\w*\s*\(")
 
 
 def rewrite_kernels(src: str) -> str:
@@ -61,9 +63,11 @@ def build(out_dir: Path) -> Path:
                      "-c", str(emu), "-o", str(emu.with_suffix(".o"))])
     for g in glue:
         emu = out_dir / (g.stem + "_emu.cpp")
-        text, n = REGISTER.subn("TORCH_LIBRARY_IMPL(memopt_emu, CPU, m)", g.read_text())
-        if n != 1:
-            raise SystemExit(f"tools/cuda_emu: {g.name} must register once for memopt/CUDA")
+        source = g.read_text()
+        text, n = REGISTER.subn("TORCH_LIBRARY_IMPL(memopt_emu, CPU, m)", source)
+        if n > 1 or len(ANY_REGISTER.findall(source)) != n:
+            raise SystemExit(f"tools/cuda_emu: {g.name} must register at most once, as "
+                             "TORCH_LIBRARY_IMPL(memopt, CUDA, m)")
         emu.write_text(f'#line 1 "{g}"\n' + text)
         jobs.append(["g++", "-std=c++17", "-O1", "-fPIC", "-w", "-DMEMOPT_CUDA_EMULATION", *inc,
                      "-c", str(emu), "-o", str(emu.with_suffix(".o"))])

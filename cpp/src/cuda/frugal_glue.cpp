@@ -2,8 +2,8 @@
 // before anything is written, then per call:
 //   modes 0-1 (AdamW on a whole tensor): launch_adamw, whose math is cpu::adamw_span's;
 //   modes 2-5 (state-free block, columns, rows, randk): multi-tensor frugal_split launches;
-//   modes 6-7 (projections): per tensor, ATen GEMMs (fp32, TF32 off) on chunks of rows (right)
-//   or columns (left) into chunk-sized scratch, around the fused kernels of cuda/frugal.cu.
+//   modes 6-7 (projections): per tensor, frugal_project_glue.cpp (chunked GEMMs around the fused
+//   kernels of cuda/frugal.cu).
 // frugal_run is also the finish of the row-sharded op (frugal_shard_glue.cpp).
 #include "frugal_glue.h"
 
@@ -11,8 +11,6 @@
 
 #include <algorithm>
 #include <limits>
-
-#include "launch.h"
 
 namespace memopt::cuda {
 namespace {
@@ -63,19 +61,9 @@ std::vector<Group> dtype_groups(const std::vector<int64_t>& members, TensorList 
   return groups;
 }
 
-struct Call {  // one op call after validation
-  TensorList params, exp_avgs, exp_avg_sqs, subspaces;
-  at::IntArrayRef modes;
-  std::vector<Tensor> g;            // contiguous gradients
-  std::vector<AdamScalars> s;       // per stateful tensor (step advanced)
-  double beta1, beta2, eps, decay, lr_free;
-  int64_t rule;
-  Stream stream;
-};
-
 // Calls launch(indices) per dtype group, with prm's dtypes and Adam constants set.
 template <typename Params, typename Launch>
-void per_dtype_group(const Call& c, const std::vector<int64_t>& members, Params& prm,
+void per_dtype_group(const FrugalCall& c, const std::vector<int64_t>& members, Params& prm,
                      Launch launch) {
   prm.beta1 = c.beta1, prm.beta2 = c.beta2, prm.eps = c.eps;
   for (const auto& grp : dtype_groups(members, c.params, c.exp_avgs, c.modes)) {
@@ -85,7 +73,7 @@ void per_dtype_group(const Call& c, const std::vector<int64_t>& members, Params&
   }
 }
 
-void launch_whole(const Call& c, const std::vector<int64_t>& members) {
+void launch_whole(const FrugalCall& c, const std::vector<int64_t>& members) {
   AdamWParams prm{};
   per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx) {
     launch_chunked(
@@ -128,7 +116,7 @@ Tiling tiling(const Tensor& p, FrugalMode mode) {
   return t;
 }
 
-void launch_split(const Call& c, const std::vector<int64_t>& members) {
+void launch_split(const FrugalCall& c, const std::vector<int64_t>& members) {
   // The rule none without weight decay leaves a state-free block as it is (the CPU skips it).
   auto untouched = [&](int64_t i) {
     const bool fp64 = c.params[i].scalar_type() == at::kDouble;
@@ -170,96 +158,6 @@ void launch_split(const Call& c, const std::vector<int64_t>& members) {
   });
 }
 
-// Modes 6-7 (frugal_project.cpp's math). Right: G (rows x cols) P^T, P (r, cols), state
-// (rows, r), in chunks of rows; left: P^T G, P (rows, r), state (r, cols), in chunks of
-// columns. A chunk's projection, its AdamW and its back-projection need only that chunk, so the
-// scratch is `low` (the chunk's projected gradient and u, rho-sized) and `tile` (its
-// back-projections): (1 + rho) * nb / 8 of the tensor's elements in fp32 at most (chunks of
-// 2^18 to 2^22 elements). signSGD needs U and Gp: one GEMM on [u, low] interleaved makes both
-// (nb = 2). SGD needs only U - lr_free Gp = (u - lr_free low) P and the rule none only U: one
-// product on [u] each (nb = 1).
-struct ProjShape {
-  bool right;
-  int64_t r, span, across, chunk, nb;  // span: the chunked dimension; across: the other one
-  at::ScalarType cdt;                  // compute dtype: double for fp64 params, else float
-  int64_t low_elems() const { return chunk * nb * r; }
-  int64_t tile_elems() const { return chunk * nb * across; }  // also stages G for bf16/fp16
-};
-ProjShape proj_shape(const Call& c, int64_t i) {
-  const Tensor &p = c.params[i], &proj = c.subspaces[i];
-  ProjShape s;
-  s.right = static_cast<FrugalMode>(c.modes[i]) == FrugalMode::ProjRight;
-  s.r = s.right ? proj.size(0) : proj.size(1);
-  s.span = p.size(s.right ? 0 : 1), s.across = p.size(s.right ? 1 : 0);
-  const int64_t budget = std::clamp<int64_t>(p.numel() / 8, int64_t{1} << 18, int64_t{1} << 22);
-  s.chunk = std::clamp<int64_t>(budget / std::max<int64_t>(s.across, 1), 1,
-                                std::max<int64_t>(s.span, 1));
-  s.nb = c.rule == 2 ? 2 : 1;
-  s.cdt = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return s;
-}
-
-// summed: a left row shard's P^T G summed over the shards (float64, the moments' shape), used
-// instead of projecting the local rows; null projects g.
-// pc: the subspace P in the compute type (made before the first write).
-void projected_update(const Call& c, int64_t i, const ProjShape& sh, const Tensor& pc,
-                      const Tensor& low, const Tensor& tile, const Tensor* summed) {
-  const Tensor& p = c.params[i];
-  const Tensor &g = c.g[i], &m = c.exp_avgs[i], &v = c.exp_avg_sqs[i];
-  // An empty row shard still steps a left projection's replicated moments from `summed`.
-  if (p.numel() == 0 && (sh.right || summed == nullptr)) return;
-  const at::NoTF32Guard no_tf32;  // fp32 products stay IEEE fp32, whatever torch.backends says
-  const bool right = sh.right;
-  const int64_t rows = p.size(0), cols = p.size(1), r = sh.r, nb = sh.nb;
-
-  FrugalProjAdamParams ap{};
-  ap.param_dtype = dtype_of(p.scalar_type()), ap.state_dtype = dtype_of(m.scalar_type());
-  ap.rule = static_cast<int32_t>(c.rule);
-  ap.beta1 = c.beta1, ap.beta2 = c.beta2, ap.eps = c.eps;
-  ap.step_size = c.s[i].step_size, ap.bc2_sqrt = c.s[i].bc2_sqrt, ap.lr_free = c.lr_free;
-  FrugalProjUpdateParams up{};
-  up.param_dtype = ap.param_dtype, up.rule = ap.rule;
-  up.decay = c.s[i].decay, up.lr_free = c.lr_free;
-  up.ld_p = cols;
-
-  for (int64_t c0 = 0; c0 < sh.span; c0 += sh.chunk) {
-    const int64_t n = std::min(sh.chunk, sh.span - c0);
-    auto part = [&](const Tensor& t) { return right ? t.narrow(0, c0, n) : t.narrow(1, c0, n); };
-    Tensor gc = part(g);
-    if (gc.scalar_type() != sh.cdt) gc = tile.narrow(0, 0, gc.numel()).view(gc.sizes()).copy_(gc);
-    // this chunk's projected gradient and u: [u_i, low_i] per row i (right) or
-    // [u_k | low_k] per row k (left)
-    const Tensor lw = right ? low.narrow(0, 0, n * nb * r).view({n, nb, r})
-                            : low.narrow(0, 0, n * nb * r).view({r, nb, n});
-    Tensor lowv = lw.select(1, nb - 1);
-    if (right) at::mm_out(lowv, gc, pc.t());
-    else if (summed) lowv.copy_(summed->narrow(1, c0, n));
-    else at::mm_out(lowv, pc.t(), gc);
-    const Tensor uv = lw.select(1, 0), mc = part(m), vc = part(v);
-    ap.outer = lowv.size(0), ap.inner = lowv.size(1);
-    ap.low = lowv.data_ptr(), ap.ld_low = lowv.stride(0);
-    ap.out = uv.data_ptr(), ap.ld_out = uv.stride(0);
-    ap.m = mc.data_ptr(), ap.v = vc.data_ptr(), ap.ld_m = mc.stride(0);
-    check_launch(launch_frugal_proj_adam(ap, c.stream), "frugal_update_");
-    if (rows == 0) continue;  // no local rows to update
-
-    // back-projection: right, row i * nb + b of t is (u_i, low_i)[b] P; left, columns
-    // [b * n, b * n + n) of t are P (u, low)[b]
-    Tensor t = right ? tile.narrow(0, 0, n * nb * cols).view({n * nb, cols})
-                     : tile.narrow(0, 0, rows * nb * n).view({rows, nb * n});
-    if (right) at::mm_out(t, lw.view({n * nb, r}), pc);
-    else at::mm_out(t, pc, lw.view({r, nb * n}));
-    up.outer = right ? n : rows, up.inner = right ? cols : n;
-    up.p = part(p).data_ptr(), up.g = part(g).data_ptr(), up.t = t.data_ptr();
-    up.ld_t = right ? nb * cols : nb * n;
-    up.gp_offset = right ? cols : n;
-    check_launch(launch_frugal_proj_update(up, c.stream), "frugal_update_");
-  }
-}
-
-}  // namespace
-
-namespace {
 void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                     at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
@@ -272,11 +170,11 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
   // Allocations first (contiguous gradients, projection scratch shared by the projected
   // tensors, one pair per compute dtype), so that running out of memory writes nothing.
   const size_t n = params.size();
-  Call c{params, exp_avgs, exp_avg_sqs, subspaces, modes, std::vector<Tensor>(n),
-         std::vector<AdamScalars>(n), beta1, beta2, eps, 1.0 - lr * weight_decay,
-         lr * proj_lr_scale * free_lr_scale, rule, current_stream(params[0].device())};
+  FrugalCall c{params, exp_avgs, exp_avg_sqs, subspaces, modes, std::vector<Tensor>(n),
+               std::vector<AdamScalars>(n), beta1, beta2, eps, 1.0 - lr * weight_decay,
+               lr * proj_lr_scale * free_lr_scale, rule, current_stream(params[0].device())};
   std::vector<int64_t> whole, split, projected;
-  std::vector<ProjShape> shapes(n);
+  std::vector<FrugalProjShape> shapes(n);
   std::vector<Tensor> pcs(n);  // each P in its compute type, as on the CPU (rank-sized)
   int64_t need[2][2] = {{-1, -1}, {-1, -1}};  // [float, double][low, tile] elements
   for (size_t i = 0; i < n; ++i) {
@@ -287,7 +185,7 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                                                  : projected;
     list.push_back(static_cast<int64_t>(i));
     if (mode < FrugalMode::ProjRight) continue;
-    shapes[i] = proj_shape(c, static_cast<int64_t>(i));
+    shapes[i] = frugal_proj_shape(c, static_cast<int64_t>(i));
     const Tensor& sub = subspaces[i];
     pcs[i] = sub.scalar_type() == shapes[i].cdt ? sub : sub.to(shapes[i].cdt);
     auto& nd = need[shapes[i].cdt == at::kDouble];
@@ -321,8 +219,8 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
       summed = left_stats->narrow(0, stats_at, m.numel()).view(m.sizes());
       stats_at += m.numel();
     }
-    projected_update(c, i, shapes[i], pcs[i], scratch[fp64][0], scratch[fp64][1],
-                     summed.defined() ? &summed : nullptr);
+    frugal_projected_update(c, i, shapes[i], pcs[i], scratch[fp64][0], scratch[fp64][1],
+                            summed.defined() ? &summed : nullptr);
   }
 }
 

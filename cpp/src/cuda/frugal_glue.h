@@ -1,7 +1,12 @@
-// FRUGAL's CUDA update after validation (frugal_glue.cpp), shared by frugal_ and the
-// row-sharded frugal_shard_update_ (frugal_shard_glue.cpp). Internal to the CUDA glue.
+// Internal to FRUGAL's CUDA glue. frugal_run: the update after validation (frugal_glue.cpp),
+// shared by frugal_ and the row-sharded frugal_shard_update_ (frugal_shard_glue.cpp).
+// FrugalCall and the projected modes 6-7 (frugal_project_glue.cpp): what frugal_glue.cpp's
+// update hands to the projections' chunked GEMMs and fused kernels.
 #pragma once
 
+#include <vector>
+
+#include "launch.h"
 #include "memopt/frugal.h"
 
 namespace memopt::cuda {
@@ -13,5 +18,40 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                 double free_lr_scale, int64_t rule, const Tensor* left_stats);
+
+struct FrugalCall {  // one op call after validation
+  TensorList params, exp_avgs, exp_avg_sqs, subspaces;
+  at::IntArrayRef modes;
+  std::vector<Tensor> g;            // contiguous gradients
+  std::vector<AdamScalars> s;       // per stateful tensor (step advanced)
+  double beta1, beta2, eps, decay, lr_free;
+  int64_t rule;
+  Stream stream;
+};
+
+// Modes 6-7 (frugal_project.cpp's math). Right: G (rows x cols) P^T, P (r, cols), state
+// (rows, r), in chunks of rows; left: P^T G, P (rows, r), state (r, cols), in chunks of
+// columns. A chunk's projection, its AdamW and its back-projection need only that chunk, so the
+// scratch is `low` (the chunk's projected gradient and u, rho-sized) and `tile` (its
+// back-projections): (1 + rho) * nb / 8 of the tensor's elements in fp32 at most (chunks of
+// 2^18 to 2^22 elements). signSGD needs U and Gp: one GEMM on [u, low] interleaved makes both
+// (nb = 2). SGD needs only U - lr_free Gp = (u - lr_free low) P and the rule none only U: one
+// product on [u] each (nb = 1).
+struct FrugalProjShape {
+  bool right;
+  int64_t r, span, across, chunk, nb;  // span: the chunked dimension; across: the other one
+  at::ScalarType cdt;                  // compute dtype: double for fp64 params, else float
+  int64_t low_elems() const { return chunk * nb * r; }
+  int64_t tile_elems() const { return chunk * nb * across; }  // also stages G for bf16/fp16
+};
+// The chunking of projected tensor i of the call.
+FrugalProjShape frugal_proj_shape(const FrugalCall& c, int64_t i);
+
+// summed: a left row shard's P^T G summed over the shards (float64, the moments' shape), used
+// instead of projecting the local rows; null projects g.
+// pc: the subspace P in the compute type (made before the first write).
+void frugal_projected_update(const FrugalCall& c, int64_t i, const FrugalProjShape& sh,
+                             const Tensor& pc, const Tensor& low, const Tensor& tile,
+                             const Tensor* summed);
 
 }  // namespace memopt::cuda
