@@ -9,6 +9,7 @@
 
 #include "memopt/frugal.h"
 #include "memopt/frugal_plan.h"
+#include "state_tuples.h"
 #include "tensor_caster.h"
 
 namespace nb = nanobind;
@@ -101,7 +102,8 @@ void bind_frugal(nb::module_& m) {
       .def_ro("subspaces", &FrugalStepDecision::subspaces)
       .def_ro("repack", &FrugalStepDecision::repack);
   using Spec = std::tuple<std::string, std::vector<int64_t>, std::string, bool>;
-  nb::class_<FrugalPlan>(m, "FrugalPlan", "memopt::FrugalPlan: every decision FRUGAL makes.")
+  nb::class_<FrugalPlan, OptimizerPlan>(m, "FrugalPlan",
+                                        "memopt::FrugalPlan: every decision FRUGAL makes.")
       .def("__init__",
            [](FrugalPlan* self, const std::vector<Spec>& tensors, double density,
               int64_t update_gap, std::string selection, std::string block_order,
@@ -135,6 +137,14 @@ void bind_frugal(nb::module_& m) {
              return p.subspace_shape(j, static_cast<FrugalMode>(mode));
            }, nb::arg("j"), nb::arg("mode"))
       .def("subspace_is_index", &FrugalPlan::subspace_is_index, nb::arg("j"))
+      .def("layout", [](const FrugalPlan& p, int64_t i, int64_t mode) {
+             return state_tuples(p.layout(i, static_cast<FrugalMode>(mode)));
+           }, nb::arg("i"), nb::arg("mode"),
+           "Tensor i's state in `mode` (as OptimizerPlan.state; empty: none).")
+      .def("block", &FrugalPlan::block, nb::arg("i"),
+           "Tensor i's projectable number j, or -1 (plain AdamW).")
+      .def("add_adamw", &FrugalPlan::add_adamw, nb::arg("shapes"),
+           "Tensors of a param group added later: plain AdamW, outside the selection.")
       .def("begin_step", &FrugalPlan::begin_step, nb::arg("with_grad"), nb::arg("holding"),
            nb::arg("gradient"))
       .def("commit", &FrugalPlan::commit, nb::arg("decision"))

@@ -10,6 +10,7 @@
 #include <torch/csrc/DynamicTypes.h>
 
 #include "memopt/plan.h"
+#include "state_tuples.h"
 #include "tensor_caster.h"
 
 namespace nb = nanobind;
@@ -33,13 +34,7 @@ void bind_plan(nb::module_& m) {
   nb::class_<OptimizerPlan>(m, "OptimizerPlan", "memopt::OptimizerPlan: what every plan answers.")
       .def("__len__", &OptimizerPlan::size)
       .def("state",
-           [](const OptimizerPlan& plan, int64_t i) {
-             std::vector<nb::tuple> out;
-             for (const StateSpec& s : plan.state(i))
-               out.push_back(nb::make_tuple(s.key, s.shape, s.dtype, s.follows_param,
-                                            s.sharded_along, s.fill));
-             return out;
-           },
+           [](const OptimizerPlan& plan, int64_t i) { return state_tuples(plan.state(i)); },
            nb::arg("i"),
            "Tensor i's state but step: [(key, shape, StateDType, follows_param, sharded_along, "
            "fill)] in a fixed key order.")

@@ -81,7 +81,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     # The block/subspace selection is one decision over all tensors per step, made on the host.
     steps_single_params = False
     compilable = False
-    _COLUMNS_MODE, _RIGHT_MODE, _LEFT_MODE = _COLUMNS, _RIGHT, _LEFT  # for frugal_shard
+    _ACTIVE_MODE = _ACTIVE  # for frugal_shard
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, density=0.25, update_gap=200, selection="block",
@@ -109,6 +109,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                          "params": [p for _, p in g["params"]],
                          "param_names": [n for n, _ in g["params"]]} for g in src.groups]
         self._empty: dict = {}
+        self._position = {p: i for i, (_, p) in enumerate(named)}  # p -> its index in the plan
         super().__init__(torch_groups, dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             proj_params_lr_scale=proj_params_lr_scale, state_free_lr_scale=state_free_lr_scale,
@@ -127,21 +128,21 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         return _ADAM if j is None else self.plan.mode(j, sel)
 
     def _layout(self, p, mode=None) -> Optional[dict]:
-        """{key: (shape, dtype)} of p's state tensors but step under `mode` (now by default),
-        or None if p holds no state."""
-        j = self._index.get(p)
-        if j is None:
-            moments, sub = tuple(p.shape), None
-        else:
-            mode = self.plan.mode(j) if mode is None else mode
-            moments, sub = self.plan.moment_shape(j, mode), self.plan.subspace_shape(j, mode)
-            if moments is None:
-                return None
-        lay = {"exp_avg": (tuple(moments), p.dtype), "exp_avg_sq": (tuple(moments), p.dtype)}
-        if sub is not None:
-            index = self.plan.subspace_is_index(j)  # int32 indices, or a projection P
-            lay["subspace"] = (tuple(sub), torch.int32 if index else p.dtype)
-        return lay
+        """{key: (shape, dtype)} of p's state tensors but step under `mode` (now by default), or
+        None if p holds no state: the plan's layout (memopt::FrugalPlan::layout)."""
+        i = self._position[p]
+        specs = self.plan.state(i) if mode is None else self.plan.layout(i, mode)
+        return {key: (tuple(shape), p.dtype if dtype == _C.StateDType.Param
+                      else _C.state_dtype(dtype, p)) for key, shape, dtype, *_ in specs} or None
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's (and the base's checks); parameters of a group added after construction join
+        the plan as plain AdamW tensors, outside the selection."""
+        super().add_param_group(param_group)
+        new = [p for p in self.param_groups[-1]["params"] if p not in self._position]
+        if new:
+            self.plan.add_adamw([list(p.shape) for p in new])
+            self._position.update({p: len(self._position) + k for k, p in enumerate(new)})
 
     def _holds_state(self, p) -> bool:
         return self._layout(p) is not None

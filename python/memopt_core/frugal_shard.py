@@ -71,18 +71,14 @@ class FrugalShard:
             f"default), 'columns', 'random', 'randperm' or 'svd'.")
 
     def _state_sharded(self, p, key: str, shape: tuple) -> bool:
-        # Decided by the mode, not by comparing shapes: a (rows, r) moment has one row per
-        # parameter row even when r == cols, a left (r, cols) moment never does even when
-        # r == rows, and a left P (rows, r) is read one parameter row at a time.
-        mode = self._mode(p)
-        if key in ("exp_avg", "exp_avg_sq"):
-            if mode in (self._COLUMNS_MODE, self._RIGHT_MODE):
-                return True
-            if mode == self._LEFT_MODE:
-                return False
-        if key == "subspace":
-            return mode == self._LEFT_MODE
-        return super()._state_sharded(p, key, shape)
+        """The plan's placement (memopt::FrugalPlan::layout): decided by the mode, not by
+        comparing shapes (a (rows, r) moment has one row per parameter row even when r == cols;
+        a left (r, cols) moment never does; a left P (rows, r) is read one row at a time)."""
+        i = self._position[p]
+        # state being created for a block the pending selection activates (the plan has not
+        # committed it yet): only "block" selections change a tensor's mode, to an active block
+        specs = self.plan.state(i) or self.plan.layout(i, self._ACTIVE_MODE)
+        return self._shard_layout(p).dim in {k: a for k, _, _, _, a, _ in specs}[key]
 
     def _subspace_value(self, p, value: torch.Tensor, dtype: torch.dtype):
         """A subspace tensor (indices or projection) as p's state holds it: on p's device in
