@@ -186,3 +186,18 @@ def gpt2():
 def opt_name(request):
     """Every optimizer in memopt_core.registry.OPTIMIZERS."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def cpp_tests(tmp_path_factory):
+    """cpp/tests (the ctest programs and optimizer_runner) built once per run against the
+    installed package, for every test that needs them; skips without cmake."""
+    from cpp_runner import build_cpp_tests
+    return build_cpp_tests(tmp_path_factory.mktemp("cpp_tests"))
+
+
+@pytest.fixture(scope="session")
+def cpp_runner(cpp_tests, tmp_path_factory):
+    """Runs jobs on the LibTorch optimizers (tests/cpp_runner.py)."""
+    from cpp_runner import Runner
+    return Runner(cpp_tests / "optimizer_runner", tmp_path_factory.mktemp("runner"))

@@ -1,7 +1,9 @@
-"""memopt::Apollo / memopt::ApolloMini, the LibTorch optimizers, driven through _C.CppApollo:
-the same trajectory as the Python front end (same op, same seeds: bit-identical) under both
-adamw_rule values, torch::save / torch::load resume (a checkpoint from before adamw_rule resumes
-with torch's rule), group options kept by add_param_group, and bad input refused."""
+"""memopt::Apollo / memopt::ApolloMini, the LibTorch optimizers, driven through
+cpp/tests/optimizer_runner (tests/cpp_runner.py): the same groups and, at every step, the same
+parameters as the Python front end (same op, same seeds: bit-identical) under both adamw_rule
+values, torch::save / torch::load resume (a checkpoint from before adamw_rule resumes with
+torch's rule), group options kept by add_param_group, and bad input refused (bad options:
+test_cpp_optimizers.py, with the other classes')."""
 from __future__ import annotations
 
 import zipfile
@@ -10,9 +12,11 @@ import pytest
 import torch
 
 import memopt_core
-from conftest import make_grads, set_grads
-from memopt_core import _C
-from test_cpp_optimizers import NAMES, RAISES, make_params
+from conftest import make_grads
+from cpp_runner import (add_param_group, assert_failed_and_changed_nothing, assert_raises,
+                        assert_same_trajectory, job, load, run_variants, save, step, steps,
+                        trajectory)
+from test_cpp_optimizers import NAMES, make_params
 
 STEPS = 8
 KW = dict(lr=1e-2, weight_decay=0.1, update_proj_gap=3)  # refreshes at steps 0, 3, 6
@@ -27,157 +31,152 @@ VARIANTS = {
 }
 
 
-def cpp(params, variant):
-    return _C.CppApollo(list(zip(NAMES, params)), **{**KW, **VARIANTS[variant]})
+def cpp(params, variant, actions, **kw):
+    options = {**KW, **VARIANTS[variant], **kw}
+    name = "apollo_mini" if options.pop("mini") else "apollo"
+    return job(name, zip(NAMES, params), options, actions)
 
 
-def python(params, variant):
-    kw = {**KW, **VARIANTS[variant]}
+def python(params, variant, **kw):
+    kw = {**KW, **VARIANTS[variant], **kw}
     cls = memopt_core.ApolloMini if kw.pop("mini") else memopt_core.Apollo
     if kw.get("norm_growth_limit") == 0.0:
         kw["norm_growth_limit"] = None
     return cls(list(zip(NAMES, params)), **kw)
 
 
-def run(opt, params, steps, start=0):
-    for step in range(start, start + steps):
-        set_grads(params, make_grads(params, step))
-        opt.step()
+def indices(groups, params):
+    """Each group's parameters as positions in `params` (the runner reports positions)."""
+    return [[next(i for i, q in enumerate(params) if q is p) for p in g["params"]] for g in groups]
+
+
+@pytest.fixture(scope="module")
+def every_variant(cpp_runner):
+    """STEPS steps of each variant from make_params(), all in one runner process."""
+    return run_variants(cpp_runner, cpp, make_params(), VARIANTS, STEPS)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_same_groups_and_trajectory_as_the_python_front_end(variant):
-    a, b = make_params(requires_grad=True), make_params(requires_grad=True)
-    ours, ref = cpp(a, variant), python(b, variant)
-    # the same split into projected and AdamW groups, in the same order (so the same seeds)
-    def position(tensors, p):
-        return next(i for i, q in enumerate(tensors) if q is p)
-    groups = [[position(a, p) for p in g[0]] for g in ours.param_groups()]
-    ref_groups = [[position(b, p) for p in g["params"]] for g in ref.param_groups]
-    assert groups == ref_groups and len(groups) == 2
-    run(ours, a, STEPS)
-    run(ref, b, STEPS)
-    for i, (p, q) in enumerate(zip(a, b)):
-        assert torch.equal(p, q), f"parameter {i} ({NAMES[i]})"
-        step, m, v = ours.state(p)
-        st = ref.state[q]
-        assert torch.equal(m, st["exp_avg"]) and torch.equal(v, st["exp_avg_sq"]), NAMES[i]
-        assert step.item() == st["step"].item() == STEPS
-        proj, seed, norm = ours.extra_state(p)
-        assert (proj is None) == ("proj" not in st) and (seed is None) == ("seed" not in st)
-        if proj is not None:
-            assert torch.equal(proj, st["proj"]), NAMES[i]
-        if seed is not None:
-            assert seed.item() == st["seed"].item(), NAMES[i]
-        if norm is not None:
-            assert norm.item() == st["limiter_norm"].item(), NAMES[i]
+def test_same_groups_and_trajectory_as_the_python_front_end(every_variant, variant):
+    """The same split into projected and AdamW groups in the same order (so the same seeds), and
+    the same parameters after every step, across three projection refreshes."""
+    params = make_params(requires_grad=True)
+    ref, groups = python(params, variant), every_variant[variant][0]["groups"]
+    assert [g[2] for g in groups] == indices(ref.param_groups, params) and len(groups) == 2
+    assert_same_trajectory(every_variant[variant], trajectory(ref, params, STEPS), NAMES, variant)
 
 
-@pytest.mark.parametrize("variant", ["apollo", "mini", "tensor_front_unstored", "torch_rule"])
-def test_save_load_resume_is_bit_identical(variant, tmp_path):
-    straight = make_params(requires_grad=True)
-    opt = cpp(straight, variant)
-    run(opt, straight, STEPS)
-    resumed = make_params(requires_grad=True)
-    first = cpp(resumed, variant)
-    run(first, resumed, 4)  # stops between two refreshes, after the limiter has a norm
-    first.save(str(tmp_path / "opt.pt"))
-    second = cpp(resumed, variant)
-    second.load(str(tmp_path / "opt.pt"))
-    run(second, resumed, STEPS - 4, start=4)
-    for i, (p, q) in enumerate(zip(straight, resumed)):
-        assert torch.equal(p, q), f"parameter {i} ({NAMES[i]})"
+def resumed_at_4(cpp_runner, cases, tmp):
+    """For each (saving variant, loading variant, rewrite of the checkpoint or None): the last
+    parameters of a run saved after 4 steps (between two refreshes, after the limiter has a
+    norm) and of one loaded from that checkpoint that steps on. Two runner processes in all."""
+    params = make_params()
+    paths = [tmp / f"{i}.pt" for i in range(len(cases))]
+    straight = cpp_runner(*[cpp(params, saved, [*steps(params, 0, 4), save(path),
+                                                *steps(params, 4, STEPS - 4)])
+                            for (saved, _, _), path in zip(cases, paths)])
+    again = cpp_runner(*[cpp(s[3]["params"], loading,
+                             [load(rewrite(path) if rewrite else path),
+                              *steps(params, 4, STEPS - 4)])
+                         for (_, loading, rewrite), path, s in zip(cases, paths, straight)])
+    return [(s[-1]["params"], a[-1]["params"]) for s, a in zip(straight, again)]
 
 
-def _without_adamw_rule(src, dst):
+def _without_adamw_rule(src):
     """A copy of a torch::save archive in which no group has an adamw_rule (renamed to a key
     nothing reads, same length): a checkpoint saved before the option existed."""
+    dst = src.with_name("old.pt")
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
-            data = zin.read(info)
-            zout.writestr(info, data.replace(b"adamw_rule", b"adamw_xxxx"))
+            zout.writestr(info, zin.read(info).replace(b"adamw_rule", b"adamw_xxxx"))
+    return dst
 
 
-def test_checkpoint_without_adamw_rule_resumes_with_torchs_rule(tmp_path):
-    """The options' default is "apollo", but a checkpoint without the key was stepped with
-    torch's rule (the only one before the option): it resumes with it, bit-identically."""
-    straight = make_params(requires_grad=True)
-    run(cpp(straight, "torch_rule"), straight, STEPS)
-    resumed = make_params(requires_grad=True)
-    first = cpp(resumed, "torch_rule")
-    run(first, resumed, 4)
-    first.save(str(tmp_path / "new.pt"))
-    _without_adamw_rule(tmp_path / "new.pt", tmp_path / "old.pt")
-    second = cpp(resumed, "apollo")  # adamw_rule "apollo" until the load
-    second.load(str(tmp_path / "old.pt"))
-    run(second, resumed, STEPS - 4, start=4)
-    for i, (p, q) in enumerate(zip(straight, resumed)):
+# The last case: the options' default is "apollo", but a checkpoint without the key was stepped
+# with torch's rule (the only one before the option): it resumes with it, bit-identically.
+RESUMED = {v: (v, v, None) for v in ["apollo", "mini", "tensor_front_unstored", "torch_rule"]}
+RESUMED["checkpoint_without_adamw_rule_resumes_with_torchs_rule"] = (
+    "torch_rule", "apollo", _without_adamw_rule)
+
+
+@pytest.fixture(scope="module")
+def resumed(cpp_runner, tmp_path_factory):
+    return dict(zip(RESUMED, resumed_at_4(cpp_runner, list(RESUMED.values()),
+                                          tmp_path_factory.mktemp("apollo"))))
+
+
+@pytest.mark.parametrize("case", list(RESUMED))
+def test_save_load_resume_is_bit_identical(resumed, case):
+    for i, (p, q) in enumerate(zip(*resumed[case])):
         assert torch.equal(p, q), f"parameter {i} ({NAMES[i]})"
 
 
-def test_load_of_another_rank_raises_and_changes_nothing(tmp_path):
+def test_load_of_another_rank_raises_and_changes_nothing(cpp_runner, tmp_path):
+    """Rank 4 moments into APOLLO-Mini (rank 1): raises; Mini then steps on as if it had never
+    tried."""
+    params = make_params()
+    cpp_runner(cpp(params, "apollo", [*steps(params, 0, 2), save(tmp_path / "opt.pt")]))
+    tried, never = cpp_runner(
+        cpp(params, "mini", [*steps(params, 0, 1), load(tmp_path / "opt.pt", may_fail=True),
+                             *steps(params, 1, 2)]),
+        cpp(params, "mini", steps(params, 0, 3)))
+    assert_failed_and_changed_nothing(tried, never, 1, "exp_avg")
+
+
+def test_add_param_group_keeps_its_options_and_checks_them(cpp_runner):
+    """A group the optimizer cannot project (1-D) is refused and not added; the others keep their
+    own lr and rank, and step as the Python front end's (projected with R's shape and
+    apollo-torch's seed, the parameter's 1-based position: the same bits)."""
     params = make_params(requires_grad=True)
-    opt = cpp(params, "apollo")
-    run(opt, params, 2)
-    opt.save(str(tmp_path / "opt.pt"))
-    other = make_params(requires_grad=True)
-    mini = cpp(other, "mini")
-    run(mini, other, 1)
-    before = [t.clone() for t in mini.state(other[1])]
-    with pytest.raises(RAISES, match="exp_avg"):
-        mini.load(str(tmp_path / "opt.pt"))
-    assert all(torch.equal(x, y) for x, y in zip(before, mini.state(other[1])))
+    extra = [torch.randn(6, 10, requires_grad=True), torch.randn(5, requires_grad=True)]
+    every = params + extra
+    results = cpp_runner(cpp(params, "apollo", [
+        add_param_group(extra, rank=2, lr=0.5, may_fail=True),
+        add_param_group(extra[:1], rank=2, lr=0.5), add_param_group(extra[1:], rank=0, lr=0.25),
+        *steps(every, 0, 2)]))
+    assert_raises(results[0]["error"], "2-D")
+    assert len(results[0]["groups"]) == 2
+    assert [g[:1] + (g[2],) for g in results[2]["groups"][-2:]] == [(0.5, [10]), (0.25, [11])]
+    ref = python(params, "apollo")
+    ref.add_param_group({"params": extra[:1], "param_names": ["extra0"], "rank": 2, "lr": 0.5})
+    ref.add_param_group({"params": extra[1:], "param_names": ["extra1"], "lr": 0.25})
+    assert_same_trajectory(results[3:], trajectory(ref, every, 2), NAMES + ["extra0", "extra1"])
 
 
-def test_add_param_group_keeps_its_options_and_checks_them():
+def test_explicit_groups_step_as_the_python_front_end(cpp_runner):
+    """apollo-torch-style groups, each with its own options (rank 0 in C++, no rank in Python:
+    AdamW at its own lr): the same bits as the Python front end."""
     params = make_params(requires_grad=True)
-    opt = cpp(params, "apollo")
-    extra = [torch.randn(6, 10), torch.randn(5)]
-    with pytest.raises(RAISES, match="2-D"):
-        opt.add_param_group(extra, rank=2, lr=0.5)  # a 1-D tensor cannot be projected
-    assert len(opt.param_groups()) == 2
-    opt.add_param_group(extra[:1], rank=2, lr=0.5)
-    opt.add_param_group(extra[1:], rank=0, lr=0.25)
-    assert [g[1] for g in opt.param_groups()][-2:] == [0.5, 0.25]
-    for t in extra:
-        t.grad = torch.randn_like(t)
-    opt.step()
-    assert tuple(opt.state(extra[0])[1].shape) == (2, 10)  # projected: R's shape
-    assert tuple(opt.state(extra[1])[1].shape) == (5,)     # AdamW
-    assert opt.extra_state(extra[0])[1].item() == len(params) + 1  # apollo-torch's seed order
+    proj = [i for i, n in enumerate(NAMES) if "proj.weight" in n]
+    rest = [i for i in range(len(params)) if i not in proj]
+    options = {k: v for k, v in KW.items() if k != "update_proj_gap"}
+    results = cpp_runner(job("apollo", zip(NAMES, params), options, steps(params, 0, 4),
+                             groups=[(proj, dict(rank=2, update_proj_gap=2)),
+                                     (rest, dict(rank=0, lr=5e-3))]))
+    assert [g[2] for g in results[0]["groups"]] == [proj, rest]
+    ref = memopt_core.Apollo(
+        [{"params": [params[i] for i in proj], "rank": 2, "update_proj_gap": 2},
+         {"params": [params[i] for i in rest], "lr": 5e-3}], **options)
+    assert_same_trajectory(results, trajectory(ref, params, 4), NAMES)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(rank=-1), "rank"), (dict(proj="qr"), "proj"), (dict(scale_type="row"), "scale_type"),
-    (dict(proj="svd", store_projection=False), "store_projection"), (dict(lr=-1.0), "learning rate"),
-    (dict(adamw_rule="adam"), "adamw_rule must be 'apollo'"),
-])
-def test_invalid_options_raise(kw, match):
-    with pytest.raises(RAISES, match=match):
-        _C.CppApollo(list(zip(NAMES, make_params(requires_grad=True))), **{**KW, "rank": 4, **kw})
+def test_bad_gradient_raises_before_anything_is_written(cpp_runner):
+    """A sparse gradient in the AdamW group (lm_head) fails its check before the projected group
+    is stepped: nothing changes, so that with a dense one it steps as one that never tried."""
+    params = make_params()
+    grads = make_grads(params, 1)
+    sparse = step(grads, sparse=[len(grads) - 1], may_fail=True)
+    tried, never = cpp_runner(cpp(params, "apollo", [*steps(params, 0, 1), sparse, step(grads)]),
+                              cpp(params, "apollo", [*steps(params, 0, 1), step(grads)]))
+    assert_failed_and_changed_nothing(tried, never, 1, "sparse")
 
 
-def test_bad_gradient_raises_before_anything_is_written():
-    params = make_params(requires_grad=True)
-    opt = cpp(params, "apollo")
-    run(opt, params, 1)
-    before = [p.clone() for p in params]
-    set_grads(params, make_grads(params, 1))
-    params[-1].grad = params[-1].grad.to_sparse()  # the AdamW group (lm_head) fails its check
-    with pytest.raises(RAISES, match="sparse"):
-        opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(params, before))
-
-
-def test_a_rank_above_a_tensors_smaller_side_is_capped_per_tensor_as_in_python():
+def test_a_rank_above_a_tensors_smaller_side_is_capped_per_tensor_as_in_python(cpp_runner):
     """rank 12 on 16x16 weights and 8x16 k/v: groups of effective rank 12 and 8 (then AdamW), in
     the same order in both front ends (so the same seeds), and the same trajectory."""
-    a, b = make_params(requires_grad=True), make_params(requires_grad=True)
-    ours = _C.CppApollo(list(zip(NAMES, a)), **KW, mini=False, rank=12)
-    ref = memopt_core.Apollo(list(zip(NAMES, b)), **KW, rank=12)
-    assert [len(g[0]) for g in ours.param_groups()] == [len(g["params"]) for g in ref.param_groups]
+    params = make_params(requires_grad=True)
+    results = cpp_runner(cpp(params, "apollo", steps(params, 0, STEPS), rank=12))
+    ref = python(params, "apollo", rank=12)
+    assert [g[2] for g in results[0]["groups"]] == indices(ref.param_groups, params)
     assert [g.get("rank") for g in ref.param_groups] == [12, 8, None]
-    run(ours, a, STEPS)
-    run(ref, b, STEPS)
-    for p, q in zip(a, b):
-        assert torch.equal(p, q)
+    assert_same_trajectory(results, trajectory(ref, params, STEPS), NAMES)

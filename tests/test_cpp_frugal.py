@@ -1,16 +1,20 @@
-"""memopt::Frugal, the LibTorch optimizer, driven through _C.CppFrugal: the same selections,
-states and parameters as the Python front end for every selection (both apply the same
-memopt::FrugalPlan and op: bit-identical, end to end), exact torch::save / torch::load resume
-across a re-selection, and checked loads."""
+"""memopt::Frugal, the LibTorch optimizer, driven through cpp/tests/optimizer_runner
+(tests/cpp_runner.py). Both front ends apply the same memopt::FrugalPlan (tested once, through
+the Python front end: tests/test_frugal*.py); what is checked here is the LibTorch class's wiring
+of it: the same parameters as the Python front end after every step for every selection (the
+selection, the subspaces and which tensors hold Adam state all show in the update: bit-identical),
+exact torch::save / torch::load resume across a re-selection, checked loads and bad gradients
+(bad options: test_cpp_optimizers.py, with the other classes')."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import memopt_core
-from conftest import make_grads, set_grads
-from memopt_core import _C
-from test_cpp_optimizers import NAMES, RAISES, make_params
+from conftest import make_grads
+from cpp_runner import (assert_failed_and_changed_nothing, assert_same_trajectory, job, load,
+                        run_variants, save, step, steps, trajectory)
+from test_cpp_optimizers import NAMES, make_params
 
 STEPS = 8
 KW = dict(lr=1e-2, weight_decay=0.1, update_gap=3, seed=1234, density=0.5)
@@ -29,8 +33,8 @@ VARIANTS = {
 }
 
 
-def cpp(params, variant):
-    return _C.CppFrugal(list(zip(NAMES, params)), **{**KW, **VARIANTS[variant]})
+def cpp(params, variant, actions, **kw):
+    return job("frugal", zip(NAMES, params), {**KW, **VARIANTS[variant], **kw}, actions)
 
 
 def python(params, variant):
@@ -40,84 +44,62 @@ def python(params, variant):
     return memopt_core.Frugal(list(zip(NAMES, params)), **kw)
 
 
-def run(opt, params, steps, start=0):
-    for step in range(start, start + steps):
-        set_grads(params, make_grads(params, step))
-        opt.step()
+@pytest.fixture(scope="module")
+def every_variant(cpp_runner):
+    """STEPS steps of each variant from make_params(), all in one runner process."""
+    return run_variants(cpp_runner, cpp, make_params(), VARIANTS, STEPS)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_same_selection_state_and_parameters_as_the_python_front_end(variant):
-    a, b = make_params(requires_grad=True), make_params(requires_grad=True)
-    ours, ref = cpp(a, variant), python(b, variant)
-    for step in range(STEPS):
-        run(ours, a, 1, start=step)
-        run(ref, b, 1, start=step)
-        if VARIANTS[variant]["selection"] == "block":
-            assert list(ours.active_blocks()) == list(ref.plan.selection.active), f"step {step}"
-        for i, (p, q) in enumerate(zip(a, b)):
-            assert torch.equal(p, q), f"step {step}: parameter {i} ({NAMES[i]})"
-            mine, theirs = ours.state(p), ref.state.get(q, {})
-            assert (mine is None) == (not theirs), f"step {step}: who holds state ({NAMES[i]})"
-            if mine is None:
-                continue
-            step_t, m, v = mine
-            assert torch.equal(m, theirs["exp_avg"]) and torch.equal(v, theirs["exp_avg_sq"])
-            assert step_t.item() == theirs["step"].item()
-            sub = ours.subspace(p)
-            assert (sub is None) == ("subspace" not in theirs)
-            if sub is not None:
-                assert torch.equal(sub, theirs["subspace"]), f"step {step}: subspace {NAMES[i]}"
+def test_same_parameters_as_the_python_front_end_at_every_step(every_variant, variant):
+    params = make_params(requires_grad=True)
+    assert_same_trajectory(every_variant[variant], trajectory(python(params, variant), params,
+                                                              STEPS), NAMES, variant)
 
 
-@pytest.mark.parametrize("variant", ["block", "block_random_sgd", "columns", "svd"])
-def test_save_load_resume_is_bit_identical(variant, tmp_path):
-    straight = make_params(requires_grad=True)
-    run(cpp(straight, variant), straight, STEPS)
-    resumed = make_params(requires_grad=True)
-    first = cpp(resumed, variant)
-    run(first, resumed, 4)  # saved mid-cycle: the next re-selection (step 6) comes after load
-    first.save(str(tmp_path / "opt.pt"))
-    second = _C.CppFrugal(list(zip(NAMES, resumed)), **{**KW, **VARIANTS[variant], "seed": 99})
-    second.load(str(tmp_path / "opt.pt"))  # the generator state comes from the checkpoint
-    run(second, resumed, STEPS - 4, start=4)
-    for i, (p, q) in enumerate(zip(straight, resumed)):
+RESUMED = ["block", "block_random_sgd", "columns", "svd"]
+
+
+@pytest.fixture(scope="module")
+def resumed(cpp_runner, tmp_path_factory):
+    """Per variant: the last parameters of a run saved after 4 steps and of one loaded from that
+    checkpoint, made with another seed, that steps on."""
+    tmp, params = tmp_path_factory.mktemp("frugal"), make_params()
+    straight = cpp_runner(*[cpp(params, v, [*steps(params, 0, 4), save(tmp / f"{v}.pt"),
+                                            *steps(params, 4, STEPS - 4)]) for v in RESUMED])
+    again = cpp_runner(*[cpp(s[3]["params"], v, [load(tmp / f"{v}.pt"),
+                                                 *steps(params, 4, STEPS - 4)], seed=99)
+                         for v, s in zip(RESUMED, straight)])
+    return {v: (s[-1]["params"], a[-1]["params"]) for v, s, a in zip(RESUMED, straight, again)}
+
+
+@pytest.mark.parametrize("variant", RESUMED)
+def test_save_load_resume_is_bit_identical(resumed, variant):
+    """Saved mid-cycle (the next re-selection, at step 6, comes after the load) and loaded into an
+    optimizer of another seed: the generator state comes from the checkpoint."""
+    for i, (p, q) in enumerate(zip(*resumed[variant])):
         assert torch.equal(p, q), f"parameter {i} ({NAMES[i]})"
 
 
-def test_load_of_another_selection_raises_and_changes_nothing(tmp_path):
-    params = make_params(requires_grad=True)
-    opt = cpp(params, "columns")
-    run(opt, params, 2)
-    opt.save(str(tmp_path / "opt.pt"))
-    other = make_params(requires_grad=True)
-    block = cpp(other, "block")
-    run(block, other, 1)
-    before = list(block.active_blocks())
-    with pytest.raises(RAISES, match="selection='block'"):
-        block.load(str(tmp_path / "opt.pt"))
-    assert list(block.active_blocks()) == before
+def test_load_of_another_selection_raises_and_changes_nothing(cpp_runner, tmp_path):
+    """A columns checkpoint into a block optimizer raises; it then steps on (re-selecting at
+    step 3) as one that never tried: its selection is untouched."""
+    params, path = make_params(), tmp_path / "opt.pt"
+    cpp_runner(cpp(params, "columns", [*steps(params, 0, 2), save(path)]))
+    tried, never = cpp_runner(
+        cpp(params, "block", [*steps(params, 0, 1), load(path, may_fail=True),
+                              *steps(params, 1, 4)]),
+        cpp(params, "block", steps(params, 0, 5)))
+    assert_failed_and_changed_nothing(tried, never, 1, "selection='block'")
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(density=1.5), "density"), (dict(update_gap=0), "update_gap"),
-    (dict(selection="topk"), "selection"), (dict(state_free="adam"), "state_free"),
-    (dict(state_free_lr_scale=-1.0), "state_free_lr_scale"), (dict(lr=-1.0), "learning rate"),
-])
-def test_invalid_options_raise(kw, match):
-    with pytest.raises(RAISES, match=match):
-        _C.CppFrugal(list(zip(NAMES, make_params())), **{**KW, **kw})
-
-
-def test_bad_gradient_raises_before_anything_is_written():
-    params = make_params(requires_grad=True)
-    opt = cpp(params, "block")
-    run(opt, params, 1)
-    before = [p.clone() for p in params]
-    active = list(opt.active_blocks())
-    set_grads(params, make_grads(params, 1))
-    params[-1].grad = params[-1].grad.to_sparse()
-    with pytest.raises(RAISES, match="sparse"):
-        opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(params, before))
-    assert list(opt.active_blocks()) == active
+def test_bad_gradient_raises_before_anything_is_written(cpp_runner):
+    """A sparse gradient (lm_head) raises with nothing written: with a dense one the optimizer
+    then steps, re-selection included, as one that never tried."""
+    params = make_params()
+    grads = make_grads(params, 1)
+    sparse = step(grads, sparse=[len(grads) - 1], may_fail=True)
+    later = [step(grads), *steps(params, 2, 3)]
+    tried, never = cpp_runner(cpp(params, "block", [*steps(params, 0, 1), sparse, *later]),
+                              cpp(params, "block", [*steps(params, 0, 1), *later]))
+    assert_failed_and_changed_nothing(tried, never, 1, "sparse")

@@ -1,15 +1,17 @@
 """memopt::AdamW and memopt::AdamMini, the LibTorch optimizers (cpp/include/memopt/optimizers.h),
-driven from Python through _C.CppAdamW / _C.CppAdamMini: against torch.optim.AdamW, the fused op,
-a float64 Adam-mini loop, torch::save/torch::load round trips, closures, skipped parameters and
-bad input."""
+driven through cpp/tests/optimizer_runner (tests/cpp_runner.py): their parameters after every
+step against torch.optim.AdamW and against the fused op called directly, exact torch::save /
+torch::load resume, checked loads, closures, parameters without gradients and bad input; and
+the option checks of every LibTorch class (Apollo's and Frugal's too: one runner process). The
+state stays inside the classes: exact resume and equal later steps are what prove it."""
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from conftest import make_grads, set_grads
+from conftest import make_grads
+from cpp_runner import (assert_failed_and_changed_nothing, assert_raises, assert_same_trajectory,
+                        job, load, save, step, steps, trajectory)
 from memopt_core import _C
 
 STEPS = 8
@@ -32,13 +34,7 @@ NAMED_SHAPES = [
 ]
 NAMES = [n for n, _ in NAMED_SHAPES]
 ROLES = [_C.role_from_name(n, list(s)) for n, s in NAMED_SHAPES]
-RAISES = (RuntimeError, ValueError, TypeError)  # c10::Error and its typed subclasses
-
-
-def close(actual, expected, rtol, atol, what):
-    torch.testing.assert_close(actual.detach().double().reshape(-1),
-                               expected.detach().double().reshape(-1), rtol=rtol, atol=atol,
-                               msg=lambda m: f"{what}: {m}")
+OPTIONS = {"adamw": {**HP, "weight_decay": WD}, "adam_mini": {**HP, "weight_decay": WD, **GEOMETRY}}
 
 
 def make_params(seed: int = 0, requires_grad: bool = False):
@@ -46,34 +42,55 @@ def make_params(seed: int = 0, requires_grad: bool = False):
     return [torch.randn(s, generator=gen).requires_grad_(requires_grad) for _, s in NAMED_SHAPES]
 
 
-def adam_mini(params, **kw):
-    return _C.CppAdamMini(list(zip(NAMES, params)), **{**HP, "weight_decay": WD, **GEOMETRY, **kw})
-
-
-def adamw(params, **kw):
-    return _C.CppAdamW(params, **{**HP, "weight_decay": WD, **kw})
-
-
-def segments(role, shape):
-    segs, _ = _C.adam_mini_blocks(role, list(shape), False, HEAD_DIM, GEOMETRY["n_heads"],
-                                  GEOMETRY["n_kv_heads"])
-    return segs
-
-
-def n_blocks(segs):
-    return sum((rows // tr) * (cols // tc) for _, rows, cols, _, tr, tc in segs)
+def cpp(name, params, actions, roles=None, **kw):
+    return job(name, zip(NAMES, params), {**OPTIONS[name], **kw}, actions, roles=roles)
 
 
 def decays(role, p):
     return p.dim() >= 2 and role not in ("norm", "bias")
 
 
-def run(opt, params, steps, start=0, skip=lambda i, t: False):
-    """Steps `opt` on deterministic gradients; parameter i has no gradient where skip(i, t)."""
-    for t in range(start, start + steps):
+def fused_adam_mini(params, roles, count, skip=lambda i, t: False):
+    """The oracle of the LibTorch AdamMini: one torch.ops.memopt.adam_mini_ call per group
+    (decaying tensors, then the others) with the partitioner's blocks, parameters without a
+    gradient left out; the parameters after each step."""
+    specs = [_C.adam_mini_blocks(r, list(p.shape), False, HEAD_DIM, GEOMETRY["n_heads"],
+                                 GEOMETRY["n_kv_heads"])[0] for r, p in zip(roles, params)]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros(sum((rows // tr) * (cols // tc) for _, rows, cols, _, tr, tc in s))
+         for s in specs]
+    step_counts = [torch.zeros((), dtype=torch.float32) for _ in params]
+    groups = [[i for i, (r, p) in enumerate(zip(roles, params)) if decays(r, p) == d]
+              for d in (True, False)]
+    out = []
+    for t in range(count):
         grads = make_grads(params, t)
-        set_grads(params, [None if skip(i, t) else g for i, g in enumerate(grads)])
-        opt.step()
+        for group, wd in zip(groups, (WD, 0.0)):
+            idx = [i for i in group if not skip(i, t)]
+            torch.ops.memopt.adam_mini_(
+                [params[i] for i in idx], [grads[i] for i in idx], [m[i] for i in idx],
+                [v[i] for i in idx], [step_counts[i] for i in idx],
+                _C.encode_block_specs([specs[i] for i in idx]),
+                torch.tensor(HP["lr"], dtype=torch.float64), *HP["betas"], HP["eps"], wd)
+        out.append([p.clone() for p in params])
+    return out
+
+
+def oracle(name, count, skip=lambda i, t: False):
+    """What the LibTorch class must do, from make_params(): torch.optim.AdamW, or the fused op."""
+    params = make_params()
+    if name == "adam_mini":
+        return fused_adam_mini(params, ROLES, count, skip)
+    opt = torch.optim.AdamW([p.requires_grad_() for p in params], **HP, weight_decay=WD)
+    return trajectory(opt, params, count, skip=skip)
+
+
+def assert_close_trajectory(results, expected):
+    """torch.optim.AdamW computes in another order: equal to float32 rounding."""
+    for t, (done, want) in enumerate(zip(results, expected)):
+        for name, a, b in zip(NAMES, done["params"], want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"step {t} {name}: {m}")
 
 
 def test_roles_cover_the_partition():
@@ -81,96 +98,28 @@ def test_roles_cover_the_partition():
                           "norm", "output"}
 
 
-def test_adamw_matches_torch_adamw():
-    ours, theirs = make_params(), [p.requires_grad_() for p in make_params()]
-    opt = adamw(ours)
-    ref = torch.optim.AdamW(theirs, **HP, weight_decay=WD)
-    run(opt, ours, STEPS)
-    run(ref, theirs, STEPS)  # the same gradients: make_grads is deterministic
-    for i, (p, q) in enumerate(zip(ours, theirs)):
-        step, m, v = opt.state(p)
-        assert step.dim() == 0 and step.dtype == torch.float32 and step.item() == STEPS
-        close(p, q, 1e-5, 1e-6, f"param {i}")
-        close(m, ref.state[q]["exp_avg"], 1e-5, 1e-6, f"exp_avg {i}")
-        close(v, ref.state[q]["exp_avg_sq"], 1e-5, 1e-9, f"exp_avg_sq {i}")
-
-
-def test_adam_mini_groups_and_state_shapes():
+def test_adamw_matches_torch_adamw_at_every_step(cpp_runner):
     params = make_params()
-    opt = adam_mini(params)
-    groups = opt.param_groups()
-    wd = {id(p): g_wd for g_params, _, g_wd in groups for p in g_params}
-    assert len(groups) == 2 and [g[1] for g in groups] == [HP["lr"]] * 2
-    for p, role in zip(params, ROLES):
-        assert wd[id(p)] == (WD if decays(role, p) else 0.0), role
-    run(opt, params, 1)
-    for p, role in zip(params, ROLES):
-        assert opt.state(p)[2].shape == (n_blocks(segments(role, p.shape)),), role
-        assert opt.state(p)[1].shape == p.shape
+    assert_close_trajectory(cpp_runner(cpp("adamw", params, steps(params, 0, STEPS))),
+                            oracle("adamw", STEPS))
 
 
-def test_adam_mini_matches_fused_op():
-    """One adam_mini_ op call per group with the partitioner's blocks: the same bits."""
-    params, direct = make_params(), make_params()
-    opt = adam_mini(params)
-    run(opt, params, STEPS)
-    specs = [segments(r, p.shape) for r, p in zip(ROLES, direct)]
-    m = [torch.zeros_like(p) for p in direct]
-    v = [torch.zeros(n_blocks(s)) for s in specs]
-    steps = [torch.zeros((), dtype=torch.float32) for _ in direct]
-    groups = [[i for i, (r, p) in enumerate(zip(ROLES, direct)) if decays(r, p) == d]
-              for d in (True, False)]
-    for t in range(STEPS):
-        grads = make_grads(direct, t)
-        for idx, wd in zip(groups, (WD, 0.0)):
-            torch.ops.memopt.adam_mini_(
-                [direct[i] for i in idx], [grads[i] for i in idx], [m[i] for i in idx],
-                [v[i] for i in idx], [steps[i] for i in idx],
-                _C.encode_block_specs([specs[i] for i in idx]),
-                torch.tensor(HP["lr"], dtype=torch.float64), *HP["betas"], HP["eps"], wd)
-    for i, p in enumerate(params):
-        step, mi, vi = opt.state(p)
-        assert torch.equal(p, direct[i]) and torch.equal(mi, m[i]) and torch.equal(vi, v[i]), i
-        assert torch.equal(step, steps[i])
-
-
-def block_ids(segs, numel):
-    """Block index of every element of a tensor, from its segments (tiles numbered row-major)."""
-    ids, base = torch.full((numel,), -1, dtype=torch.long), 0
-    for off, rows, cols, stride, tr, tc in segs:
-        r, c = torch.arange(rows).view(-1, 1), torch.arange(cols).view(1, -1)
-        ids[(off + r * stride + c).reshape(-1)] = (base + (r // tr) * (cols // tc) + c // tc).reshape(-1)
-        base += (rows // tr) * (cols // tc)
-    assert bool((ids >= 0).all()), "segments do not cover the tensor"
-    return ids
-
-
-def test_adam_mini_matches_float64_loop():
-    """The Adam-mini rule (arXiv 2406.16793, Algorithm 1) in float64, blocks from the partitioner."""
+@pytest.mark.parametrize("explicit", [False, True], ids=["roles_from_names", "explicit_roles"])
+def test_adam_mini_groups_and_fused_op_bits_at_every_step(cpp_runner, explicit):
+    """Two groups (decay, then norms/biases/1-D without), and one adam_mini_ call per group with
+    the partitioner's blocks: the same bits. Explicit roles override the names: q_proj as an MLP
+    weight gets one block per row instead of per head."""
+    roles = ["mlp" if r == "query" else r for r in ROLES] if explicit else ROLES
     params = make_params()
-    opt = adam_mini(params)
-    run(opt, params, STEPS)
-    (b1, b2), lr, eps = HP["betas"], HP["lr"], HP["eps"]
-    init = make_params()
-    grads = [make_grads(init, t) for t in range(STEPS)]  # grads[t][i]
-    for i, (p0, role) in enumerate(zip(init, ROLES)):
-        segs = segments(role, p0.shape)
-        ids = block_ids(segs, p0.numel())
-        count = torch.bincount(ids, minlength=n_blocks(segs)).double()
-        wd = WD if decays(role, p0) else 0.0
-        p = p0.double().reshape(-1)
-        m = torch.zeros_like(p)
-        v = torch.zeros(n_blocks(segs), dtype=torch.float64)
-        for t in range(1, STEPS + 1):
-            g = grads[t - 1][i].double().reshape(-1)
-            v = b2 * v + (1 - b2) * torch.zeros_like(v).index_add_(0, ids, g * g) / count
-            m = b1 * m + (1 - b1) * g
-            denom = (v.sqrt() / math.sqrt(1 - b2 ** t) + eps)[ids]
-            p = p * (1 - lr * wd) - lr / (1 - b1 ** t) * m / denom
-        _, mi, vi = opt.state(params[i])
-        close(params[i], p, 1e-5, 1e-6, f"param {i} ({role})")
-        close(mi, m, 1e-5, 1e-8, f"exp_avg {i} ({role})")
-        close(vi, v, 1e-5, 1e-12, f"exp_avg_sq {i} ({role})")
+    results = cpp_runner(cpp("adam_mini", params, steps(params, 0, STEPS),
+                             roles=roles if explicit else None))
+    groups = results[0]["groups"]
+    assert [(lr, wd) for lr, wd, _ in groups] == [(HP["lr"], WD), (HP["lr"], 0.0)]
+    for i, (p, role) in enumerate(zip(params, roles)):
+        assert i in groups[0 if decays(role, p) else 1][2], NAMES[i]
+    assert_same_trajectory(results, fused_adam_mini(params, roles, STEPS), NAMES)
+    if explicit:  # the roles reached the blocks (per row and per head differ)
+        assert not torch.equal(results[-1]["params"][1], oracle("adam_mini", STEPS)[-1][1])
 
 
 def skip_early(i, t):
@@ -178,151 +127,151 @@ def skip_early(i, t):
     return i == len(NAMED_SHAPES) - 1 and t < 5
 
 
-@pytest.mark.parametrize("make", [adamw, adam_mini], ids=["adamw", "adam_mini"])
-def test_save_load_resume_is_bit_identical(make, tmp_path):
-    whole, resumed = make_params(), make_params()
-    uninterrupted = make(whole)
-    run(uninterrupted, whole, STEPS, skip=skip_early)
-
-    first = make(resumed)
-    run(first, resumed, 3, skip=skip_early)
-    assert first.state(resumed[-1]) is None
-    first.save(str(tmp_path / "opt.pt"))
-    fresh = make(resumed, lr=0.5, weight_decay=0.3)  # options come back from the checkpoint
-    fresh.load(str(tmp_path / "opt.pt"))
-    assert [g[1:] for g in fresh.param_groups()] == [g[1:] for g in first.param_groups()]
-    assert fresh.state(resumed[-1]) is None
-    run(fresh, resumed, STEPS - 3, start=3, skip=skip_early)
-
-    for i, (a, b) in enumerate(zip(whole, resumed)):
-        assert torch.equal(a, b), f"param {i}"
-        for x, y in zip(uninterrupted.state(a), fresh.state(b)):
-            assert x.dtype == y.dtype and torch.equal(x, y), f"state {i}"
+@pytest.fixture(scope="module")
+def resumed(cpp_runner, tmp_path_factory):
+    """Per optimizer, a run saved after 3 steps that goes on, and one loaded from its checkpoint
+    into an optimizer made with other options (they come back from the checkpoint) that steps
+    on. The last parameter starts after the load, so a state made up for it would show."""
+    tmp, params, names = tmp_path_factory.mktemp("resume"), make_params(), list(OPTIONS)
+    straight = cpp_runner(*[cpp(n, params, [*steps(params, 0, 3, skip_early), save(tmp / n),
+                                            *steps(params, 3, STEPS - 3, skip_early)])
+                            for n in names])
+    again = cpp_runner(*[cpp(n, s[2]["params"], [load(tmp / n),
+                                                 *steps(params, 3, STEPS - 3, skip_early)],
+                             lr=0.5, weight_decay=0.3) for n, s in zip(names, straight)])
+    return dict(zip(names, zip(straight, again)))
 
 
-@pytest.mark.parametrize("make", [adamw, adam_mini], ids=["adamw", "adam_mini"])
-def test_save_load_state_round_trip(make, tmp_path):
-    params = make_params()
-    opt = make(params)
-    run(opt, params, 3)
-    opt.save(str(tmp_path / "opt.pt"))
-    fresh = make(params)
-    fresh.load(str(tmp_path / "opt.pt"))
-    for p in params:
-        for a, b in zip(opt.state(p), fresh.state(p)):
-            assert a.dtype == b.dtype and torch.equal(a, b)
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_save_load_resume_is_bit_identical(resumed, name):
+    straight, again = resumed[name]
+    assert again[0]["groups"] == straight[3]["groups"]
+    for t, (a, b) in enumerate(zip(straight[4:], again[1:])):
+        assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])), f"step {3 + t}"
 
 
-def snapshot(opt, params):
-    return [None if opt.state(p) is None else [x.clone() for x in opt.state(p)] for p in params]
+@pytest.fixture(scope="module")
+def checkpoint(cpp_runner, tmp_path_factory):
+    """An AdamMini checkpoint after 2 steps."""
+    params, path = make_params(), tmp_path_factory.mktemp("adam_mini") / "opt.pt"
+    cpp_runner(cpp("adam_mini", params, [*steps(params, 0, 2), save(path)]))
+    return path
 
 
 @pytest.mark.parametrize("mismatch", ["blocks", "shape", "groups"])
-def test_load_mismatch_raises_and_changes_nothing(mismatch, tmp_path):
-    params = make_params()
-    saved = adam_mini(params)
-    run(saved, params, 2)
-    saved.save(str(tmp_path / "opt.pt"))
-
+def test_load_mismatch_raises_and_changes_nothing(cpp_runner, checkpoint, mismatch):
+    """A checkpoint of other blocks, shapes or groups raises; the optimizer then steps on as one
+    that never tried (the oracle: the same job without the load), with its groups as they were."""
+    names, other, kw = NAMES, make_params(1), {}
     if mismatch == "blocks":  # same shapes, other heads: q/k blocks differ
-        other = make_params(1)
-        target = adam_mini(other, n_heads=2, n_kv_heads=1)
+        kw = dict(n_heads=2, n_kv_heads=1)
     elif mismatch == "shape":
-        other = make_params(1)
         other[1] = torch.randn(16, 8)
-        target = adam_mini(other)
     else:  # no norms or biases: one group
-        named = [(n, p) for n, p, r in zip(NAMES, make_params(1), ROLES) if decays(r, p)]
-        other = [p for _, p in named]
-        target = _C.CppAdamMini(named, **GEOMETRY)
-    run(target, other, 1)
-    before, groups = snapshot(target, other), target.param_groups()
-    with pytest.raises(RAISES, match="exp_avg_sq|exp_avg|param groups"):
-        target.load(str(tmp_path / "opt.pt"))
-    after = snapshot(target, other)
-    assert all(all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(before, after))
-    assert [g[1:] for g in target.param_groups()] == [g[1:] for g in groups]
+        keep = [i for i, (r, p) in enumerate(zip(ROLES, other)) if decays(r, p)]
+        names, other = [NAMES[i] for i in keep], [other[i] for i in keep]
+    make = lambda actions: job("adam_mini", zip(names, other),  # noqa: E731
+                               {**OPTIONS["adam_mini"], **kw}, actions)
+    tried, never = cpp_runner(
+        make([*steps(other, 0, 1), load(checkpoint, may_fail=True), *steps(other, 1, 2)]),
+        make([*steps(other, 0, 1), *steps(other, 1, 2)]))
+    assert_failed_and_changed_nothing(tried, never, 1, "exp_avg_sq|exp_avg|param groups")
 
 
-@pytest.mark.parametrize("make", [adamw, adam_mini], ids=["adamw", "adam_mini"])
-def test_closure_runs_with_grad_and_returns_loss(make):
-    params = make_params(requires_grad=True)
-    opt = make(params)
-    before = [p.detach().clone() for p in params]
-
-    def closure():
-        assert torch.is_grad_enabled()
-        opt.zero_grad()
-        loss = sum((p * p).sum() for p in params)
-        loss.backward()
-        return loss
-
-    with torch.no_grad():
-        loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and loss.requires_grad
-    close(loss, sum((b * b).sum() for b in before), 1e-6, 0.0, "loss")
-    assert all(not torch.equal(p, b) for p, b in zip(params, before))
-    assert opt.step() is None
-    with pytest.raises(RAISES, match="closure must return the loss"):
-        opt.step(lambda: None)
-
-
-@pytest.mark.parametrize("make", [adamw, adam_mini], ids=["adamw", "adam_mini"])
-def test_params_without_grad_are_skipped(make):
+@pytest.mark.parametrize("name", ["adamw", "adam_mini"])
+def test_closure_runs_with_grad_and_returns_loss(cpp_runner, name):
+    """step(closure) under no_grad: the closure (loss = sum of p^2, backward) runs with grad
+    enabled and its loss comes back; step() without one returns nothing."""
     params = make_params()
-    opt = make(params)
-    before = [p.clone() for p in params]
-    run(opt, params, 2, skip=lambda i, t: i % 2 == 1)
-    for i, (p, b) in enumerate(zip(params, before)):
-        if i % 2:
-            assert opt.state(p) is None and torch.equal(p, b), i
-        else:
-            assert opt.state(p)[0].item() == 2 and not torch.equal(p, b), i
+    with_closure, without = cpp_runner(cpp(name, params, [step(closure=True), step()]))
+    assert with_closure["grad_enabled"] and with_closure["loss_requires_grad"]
+    torch.testing.assert_close(with_closure["loss"], sum((p * p).sum() for p in params),
+                               rtol=1e-6, atol=0)
+    assert all(not torch.equal(p, q) for p, q in zip(with_closure["params"], params))
+    assert without["loss"] is None
 
 
-def test_bad_step_raises_before_any_group_is_written():
+@pytest.mark.parametrize("name", ["adamw", "adam_mini"])
+def test_params_without_grad_are_skipped(cpp_runner, name):
+    """Every other parameter has no gradient for two steps: unchanged, and no state (its first
+    step, the third, is a first step: bias correction of step 1), as the oracle does."""
+    def skip(i, t):
+        return i % 2 == 1 and t < 2
+    params = make_params()
+    results = cpp_runner(cpp(name, params, steps(params, 0, 3, skip)))
+    for i, p in enumerate(params):
+        assert torch.equal(results[1]["params"][i], p) == bool(i % 2), NAMES[i]
+    if name == "adam_mini":
+        assert_same_trajectory(results, oracle(name, 3, skip), NAMES)
+    else:
+        assert_close_trajectory(results, oracle(name, 3, skip))
+
+
+def test_bad_step_raises_before_any_group_is_written(cpp_runner):
+    """An overlapping norm weight (any other layout is valid, tests/test_layouts.py) in the
+    second (no-decay) group: the step raises with nothing written, parameters or state, so
+    that without that gradient the optimizer steps as one that never tried."""
     params = make_params()
     norm = NAMES.index("model.layers.0.input_layernorm.weight")
-    # overlapping memory (any other layout is valid, tests/test_layouts.py), in the second
-    # (no-decay) group
     params[norm] = torch.randn(1).expand(16)
-    opt = adam_mini(params)
-    before = [p.clone() for p in params]
-    set_grads(params, make_grads(params, 0))
-    with pytest.raises(ValueError, match="overlapping"):
-        opt.step()
-    assert all(torch.equal(p, b) and opt.state(p) is None for p, b in zip(params, before))
+    later = step([None if i == norm else g for i, g in enumerate(make_grads(params, 1))])
+    tried, never = cpp_runner(
+        cpp("adam_mini", params, [step(make_grads(params, 0), may_fail=True), later]),
+        cpp("adam_mini", params, [later]))
+    assert_failed_and_changed_nothing(tried, never, 0, "overlapping", ValueError, before=params)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(lr=-1.0), "learning rate"), (dict(betas=(0.9, 1.0)), "beta2"),
-    (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
-])
-@pytest.mark.parametrize("make", [adamw, adam_mini], ids=["adamw", "adam_mini"])
-def test_invalid_hyperparameters_raise(make, kw, match):
-    with pytest.raises(RAISES, match=match):
-        make(make_params(), **kw)
+# Construction errors of every LibTorch class, all from one runner process. BASE: valid options
+# each case changes one of.
+BASE = {**OPTIONS, "apollo": dict(lr=1e-2, weight_decay=0.1, rank=4),
+        "frugal": dict(lr=1e-2, weight_decay=0.1, density=0.5, update_gap=3, seed=1234)}
+_W = make_params()[0]
+_HPARAMS = [(dict(lr=-1.0), "learning rate"), (dict(betas=(0.9, 1.0)), "beta2"),
+            (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay")]
+INVALID = [  # (optimizer, options, message, named parameters (None: the layer's), roles)
+    *[(name, kw, match, None, None) for name in OPTIONS for kw, match in _HPARAMS],
+    ("adam_mini", dict(dim=15), "multiple of n_heads", None, None),
+    ("adam_mini", dict(n_kv_heads=3), "n_kv_heads", None, None),
+    ("adam_mini", {}, "more than once", [("a.weight", _W), ("b.weight", _W)], None),
+    ("adam_mini", {}, "unknown role", [("a.weight", _W)], ["attention"]),
+    ("apollo", dict(rank=-1), "rank", None, None),
+    ("apollo", dict(proj="qr"), "proj", None, None),
+    ("apollo", dict(scale_type="row"), "scale_type", None, None),
+    ("apollo", dict(proj="svd", store_projection=False), "store_projection", None, None),
+    ("apollo", dict(lr=-1.0), "learning rate", None, None),
+    ("apollo", dict(adamw_rule="adam"), "adamw_rule must be 'apollo'", None, None),
+    ("frugal", dict(density=1.5), "density", None, None),
+    ("frugal", dict(update_gap=0), "update_gap", None, None),
+    ("frugal", dict(selection="topk"), "selection", None, None),
+    ("frugal", dict(state_free="adam"), "state_free", None, None),
+    ("frugal", dict(state_free_lr_scale=-1.0), "state_free_lr_scale", None, None),
+    ("frugal", dict(lr=-1.0), "learning rate", None, None),
+]
 
 
-def test_adam_mini_invalid_inputs_raise():
+@pytest.fixture(scope="module")
+def construction_errors(cpp_runner):
+    return cpp_runner.construction_errors(*[
+        job(name, named or zip(NAMES, make_params()), {**BASE[name], **kw}, [], roles=roles)
+        for name, kw, _, named, roles in INVALID])
+
+
+@pytest.mark.parametrize("case", range(len(INVALID)), ids=[f"{c[0]}-{c[2]}" for c in INVALID])
+def test_invalid_options_and_inputs_raise(construction_errors, case):
+    assert_raises(construction_errors[case], INVALID[case][2])
+
+
+def test_adamw_groups_keep_their_options(cpp_runner):
+    """Explicit groups, each with its own lr and weight decay: kept as given (LibTorch would put
+    the defaults in their place) and stepped as torch.optim.AdamW steps the same groups."""
     params = make_params()
-    with pytest.raises(RAISES, match="multiple of n_heads"):
-        adam_mini(params, dim=15)
-    with pytest.raises(RAISES, match="n_kv_heads"):
-        adam_mini(params, n_kv_heads=3)
-    with pytest.raises(RAISES, match="more than once"):
-        _C.CppAdamMini([("a.weight", params[0]), ("b.weight", params[0])])
-    with pytest.raises(RAISES, match="unknown role"):
-        _C.CppAdamMini([("a.weight", params[0])], roles=["attention"])
-
-
-def test_adam_mini_explicit_roles():
-    """Explicit roles override the names: q_proj as an MLP weight gets one block per row."""
-    params = make_params()
-    roles = ["mlp" if r == "query" else r for r in ROLES]
-    opt = _C.CppAdamMini(list(zip(NAMES, params)), roles=roles, **HP, **GEOMETRY)
-    run(opt, params, 1)
-    q = ROLES.index("query")
-    assert opt.state(params[q])[2].shape == (params[q].shape[0],)
-    k = ROLES.index("key")
-    assert opt.state(params[k])[2].shape == (GEOMETRY["n_kv_heads"],)
+    decay = [i for i, (r, p) in enumerate(zip(ROLES, params)) if decays(r, p)]
+    rest = [i for i in range(len(params)) if i not in decay]
+    results = cpp_runner(job("adamw", zip(NAMES, params), OPTIONS["adamw"], steps(params, 0, 3),
+                             groups=[(decay, {}), (rest, dict(lr=5e-3, weight_decay=0.0))]))
+    assert results[0]["groups"] == [(HP["lr"], WD, decay), (5e-3, 0.0, rest)]
+    ref = [p.requires_grad_() for p in make_params()]
+    opt = torch.optim.AdamW([{"params": [ref[i] for i in decay]},
+                             {"params": [ref[i] for i in rest], "lr": 5e-3, "weight_decay": 0.0}],
+                            **HP, weight_decay=WD)
+    assert_close_trajectory(results, trajectory(opt, ref, 3))

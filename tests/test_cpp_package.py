@@ -3,7 +3,6 @@
 against the Python front end from the same initial weights and data."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,30 +11,16 @@ import pytest
 import torch
 
 import memopt_core
+from cpp_runner import ROOT, cmake_build
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
 
 
-def cmake_build(source: Path, build: Path) -> None:
-    prefix = ";".join([memopt_core.cmake_prefix_path, torch.utils.cmake_prefix_path])
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    subprocess.run(["cmake", "-S", str(source), "-B", str(build), *gen,
-                    f"-DCMAKE_PREFIX_PATH={prefix}", "-DCMAKE_BUILD_TYPE=Release"],
-                   check=True, capture_output=True, text=True)
-    subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)],
-                   check=True, capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cpp")
-    try:
-        cmake_build(ROOT / "cpp" / "tests", root / "tests")
-        cmake_build(ROOT / "examples" / "cpp_trainer", root / "trainer")
-    except subprocess.CalledProcessError as e:
-        pytest.fail(f"{e.cmd}\n{e.stdout}\n{e.stderr}")
-    return root
+def trainer(tmp_path_factory):
+    build = tmp_path_factory.mktemp("cpp_trainer")
+    cmake_build(ROOT / "examples" / "cpp_trainer", build)
+    return build
 
 
 def test_installed_package_layout():
@@ -45,14 +30,15 @@ def test_installed_package_layout():
     assert list((prefix / "lib").glob("libmemopt.so*"))
 
 
-def test_cpp_core_tests_pass_under_ctest(built):
-    r = subprocess.run(["ctest", "--test-dir", str(built / "tests"), "--output-on-failure"],
+def test_cpp_core_tests_pass_under_ctest(cpp_tests):
+    """cpp/tests is built once per run (conftest: cpp_tests), shared with optimizer_runner."""
+    r = subprocess.run(["ctest", "--test-dir", str(cpp_tests), "--output-on-failure"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_cpp_trainer_matches_the_python_front_end(built, tmp_path):
-    r = subprocess.run([str(built / "trainer" / "cpp_trainer"), str(tmp_path)],
+def test_cpp_trainer_matches_the_python_front_end(trainer, tmp_path):
+    r = subprocess.run([str(trainer / "cpp_trainer"), str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
     # torch::pickle_save writes c10::Dicts, which the weights-only unpickler does not know;

@@ -203,32 +203,24 @@ def test_contiguous_checkpoint_loads_into_channels_last_model(name):
     assert_same(name, oracle, net, opts, exact=name not in REORDERING)
 
 
-@pytest.mark.parametrize("cls", ["CppAdamW", "CppAdamMini"])
-def test_libtorch_classes_accept_strided_params(cls):
-    """memopt::AdamW / AdamMini (cpp/src/optimizers.cpp) create state in the parameter's layout
-    and step channels_last and transposed weights like contiguous ones."""
+@pytest.mark.parametrize("name", ["adamw", "adam_mini"])
+def test_libtorch_classes_accept_strided_params(cpp_runner, name):
+    """memopt::AdamW / AdamMini (driven through cpp/tests/optimizer_runner) step channels_last and
+    transposed weights, with gradients in the same layouts, like contiguous ones."""
+    from cpp_runner import job, step
     gen = torch.Generator().manual_seed(0)
-    shapes = [("conv.weight", (8, 3, 3, 3)), ("mlp.up_proj.weight", (16, 12))]
-    plain = [torch.randn(s, generator=gen) for _, s in shapes]
+    names, shapes = ["conv.weight", "mlp.up_proj.weight"], [(8, 3, 3, 3), (16, 12)]
+    plain = [torch.randn(s, generator=gen) for s in shapes]
     strided = [plain[0].to(memory_format=torch.channels_last), plain[1].t().contiguous().t()]
-    strided = [t.clone(memory_format=torch.preserve_format) for t in strided]
-    opts = []
-    for params in (plain, strided):
-        named = [(n, p) for (n, _), p in zip(shapes, params)]
-        opts.append(_C.CppAdamW(params, lr=1e-2) if cls == "CppAdamW"
-                    else _C.CppAdamMini(named, lr=1e-2))
-    for t in range(3):
-        for a, b in zip(plain, strided):
-            a.grad = torch.randn(a.shape, generator=gen)
-            b.grad = torch.empty_like(b).copy_(a.grad)
-        for opt in opts:
-            opt.step()
-    for a, b in zip(plain, strided):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
-        for x, y in zip(opts[0].state(a), opts[1].state(b)):
-            torch.testing.assert_close(y, x, rtol=1e-6, atol=0)
-            if y.shape == b.shape and b.dim() > 1:
-                assert y.stride() == b.stride()
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    in_layout = [[torch.empty_like(p).copy_(g) for p, g in zip(strided, gs)] for gs in grads]
+    contiguous, laid_out = cpp_runner(
+        job(name, zip(names, plain), {"lr": 1e-2}, [step(g) for g in grads]),
+        job(name, zip(names, strided), {"lr": 1e-2}, [step(g) for g in in_layout]))
+    for t, (a, b) in enumerate(zip(contiguous, laid_out)):
+        for p, x, y in zip(strided, a["params"], b["params"]):
+            assert y.stride() == p.stride()  # the runner stepped the layout it was given
+            torch.testing.assert_close(y, x, rtol=1e-6, atol=0, msg=lambda m: f"step {t}: {m}")
 
 
 def test_opcheck_on_strided_params():

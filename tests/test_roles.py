@@ -7,6 +7,7 @@ output per token, norms whole, biases elementwise. Models are tiny and built fro
 import re
 
 import pytest
+import torch
 import torch.nn as nn
 
 transformers = pytest.importorskip("transformers")
@@ -187,11 +188,21 @@ class _TitanFusedAttention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
 
 
+def block_ids(segs, numel):
+    """Block index of every element of a tensor, from its segments (tiles numbered row-major)."""
+    ids, base = torch.full((numel,), -1, dtype=torch.long), 0
+    for off, rows, cols, stride, tr, tc in segs:
+        r, c = torch.arange(rows).view(-1, 1), torch.arange(cols).view(1, -1)
+        block = base + (r // tr) * (cols // tc) + c // tc
+        ids[(off + r * stride + c).reshape(-1)] = block.reshape(-1)
+        base += (rows // tr) * (cols // tc)
+    assert bool((ids >= 0).all()), "segments do not cover the tensor"
+    return ids
+
+
 def test_torchtitan_fused_qkv_is_cut_per_kv_group():
     """Per kv head: one block per query head and for the key head, one per value row; the
     q | k | v segments of a stacked fused qkv would cut v heads per head and q/k per row."""
-    from test_cpp_optimizers import block_ids
-
     hd, hpk = D // H, H // KV
     model = _TitanFusedAttention()
     w = model.qkv_linear.wqkv.weight
