@@ -66,6 +66,10 @@ def load_emulator():
         lib = torch.library.Library("memopt_emu", "DEF")
         for schema in memopt_schemas():  # every op, read from the dispatcher: none hand-kept
             lib.define(str(schema).split("::", 1)[1])
+        for schema in memopt_schemas(validators=True):  # each op's validator, the same on any
+            name = schema.name.split("::", 1)[1]         # device: the host build's
+            lib.define(str(schema).split("::", 1)[1])
+            lib.impl(name, getattr(torch.ops.memopt, name), "CompositeExplicitAutograd")
         torch.ops.load_library(str(mod.build(out)))
         _EMU["lib"] = lib
     return torch.ops.memopt_emu
