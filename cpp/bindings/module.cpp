@@ -47,6 +47,11 @@ AdamWRule adamw_rule_of(nb::handle rule) { return parse_adamw_rule(option_text(r
 
 NB_MODULE(_C, m) {
   m.doc() = "memopt_core C++ core: partitioner, workspace, state pool (ops: torch.ops.memopt)";
+  // An optimizer holds its plan (_C.BlockPlan, ...), and torch can keep an optimizer alive past
+  // interpreter shutdown in cycles the garbage collector cannot see (a post-accumulate-grad hook,
+  // held in C++ autograd metadata, that closes over it: LayerwiseStep). nanobind's exit-time leak
+  // report would then blame these bindings for objects torch never released.
+  nb::set_leak_warnings(false);
   // c10's typed errors become the Python exceptions torch raises for them (TORCH_CHECK_VALUE ->
   // ValueError, ...), without the C++ backtrace; torch.ops calls get this from torch already.
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
