@@ -1,65 +1,18 @@
-"""memopt_core.AdamMini against PyPI adam-mini 1.1.1 (partition="reference") and against the
-float64 paper reference (tests/reference/adam_mini_ref.py, partition="auto") on tiny HF LLaMA
-(GQA) and GPT-2 models: parameters, m and v after >= 7 steps, plus block counts and state bytes."""
+"""memopt_core.AdamMini against the float64 paper reference (tests/reference/adam_mini_ref.py,
+partition="auto") on tiny HF LLaMA (GQA) and GPT-2 models: parameters, m and v after >= 7 steps,
+plus block counts and state bytes. Against PyPI adam-mini 1.1.1 (partition="reference"):
+test_adam_mini_vs_pypi.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import memopt_core
+from adam_mini_util import (D, GPT2_COUNTS, H, HKV, LLAMA_COUNTS, STEPS, _expected_count,
+                            gpt2_blocks, llama_blocks)
 from conftest import (assert_close, step_with_scheduler, assert_within_low_precision_budget, make_gpt2, make_grads, make_llama, rounding_atol,
                       set_grads)
 from reference import adam_mini_ref as R
-
-STEPS = 8
-H, HKV, HD, D = 4, 2, 8, 32  # the tiny models' heads, kv heads, head_dim, hidden
-
-
-# ---- the paper's blocks, built here from names and shapes (independent of memopt's C++) -------
-def llama_blocks(name: str, shape, n_heads=H, n_kv=HKV):
-    """(index sets, decay) for HF LLaMA tensors (arXiv 2406.16793 §3)."""
-    if name.endswith("norm.weight"):
-        return R.whole(shape), False                     # one block per norm tensor
-    if "embed_tokens" in name or "lm_head" in name:
-        return R.per_row(shape), True                    # one block per token
-    if "q_proj" in name:
-        return R.per_head(shape, n_heads), True          # one block per query head
-    if "k_proj" in name:
-        return R.per_head(shape, n_kv), True             # one block per kv head (GQA)
-    if any(k in name for k in ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-        return R.per_row(shape), True                    # nn.Linear (out, in): per output neuron
-    raise AssertionError(f"unexpected tensor {name}")
-
-
-def gpt2_blocks(name: str, shape):
-    """(index sets, decay) for HF GPT-2 tensors: Conv1D weights are stored (in, out), so output
-    neurons are columns; c_attn is [q | k | v] along the columns."""
-    if name.endswith(".bias"):
-        return R.elementwise(shape), False
-    if ".ln_" in name:
-        return R.whole(shape), False
-    if "wte" in name or "wpe" in name:
-        return R.per_row(shape), True                    # per token / per position
-    if "c_attn" in name:
-        return R.fused_qkv(shape, H, H, HD, transposed=True), True
-    if any(k in name for k in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")):
-        return R.per_col(shape), True
-    raise AssertionError(f"unexpected tensor {name}")
-
-
-LLAMA_COUNTS = {"embed_tokens": 64, "q_proj": H, "k_proj": HKV, "v_proj": HKV * HD,
-                "o_proj": D, "gate_proj": 64, "up_proj": 64, "down_proj": D, "norm": 1,
-                "lm_head": 64}
-GPT2_COUNTS = {"wte": 64, "wpe": 32, "ln_1.weight": 1, "ln_1.bias": D, "c_attn.weight": H + H + D,
-               "c_attn.bias": 3 * D, "attn.c_proj.weight": D, "attn.c_proj.bias": D,
-               "ln_2.weight": 1, "ln_2.bias": D, "c_fc.weight": 4 * D, "c_fc.bias": 4 * D,
-               "mlp.c_proj.weight": D, "mlp.c_proj.bias": D, "ln_f.weight": 1, "ln_f.bias": D}
-
-
-def _expected_count(table, name):
-    hits = [v for k, v in table.items() if k in name]
-    assert len(hits) == 1 or len(set(hits)) == 1, name
-    return hits[0]
 
 
 def _by_name(opt):
@@ -87,64 +40,6 @@ def _run_against_reference(model, blocks_of, lr=2e-3, wd=0.1, betas=(0.9, 0.95),
         if low is not None:
             low.step(grads)
     return named, opt, ref, low
-
-
-# ---- partition="reference" vs PyPI adam-mini 1.1.1 -------------------------------------------
-def _compare_with_pypi(make_model, build_ours, dim, n_heads, n_kv_heads):
-    from adam_mini import Adam_mini
-    hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    ours_model, their_model = make_model(), make_model()
-    ours = build_ours(ours_model, hp)
-    theirs = Adam_mini(their_model.named_parameters(), **hp, dim=dim, n_heads=n_heads,
-                       n_kv_heads=n_kv_heads, verbose=False)
-    ours_named = list(ours_model.named_parameters())
-    their_named = list(their_model.named_parameters())
-    start = [p.detach().clone() for _, p in ours_named]
-    for step in range(STEPS):
-        grads = make_grads([p for _, p in ours_named], step)
-        set_grads([p for _, p in ours_named], grads)
-        set_grads([p for _, p in their_named], grads)
-        ours.step()
-        theirs.step()
-
-    their_groups = {g["name"]: g for g in theirs.param_groups}
-    for (name, p), (_, q), p0 in zip(ours_named, their_named, start):
-        s, t = ours.state[p], theirs.state[q]
-        g = their_groups[name.lower()]
-        assert s["step"].item() == t["step"] == STEPS
-        # same weight-decay decision (adam-mini: by name)
-        ours_wd = next(og["weight_decay"] for og in ours.param_groups if any(x is p for x in og["params"]))
-        assert ours_wd == g["weight_decay"], name
-        their_v = t["vmean"] if "vmean" in t else t["v"]
-        assert s["exp_avg_sq"].numel() == their_v.numel(), f"{name}: block count"
-        assert_close(p, q, 2e-6, f"{name} param", origin=p0,
-                     atol=rounding_atol(p, STEPS, 3))  # adam-mini rounds p 2-3 times a step
-        assert_close(s["exp_avg"], t["m"].reshape(p.shape), 2e-6, f"{name} m")
-        assert_close(s["exp_avg_sq"], their_v.reshape(-1), 2e-6, f"{name} v")
-    return ours
-
-
-def test_reference_partition_matches_pypi_adam_mini_on_llama():
-    ours = _compare_with_pypi(
-        make_llama,
-        lambda m, hp: memopt_core.AdamMini(m.named_parameters(), **hp, dim=D, n_heads=H,
-                                           n_kv_heads=HKV, partition="reference"),
-        dim=D, n_heads=H, n_kv_heads=HKV)
-    counts = {b.name: b.count for b in ours.blocks.values()}
-    assert counts["model.layers.0.self_attn.q_proj.weight"] == H
-    assert counts["model.layers.0.self_attn.k_proj.weight"] == HKV   # GQA: dim*dim/H elements
-    assert counts["model.layers.1.input_layernorm.weight"] == 1
-
-
-def test_reference_partition_matches_pypi_adam_mini_on_gpt2():
-    # dims come from the model's config here (GPT2Config n_embd / n_head)
-    ours = _compare_with_pypi(
-        make_gpt2, lambda m, hp: memopt_core.AdamMini(m, **hp, partition="reference"),
-        dim=D, n_heads=H, n_kv_heads=None)
-    counts = {b.name: b.count for b in ours.blocks.values()}
-    assert counts["transformer.h.0.attn.c_attn.weight"] == 1   # adam-mini: unmatched -> 1 block
-    assert counts["transformer.h.0.mlp.c_fc.weight"] == D      # per row of (in, out): per input
-    assert counts["transformer.h.0.attn.c_attn.bias"] == 3 * D
 
 
 # ---- partition="auto" vs the float64 paper reference ---------------------------------------------
