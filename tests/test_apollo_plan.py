@@ -4,7 +4,7 @@ of apollo-torch 1.0.3's rules (GaLore's projection sides, one group per rank, se
 positions) and the memopt state layout: which tensors are projected at which rank, every
 tensor's state (keys, shapes, dtypes, layout, sharding, fills), seeds across groups, settings
 checks and checkpoint checks; and what the Python front end does with it on loading. Its
-trajectories against apollo-torch itself: test_apollo.py, test_fuzz_apollo.py."""
+trajectories against apollo-torch itself: test_apollo_vs_apollo_torch.py, test_fuzz_apollo.py."""
 from __future__ import annotations
 
 import itertools
@@ -186,7 +186,7 @@ def test_check_saved():
         plan.check_saved(1, {**saved_state(plan, 1), "proj": torch.zeros(1)}, torch.float32, "p")
 
 
-# ---- the Python front end on the plan (its trajectories: test_apollo.py) -------------------
+# ---- the Python front end on the plan (its trajectories: test_apollo_vs_apollo_torch.py) ---
 def _steps(opt, params, start, stop):
     for step in range(start, stop):
         for i, p in enumerate(params):
