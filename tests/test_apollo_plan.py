@@ -12,6 +12,15 @@ import itertools
 import pytest
 import torch
 
+
+def _dtype(code, param_dtype):
+    """The torch.dtype of a state of StateDType `code` for a parameter of `param_dtype`."""
+    return _C.state_dtype(code, torch.empty(0, dtype=param_dtype))
+
+
+def _check_saved(plan, i, saved: dict, param_dtype, where):
+    plan.check_saved(i, list(saved.items()), torch.empty(0, dtype=param_dtype), where)
+
 import memopt_core
 from memopt_core import _C
 
@@ -125,10 +134,10 @@ def test_reporting_figures():
     assert plan.workspace_bytes(3, torch.float32) == 0
     with pytest.raises(ValueError, match="no projector"):
         plan.side(3)
-    assert _C.ApolloPlan.resolve_dtype(SCALAR, torch.float64) == torch.float64
-    assert _C.ApolloPlan.resolve_dtype(SCALAR, torch.bfloat16) == torch.float32
-    assert _C.ApolloPlan.resolve_dtype(INT64, torch.float16) == torch.int64
-    assert _C.ApolloPlan.resolve_dtype(PARAM, torch.float16) == torch.float16
+    assert _dtype(SCALAR, torch.float64) == torch.float64
+    assert _dtype(SCALAR, torch.bfloat16) == torch.float32
+    assert _dtype(INT64, torch.float16) == torch.int64
+    assert _dtype(PARAM, torch.float16) == torch.float16
 
 
 # ---- settings checks ---------------------------------------------------------------------
@@ -158,7 +167,7 @@ def test_bad_settings_raise_and_leave_the_plan_as_it_was(kw, match):
 def saved_state(plan, i, param_dtype=torch.float32):
     out = {"step": torch.tensor(3.0)}
     for key, shape, code, *_ in plan.state(i):
-        out[key] = torch.zeros(shape, dtype=_C.ApolloPlan.resolve_dtype(code, param_dtype))
+        out[key] = torch.zeros(shape, dtype=_dtype(code, param_dtype))
     return out
 
 
@@ -167,11 +176,11 @@ def test_check_saved():
     add(plan, [(8, 6)], rank=3)
     add(plan, [(5,)])
     for i in range(2):
-        plan.check_saved(i, saved_state(plan, i), torch.float32, "p")
-    plan.check_saved(0, saved_state(plan, 0, torch.bfloat16), torch.bfloat16, "p")
+        _check_saved(plan, i, saved_state(plan, i), torch.float32, "p")
+    _check_saved(plan, 0, saved_state(plan, 0, torch.bfloat16), torch.bfloat16, "p")
     fp32 = saved_state(plan, 0)  # float32 moments for a bf16 parameter are accepted
     fp32["limiter_norm"] = fp32["limiter_norm"].float()
-    plan.check_saved(0, fp32, torch.bfloat16, "p")
+    _check_saved(plan, 0, fp32, torch.bfloat16, "p")
     bad = [({"seed": None}, ValueError, "lacks state 'seed'"),
            ({"proj": torch.zeros(3, 8)}, ValueError, "'proj' has shape"),
            ({"seed": torch.zeros((), dtype=torch.float32)}, TypeError, "'seed' has dtype"),
@@ -181,9 +190,9 @@ def test_check_saved():
         saved = {**saved_state(plan, 0), **change}
         saved = {k: v for k, v in saved.items() if v is not None}
         with pytest.raises(exc, match=f"where.*{match}|{match}"):
-            plan.check_saved(0, saved, torch.float32, "where")
+            _check_saved(plan, 0, saved, torch.float32, "where")
     with pytest.raises(ValueError, match="'proj', which this optimizer does not keep"):
-        plan.check_saved(1, {**saved_state(plan, 1), "proj": torch.zeros(1)}, torch.float32, "p")
+        _check_saved(plan, 1, {**saved_state(plan, 1), "proj": torch.zeros(1)}, torch.float32, "p")
 
 
 # ---- the Python front end on the plan (its trajectories: test_apollo_vs_apollo_torch.py) ---
@@ -233,7 +242,7 @@ def test_a_checkpoint_the_plan_refuses_changes_nothing():
         sd["state"][0].update(change)
         sd["param_groups"][0]["scale_type"] = "tensor"  # the plan loading it would have
         before = {k: v.clone() for k, v in opt.state[params[0]].items()}
-        with pytest.raises(exc, match="Apollo: parameter 0"):
+        with pytest.raises(exc, match="Apollo: the loaded state of parameter 0"):
             opt.load_state_dict(sd)
         assert opt.param_groups[0]["scale_type"] == "channel" and len(opt.plan) == 3
         assert opt.plan.scale_factors(0) == 10  # the constructor's plan: one per column

@@ -1,7 +1,6 @@
 // _C.ApolloPlan, _C.apollo_ranks, _C.apollo_rank_groups: memopt/apollo_plan.h. Thin:
-// conversions only. StateSpecs cross as tuples (key, shape, dtype code, follows_param,
-// sharded_along, fill), the code a memopt::StateDType that ApolloPlan.resolve_dtype turns into
-// a torch.dtype.
+// conversions only. ApolloPlan derives from _C.OptimizerPlan (plan.cpp): state(i) and
+// check_saved are the base's.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
@@ -22,10 +21,6 @@ at::ScalarType scalar_type_of(nb::handle dtype) {
   TORCH_CHECK_TYPE(THPDtype_Check(dtype.ptr()), "expected a torch.dtype, got ",
                    nb::repr(dtype).c_str());
   return reinterpret_cast<THPDtype*>(dtype.ptr())->scalar_type;
-}
-
-nb::object dtype_object(at::ScalarType type) {
-  return nb::borrow<nb::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(type)));
 }
 }  // namespace
 
@@ -48,7 +43,8 @@ void bind_apollo_plan(nb::module_& m) {
   m.def("apollo_rank_groups", &apollo_rank_groups, nb::arg("ranks"),
         "[(rank, positions)]: one param group per effective rank, then the AdamW (rank 0) one.");
 
-  nb::class_<ApolloPlan>(m, "ApolloPlan", "memopt::ApolloPlan: every decision APOLLO makes.")
+  nb::class_<ApolloPlan, OptimizerPlan>(m, "ApolloPlan",
+                                      "memopt::ApolloPlan: every decision APOLLO makes.")
       .def(nb::init<>())
       .def_ro_static("legacy_adamw_rule", &ApolloSettings::kLegacyAdamWRule)
       .def("add_group",
@@ -71,36 +67,6 @@ void bind_apollo_plan(nb::module_& m) {
            nb::arg("split"),
            "Appends a param group (rank None: AdamW); ValueError leaves the plan as it was.")
       .def("__len__", &ApolloPlan::size)
-      .def("state",
-           [](const ApolloPlan& plan, int64_t i) {
-             nb::list out;
-             for (const auto& s : plan.state(i))
-               out.append(nb::make_tuple(s.key, s.shape, static_cast<int64_t>(s.dtype),
-                                         s.follows_param, s.sharded_along, s.fill));
-             return out;
-           },
-           nb::arg("i"),
-           "[(key, shape, dtype code, follows_param, sharded_along, fill)] of tensor i.")
-      .def("check_saved",
-           [](const ApolloPlan& plan, int64_t i, nb::dict saved, nb::handle param_dtype,
-              const std::string& where) {
-             std::vector<std::pair<std::string, at::Tensor>> entries;
-             for (auto [key, value] : saved) {
-               at::Tensor t;  // a value that is no tensor stays undefined: refused by key
-               nb::try_cast(value, t);
-               entries.emplace_back(nb::cast<std::string>(key), t);
-             }
-             plan.check_saved(i, entries, scalar_type_of(param_dtype), where);
-           },
-           nb::arg("i"), nb::arg("saved"), nb::arg("param_dtype"), nb::arg("where"),
-           "Raises unless `saved` (tensor i's state from a checkpoint) is the state planned.")
-      .def_static("resolve_dtype",
-                  [](int64_t code, nb::handle param_dtype) {
-                    return dtype_object(resolve_dtype(static_cast<StateDType>(code),
-                                                      scalar_type_of(param_dtype)));
-                  },
-                  nb::arg("code"), nb::arg("param_dtype"),
-                  "The torch.dtype of a state of dtype code `code` for such a parameter.")
       .def("projected", &ApolloPlan::projected, nb::arg("i"))
       .def("side",
            [](const ApolloPlan& plan, int64_t i) {

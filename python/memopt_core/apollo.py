@@ -12,7 +12,6 @@ from .apollo_groups import apollo_groups
 from .sources import resolve
 
 _LEGACY_ADAMW_RULE = _C.ApolloPlan.legacy_adamw_rule  # of a group saved before the option
-_PARAM_DTYPE = 0  # memopt::StateDType::Param: state in the parameter's own dtype
 
 
 class Apollo(MemoptOptimizer):
@@ -112,6 +111,7 @@ class Apollo(MemoptOptimizer):
             raise
         for k, p in enumerate(group["params"]):
             self._index.setdefault(p, start + k)
+        self._adopt(self.plan)
 
     def _plan_group(self, plan, group: dict) -> None:
         rank = group.get("rank")  # None: the group takes AdamW
@@ -122,37 +122,10 @@ class Apollo(MemoptOptimizer):
                        bool(group["store_projection"]), group["adamw_rule"],
                        [] if rank is None else [self._split(p) for p in group["params"]])
 
-    # ---- state: as the plan lays it out --------------------------------------------------
-    def _spec(self, p, key: str) -> tuple:
-        """(shape, dtype code, follows_param, sharded_along, fill) of p's state `key`."""
-        return next(s[1:] for s in self.plan.state(self._index[p]) if s[0] == key)
-
-    def _state_shapes(self, p):
-        return {s[0]: tuple(s[1]) for s in self.plan.state(self._index[p])}
-
-    def _state_dtype(self, p, key):
-        return _C.ApolloPlan.resolve_dtype(self._spec(p, key)[1], p.dtype)
-
-    def _state_follows_param(self, p, key):
-        return self._spec(p, key)[2]
-
-    def _state_sharded(self, p, key, shape) -> bool:
-        return self._shard_layout(p).dim in self._spec(p, key)[3]
-
-    def _init_states(self, params):
-        """Zeroed state, but the plan's fills: apollo-torch's seeds and -1 limiter norms."""
-        self._pack_states(params, {
-            (p, key): torch.full(shape, fill, dtype=self._state_dtype(p, key))
-            for p in params for key, shape, _, _, _, fill in self.plan.state(self._index[p])
-            if fill})
-
-    def _check_loadable(self, state_dict: dict) -> None:
-        super()._check_loadable(state_dict)  # the groups match; then each saved state: the plan's
-        for mine, saved in zip(self.param_groups, state_dict["param_groups"]):
-            for p, pid in zip(mine["params"], saved["params"]):
-                if state_dict["state"].get(pid) is not None:
-                    self.plan.check_saved(self._index[p], dict(state_dict["state"][pid]), p.dtype,
-                                          f"{type(self).__name__}: parameter {pid}")
+    # ---- state: as the plan lays it out (_planned.py), seeds and limiter norms its fills -------
+    def _adopt(self, plan) -> None:
+        """Adopt `plan` for every parameter (in its order, self._index)."""
+        self._adopt_plan(plan, sorted(self._index, key=self._index.get))
 
     def __setstate__(self, state: dict) -> None:
         """torch's load_state_dict and unpickling end here: a group saved before adamw_rule
@@ -173,13 +146,13 @@ class Apollo(MemoptOptimizer):
             for p, pid in zip(mine["params"], saved.get("params", [])):
                 entry = state_dict.get("state", {}).get(pid, {})
                 exact.update({(p, key): entry[key] for key, _, code, *_ in
-                              plan.state(self._index[p]) if code != _PARAM_DTYPE
+                              plan.state(self._index[p]) if code != _C.StateDType.Param
                               and isinstance(entry.get(key), torch.Tensor)})
-        self.plan = plan
+        self._adopt(plan)
         try:
             super().load_state_dict(state_dict)
         except Exception:
-            self.plan = old
+            self._adopt(old)
             raise
         for (p, key), value in exact.items():
             if key in self.state.get(p, {}):
