@@ -143,11 +143,7 @@ void Frugal::update(const FrugalOptions& o, const GroupLists& l) {
 
 torch::Tensor Frugal::step(LossClosure closure) {
   torch::NoGradGuard no_grad;
-  torch::Tensor loss;
-  if (closure != nullptr) {
-    at::AutoGradMode enable_grad(true);
-    loss = closure();
-  }
+  const torch::Tensor loss = evaluate(closure);
   if (skips_step()) return loss;
   // One group's parameters with a gradient and the state `state_for` gives each.
   const auto lists = [&](size_t i, const std::function<ParamState*(const at::Tensor&)>& state_for) {

@@ -133,11 +133,7 @@ std::unique_ptr<ParamState> PlanOptimizer<Options>::make_state(const at::Tensor&
 template <typename Options>
 torch::Tensor PlanOptimizer<Options>::step(LossClosure closure) {
   torch::NoGradGuard no_grad;
-  torch::Tensor loss;
-  if (closure != nullptr) {
-    at::AutoGradMode enable_grad(true);
-    loss = closure();
-  }
+  const torch::Tensor loss = evaluate(closure);
   if (skips_step()) return loss;
   // Gather and validate every group before updating any, so bad input anywhere raises with
   // parameters and state untouched. New state joins state_ only once its group has stepped.

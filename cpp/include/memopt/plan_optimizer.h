@@ -98,6 +98,12 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // The layout a loaded state of parameter i must have: the plan's (Frugal: under the
   // selection being loaded).
   virtual StateLayout loaded_layout(int64_t i) const { return plan().state(i); }
+  // The closure's loss (undefined without one), evaluated with grad mode on.
+  static torch::Tensor evaluate(const LossClosure& closure) {
+    if (closure == nullptr) return {};
+    at::AutoGradMode enable_grad(true);
+    return closure();
+  }
   // Whether this step must change nothing: nonfinite "skip" and a gradient of the step is not
   // finite (then counted). Called before anything is created or written.
   bool skips_step();
