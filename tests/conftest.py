@@ -189,15 +189,17 @@ def opt_name(request):
 
 
 @pytest.fixture(scope="session")
-def cpp_tests(tmp_path_factory):
-    """cpp/tests (the ctest programs and optimizer_runner) built once per run against the
-    installed package, for every test that needs them; skips without cmake."""
-    from cpp_runner import build_cpp_tests
-    return build_cpp_tests(tmp_path_factory.mktemp("cpp_tests"))
+def cpp_builds(tmp_path_factory):
+    """cpp/tests (the ctest programs and optimizer_runner) and examples/cpp_trainer, built once
+    per run against the installed package: {"tests": dir, "trainer": dir}. Skips without cmake."""
+    from cpp_runner import build_cpp
+    return build_cpp(tmp_path_factory.mktemp("cpp"))
 
 
 @pytest.fixture(scope="session")
-def cpp_runner(cpp_tests, tmp_path_factory):
+def cpp_runner(cpp_builds, tmp_path_factory):
     """Runs jobs on the LibTorch optimizers (tests/cpp_runner.py)."""
     from cpp_runner import Runner
-    return Runner(cpp_tests / "optimizer_runner", tmp_path_factory.mktemp("runner"))
+    runner = Runner(cpp_builds["tests"] / "optimizer_runner", tmp_path_factory.mktemp("runner"))
+    yield runner
+    runner.close()

@@ -1,14 +1,15 @@
 """memopt's LibTorch optimizers, driven from pytest through cpp/tests/optimizer_runner: a test-only
 C++ program, so that the production extension binds none of them. Here: the one cmake build of
-cpp/tests (its ctest programs and the runner), jobs written with torch.save (optimizer, named
-parameters, options, actions: see the runner's header), results read back, and the runner's
-errors raised again as the Python exceptions _C would raise for them."""
+cpp/tests (its ctest programs and the runner) and of the example trainer, jobs written with
+torch.save (optimizer, named parameters, options, actions: see the runner's header), results
+read back, and the runner's errors raised again as the Python exceptions _C would raise."""
 from __future__ import annotations
 
 import copy
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,13 +47,19 @@ def cmake_build(source: Path, build: Path) -> None:
         pytest.fail(f"{e.cmd}\n{e.stdout}\n{e.stderr}")
 
 
-def build_cpp_tests(build: Path) -> Path:
-    """cpp/tests built in `build` (conftest's session fixture: once per run); skips without
-    cmake."""
+def build_cpp(build: Path) -> dict:
+    """{"tests": cpp/tests (the ctest programs and optimizer_runner), "trainer":
+    examples/cpp_trainer}, built under `build` (conftest's session fixture: once per run) side
+    by side: built one after the other, the trainer's single program would leave a core idle.
+    Skips without cmake."""
     if shutil.which("cmake") is None:
         pytest.skip("needs cmake")
-    cmake_build(ROOT / "cpp" / "tests", build)
-    return build
+    sources = {"tests": ROOT / "cpp" / "tests", "trainer": ROOT / "examples" / "cpp_trainer"}
+    with ThreadPoolExecutor(len(sources)) as pool:
+        builds = [pool.submit(cmake_build, src, build / name) for name, src in sources.items()]
+    for b in builds:
+        b.result()  # raises a build's pytest.fail here
+    return {name: build / name for name in sources}
 
 
 def reraise(error: str | None) -> None:
@@ -126,11 +133,12 @@ class Runner:
     """runner(job, ...) -> for each job, one result per action (a dict: "error", "params" after
     the action, "groups" [(lr, weight_decay, [param index])], "loss", ...), a
     list of those for several jobs; raises what construction or an action not marked may_fail
-    raised. runner.raw(job, ...) -> {"error", "actions"} per job, raising nothing. Several jobs
-    run in one process: the runner's start (loading LibTorch) is most of a small job's time."""
+    raised. runner.raw(job, ...) -> {"error", "actions"} per job, raising nothing. One runner
+    process serves every call (started on the first, ended by close()): starting LibTorch
+    costs more than most jobs."""
 
     def __init__(self, exe: Path, tmp: Path):
-        self.exe, self.tmp, self.count = exe, tmp, 0
+        self.exe, self.tmp, self.count, self.proc = exe, tmp, 0, None
 
     def raw(self, *jobs) -> list:
         self.count += 1
@@ -138,12 +146,25 @@ class Runner:
         # Copied one by one: a tensor given twice stays one within a job (the pickle keeps
         # that), and jobs built from the same tensors do not share them.
         torch.save([copy.deepcopy(j) for j in jobs], job_file)
-        r = subprocess.run([str(self.exe), str(job_file), str(result_file)], capture_output=True,
-                           text=True)
-        assert r.returncode == 0, f"optimizer_runner failed ({r.returncode}): {r.stderr}"
+        if self.proc is None:
+            with open(self.tmp / "stderr", "w") as err:
+                self.proc = subprocess.Popen([str(self.exe)], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=err, text=True)
+        self.proc.stdin.write(f"{job_file}\t{result_file}\n")
+        self.proc.stdin.flush()
+        if self.proc.stdout.readline() != "done\n":
+            code, self.proc = self.proc.wait(), None  # the next call starts another
+            raise AssertionError(f"optimizer_runner failed ({code}) on {job_file}: "
+                                 f"{(self.tmp / 'stderr').read_text()}")
         # torch::pickle_save writes c10::Dicts, which the weights-only unpickler does not know;
         # the file was written by our own program a moment ago.
         return torch.load(result_file, weights_only=False)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait()
+            self.proc = None
 
     def __call__(self, *jobs):
         results = self.raw(*jobs)

@@ -11,16 +11,8 @@ import pytest
 import torch
 
 import memopt_core
-from cpp_runner import ROOT, cmake_build
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
-
-
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    build = tmp_path_factory.mktemp("cpp_trainer")
-    cmake_build(ROOT / "examples" / "cpp_trainer", build)
-    return build
 
 
 def test_installed_package_layout():
@@ -30,15 +22,15 @@ def test_installed_package_layout():
     assert list((prefix / "lib").glob("libmemopt.so*"))
 
 
-def test_cpp_core_tests_pass_under_ctest(cpp_tests):
-    """cpp/tests is built once per run (conftest: cpp_tests), shared with optimizer_runner."""
-    r = subprocess.run(["ctest", "--test-dir", str(cpp_tests), "--output-on-failure"],
+def test_cpp_core_tests_pass_under_ctest(cpp_builds):
+    """cpp/tests is built once per run (conftest: cpp_builds), shared with optimizer_runner."""
+    r = subprocess.run(["ctest", "--test-dir", str(cpp_builds["tests"]), "--output-on-failure"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_cpp_trainer_matches_the_python_front_end(trainer, tmp_path):
-    r = subprocess.run([str(trainer / "cpp_trainer"), str(tmp_path)],
+def test_cpp_trainer_matches_the_python_front_end(cpp_builds, tmp_path):
+    r = subprocess.run([str(cpp_builds["trainer"] / "cpp_trainer"), str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
     # torch::pickle_save writes c10::Dicts, which the weights-only unpickler does not know;

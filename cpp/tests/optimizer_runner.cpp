@@ -1,7 +1,7 @@
-// optimizer_runner JOBS RESULTS: runs jobs on memopt's LibTorch optimizers for the Python tests
-// (tests/cpp_runner.py writes the job, checks the result against Python oracles), so that the
+// optimizer_runner: runs jobs on memopt's LibTorch optimizers for the Python tests
+// (tests/cpp_runner.py writes the jobs, checks the results against Python oracles), so that the
 // production extension needs no binding of these classes. Test-only: built beside the ctest
-// programs, never installed.
+// programs, never installed. Requests come on stdin (see main).
 //
 // JOBS (torch.save of a list of dicts): "optimizer" ("adamw" | "adam_mini" | "apollo" |
 // "apollo_mini" | "frugal"), "params" [(name, tensor)], "options" {key: value} (FrugalConfig's
@@ -19,7 +19,6 @@
 
 #include <fstream>
 #include <iostream>
-#include <functional>
 #include <iterator>
 #include <memopt/frugal_optimizer.h>
 #include <memopt/optimizers.h>
@@ -38,9 +37,7 @@ using Dict = c10::impl::GenericDict;
 using Named = std::vector<std::pair<std::string, at::Tensor>>;
 
 // A malformed job: the runner's fault or the test's, never an optimizer's error.
-struct JobError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+struct JobError : std::runtime_error { using std::runtime_error::runtime_error; };
 
 IValue get(const Dict& d, const std::string& key) {
   if (!d.contains(key)) throw JobError("job: missing key '" + key + "'");
@@ -98,8 +95,8 @@ bool set(memopt::FrugalConfig& o, const std::string& k, const IValue& v) {
   return false;
 }
 
-// `o` with the dict's keys applied; an unknown key is a
-// JobError, so that a misspelt option cannot pass silently as the default.
+// `o` with the dict's keys applied; an unknown key is a JobError (a misspelt option must not
+// pass silently as the default).
 template <typename O>
 O with(O o, const Dict& keys, memopt::FrugalConfig* config = nullptr) {
   for (const auto& kv : keys) {
@@ -332,20 +329,27 @@ Dict run(const Dict& job) {
 }
 }  // namespace
 
-// The job file holds a list of jobs (several optimizers a test compares, in one process); the
-// result file a list of their results.
-int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::cerr << "usage: optimizer_runner JOBS RESULTS\n";
-    return 2;
+// Serves requests until stdin closes, one a line: "JOBS<tab>RESULTS", the paths of a job file
+// (a list of jobs: several optimizers a test compares) and of the file to write their results
+// to, then answers "done" on stdout. One process for a whole pytest session: starting LibTorch
+// (its operator registrations) costs more CPU than most jobs.
+int main() {
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    const auto tab = line.find('\t');
+    if (tab == std::string::npos) {
+      std::cerr << "optimizer_runner: expected \"JOBS<tab>RESULTS\", got \"" << line << "\"\n";
+      return 2;
+    }
+    std::ifstream in(line.substr(0, tab), std::ios::binary);
+    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), {});
+    c10::impl::GenericList results(c10::AnyType::get());
+    const auto jobs = torch::pickle_load(bytes);  // owns the list the loop reads
+    for (const auto& job : jobs.toListRef()) results.push_back(run(job.toGenericDict()));
+    const auto out = torch::pickle_save(results);
+    std::ofstream(line.substr(tab + 1), std::ios::binary)
+        .write(out.data(), static_cast<std::streamsize>(out.size()));
+    std::cout << "done" << std::endl;
   }
-  std::ifstream in(argv[1], std::ios::binary);
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), {});
-  c10::impl::GenericList results(c10::AnyType::get());
-  const auto jobs = torch::pickle_load(bytes);  // owns the list the loop reads
-  for (const auto& job : jobs.toListRef()) results.push_back(run(job.toGenericDict()));
-  const auto out = torch::pickle_save(results);
-  std::ofstream(argv[2], std::ios::binary)
-      .write(out.data(), static_cast<std::streamsize>(out.size()));
   return 0;
 }
