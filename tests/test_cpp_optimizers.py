@@ -150,40 +150,64 @@ def test_save_load_resume_is_bit_identical(resumed, name):
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])), f"step {3 + t}"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(cpp_runner, tmp_path_factory):
-    """An AdamMini checkpoint after 2 steps."""
-    params, path = make_params(), tmp_path_factory.mktemp("adam_mini") / "opt.pt"
-    cpp_runner(cpp("adam_mini", params, [*steps(params, 0, 2), save(path)]))
-    return path
+MISMATCHES = ["blocks", "shape", "groups"]
 
 
-@pytest.mark.parametrize("mismatch", ["blocks", "shape", "groups"])
-def test_load_mismatch_raises_and_changes_nothing(cpp_runner, checkpoint, mismatch):
-    """A checkpoint of other blocks, shapes or groups raises; the optimizer then steps on as one
-    that never tried (the oracle: the same job without the load), with its groups as they were."""
+def mismatched(mismatch):
+    """An AdamMini job maker whose checkpoint cannot load one saved from make_params():
+    other blocks (same shapes, other heads), another shape, or one group (no norms or biases)."""
     names, other, kw = NAMES, make_params(1), {}
-    if mismatch == "blocks":  # same shapes, other heads: q/k blocks differ
+    if mismatch == "blocks":
         kw = dict(n_heads=2, n_kv_heads=1)
     elif mismatch == "shape":
         other[1] = torch.randn(16, 8)
-    else:  # no norms or biases: one group
+    else:
         keep = [i for i, (r, p) in enumerate(zip(ROLES, other)) if decays(r, p)]
         names, other = [NAMES[i] for i in keep], [other[i] for i in keep]
-    make = lambda actions: job("adam_mini", zip(names, other),  # noqa: E731
-                               {**OPTIONS["adam_mini"], **kw}, actions)
-    tried, never = cpp_runner(
-        make([*steps(other, 0, 1), load(checkpoint, may_fail=True), *steps(other, 1, 2)]),
-        make([*steps(other, 0, 1), *steps(other, 1, 2)]))
-    assert_failed_and_changed_nothing(tried, never, 1, "exp_avg_sq|exp_avg|param groups")
+    return other, lambda actions: job("adam_mini", zip(names, other),
+                                      {**OPTIONS["adam_mini"], **kw}, actions)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam_mini"])
-def test_closure_runs_with_grad_and_returns_loss(cpp_runner, name):
+@pytest.fixture(scope="module")
+def mismatches(cpp_runner, tmp_path_factory):
+    """Per mismatch, (tried, never): a job that tries to load the checkpoint after one step, and
+    the same job without the load."""
+    params, path = make_params(), tmp_path_factory.mktemp("adam_mini") / "opt.pt"
+    cpp_runner(cpp("adam_mini", params, [*steps(params, 0, 2), save(path)]))
+    jobs = []
+    for other, make in map(mismatched, MISMATCHES):
+        jobs += [make([*steps(other, 0, 1), load(path, may_fail=True), *steps(other, 1, 2)]),
+                 make(steps(other, 0, 3))]
+    results = cpp_runner(*jobs)
+    return {m: results[2 * i:2 * i + 2] for i, m in enumerate(MISMATCHES)}
+
+
+@pytest.mark.parametrize("mismatch", MISMATCHES)
+def test_load_mismatch_raises_and_changes_nothing(mismatches, mismatch):
+    """The load raises; the optimizer then steps on as one that never tried, with its groups as
+    they were."""
+    assert_failed_and_changed_nothing(*mismatches[mismatch], 1, "exp_avg_sq|exp_avg|param groups")
+
+
+def skip_two(i, t):
+    """Every other parameter has no gradient for the first two steps."""
+    return i % 2 == 1 and t < 2
+
+
+@pytest.fixture(scope="module")
+def closure_and_skip(cpp_runner):
+    """Per optimizer: a closure step then a plain one; three steps with skip_two. One process."""
+    params = make_params()
+    results = cpp_runner(*[cpp(n, params, actions) for n in OPTIONS for actions in
+                           ([step(closure=True), step()], steps(params, 0, 3, skip_two))])
+    return {n: results[2 * i:2 * i + 2] for i, n in enumerate(OPTIONS)}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_closure_runs_with_grad_and_returns_loss(closure_and_skip, name):
     """step(closure) under no_grad: the closure (loss = sum of p^2, backward) runs with grad
     enabled and its loss comes back; step() without one returns nothing."""
-    params = make_params()
-    with_closure, without = cpp_runner(cpp(name, params, [step(closure=True), step()]))
+    (with_closure, without), params = closure_and_skip[name][0], make_params()
     assert with_closure["grad_enabled"] and with_closure["loss_requires_grad"]
     torch.testing.assert_close(with_closure["loss"], sum((p * p).sum() for p in params),
                                rtol=1e-6, atol=0)
@@ -191,20 +215,17 @@ def test_closure_runs_with_grad_and_returns_loss(cpp_runner, name):
     assert without["loss"] is None
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam_mini"])
-def test_params_without_grad_are_skipped(cpp_runner, name):
-    """Every other parameter has no gradient for two steps: unchanged, and no state (its first
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_params_without_grad_are_skipped(closure_and_skip, name):
+    """Parameters without a gradient for two steps stay unchanged and get no state (their first
     step, the third, is a first step: bias correction of step 1), as the oracle does."""
-    def skip(i, t):
-        return i % 2 == 1 and t < 2
-    params = make_params()
-    results = cpp_runner(cpp(name, params, steps(params, 0, 3, skip)))
+    results, params = closure_and_skip[name][1], make_params()
     for i, p in enumerate(params):
         assert torch.equal(results[1]["params"][i], p) == bool(i % 2), NAMES[i]
     if name == "adam_mini":
-        assert_same_trajectory(results, oracle(name, 3, skip), NAMES)
+        assert_same_trajectory(results, oracle(name, 3, skip_two), NAMES)
     else:
-        assert_close_trajectory(results, oracle(name, 3, skip))
+        assert_close_trajectory(results, oracle(name, 3, skip_two))
 
 
 def test_bad_step_raises_before_any_group_is_written(cpp_runner):
