@@ -85,6 +85,17 @@ void bind_frugal(nb::module_& m) {
         nb::arg("grad"), nb::arg("rank"), nb::arg("right"), nb::arg("kind"), nb::arg("rng_state"),
         "(projection matrix, next rng_state); kind: 'svd', 'random' or 'randperm'.");
 
+  // The mode and change codes of FrugalPlan's answers (ints in its lists), named once here.
+  nb::enum_<FrugalMode>(m, "FrugalMode", nb::is_arithmetic(), "frugal.h's FrugalMode.")
+      .value("Adam", FrugalMode::Adam).value("ActiveBlock", FrugalMode::ActiveBlock)
+      .value("FreeBlock", FrugalMode::FreeBlock).value("Columns", FrugalMode::Columns)
+      .value("Rows", FrugalMode::Rows).value("RandK", FrugalMode::RandK)
+      .value("ProjRight", FrugalMode::ProjRight).value("ProjLeft", FrugalMode::ProjLeft);
+  nb::enum_<FrugalStateChange>(m, "FrugalStateChange", nb::is_arithmetic(),
+                               "frugal_plan.h's FrugalStateChange.")
+      .value("None_", FrugalStateChange::None).value("Keep", FrugalStateChange::Keep)
+      .value("Carry", FrugalStateChange::Carry).value("Start", FrugalStateChange::Start)
+      .value("Drop", FrugalStateChange::Drop);
   nb::class_<FrugalSelection>(m, "FrugalSelection", "FrugalPlan's selection (frugal_plan.h).")
       .def_ro("t", &FrugalSelection::t)
       .def_ro("cursor", &FrugalSelection::cursor)
@@ -94,8 +105,8 @@ void bind_frugal(nb::module_& m) {
       .def_ro("rng", &FrugalSelection::rng)
       .def_ro("held", &FrugalSelection::held);
   nb::class_<FrugalStepDecision>(m, "FrugalStepDecision",
-                                 "One step's decision (frugal_plan.h); changes are "
-                                 "0 none, 1 keep, 2 carry, 3 start, 4 drop.")
+                                 "One step's decision (frugal_plan.h); modes and changes "
+                                 "as FrugalMode / FrugalStateChange codes.")
       .def_ro("selection", &FrugalStepDecision::selection)
       .def_ro("modes", &FrugalStepDecision::modes)
       .def_ro("changes", &FrugalStepDecision::changes)

@@ -17,60 +17,24 @@ from .frugal_shard import FrugalShard
 from .frugal_state import FrugalCheckpoint, tensor_specs
 from .sources import need_names, resolve
 
-# FrugalMode (frugal.h) and FrugalStateChange (frugal_plan.h)
-_ADAM, _ACTIVE, _FREE, _COLUMNS, _ROWS, _RANDK, _RIGHT, _LEFT = range(8)
-_NONE, _KEEP, _CARRY, _START, _DROP = range(5)
+_M, _CHANGE = _C.FrugalMode, _C.FrugalStateChange  # the plan's codes
 _NOT_COMPILABLE = (
     "Frugal.step() cannot be compiled: every update_gap steps it moves Adam state between "
     "tensors (inactive blocks hold none) or redraws subspaces on the host, which changes the "
     "step's graph. Compile the model's forward/backward and call opt.step() eagerly (outside "
     "the compiled function); the step is one fused op per param group either way.")
-_MODE_NAMES = {_ADAM: "adamw", _ACTIVE: "active", _FREE: "free", _COLUMNS: "columns",
-               _ROWS: "rows", _RANDK: "randk", _RIGHT: "proj-r", _LEFT: "proj-l"}
+_MODE_NAMES = {_M.Adam: "adamw", _M.ActiveBlock: "active", _M.FreeBlock: "free",
+               _M.Columns: "columns", _M.Rows: "rows", _M.RandK: "randk", _M.ProjRight: "proj-r",
+               _M.ProjLeft: "proj-l"}
 
 
 class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
-    r"""FRUGAL (Zmushko et al., arXiv 2411.07837, Alg. 1): full-rank updates by gradient splitting.
-
-    Each projectable gradient G (attention and MLP 2-D weights) is split into a state-full part
-    G_s in a subspace, updated by AdamW with state only there, and the state-free rest
-    G - G_s, updated by signSGD (or SGD, or not at all: GaLore-like), in one fused pass::
-
-        p *= 1 - lr*wd                                  (every tensor, group lr)
-        p -= lr*proj_params_lr_scale * AdamW(G_s)       (bias-corrected, torch's eps placement)
-        p -= lr*proj_params_lr_scale*state_free_lr_scale * sign(G - G_s)
-
-    Embeddings, norms and the output layer always take plain AdamW at ``lr`` (``proj_embeds``,
-    ``proj_norms``, ``proj_logits`` make them projectable). The subspace is re-chosen every
-    ``update_gap`` steps (counted in steps with at least one gradient):
-
-    - ``selection="block"`` (paper's pre-training default): whole tensors, round(rho*N) of the N
-      projectable ones active at a time, in ``block_order`` "descending" / "ascending" /
-      "mirror" / "random". Inactive tensors hold no state at all; a block that stays active
-      across a re-selection keeps its state (so density=1 equals AdamW), a newly active one
-      starts from zero.
-    - ``"columns"`` / ``"rows"`` / ``"randk"``: int(rho*n) random columns / rows / coordinates
-      (state: rho of the tensor's moments plus int32 indices).
-    - ``"svd"`` / ``"random"`` / ``"randperm"``: a rank round(rho*min side) GaLore-style
-      projection (state: moments of the projected gradient plus the projection matrix).
-
-    On a re-selection the Adam state of a changed subspace restarts from zero
-    (``reset_statistics=True``, the paper's setting) or is carried over unprojected.
-
-    State bytes vs AdamW (fp32, 8 bytes/param): non-projectable tensors 8, active blocks 8,
-    inactive blocks 0; column/row/randk ~8*rho; so LLaMA pre-training with rho=0.25 keeps
-    AdamW's state on embeddings/norms/head plus a quarter of the rest. ``density=0`` (the
-    paper's 7B setting) is signSGD on every projectable tensor.
-
-    When not to use it: fine-tuning with few steps between re-selections, or if the output
-    layer/embeddings dominate the model (their AdamW state is kept in full). Random selections
-    draw from the optimizer's own generator (``seed``), saved in the state_dict (under the key
-    "frugal" of every param group, so torch.distributed.checkpoint keeps it).
-
-    FSDP2 / DTensor parameters: "block", "columns", "svd", "random" and "randperm" step on each
-    rank's row shard, equal to one process; "rows" / "randk" raise (see frugal_shard). A DCP
-    checkpoint loads with ``opt.load_checkpoint(model, path)``, which adopts the saved
-    selection before laying out the state it loads into (which blocks hold moments).
+    r"""FRUGAL (Zmushko et al., arXiv 2411.07837, Alg. 1): each attention/MLP gradient is split into
+    a subspace part updated by AdamW (state only there) and the rest updated by signSGD (or SGD,
+    or nothing), in one fused pass; embeddings, norms and the output layer take AdamW. The
+    subspace (``selection``: whole tensors "block", "columns", "rows", "randk", or a "svd" /
+    "random" / "randperm" projection of density ``density``) is re-chosen every ``update_gap``
+    steps. Options, state, checkpoints and FSDP2: README, "Frugal".
 
     Example::
 
@@ -81,7 +45,6 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     # The block/subspace selection is one decision over all tensors per step, made on the host.
     steps_single_params = False
     compilable = False
-    _ACTIVE_MODE = _ACTIVE  # for frugal_shard
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, density=0.25, update_gap=200, selection="block",
@@ -125,7 +88,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     # ---- layout: which state each tensor holds ------------------------------------------------
     def _mode(self, p, sel=None) -> int:
         j = self._index.get(p)
-        return _ADAM if j is None else self.plan.mode(j, sel)
+        return _M.Adam if j is None else self.plan.mode(j, sel)
 
     def _layout(self, p, mode=None) -> Optional[dict]:
         """{key: (shape, dtype)} of p's state tensors but step under `mode` (now by default), or
@@ -190,12 +153,12 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         (every kept tensor's values copied in), so that the previous pool is freed whole."""
         new, values, members = {}, {}, []
         for j, p in enumerate(self._projs):
-            change = decision.changes[j] if decision.repack else _NONE
-            if change == _DROP:
+            change = decision.changes[j] if decision.repack else _CHANGE.None_
+            if change == _CHANGE.Drop:
                 new[p] = None
-            if change in (_KEEP, _CARRY):  # a carried tensor's subspace is replaced below
+            if change in (_CHANGE.Keep, _CHANGE.Carry):  # a carried subspace is replaced below
                 values.update({(p, key): v for key, v in self.state[p].items()})
-            if change in (_KEEP, _CARRY, _START):
+            if change in (_CHANGE.Keep, _CHANGE.Carry, _CHANGE.Start):
                 members.append(p)
                 if decision.subspaces[j] is not None:  # CPU; put on p's device (and mesh)
                     values[(p, "subspace")] = decision.subspaces[j]
@@ -250,7 +213,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         for group, params in calls:
             states = [new[p] if p in new else (self.state[p] if p in self.state else None)
                       for p in params]
-            modes = [decision.modes[self._index[p]] if p in self._index else _ADAM for p in params]
+            modes = [decision.modes[self._index[p]] if p in self._index else _M.Adam for p in params]
             runs.append(self._prepared_call(params, self._op_args(group, params, states, modes)))
         # 4. commit, then run
         for p, st in new.items():
@@ -264,7 +227,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
 
     def _check_grads(self, group, params):
         """The op's check with every tensor state-free: gradients, dtypes, hyperparameters."""
-        args = self._op_args(group, params, [None] * len(params), [_FREE] * len(params))
+        args = self._op_args(group, params, [None] * len(params), [_M.FreeBlock] * len(params))
         torch.ops.memopt.check_frugal_(*args)
 
     # ---- reporting -----------------------------------------------------------------------------

@@ -1,33 +1,7 @@
 """Frugal with DTensor (FSDP2) parameters: which selections can step on local row shards, how
-their state is laid out, and the op calls of a sharded step.
-
-FSDP2 gives each rank a contiguous run of whole rows of every parameter (Shard(0)). Frugal's
-selection is drawn on the host from the optimizer's own generator, seeded identically on every
-rank, and every draw depends only on global shapes (or, for "svd", on the full gradient), so all
-ranks choose the same subspace:
-
-- "block": whole tensors are active or not, and the update of an active one is elementwise, so
-  its moments are sharded exactly like the parameter.
-- "columns": every rank holds all columns of its rows, so the shared column subspace applies to
-  its local rows: the (rows, k) moments are sharded by rows, the k column indices replicated.
-- "svd" / "random" / "randperm", right projections (rows >= cols, g_low = G P^T): g_low's rows
-  are the shard's rows, so the (rows, r) moments are sharded by rows, the (r, cols) P replicated,
-  and frugal_ on the local shards is exact with no communication.
-- the same, left projections (rows < cols, g_low = P^T G with P (rows, r)): g_low contracts the
-  sharded rows. P is sharded by rows (each rank needs only its rows of it), the (r, cols) moments
-  are replicated: frugal_shard_stats_ writes this rank's P[rows]^T G[rows], the one all-reduce
-  of the step (reduce_stats) sums it over the shard group, and frugal_shard_update_ steps the
-  replicated moments alike on every rank and updates the local rows.
-
-"svd" takes the top singular vectors of the full gradient: at each re-selection (every
-update_gap steps) each split projectable gradient is all-gathered once (grad.full_tensor()), and
-every rank computes the same SVD of the same values. "random" / "randperm" need only the shape.
-
-"rows" / "randk" keep moments for a random subset of rows / coordinates: a rank's part is a run
-of the selection whose length depends on the draw, which no chunk-style Shard(0) DTensor can
-describe (so DCP could not reshard it). They raise at construction when a projectable tensor is
-split over ranks.
-"""
+their state is laid out (the plan's placements, memopt::FrugalPlan::layout), and the op calls
+of a sharded step. Why each selection shards as it does, and what crosses ranks: README,
+"Frugal under FSDP2"."""
 from __future__ import annotations
 
 import warnings
@@ -77,7 +51,7 @@ class FrugalShard:
         i = self._position[p]
         # state being created for a block the pending selection activates (the plan has not
         # committed it yet): only "block" selections change a tensor's mode, to an active block
-        specs = self.plan.state(i) or self.plan.layout(i, self._ACTIVE_MODE)
+        specs = self.plan.state(i) or self.plan.layout(i, _C.FrugalMode.ActiveBlock)
         return self._shard_layout(p).dim in {k: a for k, _, _, _, a, _ in specs}[key]
 
     def _subspace_value(self, p, value: torch.Tensor, dtype: torch.dtype):
