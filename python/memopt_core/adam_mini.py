@@ -36,28 +36,11 @@ def adopt(opt, src, roles, weight_decay: float, algorithm: str, **options) -> li
 
 
 class AdamMini(MemoptOptimizer):
-    r"""Adam-mini (Zhang et al., arXiv 2406.16793): Adam with one second-moment value per
-    Hessian block instead of one per parameter.
-
-    Update for block b (computed in fp32, one fused pass per tensor)::
-
-        t += 1;  v_b = b2*v_b + (1-b2)*mean_{i in b}(g_i^2)
-        p *= 1 - lr*wd;  m = b1*m + (1-b1)*g
-        p -= lr/(1-b1^t) * m / (sqrt(v_b)/sqrt(1-b2^t) + eps)
-
-    Blocks (paper §3, ``partition="auto"``): one per head for Q and K, one per output neuron for
-    V, attention output, MLP and other linear/conv weights, one per token for embedding and
-    output, one per norm tensor, plain Adam for biases. Roles come from the module tree and the
-    model config (dim/heads read from ``model.config``) or, for bare named parameters, from
-    names; ``roles={"regex or glob": "role"}`` overrides. ``partition="reference"`` reproduces
-    PyPI ``adam-mini`` 1.1.1's name-substring partition exactly (per-head blocks of
-    ``dim*dim/n_heads`` elements).
-
-    State: m in the parameter dtype plus ~0.02% of parameters for v: about 4 bytes/param in
-    fp32, 0.5x AdamW. Norms, biases and 1-D tensors get no weight decay.
-
-    When not to use it: models whose blocks the partition cannot see (check ``describe()``),
-    or short runs where AdamW memory is not the constraint. Hyperparameters: AdamW's.
+    r"""Adam-mini (Zhang et al., arXiv 2406.16793): Adam with one second moment per Hessian block
+    (per head for Q/K, per output neuron for V, attention output and MLP, per token for the
+    embedding and output, per norm tensor; ``partition="reference"``: PyPI adam-mini 1.1.1's).
+    State: m plus ~0.02% of the parameters for v, 0.5x AdamW. Norms, biases and 1-D tensors do
+    not decay. Roles, ``dim``/``n_heads``/``roles=`` overrides: README, "Use".
 
     Example::
 

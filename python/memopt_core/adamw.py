@@ -9,16 +9,10 @@ from ._base import MemoptOptimizer
 
 
 class AdamW(MemoptOptimizer):
-    r"""AdamW (Loshchilov & Hutter, arXiv 1711.05101) with torch.optim.AdamW's semantics.
-
-    Update, per element, in fp32 whatever the storage dtype (fp64 for float64 params)::
-
-        t += 1;  p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
-        p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
-
-    State: m and v in the parameter dtype (8 bytes/param for fp32), the baseline the other
-    optimizers are measured against. One fused C++ pass per tensor and one op call per group.
-    Use it where torch.optim.AdamW works; it exists so every memopt optimizer shares one engine.
+    r"""AdamW (Loshchilov & Hutter, arXiv 1711.05101) with torch.optim.AdamW's arguments, defaults
+    and update, computed in fp32 whatever the storage dtype (fp64 for float64 parameters), one
+    fused pass per tensor and one op call per group. State: m and v, 8 bytes/param in fp32: the
+    baseline the other optimizers are measured against. README, "Use".
 
     Example::
 

@@ -15,60 +15,12 @@ _LEGACY_ADAMW_RULE = _C.ApolloPlan.legacy_adamw_rule  # of a group saved before 
 
 
 class Apollo(MemoptOptimizer):
-    r"""APOLLO (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", arXiv 2412.05270),
-    matching PyPI ``apollo-torch`` 1.0.3 (``APOLLOAdamW``) given the same groups.
-
-    For each projected m x n weight (G its gradient, P a random r-dim projection redrawn from a
-    per-parameter seed chain every ``update_proj_gap`` steps; the smaller dimension is
-    compressed)::
-
-        R = P G  (r x n, or m x r);  M = b1 M + (1-b1) R;  V = b2 V + (1-b2) R^2
-        Rt = M / (sqrt(V) + eps);  s_c = ||Rt_c|| / (||R_c|| + 1e-8)   # per channel of the
-        U = G diag(s)               # larger dimension, or one s per tensor (scale_type="tensor")
-        U /= max(||U|| / (gamma ||U_prev||), 1)                       # norm-growth limiter
-        p -= lr sqrt(1-b2^t)/(1-b1^t) * sqrt(scale) * U;  p -= lr wd p
-
-    All of it is one fused C++ op per group: R is formed tile by tile in a reused workspace and
-    U never exists (its norm follows from the per-channel factors), so a step allocates nothing
-    gradient-sized. Other tensors (groups without ``rank``: embeddings, norms, output layer) get
-    AdamW with full m and v, by default apollo-torch's rule (``adamw_rule="apollo"``)::
-
-        p -= lr sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps);  p -= lr wd p
-
-    (eps added before bias correction, decay after the update), or torch.optim.AdamW's with
-    ``adamw_rule="torch"``: ``p *= 1 - lr wd; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)``.
-    Both run on ``memopt_core.AdamW``'s op (``torch.ops.memopt.adamw_``, its ``rule`` argument).
-
-    Parameters (memopt_core.sources): ``params`` is a model or ``named_parameters()``, or param
-    groups with ``model=``: attention and MLP 2-D weights, by role, are projected with ``rank``;
-    embeddings, norms, output layer and biases get AdamW (``roles=`` overrides as in
-    ``memopt_core.roles.infer_roles``). ``rank`` defaults to the model's hidden size / 4, at
-    most 256 (APOLLO's pre-training scripts; 256 when the model does not say), and a tensor
-    never gets more than its smaller side (``rank=0``: none is projected). apollo-torch-style
-    groups (a group with a ``rank`` key is projected and may set any setting below) are kept
-    as given. Bare tensors without names are projected (the 2-D ones) only when ``rank`` is
-    given; otherwise the constructor raises and says how to pass the model. ``proj``: "random"
-    or "svd" (GaLore's top-r singular vectors, float32).
-    ``proj_type``: "std" (compress the smaller dim), "reverse_std", "left", "right".
-    ``scale``: alpha^2 (the update is scaled by sqrt(scale), as apollo-torch does).
-    ``norm_growth_limit``: gamma, or None to turn the limiter off (apollo-torch's disable_nl).
-    ``scale_front``: apply sqrt(scale) before the limiter. ``store_projection=False`` keeps no P
-    in state: it is redrawn from its seed every step (random projection only; same results).
-    ``adamw_rule``: "apollo" (default) or "torch", the rule of the groups without ``rank`` (a
-    group may set its own); it is saved in ``state_dict()``, and a checkpoint saved before the
-    option existed loads as "torch", the rule it was stepped with.
-
-    State per projected m x n weight (m <= n, rank r): exp_avg and exp_avg_sq of R's shape
-    (2 r n values), P (r m values, unless store_projection=False), an int64 seed and a float32
-    limiter norm; against AdamW's 2 m n, about r/m of its memory (1/m for APOLLO-Mini).
-
-    FSDP2 (row or column shards, even, uneven or empty; HSDP too) gives the result of one
-    process on the full weights (README, "Distributed training": what crosses ranks).
-    proj="svd" is refused on sharded weights (ValueError): its refresh needs the whole gradient.
-
-    When not to use it: tiny weights (r >= min(m, n) keeps more state than AdamW; see
-    ``describe()``), fine-tuning where exact Adam matters, or proj="svd" when a refresh's SVD
-    (O(m n) LAPACK memory, every update_proj_gap steps) is too costly.
+    r"""APOLLO (Zhu et al., arXiv 2412.05270), matching PyPI ``apollo-torch`` 1.0.3's APOLLOAdamW
+    given the same groups: Adam moments of a rank-r random projection R = P G of each attention
+    and MLP weight scale the raw gradient per channel (or per tensor), with a norm-growth
+    limiter; embeddings, norms, the output layer and biases get AdamW (``adamw_rule``). One fused
+    op per group; nothing gradient-sized is allocated. Every option: README, "APOLLO and
+    APOLLO-Mini"; FSDP2: README, "Distributed training".
 
     Example::
 
@@ -229,11 +181,8 @@ class Apollo(MemoptOptimizer):
 
 
 class ApolloMini(Apollo):
-    r"""APOLLO-Mini (arXiv 2412.05270 §3.3): APOLLO with rank 1, one tensor-wise scaling factor
-    and scale 128 (alpha = sqrt(128)), SGD-level memory: per projected m x n weight (m <= n)
-    2 n + m values (2 n with store_projection=False) instead of AdamW's 2 m n. The paper
-    trains it with lr 1e-2; ``scale_front=True`` helps short warm-ups (apollo-torch README).
-    Everything else is :class:`Apollo`.
+    r"""APOLLO-Mini (arXiv 2412.05270 §3.3): :class:`Apollo` with rank 1, one tensor-wise factor
+    and scale 128; 2 n + m state values per m x n weight (m <= n) instead of AdamW's 2 m n.
 
     Example::
 

@@ -15,43 +15,16 @@ from .sources import need_names, resolve
 
 
 class SlimAdam(MemoptOptimizer):
-    r"""SlimAdam (Kalra et al., "When Can You Get Away with Low Memory Adam?", arXiv 2503.01843):
-    Adam whose second moment of a tensor is averaged along the dims where its signal-to-noise
-    ratio is high, and kept whole where averaging would hurt.
-
-    Update (reference ``utils/slimadam.py``; K = the tensor's averaged dims, v keeps them as 1)::
-
-        t += 1;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*mean_K(g*g)
-        p *= 1 - lr*wd                       (only tensors with >= 2 dims, as the reference)
-        p -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)      (v broadcast over K)
-
-    This is Adam-mini's update with other blocks, so it runs on the same fused op
-    (``torch.ops.memopt.adam_mini_``), computed in fp32 for fp32/bf16/fp16 storage.
-
-    ``rules``:
-      * ``"table"`` (default): the paper's static table (Table 1) on the roles of
-        :func:`memopt_core.roles.infer_roles`: embedding, output, Q and K averaged over fan-in
-        (one value per token / output row); V, attention output and MLP over fan-out (one value
-        per input column); a fused QKV split the same way; norms, biases, convs and unknown
-        tensors uncompressed. GPT-2's transposed Conv1D weights and torchtitan names are handled.
-      * a dict, or the path of a JSON file (as :class:`memopt_core.snr.SNRTracker` writes), from
-        parameter name to the dims to average (``null``: uncompressed; ``"table"``: the table's
-        choice). Names not in it stay uncompressed (with a warning).
-      * ``None``: nothing compressed, i.e. AdamW; used for the SNR probe run.
-
-    State: m in the parameter dtype plus v, about 0.01-0.1% of the parameters with the table:
-    ~4 bytes/param in fp32, 0.5x AdamW. ``describe()`` lists every tensor's v shape and the share
-    of second-moment entries saved; ``rules()`` returns the decisions as a rules dict.
-
-    When not to use it: large learning rates or heavy-tailed data lower the SNR that the table
-    assumes (paper §5): derive rules with ``memopt snr`` on a short run of your own setup if the
-    loss lags AdamW's. Hyperparameters: AdamW's.
+    r"""SlimAdam (Kalra et al., arXiv 2503.01843): Adam whose second moment is averaged along the
+    dims where its SNR is high, on Adam-mini's op. ``rules``: "table" (the paper's Table 1 on the
+    inferred roles), a dict or JSON file {name: dims | None | "table"} (``memopt snr`` writes
+    one), or None (AdamW). Decay only on tensors with >= 2 dims, as the reference. README,
+    "SlimAdam and the SNR probe".
 
     Example::
 
-        opt = memopt_core.SlimAdam(model, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        opt = memopt_core.SlimAdam(model, lr=3e-4, rules="table")
         print(opt.describe())                     # v shape per tensor, % of v saved
-        opt = memopt_core.SlimAdam(model, lr=3e-4, rules="slimadam_rules.json")
     """
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
