@@ -20,9 +20,6 @@ from memopt_core import _C
 from memopt_core.app.models import Llama, llama_config
 from reference import apollo_ref as R
 
-# skips without apollo-torch (a test dependency), as test_apollo_vs_apollo_torch.py does
-pytest.importorskip("apollo_torch")
-
 
 # ---- adamw_rule: saved, loaded from older checkpoints, checked -----------------------------------
 def _with_bias(rule=None):
