@@ -73,6 +73,9 @@ def add_train_args(p, steps, model):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each layer in backward: keeps only the layers' inputs "
+                        "(same gradients, about one more forward of compute per step)")
     p.add_argument("--nonfinite", choices=["skip", "propagate"], default="skip",
                    help="skip (and log) a step whose gradients hold an inf or NaN, or let it "
                         "reach the weights as torch.optim does")
@@ -87,6 +90,7 @@ def train_config(args, optimizer: str, **extra) -> TrainConfig:
                        eval_batches=args.eval_batches, seed=args.seed, device=args.device,
                        dtype=args.dtype, data=args.data, tokenizer=args.tokenizer,
                        vocab_size=args.vocab_size, nonfinite=args.nonfinite,
+                       checkpoint_activations=args.checkpoint_activations,
                        **{**base, **extra})
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -131,7 +132,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """LLaMA-style causal LM. forward(idx, targets=None) -> (logits, loss or None)."""
+    """LLaMA-style causal LM. forward(idx, targets=None) -> (logits, loss or None).
+    `checkpoint_activations = True`: see run_layers."""
+
+    checkpoint_activations = False
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -158,8 +162,7 @@ class Llama(nn.Module):
         T = _check_len(idx, self.config.max_position_embeddings)
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        x = run_layers(self, self.model.layers, x, cos, sin)
         logits = self.lm_head(self.model.norm(x))
         return logits, _loss(logits, targets)
 
@@ -208,7 +211,10 @@ class GPTBlock(nn.Module):
 
 
 class GPT(nn.Module):
-    """nanoGPT-style causal LM with tied embeddings. forward(idx, targets=None) -> (logits, loss)."""
+    """nanoGPT-style causal LM with tied embeddings. forward(idx, targets=None) -> (logits, loss).
+    `checkpoint_activations = True`: see run_layers."""
+
+    checkpoint_activations = False
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -228,10 +234,20 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         T = _check_len(idx, self.config.block_size)
         x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))
-        for block in self.transformer.h:
-            x = block(x)
+        x = run_layers(self, self.transformer.h, x)
         logits = self.lm_head(self.transformer.ln_f(x))
         return logits, _loss(logits, targets)
+
+
+def run_layers(model: nn.Module, layers, x, *args):
+    """x through each layer. With model.checkpoint_activations and grad enabled, each layer is
+    recomputed in backward (torch.utils.checkpoint, non-reentrant), so only the layers' inputs
+    are kept from the forward, not everything inside them: the same gradients (the recompute
+    does the same arithmetic) for about one extra forward of compute."""
+    recompute = model.checkpoint_activations and torch.is_grad_enabled()
+    for layer in layers:
+        x = checkpoint(layer, x, *args, use_reentrant=False) if recompute else layer(x, *args)
+    return x
 
 
 def _init_weights(module):

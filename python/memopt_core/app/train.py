@@ -59,6 +59,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same seed -> same initial weights for every optimizer
         self.model = build(cfg.model, cfg.arch, vocab_size=self.corpus.vocab_size)
         self.model.to(device=self.device, dtype=DTYPES[cfg.dtype])
+        self.model.checkpoint_activations = cfg.checkpoint_activations
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if cfg.fsdp else (0, 1)
         if cfg.fsdp:
             spec = OPTIMIZERS.get(cfg.optimizer)
@@ -179,7 +180,9 @@ class Trainer:
         mine = asdict(self.cfg)
         # a setting added after the checkpoint was written: it ran at that setting's default
         saved = {**{f.name: f.default for f in fields(TrainConfig)}, **ckpt["config"]}
-        differ = [k for k in mine if k not in ("eval_every", "device") and mine[k] != saved.get(k)]
+        # settings that do not change the trajectory may differ on resume
+        free = ("eval_every", "device", "checkpoint_activations")
+        differ = [k for k in mine if k not in free and mine[k] != saved.get(k)]
         if differ:
             raise ValueError(f"checkpoint {path} was written with other settings: " + ", ".join(
                 f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in differ))

@@ -32,6 +32,7 @@ class TrainConfig:
     grad_clip: float = 1.0     # global-norm clipping; 0 disables (must be 0 with layerwise)
     grad_accum: int = 1
     layerwise: bool = False
+    checkpoint_activations: bool = False  # recompute each layer in backward (models.run_layers)
     dtype: str = "fp32"        # weights (and optimizer state) dtype: fp32 or bf16
     eval_every: int = 0        # 0: validate at the end only
     eval_batches: int = 8
