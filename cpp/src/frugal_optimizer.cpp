@@ -7,11 +7,10 @@
 
 namespace memopt {
 
-namespace {
 // The parameters and what the plan knows of each, from names (infer_role with names only, as
 // the Python front end decides for bare named parameters) ...
-Frugal::Described described(const NamedParams& named) {
-  Frugal::Described out;
+Frugal::Described Frugal::described(const NamedParams& named) {
+  Described out;
   for (const auto& [name, p] : named) {
     TORCH_CHECK_VALUE(p.defined(), "Frugal: parameter '", name, "' is an undefined tensor");
     const InferredRole r = infer_role(name, p.sizes(), TensorFacts{});
@@ -21,9 +20,10 @@ Frugal::Described described(const NamedParams& named) {
   }
   return out;
 }
+
 // ... or from explicit roles.
-Frugal::Described described(const std::vector<std::pair<torch::Tensor, Role>>& with_roles) {
-  Frugal::Described out;
+Frugal::Described Frugal::described(const std::vector<std::pair<torch::Tensor, Role>>& with_roles) {
+  Described out;
   for (const auto& [p, role] : with_roles) {
     const auto name = "parameter " + std::to_string(out.first.size());
     TORCH_CHECK_VALUE(p.defined(), "Frugal: ", name, " is an undefined tensor");
@@ -32,20 +32,6 @@ Frugal::Described described(const std::vector<std::pair<torch::Tensor, Role>>& w
   }
   return out;
 }
-}  // namespace
-
-void FrugalOptions::check() const {
-  for (double s : {proj_params_lr_scale(), state_free_lr_scale()})
-    TORCH_CHECK_VALUE(std::isfinite(s) && s >= 0.0, "Frugal: proj_params_lr_scale and "
-                      "state_free_lr_scale must be finite and >= 0, got ", s);
-}
-
-Frugal::Frugal(const NamedParams& named_params, FrugalOptions defaults, FrugalConfig config)
-    : Frugal(described(named_params), std::move(defaults), std::move(config)) {}
-
-Frugal::Frugal(const std::vector<std::pair<torch::Tensor, Role>>& params_with_roles,
-               FrugalOptions defaults, FrugalConfig config)
-    : Frugal(described(params_with_roles), std::move(defaults), std::move(config)) {}
 
 Frugal::Frugal(const Described& params, FrugalOptions defaults, FrugalConfig config)
     : PlanOptimizer({torch::optim::OptimizerParamGroup(params.first)}, defaults),
@@ -53,7 +39,12 @@ Frugal::Frugal(const Described& params, FrugalOptions defaults, FrugalConfig con
   for (int64_t i : plan_.projectable()) projs_.push_back(params.first[i]);
 }
 
-// Parameters of a later group are not in the selection: plain AdamW at the group's lr.
+void FrugalOptions::check() const {
+  for (double s : {proj_params_lr_scale(), state_free_lr_scale()})
+    TORCH_CHECK_VALUE(std::isfinite(s) && s >= 0.0, "Frugal: proj_params_lr_scale and "
+                      "state_free_lr_scale must be finite and >= 0, got ", s);
+}
+
 void Frugal::extend_plan(const std::vector<at::Tensor>& params, const FrugalOptions&) {
   std::vector<std::vector<int64_t>> shapes;
   for (const auto& p : params) shapes.push_back(p.sizes().vec());
@@ -107,7 +98,7 @@ Frugal::StateChanges Frugal::begin_step(const std::vector<GroupLists>& lists) {
     if (change != FrugalStateChange::Start && change != FrugalStateChange::Carry) continue;
     auto s = change == FrugalStateChange::Carry
                  ? std::make_unique<ParamState>(*state_of(p))
-                 : make_state(p, plan_.layout(position(p), FrugalMode(pending_->modes[j])));
+                 : make_state(p, plan_.layout(position(p), static_cast<FrugalMode>(pending_->modes[j])));
     if (pending_->subspaces[j].defined()) s->set("subspace", pending_->subspaces[j].to(p.device()));
     changes[p.unsafeGetTensorImpl()] = std::move(s);
   }

@@ -27,10 +27,12 @@ class Frugal : public PlanOptimizer<FrugalOptions> {
   // Roles from names and shapes (infer_role); which tensors are projectable is the plan's rule
   // (attention and MLP weights; embeddings, norms, output layer with config.proj_*). Every
   // other parameter takes plain AdamW at the group lr, as memopt_core.Frugal(named_params).
-  Frugal(const NamedParams& named_params, FrugalOptions defaults = {}, FrugalConfig config = {});
+  Frugal(const NamedParams& named_params, FrugalOptions defaults = {}, FrugalConfig config = {})
+      : Frugal(described(named_params), std::move(defaults), std::move(config)) {}
   // Explicit roles.
   Frugal(const std::vector<std::pair<torch::Tensor, Role>>& params_with_roles,
-         FrugalOptions defaults = {}, FrugalConfig config = {});
+         FrugalOptions defaults = {}, FrugalConfig config = {})
+      : Frugal(described(params_with_roles), std::move(defaults), std::move(config)) {}
 
   // Adds the plan's selection, as archive keys "frugal_<key>".
   void save(torch::serialize::OutputArchive& archive) const override;
@@ -39,11 +41,11 @@ class Frugal : public PlanOptimizer<FrugalOptions> {
   const FrugalPlan& plan() const override { return plan_; }
   // The projectable tensors' indices (in optimizer order) that hold Adam state now (block mode).
   const std::vector<int64_t>& active_blocks() const { return plan_.selection().active; }
-  using Described = std::pair<std::vector<at::Tensor>, std::vector<FrugalTensor>>;
 
  protected:
+  // Parameters of a later group are not in the selection: plain AdamW at the group's lr.
   void extend_plan(const std::vector<at::Tensor>& params, const FrugalOptions&) override;
-  // The plan's decision for this step (selection; states started, carried, dropped).
+  // The plan's decision for this step: its selection, and the states it starts, carries, drops.
   StateChanges begin_step(const std::vector<GroupLists>& lists) override;
   void commit_step() override {
     plan_.commit(*pending_);
@@ -55,6 +57,9 @@ class Frugal : public PlanOptimizer<FrugalOptions> {
   StateLayout loaded_layout(int64_t i) const override { return plan_.state(i, *loading_); }
 
  private:
+  using Described = std::pair<std::vector<at::Tensor>, std::vector<FrugalTensor>>;
+  static Described described(const NamedParams& named);
+  static Described described(const std::vector<std::pair<torch::Tensor, Role>>& with_roles);
   Frugal(const Described& params, FrugalOptions defaults, FrugalConfig config);
   // The op's arguments under `sel` (nullptr: every tensor state-free); a tensor without state
   // (nullptr in l.states) passes empty tensors, which the op ignores.

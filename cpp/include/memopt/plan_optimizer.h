@@ -1,7 +1,7 @@
 // memopt::PlanOptimizer, the one LibTorch front end: a torch::optim::Optimizer that applies an
 // OptimizerPlan (plan.h) to plain per-parameter state and runs one fused op call per param
-// group. Every memopt LibTorch optimizer (AdamW, AdamMini, SlimAdam, Apollo, Frugal) is this
-// template over its options, plus its plan and its op's arguments.
+// group. Every memopt LibTorch optimizer is this template over its options, plus its plan and
+// its op's arguments.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -9,73 +9,39 @@
 #include <torch/optim/serialize.h>
 #include <torch/serialize/archive.h>
 
-#include <algorithm>
 #include <memory>
-#include <optional>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "memopt/layout.h"
 #include "memopt/nonfinite.h"
+#include "memopt/optimizer_options.h"
 #include "memopt/plan.h"
 
 namespace memopt {
-
-// An options class's fields, each declared once as X(type, name, default, absent): its TORCH_ARG
-// (chained setters return the class) and its key in both serialize() overloads. `absent` is
-// what a checkpoint without the key reads as ({}: the key is required). Adam's hyperparameters
-// come first; `nonfinite` ("propagate" or "skip", nonfinite.h) is not saved: the optimizer's
-// defaults decide it for the whole step.
-#define MEMOPT_ADAM_FIELDS(X, WEIGHT_DECAY)                                    \
-  X(double, lr, 1e-3, {}) X(betas_t, betas, (std::make_tuple(0.9, 0.999)), {}) \
-  X(double, eps, 1e-8, {}) X(double, weight_decay, WEIGHT_DECAY, {})
-#define MEMOPT_NO_FIELDS(X)
-#define MEMOPT_DECLARE_FIELD(T, name, value, absent) TORCH_ARG(T, name) = value;
-#define MEMOPT_WRITE_FIELD(T, name, value, absent) archive.write(#name, c10::IValue(name##_));
-#define MEMOPT_READ_FIELD(T, name, value, absent) name##_ = read_option<T>(archive, #name, absent);
-#define MEMOPT_OPTIONS(WEIGHT_DECAY, FIELDS)                                \
- public:                                                                    \
-  using betas_t = std::tuple<double, double>;                               \
-  MEMOPT_ADAM_FIELDS(MEMOPT_DECLARE_FIELD, WEIGHT_DECAY)                    \
-  FIELDS(MEMOPT_DECLARE_FIELD)                                              \
-  TORCH_ARG(std::string, nonfinite) = "propagate";                          \
-                                                                            \
- public:                                                                    \
-  double get_lr() const override { return lr(); }                           \
-  void set_lr(const double new_lr) override { lr(new_lr); }                 \
-  void serialize(torch::serialize::OutputArchive& archive) const override { \
-    MEMOPT_ADAM_FIELDS(MEMOPT_WRITE_FIELD, 0) FIELDS(MEMOPT_WRITE_FIELD)    \
-  }                                                                         \
-  void serialize(torch::serialize::InputArchive& archive) override {        \
-    MEMOPT_ADAM_FIELDS(MEMOPT_READ_FIELD, 0) FIELDS(MEMOPT_READ_FIELD)      \
-  }
-
-template <typename T>
-T read_option(torch::serialize::InputArchive& archive, const char* key, std::optional<T> absent) {
-  c10::IValue value;
-  if (!absent) archive.read(key, value);  // raises, naming the key, when it is missing
-  else if (!archive.try_read(key, value)) return *absent;
-  return value.to<T>();
-}
 
 // A parameter's state: its plan's tensors by key ("step", then the layout's keys), saved under
 // those keys, so checkpoints of every optimizer share one format.
 struct ParamState : public torch::optim::OptimizerCloneableParamState<ParamState> {
   std::vector<std::pair<std::string, at::Tensor>> tensors;
 
+  bool has(const std::string& key) const {
+    for (const auto& kv : tensors)
+      if (kv.first == key) return true;
+    return false;
+  }
   const at::Tensor& at(const std::string& key) const {  // raises ValueError if there is none
     for (const auto& [k, t] : tensors)
       if (k == key) return t;
     TORCH_CHECK_VALUE(false, "optimizer state has no '", key, "'");
   }
-  bool has(const std::string& key) const {
-    return std::any_of(tensors.begin(), tensors.end(), [&](const auto& kv) { return kv.first == key; });
-  }
   void set(const std::string& key, at::Tensor value) {
     for (auto& [k, t] : tensors)
-      if (k == key) { t = std::move(value); return; }
+      if (k == key) {
+        t = std::move(value);
+        return;
+      }
     tensors.emplace_back(key, std::move(value));
   }
   void serialize(torch::serialize::InputArchive& archive) override {
@@ -90,7 +56,8 @@ struct ParamState : public torch::optim::OptimizerCloneableParamState<ParamState
   }
 };
 
-// Options: declared with MEMOPT_OPTIONS, plus `void check() const` for its own fields.
+// Options: declared with MEMOPT_OPTIONS (optimizer_options.h), plus `void check() const` for
+// its own fields.
 template <typename Options>
 class PlanOptimizer : public torch::optim::Optimizer {
  public:
@@ -112,7 +79,16 @@ class PlanOptimizer : public torch::optim::Optimizer {
       at::AutoGradMode enable_grad(true);
       loss = closure();
     }
-    if (skips_step()) return loss;
+    if (skips_nonfinite(static_cast<const Options&>(defaults()).nonfinite())) {
+      std::vector<at::Tensor> grads;
+      for (const auto& group : param_groups_)
+        for (const auto& p : group.params())
+          if (p.grad().defined()) grads.push_back(p.grad());
+      if (any_nonfinite(grads)) {
+        ++skipped_steps_;  // and nothing changes
+        return loss;
+      }
+    }
     std::vector<GroupLists> lists(param_groups_.size());
     for (size_t i = 0; i < lists.size(); ++i) {
       validate_options(group_options(i));
@@ -177,8 +153,8 @@ class PlanOptimizer : public torch::optim::Optimizer {
     archive.read("param_groups", groups_archive);
     ska::flat_hash_map<void*, std::unique_ptr<torch::optim::OptimizerParamState>> saved, state;
     torch::optim::detail::serialize<ParamState>(state_archive, saved);
-    std::vector<std::pair<std::vector<std::string>, std::unique_ptr<torch::optim::OptimizerOptions>>>
-        groups;
+    using SavedOptions = std::unique_ptr<torch::optim::OptimizerOptions>;
+    std::vector<std::pair<std::vector<std::string>, SavedOptions>> groups;
     torch::optim::detail::serialize<Options>(groups_archive, groups);
     TORCH_CHECK_VALUE(groups.size() == param_groups_.size(), "checkpoint has ", groups.size(),
                       " param groups but the optimizer has ", param_groups_.size());
@@ -202,7 +178,8 @@ class PlanOptimizer : public torch::optim::Optimizer {
         // its layout (a contiguous checkpoint into a channels_last model), scalars on the CPU.
         for (const auto& spec : layout) {
           const at::Tensor& v = s.at(spec.key);
-          const auto on = v.options().device(spec.shape.empty() ? at::Device(at::kCPU) : p.device());
+          const auto on =
+              v.options().device(spec.shape.empty() ? at::Device(at::kCPU) : p.device());
           s.set(spec.key, state_like_param(v.reshape(spec.shape),
                                            spec.follows_param ? p : at::Tensor(), on));
         }
@@ -222,8 +199,8 @@ class PlanOptimizer : public torch::optim::Optimizer {
   }
 
  protected:
-  // One group's parameters with a gradient, and their states (nullptr: none, as Frugal's
-  // state-free tensors have).
+  // One group's parameters with a gradient, and their states (nullptr: none; Frugal's
+  // state-free tensors).
   struct GroupLists {
     std::vector<at::Tensor> params, grads;
     std::vector<const ParamState*> states;
@@ -298,15 +275,15 @@ class PlanOptimizer : public torch::optim::Optimizer {
     args.insert(args.end(), tail.begin(), tail.end());
     return {std::move(op), std::move(args)};
   }
-  // Through the dispatcher, as torch.ops.memopt.<op> (the device's kernel), or its validator.
+  // As torch.ops.memopt.<op> (the device's kernel), or its validator.
   static void dispatch(const OpCall& call, bool validate) {
     std::vector<c10::IValue> stack = call.args;
     c10::Dispatcher::singleton()
         .findSchemaOrThrow(((validate ? "memopt::check_" : "memopt::") + call.op).c_str(), "")
         .callBoxed(&stack);
   }
-  // Adam's hyperparameters, the nonfinite policy, then the options' own check() (raises
-  // naming the key).
+  // Adam's hyperparameters, the nonfinite policy, then the options' check() (raises naming
+  // the key).
   static void validate_options(const Options& o) {
     check_adam_hparams(o.lr(), std::get<0>(o.betas()), std::get<1>(o.betas()), o.eps(),
                        o.weight_decay());
@@ -316,7 +293,6 @@ class PlanOptimizer : public torch::optim::Optimizer {
 
   // Adds the parameters of a group added after construction to the plan (may raise to refuse).
   virtual void extend_plan(const std::vector<at::Tensor>& params, const Options& options) = 0;
-  // The group's one fused op call.
   virtual OpCall op_call(const Options& options, const GroupLists& lists) const = 0;
   // The step's state changes, decided before anything is written (may raise): by default the
   // plan's state for each parameter with a gradient and none yet. `lists` have no states yet.
@@ -344,18 +320,6 @@ class PlanOptimizer : public torch::optim::Optimizer {
   void index_params(const std::vector<at::Tensor>& params) {
     for (const auto& p : params)
       positions_.emplace(p.unsafeGetTensorImpl(), static_cast<int64_t>(positions_.size()));
-  }
-  // Whether the step must change nothing: nonfinite "skip" and a gradient is not finite (then
-  // counted).
-  bool skips_step() {
-    if (!skips_nonfinite(static_cast<const Options&>(defaults()).nonfinite())) return false;
-    std::vector<at::Tensor> grads;
-    for (const auto& group : param_groups_)
-      for (const auto& p : group.params())
-        if (p.grad().defined()) grads.push_back(p.grad());
-    if (!any_nonfinite(grads)) return false;
-    ++skipped_steps_;
-    return true;
   }
 
   ska::flat_hash_map<void*, int64_t> positions_;  // TensorImpl* -> position in the plan
