@@ -77,8 +77,8 @@ std::vector<torch::optim::OptimizerParamGroup> decay_groups(const BlockPlan& pla
 }  // namespace
 
 AdamMini::AdamMini(Planned p, const AdamMiniOptions& defaults)
-    : PlanOptimizer(decay_groups(p.first, p.second, defaults), defaults, p.second),
-      plan_(std::move(p.first)) {}
+    : PlanOptimizer(decay_groups(p.first, p.second, defaults), defaults, std::move(p.first),
+                    p.second) {}
 
 void AdamMini::extend_plan(const std::vector<at::Tensor>& params, const AdamMiniOptions&) {
   std::vector<BlockTensor> tensors;

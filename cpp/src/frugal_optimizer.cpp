@@ -34,8 +34,8 @@ Frugal::Described Frugal::described(const std::vector<std::pair<torch::Tensor, R
 }
 
 Frugal::Frugal(const Described& params, FrugalOptions defaults, FrugalConfig config)
-    : PlanOptimizer({torch::optim::OptimizerParamGroup(params.first)}, defaults),
-      plan_(params.second, std::move(config)) {
+    : PlanOptimizer({torch::optim::OptimizerParamGroup(params.first)}, defaults,
+                    FrugalPlan(params.second, std::move(config))) {
   for (int64_t i : plan_.projectable()) projs_.push_back(params.first[i]);
 }
 

@@ -22,7 +22,7 @@ struct FrugalOptions : public torch::optim::OptimizerCloneableOptions<FrugalOpti
   void check() const;
 };
 
-class Frugal : public PlanOptimizer<FrugalOptions> {
+class Frugal : public PlanOptimizer<FrugalOptions, FrugalPlan> {
  public:
   // Roles from names and shapes (infer_role); which tensors are projectable is the plan's rule
   // (attention and MLP weights; embeddings, norms, output layer with config.proj_*). Every
@@ -38,7 +38,6 @@ class Frugal : public PlanOptimizer<FrugalOptions> {
   void save(torch::serialize::OutputArchive& archive) const override;
   // Checks the saved selection, and the moments against it, before anything changes.
   void load(torch::serialize::InputArchive& archive) override;
-  const FrugalPlan& plan() const override { return plan_; }
   // The projectable tensors' indices (in optimizer order) that hold Adam state now (block mode).
   const std::vector<int64_t>& active_blocks() const { return plan_.selection().active; }
 
@@ -66,7 +65,6 @@ class Frugal : public PlanOptimizer<FrugalOptions> {
   OpCall call(const FrugalOptions& o, const GroupLists& l, const FrugalSelection* sel) const;
   std::vector<int64_t> holding() const;  // projectable tensors holding state now
 
-  FrugalPlan plan_;
   std::vector<at::Tensor> projs_;  // projectable tensors, plan order
   std::optional<FrugalStepDecision> pending_;  // begin_step's, until commit_step
   std::optional<FrugalSelection> loading_;     // the selection load() checks state against

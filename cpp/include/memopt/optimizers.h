@@ -41,11 +41,10 @@ struct AdamMiniOptions : public torch::optim::OptimizerCloneableOptions<AdamMini
   RoleInfo head_geometry() const;
 };
 
-// APOLLO / APOLLO-Mini (apollo.h). A group with rank > 0 is projected (2-D parameters only);
-// rank 0 makes it a plain AdamW group (embeddings, norms, output layer) stepped with adamw_rule:
-// "apollo" (apollo-torch's AdamW) or "torch" (AdamWRule, common.h), as which a checkpoint saved
-// before the option existed loads (it was stepped with that rule). A parameter's projected
-// shapes are fixed at construction from its group's options.
+// APOLLO / APOLLO-Mini (apollo.h). A group with rank > 0 is projected (2-D parameters only,
+// shapes fixed at construction); rank 0 makes it an AdamW group stepped with adamw_rule,
+// "apollo" (apollo-torch's) or "torch" (AdamWRule, common.h): the rule a checkpoint from before
+// the option was stepped with, and loads as.
 #define MEMOPT_APOLLO_FIELDS(X)                                                  \
   X(int64_t, rank, 256, {})                                                     \
   X(std::string, proj, "random", {})        /* "random" | "svd" */              \
@@ -69,23 +68,22 @@ struct ApolloOptions : public torch::optim::OptimizerCloneableOptions<ApolloOpti
 };
 
 // AdamW (torch.optim.AdamW's rule) on the memopt::adamw_ op.
-class AdamW : public PlanOptimizer<AdamWOptions> {
+class AdamW : public PlanOptimizer<AdamWOptions, BlockPlan> {
  public:
   explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
                  AdamWOptions defaults = {})
-      : PlanOptimizer(param_groups, defaults), plan_({}, {BlockAlgorithm::AdamW}) {
+      : PlanOptimizer(param_groups, defaults, BlockPlan({}, {BlockAlgorithm::AdamW})) {
     for (const auto& group : param_groups_) extend_plan(group.params(), defaults);
   }
   explicit AdamW(std::vector<torch::Tensor> params, AdamWOptions defaults = {})
       : AdamW({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
-  const BlockPlan& plan() const override { return plan_; }
 
  protected:
   void extend_plan(const std::vector<at::Tensor>& params, const AdamWOptions&) override {
     std::vector<BlockTensor> tensors;
     for (const auto& p : params) {
       TORCH_CHECK_VALUE(p.defined(), "AdamW: a parameter is an undefined tensor");
-      tensors.push_back({"", p.sizes().vec(), {}, ""});
+      tensors.push_back({"", p.sizes().vec()});
     }
     plan_.add(std::move(tensors));
   }
@@ -93,15 +91,12 @@ class AdamW : public PlanOptimizer<AdamWOptions> {
     return adam_call("adamw_", {l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),
                                 l.list("step")}, o, {"torch"});
   }
-
- private:
-  BlockPlan plan_;
 };
 
 // Adam-mini: one second moment per Hessian block (memopt::BlockPlan's blocks on the roles).
 // Parameters are split into two groups: those with weight decay, and those the plan exempts
 // (norms, biases, 1-D tensors) with weight_decay 0 (an empty group is left out).
-class AdamMini : public PlanOptimizer<AdamMiniOptions> {
+class AdamMini : public PlanOptimizer<AdamMiniOptions, BlockPlan> {
  public:
   // Roles from names and shapes (infer_role with names only, as the Python front end decides
   // for bare named parameters), e.g. model.named_parameters().
@@ -112,7 +107,6 @@ class AdamMini : public PlanOptimizer<AdamMiniOptions> {
            AdamMiniOptions defaults = {})
       : AdamMini(planned(params, defaults, BlockAlgorithm::AdamMini), defaults) {}
 
-  const BlockPlan& plan() const override { return plan_; }
   // The blocks of a parameter (raises for a tensor the optimizer does not have).
   const BlockSpec& block_spec(const torch::Tensor& param) const {
     return plan_.decision(position(param)).spec;
@@ -124,13 +118,10 @@ class AdamMini : public PlanOptimizer<AdamMiniOptions> {
   static Planned planned(const NamedParams& named, const AdamMiniOptions& o, BlockAlgorithm a);
   static Planned planned(const std::vector<std::pair<torch::Tensor, RoleInfo>>& params,
                          const AdamMiniOptions& o, BlockAlgorithm a);
-  // Parameters of a group added later have no name: blocks from the shape alone (per output
-  // neuron for >= 2-D, plain Adam for 1-D). Pass roles at construction for anything else.
+  // A group added later has no names: blocks from the shape alone (per output neuron for >= 2-D,
+  // plain Adam for 1-D). Pass roles at construction for anything else.
   void extend_plan(const std::vector<at::Tensor>& params, const AdamMiniOptions&) override;
   OpCall op_call(const AdamMiniOptions& o, const GroupLists& l) const override;
-
- private:
-  BlockPlan plan_;
 };
 
 // SlimAdam (Kalra et al., arXiv 2503.01843) with the paper's static table on roles: Adam-mini's
@@ -151,7 +142,7 @@ class SlimAdam : public AdamMini {
 // with the group's adamw_rule for the others. Random projections are seeded as apollo-torch
 // seeds them (a parameter's 1-based position), so the same parameters in the same order give
 // the Python front end's P.
-class Apollo : public PlanOptimizer<ApolloOptions> {
+class Apollo : public PlanOptimizer<ApolloOptions, ApolloPlan> {
  public:
   // Attention and MLP weights (roles from names, 2-D) are projected with the defaults' rank,
   // capped per tensor at its smaller side, one group per effective rank; every other parameter
@@ -160,18 +151,14 @@ class Apollo : public PlanOptimizer<ApolloOptions> {
   // Explicit groups: each group's own options (or the defaults) decide; rank 0 = AdamW.
   explicit Apollo(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
                   ApolloOptions defaults = {})
-      : PlanOptimizer(param_groups, defaults) {
+      : PlanOptimizer(param_groups, defaults, ApolloPlan()) {
     for (size_t i = 0; i < param_groups_.size(); ++i)
       extend_plan(param_groups_[i].params(), group_options(i));
   }
-  const ApolloPlan& plan() const override { return plan_; }
 
  protected:
   void extend_plan(const std::vector<at::Tensor>& params, const ApolloOptions& o) override;
   OpCall op_call(const ApolloOptions& o, const GroupLists& l) const override;
-
- private:
-  ApolloPlan plan_;
 };
 
 // APOLLO-Mini: Apollo with ApolloOptions::mini() defaults.

@@ -57,11 +57,11 @@ struct ParamState : public torch::optim::OptimizerCloneableParamState<ParamState
 };
 
 // Options: declared with MEMOPT_OPTIONS (optimizer_options.h), plus `void check() const` for
-// its own fields.
-template <typename Options>
+// its own fields. Plan: an OptimizerPlan (BlockPlan, ApolloPlan, FrugalPlan).
+template <typename Options, typename Plan>
 class PlanOptimizer : public torch::optim::Optimizer {
  public:
-  virtual const OptimizerPlan& plan() const = 0;
+  const Plan& plan() const { return plan_; }
   // Steps left out because a gradient was not finite (the defaults' nonfinite "skip"); saved.
   int64_t skipped_steps() const { return skipped_steps_; }
   // A parameter's state, or nullptr before its first step.
@@ -222,8 +222,9 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // own optimizer types). `plan_order`: the parameters in the plan's order (empty: their order
   // over the groups); a group added later takes the next positions.
   PlanOptimizer(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
-                const Options& defaults, const std::vector<at::Tensor>& plan_order = {})
-      : torch::optim::Optimizer(param_groups, std::make_unique<Options>(defaults)) {
+                const Options& defaults, Plan&& plan, const std::vector<at::Tensor>& plan_order = {})
+      : torch::optim::Optimizer(param_groups, std::make_unique<Options>(defaults)),
+        plan_(std::move(plan)) {
     validate_options(defaults);
     std::vector<at::Tensor> all;
     for (size_t i = 0; i < param_groups.size(); ++i) {
@@ -291,6 +292,8 @@ class PlanOptimizer : public torch::optim::Optimizer {
     o.check();
   }
 
+  Plan plan_;
+
   // Adds the parameters of a group added after construction to the plan (may raise to refuse).
   virtual void extend_plan(const std::vector<at::Tensor>& params, const Options& options) = 0;
   virtual OpCall op_call(const Options& options, const GroupLists& lists) const = 0;
@@ -300,13 +303,13 @@ class PlanOptimizer : public torch::optim::Optimizer {
     StateChanges fresh;
     for (const auto& l : lists)
       for (const auto& p : l.params)
-        if (!state_of(p)) fresh[p.unsafeGetTensorImpl()] = make_state(p, plan().state(position(p)));
+        if (!state_of(p)) fresh[p.unsafeGetTensorImpl()] = make_state(p, plan_.state(position(p)));
     return fresh;
   }
   // Adopts begin_step's decision once every group's call has passed its validator.
   virtual void commit_step() {}
   // The layout a loaded state of parameter i must have (Frugal: under the loaded selection).
-  virtual StateLayout loaded_layout(int64_t i) const { return plan().state(i); }
+  virtual StateLayout loaded_layout(int64_t i) const { return plan_.state(i); }
 
  private:
   // The group's own options (validated), or nullptr where it has none.
