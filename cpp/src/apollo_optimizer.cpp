@@ -5,17 +5,6 @@
 
 namespace memopt {
 
-ApolloSettings ApolloOptions::settings() const {
-  return {rank() > 0 ? std::optional<int64_t>(rank()) : std::nullopt, proj(), proj_type(),
-          scale_type(), update_proj_gap(), scale(), norm_growth_limit(), scale_front(),
-          store_projection(), adamw_rule()};
-}
-
-void ApolloOptions::check() const {
-  TORCH_CHECK_VALUE(rank() >= 0, "Apollo: rank must be >= 0 (0: plain AdamW), got ", rank());
-  ApolloPlan().add_group({}, settings());  // the plan's checks, naming the key
-}
-
 namespace {
 // Attention and MLP weights (roles from names only, as the Python front end infers them for bare
 // named parameters) in groups per effective rank, then the AdamW tensors (ApolloPlan's rule).
@@ -39,12 +28,6 @@ std::vector<torch::optim::OptimizerParamGroup> apollo_groups(const NamedParams& 
 
 Apollo::Apollo(const NamedParams& named_params, ApolloOptions defaults)
     : Apollo(apollo_groups(named_params, defaults), defaults) {}
-
-void Apollo::extend_plan(const std::vector<at::Tensor>& params, const ApolloOptions& o) {
-  std::vector<std::vector<int64_t>> shapes;
-  for (const auto& p : params) shapes.push_back(p.sizes().vec());
-  plan_.add_group(shapes, o.settings());
-}
 
 Apollo::OpCall Apollo::op_call(const ApolloOptions& o, const GroupLists& l) const {
   if (o.rank() == 0)

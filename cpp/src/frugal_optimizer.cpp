@@ -22,7 +22,8 @@ Frugal::Described Frugal::described(const NamedParams& named) {
 }
 
 // ... or from explicit roles.
-Frugal::Described Frugal::described(const std::vector<std::pair<torch::Tensor, Role>>& with_roles) {
+Frugal::Described Frugal::described(
+    const std::vector<std::pair<torch::Tensor, Role>>& with_roles) {
   Described out;
   for (const auto& [p, role] : with_roles) {
     const auto name = "parameter " + std::to_string(out.first.size());
@@ -39,12 +40,6 @@ Frugal::Frugal(const Described& params, FrugalOptions defaults, FrugalConfig con
   for (int64_t i : plan_.projectable()) projs_.push_back(params.first[i]);
 }
 
-void FrugalOptions::check() const {
-  for (double s : {proj_params_lr_scale(), state_free_lr_scale()})
-    TORCH_CHECK_VALUE(std::isfinite(s) && s >= 0.0, "Frugal: proj_params_lr_scale and "
-                      "state_free_lr_scale must be finite and >= 0, got ", s);
-}
-
 void Frugal::extend_plan(const std::vector<at::Tensor>& params, const FrugalOptions&) {
   std::vector<std::vector<int64_t>> shapes;
   for (const auto& p : params) shapes.push_back(p.sizes().vec());
@@ -58,8 +53,8 @@ std::vector<int64_t> Frugal::holding() const {
   return out;
 }
 
-Frugal::OpCall Frugal::call(const FrugalOptions& o, const GroupLists& l,
-                            const FrugalSelection* sel) const {
+Frugal::OpCall Frugal::op_call(const FrugalOptions& o, const GroupLists& l) const {
+  const FrugalSelection* sel = pending_ ? &pending_->selection : nullptr;
   std::vector<at::Tensor> m, v, steps, subspaces;
   std::vector<int64_t> modes;
   for (size_t k = 0; k < l.params.size(); ++k) {
@@ -81,10 +76,11 @@ Frugal::OpCall Frugal::call(const FrugalOptions& o, const GroupLists& l,
 
 Frugal::StateChanges Frugal::begin_step(const std::vector<GroupLists>& lists) {
   // The gradients first, every tensor state-free: the selection may read them ("svd").
+  pending_.reset();
   for (size_t i = 0; i < lists.size(); ++i) {
     GroupLists free = lists[i];
     free.states.assign(free.params.size(), nullptr);
-    dispatch(call(group_options(i), free, nullptr), /*validate=*/true);
+    dispatch(op_call(group_options(i), free), /*validate=*/true);
   }
   std::vector<int64_t> with_grad;
   for (size_t j = 0; j < projs_.size(); ++j)

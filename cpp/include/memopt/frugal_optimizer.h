@@ -4,6 +4,7 @@
 // exactly.
 #pragma once
 
+#include <cmath>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -19,7 +20,11 @@ namespace memopt {
 struct FrugalOptions : public torch::optim::OptimizerCloneableOptions<FrugalOptions> {
   FrugalOptions(double lr = 1e-3) { this->lr(lr); }  // NOLINT(google-explicit-constructor)
   MEMOPT_OPTIONS(0.0, MEMOPT_FRUGAL_FIELDS)  // the Python front end's default decay
-  void check() const;
+  void check() const {
+    for (double s : {proj_params_lr_scale(), state_free_lr_scale()})
+      TORCH_CHECK_VALUE(std::isfinite(s) && s >= 0.0, "Frugal: proj_params_lr_scale and "
+                        "state_free_lr_scale must be finite and >= 0, got ", s);
+  }
 };
 
 class Frugal : public PlanOptimizer<FrugalOptions, FrugalPlan> {
@@ -50,19 +55,18 @@ class Frugal : public PlanOptimizer<FrugalOptions, FrugalPlan> {
     plan_.commit(*pending_);
     pending_.reset();
   }
-  OpCall op_call(const FrugalOptions& o, const GroupLists& l) const override {
-    return call(o, l, &pending_->selection);
+  // The op's arguments under begin_step's selection (before it: every tensor state-free); a
+  // tensor without state (nullptr in l.states) passes empty tensors, which the op ignores.
+  OpCall op_call(const FrugalOptions& o, const GroupLists& l) const override;
+  StateLayout loaded_layout(int64_t i) const override {
+    return plan_.state(i, loading_ ? *loading_ : plan_.selection());
   }
-  StateLayout loaded_layout(int64_t i) const override { return plan_.state(i, *loading_); }
 
  private:
   using Described = std::pair<std::vector<at::Tensor>, std::vector<FrugalTensor>>;
   static Described described(const NamedParams& named);
   static Described described(const std::vector<std::pair<torch::Tensor, Role>>& with_roles);
   Frugal(const Described& params, FrugalOptions defaults, FrugalConfig config);
-  // The op's arguments under `sel` (nullptr: every tensor state-free); a tensor without state
-  // (nullptr in l.states) passes empty tensors, which the op ignores.
-  OpCall call(const FrugalOptions& o, const GroupLists& l, const FrugalSelection* sel) const;
   std::vector<int64_t> holding() const;  // projectable tensors holding state now
 
   std::vector<at::Tensor> projs_;  // projectable tensors, plan order

@@ -63,8 +63,15 @@ struct ApolloOptions : public torch::optim::OptimizerCloneableOptions<ApolloOpti
   static ApolloOptions mini(double lr = 1e-3) {
     return ApolloOptions(lr).rank(1).scale_type("tensor").scale(128.0);
   }
-  ApolloSettings settings() const;  // as ApolloPlan takes them (rank 0: AdamW)
-  void check() const;               // rank >= 0, adamw_rule, and a projected group's settings
+  ApolloSettings settings() const {  // as ApolloPlan takes them (rank 0: AdamW)
+    return {rank() > 0 ? std::optional<int64_t>(rank()) : std::nullopt, proj(), proj_type(),
+            scale_type(), update_proj_gap(), scale(), norm_growth_limit(), scale_front(),
+            store_projection(), adamw_rule()};
+  }
+  void check() const {  // rank >= 0, adamw_rule, and a projected group's settings
+    TORCH_CHECK_VALUE(rank() >= 0, "Apollo: rank must be >= 0 (0: plain AdamW), got ", rank());
+    ApolloPlan().add_group({}, settings());  // the plan's checks, naming the key
+  }
 };
 
 // AdamW (torch.optim.AdamW's rule) on the memopt::adamw_ op.
@@ -157,7 +164,11 @@ class Apollo : public PlanOptimizer<ApolloOptions, ApolloPlan> {
   }
 
  protected:
-  void extend_plan(const std::vector<at::Tensor>& params, const ApolloOptions& o) override;
+  void extend_plan(const std::vector<at::Tensor>& params, const ApolloOptions& o) override {
+    std::vector<std::vector<int64_t>> shapes;
+    for (const auto& p : params) shapes.push_back(p.sizes().vec());
+    plan_.add_group(shapes, o.settings());
+  }
   OpCall op_call(const ApolloOptions& o, const GroupLists& l) const override;
 };
 

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "memopt/common.h"
 #include "memopt/layout.h"
 #include "memopt/nonfinite.h"
 #include "memopt/optimizer_options.h"
