@@ -27,7 +27,7 @@ struct AdamWOptions : public torch::optim::OptimizerCloneableOptions<AdamWOption
 
 // Head geometry decides the per-head blocks of Q/K (and fused QKV) weights, once, at
 // construction: a tensor's blocks never change, even if the options are edited or loaded.
-#define MEMOPT_ADAM_MINI_FIELDS(X)                                         \
+#define MEMOPT_ADAM_MINI_FIELDS(X)                                        \
   X(int64_t, dim, 0, {})        /* model width */                         \
   X(int64_t, n_heads, 0, {})    /* query heads (0: no per-head blocks) */ \
   X(int64_t, n_kv_heads, 0, {}) /* key/value heads (0: n_heads) */        \
@@ -45,15 +45,15 @@ struct AdamMiniOptions : public torch::optim::OptimizerCloneableOptions<AdamMini
 // shapes fixed at construction); rank 0 makes it an AdamW group stepped with adamw_rule,
 // "apollo" (apollo-torch's) or "torch" (AdamWRule, common.h): the rule a checkpoint from before
 // the option was stepped with, and loads as.
-#define MEMOPT_APOLLO_FIELDS(X)                                                  \
-  X(int64_t, rank, 256, {})                                                     \
-  X(std::string, proj, "random", {})        /* "random" | "svd" */              \
-  X(std::string, proj_type, "std", {})      /* std | reverse_std | left | right */ \
-  X(std::string, scale_type, "channel", {}) /* "channel" | "tensor" */          \
-  X(int64_t, update_proj_gap, 200, {})                                          \
-  X(double, scale, 1.0, {})                                                     \
-  X(double, norm_growth_limit, 1.01, {})    /* 0 turns the limiter off */       \
-  X(bool, scale_front, false, {})                                               \
+#define MEMOPT_APOLLO_FIELDS(X)                                                      \
+  X(int64_t, rank, 256, {})                                                          \
+  X(std::string, proj, "random", {})        /* "random" | "svd" */                   \
+  X(std::string, proj_type, "std", {})      /* std | reverse_std | left | right */   \
+  X(std::string, scale_type, "channel", {}) /* "channel" | "tensor" */               \
+  X(int64_t, update_proj_gap, 200, {})                                               \
+  X(double, scale, 1.0, {})                                                          \
+  X(double, norm_growth_limit, 1.01, {})    /* 0 turns the limiter off */            \
+  X(bool, scale_front, false, {})                                                    \
   X(bool, store_projection, true, {})       /* false: P regenerated from its seed */ \
   X(std::string, adamw_rule, "apollo", std::string(ApolloSettings::kLegacyAdamWRule))
 struct ApolloOptions : public torch::optim::OptimizerCloneableOptions<ApolloOptions> {

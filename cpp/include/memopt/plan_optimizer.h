@@ -223,7 +223,8 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // own optimizer types). `plan_order`: the parameters in the plan's order (empty: their order
   // over the groups); a group added later takes the next positions.
   PlanOptimizer(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
-                const Options& defaults, Plan&& plan, const std::vector<at::Tensor>& plan_order = {})
+                const Options& defaults, Plan&& plan,
+                const std::vector<at::Tensor>& plan_order = {})
       : torch::optim::Optimizer(param_groups, std::make_unique<Options>(defaults)),
         plan_(std::move(plan)) {
     validate_options(defaults);
@@ -293,7 +294,7 @@ class PlanOptimizer : public torch::optim::Optimizer {
     o.check();
   }
 
-  Plan plan_;
+  Plan plan_;  // every decision; the hooks below apply it
 
   // Adds the parameters of a group added after construction to the plan (may raise to refuse).
   virtual void extend_plan(const std::vector<at::Tensor>& params, const Options& options) = 0;
