@@ -2,19 +2,7 @@
 // tensor's blocks and weight decay once, at construction; one fused adam_mini_ call per group.
 #include "memopt/optimizers.h"
 
-#include "plan_optimizer_impl.h"
-
 namespace memopt {
-
-namespace {
-using RoleParams = std::vector<std::pair<at::Tensor, RoleInfo>>;
-
-BlockPlanConfig config_for(BlockAlgorithm algorithm) {
-  BlockPlanConfig c;
-  c.algorithm = algorithm;
-  return c;
-}
-}  // namespace
 
 RoleInfo AdamMiniOptions::head_geometry() const {
   TORCH_CHECK_VALUE(dim() >= 0 && n_heads() >= 0 && n_kv_heads() >= 0 && head_dim() >= 0,
@@ -35,15 +23,10 @@ RoleInfo AdamMiniOptions::head_geometry() const {
   return info;
 }
 
-struct AdamMini::Planned {
-  BlockPlan plan;
-  std::vector<at::Tensor> params;  // in the plan's order
-};
-
-// Roles of bare named parameters, decided as the Python front end decides them (infer_role with
-// names only, the options' head geometry); SlimAdam's table keeps Q/K roles without heads.
-AdamMini::Planned AdamMini::planned(const std::vector<std::pair<std::string, torch::Tensor>>& named,
-                                    const AdamMiniOptions& o, BlockAlgorithm algorithm) {
+// Bare named parameters: roles as the Python front end decides them (infer_role with names only,
+// the options' head geometry); SlimAdam's table keeps Q/K roles without heads.
+AdamMini::Planned AdamMini::planned(const NamedParams& named, const AdamMiniOptions& o,
+                                    BlockAlgorithm algorithm) {
   const RoleInfo g = o.head_geometry();
   TensorFacts facts;
   facts.qk_need_heads = algorithm != BlockAlgorithm::SlimAdam;
@@ -56,25 +39,24 @@ AdamMini::Planned AdamMini::planned(const std::vector<std::pair<std::string, tor
     tensors.push_back({name, p.sizes().vec(), r.info, r.note});
     params.push_back(p);
   }
-  return {BlockPlan(std::move(tensors), config_for(algorithm)), std::move(params)};
+  return {BlockPlan(std::move(tensors), {algorithm}), std::move(params)};
 }
 
 // Explicit roles, their head geometry filled in from the options where left 0.
-AdamMini::Planned AdamMini::planned(const RoleParams& given, const AdamMiniOptions& o,
-                                    BlockAlgorithm algorithm) {
+AdamMini::Planned AdamMini::planned(const std::vector<std::pair<at::Tensor, RoleInfo>>& given,
+                                    const AdamMiniOptions& o, BlockAlgorithm algorithm) {
   const RoleInfo g = o.head_geometry();
   std::vector<BlockTensor> tensors;
   std::vector<at::Tensor> params;
-  for (const auto& [p, role] : given) {
+  for (auto [p, info] : given) {
     TORCH_CHECK_VALUE(p.defined(), "AdamMini: a parameter is an undefined tensor");
-    RoleInfo info = role;
     if (info.head_dim == 0) info.head_dim = g.head_dim;
     if (info.q_heads == 0) info.q_heads = g.q_heads;
     if (info.kv_heads == 0) info.kv_heads = g.kv_heads;
     tensors.push_back({"parameter " + std::to_string(params.size()), p.sizes().vec(), info, ""});
     params.push_back(p);
   }
-  return {BlockPlan(std::move(tensors), config_for(algorithm)), std::move(params)};
+  return {BlockPlan(std::move(tensors), {algorithm}), std::move(params)};
 }
 
 namespace {
@@ -95,26 +77,8 @@ std::vector<torch::optim::OptimizerParamGroup> decay_groups(const BlockPlan& pla
 }  // namespace
 
 AdamMini::AdamMini(Planned p, const AdamMiniOptions& defaults)
-    : PlanOptimizer(decay_groups(p.plan, p.params, defaults), defaults, p.params),
-      plan_(std::move(p.plan)) {}
-
-AdamMini::AdamMini(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
-                   AdamMiniOptions defaults)
-    : AdamMini(planned(named_params, defaults, BlockAlgorithm::AdamMini), defaults) {}
-
-AdamMini::AdamMini(const RoleParams& params, AdamMiniOptions defaults)
-    : AdamMini(planned(params, defaults, BlockAlgorithm::AdamMini), defaults) {}
-
-SlimAdam::SlimAdam(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
-                   AdamMiniOptions defaults)
-    : AdamMini(planned(named_params, defaults, BlockAlgorithm::SlimAdam), defaults) {}
-
-SlimAdam::SlimAdam(const RoleParams& params, AdamMiniOptions defaults)
-    : AdamMini(planned(params, defaults, BlockAlgorithm::SlimAdam), defaults) {}
-
-const BlockSpec& AdamMini::block_spec(const torch::Tensor& param) const {
-  return plan_.decision(position(param)).spec;
-}
+    : PlanOptimizer(decay_groups(p.first, p.second, defaults), defaults, std::move(p.first),
+                    p.second) {}
 
 void AdamMini::extend_plan(const std::vector<at::Tensor>& params, const AdamMiniOptions&) {
   std::vector<BlockTensor> tensors;
@@ -126,20 +90,14 @@ void AdamMini::extend_plan(const std::vector<at::Tensor>& params, const AdamMini
   plan_.add(std::move(tensors));
 }
 
-// Through the dispatcher, as torch.ops.memopt.adam_mini_ (device-dispatched kernels).
-void AdamMini::run(const AdamMiniOptions& o, const GroupLists& l, bool validate) const {
+AdamMini::OpCall AdamMini::op_call(const AdamMiniOptions& o, const GroupLists& l) const {
   std::vector<int64_t> blocks;
   for (const auto& p : l.params) {
     const auto e = plan_.encoded(position(p));
     blocks.insert(blocks.end(), e.begin(), e.end());
   }
-  call_op<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-               at::IntArrayRef, const at::Tensor&, double, double, double, double)>(
-      "adam_mini_", validate, l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),
-      l.list("step"), at::IntArrayRef(blocks), at::scalar_tensor(o.lr(), at::kDouble),
-      std::get<0>(o.betas()), std::get<1>(o.betas()), o.eps(), o.weight_decay());
+  return adam_call("adam_mini_", {l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),
+                                  l.list("step"), blocks}, o);
 }
-
-template class PlanOptimizer<AdamMiniOptions>;
 
 }  // namespace memopt

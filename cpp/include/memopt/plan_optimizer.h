@@ -1,10 +1,12 @@
 // memopt::PlanOptimizer, the one LibTorch front end: a torch::optim::Optimizer that applies an
 // OptimizerPlan (plan.h) to plain per-parameter state and runs one fused op call per param
-// group. Every memopt LibTorch optimizer (AdamW, AdamMini, SlimAdam, Apollo, Frugal) is this
-// template over its options, plus the few lines that name its plan and its op.
+// group. Every memopt LibTorch optimizer is this template over its options, plus its plan and
+// its op's arguments.
 #pragma once
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/optim/optimizer.h>
+#include <torch/optim/serialize.h>
 #include <torch/serialize/archive.h>
 
 #include <memory>
@@ -12,9 +14,11 @@
 #include <utility>
 #include <vector>
 
+#include "memopt/common.h"
+#include "memopt/layout.h"
+#include "memopt/nonfinite.h"
+#include "memopt/optimizer_options.h"
 #include "memopt/plan.h"
-
-#include <ATen/core/dispatch/Dispatcher.h>
 
 namespace memopt {
 
@@ -23,100 +27,308 @@ namespace memopt {
 struct ParamState : public torch::optim::OptimizerCloneableParamState<ParamState> {
   std::vector<std::pair<std::string, at::Tensor>> tensors;
 
-  // The tensor under `key` (raises ValueError if there is none).
-  const at::Tensor& at(const std::string& key) const;
-  bool has(const std::string& key) const;
-  void set(const std::string& key, at::Tensor value);
-  void serialize(torch::serialize::InputArchive& archive) override;
-  void serialize(torch::serialize::OutputArchive& archive) const override;
+  bool has(const std::string& key) const {
+    for (const auto& kv : tensors)
+      if (kv.first == key) return true;
+    return false;
+  }
+  const at::Tensor& at(const std::string& key) const {  // raises ValueError if there is none
+    for (const auto& [k, t] : tensors)
+      if (k == key) return t;
+    TORCH_CHECK_VALUE(false, "optimizer state has no '", key, "'");
+  }
+  void set(const std::string& key, at::Tensor value) {
+    for (auto& [k, t] : tensors)
+      if (k == key) {
+        t = std::move(value);
+        return;
+      }
+    tensors.emplace_back(key, std::move(value));
+  }
+  void serialize(torch::serialize::InputArchive& archive) override {
+    tensors.clear();
+    for (const auto& key : archive.keys()) {
+      torch::Tensor t;  // fresh: try_read set_()s a defined tensor in place
+      if (archive.try_read(key, t)) tensors.emplace_back(key, t);
+    }
+  }
+  void serialize(torch::serialize::OutputArchive& archive) const override {
+    for (const auto& [key, t] : tensors) archive.write(key, t);
+  }
 };
 
-// Options: a torch::optim::OptimizerCloneableOptions with Adam's hyperparameters
-// (MEMOPT_ADAM_OPTIONS_ARGS) and `void check() const` for its own. The template's definitions are
-// in cpp/src/plan_optimizer_impl.h; each optimizer's source file instantiates it for its options.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const std::string& name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").typed<Signature>();
-}
-
-template <typename Options>
+// Options: declared with MEMOPT_OPTIONS (optimizer_options.h), plus `void check() const` for
+// its own fields. Plan: an OptimizerPlan (BlockPlan, ApolloPlan, FrugalPlan).
+template <typename Options, typename Plan>
 class PlanOptimizer : public torch::optim::Optimizer {
  public:
-  // Runs `closure` (if given) with grad mode on, then steps every parameter with a gradient.
-  // Bad input (dtype, shape, device, hyperparameters) raises before anything is written.
-  torch::Tensor step(LossClosure closure = nullptr) override;
-  // LibTorch's add_param_group replaces a non-built-in optimizer's group options by the
-  // defaults; this one keeps the group's own options (validated) and adds it to the plan.
-  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
-  void save(torch::serialize::OutputArchive& archive) const override;
-  // Raises, leaving state and options as they were, unless the checkpoint has this optimizer's
-  // groups, group sizes and, for every saved state, the plan's layout (OptimizerPlan::check_saved).
-  void load(torch::serialize::InputArchive& archive) override;
+  const Plan& plan() const { return plan_; }
   // Steps left out because a gradient was not finite (the defaults' nonfinite "skip"); saved.
   int64_t skipped_steps() const { return skipped_steps_; }
   // A parameter's state, or nullptr before its first step.
-  const ParamState* state_of(const at::Tensor& param) const;
-  virtual const OptimizerPlan& plan() const = 0;
+  const ParamState* state_of(const at::Tensor& param) const {
+    auto it = state_.find(param.unsafeGetTensorImpl());
+    return it == state_.end() ? nullptr : static_cast<const ParamState*>(it->second.get());
+  }
+
+  // Runs `closure` (if given) with grad mode on, then steps every parameter with a gradient.
+  // Bad input (dtype, shape, device, hyperparameters) raises before anything is written.
+  torch::Tensor step(LossClosure closure = nullptr) override {
+    torch::NoGradGuard no_grad;
+    torch::Tensor loss;
+    if (closure != nullptr) {
+      at::AutoGradMode enable_grad(true);
+      loss = closure();
+    }
+    if (skips_nonfinite(static_cast<const Options&>(defaults()).nonfinite())) {
+      std::vector<at::Tensor> grads;
+      for (const auto& group : param_groups_)
+        for (const auto& p : group.params())
+          if (p.grad().defined()) grads.push_back(p.grad());
+      if (any_nonfinite(grads)) {
+        ++skipped_steps_;  // and nothing changes
+        return loss;
+      }
+    }
+    std::vector<GroupLists> lists(param_groups_.size());
+    for (size_t i = 0; i < lists.size(); ++i) {
+      validate_options(group_options(i));
+      for (const auto& p : param_groups_[i].params()) {
+        if (!p.grad().defined()) continue;
+        lists[i].params.push_back(p);
+        lists[i].grads.push_back(p.grad());
+      }
+    }
+    // Every group's call is decided and validated before any runs, so that bad input anywhere
+    // raises with parameters, state and plan untouched.
+    StateChanges changes = begin_step(lists);
+    std::vector<OpCall> calls;
+    for (size_t i = 0; i < lists.size(); ++i) {
+      for (const auto& p : lists[i].params) {
+        auto it = changes.find(p.unsafeGetTensorImpl());
+        lists[i].states.push_back(it != changes.end() ? it->second.get() : state_of(p));
+      }
+      if (lists[i].params.empty()) continue;
+      calls.push_back(op_call(group_options(i), lists[i]));
+      dispatch(calls.back(), /*validate=*/true);
+    }
+    for (auto& [key, state] : changes) {
+      if (state) state_[key] = std::move(state);
+      else state_.erase(key);
+    }
+    commit_step();
+    for (const auto& call : calls) dispatch(call, /*validate=*/false);
+    return loss;
+  }
+
+  // LibTorch's add_param_group replaces a non-built-in optimizer's group options by the
+  // defaults; this one keeps the group's own options (validated) and adds it to the plan.
+  // Everything is checked before the group is added, so a bad group changes nothing.
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+    const Options* own = own_options(param_group);
+    for (const auto& p : param_group.params())
+      TORCH_CHECK_VALUE(!positions_.count(p.unsafeGetTensorImpl()),
+                        "add_param_group: a parameter is already in the optimizer");
+    extend_plan(param_group.params(), own ? *own : static_cast<const Options&>(defaults()));
+    torch::optim::Optimizer::add_param_group(param_group);
+    if (own) param_groups_.back().set_options(std::make_unique<Options>(*own));
+    index_params(param_group.params());
+  }
+
+  void save(torch::serialize::OutputArchive& archive) const override {
+    torch::optim::serialize<ParamState, Options>(archive, *this);
+    archive.write("skipped_steps", c10::IValue(skipped_steps_));
+  }
+
+  // Raises, leaving state and options as they were, unless the checkpoint has this optimizer's
+  // groups, group sizes and, for every saved state, the plan's layout (OptimizerPlan::check_saved).
+  void load(torch::serialize::InputArchive& archive) override {
+    // torch::optim::serialize(archive, optimizer) would move state in while it checks; the same
+    // archive layout is read here into temporaries and committed only when all of it fits.
+    c10::IValue version;
+    archive.read("pytorch_version", version);
+    TORCH_CHECK_VALUE(version.isString() && version.toStringRef() == "1.5.0",
+                      "not a LibTorch optimizer checkpoint (unknown format version)");
+    torch::serialize::InputArchive state_archive, groups_archive;
+    archive.read("state", state_archive);
+    archive.read("param_groups", groups_archive);
+    ska::flat_hash_map<void*, std::unique_ptr<torch::optim::OptimizerParamState>> saved, state;
+    torch::optim::detail::serialize<ParamState>(state_archive, saved);
+    using SavedOptions = std::unique_ptr<torch::optim::OptimizerOptions>;
+    std::vector<std::pair<std::vector<std::string>, SavedOptions>> groups;
+    torch::optim::detail::serialize<Options>(groups_archive, groups);
+    TORCH_CHECK_VALUE(groups.size() == param_groups_.size(), "checkpoint has ", groups.size(),
+                      " param groups but the optimizer has ", param_groups_.size());
+    for (size_t i = 0; i < groups.size(); ++i) {
+      const auto& keys = groups[i].first;
+      const auto& params = param_groups_[i].params();
+      TORCH_CHECK_VALUE(keys.size() == params.size(), "checkpoint group ", i, " has ",
+                        keys.size(), " parameters but the optimizer's has ", params.size());
+      validate_options(static_cast<const Options&>(*groups[i].second));
+      for (size_t j = 0; j < params.size(); ++j) {
+        // Saved keys are the saving process's TensorImpl addresses; parameters match by position.
+        auto it = saved.find(reinterpret_cast<void*>(std::stoull(keys[j])));  // NOLINT
+        if (it == saved.end()) continue;
+        auto& s = static_cast<ParamState&>(*it->second);
+        const auto& p = params[j];
+        const StateLayout layout = loaded_layout(position(p));
+        OptimizerPlan::check_saved_state(layout, s.tensors, p.scalar_type(),
+                                         "checkpoint state of parameter " + std::to_string(j) +
+                                             " in group " + std::to_string(i));
+        // The archive loads onto the CPU; state lives with its parameter, elementwise state in
+        // its layout (a contiguous checkpoint into a channels_last model), scalars on the CPU.
+        for (const auto& spec : layout) {
+          const at::Tensor& v = s.at(spec.key);
+          const auto on =
+              v.options().device(spec.shape.empty() ? at::Device(at::kCPU) : p.device());
+          s.set(spec.key, state_like_param(v.reshape(spec.shape),
+                                           spec.follows_param ? p : at::Tensor(), on));
+        }
+        s.set("step", s.at("step").to(at::kCPU).reshape({}));
+        state[p.unsafeGetTensorImpl()] = std::move(it->second);
+      }
+    }
+    c10::IValue skipped(int64_t{0});  // a checkpoint from before the counter: 0
+    archive.try_read("skipped_steps", skipped);
+    TORCH_CHECK_VALUE(skipped.isInt() && skipped.toInt() >= 0,
+                      "checkpoint: skipped_steps must be an integer >= 0");
+    // Exactly the checkpoint: a parameter without saved state has none after the load.
+    skipped_steps_ = skipped.toInt();
+    state_ = std::move(state);
+    for (size_t i = 0; i < groups.size(); ++i)
+      param_groups_[i].set_options(std::move(groups[i].second));
+  }
 
  protected:
-  // One group's parameters with a gradient and their states, as the ops' parallel lists.
+  // One group's parameters with a gradient, and their states (nullptr: none; Frugal's
+  // state-free tensors).
   struct GroupLists {
     std::vector<at::Tensor> params, grads;
-    std::vector<ParamState*> states;
-    std::vector<at::Tensor> list(const std::string& key) const;  // each state's `key`
+    std::vector<const ParamState*> states;
+    std::vector<at::Tensor> list(const std::string& key) const {  // each state's `key`
+      std::vector<at::Tensor> out;
+      for (const auto* s : states) out.push_back(s->at(key));
+      return out;
+    }
+  };
+  // One step's new states by TensorImpl* (nullptr: the parameter's state is dropped).
+  using StateChanges = ska::flat_hash_map<void*, std::unique_ptr<ParamState>>;
+  // memopt::<op>(args...); its validator memopt::check_<op> takes the same arguments.
+  struct OpCall {
+    std::string op;
+    std::vector<c10::IValue> args;
   };
 
   // Groups that carry options keep them as given (LibTorch merges group options only for its
   // own optimizer types). `plan_order`: the parameters in the plan's order (empty: their order
   // over the groups); a group added later takes the next positions.
   PlanOptimizer(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
-                const Options& defaults, const std::vector<at::Tensor>& plan_order = {});
+                const Options& defaults, Plan&& plan,
+                const std::vector<at::Tensor>& plan_order = {})
+      : torch::optim::Optimizer(param_groups, std::make_unique<Options>(defaults)),
+        plan_(std::move(plan)) {
+    validate_options(defaults);
+    std::vector<at::Tensor> all;
+    for (size_t i = 0; i < param_groups.size(); ++i) {
+      if (const Options* own = own_options(param_groups[i]))
+        param_groups_[i].set_options(std::make_unique<Options>(*own));
+      all.insert(all.end(), param_groups[i].params().begin(), param_groups[i].params().end());
+    }
+    index_params(plan_order.empty() ? all : plan_order);
+    // LibTorch only rejects a parameter seen twice once it has state; a repeat here would be
+    // stepped twice per step with one shared state.
+    TORCH_CHECK_VALUE(positions_.size() == all.size(),
+                      "a parameter appears more than once in the optimizer");
+  }
 
   const Options& group_options(size_t group) const {
     return static_cast<const Options&>(param_groups_[group].options());
   }
   // The parameter's position in the plan (raises for a tensor the optimizer does not have).
-  int64_t position(const at::Tensor& param) const;
-  ParamState* mutable_state(const at::Tensor& param) const;
-  // Calls the op memopt::<name> through the dispatcher (the device's kernel, as the Python front
-  // end's torch.ops.memopt.<name>), or with `validate` its validator memopt::check_<name>.
-  template <typename Signature, typename... Args>
-  static void call_op(const char* name, bool validate, Args&&... args) {
-    // looked up per call (a hash lookup): ops of one signature must not share a cached handle
-    find_op<Signature>(std::string(validate ? "memopt::check_" : "memopt::") + name)
-        .call(std::forward<Args>(args)...);
+  int64_t position(const at::Tensor& param) const {
+    auto it = positions_.find(param.unsafeGetTensorImpl());
+    TORCH_CHECK_VALUE(it != positions_.end(), "tensor of shape ", param.sizes(),
+                      " is not a parameter of this optimizer");
+    return it->second;
   }
-  // Zeroed (or filled) state as `layout` says, with a zero float32 CPU step.
-  static std::unique_ptr<ParamState> make_state(const at::Tensor& param, const StateLayout& layout);
+  // Zeroed (or filled) state as `layout` says, with a zero float32 CPU step: elementwise state
+  // in the parameter's memory layout (layout.h), so that a dense parameter steps without
+  // staging; scalars (seeds, norms) on the CPU, where the ops read them.
+  static std::unique_ptr<ParamState> make_state(const at::Tensor& p, const StateLayout& layout) {
+    auto s = std::make_unique<ParamState>();
+    s->tensors.emplace_back("step", at::zeros({}, at::kFloat));
+    for (const auto& spec : layout) {
+      const auto on = p.options().dtype(resolve_dtype(spec.dtype, p.scalar_type()));
+      at::Tensor t = spec.shape.empty()
+                         ? at::zeros({}, on.device(at::kCPU))
+                         : state_zeros(spec.shape, spec.follows_param ? p : at::Tensor(), on);
+      if (spec.fill != 0.0) t.fill_(spec.fill);
+      s->tensors.emplace_back(spec.key, std::move(t));
+    }
+    return s;
+  }
+  // `args`, then the group's lr (a float64 tensor), beta1, beta2, eps, weight_decay, then `tail`:
+  // the argument order of every op.
+  static OpCall adam_call(std::string op, std::vector<c10::IValue> args, const Options& o,
+                          const std::vector<c10::IValue>& tail = {}) {
+    for (c10::IValue v : {c10::IValue(at::scalar_tensor(o.lr(), at::kDouble)),
+                          c10::IValue(std::get<0>(o.betas())), c10::IValue(std::get<1>(o.betas())),
+                          c10::IValue(o.eps()), c10::IValue(o.weight_decay())})
+      args.push_back(std::move(v));
+    args.insert(args.end(), tail.begin(), tail.end());
+    return {std::move(op), std::move(args)};
+  }
+  // As torch.ops.memopt.<op> (the device's kernel), or its validator.
+  static void dispatch(const OpCall& call, bool validate) {
+    std::vector<c10::IValue> stack = call.args;
+    c10::Dispatcher::singleton()
+        .findSchemaOrThrow(((validate ? "memopt::check_" : "memopt::") + call.op).c_str(), "")
+        .callBoxed(&stack);
+  }
+  // Adam's hyperparameters, the nonfinite policy, then the options' check() (raises naming
+  // the key).
+  static void validate_options(const Options& o) {
+    check_adam_hparams(o.lr(), std::get<0>(o.betas()), std::get<1>(o.betas()), o.eps(),
+                       o.weight_decay());
+    skips_nonfinite(o.nonfinite());
+    o.check();
+  }
+
+  Plan plan_;  // every decision; the hooks below apply it
 
   // Adds the parameters of a group added after construction to the plan (may raise to refuse).
   virtual void extend_plan(const std::vector<at::Tensor>& params, const Options& options) = 0;
-  // Everything the group's op checks before it writes (raises on bad input).
-  virtual void check_group(const Options& options, const GroupLists& lists) const = 0;
-  // The group's single fused op call.
-  virtual void update(const Options& options, const GroupLists& lists) = 0;
-  // The layout a loaded state of parameter i must have: the plan's (Frugal: under the
-  // selection being loaded).
-  virtual StateLayout loaded_layout(int64_t i) const { return plan().state(i); }
-  // The closure's loss (undefined without one), evaluated with grad mode on.
-  static torch::Tensor evaluate(const LossClosure& closure) {
-    if (closure == nullptr) return {};
-    at::AutoGradMode enable_grad(true);
-    return closure();
+  virtual OpCall op_call(const Options& options, const GroupLists& lists) const = 0;
+  // The step's state changes, decided before anything is written (may raise): by default the
+  // plan's state for each parameter with a gradient and none yet. `lists` have no states yet.
+  virtual StateChanges begin_step(const std::vector<GroupLists>& lists) {
+    StateChanges fresh;
+    for (const auto& l : lists)
+      for (const auto& p : l.params)
+        if (!state_of(p)) fresh[p.unsafeGetTensorImpl()] = make_state(p, plan_.state(position(p)));
+    return fresh;
   }
-  // Whether this step must change nothing: nonfinite "skip" and a gradient of the step is not
-  // finite (then counted). Called before anything is created or written.
-  bool skips_step();
-  // Adam's hyperparameters, the nonfinite policy, then the options' own check() (raises
-  // naming the key).
-  static void validate_options(const Options& options);
-
-  int64_t skipped_steps_ = 0;
+  // Adopts begin_step's decision once every group's call has passed its validator.
+  virtual void commit_step() {}
+  // The layout a loaded state of parameter i must have (Frugal: under the loaded selection).
+  virtual StateLayout loaded_layout(int64_t i) const { return plan_.state(i); }
 
  private:
-  void keep_group_options(size_t index, const torch::optim::OptimizerParamGroup& group);
-  void index_params(const std::vector<at::Tensor>& params);
+  // The group's own options (validated), or nullptr where it has none.
+  static const Options* own_options(const torch::optim::OptimizerParamGroup& group) {
+    if (!group.has_options()) return nullptr;
+    const auto* options = dynamic_cast<const Options*>(&group.options());
+    TORCH_CHECK_TYPE(options != nullptr, "a param group carries options of another optimizer");
+    validate_options(*options);
+    return options;
+  }
+  void index_params(const std::vector<at::Tensor>& params) {
+    for (const auto& p : params)
+      positions_.emplace(p.unsafeGetTensorImpl(), static_cast<int64_t>(positions_.size()));
+  }
+
   ska::flat_hash_map<void*, int64_t> positions_;  // TensorImpl* -> position in the plan
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace memopt
