@@ -68,7 +68,7 @@ def _run_training(args) -> int:
             print(f"resumed from {ckpt} at step {trainer.step}", file=sys.stderr)
     if main_rank:
         print(f"{cfg.optimizer} on {cfg.model} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M "
-              f"params, {cfg.dtype}{', layer-wise' if cfg.layerwise else ''}"
+              f"params, {trainer.precision}{', layer-wise' if cfg.layerwise else ''}"
               f"{f', FSDP2 on {trainer.world} ranks' if cfg.fsdp else ''}), "
               f"{trainer.corpus.source}", file=sys.stderr)
     log = None

@@ -72,7 +72,12 @@ def add_train_args(p, steps, model):
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="weights (and optimizer state) storage dtype")
+    p.add_argument("--compute-dtype", choices=["fp32", "bf16"], default=None,
+                   help="dtype of activations and arithmetic (default: the weights' dtype, but "
+                        "fp32 for bf16 weights on a CPU without bf16 instructions, where bf16 "
+                        "matmuls are far slower)")
     p.add_argument("--checkpoint-activations", action="store_true",
                    help="recompute each layer in backward: keeps only the layers' inputs "
                         "(same gradients, about one more forward of compute per step)")
@@ -91,6 +96,7 @@ def train_config(args, optimizer: str, **extra) -> TrainConfig:
                        dtype=args.dtype, data=args.data, tokenizer=args.tokenizer,
                        vocab_size=args.vocab_size, nonfinite=args.nonfinite,
                        checkpoint_activations=args.checkpoint_activations,
+                       compute_dtype=args.compute_dtype,
                        **{**base, **extra})
 
 

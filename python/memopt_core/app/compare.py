@@ -43,7 +43,7 @@ def compare(configs: list[TrainConfig]) -> list[dict]:
     trainers = [Trainer(cfg) for cfg in configs]
     first = trainers[0]
     print(f"model: {first.cfg.model} ({sum(p.numel() for p in first.model.parameters()) / 1e6:.2f}M "
-          f"params, {first.cfg.dtype}), data: {first.corpus.source}; {first.cfg.steps} steps of "
+          f"params, {first.precision}), data: {first.corpus.source}; {first.cfg.steps} steps of "
           f"{first.cfg.batch_size}x{first.cfg.seq_len} tokens; runs: "
           f"{', '.join(f'{c.optimizer} lr {c.lr:g}' for c in configs)}", file=sys.stderr,
           flush=True)

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .compute_dtype import LayerNorm, Linear
+
 
 @dataclass
 class LlamaConfig:
@@ -99,10 +101,10 @@ class LlamaAttention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = Linear(d, self.n_kv * hd, bias=False)
+        self.v_proj = Linear(d, self.n_kv * hd, bias=False)
+        self.o_proj = Linear(self.n_heads * hd, d, bias=False)
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
@@ -120,8 +122,8 @@ class LlamaDecoderLayer(nn.Module):
         d, i = cfg.hidden_size, cfg.intermediate_size
         self.self_attn = LlamaAttention(cfg)
         self.mlp = nn.Module()  # SwiGLU; a name scope only
-        self.mlp.gate_proj, self.mlp.up_proj = nn.Linear(d, i, bias=False), nn.Linear(d, i, bias=False)
-        self.mlp.down_proj = nn.Linear(i, d, bias=False)
+        self.mlp.gate_proj, self.mlp.up_proj = Linear(d, i, bias=False), Linear(d, i, bias=False)
+        self.mlp.down_proj = Linear(i, d, bias=False)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -133,9 +135,11 @@ class LlamaDecoderLayer(nn.Module):
 
 class Llama(nn.Module):
     """LLaMA-style causal LM. forward(idx, targets=None) -> (logits, loss or None).
-    `checkpoint_activations = True`: see run_layers."""
+    `checkpoint_activations = True`: see run_layers. `compute_dtype` (None: the weights'):
+    the dtype activations and arithmetic use, apart from the weights' storage (compute_dtype.py)."""
 
     checkpoint_activations = False
+    compute_dtype = None
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -149,7 +153,7 @@ class Llama(nn.Module):
         self.model.layers = nn.ModuleList(LlamaDecoderLayer(config)
                                           for _ in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         cos, sin = _rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
@@ -158,9 +162,19 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(_init_weights)
 
+    def _apply(self, fn, recurse=True):
+        # The RoPE tables stay fp32 whatever dtype the weights are cast to: bf16 angles would
+        # shift the positions of an fp32 compute (they are cast to the activations' dtype).
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            c = self.config
+            cos, sin = _rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
+
     def forward(self, idx, targets=None):
         T = _check_len(idx, self.config.max_position_embeddings)
-        x = self.model.embed_tokens(idx)
+        x = _in_compute_dtype(self, self.model.embed_tokens(idx))
         cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
         x = run_layers(self, self.model.layers, x, cos, sin)
         logits = self.lm_head(self.model.norm(x))
@@ -194,12 +208,12 @@ class GPTBlock(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         d, self.n_head = cfg.n_embd, cfg.n_head
-        self.ln_1, self.ln_2 = nn.LayerNorm(d, bias=cfg.bias), nn.LayerNorm(d, bias=cfg.bias)
+        self.ln_1, self.ln_2 = LayerNorm(d, bias=cfg.bias), LayerNorm(d, bias=cfg.bias)
         self.attn, self.mlp = nn.Module(), nn.Module()  # name scopes only, as in nanoGPT
-        self.attn.c_attn = nn.Linear(d, 3 * d, bias=cfg.bias)  # output rows: [q; k; v]
-        self.attn.c_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.mlp.c_fc = nn.Linear(d, 4 * d, bias=cfg.bias)
-        self.mlp.c_proj = nn.Linear(4 * d, d, bias=cfg.bias)
+        self.attn.c_attn = Linear(d, 3 * d, bias=cfg.bias)  # output rows: [q; k; v]
+        self.attn.c_proj = Linear(d, d, bias=cfg.bias)
+        self.mlp.c_fc = Linear(d, 4 * d, bias=cfg.bias)
+        self.mlp.c_proj = Linear(4 * d, d, bias=cfg.bias)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -212,9 +226,10 @@ class GPTBlock(nn.Module):
 
 class GPT(nn.Module):
     """nanoGPT-style causal LM with tied embeddings. forward(idx, targets=None) -> (logits, loss).
-    `checkpoint_activations = True`: see run_layers."""
+    `checkpoint_activations`, `compute_dtype`: as Llama's."""
 
     checkpoint_activations = False
+    compute_dtype = None
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -225,18 +240,23 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             h=nn.ModuleList(GPTBlock(config) for _ in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(_init_weights)
 
     def forward(self, idx, targets=None):
         T = _check_len(idx, self.config.block_size)
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))
+        pos = self.transformer.wpe(torch.arange(T, device=idx.device))
+        x = _in_compute_dtype(self, self.transformer.wte(idx)) + _in_compute_dtype(self, pos)
         x = run_layers(self, self.transformer.h, x)
         logits = self.lm_head(self.transformer.ln_f(x))
         return logits, _loss(logits, targets)
+
+
+def _in_compute_dtype(model: nn.Module, x):
+    return x if model.compute_dtype is None else x.to(model.compute_dtype)
 
 
 def run_layers(model: nn.Module, layers, x, *args):

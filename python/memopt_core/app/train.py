@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .compute_dtype import resolve_compute_dtype
 from .corpus import Corpus, load
 from ..layerwise import LayerwiseStep
 from .memory import distinct_bytes, optimizer_state_bytes, peak_during
@@ -59,6 +60,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same seed -> same initial weights for every optimizer
         self.model = build(cfg.model, cfg.arch, vocab_size=self.corpus.vocab_size)
         self.model.to(device=self.device, dtype=DTYPES[cfg.dtype])
+        self.model.compute_dtype = resolve_compute_dtype(DTYPES[cfg.dtype], self.device,
+                                                         cfg.compute_dtype)
         self.model.checkpoint_activations = cfg.checkpoint_activations
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if cfg.fsdp else (0, 1)
         if cfg.fsdp:
@@ -141,6 +144,12 @@ class Trainer:
     def state_dict(self) -> dict:
         return dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
                     **self._rest_state())
+
+    @property
+    def precision(self) -> str:
+        """The weights' dtype, and the compute dtype where it differs: "bf16, fp32 compute"."""
+        compute = {v: k for k, v in DTYPES.items()}[self.model.compute_dtype]
+        return self.cfg.dtype + ("" if compute == self.cfg.dtype else f", {compute} compute")
 
     def _rest_state(self) -> dict:
         return dict(version=1, config=asdict(self.cfg), step=self.step,

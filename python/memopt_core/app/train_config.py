@@ -34,6 +34,7 @@ class TrainConfig:
     layerwise: bool = False
     checkpoint_activations: bool = False  # recompute each layer in backward (models.run_layers)
     dtype: str = "fp32"        # weights (and optimizer state) dtype: fp32 or bf16
+    compute_dtype: Optional[str] = None  # fp32 / bf16; None: by device (compute_dtype.py)
     eval_every: int = 0        # 0: validate at the end only
     eval_batches: int = 8
     seed: int = 0
@@ -71,6 +72,9 @@ class TrainConfig:
                              "(--grad-clip 0) with --layerwise")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)} or None (by "
+                             f"device), got {self.compute_dtype!r}")
         try:
             device = torch.device(self.device)
         except RuntimeError as e:
