@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from memopt_core.app import compute_dtype as cd
-from memopt_core.app.models import build
+from memopt_core.app.memory import peak_during
+from memopt_core.app.models import Llama, build, llama_config, materialize
 from test_train import trainer
 
 
@@ -79,3 +80,24 @@ def test_trainer_with_bf16_weights(monkeypatch):
     assert trainer(dtype="bf16", compute_dtype="bf16").precision == "bf16"
     with pytest.raises(ValueError, match="compute_dtype"):
         trainer(compute_dtype="fp16")
+
+
+def test_materialize_allocates_only_the_storage_dtype():
+    """A meta-built model allocated and initialised in bf16: no other copy exists meanwhile."""
+    with torch.device("meta"):
+        model = Llama(llama_config("small"))
+    weights = sum(p.numel() for p in model.parameters()) * 2  # bf16
+    rope = 2 * model.rope_cos.numel() * 4                     # two fp32 tables
+    peak = peak_during(lambda: materialize(model, torch.device("cpu"), torch.bfloat16),
+                       torch.device("cpu"))
+    # the bf16 weights, and the RoPE tables with their temporaries; an fp32 copy of the
+    # weights would add twice the weights
+    assert weights <= peak <= weights + 3 * rope, (peak, weights, rope)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    fresh = build("small")
+    assert torch.equal(model.rope_cos, fresh.rope_cos) and model.rope_cos.dtype == torch.float32
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:  # N(0, 0.02), as the constructor initialises
+            assert abs(p.float().std().item() - 0.02) < 2e-3 and q.shape == p.shape, name

@@ -114,7 +114,8 @@ def _run_training(args) -> int:
 
 def _plan(args) -> int:
     base = plan(args.model, "adamw", dtype=args.dtype, layerwise=False,
-                batch_size=args.batch_size, seq_len=args.seq_len)
+                batch_size=args.batch_size, seq_len=args.seq_len, compute_dtype=args.compute_dtype,
+                checkpoint_activations=args.checkpoint_activations)
     names = args.optimizer.split(",") if args.optimizer else list(OPTIMIZERS)
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown:
@@ -127,12 +128,14 @@ def _plan(args) -> int:
         if cannot:
             print(f"left out: {', '.join(cannot)} (cannot be stepped layer-wise)\n")
         names = [n for n in names if n not in cannot]
-    plans = [plan(args.model, n, dtype=args.dtype, layerwise=args.layerwise,
-                  batch_size=args.batch_size, seq_len=args.seq_len) for n in names]
+    run = dict(batch_size=args.batch_size, seq_len=args.seq_len, compute_dtype=args.compute_dtype,
+               checkpoint_activations=args.checkpoint_activations)
+    plans = [plan(args.model, n, dtype=args.dtype, layerwise=args.layerwise, **run) for n in names]
     print(format_plans(plans, base))
     print(f"\nGB = 1e9 bytes. Optimizer state is each optimizer's own planned_state_bytes() on the "
           f"meta device; activations: estimate for batch {args.batch_size} x {args.seq_len} "
-          "tokens, fused attention, no checkpointing (see memopt_core.app.plan.activation_bytes).")
+          f"tokens, fused attention, {'' if args.checkpoint_activations else 'no '}activation "
+          "checkpointing (see memopt_core.app.plan.activation_bytes).")
     return 0
 
 
@@ -170,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--seq-len", type=positive_int, default=2048)
+    p.add_argument("--compute-dtype", choices=["fp32", "bf16"], default=None,
+                   help="dtype of the activations (default: --dtype)")
+    p.add_argument("--checkpoint-activations", action="store_true")
     p.set_defaults(func=_plan)
 
     from .snr_cli import add_snr_subcommand

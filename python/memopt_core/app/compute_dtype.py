@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from .train_config import DTYPES
+
 
 
 class _UpcastLinear(torch.autograd.Function):
@@ -73,9 +74,9 @@ def resolve_compute_dtype(storage: torch.dtype, device, choice: Optional[str] = 
     """The dtype the model computes in: `choice` ("fp32" / "bf16") if given; else fp32 storage
     computes in fp32, and bf16 storage in bf16 on GPUs and CPUs with fast bf16, otherwise fp32."""
     if choice is not None:
-        if choice not in COMPUTE_DTYPES:
-            raise ValueError(f"compute dtype must be one of {sorted(COMPUTE_DTYPES)}, got {choice!r}")
-        return COMPUTE_DTYPES[choice]
+        if choice not in DTYPES:
+            raise ValueError(f"compute dtype must be one of {sorted(DTYPES)}, got {choice!r}")
+        return DTYPES[choice]
     if storage == torch.float32:
         return torch.float32
     fast = torch.device(device).type != "cpu" or cpu_has_fast_bf16()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -73,3 +74,22 @@ def peak_during(fn: Callable[[], None], device: torch.device) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+def train_peak(model, opt, batches, device: torch.device) -> tuple[int, list, list]:
+    """(peak bytes, seconds per step, losses) of training `model` on `batches` (token tensors
+    of length seq + 1) with `opt` stepped inside backward (LayerwiseStep) or not at all: the
+    peak is what each step allocates (peak_during) on top of the weights and optimizer state
+    held before it, so state created in the first step counts there."""
+    held = distinct_bytes(model.parameters()) + optimizer_state_bytes(opt)
+    peak, seconds, losses = 0, [], []
+    for x in batches:
+        def step():
+            loss = model(x[:, :-1], x[:, 1:])[1]
+            loss.backward()
+            losses.append(loss.item())
+        start = time.perf_counter()
+        peak = max(peak, held + peak_during(step, device))
+        seconds.append(time.perf_counter() - start)
+        held = distinct_bytes(model.parameters()) + optimizer_state_bytes(opt)
+    return peak, seconds, losses

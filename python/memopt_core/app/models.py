@@ -303,6 +303,25 @@ def build(name: str, arch: str = "llama", device=None, **overrides) -> nn.Module
     raise ValueError(f"unknown arch {arch!r}; choose 'llama' or 'gpt'")
 
 
+def materialize(model: nn.Module, device, dtype: torch.dtype) -> nn.Module:
+    """A model built on the meta device, allocated on `device` directly in `dtype` and
+    initialised there tensor by tensor (as the constructor would), so that no copy in another
+    dtype ever exists: how a 7B model is built in bf16 within its 13.5 GB."""
+    model.to(dtype=dtype).to_empty(device=device)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (RMSNorm, nn.LayerNorm)):
+                m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            _init_weights(m)
+    if isinstance(model, Llama):  # the RoPE tables (buffers, fp32) are not parameters
+        c = model.config
+        model.rope_cos, model.rope_sin = (t.to(device) for t in _rope_tables(
+            c.head_dim, c.max_position_embeddings, c.rope_theta))
+    return model
+
+
 def num_params(model: nn.Module) -> int:
     """Parameter count; parameters() yields a tied tensor once."""
     return sum(p.numel() for p in model.parameters())

@@ -8,15 +8,15 @@ parameter list. Activations are an estimate, documented at `activation_bytes`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-import torch
 
 from .memory import distinct_bytes
 from .models import build, num_params
+from .train_config import DTYPES
 from ..registry import make_optimizer
 
 GB = 1e9  # decimal, as the papers report (Adam-mini: 53.92 GB for Llama-2-7B AdamW state)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -36,23 +36,30 @@ class Plan:
         return self.weights + self.grads + self.state + self.activations
 
 
-def activation_bytes(cfg, batch_size: int, seq_len: int, elem: int) -> int:
+def activation_bytes(cfg, batch_size: int, seq_len: int, elem: int,
+                     checkpointed: bool = False) -> int:
     """Estimate of the activations autograd keeps for one micro-batch of this repo's Llama,
-    with a fused attention kernel (no seq^2 score matrix; what SDPA runs on GPUs and CPUs) and
-    no activation checkpointing. Per token and layer (h hidden, k kv width, i intermediate,
-    e bytes per element; RMSNorm works in fp32): attention e*(5h + 3k) + 8h, MLP e*(2h + 4i)
-    + 8h; plus the final norm and the logits with their fp32 loss copies, (e + 8)*(h + V)."""
+    with a fused attention kernel (no seq^2 score matrix; what SDPA runs on GPUs and CPUs).
+    Per token and layer (h hidden, k kv width, i intermediate, e bytes per element of the
+    compute dtype; RMSNorm works in fp32): attention e*(5h + 3k) + 8h, MLP e*(2h + 4i) + 8h;
+    plus the final norm and the logits with their fp32 loss copies, (e + 8)*(h + V). With
+    activation checkpointing (models.run_layers) each layer keeps only its input, e*h, and one
+    layer's activations exist again while it is recomputed in backward."""
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     k = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     per_layer = elem * (7 * h + 3 * k + 4 * i) + 16 * h
-    tokens = batch_size * seq_len
-    return tokens * (cfg.num_hidden_layers * per_layer + (elem + 8) * (h + v))
+    layers = (cfg.num_hidden_layers * elem * h + per_layer if checkpointed
+              else cfg.num_hidden_layers * per_layer)
+    return batch_size * seq_len * (layers + (elem + 8) * (h + v))
 
 
 def plan(model: str, optimizer: str, *, dtype: str = "fp32", layerwise: bool = False,
-         batch_size: int = 1, seq_len: int = 2048, **opt_kwargs) -> Plan:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+         batch_size: int = 1, seq_len: int = 2048, checkpoint_activations: bool = False,
+         compute_dtype: Optional[str] = None, **opt_kwargs) -> Plan:
+    """The memory of a run; compute_dtype (None: dtype) sizes the activations."""
+    for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype or dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
     net = build(model, device="meta").to(DTYPES[dtype])
     opt = make_optimizer(optimizer, net, lr=1e-3, **opt_kwargs)
     if layerwise and not opt.steps_single_params:
@@ -64,7 +71,8 @@ def plan(model: str, optimizer: str, *, dtype: str = "fp32", layerwise: bool = F
     grads = max(distinct_bytes([p]) for p in params) if layerwise else weights
     return Plan(model, optimizer, dtype, layerwise, num_params(net), weights, grads,
                 int(opt.planned_state_bytes()),
-                activation_bytes(net.config, batch_size, seq_len, DTYPES[dtype].itemsize))
+                activation_bytes(net.config, batch_size, seq_len,
+                                 DTYPES[compute_dtype or dtype].itemsize, checkpoint_activations))
 
 
 def _count(n: int) -> str:
