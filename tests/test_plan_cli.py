@@ -201,3 +201,18 @@ def test_plan_of_a_bf16_layerwise_run_is_within_10_percent_of_its_measured_peak(
                      seq_len=256, compute_dtype="fp32", checkpoint_activations=checkpointed)
     assert all(math.isfinite(x) for x in losses)
     assert abs(predicted.total / peak - 1) < 0.10, (predicted.total, peak)
+
+
+def test_cli_plan_prints_a_recipe_that_train_accepts(capsys):
+    assert cli.main(["plan", "--model", "llama-7b", "--layerwise", "--dtype", "bf16",
+                     "--seq-len", "256", "--checkpoint-activations", "--compute-dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    recipe = out.split("Smallest run here: ")[1]
+    smallest = plan("llama-7b", "apollo_mini", dtype="bf16", layerwise=True, batch_size=1,
+                    seq_len=256, compute_dtype="fp32", checkpoint_activations=True)
+    assert recipe.startswith(f"apollo_mini, {smallest.total / 1e9:.2f} GB")
+    command = recipe.splitlines()[1].split()
+    args = cli.build_parser().parse_args(command[1:])  # "memopt train ..."
+    assert (args.optimizer, args.layerwise, args.grad_clip, args.dtype) == \
+        ("apollo_mini", True, 0.0, "bf16")
+    assert args.checkpoint_activations and args.compute_dtype == "fp32"

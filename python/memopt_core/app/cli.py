@@ -18,7 +18,7 @@ import torch
 from ..registry import OPTIMIZERS
 from .cli_args import HelpFormatter, add_train_args, positive_int, train_config
 from .models import LLAMA_PRESETS
-from .plan import format_plans, plan
+from .plan import GB, format_plans, plan
 from .train import CHECKPOINT, DCP_CHECKPOINT, Trainer
 
 
@@ -136,6 +136,14 @@ def _plan(args) -> int:
           f"meta device; activations: estimate for batch {args.batch_size} x {args.seq_len} "
           f"tokens, fused attention, {'' if args.checkpoint_activations else 'no '}activation "
           "checkpointing (see memopt_core.app.plan.activation_bytes).")
+    best = min(plans + [base], key=lambda p: p.total)
+    flags = [f"--dtype {args.dtype}"] * (args.dtype != "fp32") + \
+        ["--layerwise --grad-clip 0"] * best.layerwise + \
+        ["--checkpoint-activations"] * args.checkpoint_activations + \
+        [f"--compute-dtype {args.compute_dtype}"] * (args.compute_dtype is not None)
+    print(f"\nSmallest run here: {best.optimizer}, {best.total / GB:.2f} GB, on one device:\n"
+          f"  memopt train --model {args.model} --optimizer {best.optimizer} "
+          f"--batch-size {args.batch_size} --seq-len {args.seq_len} {' '.join(flags)}".rstrip())
     return 0
 
 
