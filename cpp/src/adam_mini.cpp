@@ -85,18 +85,18 @@ struct SegmentKernel {
   const AdamScalars& s;
 
   C block_factor(int64_t b, double sum_sq) const {
-    const C vb = static_cast<C>(s.beta2) * static_cast<C>(v[b]) +
-                 static_cast<C>((1.0 - s.beta2) * (sum_sq / seg.block_numel()));
-    v[b] = static_cast<S>(vb);
-    return static_cast<C>(s.step_size) /
-           (std::sqrt(static_cast<C>(static_cast<S>(vb))) / static_cast<C>(s.bc2_sqrt) +
-            static_cast<C>(s.eps));
+    const C vb = cpu::load<C>(s.beta2) * cpu::load<C>(v[b]) +
+                 cpu::load<C>((1.0 - s.beta2) * (sum_sq / seg.block_numel()));
+    v[b] = cpu::store<S>(vb);
+    return cpu::load<C>(s.step_size) /
+           (std::sqrt(cpu::load<C>(cpu::store<S>(vb))) / cpu::load<C>(s.bc2_sqrt) +
+            cpu::load<C>(s.eps));
   }
   int64_t row(int64_t r) const { return seg.offset + r * seg.row_stride; }
   void update_tile_row(int64_t r, int64_t bj, C f) const {
     const int64_t at = row(r) + bj * seg.tile_cols;
     cpu::block_update_span<P, S, C>(p + at, g + at, m + at, seg.tile_cols,
-                                    static_cast<C>(s.decay), static_cast<C>(1.0 - s.beta1), f);
+                                    cpu::load<C>(s.decay), cpu::load<C>(1.0 - s.beta1), f);
   }
 
   // Tiles spanning whole rows, many of them: each thread reduces and updates its own tiles
@@ -151,7 +151,7 @@ struct SegmentKernel {
     const int64_t threads = row_split_threads(seg);
     double* acc = lease.take<double>(threads * cols);
     C* factor = lease.take<C>(cols);  // per column: its tile's factor
-    const C decay = static_cast<C>(s.decay), b1c = static_cast<C>(1.0 - s.beta1);
+    const C decay = cpu::load<C>(s.decay), b1c = cpu::load<C>(1.0 - s.beta1);
     auto factors = [&](int64_t band, int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         double sum = 0.0;

@@ -142,17 +142,17 @@ void adam_mini_shard_update_(TensorList params_in, TensorList grads_in, TensorLi
       int64_t b = 0;
       for (const auto& seg : specs[i])
         for (int64_t k = 0; k < seg.num_blocks(); ++k, ++b) {
-          const C vb = static_cast<C>(s.beta2) * static_cast<C>(vp[b]) +
-                       static_cast<C>((1.0 - s.beta2) * (sum[b] / seg.block_numel()));
+          const C vb = cpu::load<C>(s.beta2) * cpu::load<C>(vp[b]) +
+                       cpu::load<C>((1.0 - s.beta2) * (sum[b] / seg.block_numel()));
           vp[b] = static_cast<state_t>(vb);
-          factor[b] = static_cast<C>(s.step_size) /
-                      (std::sqrt(static_cast<C>(vp[b])) / static_cast<C>(s.bc2_sqrt) +
-                       static_cast<C>(s.eps));
+          factor[b] = cpu::load<C>(s.step_size) /
+                      (std::sqrt(cpu::load<C>(vp[b])) / cpu::load<C>(s.bc2_sqrt) +
+                       cpu::load<C>(s.eps));
         }
       scalar_t* pp = p.data_ptr<scalar_t>();
       const scalar_t* gp = g.data_ptr<scalar_t>();
       state_t* mp = m.data_ptr<state_t>();
-      const C decay = static_cast<C>(s.decay), b1c = static_cast<C>(1.0 - s.beta1);
+      const C decay = cpu::load<C>(s.decay), b1c = cpu::load<C>(1.0 - s.beta1);
       const auto pieces = shard_pieces(specs[i], shards[2 * i], shards[2 * i] + p.numel());
       for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t blk, int64_t tc) {
         if (tc == 1)

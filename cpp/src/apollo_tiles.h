@@ -139,13 +139,13 @@ struct MomentCoefs {
 // Rt = M / (sqrt(V) + eps); Write: the moments are updated in place (else only read).
 template <typename S, typename C, bool Write>
 inline C adam_element(C x, S* m, S* v, MomentCoefs<C> coefs) {
-  const S m1 = static_cast<S>(coefs.b1 * static_cast<C>(*m) + coefs.b1c * x);
-  const S v1 = static_cast<S>(coefs.b2 * static_cast<C>(*v) + coefs.b2c * x * x);
+  const S m1 = cpu::store<S>(coefs.b1 * cpu::load<C>(*m) + coefs.b1c * x);
+  const S v1 = cpu::store<S>(coefs.b2 * cpu::load<C>(*v) + coefs.b2c * x * x);
   if constexpr (Write) {
     *m = m1;
     *v = v1;
   }
-  return static_cast<C>(m1) / (std::sqrt(static_cast<C>(v1)) + coefs.eps);
+  return cpu::load<C>(m1) / (std::sqrt(cpu::load<C>(v1)) + coefs.eps);
 }
 
 // Adam on a run of R values whose channels are the run's elements (Left side): the sums of
@@ -155,7 +155,7 @@ MEMOPT_CPU_CLONES void adam_run_per_element(const RT* __restrict R, S* __restric
                                             double* __restrict a, double* __restrict b, int64_t n,
                                             MomentCoefs<C> coefs) {
   for (int64_t j = 0; j < n; ++j) {
-    const C x = static_cast<C>(R[j]);
+    const C x = cpu::load<C>(R[j]);
     const C rt = adam_element<S, C, Write>(x, m + j, v + j, coefs);
     a[j] += static_cast<double>(rt) * rt;
     b[j] += static_cast<double>(x) * x;
@@ -169,7 +169,7 @@ MEMOPT_CPU_CLONES void adam_run_one_channel(const RT* __restrict R, S* __restric
                                             MomentCoefs<C> coefs) {
   double sa = 0.0, sb = 0.0;
   for (int64_t j = 0; j < n; ++j) {
-    const C x = static_cast<C>(R[j]);
+    const C x = cpu::load<C>(R[j]);
     const C rt = adam_element<S, C, Write>(x, m + j, v + j, coefs);
     sa += static_cast<double>(rt) * rt;
     sb += static_cast<double>(x) * x;
@@ -211,7 +211,7 @@ void channel_squares(bool left, const P* gp, int64_t rows, int64_t cols, double*
                      [&](int64_t j0, int64_t j1) {
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = j0; j < j1; ++j) {
-          const double x = static_cast<C>(gp[i * cols + j]);
+          const double x = cpu::load<C>(gp[i * cols + j]);
           g2[j] += x * x;
         }
     });
@@ -257,8 +257,8 @@ MEMOPT_CPU_CLONES void scaled_update_vec(P* __restrict p, const P* __restrict g,
                                          int64_t n, C lr_wd) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    C x = static_cast<C>(p[j]) - coef[j] * static_cast<C>(g[j]);
-    p[j] = static_cast<P>(x - lr_wd * x);
+    C x = cpu::load<C>(p[j]) - coef[j] * cpu::load<C>(g[j]);
+    p[j] = cpu::store<P>(x - lr_wd * x);
   }
 }
 template <typename P, typename C>
@@ -266,8 +266,8 @@ MEMOPT_CPU_CLONES void scaled_update_scalar(P* __restrict p, const P* __restrict
                                             C lr_wd) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    C x = static_cast<C>(p[j]) - coef * static_cast<C>(g[j]);
-    p[j] = static_cast<P>(x - lr_wd * x);
+    C x = cpu::load<C>(p[j]) - coef * cpu::load<C>(g[j]);
+    p[j] = cpu::store<P>(x - lr_wd * x);
   }
 }
 
@@ -282,9 +282,9 @@ void apply_update(const TilePlan& tp, const ApolloConfig& cfg, const Tensor& p, 
   const double step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
   const double mult = step_size * std::sqrt(cfg.scale) / limit;
   C* coef = reinterpret_cast<C*>(coef_buf);  // K C values fit in K doubles
-  for (int64_t c = 0; c < K; ++c) coef[c] = static_cast<C>(mult * fac[c]);
+  for (int64_t c = 0; c < K; ++c) coef[c] = cpu::load<C>(mult * fac[c]);
   P* pp = p.data_ptr<P>();
-  const C lr_wd = static_cast<C>(lr * wd);
+  const C lr_wd = cpu::load<C>(lr * wd);
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, cols)),
                    [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {

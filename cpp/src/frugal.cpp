@@ -120,31 +120,31 @@ MEMOPT_CPU_CLONES void free_span(P* __restrict p, const P* __restrict g, int64_t
   if (rule == 2) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const C gj = static_cast<C>(g[j]);
-      const C sg = static_cast<C>((gj > C(0)) - (gj < C(0)));
-      p[j] = static_cast<P>(static_cast<C>(p[j]) * decay - lr_free * sg);
+      const C gj = cpu::load<C>(g[j]);
+      const C sg = cpu::load<C>((gj > C(0)) - (gj < C(0)));
+      p[j] = cpu::store<P>(cpu::load<C>(p[j]) * decay - lr_free * sg);
     }
   } else if (rule == 1) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j)
-      p[j] = static_cast<P>(static_cast<C>(p[j]) * decay - lr_free * static_cast<C>(g[j]));
+      p[j] = cpu::store<P>(cpu::load<C>(p[j]) * decay - lr_free * cpu::load<C>(g[j]));
   } else if (decay != C(1)) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) p[j] = static_cast<P>(static_cast<C>(p[j]) * decay);
+    for (int64_t j = 0; j < n; ++j) p[j] = cpu::store<P>(cpu::load<C>(p[j]) * decay);
   }
 }
 
 // One AdamW coordinate (for scattered column / randk coordinates).
 template <typename P, typename S, typename C>
 inline void adam_one(P& p, C g, S& m, S& v, const AdamScalars& s) {
-  C mj = static_cast<C>(m), vj = static_cast<C>(v);
-  mj = cpu::lerp(mj, g, static_cast<C>(1.0 - s.beta1));
-  vj = static_cast<C>(s.beta2) * vj + static_cast<C>(1.0 - s.beta2) * g * g;
-  const C denom = std::sqrt(vj) / static_cast<C>(s.bc2_sqrt) + static_cast<C>(s.eps);
-  p = static_cast<P>(static_cast<C>(p) * static_cast<C>(s.decay) -
-                     static_cast<C>(s.step_size) * mj / denom);
-  m = static_cast<S>(mj);
-  v = static_cast<S>(vj);
+  C mj = cpu::load<C>(m), vj = cpu::load<C>(v);
+  mj = cpu::lerp(mj, g, cpu::load<C>(1.0 - s.beta1));
+  vj = cpu::load<C>(s.beta2) * vj + cpu::load<C>(1.0 - s.beta2) * g * g;
+  const C denom = std::sqrt(vj) / cpu::load<C>(s.bc2_sqrt) + cpu::load<C>(s.eps);
+  p = cpu::store<P>(cpu::load<C>(p) * cpu::load<C>(s.decay) -
+                     cpu::load<C>(s.step_size) * mj / denom);
+  m = cpu::store<S>(mj);
+  v = cpu::store<S>(vj);
 }
 
 // [begin, end) of a flat span whose selected coordinates are idx[...] (sorted): every coordinate
@@ -160,10 +160,10 @@ void split_span(P* p, const P* g, S* m, S* v, const int32_t* idx, int64_t k, int
     const int64_t e = std::min(end, b + kSub);
     int64_t last = slot;
     for (; last < k && idx[last] < e; ++last) saved[last - slot] = p[idx[last]];
-    free_span<P, C>(p + b, g + b, e - b, static_cast<C>(s.decay), lr_free, rule);
+    free_span<P, C>(p + b, g + b, e - b, cpu::load<C>(s.decay), lr_free, rule);
     for (int64_t q = slot; q < last; ++q) {
       P pv = saved[q - slot];
-      adam_one<P, S, C>(pv, static_cast<C>(g[idx[q]]), m[slot_offset + q], v[slot_offset + q], s);
+      adam_one<P, S, C>(pv, cpu::load<C>(g[idx[q]]), m[slot_offset + q], v[slot_offset + q], s);
       p[idx[q]] = pv;
     }
     slot = last;
@@ -202,8 +202,8 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
         auto* pp = p.data_ptr<scalar_t>();
         const auto* gp = g.data_ptr<scalar_t>();
         at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
-          free_span<scalar_t, C>(pp + b, gp + b, e - b, static_cast<C>(1.0 - lr * weight_decay),
-                                 static_cast<C>(lr_free), rule);
+          free_span<scalar_t, C>(pp + b, gp + b, e - b, cpu::load<C>(1.0 - lr * weight_decay),
+                                 cpu::load<C>(lr_free), rule);
         });
       });
       continue;
@@ -230,7 +230,7 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
       const auto* gp = g.data_ptr<scalar_t>();
       auto* mp = m.data_ptr<state_t>();
       auto* vp = v.data_ptr<state_t>();
-      const C lf = static_cast<C>(lr_free);
+      const C lf = cpu::load<C>(lr_free);
       if (mode == FrugalMode::Adam || mode == FrugalMode::ActiveBlock) {
         at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
           cpu::adamw_span<scalar_t, state_t, C>(pp + b, gp + b, mp + b, vp + b, e - b, s);
@@ -261,7 +261,7 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
               cpu::adamw_span<scalar_t, state_t, C>(pp + o, gp + o, mp + slot * cols,
                                                     vp + slot * cols, cols, s);
             else
-              free_span<scalar_t, C>(pp + o, gp + o, cols, static_cast<C>(s.decay), lf, rule);
+              free_span<scalar_t, C>(pp + o, gp + o, cols, cpu::load<C>(s.decay), lf, rule);
           }
         });
       }

@@ -106,7 +106,7 @@ void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, 
             bc2 = s.bc2_sqrt, eps = s.eps;
     at::parallel_for(0, m.numel(), kGrain, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
-        C mj = static_cast<C>(mp[j]), vj = static_cast<C>(vp[j]);
+        C mj = cpu::load<C>(mp[j]), vj = cpu::load<C>(vp[j]);
         const C gj = gl[j];
         mj = cpu::lerp(mj, gj, b1c);
         vj = b2 * vj + b2c * gj * gj;
@@ -135,10 +135,10 @@ void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, 
       const int64_t o = r0 * cols;
       at::parallel_for(0, n * cols, kGrain, [&](int64_t b, int64_t e) {
         for (int64_t j = b; j < e; ++j) {
-          C upd = static_cast<C>(pp[o + j]) * decay - uo[j];
+          C upd = cpu::load<C>(pp[o + j]) * decay - uo[j];
           if (rule != 0) {
-            const C rj = static_cast<C>(gp[o + j]) - go[j];
-            upd -= lf * (rule == 2 ? static_cast<C>((rj > C(0)) - (rj < C(0))) : rj);
+            const C rj = cpu::load<C>(gp[o + j]) - go[j];
+            upd -= lf * (rule == 2 ? cpu::load<C>((rj > C(0)) - (rj < C(0))) : rj);
           }
           pp[o + j] = static_cast<scalar_t>(upd);
         }
