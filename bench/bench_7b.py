@@ -23,7 +23,7 @@ from memopt_core.app.compute_dtype import resolve_compute_dtype
 from memopt_core.app.memory import train_peak
 from memopt_core.app.models import Llama, llama_config, materialize
 from memopt_core.app.plan import GB, plan
-from memopt_core.app.train_config import DTYPES
+from memopt_core.app.train_config import DTYPES, dtype_name
 from harness import commit, machine
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     a = ap.parse_args()
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     compute = resolve_compute_dtype(dtype, device, a.compute_dtype)
-    compute_name = {v: k for k, v in DTYPES.items()}[compute]
+    compute_name = dtype_name(compute)
 
     start = time.perf_counter()
     with torch.device("meta"):

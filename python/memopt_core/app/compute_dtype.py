@@ -20,7 +20,6 @@ from torch import nn
 from .train_config import DTYPES
 
 
-
 class _UpcastLinear(torch.autograd.Function):
     """y = x W^T + b with W (and b) upcast to x's dtype for the product only; saves W in its
     storage dtype, so the fp32 copy lives for one matmul, and returns W's gradient in it."""
@@ -34,7 +33,8 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_x = grad_out @ weight.to(grad_out.dtype)
+        # an input that needs no gradient (a frozen embedding's output) skips that matmul
+        grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         flat_g, flat_x = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_w = (flat_g.t() @ flat_x).to(weight.dtype)
         grad_b = flat_g.sum(0).to(weight.dtype) if ctx.has_bias else None

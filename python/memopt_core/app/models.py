@@ -156,20 +156,24 @@ class Llama(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = _rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        cos, sin = self._rope_tables()
         # Not persistent: derived from the config, so they stay out of state_dict.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(_init_weights)
+
+    def _rope_tables(self, device=None) -> tuple:
+        """The fp32 RoPE tables (cos, sin) of this config, on `device` (None: the default)."""
+        c = self.config
+        tables = _rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta)
+        return tables if device is None else tuple(t.to(device) for t in tables)
 
     def _apply(self, fn, recurse=True):
         # The RoPE tables stay fp32 whatever dtype the weights are cast to: bf16 angles would
         # shift the positions of an fp32 compute (they are cast to the activations' dtype).
         super()._apply(fn, recurse)
         if self.rope_cos.dtype != torch.float32:
-            c = self.config
-            cos, sin = _rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta)
-            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+            self.rope_cos, self.rope_sin = self._rope_tables(self.rope_cos.device)
         return self
 
     def forward(self, idx, targets=None):
@@ -316,9 +320,7 @@ def materialize(model: nn.Module, device, dtype: torch.dtype) -> nn.Module:
                     m.bias.zero_()
             _init_weights(m)
     if isinstance(model, Llama):  # the RoPE tables (buffers, fp32) are not parameters
-        c = model.config
-        model.rope_cos, model.rope_sin = (t.to(device) for t in _rope_tables(
-            c.head_dim, c.max_position_embeddings, c.rope_theta))
+        model.rope_cos, model.rope_sin = model._rope_tables(device)
     return model
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-
 from .memory import distinct_bytes
 from .models import build, num_params
 from .train_config import DTYPES

@@ -30,7 +30,7 @@ from ..layerwise import LayerwiseStep
 from .memory import distinct_bytes, optimizer_state_bytes, peak_during
 from .models import build, num_params
 from ..registry import OPTIMIZERS, make_optimizer
-from .train_config import DTYPES, TrainConfig
+from .train_config import DTYPES, TrainConfig, dtype_name
 
 CHECKPOINT = "last.pt"
 DCP_CHECKPOINT = "last.dcp"  # with fsdp: a symlink to the newest complete DCP directory
@@ -148,7 +148,7 @@ class Trainer:
     @property
     def precision(self) -> str:
         """The weights' dtype, and the compute dtype where it differs: "bf16, fp32 compute"."""
-        compute = {v: k for k, v in DTYPES.items()}[self.model.compute_dtype]
+        compute = dtype_name(self.model.compute_dtype)
         return self.cfg.dtype + ("" if compute == self.cfg.dtype else f", {compute} compute")
 
     def _rest_state(self) -> dict:

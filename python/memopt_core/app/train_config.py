@@ -12,6 +12,11 @@ from ..registry import OPTIMIZERS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """DTYPES' name of a dtype ("fp32", "bf16")."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def _as_tuple(v) -> tuple:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
