@@ -75,7 +75,7 @@ AdamMiniLayouts::AdamMiniLayouts(TensorList params, TensorList exp_avgs, TensorL
 namespace {
 
 // Rows of one segment as pointers; element (r, c) of the segment is base[offset + r*stride + c].
-template <typename P, typename S, typename C>
+template <typename P, typename S, typename C, typename R = cpu::Nearest>
 struct SegmentKernel {
   P* p;
   const P* g;
@@ -83,6 +83,7 @@ struct SegmentKernel {
   S* v;  // this segment's blocks
   const Segment& seg;
   const AdamScalars& s;
+  R round = {};  // how p is stored (cpu_loops.h), indexed from p
 
   C block_factor(int64_t b, double sum_sq) const {
     const C vb = cpu::load<C>(s.beta2) * cpu::load<C>(v[b]) +
@@ -96,7 +97,8 @@ struct SegmentKernel {
   void update_tile_row(int64_t r, int64_t bj, C f) const {
     const int64_t at = row(r) + bj * seg.tile_cols;
     cpu::block_update_span<P, S, C>(p + at, g + at, m + at, seg.tile_cols,
-                                    cpu::load<C>(s.decay), cpu::load<C>(1.0 - s.beta1), f);
+                                    cpu::load<C>(s.decay), cpu::load<C>(1.0 - s.beta1), f,
+                                    round.at(at));
   }
 
   // Tiles spanning whole rows, many of them: each thread reduces and updates its own tiles
@@ -162,7 +164,7 @@ struct SegmentKernel {
     auto update = [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
       for (int64_t r = r0; r < r1; ++r)
         cpu::column_update_span<P, S, C>(p + row(r) + c0, g + row(r) + c0, m + row(r) + c0, n,
-                                         decay, b1c, factor + c0);
+                                         decay, b1c, factor + c0, round.at(row(r) + c0));
     };
     const int64_t row_grain = std::max<int64_t>(1, kGrain / cols);
     const int64_t tile_grain = std::max<int64_t>(1, std::max<int64_t>(16, kGrain / seg.tile_rows) / tc);
@@ -218,8 +220,10 @@ struct SegmentKernel {
 void adam_mini_update_(TensorList params_in, TensorList grads_in, TensorList exp_avgs_in,
                        TensorList exp_avg_sqs_in, TensorList steps,
                        const std::vector<BlockSpec>& specs, const Tensor& lr_t, double beta1,
-                       double beta2, double eps, double weight_decay) {
+                       double beta2, double eps, double weight_decay,
+                       at::IntArrayRef rounding_arg) {
   check_adam_mini_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, steps, specs);
+  const Rounding rounding(rounding_arg, params_in.size(), "adam_mini_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params_in.empty()) return;
@@ -247,26 +251,30 @@ void adam_mini_update_(TensorList params_in, TensorList grads_in, TensorList exp
                                        cpu::advance_step(steps[i]));
       auto* vp = v.data_ptr<state_t>();
       const int64_t mark = lease.mark();
-      for (const auto& seg : specs[i]) {
-        K k{p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<state_t>(), vp, seg, s};
-        // Elementwise (plain Adam) segments take the AdamW loop directly.
-        if (seg.block_numel() == 1 && seg.row_stride == seg.cols) {
-          at::parallel_for(0, seg.rows * seg.cols, kGrain, [&](int64_t b0, int64_t b1) {
-            const int64_t o = seg.offset + b0;
-            cpu::adamw_span<scalar_t, state_t, opmath_t>(k.p + o, k.g + o, k.m + o, vp + b0,
-                                                         b1 - b0, s);
-          });
-        } else if (K::use_row_bands(seg)) {
-          k.row_bands();
-        } else if (K::use_column_bands(seg)) {
-          lease.rewind(mark);
-          k.column_bands(lease);
-        } else {
-          lease.rewind(mark);  // keeps the staged grad, reuses the scratch after it
-          k.general(lease);
+      cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
+        using KR = SegmentKernel<scalar_t, state_t, opmath_t, std::decay_t<decltype(round)>>;
+        for (const auto& seg : specs[i]) {
+          KR k{p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<state_t>(), vp, seg, s,
+               round};
+          // Elementwise (plain Adam) segments take the AdamW loop directly.
+          if (seg.block_numel() == 1 && seg.row_stride == seg.cols) {
+            at::parallel_for(0, seg.rows * seg.cols, kGrain, [&](int64_t b0, int64_t b1) {
+              const int64_t o = seg.offset + b0;
+              cpu::adamw_span<scalar_t, state_t, opmath_t>(k.p + o, k.g + o, k.m + o, vp + b0,
+                                                           b1 - b0, s, round.at(o));
+            });
+          } else if (K::use_row_bands(seg)) {
+            k.row_bands();
+          } else if (K::use_column_bands(seg)) {
+            lease.rewind(mark);
+            k.column_bands(lease);
+          } else {
+            lease.rewind(mark);  // keeps the staged grad, reuses the scratch after it
+            k.general(lease);
+          }
+          vp += seg.num_blocks();
         }
-        vp += seg.num_blocks();
-      }
+      });
     });
   }
   layouts.write_back();

@@ -110,13 +110,20 @@ void adam_mini_block_sums_(TensorList grads_in, const std::vector<BlockSpec>& sp
   }
 }
 
+void check_shard_rounding(TensorList params, const Rounding& rounding) {
+  TORCH_CHECK_VALUE(!rounding.stochastic() || params.empty() || !params[0].is_cuda(),
+                    "adam_mini_shard_update_: stochastic rounding is not implemented for sharded "
+                    "(FSDP2) parameters on CUDA; train them in fp32 or bf16 rounded to nearest");
+}
+
 void adam_mini_shard_update_(TensorList params_in, TensorList grads_in, TensorList exp_avgs_in,
                              TensorList exp_avg_sqs, TensorList steps,
                              const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
                              const Tensor& sums, const Tensor& lr_t, double beta1, double beta2,
-                             double eps, double weight_decay) {
+                             double eps, double weight_decay, at::IntArrayRef rounding_arg) {
   check_adam_mini_shard_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs, steps, specs,
                                shards, sums);
+  const Rounding rounding(rounding_arg, params_in.size(), "adam_mini_shard_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params_in.empty()) return;
@@ -154,13 +161,15 @@ void adam_mini_shard_update_(TensorList params_in, TensorList grads_in, TensorLi
       state_t* mp = m.data_ptr<state_t>();
       const C decay = cpu::load<C>(s.decay), b1c = cpu::load<C>(1.0 - s.beta1);
       const auto pieces = shard_pieces(specs[i], shards[2 * i], shards[2 * i] + p.numel());
-      for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t blk, int64_t tc) {
-        if (tc == 1)
-          cpu::column_update_span<scalar_t, state_t, C>(pp + at, gp + at, mp + at, n, decay, b1c,
-                                                        factor + blk);
-        else
-          cpu::block_update_span<scalar_t, state_t, C>(pp + at, gp + at, mp + at, n, decay, b1c,
-                                                       factor[blk]);
+      cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
+        for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t blk, int64_t tc) {
+          if (tc == 1)
+            cpu::column_update_span<scalar_t, state_t, C>(pp + at, gp + at, mp + at, n, decay,
+                                                          b1c, factor + blk, round.at(at));
+          else
+            cpu::block_update_span<scalar_t, state_t, C>(pp + at, gp + at, mp + at, n, decay,
+                                                         b1c, factor[blk], round.at(at));
+        });
       });
     });
     sum += nb;

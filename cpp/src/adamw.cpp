@@ -30,8 +30,10 @@ AdamWRule parse_adamw_rule(c10::string_view rule) {
 
 void adamw_update_(TensorList params_in, TensorList grads_in, TensorList exp_avgs_in,
                    TensorList exp_avg_sqs_in, TensorList steps, const Tensor& lr_t, double beta1,
-                   double beta2, double eps, double weight_decay, AdamWRule rule) {
+                   double beta2, double eps, double weight_decay, AdamWRule rule,
+                   at::IntArrayRef rounding_arg) {
   check_adamw_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, steps);
+  const Rounding rounding(rounding_arg, params_in.size(), "adamw_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params_in.empty()) return;
@@ -55,9 +57,12 @@ void adamw_update_(TensorList params_in, TensorList grads_in, TensorList exp_avg
       const auto* gp = g.data_ptr<scalar_t>();
       auto* mp = m.data_ptr<state_t>();
       auto* vp = v.data_ptr<state_t>();
-      at::parallel_for(0, p.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        cpu::adamw_span<scalar_t, state_t, opmath_t>(pp + begin, gp + begin, mp + begin,
-                                                     vp + begin, end - begin, s);
+      cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
+        at::parallel_for(0, p.numel(), kGrain, [&](int64_t begin, int64_t end) {
+          cpu::adamw_span<scalar_t, state_t, opmath_t>(pp + begin, gp + begin, mp + begin,
+                                                       vp + begin, end - begin, s,
+                                                       round.at(begin));
+        });
       });
     });
   }

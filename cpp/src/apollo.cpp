@@ -12,7 +12,7 @@ namespace memopt {
 ApolloConfig make_apollo_config(int64_t rank, c10::string_view proj_v,
                                 c10::string_view proj_type_v, c10::string_view scale_type,
                                 int64_t update_proj_gap, double scale, double norm_growth_limit,
-                                bool scale_front) {
+                                bool scale_front, at::IntArrayRef rounding, size_t n_params) {
   const std::string proj(proj_v.data(), proj_v.size());
   const std::string proj_type(proj_type_v.data(), proj_type_v.size());
   Projector(proj, proj_type, rank, {1, 1});  // validates proj, proj_type and rank
@@ -24,7 +24,7 @@ ApolloConfig make_apollo_config(int64_t rank, c10::string_view proj_v,
                     "Invalid norm_growth_limit: ", norm_growth_limit,
                     " (gamma > 0, e.g. 1.01, or None/0 to turn the limiter off)");
   return {rank, proj, proj_type, scale_type == "channel", update_proj_gap, scale,
-          norm_growth_limit, scale_front};
+          norm_growth_limit, scale_front, Rounding(rounding, n_params, "apollo_update_")};
 }
 
 namespace {
@@ -36,7 +36,7 @@ void update_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
                 const Tensor& p, const Tensor& g_in, const Tensor& m, const Tensor& v,
                 const Tensor* P_stored, const Tensor* seed_t, const Tensor& limiter_norm,
                 const Tensor& step, double lr, double beta1, double beta2, double eps, double wd,
-                const Tensor* svd_ready) {
+                const Tensor* svd_ready, size_t i) {
   const at::ScalarType ct = std::is_same_v<C, double> ? at::kDouble : at::kFloat;
   const Tensor g = cpu::contiguous_grad(lease, g_in);
   const int64_t K = tp.K;
@@ -82,7 +82,7 @@ void update_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
   }
 
   // 5. One pass over G writes p.
-  apply_update<P, C>(tp, cfg, p, gp, fac, a, t, limit, lr, beta1, beta2, wd);
+  apply_update<P, C>(tp, cfg, p, gp, fac, a, t, limit, lr, beta1, beta2, wd, i);
 }
 
 }  // namespace
@@ -129,7 +129,7 @@ void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
       update_one<scalar_t, state_t, opmath_t>(tp, cfg, lease, p, grads[i], m, exp_avg_sqs[i], P,
                                               seed, limiter_norms[i], steps[i], lr, beta1, beta2,
                                               eps, weight_decay,
-                                              svd_ready[i].defined() ? &svd_ready[i] : nullptr);
+                                              svd_ready[i].defined() ? &svd_ready[i] : nullptr, i);
     });
   }
   layouts.write_back();

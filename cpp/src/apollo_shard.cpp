@@ -112,7 +112,7 @@ template <typename P, typename S, typename C>
 void finish_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& lease,
                 const Tensor& p, const Tensor& g_in, const Tensor& m, const Tensor& v,
                 const Tensor& limiter_norm, const Tensor& step, const ShardArgs& sa, double lr,
-                double beta1, double beta2, double eps, double wd) {
+                double beta1, double beta2, double eps, double wd, size_t i) {
   const Tensor g = cpu::contiguous_grad(lease, g_in);
   const int64_t t0 = static_cast<int64_t>(step.item<float>());
   const Tensor Pc = step_projection(tp, cfg, lease, p.scalar_type(), compute_type(p.scalar_type()),
@@ -156,7 +156,7 @@ void finish_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
     }
   }
   const double limit = tp.limiter ? limiter_step(cfg, u2, limiter_norm) : 1.0;
-  apply_update<P, C>(tp, cfg, p, g.data_ptr<P>(), fac, a, t, limit, lr, beta1, beta2, wd);
+  apply_update<P, C>(tp, cfg, p, g.data_ptr<P>(), fac, a, t, limit, lr, beta1, beta2, wd, i);
 }
 
 // Runs fn(tp, lease, i, ShardArgs, parameter as the kernel sees it) on every tensor with its dtype dispatch.
@@ -223,7 +223,7 @@ void apollo_shard_update_(TensorList params, TensorList grads, TensorList exp_av
     MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), exp_avgs[i].scalar_type(), "apollo_shard_update_", [&] {
       finish_one<scalar_t, state_t, opmath_t>(tp, cfg, lease, p, grads[i], exp_avgs[i],
                                               exp_avg_sqs[i], limiter_norms[i], steps[i], sa, lr,
-                                              beta1, beta2, eps, weight_decay);
+                                              beta1, beta2, eps, weight_decay, i);
     });
   });
 }

@@ -252,32 +252,33 @@ inline double limiter_step(const ApolloConfig& cfg, double u2, const Tensor& lim
 }
 
 // p = (p - coef * g) * (1 - lr*wd) with apollo-torch's decay after the update; coef per element.
-template <typename P, typename C>
-MEMOPT_CPU_CLONES void scaled_update_vec(P* __restrict p, const P* __restrict g, const C* __restrict coef,
-                                         int64_t n, C lr_wd) {
+template <typename P, typename C, typename R>
+MEMOPT_CPU_CLONES void scaled_update_vec(P* __restrict p, const P* __restrict g,
+                                         const C* __restrict coef, int64_t n, C lr_wd,
+                                         const R& round) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     C x = cpu::load<C>(p[j]) - coef[j] * cpu::load<C>(g[j]);
-    p[j] = cpu::store<P>(x - lr_wd * x);
+    p[j] = round.template store<P>(x - lr_wd * x, j);
   }
 }
-template <typename P, typename C>
-MEMOPT_CPU_CLONES void scaled_update_scalar(P* __restrict p, const P* __restrict g, C coef, int64_t n,
-                                            C lr_wd) {
+template <typename P, typename C, typename R>
+MEMOPT_CPU_CLONES void scaled_update_scalar(P* __restrict p, const P* __restrict g, C coef,
+                                            int64_t n, C lr_wd, const R& round) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     C x = cpu::load<C>(p[j]) - coef * cpu::load<C>(g[j]);
-    p[j] = cpu::store<P>(x - lr_wd * x);
+    p[j] = round.template store<P>(x - lr_wd * x, j);
   }
 }
 
 // One pass over G: p = (p - lr sqrt(1-b2^t)/(1-b1^t) * sqrt(scale)/limit * s_c * g) (1 - lr wd).
 // fac: the K factors (one per channel; all equal for tensor scaling); coef_buf: K doubles of
-// scratch (may alias a spent buffer).
+// scratch (may alias a spent buffer). i: the tensor's index in the call (cfg.rounding's).
 template <typename P, typename C>
 void apply_update(const TilePlan& tp, const ApolloConfig& cfg, const Tensor& p, const P* gp,
                   const double* fac, double* coef_buf, double t, double limit, double lr,
-                  double beta1, double beta2, double wd) {
+                  double beta1, double beta2, double wd, size_t i_tensor) {
   const int64_t rows = p.size(0), cols = p.size(1), K = tp.K;
   const double step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
   const double mult = step_size * std::sqrt(cfg.scale) / limit;
@@ -285,15 +286,18 @@ void apply_update(const TilePlan& tp, const ApolloConfig& cfg, const Tensor& p, 
   for (int64_t c = 0; c < K; ++c) coef[c] = cpu::load<C>(mult * fac[c]);
   P* pp = p.data_ptr<P>();
   const C lr_wd = cpu::load<C>(lr * wd);
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, cols)),
-                   [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      if (tp.left && cfg.channel)
-        scaled_update_vec<P, C>(pp + i * cols, gp + i * cols, coef, cols, lr_wd);
-      else
-        scaled_update_scalar<P, C>(pp + i * cols, gp + i * cols, coef[cfg.channel ? i : 0], cols,
-                                   lr_wd);
-    }
+  cpu::with_rounding<P>(cfg.rounding, i_tensor, t, [&](const auto& round) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, cols)),
+                     [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        if (tp.left && cfg.channel)
+          scaled_update_vec<P, C>(pp + i * cols, gp + i * cols, coef, cols, lr_wd,
+                                  round.at(i * cols));
+        else
+          scaled_update_scalar<P, C>(pp + i * cols, gp + i * cols, coef[cfg.channel ? i : 0],
+                                     cols, lr_wd, round.at(i * cols));
+      }
+    });
   });
 }
 

@@ -1,6 +1,7 @@
 // Input validation shared by every op: runs before any tensor is written.
 #include "memopt/common.h"
 #include "memopt/layout.h"
+#include "memopt/rounding.h"
 
 namespace memopt {
 
@@ -18,6 +19,17 @@ void check_adam_hparams(double lr, double beta1, double beta2, double eps, doubl
 double read_lr(const Tensor& lr) {
   TORCH_CHECK_VALUE(lr.numel() == 1, "lr must be a single value, got a tensor of ", lr.numel());
   return lr.item<double>();
+}
+
+Rounding::Rounding(at::IntArrayRef rounding, size_t n, const char* op)
+    : values_(rounding.begin(), rounding.end()) {
+  TORCH_CHECK_VALUE(values_.empty() || values_.size() == n + 2, op, ": rounding must be [] "
+                    "(round to nearest) or [seed, counter] and one id per parameter (", n + 2,
+                    " values), got ", values_.size(), " values");
+}
+
+uint64_t Rounding::key(size_t i, double step) const {
+  return rounding_key(values_[0], values_[1], values_[2 + i], static_cast<int64_t>(step));
 }
 
 static bool supported_float(at::ScalarType t) {

@@ -7,9 +7,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "memopt/arena.h"
 #include "memopt/common.h"
+#include "memopt/rounding.h"
 
 // The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
 // (GCC ifunc), as ATen does for its own kernels; the wheel itself targets baseline x86-64.
@@ -47,6 +49,43 @@ inline c10::BFloat16 store<c10::BFloat16, float>(float x) {
                        c10::BFloat16::from_bits());
 }
 
+// How a loop stores parameter values (memopt/rounding.h): `Nearest` rounds to nearest even;
+// `Stochastic` rounds bf16 from float by the bits of element first + j (j: the loop's index).
+// A loop over p + o takes policy.at(o).
+struct Nearest {
+  Nearest at(int64_t) const { return *this; }
+  template <typename P, typename C>
+  P store(C x, int64_t) const {
+    return cpu::store<P>(x);
+  }
+};
+struct Stochastic {
+  uint64_t key;
+  int64_t first = 0;
+  Stochastic at(int64_t offset) const { return {key, first + offset}; }
+  template <typename P, typename C>
+  P store(C x, int64_t j) const {
+    if constexpr (std::is_same_v<P, c10::BFloat16> && std::is_same_v<C, float>) {
+      uint32_t u;
+      std::memcpy(&u, &x, sizeof(u));
+      return c10::BFloat16(bf16_bits_stochastic(u, rounding_bits(key, first + j)),
+                           c10::BFloat16::from_bits());
+    } else {
+      return cpu::store<P>(x);
+    }
+  }
+};
+
+// Calls f(policy) with tensor i's policy under `rounding` at `step`: Stochastic for a bf16
+// parameter when the op was asked for it, else Nearest (the only instantiation for the rest).
+template <typename P, typename F>
+void with_rounding(const Rounding& rounding, size_t i, double step, F&& f) {
+  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    if (rounding.stochastic()) return f(Stochastic{rounding.key(i, step)});
+  }
+  f(Nearest{});
+}
+
 // torch.lerp(start, end, w) as ATen computes it (ATen/native/Lerp.h): start + w (end - start)
 // for |w| < 0.5, else end - (end - start)(1 - w). Every first moment is lerp(m, g, 1 - b1), as
 // torch.optim.AdamW's: at beta1 = 0 that is g exactly, where m + (g - m) keeps m's rounding.
@@ -58,9 +97,10 @@ inline C lerp(C start, C end, C w) {
 
 // Elementwise AdamW on [0, n) of contiguous arrays, under the rule `s` was made for
 // (AdamScalars: the decay before the update, or after it for AdamWRule::kApollo).
-template <typename P, typename S, typename C>
-MEMOPT_CPU_CLONES void adamw_span(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v,
-                       int64_t n, const AdamScalars& s) {
+template <typename P, typename S, typename C, typename R = Nearest>
+MEMOPT_CPU_CLONES void adamw_span(P* __restrict p, const P* __restrict g, S* __restrict m,
+                                  S* __restrict v, int64_t n, const AdamScalars& s,
+                                  const R& round = {}) {
   const C b1c = 1.0 - s.beta1, b2 = s.beta2, b2c = 1.0 - s.beta2;
   const C step_size = s.step_size, bc2_sqrt = s.bc2_sqrt, eps = s.eps;
   const C pre = s.decay_after ? 1.0 : s.decay, post = s.decay_after ? s.decay : 1.0;
@@ -72,34 +112,35 @@ MEMOPT_CPU_CLONES void adamw_span(P* __restrict p, const P* __restrict g, S* __r
     mj = lerp(mj, gj, b1c);
     vj = b2 * vj + b2c * gj * gj;
     const C denom = std::sqrt(vj) / bc2_sqrt + eps;
-    p[j] = store<P>((load<C>(p[j]) * pre - step_size * mj / denom) * post);
+    p[j] = round.template store<P>((load<C>(p[j]) * pre - step_size * mj / denom) * post, j);
     m[j] = store<S>(mj);
     v[j] = store<S>(vj);
   }
 }
 
 // The Adam step with one shared per-block factor f = step_size / (sqrt(v_b)/bc2_sqrt + eps).
-template <typename P, typename S, typename C>
-MEMOPT_CPU_CLONES void block_update_span(P* __restrict p, const P* __restrict g, S* __restrict m, int64_t n,
-                              C decay, C b1c, C f) {
+template <typename P, typename S, typename C, typename R = Nearest>
+MEMOPT_CPU_CLONES void block_update_span(P* __restrict p, const P* __restrict g, S* __restrict m,
+                                         int64_t n, C decay, C b1c, C f, const R& round = {}) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     C mj = load<C>(m[j]);
     mj = lerp(mj, load<C>(g[j]), b1c);
-    p[j] = store<P>(load<C>(p[j]) * decay - f * mj);
+    p[j] = round.template store<P>(load<C>(p[j]) * decay - f * mj, j);
     m[j] = store<S>(mj);
   }
 }
 
 // block_update_span with one factor per element (f[j]: the factor of the tile column j is in).
-template <typename P, typename S, typename C>
+template <typename P, typename S, typename C, typename R = Nearest>
 MEMOPT_CPU_CLONES void column_update_span(P* __restrict p, const P* __restrict g, S* __restrict m,
-                                          int64_t n, C decay, C b1c, const C* __restrict f) {
+                                          int64_t n, C decay, C b1c, const C* __restrict f,
+                                          const R& round = {}) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     C mj = load<C>(m[j]);
     mj = lerp(mj, load<C>(g[j]), b1c);
-    p[j] = store<P>(load<C>(p[j]) * decay - f[j] * mj);
+    p[j] = round.template store<P>(load<C>(p[j]) * decay - f[j] * mj, j);
     m[j] = store<S>(mj);
   }
 }

@@ -114,35 +114,35 @@ namespace {
 
 // The state-free update of a span: p = p*decay - lr_free * rule(g), with rule(g) = sign(g), g
 // or 0 (sign(0) = 0 as torch.sign).
-template <typename P, typename C>
+template <typename P, typename C, typename R>
 MEMOPT_CPU_CLONES void free_span(P* __restrict p, const P* __restrict g, int64_t n, C decay,
-                                 C lr_free, int64_t rule) {
+                                 C lr_free, int64_t rule, const R& round) {
   if (rule == 2) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const C gj = cpu::load<C>(g[j]);
       const C sg = cpu::load<C>((gj > C(0)) - (gj < C(0)));
-      p[j] = cpu::store<P>(cpu::load<C>(p[j]) * decay - lr_free * sg);
+      p[j] = round.template store<P>(cpu::load<C>(p[j]) * decay - lr_free * sg, j);
     }
   } else if (rule == 1) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j)
-      p[j] = cpu::store<P>(cpu::load<C>(p[j]) * decay - lr_free * cpu::load<C>(g[j]));
+      p[j] = round.template store<P>(cpu::load<C>(p[j]) * decay - lr_free * cpu::load<C>(g[j]), j);
   } else if (decay != C(1)) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) p[j] = cpu::store<P>(cpu::load<C>(p[j]) * decay);
+    for (int64_t j = 0; j < n; ++j) p[j] = round.template store<P>(cpu::load<C>(p[j]) * decay, j);
   }
 }
 
-// One AdamW coordinate (for scattered column / randk coordinates).
-template <typename P, typename S, typename C>
-inline void adam_one(P& p, C g, S& m, S& v, const AdamScalars& s) {
+// One AdamW coordinate (for scattered column / randk coordinates), element e of round's.
+template <typename P, typename S, typename C, typename R>
+inline void adam_one(P& p, C g, S& m, S& v, const AdamScalars& s, const R& round, int64_t e) {
   C mj = cpu::load<C>(m), vj = cpu::load<C>(v);
   mj = cpu::lerp(mj, g, cpu::load<C>(1.0 - s.beta1));
   vj = cpu::load<C>(s.beta2) * vj + cpu::load<C>(1.0 - s.beta2) * g * g;
   const C denom = std::sqrt(vj) / cpu::load<C>(s.bc2_sqrt) + cpu::load<C>(s.eps);
-  p = cpu::store<P>(cpu::load<C>(p) * cpu::load<C>(s.decay) -
-                     cpu::load<C>(s.step_size) * mj / denom);
+  p = round.template store<P>(cpu::load<C>(p) * cpu::load<C>(s.decay) -
+                                 cpu::load<C>(s.step_size) * mj / denom, e);
   m = cpu::store<S>(mj);
   v = cpu::store<S>(vj);
 }
@@ -150,9 +150,11 @@ inline void adam_one(P& p, C g, S& m, S& v, const AdamScalars& s) {
 // [begin, end) of a flat span whose selected coordinates are idx[...] (sorted): every coordinate
 // first takes the vectorised state-free pass, then the selected ones are redone with AdamW from
 // their saved original values. Works in sub-spans of kSub so the saved values fit on the stack.
-template <typename P, typename S, typename C>
+// round: indexed from p.
+template <typename P, typename S, typename C, typename R>
 void split_span(P* p, const P* g, S* m, S* v, const int32_t* idx, int64_t k, int64_t begin,
-                int64_t end, int64_t slot_offset, const AdamScalars& s, C lr_free, int64_t rule) {
+                int64_t end, int64_t slot_offset, const AdamScalars& s, C lr_free, int64_t rule,
+                const R& round) {
   constexpr int64_t kSub = 1024;
   P saved[kSub];
   int64_t slot = std::lower_bound(idx, idx + k, begin) - idx;
@@ -160,10 +162,11 @@ void split_span(P* p, const P* g, S* m, S* v, const int32_t* idx, int64_t k, int
     const int64_t e = std::min(end, b + kSub);
     int64_t last = slot;
     for (; last < k && idx[last] < e; ++last) saved[last - slot] = p[idx[last]];
-    free_span<P, C>(p + b, g + b, e - b, cpu::load<C>(s.decay), lr_free, rule);
+    free_span<P, C>(p + b, g + b, e - b, cpu::load<C>(s.decay), lr_free, rule, round.at(b));
     for (int64_t q = slot; q < last; ++q) {
       P pv = saved[q - slot];
-      adam_one<P, S, C>(pv, cpu::load<C>(g[idx[q]]), m[slot_offset + q], v[slot_offset + q], s);
+      adam_one<P, S, C>(pv, cpu::load<C>(g[idx[q]]), m[slot_offset + q], v[slot_offset + q], s,
+                        round, idx[q]);
       p[idx[q]] = pv;
     }
     slot = last;
@@ -177,7 +180,7 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
                         TensorList exp_avg_sqs_in, TensorList steps, TensorList subspaces,
                         at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
                         double weight_decay, double proj_lr_scale, double free_lr_scale,
-                        int64_t rule, const Tensor* left_stats) {
+                        int64_t rule, const Tensor* left_stats, const Rounding& rounding) {
   if (params_in.empty()) return;
   TORCH_CHECK(params_in[0].device().is_cpu(), "frugal_update_: no kernel for device ",
               params_in[0].device(), " in this build");
@@ -201,9 +204,13 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
         using C = at::opmath_type<scalar_t>;
         auto* pp = p.data_ptr<scalar_t>();
         const auto* gp = g.data_ptr<scalar_t>();
-        at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
-          free_span<scalar_t, C>(pp + b, gp + b, e - b, cpu::load<C>(1.0 - lr * weight_decay),
-                                 cpu::load<C>(lr_free), rule);
+        // No step count: the key's `counter` (the optimizer's step) changes it every step.
+        const double t = steps[i].numel() == 1 ? steps[i].item<double>() : 0.0;
+        cpu::with_rounding<scalar_t>(rounding, i, t, [&](const auto& round) {
+          at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
+            free_span<scalar_t, C>(pp + b, gp + b, e - b, cpu::load<C>(1.0 - lr * weight_decay),
+                                   cpu::load<C>(lr_free), rule, round.at(b));
+          });
         });
       });
       continue;
@@ -221,50 +228,55 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
         stats_at += m.numel();
       }
       frugal_projected_update(p, g, m, v, sub, mode == FrugalMode::ProjRight, s, lr_free, rule,
-                              lease, summed.defined() ? &summed : nullptr);
+                              lease, summed.defined() ? &summed : nullptr, rounding, i);
       continue;
     }
     MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "frugal_update_", [&] {
-      using C = opmath_t;
-      auto* pp = p.data_ptr<scalar_t>();
-      const auto* gp = g.data_ptr<scalar_t>();
-      auto* mp = m.data_ptr<state_t>();
-      auto* vp = v.data_ptr<state_t>();
-      const C lf = cpu::load<C>(lr_free);
-      if (mode == FrugalMode::Adam || mode == FrugalMode::ActiveBlock) {
-        at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
-          cpu::adamw_span<scalar_t, state_t, C>(pp + b, gp + b, mp + b, vp + b, e - b, s);
-        });
-      } else if (mode == FrugalMode::RandK) {
-        const int32_t* idx = sub.data_ptr<int32_t>();
-        at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
-          split_span<scalar_t, state_t, C>(pp, gp, mp, vp, idx, sub.numel(), b, e, 0, s, lf, rule);
-        });
-      } else if (mode == FrugalMode::Columns) {
-        const int64_t rows = p.size(0), cols = p.size(1), k = sub.numel();
-        const int32_t* idx = sub.data_ptr<int32_t>();
-        at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
-                         [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r)  // row r's state slots are m[r*k, r*k + k)
-            split_span<scalar_t, state_t, C>(pp + r * cols, gp + r * cols, mp, vp, idx, k, 0,
-                                             cols, r * k, s, lf, rule);
-        });
-      } else {  // Rows
-        const int64_t rows = p.size(0), cols = p.size(1), k = sub.numel();
-        const int32_t* idx = sub.data_ptr<int32_t>();
-        at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
-                         [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t slot = std::lower_bound(idx, idx + k, r) - idx;
-            const int64_t o = r * cols;
-            if (slot < k && idx[slot] == r)
-              cpu::adamw_span<scalar_t, state_t, C>(pp + o, gp + o, mp + slot * cols,
-                                                    vp + slot * cols, cols, s);
-            else
-              free_span<scalar_t, C>(pp + o, gp + o, cols, cpu::load<C>(s.decay), lf, rule);
-          }
-        });
-      }
+      cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
+        using C = opmath_t;
+        auto* pp = p.data_ptr<scalar_t>();
+        const auto* gp = g.data_ptr<scalar_t>();
+        auto* mp = m.data_ptr<state_t>();
+        auto* vp = v.data_ptr<state_t>();
+        const C lf = cpu::load<C>(lr_free);
+        if (mode == FrugalMode::Adam || mode == FrugalMode::ActiveBlock) {
+          at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
+            cpu::adamw_span<scalar_t, state_t, C>(pp + b, gp + b, mp + b, vp + b, e - b, s,
+                                                  round.at(b));
+          });
+        } else if (mode == FrugalMode::RandK) {
+          const int32_t* idx = sub.data_ptr<int32_t>();
+          at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
+            split_span<scalar_t, state_t, C>(pp, gp, mp, vp, idx, sub.numel(), b, e, 0, s, lf, rule,
+                                             round);
+          });
+        } else if (mode == FrugalMode::Columns) {
+          const int64_t rows = p.size(0), cols = p.size(1), k = sub.numel();
+          const int32_t* idx = sub.data_ptr<int32_t>();
+          at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
+                           [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r)  // row r's state slots are m[r*k, r*k + k)
+              split_span<scalar_t, state_t, C>(pp + r * cols, gp + r * cols, mp, vp, idx, k, 0,
+                                               cols, r * k, s, lf, rule, round.at(r * cols));
+          });
+        } else {  // Rows
+          const int64_t rows = p.size(0), cols = p.size(1), k = sub.numel();
+          const int32_t* idx = sub.data_ptr<int32_t>();
+          at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
+                           [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+              const int64_t slot = std::lower_bound(idx, idx + k, r) - idx;
+              const int64_t o = r * cols;
+              if (slot < k && idx[slot] == r)
+                cpu::adamw_span<scalar_t, state_t, C>(pp + o, gp + o, mp + slot * cols,
+                                                      vp + slot * cols, cols, s, round.at(o));
+              else
+                free_span<scalar_t, C>(pp + o, gp + o, cols, cpu::load<C>(s.decay), lf, rule,
+                                       round.at(o));
+            }
+          });
+        }
+      });
     });
   }
   layouts.write_back();
@@ -283,13 +295,14 @@ void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                     at::IntArrayRef modes, const Tensor& lr_t, double beta1, double beta2,
                     double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
-                    int64_t rule) {
+                    int64_t rule, at::IntArrayRef rounding) {
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                       proj_lr_scale, free_lr_scale, rule);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   frugal_update_loop(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1,
-                     beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr);
+                     beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr,
+                     Rounding(rounding, params.size(), "frugal_update_"));
 }
 
 }  // namespace memopt

@@ -12,7 +12,8 @@ namespace memopt {
 // used instead of projecting this shard; null projects g.
 void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
                              const Tensor& proj, bool right, const AdamScalars& s, double lr_free,
-                             int64_t rule, Workspace::Lease& lease, const Tensor* summed_low);
+                             int64_t rule, Workspace::Lease& lease, const Tensor* summed_low,
+                             const Rounding& rounding, size_t i);
 // Workspace bytes of one frugal_projected_update or frugal_left_partial call.
 int64_t frugal_projected_bytes(const Tensor& p, const Tensor& proj, const Tensor& m);
 // A row shard's part of left mode's P^T G: P[rows]^T G[rows] into `out` (float64, the
@@ -26,6 +27,6 @@ void frugal_update_loop(TensorList params, TensorList grads, TensorList exp_avgs
                         TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                         at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
                         double weight_decay, double proj_lr_scale, double free_lr_scale,
-                        int64_t rule, const Tensor* left_stats);
+                        int64_t rule, const Tensor* left_stats, const Rounding& rounding);
 
 }  // namespace memopt

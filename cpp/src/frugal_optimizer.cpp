@@ -80,7 +80,7 @@ Frugal::StateChanges Frugal::begin_step(const std::vector<GroupLists>& lists) {
   for (size_t i = 0; i < lists.size(); ++i) {
     GroupLists free = lists[i];
     free.states.assign(free.params.size(), nullptr);
-    dispatch(op_call(group_options(i), free), /*validate=*/true);
+    dispatch(full_call(group_options(i), free), /*validate=*/true);
   }
   std::vector<int64_t> with_grad;
   for (size_t j = 0; j < projs_.size(); ++j)

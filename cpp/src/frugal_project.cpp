@@ -74,7 +74,8 @@ void frugal_left_partial(const Tensor& p, const Tensor& g, const Tensor& proj, c
 
 void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
                              const Tensor& proj, bool right, const AdamScalars& s, double lr_free,
-                             int64_t rule, Workspace::Lease& lease, const Tensor* summed_low) {
+                             int64_t rule, Workspace::Lease& lease, const Tensor* summed_low,
+                             const Rounding& rounding, size_t i) {
   const auto cdt = compute_dtype(p);
   const int64_t rows = p.size(0), cols = p.size(1), chunk = chunk_rows(p);
   Tensor pc = lease.take_tensor(proj.sizes(), cdt);
@@ -133,15 +134,17 @@ void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, 
       const C* uo = ut.data_ptr<C>();
       const C* go = gpt.data_ptr<C>();
       const int64_t o = r0 * cols;
-      at::parallel_for(0, n * cols, kGrain, [&](int64_t b, int64_t e) {
-        for (int64_t j = b; j < e; ++j) {
-          C upd = cpu::load<C>(pp[o + j]) * decay - uo[j];
-          if (rule != 0) {
-            const C rj = cpu::load<C>(gp[o + j]) - go[j];
-            upd -= lf * (rule == 2 ? cpu::load<C>((rj > C(0)) - (rj < C(0))) : rj);
+      cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
+        at::parallel_for(0, n * cols, kGrain, [&](int64_t b, int64_t e) {
+          for (int64_t j = b; j < e; ++j) {
+            C upd = cpu::load<C>(pp[o + j]) * decay - uo[j];
+            if (rule != 0) {
+              const C rj = cpu::load<C>(gp[o + j]) - go[j];
+              upd -= lf * (rule == 2 ? cpu::load<C>((rj > C(0)) - (rj < C(0))) : rj);
+            }
+            pp[o + j] = round.template store<scalar_t>(upd, o + j);
           }
-          pp[o + j] = static_cast<scalar_t>(upd);
-        }
+        });
       });
     }
   });

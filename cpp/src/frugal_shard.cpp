@@ -55,13 +55,15 @@ void frugal_shard_update_(TensorList params, TensorList grads, TensorList exp_av
                           TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                           at::IntArrayRef modes, const Tensor& stats, const Tensor& lr_t,
                           double beta1, double beta2, double eps, double weight_decay,
-                          double proj_lr_scale, double free_lr_scale, int64_t rule) {
+                          double proj_lr_scale, double free_lr_scale, int64_t rule,
+                          at::IntArrayRef rounding) {
   check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
                             proj_lr_scale, free_lr_scale, rule);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   frugal_update_loop(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1,
-                     beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, &stats);
+                     beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, &stats,
+                     Rounding(rounding, params.size(), "frugal_shard_update_"));
 }
 
 }  // namespace memopt

@@ -15,15 +15,16 @@ namespace {
 
 void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
-               double weight_decay, c10::string_view rule) {
+               double weight_decay, c10::string_view rule, at::IntArrayRef rounding) {
   adamw_update_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                parse_adamw_rule(rule));
+                parse_adamw_rule(rule), rounding);
 }
 
 void adamw_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor&, double, double, double, double,
-                c10::string_view rule) {
+                c10::string_view rule, at::IntArrayRef rounding) {
   parse_adamw_rule(rule);
+  Rounding(rounding, params.size(), "adamw_update_");
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: list lengths differ");
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs}))
     check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
@@ -31,24 +32,27 @@ void adamw_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
 
 void adamw_check(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
-                 double weight_decay, c10::string_view rule) {
+                 double weight_decay, c10::string_view rule, at::IntArrayRef rounding) {
   parse_adamw_rule(rule);
+  Rounding(rounding, params.size(), "adamw_update_");
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
 void adam_mini_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                    TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
-                   const Tensor& lr, double beta1, double beta2, double eps, double weight_decay) {
+                   const Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
+                   at::IntArrayRef rounding) {
   adam_mini_update_(params, grads, exp_avgs, exp_avg_sqs, steps,
                     decode_block_specs(blocks, static_cast<int64_t>(params.size())), lr, beta1,
-                    beta2, eps, weight_decay);
+                    beta2, eps, weight_decay, rounding);
 }
 
 void adam_mini_meta(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
-                    const Tensor&, double, double, double, double) {
+                    const Tensor&, double, double, double, double, at::IntArrayRef rounding) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
+  Rounding(rounding, params.size(), "adam_mini_update_");
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs}))
     check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
 }
@@ -56,9 +60,10 @@ void adam_mini_meta(TensorList params, TensorList grads, TensorList exp_avgs,
 void adam_mini_check(TensorList params, TensorList grads, TensorList exp_avgs,
                      TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                      const Tensor& lr, double beta1, double beta2, double eps,
-                     double weight_decay) {
+                     double weight_decay, at::IntArrayRef rounding) {
   check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
                          decode_block_specs(blocks, static_cast<int64_t>(params.size())));
+  Rounding(rounding, params.size(), "adam_mini_update_");
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
@@ -75,17 +80,19 @@ void adam_mini_block_sums_meta(TensorList grads, at::IntArrayRef blocks, at::Int
 void adam_mini_shard_update_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                                 TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                                 at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
-                                double beta1, double beta2, double eps, double weight_decay) {
+                                double beta1, double beta2, double eps, double weight_decay,
+                                at::IntArrayRef rounding) {
   adam_mini_shard_update_(params, grads, exp_avgs, exp_avg_sqs, steps,
                           decode_block_specs(blocks, static_cast<int64_t>(params.size())), shards,
-                          sums, lr, beta1, beta2, eps, weight_decay);
+                          sums, lr, beta1, beta2, eps, weight_decay, rounding);
 }
 
 void adam_mini_shard_update_meta(TensorList params, TensorList grads, TensorList exp_avgs,
                                  TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                                  at::IntArrayRef shards, const Tensor& sums, const Tensor&, double,
-                                 double, double, double) {
+                                 double, double, double, at::IntArrayRef rounding) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
+  check_shard_rounding(params, Rounding(rounding, params.size(), "adam_mini_shard_update_"));
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs}))
     check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
 }
@@ -93,10 +100,12 @@ void adam_mini_shard_update_meta(TensorList params, TensorList grads, TensorList
 void adam_mini_shard_check(TensorList params, TensorList grads, TensorList exp_avgs,
                            TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                            at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
-                           double beta1, double beta2, double eps, double weight_decay) {
+                           double beta1, double beta2, double eps, double weight_decay,
+                           at::IntArrayRef rounding) {
   check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
                                decode_block_specs(blocks, static_cast<int64_t>(params.size())),
                                shards, sums);
+  check_shard_rounding(params, Rounding(rounding, params.size(), "adam_mini_shard_update_"));
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
@@ -107,17 +116,6 @@ std::string validator_schema(const std::string& op_schema) {
   return "check_" + std::regex_replace(op_schema, alias, "");
 }
 
-void call_adamw_op(TensorList params, TensorList grads, TensorList exp_avgs,
-                   TensorList exp_avg_sqs, TensorList steps, const Tensor& lr, double beta1,
-                   double beta2, double eps, double weight_decay, c10::string_view rule) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("memopt::adamw_", "")
-                       .typed<void(TensorList, TensorList, TensorList, TensorList, TensorList,
-                                   const Tensor&, double, double, double, double,
-                                   c10::string_view)>();
-  op.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, rule);
-}
-
 }  // namespace memopt
 
 TORCH_LIBRARY(memopt, m) {
@@ -125,10 +123,12 @@ TORCH_LIBRARY(memopt, m) {
   // rule: "torch" (torch.optim.AdamW) or "apollo" (apollo-torch's AdamW), memopt/common.h.
   define_op(m, "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
             "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor lr, float beta1, float beta2, "
-            "float eps, float weight_decay, str rule=\"torch\") -> ()", &memopt::adamw_check);
+            "float eps, float weight_decay, str rule=\"torch\", int[] rounding=[]) -> ()",
+            &memopt::adamw_check);
   define_op(m, "adam_mini_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
             "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, Tensor lr, float beta1, "
-            "float beta2, float eps, float weight_decay) -> ()", &memopt::adam_mini_check);
+            "float beta2, float eps, float weight_decay, int[] rounding=[]) -> ()",
+            &memopt::adam_mini_check);
   // Adam-mini on shards of tensors (FSDP2): partial block sums, then the update from the
   // all-reduced sums (cpp/src/adam_mini_shard.cpp).
   define_op(m, "adam_mini_block_sums_(Tensor[] grads, int[] blocks, int[] shards, "
@@ -136,7 +136,7 @@ TORCH_LIBRARY(memopt, m) {
   define_op(m, "adam_mini_shard_update_(Tensor(a!)[] params, Tensor[] grads, "
             "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, "
             "int[] shards, Tensor sums, Tensor lr, float beta1, float beta2, float eps, "
-            "float weight_decay) -> ()", &memopt::adam_mini_shard_check);
+            "float weight_decay, int[] rounding=[]) -> ()", &memopt::adam_mini_shard_check);
 }
 
 TORCH_LIBRARY_IMPL(memopt, CPU, m) {

@@ -115,6 +115,9 @@ void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList e
                     "proj='random'");
   check_apollo_lists(op, params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                      cfg, &offsets, &global_sizes, &shard_dims);
+  TORCH_CHECK_VALUE(!cfg.rounding.stochastic() || params.empty() || !params[0].is_cuda(), op,
+                    ": stochastic rounding is not implemented for sharded (FSDP2) parameters on "
+                    "CUDA; train them in fp32 or bf16 rounded to nearest");
   int64_t want = 0;
   for (size_t i = 0; i < params.size(); ++i)
     want += apollo_shard_stats_numel(
@@ -136,11 +139,11 @@ void apollo_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 const Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
                 int64_t rank, c10::string_view proj, c10::string_view proj_type,
                 c10::string_view scale_type, int64_t update_proj_gap, double scale,
-                double norm_growth_limit, bool scale_front) {
+                double norm_growth_limit, bool scale_front, at::IntArrayRef rounding) {
   apollo_update_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps, lr,
                  beta1, beta2, eps, weight_decay,
                  make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,
-                           norm_growth_limit, scale_front));
+                                    norm_growth_limit, scale_front, rounding, params.size()));
 }
 
 void apollo_check(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -149,10 +152,11 @@ void apollo_check(TensorList params, TensorList grads, TensorList exp_avgs,
                   double beta2, double eps, double weight_decay, int64_t rank,
                   c10::string_view proj, c10::string_view proj_type, c10::string_view scale_type,
                   int64_t update_proj_gap, double scale, double norm_growth_limit,
-                  bool scale_front) {
+                  bool scale_front, at::IntArrayRef rounding) {
   check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                       make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
-                                         scale, norm_growth_limit, scale_front));
+                                         scale, norm_growth_limit, scale_front, rounding,
+                                         params.size()));
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
@@ -161,9 +165,9 @@ void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  const Tensor&, double, double, double, double, int64_t rank,
                  c10::string_view proj, c10::string_view proj_type, c10::string_view scale_type,
                  int64_t update_proj_gap, double scale, double norm_growth_limit,
-                 bool scale_front) {
+                 bool scale_front, at::IntArrayRef rounding) {
   const auto cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,
-                             norm_growth_limit, scale_front);
+                                      norm_growth_limit, scale_front, rounding, params.size());
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs}))
     check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                         cfg);
@@ -205,13 +209,14 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] projs, Tensor(e!)[] seeds, "
         "Tensor(f!)[] limiter_norms, Tensor(g!)[] steps, Tensor lr, float beta1, float beta2, "
         "float eps, float weight_decay, int rank, str proj, str proj_type, str scale_type, "
-        "int update_proj_gap, float scale, float norm_growth_limit, bool scale_front) -> ()",
+        "int update_proj_gap, float scale, float norm_growth_limit, bool scale_front, "
+        "int[] rounding=[]) -> ()",
             &memopt::apollo_check);
   // Sharded APOLLO (FSDP2): partial statistics into `stats`, then the update from their sum.
 #define MEMOPT_SHARD_TAIL                                                                     \
   "Tensor lr, float beta1, float beta2, float eps, float weight_decay, int rank, str proj, "  \
   "str proj_type, str scale_type, int update_proj_gap, float scale, float norm_growth_limit, " \
-  "bool scale_front) -> ()"
+  "bool scale_front, int[] rounding=[]) -> ()"
   define_op(m, "apollo_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
         "Tensor[] exp_avg_sqs, Tensor[] projs, Tensor[] seeds, Tensor[] limiter_norms, "
         "Tensor[] steps, int[] offsets, int[] global_sizes, int[] shard_dims, Tensor(a!) stats, "

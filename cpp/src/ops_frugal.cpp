@@ -12,24 +12,27 @@ namespace {
 void frugal_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr,
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
-                double free_lr_scale, int64_t rule) {
+                double free_lr_scale, int64_t rule, at::IntArrayRef rounding) {
   frugal_update_(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2,
-                 eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
+                 eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding);
 }
 
 void frugal_check(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                   TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr,
                   double beta1, double beta2, double eps, double weight_decay,
-                  double proj_lr_scale, double free_lr_scale, int64_t rule) {
+                  double proj_lr_scale, double free_lr_scale, int64_t rule,
+                  at::IntArrayRef rounding) {
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                       proj_lr_scale, free_lr_scale, rule);
+  Rounding(rounding, params.size(), "frugal_update_");
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
 void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor&,
                  double, double, double, double, double proj_lr_scale, double free_lr_scale,
-                 int64_t rule) {
+                 int64_t rule, at::IntArrayRef rounding) {
+  Rounding(rounding, params.size(), "frugal_update_");
   TORCH_CHECK_VALUE(grads.size() == params.size() && subspaces.size() == params.size() &&
                         modes.size() == params.size(),
                     "frugal_update_: list lengths differ");
@@ -39,6 +42,7 @@ void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
 }
 
 void frugal_shard_check(MEMOPT_FRUGAL_SHARD_ARGS) {
+  Rounding(rounding, params.size(), "frugal_shard_update_");
   check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
                             proj_lr_scale, free_lr_scale, rule);
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
@@ -52,10 +56,12 @@ void frugal_shard_stats_cpu(MEMOPT_FRUGAL_SHARD_ARGS) {
 
 void frugal_shard_update_cpu(MEMOPT_FRUGAL_SHARD_ARGS) {
   frugal_shard_update_(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats, lr,
-                       beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
+                       beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule,
+                       rounding);
 }
 
 void frugal_shard_meta(MEMOPT_FRUGAL_SHARD_ARGS) {
+  Rounding(rounding, params.size(), "frugal_shard_update_");
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, subspaces}))
     check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
                               proj_lr_scale, free_lr_scale, rule, /*read_data=*/false);
@@ -69,11 +75,12 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
   define_op(m, "frugal_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] subspaces, int[] modes, "
         "Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
-        "float proj_lr_scale, float free_lr_scale, int rule) -> ()", &memopt::frugal_check);
+        "float proj_lr_scale, float free_lr_scale, int rule, int[] rounding=[]) -> ()",
+        &memopt::frugal_check);
   // Row-sharded FRUGAL (FSDP2): partial P^T G into `stats`, then the update from their sum.
 #define MEMOPT_FRUGAL_SHARD_TAIL                                                              \
   "Tensor lr, float beta1, float beta2, float eps, float weight_decay, float proj_lr_scale, "  \
-  "float free_lr_scale, int rule) -> ()"
+  "float free_lr_scale, int rule, int[] rounding=[]) -> ()"
   define_op(m, "frugal_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
         "Tensor[] exp_avg_sqs, Tensor[] steps, Tensor[] subspaces, int[] modes, "
         "Tensor(a!) stats, " MEMOPT_FRUGAL_SHARD_TAIL, &memopt::frugal_shard_check);

@@ -15,6 +15,7 @@ from .distributed import (ShardedCall, as_dtensor, is_dtensor, local, local_args
 from ._planned import PlannedState
 from .nonfinite import saved_skipped_steps, skips_step
 from .reporting import Reporting
+from .rounding import StochasticRounding
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -47,7 +48,7 @@ def _in_param_layout(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return state.as_strided(state.shape, _C.state_strides(list(state.shape), p))
 
 
-class MemoptOptimizer(Reporting, PlannedState, torch.optim.Optimizer):
+class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.Optimizer):
     """Base class. Subclasses define `_op_call(group, params, grads, states)` -> (op, args): the
     fused torch op and its arguments, which its validator (`validator(op)`) checks before any op
     of the step runs; and either adopt a C++ plan (`_adopt_plan`), which then lays out every state tensor and
@@ -64,13 +65,18 @@ class MemoptOptimizer(Reporting, PlannedState, torch.optim.Optimizer):
     # for torch's fused optimizers; see nonfinite.py.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict, nonfinite: str = "propagate"):
+    def __init__(self, params, defaults: dict, nonfinite: str = "propagate",
+                 stochastic_rounding: bool = False, rounding_seed: int = 0):
         """nonfinite: "propagate" (torch's behaviour: an inf/NaN gradient reaches the parameter)
         or "skip" (a step with any non-finite gradient changes nothing; counted in
-        `skipped_steps`)."""
+        `skipped_steps`). stochastic_rounding: bf16 parameters are rounded stochastically from
+        the fp32 update (unbiased; bits drawn from rounding_seed, the parameter and its step),
+        instead of to nearest; group options, saved with the groups. README, "Low-precision
+        weights"."""
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # steps (step_params calls, layer-wise) left out by _skips_step
-        super().__init__(params, defaults)
+        super().__init__(params, dict(defaults, stochastic_rounding=stochastic_rounding,
+                                      rounding_seed=rounding_seed))
 
     @property
     def nonfinite(self) -> str:
@@ -94,6 +100,7 @@ class MemoptOptimizer(Reporting, PlannedState, torch.optim.Optimizer):
                     f"float64 parameters, got a {p.dtype} parameter of shape {tuple(p.shape)}")
         try:
             self._check_hparams(group)
+            self._check_rounding(group)
         except Exception:
             del self.param_groups[-1]
             raise

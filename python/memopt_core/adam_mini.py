@@ -50,7 +50,8 @@ class AdamMini(MemoptOptimizer):
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, dim=None, n_heads=None, n_kv_heads=None,
-                 partition="auto", roles=None, model=None, nonfinite="propagate"):
+                 partition="auto", roles=None, model=None, nonfinite="propagate",
+                 stochastic_rounding=False, rounding_seed=0):
         src = resolve(named_params_or_model, model)
         need_names(src, type(self).__name__, "its blocks (attention heads, embedding rows, "
                    "norms) and which tensors decay")
@@ -61,7 +62,7 @@ class AdamMini(MemoptOptimizer):
                        weight_decay, "adam_mini", partition=partition, role_overrides=bool(roles),
                        dim=dim or found.get("dim") or 0, n_heads=n_heads or found.get("n_heads") or 0)
         super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
-                         nonfinite)
+                         nonfinite, stochastic_rounding, rounding_seed)
 
     def _describe_row(self, p):
         return self.blocks[p].role, self.blocks[p].count
@@ -71,7 +72,8 @@ class AdamMini(MemoptOptimizer):
         beta1, beta2 = group["betas"]
         args = (params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states], blocks, self._lr(group), float(beta1),
-                float(beta2), float(group["eps"]), float(group["weight_decay"]))
+                float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                self._rounding(group, params))
         return torch.ops.memopt.adam_mini_, args
 
     # ---- DTensor (FSDP2) parameters ----------------------------------------------------------
@@ -88,7 +90,7 @@ class AdamMini(MemoptOptimizer):
         args = ([local(p) for p in params], grads, [local(s["exp_avg"]) for s in states],
                 [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], blocks,
                 shards, sums, self._lr(group), float(beta1), float(beta2), float(group["eps"]),
-                float(group["weight_decay"]))
+                float(group["weight_decay"]), self._rounding(group, params))
         torch.ops.memopt.check_adam_mini_shard_update_(*args)
         torch.ops.memopt.adam_mini_block_sums_(grads, blocks, shards, sums)
         return ShardedCall(lambda: torch.ops.memopt.adam_mini_shard_update_(*args), sums,

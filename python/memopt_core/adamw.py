@@ -22,7 +22,7 @@ class AdamW(MemoptOptimizer):
     _shard_dims = (0, 1)  # elementwise: any FSDP2 shard
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 model=None, nonfinite="propagate"):
+                 model=None, nonfinite="propagate", stochastic_rounding=False, rounding_seed=0):
         # A model, or groups with model= (memopt_core.sources), as every other memopt optimizer
         # takes them; AdamW needs no names, so the model only stands in for its parameters.
         if isinstance(params, nn.Module):
@@ -30,7 +30,7 @@ class AdamW(MemoptOptimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
-                         nonfinite)
+                         nonfinite, stochastic_rounding, rounding_seed)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's (and the base's checks), then the group's plan (m, v shaped like each tensor;
@@ -44,5 +44,6 @@ class AdamW(MemoptOptimizer):
         beta1, beta2 = group["betas"]
         args = (params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states], self._lr(group), float(beta1), float(beta2),
-                float(group["eps"]), float(group["weight_decay"]))
+                float(group["eps"]), float(group["weight_decay"]), "torch",
+                self._rounding(group, params))
         return torch.ops.memopt.adamw_, args

@@ -32,7 +32,7 @@ class Apollo(MemoptOptimizer):
                  rank=None, proj="random", proj_type="std", scale_type="channel",
                  update_proj_gap=200, scale=1.0, norm_growth_limit: Optional[float] = 1.01,
                  scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
-                 model=None, nonfinite="propagate"):
+                 model=None, nonfinite="propagate", stochastic_rounding=False, rounding_seed=0):
         groups = apollo_groups(resolve(params, model), rank, roles, self)
         # before super().__init__, which calls add_param_group: every decision is the plan's
         # (cpp/src/apollo_plan.cpp); _index: each parameter's position in it
@@ -42,7 +42,7 @@ class Apollo(MemoptOptimizer):
                         update_proj_gap=update_proj_gap, scale=scale,
                         norm_growth_limit=norm_growth_limit, scale_front=scale_front,
                         store_projection=store_projection, adamw_rule=adamw_rule)
-        super().__init__(groups, defaults, nonfinite)
+        super().__init__(groups, defaults, nonfinite, stochastic_rounding, rounding_seed)
 
     @staticmethod
     def default_rank(model) -> int:
@@ -118,14 +118,16 @@ class Apollo(MemoptOptimizer):
               float(group["weight_decay"]))
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         steps = [s["step"] for s in states]
+        rounding = self._rounding(group, params)
         if group.get("rank") is None:
-            return torch.ops.memopt.adamw_, (params, grads, m, v, steps, *hp, group["adamw_rule"])
+            return torch.ops.memopt.adamw_, (params, grads, m, v, steps, *hp, group["adamw_rule"],
+                                             rounding)
         projs = [s["proj"] for s in states] if group["store_projection"] else []
         seeds = [s["seed"] for s in states] if group["proj"] == "random" else []
         args = (params, grads, m, v, projs, seeds, [s["limiter_norm"] for s in states], steps,
                 *hp, int(group["rank"]), group["proj"], group["proj_type"], group["scale_type"],
                 int(group["update_proj_gap"]), float(group["scale"]), _gamma(group),
-                bool(group["scale_front"]))
+                bool(group["scale_front"]), rounding)
         return torch.ops.memopt.apollo_, args
 
     # ---- DTensor (FSDP2) parameters --------------------------------------------------------
@@ -193,14 +195,15 @@ class ApolloMini(Apollo):
                  rank=None, proj="random", proj_type="std", scale_type="tensor",
                  update_proj_gap=200, scale=128.0, norm_growth_limit: Optional[float] = 1.01,
                  scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
-                 model=None, nonfinite="propagate"):
+                 model=None, nonfinite="propagate", stochastic_rounding=False, rounding_seed=0):
         # the full signature: `memopt compare` reads the settings an optimizer takes from it
         super().__init__(params, lr, betas, eps, weight_decay, rank=rank, proj=proj,
                          proj_type=proj_type, scale_type=scale_type,
                          update_proj_gap=update_proj_gap, scale=scale,
                          norm_growth_limit=norm_growth_limit, scale_front=scale_front,
                          store_projection=store_projection, adamw_rule=adamw_rule, roles=roles,
-                         model=model, nonfinite=nonfinite)
+                         model=model, nonfinite=nonfinite,
+                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
 
     @staticmethod
     def default_rank(model) -> int:

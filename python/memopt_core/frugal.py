@@ -51,7 +51,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                  block_order="descending", state_free="sign_sgd", state_free_lr_scale=1.0,
                  proj_params_lr_scale=1.0, reset_statistics=True, proj_embeds=False,
                  proj_norms=False, proj_logits=False, roles=None, seed=None, model=None,
-                 nonfinite="propagate"):
+                 nonfinite="propagate", stochastic_rounding=False, rounding_seed=0):
         src = resolve(named_params_or_model, model)
         need_names(src, type(self).__name__, "which tensors are projectable blocks (attention "
                    "and MLP weights, not embeddings, norms or the head)")
@@ -76,7 +76,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         super().__init__(torch_groups, dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             proj_params_lr_scale=proj_params_lr_scale, state_free_lr_scale=state_free_lr_scale,
-            frugal=None), nonfinite)  # "frugal": the key state_dict() fills (frugal_state)
+            frugal=None), nonfinite, stochastic_rounding, rounding_seed)
+        # ("frugal": the key state_dict() fills, frugal_state)
         for g in self.param_groups:  # the op's own check, for the two FRUGAL scales
             torch.ops.memopt.check_frugal_([], [], [], [], [], [], [], torch.tensor(1.0), 0.9, 0.9, 0.0, 0.0,
                              float(g["proj_params_lr_scale"]), float(g["state_free_lr_scale"]), 0)
@@ -187,7 +188,9 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                     [get("subspace", p, s, p.dtype) for p, s in zip(params, states)],
                     modes, self._lr(group), float(beta1), float(beta2), float(group["eps"]),
                     float(group["weight_decay"]), float(group["proj_params_lr_scale"]),
-                    float(group["state_free_lr_scale"]), self.plan.rule))
+                    float(group["state_free_lr_scale"]), self.plan.rule,
+                    # the counter: steps taken, which changes the bits of state-free blocks
+                    self._rounding(group, params, self.plan.selection.t)))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):

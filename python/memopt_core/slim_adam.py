@@ -29,7 +29,8 @@ class SlimAdam(MemoptOptimizer):
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, rules="table", roles=None, dim=None, n_heads=None,
-                 n_kv_heads=None, model=None, nonfinite="propagate"):
+                 n_kv_heads=None, model=None, nonfinite="propagate", stochastic_rounding=False,
+                 rounding_seed=0):
         src = resolve(named_params_or_model, model)
         need_names(src, type(self).__name__, "the layout of each second moment (its rule "
                    "keys are tensor names and roles) and which tensors decay")
@@ -46,7 +47,7 @@ class SlimAdam(MemoptOptimizer):
         if self.plan.rules_warning:  # names the rules miss, rule names matching nothing
             warnings.warn(self.plan.rules_warning, stacklevel=2)
         super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
-                         nonfinite)
+                         nonfinite, stochastic_rounding, rounding_seed)
 
     # The same op as Adam-mini (v: one entry per block): shared, not rewritten.
     _op_call = AdamMini._op_call

@@ -14,7 +14,8 @@ namespace memopt {
 void adam_mini_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                        TensorList exp_avg_sqs, TensorList steps,
                        const std::vector<BlockSpec>& specs, const Tensor& lr, double beta1,
-                       double beta2, double eps, double weight_decay);
+                       double beta2, double eps, double weight_decay,
+                       at::IntArrayRef rounding = {});
 
 // Validation only (shared by the CPU and Meta kernels).
 void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -33,9 +34,12 @@ void adam_mini_shard_update_(TensorList params, TensorList grads, TensorList exp
                              TensorList exp_avg_sqs, TensorList steps,
                              const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
                              const Tensor& sums, const Tensor& lr, double beta1, double beta2,
-                             double eps, double weight_decay);
+                             double eps, double weight_decay, at::IntArrayRef rounding = {});
 void check_adam_mini_block_sums_inputs(TensorList grads, const std::vector<BlockSpec>& specs,
                                       at::IntArrayRef shards, const Tensor& sums);
+// Stochastic rounding of sharded parameters is implemented on the CPU only (the CUDA shard op's
+// update is ATen arithmetic); raises for CUDA parameters with it.
+void check_shard_rounding(TensorList params, const Rounding& rounding);
 void check_adam_mini_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                                   TensorList exp_avg_sqs, TensorList steps,
                                   const std::vector<BlockSpec>& specs, at::IntArrayRef shards,

@@ -21,13 +21,15 @@ struct ApolloConfig {
   double scale = 1.0;               // the update is multiplied by sqrt(scale) (alpha = sqrt(scale))
   double norm_growth_limit = 1.01;  // gamma of the norm-growth limiter; 0 turns it off
   bool scale_front = false;         // sqrt(scale) applied before (true) or after the limiter
+  Rounding rounding;                // how bf16 parameters are stored (memopt/rounding.h)
 };
 
 // Validates a config (ValueError naming the key). String views, so the ops pass their schema's
 // `str` arguments and C++ callers pass std::string alike.
 ApolloConfig make_apollo_config(int64_t rank, c10::string_view proj, c10::string_view proj_type,
                                 c10::string_view scale_type, int64_t update_proj_gap,
-                                double scale, double norm_growth_limit, bool scale_front);
+                                double scale, double norm_growth_limit, bool scale_front,
+                                at::IntArrayRef rounding = {}, size_t n_params = 0);
 
 // Fused multi-tensor APOLLO update, apollo-torch 1.0.3's APOLLOAdamW.step for a rank group.
 // Per 2-D parameter (G = grad, t = step before the increment):
@@ -99,10 +101,10 @@ void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList e
       const Tensor &stats, const Tensor &lr, double beta1, double beta2, double eps,          \
       double weight_decay, int64_t rank, c10::string_view proj, c10::string_view proj_type,   \
       c10::string_view scale_type, int64_t update_proj_gap, double scale,                     \
-      double norm_growth_limit, bool scale_front
+      double norm_growth_limit, bool scale_front, at::IntArrayRef rounding
 #define MEMOPT_APOLLO_SHARD_CONFIG                                                           \
   make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,               \
-                     norm_growth_limit, scale_front)
+                     norm_growth_limit, scale_front, rounding, params.size())
 
 void apollo_shard_stats_(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList projs, TensorList seeds,

@@ -68,6 +68,20 @@ inline bool has_symbolic_shapes(std::initializer_list<TensorList> lists) {
 // The learning rate as a double; accepts a 0-dim/1-element tensor on any device.
 double read_lr(const Tensor& lr);
 
+// An op's `rounding` argument (memopt/rounding.h) for its n parameters: [] (nearest even) or
+// [seed, counter, id_0, ..., id_{n-1}]. The constructor checks the length.
+class Rounding {
+ public:
+  Rounding() = default;  // nearest
+  Rounding(at::IntArrayRef rounding, size_t n, const char* op);
+  bool stochastic() const { return !values_.empty(); }
+  // Parameter i's key at `step` (its step count after the increment; 0 without one).
+  uint64_t key(size_t i, double step) const;
+
+ private:
+  std::vector<int64_t> values_;
+};
+
 // Dispatches on (param dtype, state dtype): state is either the param dtype or float32.
 // Inside the lambda: scalar_t (param/grad storage), state_t (moment storage), opmath_t (compute).
 #define MEMOPT_DISPATCH_PARAM_STATE(PARAM_DTYPE, STATE_DTYPE, NAME, ...)                      \

@@ -36,7 +36,7 @@ void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                     at::IntArrayRef modes, const Tensor& lr, double beta1, double beta2,
                     double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
-                    int64_t rule);
+                    int64_t rule, at::IntArrayRef rounding = {});
 
 // How the FRUGAL kernels (CPU and CUDA, whole and row-sharded) see a non-contiguous parameter
 // (memopt/layout.h): Adam, active and free blocks are elementwise, so any dense layout is
@@ -73,7 +73,7 @@ void check_frugal_shard_inputs(TensorList params, TensorList grads, TensorList e
   TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,           \
       TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor &stats,     \
       const Tensor &lr, double beta1, double beta2, double eps, double weight_decay,          \
-      double proj_lr_scale, double free_lr_scale, int64_t rule
+      double proj_lr_scale, double free_lr_scale, int64_t rule, at::IntArrayRef rounding
 
 void frugal_shard_stats_(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
@@ -83,7 +83,8 @@ void frugal_shard_update_(TensorList params, TensorList grads, TensorList exp_av
                           TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                           at::IntArrayRef modes, const Tensor& stats, const Tensor& lr,
                           double beta1, double beta2, double eps, double weight_decay,
-                          double proj_lr_scale, double free_lr_scale, int64_t rule);
+                          double proj_lr_scale, double free_lr_scale, int64_t rule,
+                          at::IntArrayRef rounding = {});
 
 // ---- subspace selection (frugal_subspace.cpp) ---------------------------------------------
 // Random draws come from a CPU generator restored from `rng_state` (torch.Generator.get_state())

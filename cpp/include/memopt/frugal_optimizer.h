@@ -58,6 +58,8 @@ class Frugal : public PlanOptimizer<FrugalOptions, FrugalPlan> {
   // The op's arguments under begin_step's selection (before it: every tensor state-free); a
   // tensor without state (nullptr in l.states) passes empty tensors, which the op ignores.
   OpCall op_call(const FrugalOptions& o, const GroupLists& l) const override;
+  // Steps taken: the rounding counter of the state-free blocks, which have no step count.
+  int64_t rounding_counter() const override { return plan_.selection().t; }
   StateLayout loaded_layout(int64_t i) const override {
     return plan_.state(i, loading_ ? *loading_ : plan_.selection());
   }

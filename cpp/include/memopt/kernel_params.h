@@ -50,6 +50,11 @@ struct AdamWParams {
   double bc2_sqrt[kMaxTensors];   // sqrt(1 - beta2^t) (kApollo: 1)
   double beta1, beta2, eps;
   int32_t decay_after;            // 0: (pre, post) = (decay, 1); 1 (kApollo): (1, decay)
+  // bf16 params rounded stochastically (memopt/rounding.h): element j of slot s by the bits of
+  // (round_key[s], round_first[s] + j), its index in the parameter.
+  int32_t stochastic;
+  uint64_t round_key[kMaxTensors];
+  int64_t round_first[kMaxTensors];
   ChunkMap<kMaxTensors, 320> map;
 };
 static_assert(sizeof(AdamWParams) <= 4096, "kernel argument over 4 KiB");
@@ -132,6 +137,8 @@ struct ApolloUpdateParams {
   int64_t cols[kMaxTensors];
   int32_t mode[kMaxTensors];
   double lr_wd;
+  int32_t stochastic;  // bf16 params rounded stochastically with round_key (memopt/rounding.h)
+  uint64_t round_key[kMaxTensors];
   ChunkMap<kMaxTensors, 320> map;
 };
 static_assert(sizeof(ApolloUpdateParams) <= 4096, "kernel argument over 4 KiB");
@@ -156,10 +163,11 @@ struct AdamMiniSeg {
   // kRects only: a tile is cut into parts of at most kRectCols columns (parts_per_tile of them)
   // and a rectangle covers parts_per_rect parts and rect_rows rows of one band of tiles.
   int32_t parts_per_tile, parts_per_rect, rect_rows, rects_down, rects_across;
+  uint64_t round_key;  // the tensor's stochastic-rounding key (AdamMiniParams::stochastic)
 };
 
 struct AdamMiniParams {
-  static constexpr int kMaxSegs = 26;
+  static constexpr int kMaxSegs = 24;
   // Paths. Fused: one warp (kWarp) or CTA per tile, the tile's gradient held in registers
   // between its sum of squares and its update; a tile must be one contiguous run of at most
   // fused_capacity(path) elements. kTwoPass: any tiling, via partial sums in a scratch buffer.
@@ -178,6 +186,7 @@ struct AdamMiniParams {
   }
 
   Dtype param_dtype, state_dtype;  // grads have the param dtype, exp_avg_sq the state dtype
+  int32_t stochastic;              // bf16 params rounded stochastically (memopt/rounding.h)
   int32_t path;
   int32_t n_segs;
   int64_t n_units, n_tiles, n_partials;
@@ -220,6 +229,8 @@ struct FrugalSplitParams {
   double step_size[kMaxTensors];           // lr * proj_lr_scale / (1 - beta1^t)
   double bc2_sqrt[kMaxTensors];            // sqrt(1 - beta2^t)
   double decay, lr_free, beta1, beta2, eps;
+  int32_t stochastic;  // bf16 params rounded stochastically with round_key (memopt/rounding.h)
+  uint64_t round_key[kMaxTensors];
   ChunkMap<kMaxTensors, 320> map;
 };
 static_assert(sizeof(FrugalSplitParams) <= 4096, "kernel argument over 4 KiB");
@@ -254,6 +265,9 @@ struct FrugalProjUpdateParams {
   const void* t;
   int64_t ld_p, ld_t, gp_offset;
   double decay, lr_free;
+  int32_t stochastic;  // p[o * ld_p + j] is element first + o * ld_p + j of the parameter
+  uint64_t round_key;
+  int64_t first;
 };
 static_assert(sizeof(FrugalProjUpdateParams) <= 4096, "kernel argument over 4 KiB");
 int launch_frugal_proj_update(const FrugalProjUpdateParams& params, Stream stream);

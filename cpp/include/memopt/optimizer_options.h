@@ -15,11 +15,13 @@ namespace memopt {
 // An options class's fields, each declared once as X(type, name, default, absent): its TORCH_ARG
 // (whose setters return the class, for chaining) and its key in both serialize() overloads;
 // `absent` is what a checkpoint without the key reads as ({}: the key is required). Adam's
-// hyperparameters come first. `nonfinite` ("propagate" or "skip") is not saved: the
-// optimizer's defaults decide it for the whole step.
+// hyperparameters come first, then stochastic rounding of bf16 parameters (memopt/rounding.h;
+// a checkpoint from before it was rounded to nearest). `nonfinite` ("propagate" or "skip") is
+// not saved: the optimizer's defaults decide it for the whole step.
 #define MEMOPT_ADAM_FIELDS(X, WEIGHT_DECAY)                                    \
   X(double, lr, 1e-3, {}) X(betas_t, betas, (std::make_tuple(0.9, 0.999)), {}) \
-  X(double, eps, 1e-8, {}) X(double, weight_decay, WEIGHT_DECAY, {})
+  X(double, eps, 1e-8, {}) X(double, weight_decay, WEIGHT_DECAY, {})           \
+  X(bool, stochastic_rounding, false, false) X(int64_t, rounding_seed, 0, 0)
 #define MEMOPT_NO_FIELDS(X)
 #define MEMOPT_DECLARE_FIELD(T, name, value, absent) TORCH_ARG(T, name) = value;
 #define MEMOPT_WRITE_FIELD(T, name, value, absent) archive.write(#name, c10::IValue(name##_));

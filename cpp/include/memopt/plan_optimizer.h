@@ -18,44 +18,10 @@
 #include "memopt/layout.h"
 #include "memopt/nonfinite.h"
 #include "memopt/optimizer_options.h"
+#include "memopt/param_state.h"
 #include "memopt/plan.h"
 
 namespace memopt {
-
-// A parameter's state: its plan's tensors by key ("step", then the layout's keys), saved under
-// those keys, so checkpoints of every optimizer share one format.
-struct ParamState : public torch::optim::OptimizerCloneableParamState<ParamState> {
-  std::vector<std::pair<std::string, at::Tensor>> tensors;
-
-  bool has(const std::string& key) const {
-    for (const auto& kv : tensors)
-      if (kv.first == key) return true;
-    return false;
-  }
-  const at::Tensor& at(const std::string& key) const {  // raises ValueError if there is none
-    for (const auto& [k, t] : tensors)
-      if (k == key) return t;
-    TORCH_CHECK_VALUE(false, "optimizer state has no '", key, "'");
-  }
-  void set(const std::string& key, at::Tensor value) {
-    for (auto& [k, t] : tensors)
-      if (k == key) {
-        t = std::move(value);
-        return;
-      }
-    tensors.emplace_back(key, std::move(value));
-  }
-  void serialize(torch::serialize::InputArchive& archive) override {
-    tensors.clear();
-    for (const auto& key : archive.keys()) {
-      torch::Tensor t;  // fresh: try_read set_()s a defined tensor in place
-      if (archive.try_read(key, t)) tensors.emplace_back(key, t);
-    }
-  }
-  void serialize(torch::serialize::OutputArchive& archive) const override {
-    for (const auto& [key, t] : tensors) archive.write(key, t);
-  }
-};
 
 // Options: declared with MEMOPT_OPTIONS (optimizer_options.h), plus `void check() const` for
 // its own fields. Plan: an OptimizerPlan (BlockPlan, ApolloPlan, FrugalPlan).
@@ -109,7 +75,7 @@ class PlanOptimizer : public torch::optim::Optimizer {
         lists[i].states.push_back(it != changes.end() ? it->second.get() : state_of(p));
       }
       if (lists[i].params.empty()) continue;
-      calls.push_back(op_call(group_options(i), lists[i]));
+      calls.push_back(full_call(group_options(i), lists[i]));
       dispatch(calls.back(), /*validate=*/true);
     }
     for (auto& [key, state] : changes) {
@@ -285,11 +251,37 @@ class PlanOptimizer : public torch::optim::Optimizer {
         .findSchemaOrThrow(((validate ? "memopt::check_" : "memopt::") + call.op).c_str(), "")
         .callBoxed(&stack);
   }
+  // op_call's call with every op's last argument, `rounding` (memopt/rounding.h).
+  OpCall full_call(const Options& o, const GroupLists& l) const {
+    OpCall call = op_call(o, l);
+    call.args.emplace_back(rounding(o, l.params));
+    return call;
+  }
+  // Every op's last argument, `rounding` (memopt/rounding.h): [] or, with the group's
+  // stochastic_rounding, [seed, counter, each parameter's position over the groups] (the
+  // Python front end's ids: what a checkpoint numbers parameters by).
+  std::vector<int64_t> rounding(const Options& o, const std::vector<at::Tensor>& params) const {
+    if (!o.stochastic_rounding()) return {};
+    std::vector<int64_t> out{o.rounding_seed(), rounding_counter()};
+    for (const auto& p : params) {
+      int64_t k = 0;
+      for (const auto& group : param_groups_)
+        for (const auto& q : group.params()) {
+          if (q.is_same(p)) out.push_back(k);
+          ++k;
+        }
+    }
+    return out;
+  }
+  // The rounding counter: it must change every step for tensors without a step count.
+  virtual int64_t rounding_counter() const { return 0; }
   // Adam's hyperparameters, the nonfinite policy, then the options' check() (raises naming
   // the key).
   static void validate_options(const Options& o) {
     check_adam_hparams(o.lr(), std::get<0>(o.betas()), std::get<1>(o.betas()), o.eps(),
                        o.weight_decay());
+    TORCH_CHECK_VALUE(o.rounding_seed() >= 0, "rounding_seed must be >= 0, got ",
+                      o.rounding_seed());
     skips_nonfinite(o.nonfinite());
     o.check();
   }

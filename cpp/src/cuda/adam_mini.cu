@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       ok[u] = at[u] < len;
       gj[u] = held[k0 + u];
     }
-    update_n<kBatch>(p, m, at, ok, gj, decay, b1c, f);
+    update_n<kBatch>(p, m, at, ok, gj, decay, b1c, f, prm, sg, base);
   }
 }
 

@@ -52,10 +52,13 @@ __device__ __forceinline__ C block_factor(S* v, double sum_sq, double block_nume
 
 // Up to N elements (those with ok[u]) of p and m updated with the gradient gj and one factor
 // per element: all loads issued before any store (p and m may not be assumed distinct from
-// the compiler's view, so this order is what keeps N loads in flight).
+// the compiler's view, so this order is what keeps N loads in flight). p + at[u] is element
+// first + at[u] of the parameter (its index for stochastic rounding).
 template <int N, typename P, typename S, typename C, typename I>
 __device__ __forceinline__ void update_n(P* p, S* m, const I (&at)[N], const bool (&ok)[N],
-                                         const C (&gj)[N], C decay, C b1c, C f) {
+                                         const C (&gj)[N], C decay, C b1c, C f,
+                                         const AdamMiniParams& prm, const AdamMiniSeg& sg,
+                                         int64_t first) {
   C pj[N], mj[N];
 #pragma unroll
   for (int u = 0; u < N; ++u) {
@@ -66,7 +69,8 @@ __device__ __forceinline__ void update_n(P* p, S* m, const I (&at)[N], const boo
   for (int u = 0; u < N; ++u) {
     if (!ok[u]) continue;
     mj[u] = lerp(mj[u], gj[u], b1c);  // as cpu::block_update_span
-    store(p + at[u], pj[u] * decay - f * mj[u]);
+    store_param(p + at[u], pj[u] * decay - f * mj[u], prm.stochastic, sg.round_key,
+                first + at[u]);
     store(m + at[u], mj[u]);
   }
 }

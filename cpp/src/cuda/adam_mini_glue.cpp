@@ -124,6 +124,8 @@ struct Elementwise {
   void* v;
   int64_t n;
   const AdamScalars* s;
+  uint64_t round_key;
+  int64_t first;  // element index of p in its parameter
 };
 
 void* at_element(const Tensor& t, int64_t i) {
@@ -133,7 +135,7 @@ void* at_element(const Tensor& t, int64_t i) {
 void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor& lr_t, double beta1, double beta2, double eps,
-                    double weight_decay) {
+                    double weight_decay, const Rounding& rounding) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
   const double lr = read_lr(lr_t);
@@ -157,20 +159,23 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
     proto.param_dtype = dtype_of(params[idx[0]].scalar_type());
     proto.state_dtype = dtype_of(exp_avgs[idx[0]].scalar_type());
     proto.beta1 = beta1, proto.beta2 = beta2, proto.eps = eps;
+    proto.stochastic = rounding.stochastic();
     Planner plan(proto, launches, max_partials, max_tiles);
     std::vector<Elementwise> elems;
     for (const int64_t i : idx) {
+      const uint64_t key = rounding.stochastic() ? rounding.key(i, s[i].step) : 0;
       int64_t block = 0;  // index in exp_avg_sqs[i] of the segment's first block
       for (const Segment& seg : specs[i]) {
         if (seg.block_numel() == 1 && seg.row_stride == seg.cols) {  // plain Adam, as the CPU
           elems.push_back({at_element(params[i], seg.offset), at_element(g[i], seg.offset),
                            at_element(exp_avgs[i], seg.offset), at_element(exp_avg_sqs[i], block),
-                           seg.rows * seg.cols, &s[i]});
+                           seg.rows * seg.cols, &s[i], key, seg.offset});
         } else {
           AdamMiniSeg a{};
           a.p = params[i].data_ptr(), a.g = g[i].data_ptr(), a.m = exp_avgs[i].data_ptr();
           a.v = at_element(exp_avg_sqs[i], block);
           a.decay = s[i].decay, a.step_size = s[i].step_size, a.bc2_sqrt = s[i].bc2_sqrt;
+          a.round_key = key;
           plan.add_blocks(seg, a, proto.param_dtype);
         }
         block += seg.num_blocks();
@@ -202,6 +207,7 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
     AdamWParams prm{};
     prm.param_dtype = dtypes.first, prm.state_dtype = dtypes.second;
     prm.beta1 = beta1, prm.beta2 = beta2, prm.eps = eps;
+    prm.stochastic = rounding.stochastic();
     launch_chunked(
         "adam_mini_update_", prm, static_cast<int64_t>(elems.size()), kElementwiseChunk,
         [&](int64_t k) { return elems[k].n; },
@@ -211,6 +217,7 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
           prm.decay[slot] = e.s->decay;
           prm.step_size[slot] = e.s->step_size;
           prm.bc2_sqrt[slot] = e.s->bc2_sqrt;
+          prm.round_key[slot] = e.round_key, prm.round_first[slot] = e.first;
         },
         [&](const AdamWParams& launch) { return launch_adamw(launch, stream); });
   }
@@ -221,12 +228,14 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
 void adam_mini_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor& lr, double beta1, double beta2, double eps,
-                    double weight_decay) {
+                    double weight_decay, at::IntArrayRef rounding) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
+  const Rounding round(rounding, params.size(), "adam_mini_update_");
   AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs);
   adam_mini_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),
-                    layouts.exp_avg_sqs(), steps, blocks, lr, beta1, beta2, eps, weight_decay);
+                    layouts.exp_avg_sqs(), steps, blocks, lr, beta1, beta2, eps, weight_decay,
+                    round);
   layouts.write_back();
 }
 

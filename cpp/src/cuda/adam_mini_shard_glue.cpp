@@ -106,9 +106,11 @@ void block_sums_cuda(TensorList grads, at::IntArrayRef blocks, at::IntArrayRef s
 void shard_update_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                        TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                        at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
-                       double beta1, double beta2, double eps, double weight_decay) {
+                       double beta1, double beta2, double eps, double weight_decay,
+                       at::IntArrayRef rounding) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
+  check_shard_rounding(params, Rounding(rounding, params.size(), "adam_mini_shard_update_"));
   AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs, shards);
   shard_update_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),
                        layouts.exp_avg_sqs(), steps, blocks, shards, sums, lr, beta1, beta2, eps,

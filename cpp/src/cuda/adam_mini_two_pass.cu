@@ -167,7 +167,7 @@ __device__ __forceinline__ void update_strided(const AM& prm, const AdamMiniSeg&
       ok[u] = k + u < count;
       gj[u] = ok[u] ? load<C>(g + at[u]) : C(0);
     }
-    update_n<4>(p, m, at, ok, gj, decay, b1c, f);
+    update_n<4>(p, m, at, ok, gj, decay, b1c, f, prm, sg, 0);
   }
 }
 

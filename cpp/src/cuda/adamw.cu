@@ -23,6 +23,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams prm) 
   const C decay = prm.decay[slot], step_size = prm.step_size[slot], bc2 = prm.bc2_sqrt[slot];
   const C b1c = 1.0 - prm.beta1, b2 = prm.beta2, b2c = 1.0 - prm.beta2, eps = prm.eps;
   const C pre = prm.decay_after ? C(1) : decay, post = prm.decay_after ? decay : C(1);
+  const uint64_t key = prm.round_key[slot];
 
   for (int64_t base = 0; base < n; base += static_cast<int64_t>(kThreads) * kUnroll) {
     C gj[kUnroll], mj[kUnroll], vj[kUnroll], pj[kUnroll];
@@ -43,7 +44,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams prm) 
         mj[u] = lerp(mj[u], gj[u], b1c);
         vj[u] = b2 * vj[u] + b2c * gj[u] * gj[u];
         const C denom = sqrt(vj[u]) / bc2 + eps;
-        store(p + j, (pj[u] * pre - step_size * mj[u] / denom) * post);
+        store_param(p + j, (pj[u] * pre - step_size * mj[u] / denom) * post, prm.stochastic, key,
+                    prm.round_first[slot] + begin + j);
         store(m + j, mj[u]);
         store(v + j, vj[u]);
       }

@@ -12,7 +12,7 @@ constexpr int64_t kChunk = 65536;
 
 void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr_t, double beta1, double beta2, double eps,
-                double weight_decay, c10::string_view rule_name) {
+                double weight_decay, c10::string_view rule_name, const Rounding& rounding) {
   const AdamWRule rule = parse_adamw_rule(rule_name);
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
   const double lr = read_lr(lr_t);
@@ -29,6 +29,7 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
   AdamWParams prm{};
   prm.beta1 = beta1, prm.beta2 = beta2, prm.eps = eps;
   prm.decay_after = rule == AdamWRule::kApollo;
+  prm.stochastic = rounding.stochastic();
   for (const auto& idx : by_dtypes(params, exp_avgs)) {
     prm.param_dtype = dtype_of(params[idx[0]].scalar_type());
     prm.state_dtype = dtype_of(exp_avgs[idx[0]].scalar_type());
@@ -44,6 +45,8 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
           prm.decay[slot] = s[i].decay;
           prm.step_size[slot] = s[i].step_size;
           prm.bc2_sqrt[slot] = s[i].bc2_sqrt;
+          prm.round_key[slot] = rounding.stochastic() ? rounding.key(i, s[i].step) : 0;
+          prm.round_first[slot] = 0;
         },
         [&](const AdamWParams& launch) { return launch_adamw(launch, stream); });
   }
@@ -53,11 +56,12 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
 // (a non-contiguous parameter in its memory order, or staged), and the staged ones copied back.
 void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
-                double weight_decay, c10::string_view rule) {
+                double weight_decay, c10::string_view rule, at::IntArrayRef rounding) {
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
+  const Rounding round(rounding, params.size(), "adamw_update_");
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, any_order);
   adamw_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),
-                steps, lr, beta1, beta2, eps, weight_decay, rule);
+                steps, lr, beta1, beta2, eps, weight_decay, rule, round);
   layouts.write_back();
 }
 

@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kUpdateThreads) update_kernel(const ApolloUpda
           f = static_cast<C>(coef[mode == kApolloPerRow ? row0 + q : rem]);
         }
         const C x = pj[u] - f * gj[u];  // decay after the update, at the plain lr (apollo-torch)
-        store(p + j, x - lr_wd * x);
+        store_param(p + j, x - lr_wd * x, prm.stochastic, prm.round_key[slot], begin + j);
       }
     }
   }

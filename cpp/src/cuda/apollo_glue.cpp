@@ -96,10 +96,11 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
                  const Tensor& lr_t, double beta1, double beta2, double eps, double weight_decay,
                  int64_t rank, c10::string_view proj, c10::string_view proj_type,
                  c10::string_view scale_type, int64_t update_proj_gap, double scale,
-                 double norm_growth_limit, bool scale_front) {
+                 double norm_growth_limit, bool scale_front, at::IntArrayRef rounding) {
   // ---- validation, exactly the CPU op's, then what only CUDA needs; nothing written yet ----
   const ApolloConfig cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
-                                              scale, norm_growth_limit, scale_front);
+                                              scale, norm_growth_limit, scale_front, rounding,
+                                              params.size());
   check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                       cfg);
   const double lr = read_lr(lr_t);
@@ -233,6 +234,7 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
 
   ApolloUpdateParams up{};
   up.lr_wd = lr * weight_decay;
+  up.stochastic = cfg.rounding.stochastic();
   for (const auto& idx : by_dtypes(params, params)) {
     up.param_dtype = dtype_of(params[idx[0]].scalar_type());
     launch_chunked(
@@ -246,6 +248,8 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
           up.cols[slot] = params[i].size(1);
           up.mode[slot] = !cfg.channel ? kApolloPerTensor
                           : plans[i].left ? kApolloPerColumn : kApolloPerRow;
+          up.round_key[slot] =
+              up.stochastic ? cfg.rounding.key(i, static_cast<double>(plans[i].step_before + 1)) : 0;
         },
         [&](const ApolloUpdateParams& launch) { return launch_apollo_update(launch, stream); });
   }
@@ -258,15 +262,16 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  const Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
                  int64_t rank, c10::string_view proj, c10::string_view proj_type,
                  c10::string_view scale_type, int64_t update_proj_gap, double scale,
-                 double norm_growth_limit, bool scale_front) {
+                 double norm_growth_limit, bool scale_front, at::IntArrayRef rounding) {
   check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                       make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
-                                         scale, norm_growth_limit, scale_front));
+                                         scale, norm_growth_limit, scale_front, rounding,
+                                         params.size()));
   // R's channels are logical rows/columns: a non-contiguous weight is staged in logical order.
   ParamLayouts layouts(params, {}, logical_order_only);
   apollo_kernels(layouts.params(), grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
                  steps, lr, beta1, beta2, eps, weight_decay, rank, proj, proj_type, scale_type,
-                 update_proj_gap, scale, norm_growth_limit, scale_front);
+                 update_proj_gap, scale, norm_growth_limit, scale_front, rounding);
   layouts.write_back();
 }
 

@@ -248,7 +248,7 @@ void update_cuda(MEMOPT_APOLLO_SHARD_ARGS) {
   update_kernels(layouts.params(), grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
                  steps, offsets, global_sizes, shard_dims, stats, lr, beta1, beta2, eps,
                  weight_decay, rank, proj, proj_type, scale_type, update_proj_gap, scale,
-                 norm_growth_limit, scale_front);
+                 norm_growth_limit, scale_front, rounding);
   layouts.write_back();
 }
 

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "memopt/kernel_params.h"
+#include "memopt/rounding.h"
 
 namespace memopt::cuda {
 
@@ -29,6 +30,21 @@ __device__ __forceinline__ void store(T* ptr, C x) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) *ptr = __float2bfloat16_rn(static_cast<float>(x));
   else if constexpr (std::is_same_v<T, __half>) *ptr = __float2half_rn(static_cast<float>(x));
   else *ptr = static_cast<T>(x);
+}
+
+// Stores element `index` of a parameter: with `stochastic` (a bf16 parameter, memopt/rounding.h)
+// rounded by the bits of (key, index), the CPU loops' cpu::Stochastic exactly; else as store().
+template <typename T, typename C>
+__device__ __forceinline__ void store_param(T* ptr, C x, int32_t stochastic, uint64_t key,
+                                            int64_t index) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && std::is_same_v<C, float>) {
+    if (stochastic) {
+      *ptr = __ushort_as_bfloat16(
+          bf16_bits_stochastic(__float_as_uint(x), rounding_bits(key, index)));
+      return;
+    }
+  }
+  store(ptr, x);
 }
 
 // x rounded to the storage type S and back: what a value is once stored (the CPU ops compute

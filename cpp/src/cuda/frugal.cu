@@ -31,6 +31,8 @@ template <typename C>
 struct Step {
   C decay, lr_free, step_size, bc2, b1c, b2, b2c, eps;
   int rule;
+  int32_t stochastic;  // how p is stored: store_param's (cuda_common.cuh)
+  uint64_t key;
   // Free coordinates change at all (the CPU skips them for rule none without weight decay).
   __device__ bool free_writes() const { return rule != kRuleNone || decay != C(1); }
   // AdamW on one coordinate, cpu::adamw_span's order (and adamw.cu's).
@@ -87,7 +89,7 @@ __device__ int64_t fill_map(int32_t* map, const int32_t* idx, int64_t k, int64_t
 
 // Mode 2: the state-free rule on a flat tile of n elements.
 template <typename P, typename C>
-__device__ void free_tile(P* p, const P* g, int64_t n, const Step<C>& st) {
+__device__ void free_tile(P* p, const P* g, int64_t n, const Step<C>& st, int64_t first) {
   for (int64_t base = threadIdx.x; base < n; base += kThreads * kUnroll) {
     C pj[kUnroll], gj[kUnroll];
 #pragma unroll
@@ -98,7 +100,7 @@ __device__ void free_tile(P* p, const P* g, int64_t n, const Step<C>& st) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t j = base + u * kThreads;
-      if (j < n) store(p + j, st.free_rule(pj[u], gj[u]));
+      if (j < n) store_param(p + j, st.free_rule(pj[u], gj[u]), st.stochastic, st.key, first + j);
     }
   }
 }
@@ -119,11 +121,11 @@ __device__ __forceinline__ void update_batch(P* p, const P* g, S* m, S* v, const
   for (int u = 0; u < kUnroll; ++u) {
     if (e[u] < 0) continue;
     if (s[u] >= 0) {
-      store(p + e[u], st.adam(pj[u], gj[u], mj[u], vj[u]));
+      store_param(p + e[u], st.adam(pj[u], gj[u], mj[u], vj[u]), st.stochastic, st.key, e[u]);
       store(m + s[u], mj[u]);
       store(v + s[u], vj[u]);
     } else if (free_writes) {
-      store(p + e[u], st.free_rule(pj[u], gj[u]));
+      store_param(p + e[u], st.free_rule(pj[u], gj[u]), st.stochastic, st.key, e[u]);
     }
   }
 }
@@ -188,7 +190,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) frugal_split_kernel(c
   const Step<C> st{static_cast<C>(prm.decay), static_cast<C>(prm.lr_free),
                    static_cast<C>(prm.step_size[slot]), static_cast<C>(prm.bc2_sqrt[slot]),
                    static_cast<C>(1.0 - prm.beta1), static_cast<C>(prm.beta2),
-                   static_cast<C>(1.0 - prm.beta2), static_cast<C>(prm.eps), prm.rule};
+                   static_cast<C>(1.0 - prm.beta2), static_cast<C>(prm.eps), prm.rule,
+                   prm.stochastic, prm.round_key[slot]};
   P* p = static_cast<P*>(prm.p[slot]);
   const P* g = static_cast<const P*>(prm.g[slot]);
   S* m = static_cast<S*>(prm.m[slot]);
@@ -196,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) frugal_split_kernel(c
   const int64_t numel = prm.numel[slot], b = tile * SP::kTile;
   switch (prm.mode[slot]) {  // uniform per CTA
     case kFree:
-      free_tile(p + b, g + b, min(SP::kTile, numel - b), st);
+      free_tile(p + b, g + b, min(SP::kTile, numel - b), st, b);
       break;
     case kRandK:
       randk_tile(map, p, g, m, v, prm.idx[slot], prm.k[slot], b, min(SP::kTile, numel - b), st);
@@ -279,7 +282,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) proj_update_kernel(co
       C upd = pj[u] * decay - tj[u];  // for SGD tj = U - lr_free * Gp: G - Gp in two parts
       if (prm.rule == kRuleSign) upd -= lf * static_cast<C>((gj[u] > C(0)) - (gj[u] < C(0)));
       else if (prm.rule == kRuleSgd) upd -= lf * gj[u];
-      store(p + o * prm.ld_p, upd);
+      store_param(p + o * prm.ld_p, upd, prm.stochastic, prm.round_key, prm.first + o * prm.ld_p + j);
     }
   }
 }

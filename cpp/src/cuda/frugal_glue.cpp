@@ -75,6 +75,7 @@ void per_dtype_group(const FrugalCall& c, const std::vector<int64_t>& members, P
 
 void launch_whole(const FrugalCall& c, const std::vector<int64_t>& members) {
   AdamWParams prm{};
+  prm.stochastic = c.stochastic;
   per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx) {
     launch_chunked(
         "frugal_update_", prm, static_cast<int64_t>(idx.size()), kAdamChunk,
@@ -88,6 +89,7 @@ void launch_whole(const FrugalCall& c, const std::vector<int64_t>& members) {
           prm.decay[slot] = c.s[i].decay;
           prm.step_size[slot] = c.s[i].step_size;
           prm.bc2_sqrt[slot] = c.s[i].bc2_sqrt;
+          prm.round_key[slot] = c.round_key[i], prm.round_first[slot] = 0;
         },
         [&](const AdamWParams& launch) { return launch_adamw(launch, c.stream); });
   });
@@ -127,6 +129,7 @@ void launch_split(const FrugalCall& c, const std::vector<int64_t>& members) {
   SP prm{};
   prm.rule = static_cast<int32_t>(c.rule);
   prm.decay = c.decay, prm.lr_free = c.lr_free;
+  prm.stochastic = c.stochastic;
   per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx) {
     launch_chunked(
         "frugal_update_", prm, static_cast<int64_t>(idx.size()), /*chunk_size=*/1,
@@ -153,6 +156,7 @@ void launch_split(const FrugalCall& c, const std::vector<int64_t>& members) {
           prm.col_tiles[slot] = tiles[i].col_tiles;
           prm.step_size[slot] = stateful ? c.s[i].step_size : 0.0;
           prm.bc2_sqrt[slot] = stateful ? c.s[i].bc2_sqrt : 1.0;
+          prm.round_key[slot] = c.round_key[i];
         },
         [&](const SP& launch) { return launch_frugal_split(launch, c.stream); });
   });
@@ -162,7 +166,7 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                     at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
                     double weight_decay, double proj_lr_scale, double free_lr_scale, int64_t rule,
-                    const Tensor* left_stats) {
+                    const Tensor* left_stats, const Rounding& rounding) {
   if (params.empty()) return;
   check_cuda_inputs(params, subspaces, modes);
   const c10::DeviceGuard guard(params[0].device());
@@ -172,7 +176,8 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
   const size_t n = params.size();
   FrugalCall c{params, exp_avgs, exp_avg_sqs, subspaces, modes, std::vector<Tensor>(n),
                std::vector<AdamScalars>(n), beta1, beta2, eps, 1.0 - lr * weight_decay,
-               lr * proj_lr_scale * free_lr_scale, rule, current_stream(params[0].device())};
+               lr * proj_lr_scale * free_lr_scale, rule, current_stream(params[0].device()),
+               std::vector<uint64_t>(n, 0), rounding.stochastic()};
   std::vector<int64_t> whole, split, projected;
   std::vector<FrugalProjShape> shapes(n);
   std::vector<Tensor> pcs(n);  // each P in its compute type, as on the CPU (rank-sized)
@@ -202,11 +207,16 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
   // From here on steps advance and tensors are written.
   for (size_t i = 0; i < n; ++i) {
     const auto mode = static_cast<FrugalMode>(modes[i]);
-    if (mode == FrugalMode::FreeBlock) continue;
+    if (mode == FrugalMode::FreeBlock) {  // no step count: the key's counter changes per step
+      if (c.stochastic)
+        c.round_key[i] = rounding.key(i, steps[i].numel() == 1 ? steps[i].item<double>() : 0.0);
+      continue;
+    }
     // AdamW at lr for non-projectable tensors, lr * proj_lr_scale otherwise; decay at lr.
     const double lr_adam = mode == FrugalMode::Adam ? lr : lr * proj_lr_scale;
     c.s[i] = AdamScalars::make(lr_adam, beta1, beta2, eps, weight_decay, advance_step(steps[i]));
     c.s[i].decay = c.decay;
+    if (c.stochastic) c.round_key[i] = rounding.key(i, c.s[i].step);
   }
   if (!whole.empty()) launch_whole(c, whole);
   if (!split.empty()) launch_split(c, split);
@@ -231,11 +241,12 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
 void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
-                double free_lr_scale, int64_t rule, const Tensor* left_stats) {
+                double free_lr_scale, int64_t rule, const Tensor* left_stats,
+                const Rounding& rounding) {
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, frugal_order_free(modes));
   frugal_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),
                  steps, subspaces, modes, lr, beta1, beta2, eps, weight_decay, proj_lr_scale,
-                 free_lr_scale, rule, left_stats);
+                 free_lr_scale, rule, left_stats, rounding);
   layouts.write_back();
 }
 
@@ -244,13 +255,14 @@ namespace {
 void frugal_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr_t,
                  double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
-                 double free_lr_scale, int64_t rule) {
+                 double free_lr_scale, int64_t rule, at::IntArrayRef rounding) {
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                       proj_lr_scale, free_lr_scale, rule);
+  const Rounding round(rounding, params.size(), "frugal_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   frugal_run(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2, eps,
-             weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr);
+             weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr, round);
 }
 
 }  // namespace

@@ -17,7 +17,8 @@ namespace memopt::cuda {
 void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
-                double free_lr_scale, int64_t rule, const Tensor* left_stats);
+                double free_lr_scale, int64_t rule, const Tensor* left_stats,
+                const Rounding& rounding);
 
 struct FrugalCall {  // one op call after validation
   TensorList params, exp_avgs, exp_avg_sqs, subspaces;
@@ -27,6 +28,8 @@ struct FrugalCall {  // one op call after validation
   double beta1, beta2, eps, decay, lr_free;
   int64_t rule;
   Stream stream;
+  std::vector<uint64_t> round_key;  // per tensor, under stochastic rounding (memopt/rounding.h)
+  int32_t stochastic;
 };
 
 // Modes 6-7 (frugal_project.cpp's math). Right: G (rows x cols) P^T, P (r, cols), state

@@ -44,6 +44,7 @@ void frugal_projected_update(const FrugalCall& c, int64_t i, const FrugalProjSha
   up.param_dtype = ap.param_dtype, up.rule = ap.rule;
   up.decay = c.s[i].decay, up.lr_free = c.lr_free;
   up.ld_p = cols;
+  up.stochastic = c.stochastic, up.round_key = c.round_key[i];
 
   for (int64_t c0 = 0; c0 < sh.span; c0 += sh.chunk) {
     const int64_t n = std::min(sh.chunk, sh.span - c0);
@@ -74,6 +75,7 @@ void frugal_projected_update(const FrugalCall& c, int64_t i, const FrugalProjSha
     else at::mm_out(t, pc, lw.view({r, nb * n}));
     up.outer = right ? n : rows, up.inner = right ? cols : n;
     up.p = part(p).data_ptr(), up.g = part(g).data_ptr(), up.t = t.data_ptr();
+    up.first = right ? c0 * cols : c0;  // the chunk's first element in p
     up.ld_t = right ? nb * cols : nb * n;
     up.gp_offset = right ? cols : n;
     check_launch(launch_frugal_proj_update(up, c.stream), "frugal_update_");

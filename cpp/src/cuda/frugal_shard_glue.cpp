@@ -25,7 +25,7 @@ void check(const char* op, MEMOPT_FRUGAL_SHARD_ARGS) {
 
 void stats_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
   check("frugal_shard_stats_", params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-        stats, lr, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
+        stats, lr, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding);
   if (params.empty()) return;
   const c10::DeviceGuard guard(params[0].device());
   const at::NoTF32Guard no_tf32;  // fp32 products stay IEEE fp32, as the update's
@@ -46,9 +46,10 @@ void stats_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
 
 void update_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
   check("frugal_shard_update_", params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-        stats, lr, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule);
+        stats, lr, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding);
   frugal_run(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, read_lr(lr), beta1,
-             beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, &stats);
+             beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, &stats,
+             Rounding(rounding, params.size(), "frugal_shard_update_"));
 }
 
 }  // namespace

@@ -135,7 +135,9 @@ def _plan(args) -> int:
     print(f"\nGB = 1e9 bytes. Optimizer state is each optimizer's own planned_state_bytes() on the "
           f"meta device; activations: estimate for batch {args.batch_size} x {args.seq_len} "
           f"tokens, fused attention, {'' if args.checkpoint_activations else 'no '}activation "
-          "checkpointing (see memopt_core.app.plan.activation_bytes).")
+          "checkpointing (see memopt_core.app.plan.activation_bytes)." +
+          (" bf16 weights are updated with stochastic rounding, which keeps no state (its bits "
+           "are a hash of seed, parameter, step and element)." if args.dtype != "fp32" else ""))
     best = min(plans + [base], key=lambda p: p.total)
     flags = [f"--dtype {args.dtype}"] * (args.dtype != "fp32") + \
         ["--layerwise --grad-clip 0"] * best.layerwise + \

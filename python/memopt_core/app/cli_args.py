@@ -73,7 +73,12 @@ def add_train_args(p, steps, model):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="weights (and optimizer state) storage dtype")
+                   help="weights (and optimizer state) storage dtype; bf16 weights are updated "
+                        "with stochastic rounding (see --rounding)")
+    p.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic",
+                   help="how low-precision weights store each update: stochastic (unbiased, "
+                        "seeded by --seed; updates far below a bf16 step still count) or "
+                        "nearest (round to nearest even, which stalls small updates)")
     p.add_argument("--compute-dtype", choices=["fp32", "bf16"], default=None,
                    help="dtype of activations and arithmetic (default: the weights' dtype, but "
                         "fp32 for bf16 weights on a CPU without bf16 instructions, where bf16 "
@@ -96,7 +101,7 @@ def train_config(args, optimizer: str, **extra) -> TrainConfig:
                        dtype=args.dtype, data=args.data, tokenizer=args.tokenizer,
                        vocab_size=args.vocab_size, nonfinite=args.nonfinite,
                        checkpoint_activations=args.checkpoint_activations,
-                       compute_dtype=args.compute_dtype,
+                       compute_dtype=args.compute_dtype, rounding=args.rounding,
                        **{**base, **extra})
 
 

@@ -60,7 +60,9 @@ def plan(model: str, optimizer: str, *, dtype: str = "fp32", layerwise: bool = F
         if value not in DTYPES:
             raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
     net = build(model, device="meta").to(DTYPES[dtype])
-    opt = make_optimizer(optimizer, net, lr=1e-3, **opt_kwargs)
+    # as `memopt train` makes it: low-precision weights with stochastic rounding (no state)
+    opt = make_optimizer(optimizer, net, lr=1e-3, **{"stochastic_rounding": dtype != "fp32",
+                                                     **opt_kwargs})
     if layerwise and not opt.steps_single_params:
         raise ValueError(f"{optimizer} cannot be stepped layer-wise")
     params = list(net.parameters())

@@ -69,7 +69,7 @@ class Trainer:
             shard_model(self.model, spec and spec.cls.fsdp_placement(**cfg.optimizer_kwargs))
         self.opt = make_optimizer(cfg.optimizer, self.model, lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay, nonfinite=cfg.nonfinite,
-                                  **cfg.optimizer_kwargs)
+                                  **cfg.rounding_kwargs, **cfg.optimizer_kwargs)
         warmup = max(1, int(cfg.steps * cfg.warmup))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, WarmupCosine(cfg.steps, warmup, cfg.min_lr))

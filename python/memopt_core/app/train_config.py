@@ -40,6 +40,7 @@ class TrainConfig:
     checkpoint_activations: bool = False  # recompute each layer in backward (models.run_layers)
     dtype: str = "fp32"        # weights (and optimizer state) dtype: fp32 or bf16
     compute_dtype: Optional[str] = None  # fp32 / bf16; None: by device (compute_dtype.py)
+    rounding: str = "stochastic"  # of bf16 weights: "stochastic" (seeded by seed) or "nearest"
     eval_every: int = 0        # 0: validate at the end only
     eval_batches: int = 8
     seed: int = 0
@@ -52,6 +53,13 @@ class TrainConfig:
     # "propagate": torch's behaviour
     nonfinite: str = "skip"
     fsdp: bool = False         # FSDP2 over the initialised process group (see the module doc)
+
+    @property
+    def rounding_kwargs(self) -> dict:
+        """The optimizer options of `rounding`: stochastic rounding for low-precision weights,
+        seeded by the run's seed (fp32 weights have nothing to round)."""
+        sr = self.rounding == "stochastic" and self.dtype != "fp32"
+        return dict(stochastic_rounding=True, rounding_seed=self.seed & (2 ** 63 - 1)) if sr else {}
 
     def __post_init__(self):
         if self.lr is None and self.optimizer in OPTIMIZERS:  # an unknown name: check() says so
@@ -77,6 +85,8 @@ class TrainConfig:
                              "(--grad-clip 0) with --layerwise")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"rounding must be 'stochastic' or 'nearest', got {self.rounding!r}")
         if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)} or None (by "
                              f"device), got {self.compute_dtype!r}")

@@ -4,6 +4,7 @@
 // every thread of the block / warp waits. It checks a kernel's indexing, reductions and numerics
 // against the CPU ops; it cannot show races (threads run in a fixed order) or timing.
 #pragma once
+#include <cstring>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -109,6 +110,11 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& fn) {
 }  // namespace emu
 
 inline void __syncthreads() { emu::wait(emu::kBlock); }
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
 // Barrier that also counts the threads whose predicate is non-zero: tally, read, then reset
 // (each step behind a barrier, so no thread reads before all have added or adds before reset).
 inline int __syncthreads_count(int pred) {
