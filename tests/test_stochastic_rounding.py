@@ -310,3 +310,42 @@ def test_memopt_train_rounds_bf16_weights_stochastically(dtype, rounding, expect
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     assert "stochastic rounding" in " ".join(capsys.readouterr().out.split())
+
+
+def _fsdp_worker(rank, world, names):
+    """Each optimizer with stochastic rounding on a bf16 tiny LLaMA under FSDP2 (dist_cases'
+    model, synthetic gradients), three steps, twice, then rounded to nearest: the full parameters of the three runs."""
+    from dist_cases import build, snapshot, train
+    out = {}
+    for name in names:
+        runs = []
+        for sr in (True, True, False):
+            model, inner, opt = build(name, "fsdp", torch.bfloat16, world=world, rank=rank)
+            for g in opt.param_groups:
+                g.update(stochastic_rounding=sr, rounding_seed=SEED)
+            train(model, inner, opt, 3, synthetic=True, rank=rank, world=world)
+            runs.append(snapshot(inner, opt)["params"])
+        out[name] = runs
+    return out if rank == 0 else {}
+
+
+def test_fsdp2_rounds_stochastically_and_reproducibly():
+    """Under FSDP2 (2 ranks, gloo) every optimizer rounds its shards stochastically: a run is
+    reproducible, and within the bf16 steps its roundings can part it by from the one-process
+    run (each shard draws its own bits, README)."""
+    from dist_cases import build, snapshot, train
+    from dist_util import run_workers
+    names = ["adamw", "adam_mini", "apollo_mini", "frugal"]
+    got = run_workers(_fsdp_worker, 2, names)[0]
+    for name in names:
+        first, again, nearest = got[name]
+        assert same(first, again) and not same(first, nearest), name
+        model, inner, opt = build(name, None, torch.bfloat16)
+        for g in opt.param_groups:
+            g.update(stochastic_rounding=True, rounding_seed=SEED)
+        train(model, inner, opt, 3, synthetic=True)
+        for a, b in zip(first, snapshot(inner, opt)["params"]):
+            # the updates are equal (so are the gradients); each step's rounding may part the
+            # runs by one bf16 step of the values it rounds (at most the tensor's largest)
+            step = 2.0 ** (torch.log2(b.float().abs().max()).floor() - 7)
+            assert (a.float() - b.float()).abs().max() <= 3 * step, name
