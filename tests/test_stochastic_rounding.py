@@ -349,3 +349,27 @@ def test_fsdp2_rounds_stochastically_and_reproducibly():
             # runs by one bf16 step of the values it rounds (at most the tensor's largest)
             step = 2.0 ** (torch.log2(b.float().abs().max()).floor() - 7)
             assert (a.float() - b.float()).abs().max() <= 3 * step, name
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam_mini", "apollo_mini"])
+def test_compiled_step_rounds_as_eager(name):
+    """torch.compile(opt.step, fullgraph=True): the rounding argument is a constant of the graph
+    (the step count, which the key mixes in, is read by the op), so one compilation serves every
+    step and draws the eager step's bits."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    runs, counter = [], None
+    for compiled in (False, True):
+        model = tiny()
+        opt = COMPILABLE[name](model, lr=torch.tensor(1e-3), stochastic_rounding=True,
+                               rounding_seed=SEED)
+        step = opt.step
+        if compiled:
+            torch._dynamo.reset()
+            counter = CompileCounterWithBackend("aot_eager")
+            opt.init_state(pooled=False)
+            step = torch.compile(opt.step, backend=counter, fullgraph=True)
+        for s in range(3):
+            set_grads(model, s)
+            step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert same(*runs) and counter.frame_count == 1

@@ -31,8 +31,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:  # lowbias32 on int64 lanes holding
 def bits(k: int, index: torch.Tensor) -> torch.Tensor:
     """The random bits of elements `index` (int64) under key k."""
     lo, hi = index & M32, index >> 32
-    x = _mix32(lo ^ (k & M32))
-    return _mix32((x + ((k >> 32) ^ ((hi * 0x9E3779B9) & M32))) & M32)
+    return _mix32(((lo ^ (k & M32)) + ((k >> 32) ^ ((hi * 0x9E3779B9) & M32))) & M32)
 
 
 def round_bf16(x: torch.Tensor, k: int, first: int = 0) -> torch.Tensor:

@@ -47,11 +47,13 @@ MEMOPT_HOST_DEVICE uint32_t mix32(uint32_t x) {
   return x ^ (x >> 15);
 }
 
-// The random bits of element `index` under `key`; the low 16 round it.
+// The random bits of element `index` under `key`; the low 16 round it. One mix of an input that
+// is a bijection of the index for a given key (so a tensor's elements never share bits), which
+// the key's 64 bits already made independent between steps and tensors.
 MEMOPT_HOST_DEVICE uint32_t rounding_bits(uint64_t key, int64_t index) {
   const uint64_t e = static_cast<uint64_t>(index);
-  const uint32_t x = mix32(static_cast<uint32_t>(e) ^ static_cast<uint32_t>(key));
-  return mix32(x + (static_cast<uint32_t>(key >> 32) ^ (static_cast<uint32_t>(e >> 32) * 0x9e3779b9u)));
+  const uint32_t lo = static_cast<uint32_t>(e) ^ static_cast<uint32_t>(key);
+  return mix32(lo + (static_cast<uint32_t>(key >> 32) ^ (static_cast<uint32_t>(e >> 32) * 0x9e3779b9u)));
 }
 
 // The bf16 bits of the float with bits `u`, rounded up in magnitude when the 16 bits dropped
