@@ -20,7 +20,7 @@ import torch
 
 import memopt_core
 from memopt_core.app.compute_dtype import resolve_compute_dtype
-from memopt_core.app.memory import train_peak
+from memopt_core.app.memory import release_freed_memory, train_peak
 from memopt_core.app.models import Llama, llama_config, materialize
 from memopt_core.app.plan import GB, plan
 from memopt_core.app.train_config import DTYPES, dtype_name
@@ -28,6 +28,7 @@ from harness import commit, machine
 
 
 def main() -> None:
+    torch.manual_seed(0)  # the same initial weights every run
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-7b")
     ap.add_argument("--optimizer", default="apollo_mini", choices=list(memopt_core.OPTIMIZERS))
@@ -37,9 +38,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--malloc", default="release", choices=["release", "default"],
+                    help="CPU: release freed memory to the OS at once (memory.release_freed_memory: "
+                         "a lower peak RSS, slower steps) or glibc's default")
+    ap.add_argument("--rounding", default="stochastic", choices=["stochastic", "nearest"],
+                    help="of low-precision weights, as `memopt train --rounding`")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    released = device.type == "cpu" and a.malloc == "release" and release_freed_memory()
     compute = resolve_compute_dtype(dtype, device, a.compute_dtype)
     compute_name = dtype_name(compute)
 
@@ -48,11 +55,14 @@ def main() -> None:
         model = Llama(llama_config(a.model))
     materialize(model, device, dtype)
     model.checkpoint_activations, model.compute_dtype = True, compute
-    opt = memopt_core.make_optimizer(a.optimizer, model, lr=a.lr)
+    sr = a.rounding == "stochastic" and a.dtype != "fp32"  # as memopt train (TrainConfig)
+    opt = memopt_core.make_optimizer(a.optimizer, model, lr=a.lr, stochastic_rounding=sr)
     layerwise = memopt_core.LayerwiseStep(opt)
     print(f"{a.model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, "
-          f"{a.dtype} weights, {compute_name} compute, {a.optimizer}, layer-wise, activation "
-          f"checkpointing, batch {a.batch_size} x {a.seq_len}; built in "
+          f"{a.dtype} weights ({'stochastic' if sr else 'nearest'} rounding), {compute_name} "
+          f"compute, {a.optimizer}, layer-wise, activation "
+          f"checkpointing, batch {a.batch_size} x {a.seq_len}"
+          f"{', freed memory released at once' if released else ''}; built in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, model.config.vocab_size, (a.batch_size, a.seq_len + 1),

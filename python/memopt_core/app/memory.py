@@ -4,6 +4,7 @@ allocator's peak counter)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
 import time
@@ -14,6 +15,21 @@ import torch
 from ..reporting import tensor_bytes
 
 MiB = 2 ** 20
+
+
+def release_freed_memory() -> bool:
+    """Make glibc hand freed CPU memory back to the OS at once: every allocation over 64 KiB gets
+    its own mapping (unmapped on free) and the heap is trimmed whenever it can be. By default
+    glibc keeps freed heap blocks for reuse, and a 7B step's mix of tensor sizes leaves GBs of
+    them resident (Llama-2-7B, bf16, ApolloMini: peak RSS 18.99 GB with the default, 16.83 GB
+    with this, the allocator's own peak 15.50 GB in both; each step about 15% slower, page
+    faults). False where the C library is not glibc (nothing changed)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+    return bool(libc.mallopt(m_mmap_threshold, 65536)) and bool(libc.mallopt(m_trim_threshold, 0))
 
 
 @contextlib.contextmanager
