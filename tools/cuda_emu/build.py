@@ -47,9 +47,10 @@ def build(out_dir: Path) -> Path:
     lib = out_dir / "libmemopt_cuda_emu.so"
     kernels = [k for k in sorted(CUDA.glob("*.cu")) if k.name != "error.cu"]
     glue = sorted(CUDA.glob("*_glue.cpp"))
+    # (every public header: the kernels include kernel_params.h and rounding.h, the glue more)
     sources = kernels + glue + sorted(CUDA.glob("*.h")) + sorted(CUDA.glob("*.cuh")) + \
-        sorted((HERE / "include").glob("*.h")) + [ROOT / "cpp/include/memopt/kernel_params.h",
-                                                   Path(__file__)]
+        sorted((HERE / "include").glob("*.h")) + \
+        sorted((ROOT / "cpp/include/memopt").glob("*.h")) + [Path(__file__)]
     if lib.exists() and lib.stat().st_mtime > max(s.stat().st_mtime for s in sources):
         return lib
     torch_lib = Path(torch.__file__).parent / "lib"
