@@ -204,9 +204,9 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
         using C = at::opmath_type<scalar_t>;
         auto* pp = p.data_ptr<scalar_t>();
         const auto* gp = g.data_ptr<scalar_t>();
-        // No step count: the key's `counter` (the optimizer's step) changes it every step.
-        const double t = steps[i].numel() == 1 ? steps[i].item<double>() : 0.0;
-        cpu::with_rounding<scalar_t>(rounding, i, t, [&](const auto& round) {
+        // State-free, no step count (step 0): the key's `counter`, the optimizer's step,
+        // changes it every step.
+        cpu::with_rounding<scalar_t>(rounding, i, 0.0, [&](const auto& round) {
           at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
             free_span<scalar_t, C>(pp + b, gp + b, e - b, cpu::load<C>(1.0 - lr * weight_decay),
                                    cpu::load<C>(lr_free), rule, round.at(b));

@@ -262,15 +262,12 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // Python front end's ids: what a checkpoint numbers parameters by).
   std::vector<int64_t> rounding(const Options& o, const std::vector<at::Tensor>& params) const {
     if (!o.stochastic_rounding()) return {};
+    ska::flat_hash_map<void*, int64_t> position;
+    for (const auto& group : param_groups_)
+      for (const auto& q : group.params())
+        position.emplace(q.unsafeGetTensorImpl(), static_cast<int64_t>(position.size()));
     std::vector<int64_t> out{o.rounding_seed(), rounding_counter()};
-    for (const auto& p : params) {
-      int64_t k = 0;
-      for (const auto& group : param_groups_)
-        for (const auto& q : group.params()) {
-          if (q.is_same(p)) out.push_back(k);
-          ++k;
-        }
-    }
+    for (const auto& p : params) out.push_back(position.at(p.unsafeGetTensorImpl()));
     return out;
   }
   // The rounding counter: it must change every step for tensors without a step count.

@@ -53,7 +53,8 @@ MEMOPT_HOST_DEVICE uint32_t mix32(uint32_t x) {
 MEMOPT_HOST_DEVICE uint32_t rounding_bits(uint64_t key, int64_t index) {
   const uint64_t e = static_cast<uint64_t>(index);
   const uint32_t lo = static_cast<uint32_t>(e) ^ static_cast<uint32_t>(key);
-  return mix32(lo + (static_cast<uint32_t>(key >> 32) ^ (static_cast<uint32_t>(e >> 32) * 0x9e3779b9u)));
+  const uint32_t hi = static_cast<uint32_t>(key >> 32) ^ (static_cast<uint32_t>(e >> 32) * 0x9e3779b9u);
+  return mix32(lo + hi);
 }
 
 // The bf16 bits of the float with bits `u`, rounded up in magnitude when the 16 bits dropped

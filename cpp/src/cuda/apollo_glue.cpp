@@ -248,8 +248,8 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
           up.cols[slot] = params[i].size(1);
           up.mode[slot] = !cfg.channel ? kApolloPerTensor
                           : plans[i].left ? kApolloPerColumn : kApolloPerRow;
-          up.round_key[slot] =
-              up.stochastic ? cfg.rounding.key(i, static_cast<double>(plans[i].step_before + 1)) : 0;
+          const double t = static_cast<double>(plans[i].step_before + 1);  // after the increment
+          up.round_key[slot] = up.stochastic ? cfg.rounding.key(i, t) : 0;
         },
         [&](const ApolloUpdateParams& launch) { return launch_apollo_update(launch, stream); });
   }

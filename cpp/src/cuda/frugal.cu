@@ -282,7 +282,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) proj_update_kernel(co
       C upd = pj[u] * decay - tj[u];  // for SGD tj = U - lr_free * Gp: G - Gp in two parts
       if (prm.rule == kRuleSign) upd -= lf * static_cast<C>((gj[u] > C(0)) - (gj[u] < C(0)));
       else if (prm.rule == kRuleSgd) upd -= lf * gj[u];
-      store_param(p + o * prm.ld_p, upd, prm.stochastic, prm.round_key, prm.first + o * prm.ld_p + j);
+      store_param(p + o * prm.ld_p, upd, prm.stochastic, prm.round_key,
+                  prm.first + o * prm.ld_p + j);
     }
   }
 }

@@ -207,9 +207,8 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
   // From here on steps advance and tensors are written.
   for (size_t i = 0; i < n; ++i) {
     const auto mode = static_cast<FrugalMode>(modes[i]);
-    if (mode == FrugalMode::FreeBlock) {  // no step count: the key's counter changes per step
-      if (c.stochastic)
-        c.round_key[i] = rounding.key(i, steps[i].numel() == 1 ? steps[i].item<double>() : 0.0);
+    if (mode == FrugalMode::FreeBlock) {  // no step count (step 0): the counter changes per step
+      if (c.stochastic) c.round_key[i] = rounding.key(i, 0.0);
       continue;
     }
     // AdamW at lr for non-projectable tensors, lr * proj_lr_scale otherwise; decay at lr.
