@@ -23,7 +23,7 @@ from memopt_core.app.compute_dtype import resolve_compute_dtype
 from memopt_core.app.memory import release_freed_memory, train_peak
 from memopt_core.app.models import Llama, llama_config, materialize
 from memopt_core.app.plan import GB, plan
-from memopt_core.app.train_config import DTYPES, dtype_name
+from memopt_core.app.train_config import DTYPES, dtype_name, rounding_kwargs
 from harness import commit, machine
 
 
@@ -55,11 +55,11 @@ def main() -> None:
         model = Llama(llama_config(a.model))
     materialize(model, device, dtype)
     model.checkpoint_activations, model.compute_dtype = True, compute
-    sr = a.rounding == "stochastic" and a.dtype != "fp32"  # as memopt train (TrainConfig)
-    opt = memopt_core.make_optimizer(a.optimizer, model, lr=a.lr, stochastic_rounding=sr)
+    rounding = rounding_kwargs(a.rounding, a.dtype)  # as memopt train
+    opt = memopt_core.make_optimizer(a.optimizer, model, lr=a.lr, **rounding)
     layerwise = memopt_core.LayerwiseStep(opt)
     print(f"{a.model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, "
-          f"{a.dtype} weights ({'stochastic' if sr else 'nearest'} rounding), {compute_name} "
+          f"{a.dtype} weights ({'stochastic' if rounding else 'nearest'} rounding), {compute_name} "
           f"compute, {a.optimizer}, layer-wise, activation "
           f"checkpointing, batch {a.batch_size} x {a.seq_len}"
           f"{', freed memory released at once' if released else ''}; built in "

@@ -12,7 +12,7 @@ from typing import Optional
 
 from .memory import distinct_bytes
 from .models import build, num_params
-from .train_config import DTYPES
+from .train_config import DTYPES, rounding_kwargs
 from ..registry import make_optimizer
 
 GB = 1e9  # decimal, as the papers report (Adam-mini: 53.92 GB for Llama-2-7B AdamW state)
@@ -61,7 +61,7 @@ def plan(model: str, optimizer: str, *, dtype: str = "fp32", layerwise: bool = F
             raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
     net = build(model, device="meta").to(DTYPES[dtype])
     # as `memopt train` makes it: low-precision weights with stochastic rounding (no state)
-    opt = make_optimizer(optimizer, net, lr=1e-3, **{"stochastic_rounding": dtype != "fp32",
+    opt = make_optimizer(optimizer, net, lr=1e-3, **{**rounding_kwargs("stochastic", dtype),
                                                      **opt_kwargs})
     if layerwise and not opt.steps_single_params:
         raise ValueError(f"{optimizer} cannot be stepped layer-wise")

@@ -12,6 +12,15 @@ from ..registry import OPTIMIZERS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def rounding_kwargs(rounding: str, dtype: str, seed: int = 0) -> dict:
+    """The optimizer options of a run's `rounding` ("stochastic" / "nearest") for its weights'
+    dtype: stochastic rounding of low-precision weights, seeded by the run's seed (fp32 weights
+    have nothing to round)."""
+    if rounding != "stochastic" or dtype == "fp32":
+        return {}
+    return dict(stochastic_rounding=True, rounding_seed=seed & (2 ** 63 - 1))
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """DTYPES' name of a dtype ("fp32", "bf16")."""
     return next(name for name, d in DTYPES.items() if d == dtype)
@@ -56,10 +65,7 @@ class TrainConfig:
 
     @property
     def rounding_kwargs(self) -> dict:
-        """The optimizer options of `rounding`: stochastic rounding for low-precision weights,
-        seeded by the run's seed (fp32 weights have nothing to round)."""
-        sr = self.rounding == "stochastic" and self.dtype != "fp32"
-        return dict(stochastic_rounding=True, rounding_seed=self.seed & (2 ** 63 - 1)) if sr else {}
+        return rounding_kwargs(self.rounding, self.dtype, self.seed)
 
     def __post_init__(self):
         if self.lr is None and self.optimizer in OPTIMIZERS:  # an unknown name: check() says so
