@@ -3,14 +3,14 @@
 
 #include <algorithm>
 
-#include "cpu_loops.h"
+#include "cpu_params.h"
 
 namespace memopt {
 
 void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                             TensorList exp_avg_sqs, TensorList steps,
-                            const std::vector<BlockSpec>& specs) {
-  check_update_lists("adam_mini_update_", params, grads, exp_avgs, steps);
+                            const std::vector<BlockSpec>& specs, TensorList weight_scales) {
+  check_update_lists("adam_mini_update_", params, grads, exp_avgs, steps, weight_scales);
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size() && specs.size() == params.size(),
                     "adam_mini_update_: ", params.size(), " params but ", exp_avg_sqs.size(),
                     " exp_avg_sqs and ", specs.size(), " block specs");
@@ -24,6 +24,16 @@ void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_
     TORCH_CHECK_TYPE(v.scalar_type() == exp_avgs[i].scalar_type() &&
                          v.device() == params[i].device(),
                      what, ": exp_avg_sq must have exp_avg's dtype and device");
+    const Tensor& scales = weight_scale(weight_scales, i);
+    if (scales.defined() && scales.numel() > 0) {  // int8: every block row is whole groups
+      const int64_t group = int8_group(params[i], scales);
+      for (const Segment& seg : specs[i])
+        TORCH_CHECK_VALUE(seg.offset % group == 0 && seg.row_stride % group == 0 &&
+                              seg.cols % group == 0,
+                          what, ": int8 weight with groups of ", group, " elements, but its "
+                          "blocks' rows (", seg.cols, " elements every ", seg.row_stride,
+                          " from ", seg.offset, ") do not cover whole groups");
+    }
   }
 }
 
@@ -75,15 +85,15 @@ AdamMiniLayouts::AdamMiniLayouts(TensorList params, TensorList exp_avgs, TensorL
 namespace {
 
 // Rows of one segment as pointers; element (r, c) of the segment is base[offset + r*stride + c].
-template <typename P, typename S, typename C, typename R = cpu::Nearest>
+// Store: how p is written (cpu_params.h); an int8 store edits whole rows only.
+template <typename G, typename S, typename C, typename Store>
 struct SegmentKernel {
-  P* p;
-  const P* g;
+  Store store;
+  const G* g;
   S* m;
   S* v;  // this segment's blocks
   const Segment& seg;
   const AdamScalars& s;
-  R round = {};  // how p is stored (cpu_loops.h), indexed from p
 
   C block_factor(int64_t b, double sum_sq) const {
     const C vb = cpu::load<C>(s.beta2) * cpu::load<C>(v[b]) +
@@ -94,11 +104,17 @@ struct SegmentKernel {
             cpu::load<C>(s.eps));
   }
   int64_t row(int64_t r) const { return seg.offset + r * seg.row_stride; }
-  void update_tile_row(int64_t r, int64_t bj, C f) const {
-    const int64_t at = row(r) + bj * seg.tile_cols;
-    cpu::block_update_span<P, S, C>(p + at, g + at, m + at, seg.tile_cols,
-                                    cpu::load<C>(s.decay), cpu::load<C>(1.0 - s.beta1), f,
-                                    round.at(at));
+  // Row r's tiles, tile bj with factor f(bj).
+  template <typename F>
+  void update_row(int64_t r, F&& f) const {
+    const int64_t at = row(r), tc = seg.tile_cols;
+    const C decay = cpu::load<C>(s.decay), b1c = cpu::load<C>(1.0 - s.beta1);
+    store.edit(at, seg.cols, [&](auto* pr, const auto& round) {
+      using P = std::remove_pointer_t<decltype(pr)>;
+      for (int64_t bj = 0; bj < seg.cols / tc; ++bj)
+        cpu::block_update_span<P, S, C>(pr + bj * tc, g + at + bj * tc, m + at + bj * tc, tc,
+                                        decay, b1c, f(bj), round.at(bj * tc));
+    });
   }
 
   // Tiles spanning whole rows, many of them: each thread reduces and updates its own tiles
@@ -112,7 +128,7 @@ struct SegmentKernel {
           acc += cpu::sum_squares(g + row(r), seg.cols);
         const C f = block_factor(bi, acc);
         for (int64_t r = bi * seg.tile_rows; r < (bi + 1) * seg.tile_rows; ++r)
-          update_tile_row(r, 0, f);
+          update_row(r, [f](int64_t) { return f; });
       }
     });
   }
@@ -138,7 +154,7 @@ struct SegmentKernel {
     }
     at::parallel_for(0, seg.rows, std::max<int64_t>(1, kGrain / seg.cols), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        for (int64_t bj = 0; bj < tpr; ++bj) update_tile_row(r, bj, factor[(r / seg.tile_rows) * tpr + bj]);
+        update_row(r, [&](int64_t bj) { return factor[(r / seg.tile_rows) * tpr + bj]; });
     });
   }
 
@@ -163,8 +179,10 @@ struct SegmentKernel {
     };
     auto update = [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
       for (int64_t r = r0; r < r1; ++r)
-        cpu::column_update_span<P, S, C>(p + row(r) + c0, g + row(r) + c0, m + row(r) + c0, n,
-                                         decay, b1c, factor + c0, round.at(row(r) + c0));
+        store.edit(row(r) + c0, n, [&](auto* pr, const auto& round) {
+          cpu::column_update_span<std::remove_pointer_t<decltype(pr)>, S, C>(
+              pr, g + row(r) + c0, m + row(r) + c0, n, decay, b1c, factor + c0, round);
+        });
     };
     const int64_t row_grain = std::max<int64_t>(1, kGrain / cols);
     const int64_t tile_grain = std::max<int64_t>(1, std::max<int64_t>(16, kGrain / seg.tile_rows) / tc);
@@ -182,6 +200,13 @@ struct SegmentKernel {
         at::parallel_for(r0, r1, row_grain, [&](int64_t a, int64_t b) { update(a, b, 0, cols); });
         continue;
       }
+      if constexpr (std::is_same_v<Store, cpu::Int8Param>) {  // whole rows: one thread each
+        std::fill(acc, acc + cols, 0.0);
+        for (int64_t r = r0; r < r1; ++r) cpu::add_squares(acc, g + row(r), cols);
+        factors(band, 0, tpr);
+        at::parallel_for(r0, r1, row_grain, [&](int64_t a, int64_t b) { update(a, b, 0, cols); });
+        continue;
+      }
       at::parallel_for(0, tpr, tile_grain, [&](int64_t t0, int64_t t1) {
         const int64_t c0 = t0 * tc, n = (t1 - t0) * tc;
         std::fill(acc + c0, acc + c0 + n, 0.0);
@@ -193,7 +218,7 @@ struct SegmentKernel {
   }
   static int64_t row_split_threads(const Segment& seg) {
     const int64_t t = at::get_num_threads();
-    return t > 1 && t * 8 * 128 <= seg.tile_rows * static_cast<int64_t>(sizeof(P)) ? t : 1;
+    return t > 1 && t * 8 * 128 <= seg.tile_rows * static_cast<int64_t>(sizeof(G)) ? t : 1;
   }
   static bool use_column_bands(const Segment& seg) {
     return seg.tile_cols <= 16 && seg.tile_cols < seg.cols && seg.cols >= 16;
@@ -221,8 +246,9 @@ void adam_mini_update_(TensorList params_in, TensorList grads_in, TensorList exp
                        TensorList exp_avg_sqs_in, TensorList steps,
                        const std::vector<BlockSpec>& specs, const Tensor& lr_t, double beta1,
                        double beta2, double eps, double weight_decay,
-                       at::IntArrayRef rounding_arg) {
-  check_adam_mini_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, steps, specs);
+                       at::IntArrayRef rounding_arg, TensorList weight_scales) {
+  check_adam_mini_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, steps, specs,
+                         weight_scales);
   const Rounding rounding(rounding_arg, params_in.size(), "adam_mini_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
@@ -237,31 +263,36 @@ void adam_mini_update_(TensorList params_in, TensorList grads_in, TensorList exp
   Workspace::Lease lease(Workspace::of(params[0].device()));
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
-    MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "adam_mini_update_", [&] {
-      using K = SegmentKernel<scalar_t, state_t, opmath_t>;
+    const Tensor& scales = weight_scale(weight_scales, i);
+    int64_t widest = 0;
+    for (const auto& seg : specs[i]) widest = std::max(widest, seg.cols);
+    const int64_t buffer = cpu::int8_buffer_elements(p, scales, widest);
+    MEMOPT_DISPATCH_PARAM_STATE(value_dtype(p, grads[i]), m.scalar_type(), "adam_mini_update_", [&] {
+      using K = SegmentKernel<scalar_t, state_t, opmath_t, cpu::PlainParam<scalar_t, cpu::Nearest>>;
       int64_t need = cpu::staging_bytes(grads[i]);
       for (const auto& seg : specs[i])
         if (!K::use_row_bands(seg))
           need = std::max(need, cpu::staging_bytes(grads[i]) + (K::use_column_bands(seg)
                                                                      ? K::column_bytes(seg)
                                                                      : K::general_bytes(seg)));
-      lease.reserve(need);
+      lease.reserve(need + cpu::int8_buffer_bytes(buffer));
       const Tensor g = cpu::contiguous_grad(lease, grads[i]);
+      float* buffers = cpu::int8_buffers(lease, buffer);
       const auto s = AdamScalars::make(lr, beta1, beta2, eps, weight_decay,
                                        cpu::advance_step(steps[i]));
       auto* vp = v.data_ptr<state_t>();
       const int64_t mark = lease.mark();
-      cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
-        using KR = SegmentKernel<scalar_t, state_t, opmath_t, std::decay_t<decltype(round)>>;
+      cpu::with_param_store<scalar_t>(p, scales, rounding, i, s.step, buffers, buffer,
+                                      [&](const auto& store) {
+        using KR = SegmentKernel<scalar_t, state_t, opmath_t, std::decay_t<decltype(store)>>;
         for (const auto& seg : specs[i]) {
-          KR k{p.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), m.data_ptr<state_t>(), vp, seg, s,
-               round};
+          KR k{store, g.data_ptr<scalar_t>(), m.data_ptr<state_t>(), vp, seg, s};
           // Elementwise (plain Adam) segments take the AdamW loop directly.
           if (seg.block_numel() == 1 && seg.row_stride == seg.cols) {
-            at::parallel_for(0, seg.rows * seg.cols, kGrain, [&](int64_t b0, int64_t b1) {
-              const int64_t o = seg.offset + b0;
-              cpu::adamw_span<scalar_t, state_t, opmath_t>(k.p + o, k.g + o, k.m + o, vp + b0,
-                                                           b1 - b0, s, round.at(o));
+            store.for_spans(seg.offset, seg.rows * seg.cols,
+                            [&](auto* pv, const auto& round, int64_t o, int64_t n) {
+              cpu::adamw_span<std::remove_pointer_t<decltype(pv)>, state_t, opmath_t>(
+                  pv, k.g + o, k.m + o, vp + (o - seg.offset), n, s, round);
             });
           } else if (K::use_row_bands(seg)) {
             k.row_bands();

@@ -1,14 +1,14 @@
 // AdamW: fused multi-tensor update on CPU (torch.optim.AdamW's rule, or apollo-torch's).
 #include "memopt/adamw.h"
 
-#include "cpu_loops.h"
+#include "cpu_params.h"
 #include "memopt/layout.h"
 
 namespace memopt {
 
 void check_adamw_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
-                        TensorList exp_avg_sqs, TensorList steps) {
-  check_update_lists("adamw_update_", params, grads, exp_avgs, steps);
+                        TensorList exp_avg_sqs, TensorList steps, TensorList weight_scales) {
+  check_update_lists("adamw_update_", params, grads, exp_avgs, steps, weight_scales);
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: ", exp_avg_sqs.size(),
                     " exp_avg_sqs for ", params.size(), " params");
   for (size_t i = 0; i < params.size(); ++i) {
@@ -31,8 +31,8 @@ AdamWRule parse_adamw_rule(c10::string_view rule) {
 void adamw_update_(TensorList params_in, TensorList grads_in, TensorList exp_avgs_in,
                    TensorList exp_avg_sqs_in, TensorList steps, const Tensor& lr_t, double beta1,
                    double beta2, double eps, double weight_decay, AdamWRule rule,
-                   at::IntArrayRef rounding_arg) {
-  check_adamw_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, steps);
+                   at::IntArrayRef rounding_arg, TensorList weight_scales) {
+  check_adamw_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, steps, weight_scales);
   const Rounding rounding(rounding_arg, params_in.size(), "adamw_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
@@ -47,21 +47,23 @@ void adamw_update_(TensorList params_in, TensorList grads_in, TensorList exp_avg
 
   Workspace::Lease lease(Workspace::of(params[0].device()));
   for (size_t i = 0; i < params.size(); ++i) {
-    lease.reserve(cpu::staging_bytes(grads[i]));
+    const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
+    const Tensor& scales = weight_scale(weight_scales, i);
+    const int64_t buffer = cpu::int8_buffer_elements(p, scales, 0);
+    lease.reserve(cpu::staging_bytes(grads[i]) + cpu::int8_buffer_bytes(buffer));
     const Tensor g = cpu::contiguous_grad(lease, grads[i]);
+    float* buffers = cpu::int8_buffers(lease, buffer);
     const auto s = AdamScalars::make(lr, beta1, beta2, eps, weight_decay,
                                      cpu::advance_step(steps[i]), rule);
-    const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
-    MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "adamw_update_", [&] {
-      auto* pp = p.data_ptr<scalar_t>();
+    MEMOPT_DISPATCH_PARAM_STATE(value_dtype(p, g), m.scalar_type(), "adamw_update_", [&] {
       const auto* gp = g.data_ptr<scalar_t>();
       auto* mp = m.data_ptr<state_t>();
       auto* vp = v.data_ptr<state_t>();
-      cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
-        at::parallel_for(0, p.numel(), kGrain, [&](int64_t begin, int64_t end) {
-          cpu::adamw_span<scalar_t, state_t, opmath_t>(pp + begin, gp + begin, mp + begin,
-                                                       vp + begin, end - begin, s,
-                                                       round.at(begin));
+      cpu::with_param_store<scalar_t>(p, scales, rounding, i, s.step, buffers, buffer,
+                                      [&](const auto& store) {
+        store.for_spans(0, p.numel(), [&](auto* pv, const auto& round, int64_t b, int64_t n) {
+          cpu::adamw_span<std::remove_pointer_t<decltype(pv)>, state_t, opmath_t>(
+              pv, gp + b, mp + b, vp + b, n, s, round);
         });
       });
     });

@@ -5,6 +5,7 @@
 #include "memopt/apollo.h"
 
 #include "apollo_tiles.h"
+#include "cpu_params.h"
 #include "memopt/layout.h"
 
 namespace memopt {
@@ -36,14 +37,15 @@ void update_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
                 const Tensor& p, const Tensor& g_in, const Tensor& m, const Tensor& v,
                 const Tensor* P_stored, const Tensor* seed_t, const Tensor& limiter_norm,
                 const Tensor& step, double lr, double beta1, double beta2, double eps, double wd,
-                const Tensor* svd_ready, size_t i) {
+                const Tensor* svd_ready, size_t i, const Tensor& scales, float* buffers,
+                int64_t buffer) {
   const at::ScalarType ct = std::is_same_v<C, double> ? at::kDouble : at::kFloat;
   const Tensor g = cpu::contiguous_grad(lease, g_in);
   const int64_t K = tp.K;
 
   // 1. The projection for this step (refresh every update_proj_gap steps, seed chain).
   const int64_t t0 = static_cast<int64_t>(step.item<float>());
-  const Tensor Pc = step_projection(tp, cfg, lease, p.scalar_type(), ct, P_stored, seed_t, t0, g,
+  const Tensor Pc = step_projection(tp, cfg, lease, value_dtype(p, g), ct, P_stored, seed_t, t0, g,
                                     /*want=*/true, svd_ready);
   const double t = cpu::advance_step(step);
 
@@ -82,7 +84,10 @@ void update_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
   }
 
   // 5. One pass over G writes p.
-  apply_update<P, C>(tp, cfg, p, gp, fac, a, t, limit, lr, beta1, beta2, wd, i);
+  cpu::with_param_store<P>(p, scales, cfg.rounding, i, t, buffers, buffer, [&](const auto& store) {
+    apply_update<P, C>(tp, cfg, store, p.size(0), p.size(1), gp, fac, a, t, limit, lr, beta1,
+                       beta2, wd);
+  });
 }
 
 }  // namespace
@@ -97,8 +102,10 @@ int64_t apollo_workspace_bytes(at::IntArrayRef shape, at::ScalarType dtype, cons
 void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
                     TensorList limiter_norms, TensorList steps, const Tensor& lr_t, double beta1,
-                    double beta2, double eps, double weight_decay, const ApolloConfig& cfg) {
-  check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps, cfg);
+                    double beta2, double eps, double weight_decay, const ApolloConfig& cfg,
+                    TensorList weight_scales) {
+  check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps, cfg,
+                      weight_scales);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params.empty()) return;
@@ -121,15 +128,20 @@ void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
   Workspace::Lease lease(Workspace::of(params[0].device()));
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor &p = layouts.params()[i], &m = exp_avgs[i];
-    const apollo_cpu::TilePlan tp(p.sizes(), p.sizes(), p.scalar_type(), cfg, stored);
-    lease.reserve(cpu::staging_bytes(grads[i]) + tp.bytes());
+    const at::ScalarType pt = value_dtype(p, grads[i]);
+    const apollo_cpu::TilePlan tp(p.sizes(), p.sizes(), pt, cfg, stored);
+    const Tensor& scales = weight_scale(weight_scales, i);
+    const int64_t buffer = cpu::int8_buffer_elements(p, scales, p.dim() == 2 ? p.size(1) : 0);
+    lease.reserve(cpu::staging_bytes(grads[i]) + tp.bytes() + cpu::int8_buffer_bytes(buffer));
+    float* buffers = cpu::int8_buffers(lease, buffer);
     const Tensor* P = stored ? &projs[i] : nullptr;
     const Tensor* seed = seeds.empty() ? nullptr : &seeds[i];
-    MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "apollo_update_", [&] {
+    MEMOPT_DISPATCH_PARAM_STATE(pt, m.scalar_type(), "apollo_update_", [&] {
       update_one<scalar_t, state_t, opmath_t>(tp, cfg, lease, p, grads[i], m, exp_avg_sqs[i], P,
                                               seed, limiter_norms[i], steps[i], lr, beta1, beta2,
                                               eps, weight_decay,
-                                              svd_ready[i].defined() ? &svd_ready[i] : nullptr, i);
+                                              svd_ready[i].defined() ? &svd_ready[i] : nullptr, i,
+                                              scales, buffers, buffer);
     });
   }
   layouts.write_back();

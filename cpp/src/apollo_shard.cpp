@@ -2,6 +2,7 @@
 // from their sum over the shard group. Every piece of math is apollo.cpp's (apollo_tiles.h);
 // only where R and the norms come from differs. See apollo.h for the statistics' layout.
 #include "apollo_tiles.h"
+#include "cpu_params.h"
 #include "memopt/layout.h"
 
 namespace memopt {
@@ -156,7 +157,10 @@ void finish_one(const TilePlan& tp, const ApolloConfig& cfg, Workspace::Lease& l
     }
   }
   const double limit = tp.limiter ? limiter_step(cfg, u2, limiter_norm) : 1.0;
-  apply_update<P, C>(tp, cfg, p, g.data_ptr<P>(), fac, a, t, limit, lr, beta1, beta2, wd, i);
+  cpu::with_param_store<P>(p, Tensor(), cfg.rounding, i, t, nullptr, 0, [&](const auto& store) {
+    apply_update<P, C>(tp, cfg, store, p.size(0), p.size(1), g.data_ptr<P>(), fac, a, t, limit,
+                       lr, beta1, beta2, wd);
+  });
 }
 
 // Runs fn(tp, lease, i, ShardArgs, parameter as the kernel sees it) on every tensor with its dtype dispatch.

@@ -252,8 +252,8 @@ inline double limiter_step(const ApolloConfig& cfg, double u2, const Tensor& lim
 }
 
 // p = (p - coef * g) * (1 - lr*wd) with apollo-torch's decay after the update; coef per element.
-template <typename P, typename C, typename R>
-MEMOPT_CPU_CLONES void scaled_update_vec(P* __restrict p, const P* __restrict g,
+template <typename P, typename C, typename R, typename G>
+MEMOPT_CPU_CLONES void scaled_update_vec(P* __restrict p, const G* __restrict g,
                                          const C* __restrict coef, int64_t n, C lr_wd,
                                          const R& round) {
 #pragma omp simd
@@ -262,8 +262,8 @@ MEMOPT_CPU_CLONES void scaled_update_vec(P* __restrict p, const P* __restrict g,
     p[j] = round.template store<P>(x - lr_wd * x, j);
   }
 }
-template <typename P, typename C, typename R>
-MEMOPT_CPU_CLONES void scaled_update_scalar(P* __restrict p, const P* __restrict g, C coef,
+template <typename P, typename C, typename R, typename G>
+MEMOPT_CPU_CLONES void scaled_update_scalar(P* __restrict p, const G* __restrict g, C coef,
                                             int64_t n, C lr_wd, const R& round) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
@@ -274,30 +274,28 @@ MEMOPT_CPU_CLONES void scaled_update_scalar(P* __restrict p, const P* __restrict
 
 // One pass over G: p = (p - lr sqrt(1-b2^t)/(1-b1^t) * sqrt(scale)/limit * s_c * g) (1 - lr wd).
 // fac: the K factors (one per channel; all equal for tensor scaling); coef_buf: K doubles of
-// scratch (may alias a spent buffer). i: the tensor's index in the call (cfg.rounding's).
-template <typename P, typename C>
-void apply_update(const TilePlan& tp, const ApolloConfig& cfg, const Tensor& p, const P* gp,
-                  const double* fac, double* coef_buf, double t, double limit, double lr,
-                  double beta1, double beta2, double wd, size_t i_tensor) {
-  const int64_t rows = p.size(0), cols = p.size(1), K = tp.K;
+// scratch (may alias a spent buffer). store: how p (rows x cols) is written (cpu_params.h).
+template <typename G, typename C, typename Store>
+void apply_update(const TilePlan& tp, const ApolloConfig& cfg, const Store& store, int64_t rows,
+                  int64_t cols, const G* gp, const double* fac, double* coef_buf, double t,
+                  double limit, double lr, double beta1, double beta2, double wd) {
+  const int64_t K = tp.K;
   const double step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
   const double mult = step_size * std::sqrt(cfg.scale) / limit;
   C* coef = reinterpret_cast<C*>(coef_buf);  // K C values fit in K doubles
   for (int64_t c = 0; c < K; ++c) coef[c] = cpu::load<C>(mult * fac[c]);
-  P* pp = p.data_ptr<P>();
   const C lr_wd = cpu::load<C>(lr * wd);
-  cpu::with_rounding<P>(cfg.rounding, i_tensor, t, [&](const auto& round) {
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, cols)),
-                     [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, cols)),
+                   [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      store.edit(i * cols, cols, [&](auto* pr, const auto& round) {
+        using P = std::remove_pointer_t<decltype(pr)>;
         if (tp.left && cfg.channel)
-          scaled_update_vec<P, C>(pp + i * cols, gp + i * cols, coef, cols, lr_wd,
-                                  round.at(i * cols));
+          scaled_update_vec<P, C>(pr, gp + i * cols, coef, cols, lr_wd, round);
         else
-          scaled_update_scalar<P, C>(pp + i * cols, gp + i * cols, coef[cfg.channel ? i : 0],
-                                     cols, lr_wd, round.at(i * cols));
-      }
-    });
+          scaled_update_scalar<P, C>(pr, gp + i * cols, coef[cfg.channel ? i : 0], cols, lr_wd,
+                                     round);
+      });
   });
 }
 

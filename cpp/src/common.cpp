@@ -1,5 +1,6 @@
 // Input validation shared by every op: runs before any tensor is written.
 #include "memopt/common.h"
+#include "memopt/int8_weights.h"
 #include "memopt/layout.h"
 #include "memopt/rounding.h"
 
@@ -36,32 +37,76 @@ static bool supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
+const Tensor& weight_scale(TensorList weight_scales, size_t i) {
+  static const Tensor none;
+  return i < weight_scales.size() ? weight_scales[i] : none;
+}
+
+int64_t int8_group(const Tensor& codes, const Tensor& scales) {
+  return codes.numel() / scales.numel();
+}
+
+void check_weight_scales(const char* op, TensorList params, TensorList grads,
+                         TensorList weight_scales) {
+  TORCH_CHECK_VALUE(weight_scales.empty() || weight_scales.size() == params.size(), op,
+                    ": weight_scales must be [] or one per parameter (", params.size(),
+                    "), got ", weight_scales.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor &p = params[i], &s = weight_scale(weight_scales, i);
+    const bool coded = s.defined() && s.numel() > 0;
+    TORCH_CHECK_TYPE(coded == (p.scalar_type() == at::kChar), op, ": parameter ", i, " has dtype ",
+                     p.scalar_type(), coded ? " but int8 weight scales were given for it"
+                                            : "; int8 codes need their weight_scales");
+    if (!coded) continue;
+    TORCH_CHECK_VALUE(p.device().is_cpu(), op, ": int8 weights are updated on the CPU only in "
+                      "this build (parameter ", i, " is on ", p.device(), ")");
+    TORCH_CHECK_VALUE(p.dim() == 2 && p.is_contiguous() && p.numel() > 0, op, ": int8 parameter ",
+                      i, " must be a non-empty contiguous matrix, got shape ", p.sizes());
+    TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 &&
+                          s.size(0) == p.size(0) && p.size(1) % s.size(1) == 0 &&
+                          s.device() == p.device(),
+                      op, ": the scales of int8 parameter ", i, " must be a contiguous float32 "
+                      "(rows, cols / group) tensor beside it, got ", s.scalar_type(), " ",
+                      s.sizes(), " for codes ", p.sizes());
+    const int64_t group = int8_group(p, s);
+    TORCH_CHECK_VALUE(group >= kInt8MinGroup && group <= kInt8MaxGroup, op, ": int8 parameter ",
+                      i, " has groups of ", group, " elements; groups of ", kInt8MinGroup,
+                      " to ", kInt8MaxGroup, " are supported");
+    TORCH_CHECK_TYPE(i < grads.size() && (grads[i].scalar_type() == at::kFloat ||
+                                          grads[i].scalar_type() == at::kBFloat16),
+                     op, ": the gradient of int8 parameter ", i,
+                     " must be float32 or bfloat16");
+  }
+}
+
 void check_update_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
-                        TensorList steps) {
+                        TensorList steps, TensorList weight_scales) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && steps.size() == n, op,
                     ": params, grads, exp_avgs and steps must have the same length (got ", n, ", ",
                     grads.size(), ", ", exp_avgs.size(), ", ", steps.size(), ")");
+  check_weight_scales(op, params, grads, weight_scales);
   for (size_t i = 0; i < n; ++i) {
     const Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &s = steps[i];
-    TORCH_CHECK_TYPE(supported_float(p.scalar_type()), op, ": parameter ", i, " has dtype ",
-                     p.scalar_type(), "; only float32, bfloat16, float16 and float64 are supported");
+    const at::ScalarType pt = value_dtype(p, g);
+    TORCH_CHECK_TYPE(supported_float(pt), op, ": parameter ", i, " has dtype ", pt,
+                     "; only float32, bfloat16, float16 and float64 are supported");
     // Any non-overlapping layout (memopt/layout.h decides how the kernels see it).
     check_param_layout(std::string(op) + ": parameter " + std::to_string(i), p);
     TORCH_CHECK_VALUE(g.layout() == at::kStrided, op, ": gradient ", i,
                       " is sparse; memopt optimizers support dense gradients only");
     TORCH_CHECK_TYPE(!g.is_complex(), op, ": gradient ", i,
                      " is complex; memopt optimizers support real parameters only");
-    TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), op, ": gradient ", i, " has dtype ",
-                     g.scalar_type(), " but its parameter has ", p.scalar_type());
+    TORCH_CHECK_TYPE(g.scalar_type() == pt, op, ": gradient ", i, " has dtype ",
+                     g.scalar_type(), " but its parameter has ", pt);
     TORCH_CHECK_VALUE(g.sizes() == p.sizes(), op, ": gradient ", i, " has shape ", g.sizes(),
                       " but its parameter has ", p.sizes());
     TORCH_CHECK_VALUE(m.sizes() == p.sizes(), op, ": exp_avg ", i,
                       " must have the parameter's shape ", p.sizes(), ", got ", m.sizes());
     check_param_layout(std::string(op) + ": exp_avg " + std::to_string(i), m);
-    TORCH_CHECK_TYPE(m.scalar_type() == p.scalar_type() || m.scalar_type() == at::kFloat, op,
+    TORCH_CHECK_TYPE(m.scalar_type() == pt || m.scalar_type() == at::kFloat || m.is_same(p), op,
                      ": exp_avg ", i, " has dtype ", m.scalar_type(),
-                     "; state must be float32 or the parameter dtype ", p.scalar_type());
+                     "; state must be float32 or the parameter dtype ", pt);
     TORCH_CHECK_VALUE(g.device() == p.device() && m.device() == p.device() &&
                           p.device() == params[0].device(),
                       op, ": tensor ", i, " is on another device; one call takes one device");

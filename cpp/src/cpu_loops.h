@@ -111,8 +111,8 @@ inline void with_lerp_form(C w, F&& f) {
 
 // Elementwise AdamW on [0, n) of contiguous arrays, under the rule `s` was made for
 // (AdamScalars: the decay before the update, or after it for AdamWRule::kApollo).
-template <typename P, typename S, typename C, typename R, bool kNearStart>
-MEMOPT_CPU_CLONES void adamw_span_as(P* __restrict p, const P* __restrict g, S* __restrict m,
+template <typename P, typename S, typename C, typename R, bool kNearStart, typename G>
+MEMOPT_CPU_CLONES void adamw_span_as(P* __restrict p, const G* __restrict g, S* __restrict m,
                                      S* __restrict v, int64_t n, const AdamScalars& s,
                                      const R& round) {
   const C b1c = 1.0 - s.beta1, b2 = s.beta2, b2c = 1.0 - s.beta2;
@@ -131,8 +131,8 @@ MEMOPT_CPU_CLONES void adamw_span_as(P* __restrict p, const P* __restrict g, S* 
     v[j] = store<S>(vj);
   }
 }
-template <typename P, typename S, typename C, typename R = Nearest>
-void adamw_span(P* p, const P* g, S* m, S* v, int64_t n, const AdamScalars& s,
+template <typename P, typename S, typename C, typename R = Nearest, typename G = P>
+void adamw_span(P* p, const G* g, S* m, S* v, int64_t n, const AdamScalars& s,
                 const R& round = {}) {
   with_lerp_form(C(1.0 - s.beta1), [&](auto near) {
     adamw_span_as<P, S, C, R, decltype(near)::value>(p, g, m, v, n, s, round);
@@ -140,8 +140,8 @@ void adamw_span(P* p, const P* g, S* m, S* v, int64_t n, const AdamScalars& s,
 }
 
 // The Adam step with one shared per-block factor f = step_size / (sqrt(v_b)/bc2_sqrt + eps).
-template <typename P, typename S, typename C, typename R, bool kNearStart>
-MEMOPT_CPU_CLONES void block_update_span_as(P* __restrict p, const P* __restrict g,
+template <typename P, typename S, typename C, typename R, bool kNearStart, typename G>
+MEMOPT_CPU_CLONES void block_update_span_as(P* __restrict p, const G* __restrict g,
                                             S* __restrict m, int64_t n, C decay, C b1c, C f,
                                             const R& round) {
 #pragma omp simd
@@ -152,8 +152,8 @@ MEMOPT_CPU_CLONES void block_update_span_as(P* __restrict p, const P* __restrict
     m[j] = store<S>(mj);
   }
 }
-template <typename P, typename S, typename C, typename R = Nearest>
-void block_update_span(P* p, const P* g, S* m, int64_t n, C decay, C b1c, C f,
+template <typename P, typename S, typename C, typename R = Nearest, typename G = P>
+void block_update_span(P* p, const G* g, S* m, int64_t n, C decay, C b1c, C f,
                        const R& round = {}) {
   with_lerp_form(b1c, [&](auto near) {
     block_update_span_as<P, S, C, R, decltype(near)::value>(p, g, m, n, decay, b1c, f, round);
@@ -161,8 +161,8 @@ void block_update_span(P* p, const P* g, S* m, int64_t n, C decay, C b1c, C f,
 }
 
 // block_update_span with one factor per element (f[j]: the factor of the tile column j is in).
-template <typename P, typename S, typename C, typename R, bool kNearStart>
-MEMOPT_CPU_CLONES void column_update_span_as(P* __restrict p, const P* __restrict g,
+template <typename P, typename S, typename C, typename R, bool kNearStart, typename G>
+MEMOPT_CPU_CLONES void column_update_span_as(P* __restrict p, const G* __restrict g,
                                              S* __restrict m, int64_t n, C decay, C b1c,
                                              const C* __restrict f, const R& round) {
 #pragma omp simd
@@ -173,8 +173,8 @@ MEMOPT_CPU_CLONES void column_update_span_as(P* __restrict p, const P* __restric
     m[j] = store<S>(mj);
   }
 }
-template <typename P, typename S, typename C, typename R = Nearest>
-void column_update_span(P* p, const P* g, S* m, int64_t n, C decay, C b1c, const C* f,
+template <typename P, typename S, typename C, typename R = Nearest, typename G = P>
+void column_update_span(P* p, const G* g, S* m, int64_t n, C decay, C b1c, const C* f,
                         const R& round = {}) {
   with_lerp_form(b1c, [&](auto near) {
     column_update_span_as<P, S, C, R, decltype(near)::value>(p, g, m, n, decay, b1c, f, round);

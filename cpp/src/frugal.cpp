@@ -38,7 +38,7 @@ std::vector<int64_t> moment_shape(FrugalMode mode, const Tensor& p, const Tensor
 void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                          at::IntArrayRef modes, double proj_lr_scale, double free_lr_scale,
-                         int64_t rule, bool read_data) {
+                         int64_t rule, bool read_data, TensorList weight_scales) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                         steps.size() == n && subspaces.size() == n && modes.size() == n,
@@ -50,20 +50,22 @@ void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avg
                     "Invalid state_free_lr_scale: ", free_lr_scale);
   TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, "frugal_update_: rule must be 0 (none), 1 (sgd) or "
                     "2 (sign_sgd), got ", rule);
+  check_weight_scales("frugal_update_", params, grads, weight_scales);
   for (size_t i = 0; i < n; ++i) {
     const Tensor &p = params[i], &g = grads[i];
+    const at::ScalarType pt = value_dtype(p, g);
     const std::string what = "frugal_update_: tensor " + std::to_string(i);
     TORCH_CHECK_VALUE(modes[i] >= 0 && modes[i] < kFrugalModes, what, ": unknown mode ", modes[i]);
     const auto mode = static_cast<FrugalMode>(modes[i]);
-    TORCH_CHECK_TYPE(supported_float(p.scalar_type()), what, ": parameter dtype ", p.scalar_type(),
+    TORCH_CHECK_TYPE(supported_float(pt), what, ": parameter dtype ", pt,
                      " is not supported; use float32, bfloat16, float16 or float64");
     check_param_layout(what + ": parameter", p);  // any non-overlapping layout (layout.h)
     TORCH_CHECK_VALUE(g.layout() == at::kStrided, what,
                       ": gradient is sparse; memopt optimizers support dense gradients only");
     TORCH_CHECK_TYPE(!g.is_complex(), what,
                      ": gradient is complex; memopt optimizers support real parameters only");
-    TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), what, ": gradient has dtype ",
-                     g.scalar_type(), " but its parameter has ", p.scalar_type());
+    TORCH_CHECK_TYPE(g.scalar_type() == pt, what, ": gradient has dtype ", g.scalar_type(),
+                     " but its parameter has ", pt);
     TORCH_CHECK_VALUE(g.sizes() == p.sizes(), what, ": gradient has shape ", g.sizes(),
                       " but its parameter has ", p.sizes());
     TORCH_CHECK_VALUE(g.device() == p.device() && p.device() == params[0].device(), what,
@@ -87,7 +89,7 @@ void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avg
                             sub.size(right ? 1 : 0) == p.size(right ? 1 : 0),
                         what, ": projection must be ", right ? "(r, cols)" : "(rows, r)",
                         " for a parameter of shape ", p.sizes(), ", got ", sub.sizes());
-      TORCH_CHECK_TYPE(sub.scalar_type() == p.scalar_type() && sub.device() == p.device(), what,
+      TORCH_CHECK_TYPE(sub.scalar_type() == pt && sub.device() == p.device(), what,
                        ": projection must have the parameter's dtype and device");
     }
     const auto shape = moment_shape(mode, p, sub);
@@ -100,7 +102,7 @@ void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avg
                       ", got ", m.sizes(), " and ", v.sizes());
     check_param_layout(what + ": exp_avg", m);
     check_param_layout(what + ": exp_avg_sq", v);
-    TORCH_CHECK_TYPE((m.scalar_type() == p.scalar_type() || m.scalar_type() == at::kFloat) &&
+    TORCH_CHECK_TYPE((m.scalar_type() == pt || m.scalar_type() == at::kFloat) &&
                          v.scalar_type() == m.scalar_type() && m.device() == p.device() &&
                          v.device() == p.device(),
                      what, ": state must be float32 or the parameter dtype, on its device");
@@ -114,8 +116,8 @@ namespace {
 
 // The state-free update of a span: p = p*decay - lr_free * rule(g), with rule(g) = sign(g), g
 // or 0 (sign(0) = 0 as torch.sign).
-template <typename P, typename C, typename R>
-MEMOPT_CPU_CLONES void free_span(P* __restrict p, const P* __restrict g, int64_t n, C decay,
+template <typename P, typename C, typename R, typename G>
+MEMOPT_CPU_CLONES void free_span(P* __restrict p, const G* __restrict g, int64_t n, C decay,
                                  C lr_free, int64_t rule, const R& round) {
   if (rule == 2) {
 #pragma omp simd
@@ -150,9 +152,9 @@ inline void adam_one(P& p, C g, S& m, S& v, const AdamScalars& s, const R& round
 // [begin, end) of a flat span whose selected coordinates are idx[...] (sorted): every coordinate
 // first takes the vectorised state-free pass, then the selected ones are redone with AdamW from
 // their saved original values. Works in sub-spans of kSub so the saved values fit on the stack.
-// round: indexed from p.
-template <typename P, typename S, typename C, typename R>
-void split_span(P* p, const P* g, S* m, S* v, const int32_t* idx, int64_t k, int64_t begin,
+// pb: the values of element begin on (p + begin); g: from element 0; round: indexed from pb.
+template <typename P, typename S, typename C, typename R, typename G>
+void split_span(P* pb, const G* g, S* m, S* v, const int32_t* idx, int64_t k, int64_t begin,
                 int64_t end, int64_t slot_offset, const AdamScalars& s, C lr_free, int64_t rule,
                 const R& round) {
   constexpr int64_t kSub = 1024;
@@ -161,13 +163,14 @@ void split_span(P* p, const P* g, S* m, S* v, const int32_t* idx, int64_t k, int
   for (int64_t b = begin; b < end; b += kSub) {
     const int64_t e = std::min(end, b + kSub);
     int64_t last = slot;
-    for (; last < k && idx[last] < e; ++last) saved[last - slot] = p[idx[last]];
-    free_span<P, C>(p + b, g + b, e - b, cpu::load<C>(s.decay), lr_free, rule, round.at(b));
+    for (; last < k && idx[last] < e; ++last) saved[last - slot] = pb[idx[last] - begin];
+    free_span<P, C>(pb + (b - begin), g + b, e - b, cpu::load<C>(s.decay), lr_free, rule,
+                    round.at(b - begin));
     for (int64_t q = slot; q < last; ++q) {
       P pv = saved[q - slot];
       adam_one<P, S, C>(pv, cpu::load<C>(g[idx[q]]), m[slot_offset + q], v[slot_offset + q], s,
-                        round, idx[q]);
-      p[idx[q]] = pv;
+                        round, idx[q] - begin);
+      pb[idx[q] - begin] = pv;
     }
     slot = last;
   }
@@ -180,7 +183,8 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
                         TensorList exp_avg_sqs_in, TensorList steps, TensorList subspaces,
                         at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
                         double weight_decay, double proj_lr_scale, double free_lr_scale,
-                        int64_t rule, const Tensor* left_stats, const Rounding& rounding) {
+                        int64_t rule, const Tensor* left_stats, const Rounding& rounding,
+                        TensorList weight_scales) {
   if (params_in.empty()) return;
   TORCH_CHECK(params_in[0].device().is_cpu(), "frugal_update_: no kernel for device ",
               params_in[0].device(), " in this build");
@@ -195,21 +199,26 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
   for (size_t i = 0; i < params.size(); ++i) {
     const auto mode = static_cast<FrugalMode>(modes[i]);
     const bool projected = mode == FrugalMode::ProjRight || mode == FrugalMode::ProjLeft;
-    lease.reserve(cpu::staging_bytes(grads[i]) +
-                  (projected ? frugal_projected_bytes(params[i], subspaces[i], exp_avgs[i]) : 0));
-    const Tensor g = cpu::contiguous_grad(lease, grads[i]);
     const Tensor& p = params[i];
+    const Tensor& scales = weight_scale(weight_scales, i);
+    const int64_t buffer = cpu::int8_buffer_elements(p, scales, p.dim() == 2 ? p.size(1) : 0);
+    lease.reserve(cpu::staging_bytes(grads[i]) + cpu::int8_buffer_bytes(buffer) +
+                  (projected ? frugal_projected_bytes(p, subspaces[i], exp_avgs[i]) : 0));
+    const Tensor g = cpu::contiguous_grad(lease, grads[i]);
+    float* buffers = cpu::int8_buffers(lease, buffer);
+    const at::ScalarType pt = value_dtype(p, g);
     if (mode == FrugalMode::FreeBlock) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "frugal_free", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pt, "frugal_free", [&] {
         using C = at::opmath_type<scalar_t>;
-        auto* pp = p.data_ptr<scalar_t>();
         const auto* gp = g.data_ptr<scalar_t>();
         // State-free, no step count (step 0): the key's `counter`, the optimizer's step,
         // changes it every step.
-        cpu::with_rounding<scalar_t>(rounding, i, 0.0, [&](const auto& round) {
-          at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
-            free_span<scalar_t, C>(pp + b, gp + b, e - b, cpu::load<C>(1.0 - lr * weight_decay),
-                                   cpu::load<C>(lr_free), rule, round.at(b));
+        cpu::with_param_store<scalar_t>(p, scales, rounding, i, 0.0, buffers, buffer,
+                                        [&](const auto& store) {
+          store.for_spans(0, p.numel(), [&](auto* pv, const auto& round, int64_t b, int64_t n) {
+            free_span<std::remove_pointer_t<decltype(pv)>, C>(
+                pv, gp + b, n, cpu::load<C>(1.0 - lr * weight_decay), cpu::load<C>(lr_free), rule,
+                round);
           });
         });
       });
@@ -228,27 +237,28 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
         stats_at += m.numel();
       }
       frugal_projected_update(p, g, m, v, sub, mode == FrugalMode::ProjRight, s, lr_free, rule,
-                              lease, summed.defined() ? &summed : nullptr, rounding, i);
+                              lease, summed.defined() ? &summed : nullptr, rounding, i, scales,
+                              buffers, buffer);
       continue;
     }
-    MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "frugal_update_", [&] {
-      cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
+    MEMOPT_DISPATCH_PARAM_STATE(pt, m.scalar_type(), "frugal_update_", [&] {
+      cpu::with_param_store<scalar_t>(p, scales, rounding, i, s.step, buffers, buffer,
+                                      [&](const auto& store) {
         using C = opmath_t;
-        auto* pp = p.data_ptr<scalar_t>();
         const auto* gp = g.data_ptr<scalar_t>();
         auto* mp = m.data_ptr<state_t>();
         auto* vp = v.data_ptr<state_t>();
         const C lf = cpu::load<C>(lr_free);
         if (mode == FrugalMode::Adam || mode == FrugalMode::ActiveBlock) {
-          at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
-            cpu::adamw_span<scalar_t, state_t, C>(pp + b, gp + b, mp + b, vp + b, e - b, s,
-                                                  round.at(b));
+          store.for_spans(0, p.numel(), [&](auto* pv, const auto& round, int64_t b, int64_t n) {
+            cpu::adamw_span<std::remove_pointer_t<decltype(pv)>, state_t, C>(
+                pv, gp + b, mp + b, vp + b, n, s, round);
           });
         } else if (mode == FrugalMode::RandK) {
           const int32_t* idx = sub.data_ptr<int32_t>();
-          at::parallel_for(0, p.numel(), kGrain, [&](int64_t b, int64_t e) {
-            split_span<scalar_t, state_t, C>(pp, gp, mp, vp, idx, sub.numel(), b, e, 0, s, lf, rule,
-                                             round);
+          store.for_spans(0, p.numel(), [&](auto* pv, const auto& round, int64_t b, int64_t n) {
+            split_span<std::remove_pointer_t<decltype(pv)>, state_t, C>(
+                pv, gp, mp, vp, idx, sub.numel(), b, b + n, 0, s, lf, rule, round);
           });
         } else if (mode == FrugalMode::Columns) {
           const int64_t rows = p.size(0), cols = p.size(1), k = sub.numel();
@@ -256,8 +266,10 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
           at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
                            [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r)  // row r's state slots are m[r*k, r*k + k)
-              split_span<scalar_t, state_t, C>(pp + r * cols, gp + r * cols, mp, vp, idx, k, 0,
-                                               cols, r * k, s, lf, rule, round.at(r * cols));
+              store.edit(r * cols, cols, [&](auto* pr, const auto& round) {
+                split_span<std::remove_pointer_t<decltype(pr)>, state_t, C>(
+                    pr, gp + r * cols, mp, vp, idx, k, 0, cols, r * k, s, lf, rule, round);
+              });
           });
         } else {  // Rows
           const int64_t rows = p.size(0), cols = p.size(1), k = sub.numel();
@@ -267,12 +279,14 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
             for (int64_t r = r0; r < r1; ++r) {
               const int64_t slot = std::lower_bound(idx, idx + k, r) - idx;
               const int64_t o = r * cols;
-              if (slot < k && idx[slot] == r)
-                cpu::adamw_span<scalar_t, state_t, C>(pp + o, gp + o, mp + slot * cols,
-                                                      vp + slot * cols, cols, s, round.at(o));
-              else
-                free_span<scalar_t, C>(pp + o, gp + o, cols, cpu::load<C>(s.decay), lf, rule,
-                                       round.at(o));
+              store.edit(o, cols, [&](auto* pr, const auto& round) {
+                using P = std::remove_pointer_t<decltype(pr)>;
+                if (slot < k && idx[slot] == r)
+                  cpu::adamw_span<P, state_t, C>(pr, gp + o, mp + slot * cols, vp + slot * cols,
+                                                 cols, s, round);
+                else
+                  free_span<P, C>(pr, gp + o, cols, cpu::load<C>(s.decay), lf, rule, round);
+              });
             }
           });
         }
@@ -295,14 +309,14 @@ void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                     at::IntArrayRef modes, const Tensor& lr_t, double beta1, double beta2,
                     double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
-                    int64_t rule, at::IntArrayRef rounding) {
+                    int64_t rule, at::IntArrayRef rounding, TensorList weight_scales) {
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-                      proj_lr_scale, free_lr_scale, rule);
+                      proj_lr_scale, free_lr_scale, rule, true, weight_scales);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   frugal_update_loop(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1,
                      beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr,
-                     Rounding(rounding, params.size(), "frugal_update_"));
+                     Rounding(rounding, params.size(), "frugal_update_"), weight_scales);
 }
 
 }  // namespace memopt

@@ -75,7 +75,8 @@ void frugal_left_partial(const Tensor& p, const Tensor& g, const Tensor& proj, c
 void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v,
                              const Tensor& proj, bool right, const AdamScalars& s, double lr_free,
                              int64_t rule, Workspace::Lease& lease, const Tensor* summed_low,
-                             const Rounding& rounding, size_t i) {
+                             const Rounding& rounding, size_t i, const Tensor& scales,
+                             float* buffers, int64_t buffer) {
   const auto cdt = compute_dtype(p);
   const int64_t rows = p.size(0), cols = p.size(1), chunk = chunk_rows(p);
   Tensor pc = lease.take_tensor(proj.sizes(), cdt);
@@ -97,7 +98,7 @@ void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, 
   }
 
   // 2. AdamW on the projected gradient; u = step_size * m / (sqrt(v)/bc2_sqrt + eps).
-  MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "frugal_project", [&] {
+  MEMOPT_DISPATCH_PARAM_STATE(value_dtype(p, g), m.scalar_type(), "frugal_project", [&] {
     using C = opmath_t;
     const C* gl = glow.data_ptr<C>();
     C* up = u.data_ptr<C>();
@@ -118,7 +119,6 @@ void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, 
     });
 
     // 3. per row chunk: U = project_up(u), Gp = project_up(g_low), then one fused pass.
-    auto* pp = p.data_ptr<scalar_t>();
     const auto* gp = g.data_ptr<scalar_t>();
     const C decay = s.decay, lf = lr_free;
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
@@ -133,16 +133,23 @@ void frugal_projected_update(const Tensor& p, const Tensor& g, const Tensor& m, 
       }
       const C* uo = ut.data_ptr<C>();
       const C* go = gpt.data_ptr<C>();
-      const int64_t o = r0 * cols;
-      cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
-        at::parallel_for(0, n * cols, kGrain, [&](int64_t b, int64_t e) {
-          for (int64_t j = b; j < e; ++j) {
-            C upd = cpu::load<C>(pp[o + j]) * decay - uo[j];
-            if (rule != 0) {
-              const C rj = cpu::load<C>(gp[o + j]) - go[j];
-              upd -= lf * (rule == 2 ? cpu::load<C>((rj > C(0)) - (rj < C(0))) : rj);
-            }
-            pp[o + j] = round.template store<scalar_t>(upd, o + j);
+      cpu::with_param_store<scalar_t>(p, scales, rounding, i, s.step, buffers, buffer,
+                                      [&](const auto& store) {
+        at::parallel_for(0, n, std::max<int64_t>(1, kGrain / cols), [&](int64_t a, int64_t b) {
+          for (int64_t r = a; r < b; ++r) {
+            const int64_t o = (r0 + r) * cols;
+            const C *ur = uo + r * cols, *gr = go + r * cols;
+            store.edit(o, cols, [&](auto* pr, const auto& round) {
+              using P = std::remove_pointer_t<decltype(pr)>;
+              for (int64_t j = 0; j < cols; ++j) {
+                C upd = cpu::load<C>(pr[j]) * decay - ur[j];
+                if (rule != 0) {
+                  const C rj = cpu::load<C>(gp[o + j]) - gr[j];
+                  upd -= lf * (rule == 2 ? cpu::load<C>((rj > C(0)) - (rj < C(0))) : rj);
+                }
+                pr[j] = round.template store<P>(upd, j);
+              }
+            });
           }
         });
       });

@@ -16,7 +16,7 @@ void check_apollo_lists(const char* op, TensorList params, TensorList grads, Ten
                         TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
                         TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg,
                         const at::IntArrayRef* offsets, const at::IntArrayRef* global_sizes,
-                        const at::IntArrayRef* shard_dims) {
+                        const at::IntArrayRef* shard_dims, TensorList weight_scales = {}) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                         limiter_norms.size() == n && steps.size() == n,
@@ -38,9 +38,10 @@ void check_apollo_lists(const char* op, TensorList params, TensorList grads, Ten
                       " global_sizes and ", shard_dims->size(), " shard_dims for ", n, " params");
   // Parameters, gradients and steps follow every op's rules; the moments have R's shape, so the
   // parameters stand in for the list that check_update_lists shapes like them (always valid).
-  check_update_lists(op, params, grads, params, steps);
+  check_update_lists(op, params, grads, params, steps, weight_scales);
   for (size_t i = 0; i < n; ++i) {
     const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
+    const at::ScalarType pt = value_dtype(p, grads[i]);
     TORCH_CHECK_VALUE(p.dim() == 2 || !offsets, op, ": parameter ", i, " has shape ",
                       p.sizes(), "; a projected parameter must be 2-D (a weight matrix)");
     std::vector<int64_t> global = p.sizes().vec();
@@ -70,17 +71,15 @@ void check_apollo_lists(const char* op, TensorList params, TensorList grads, Ten
                         op, ": Adam moments of parameter ", i, " (shape ", p.sizes(),
                         ") must be contiguous with the projected shape ", at::IntArrayRef(low),
                         ", got ", s->sizes());
-    TORCH_CHECK_TYPE((m.scalar_type() == p.scalar_type() || m.scalar_type() == at::kFloat) &&
+    TORCH_CHECK_TYPE((m.scalar_type() == pt || m.scalar_type() == at::kFloat) &&
                          v.scalar_type() == m.scalar_type(),
-                     op, ": Adam moments of parameter ", i, " must both be float32 or ",
-                     p.scalar_type());
+                     op, ": Adam moments of parameter ", i, " must both be float32 or ", pt);
     if (!projs.empty()) {
       const auto ps = proj.proj_shape();
       TORCH_CHECK_VALUE(projs[i].sizes() == at::IntArrayRef(ps) && projs[i].is_contiguous() &&
-                            projs[i].scalar_type() == p.scalar_type() &&
-                            projs[i].device() == p.device(),
-                        op, ": projection of parameter ", i, " must be a contiguous ",
-                        p.scalar_type(), " tensor of shape ", at::IntArrayRef(ps), ", got ",
+                            projs[i].scalar_type() == pt && projs[i].device() == p.device(),
+                        op, ": projection of parameter ", i, " must be a contiguous ", pt,
+                        " tensor of shape ", at::IntArrayRef(ps), ", got ",
                         projs[i].sizes());
     }
     if (random)
@@ -99,9 +98,10 @@ void check_apollo_lists(const char* op, TensorList params, TensorList grads, Ten
 
 void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
-                         TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg) {
+                         TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg,
+                         TensorList weight_scales) {
   check_apollo_lists("apollo_update_", params, grads, exp_avgs, exp_avg_sqs, projs, seeds,
-                     limiter_norms, steps, cfg, nullptr, nullptr, nullptr);
+                     limiter_norms, steps, cfg, nullptr, nullptr, nullptr, weight_scales);
 }
 
 void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -139,11 +139,13 @@ void apollo_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 const Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
                 int64_t rank, c10::string_view proj, c10::string_view proj_type,
                 c10::string_view scale_type, int64_t update_proj_gap, double scale,
-                double norm_growth_limit, bool scale_front, at::IntArrayRef rounding) {
+                double norm_growth_limit, bool scale_front, at::IntArrayRef rounding,
+                OptionalTensors weight_scales) {
   apollo_update_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps, lr,
                  beta1, beta2, eps, weight_decay,
                  make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,
-                                    norm_growth_limit, scale_front, rounding, params.size()));
+                                    norm_growth_limit, scale_front, rounding, params.size()),
+                 listed(weight_scales));
 }
 
 void apollo_check(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -152,11 +154,12 @@ void apollo_check(TensorList params, TensorList grads, TensorList exp_avgs,
                   double beta2, double eps, double weight_decay, int64_t rank,
                   c10::string_view proj, c10::string_view proj_type, c10::string_view scale_type,
                   int64_t update_proj_gap, double scale, double norm_growth_limit,
-                  bool scale_front, at::IntArrayRef rounding) {
+                  bool scale_front, at::IntArrayRef rounding, OptionalTensors weight_scales) {
   check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                       make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
                                          scale, norm_growth_limit, scale_front, rounding,
-                                         params.size()));
+                                         params.size()),
+                      listed(weight_scales));
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
@@ -165,12 +168,12 @@ void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  const Tensor&, double, double, double, double, int64_t rank,
                  c10::string_view proj, c10::string_view proj_type, c10::string_view scale_type,
                  int64_t update_proj_gap, double scale, double norm_growth_limit,
-                 bool scale_front, at::IntArrayRef rounding) {
+                 bool scale_front, at::IntArrayRef rounding, OptionalTensors weight_scales) {
   const auto cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,
                                       norm_growth_limit, scale_front, rounding, params.size());
-  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs}))
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs, listed(weight_scales)}))
     check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
-                        cfg);
+                        cfg, listed(weight_scales));
 }
 
 void apollo_shard_check(MEMOPT_APOLLO_SHARD_ARGS) {
@@ -210,7 +213,7 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
         "Tensor(f!)[] limiter_norms, Tensor(g!)[] steps, Tensor lr, float beta1, float beta2, "
         "float eps, float weight_decay, int rank, str proj, str proj_type, str scale_type, "
         "int update_proj_gap, float scale, float norm_growth_limit, bool scale_front, "
-        "int[] rounding=[]) -> ()",
+        "int[] rounding=[], Tensor(h!)[]? weight_scales=None) -> ()",
             &memopt::apollo_check);
   // Sharded APOLLO (FSDP2): partial statistics into `stats`, then the update from their sum.
 #define MEMOPT_SHARD_TAIL                                                                     \

@@ -12,13 +12,14 @@ from ._base import set_lr
 from .adamw import AdamW
 from .apollo import Apollo, ApolloMini
 from .frugal import Frugal
+from .int8_weights import Int8Linear, quantize_weights_
 from .layerwise import LayerwiseStep
 from .slim_adam import SlimAdam
 from . import snr  # noqa: F401  (SNRTracker: the analysis behind SlimAdam's rules)
 from .registry import OPTIMIZERS, make_optimizer
 
 __all__ = ["AdamW", "AdamMini", "SlimAdam", "Apollo", "ApolloMini", "Frugal", "LayerwiseStep", "OPTIMIZERS",
-           "make_optimizer", "set_lr"]
+           "make_optimizer", "set_lr", "Int8Linear", "quantize_weights_"]
 __version__ = "0.1.0"
 
 # The C++ package for LibTorch trainers lives next to the extension (lib/, include/,

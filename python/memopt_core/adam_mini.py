@@ -8,6 +8,7 @@ import torch
 
 from . import _C
 from ._base import MemoptOptimizer
+from .int8_weights import weight_args
 from .distributed import ShardedCall, local
 from .roles import infer_roles, model_dims
 from .sources import need_names, resolve
@@ -70,10 +71,11 @@ class AdamMini(MemoptOptimizer):
     def _op_call(self, group, params, grads, states):
         blocks = [v for p in params for v in self.blocks[p].encoded]
         beta1, beta2 = group["betas"]
-        args = (params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        stored, scales = weight_args(params)
+        args = (stored, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states], blocks, self._lr(group), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                self._rounding(group, params))
+                self._rounding(group, params), scales)
         return torch.ops.memopt.adam_mini_, args
 
     # ---- DTensor (FSDP2) parameters ----------------------------------------------------------

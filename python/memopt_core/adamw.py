@@ -6,6 +6,7 @@ from torch import nn
 
 from . import _C
 from ._base import MemoptOptimizer
+from .int8_weights import weight_args
 
 
 class AdamW(MemoptOptimizer):
@@ -42,8 +43,9 @@ class AdamW(MemoptOptimizer):
 
     def _op_call(self, group, params, grads, states):
         beta1, beta2 = group["betas"]
-        args = (params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        stored, scales = weight_args(params)
+        args = (stored, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states], self._lr(group), float(beta1), float(beta2),
                 float(group["eps"]), float(group["weight_decay"]), "torch",
-                self._rounding(group, params))
+                self._rounding(group, params), scales)
         return torch.ops.memopt.adamw_, args

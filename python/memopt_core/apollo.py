@@ -7,6 +7,7 @@ import torch
 
 from . import _C
 from ._base import MemoptOptimizer
+from .int8_weights import weight_args
 from .distributed import ShardedCall, apollo_shard_placement, local_args
 from .apollo_groups import apollo_groups
 from .sources import resolve
@@ -119,15 +120,16 @@ class Apollo(MemoptOptimizer):
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         steps = [s["step"] for s in states]
         rounding = self._rounding(group, params)
+        stored, scales = weight_args(params)
         if group.get("rank") is None:
-            return torch.ops.memopt.adamw_, (params, grads, m, v, steps, *hp, group["adamw_rule"],
-                                             rounding)
+            return torch.ops.memopt.adamw_, (stored, grads, m, v, steps, *hp, group["adamw_rule"],
+                                             rounding, scales)
         projs = [s["proj"] for s in states] if group["store_projection"] else []
         seeds = [s["seed"] for s in states] if group["proj"] == "random" else []
-        args = (params, grads, m, v, projs, seeds, [s["limiter_norm"] for s in states], steps,
+        args = (stored, grads, m, v, projs, seeds, [s["limiter_norm"] for s in states], steps,
                 *hp, int(group["rank"]), group["proj"], group["proj_type"], group["scale_type"],
                 int(group["update_proj_gap"]), float(group["scale"]), _gamma(group),
-                bool(group["scale_front"]), rounding)
+                bool(group["scale_front"]), rounding, scales)
         return torch.ops.memopt.apollo_, args
 
     # ---- DTensor (FSDP2) parameters --------------------------------------------------------
@@ -160,7 +162,7 @@ class Apollo(MemoptOptimizer):
         stats = torch.zeros(numel, dtype=torch.float64, device=args[0][0].device)
         full = (*args[:8], [lay.offset for lay in layouts],
                 [lay.global_shape[lay.dim] for lay in layouts], [lay.dim for lay in layouts],
-                stats, *args[8:])
+                stats, *args[8:-1])  # (the shard ops take no weight_scales)
         # (refuses proj="svd" too, should a group switch to it)
         torch.ops.memopt.check_apollo_shard_update_(*full)
         torch.ops.memopt.apollo_shard_stats_(*full)   # writes nothing but stats

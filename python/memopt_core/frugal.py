@@ -12,6 +12,7 @@ import torch
 
 from . import _C
 from ._base import MemoptOptimizer
+from .int8_weights import weight_args
 from .distributed import local_args
 from .frugal_shard import FrugalShard
 from .frugal_state import FrugalCheckpoint, tensor_specs
@@ -181,7 +182,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         def get(key, p, st, dtype):
             return st[key] if st is not None and key in st else self._placeholder(dtype, p.device)
         beta1, beta2 = group["betas"]
-        return local_args((params, [p.grad for p in params],
+        stored, scales = weight_args(params)
+        return local_args((stored, [p.grad for p in params],
                     [get("exp_avg", p, s, p.dtype) for p, s in zip(params, states)],
                     [get("exp_avg_sq", p, s, p.dtype) for p, s in zip(params, states)],
                     [get("step", p, s, torch.float32) for p, s in zip(params, states)],
@@ -190,7 +192,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                     float(group["weight_decay"]), float(group["proj_params_lr_scale"]),
                     float(group["state_free_lr_scale"]), self.plan.rule,
                     # the counter: steps taken, which changes the bits of state-free blocks
-                    self._rounding(group, params, self.plan.selection.t)))
+                    self._rounding(group, params, self.plan.selection.t), scales))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):

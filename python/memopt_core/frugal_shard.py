@@ -90,7 +90,7 @@ class FrugalShard:
             return None, ShardedCall(lambda: torch.ops.memopt.frugal_(*args))
         # on the parameters' device: NCCL reduces GPU buffers, the CUDA ops read them there
         stats = torch.zeros(numel, dtype=torch.float64, device=args[0][0].device)
-        full = (*args[:7], stats, *args[7:])
+        full = (*args[:7], stats, *args[7:-1])  # (the shard ops take no weight_scales)
         torch.ops.memopt.check_frugal_shard_update_(*full)
         return (lambda: torch.ops.memopt.frugal_shard_stats_(*full),
                 ShardedCall(lambda: torch.ops.memopt.frugal_shard_update_(*full), stats,

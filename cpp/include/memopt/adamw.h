@@ -11,17 +11,20 @@ namespace memopt {
 //   kApollo: the same m, v; p -= lr*sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps); p *= 1 - lr*wd
 // params/grads/exp_avgs/exp_avg_sqs are parallel lists; steps are 0-dim float32 CPU tensors.
 // rounding: how bf16 parameters are stored (memopt/rounding.h; [] = nearest even).
+// weight_scales: [] or the scales of int8 parameters (common.h, memopt/int8_weights.h), which
+// are decoded, updated in float32 and encoded again (stochastically under `rounding`).
 // Layouts (memopt/layout.h): elementwise, so any dense parameter (channels_last, transposed, ...)
 // is stepped in its memory order without a copy; a view with gaps is staged; overlapping
 // parameters raise ValueError.
 void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                    TensorList exp_avg_sqs, TensorList steps, const Tensor& lr, double beta1,
                    double beta2, double eps, double weight_decay,
-                   AdamWRule rule = AdamWRule::kTorch, at::IntArrayRef rounding = {});
+                   AdamWRule rule = AdamWRule::kTorch, at::IntArrayRef rounding = {},
+                   TensorList weight_scales = {});
 
 // Everything adamw_update_ checks before it writes (lists, dtypes, shapes, devices, hparams).
 void check_adamw_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
-                        TensorList exp_avg_sqs, TensorList steps);
+                        TensorList exp_avg_sqs, TensorList steps, TensorList weight_scales = {});
 
 // The op's `rule` argument: "torch" or "apollo"; anything else raises ValueError naming both.
 AdamWRule parse_adamw_rule(c10::string_view rule);

@@ -52,12 +52,15 @@ ApolloConfig make_apollo_config(int64_t rank, c10::string_view proj, c10::string
 void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
                     TensorList limiter_norms, TensorList steps, const Tensor& lr, double beta1,
-                    double beta2, double eps, double weight_decay, const ApolloConfig& cfg);
+                    double beta2, double eps, double weight_decay, const ApolloConfig& cfg,
+                    TensorList weight_scales = {});
 
 // Everything apollo_update_ checks before it writes (shared by the CPU and Meta kernels).
+// weight_scales: int8 parameters (common.h).
 void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList projs, TensorList seeds,
-                         TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg);
+                         TensorList limiter_norms, TensorList steps, const ApolloConfig& cfg,
+                         TensorList weight_scales = {});
 
 // The most elements of R (and of a converted gradient slice) one tile holds.
 int64_t apollo_tile_elements();

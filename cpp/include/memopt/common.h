@@ -50,11 +50,34 @@ struct AdamScalars {
 // Hyperparameter checks shared by every Adam-family op (messages name the argument).
 void check_adam_hparams(double lr, double beta1, double beta2, double eps, double weight_decay);
 
+// The ops' `weight_scales` argument (memopt/int8_weights.h): [] when no parameter is int8, else
+// one tensor per parameter: empty for a float parameter, the float32 scales of an int8 one (whose
+// entry in `params` holds its codes). Parameter i is int8 when weight_scale(ws, i) is non-empty.
+const Tensor& weight_scale(TensorList weight_scales, size_t i);
+// The schemas' optional list (`Tensor[]? weight_scales=None`) as a list ([] for None).
+using OptionalTensors = std::optional<TensorList>;
+inline TensorList listed(const OptionalTensors& tensors) { return tensors ? *tensors : TensorList(); }
+// The dtype parameter p's values are computed from and its state follows: its own, or for int8
+// codes its gradient's (float32 or bfloat16).
+inline at::ScalarType value_dtype(const Tensor& p, const Tensor& g) {
+  return p.scalar_type() == at::kChar ? g.scalar_type() : p.scalar_type();
+}
+// Validates `weight_scales` against params and grads: one per parameter (or none), int8 codes
+// exactly where scales are given, 2-D contiguous codes of whole groups of kInt8MinGroup to
+// kInt8MaxGroup elements along rows, float32 contiguous scales (rows, cols / group), gradients in
+// float32 or bfloat16, on the CPU (the CUDA kernels have no int8 path yet).
+void check_weight_scales(const char* op, TensorList params, TensorList grads,
+                         TensorList weight_scales);
+// The group size of int8 parameter i (elements per scale).
+int64_t int8_group(const Tensor& codes, const Tensor& scales);
+
 // Validates the tensor lists of a multi-tensor update before anything is written:
-// equal lengths, one device, floating dtypes, dense real grads shaped like params,
-// exp_avgs shaped like params, state dtype = param dtype or float32, float32 step scalars.
+// equal lengths, one device, floating dtypes (or int8 codes with weight_scales), dense real
+// grads shaped like params, exp_avgs shaped like params, state dtype = the value dtype or
+// float32, float32 step scalars. (An op whose moments are not shaped like the parameters passes
+// params for exp_avgs.)
 void check_update_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
-                        TensorList steps);
+                        TensorList steps, TensorList weight_scales = {});
 
 // Under dynamic-shape tracing the Meta kernels see symbolic sizes, which have no numel() to
 // check; shape validation then happens in the real kernel at run time.

@@ -36,7 +36,7 @@ void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                     at::IntArrayRef modes, const Tensor& lr, double beta1, double beta2,
                     double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
-                    int64_t rule, at::IntArrayRef rounding = {});
+                    int64_t rule, at::IntArrayRef rounding = {}, TensorList weight_scales = {});
 
 // How the FRUGAL kernels (CPU and CUDA, whole and row-sharded) see a non-contiguous parameter
 // (memopt/layout.h): Adam, active and free blocks are elementwise, so any dense layout is
@@ -49,7 +49,7 @@ OrderFreeWithin frugal_order_free(at::IntArrayRef modes);
 void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                          at::IntArrayRef modes, double proj_lr_scale, double free_lr_scale,
-                         int64_t rule, bool read_data = true);
+                         int64_t rule, bool read_data = true, TensorList weight_scales = {});
 
 // ---- row-sharded parameters (FSDP2; frugal_shard.cpp) ---------------------------------------
 // Each parameter is rows [row0, row0 + m) of its full weight, with its gradient's same rows.

@@ -251,10 +251,13 @@ class PlanOptimizer : public torch::optim::Optimizer {
         .findSchemaOrThrow(((validate ? "memopt::check_" : "memopt::") + call.op).c_str(), "")
         .callBoxed(&stack);
   }
-  // op_call's call with every op's last argument, `rounding` (memopt/rounding.h).
+  // op_call's call with every op's last arguments: `rounding` (memopt/rounding.h) and
+  // `weight_scales` (None: the LibTorch classes train float parameters; int8 weights are the
+  // Python front end's, memopt_core.quantize_weights_).
   OpCall full_call(const Options& o, const GroupLists& l) const {
     OpCall call = op_call(o, l);
     call.args.emplace_back(rounding(o, l.params));
+    call.args.emplace_back(c10::IValue());
     return call;
   }
   // Every op's last argument, `rounding` (memopt/rounding.h): [] or, with the group's

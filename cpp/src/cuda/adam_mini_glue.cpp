@@ -228,9 +228,10 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
 void adam_mini_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor& lr, double beta1, double beta2, double eps,
-                    double weight_decay, at::IntArrayRef rounding) {
+                    double weight_decay, at::IntArrayRef rounding, OptionalTensors weight_scales) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
-  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
+  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs,
+                         listed(weight_scales));  // (refuses int8: check_weight_scales)
   const Rounding round(rounding, params.size(), "adam_mini_update_");
   AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs);
   adam_mini_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),

@@ -56,8 +56,10 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
 // (a non-contiguous parameter in its memory order, or staged), and the staged ones copied back.
 void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
-                double weight_decay, c10::string_view rule, at::IntArrayRef rounding) {
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
+                double weight_decay, c10::string_view rule, at::IntArrayRef rounding,
+                OptionalTensors weight_scales) {
+  // (refuses int8 weights: check_weight_scales, common.h)
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales));
   const Rounding round(rounding, params.size(), "adamw_update_");
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, any_order);
   adamw_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),

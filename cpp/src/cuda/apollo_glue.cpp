@@ -262,11 +262,14 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  const Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
                  int64_t rank, c10::string_view proj, c10::string_view proj_type,
                  c10::string_view scale_type, int64_t update_proj_gap, double scale,
-                 double norm_growth_limit, bool scale_front, at::IntArrayRef rounding) {
+                 double norm_growth_limit, bool scale_front, at::IntArrayRef rounding,
+                 OptionalTensors weight_scales) {
+  // (refuses int8 weights: check_weight_scales, common.h)
   check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                       make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
                                          scale, norm_growth_limit, scale_front, rounding,
-                                         params.size()));
+                                         params.size()),
+                      listed(weight_scales));
   // R's channels are logical rows/columns: a non-contiguous weight is staged in logical order.
   ParamLayouts layouts(params, {}, logical_order_only);
   apollo_kernels(layouts.params(), grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
