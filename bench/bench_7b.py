@@ -1,10 +1,12 @@
 """A real pre-training step of Llama-2-7B (the `llama-7b` preset) on one device, measured.
 
     .venv/bin/python bench/bench_7b.py --optimizer apollo_mini --dtype bf16 --steps 2
+    .venv/bin/python bench/bench_7b.py --optimizer apollo_mini --dtype int8 --steps 2
     .venv/bin/python bench/bench_7b.py --model llama-350m --steps 3      # a quick rehearsal
 
-The model is built on the meta device and allocated directly in its storage dtype
-(models.materialize: never a full fp32 copy); it trains on random tokens (batch 1 x 256 by
+The model is built on the meta device and allocated directly in its storage format
+(models.to_weight_format, then materialize: never a full fp32 copy; int8 layers draw one fp32
+weight at a time and encode it); it trains on random tokens (batch 1 x 256 by
 default, as the GaLore/APOLLO 7B anchors) with layer-wise stepping (LayerwiseStep: one gradient at
 a time), activation checkpointing and the device's compute dtype (fp32 on a CPU without bf16
 instructions: app/compute_dtype.py). Printed per step: seconds and loss; then peak memory
@@ -21,9 +23,9 @@ import torch
 import memopt_core
 from memopt_core.app.compute_dtype import resolve_compute_dtype
 from memopt_core.app.memory import release_freed_memory, train_peak
-from memopt_core.app.models import Llama, llama_config, materialize
+from memopt_core.app.models import Llama, llama_config, materialize, to_weight_format
 from memopt_core.app.plan import GB, plan
-from memopt_core.app.train_config import DTYPES, dtype_name, rounding_kwargs
+from memopt_core.app.train_config import DTYPES, WEIGHT_FORMATS, dtype_name, rounding_kwargs
 from harness import commit, machine
 
 
@@ -32,7 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-7b")
     ap.add_argument("--optimizer", default="apollo_mini", choices=list(memopt_core.OPTIMIZERS))
-    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--dtype", default="bf16", choices=list(WEIGHT_FORMATS),
+                    help="weight format, as memopt train's (int8: attention/MLP weights)")
     ap.add_argument("--compute-dtype", default=None, choices=list(DTYPES))
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=1)
@@ -45,14 +48,14 @@ def main() -> None:
                     help="of low-precision weights, as `memopt train --rounding`")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
-    device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    device, dtype = torch.device(a.device), WEIGHT_FORMATS[a.dtype]
     released = device.type == "cpu" and a.malloc == "release" and release_freed_memory()
     compute = resolve_compute_dtype(dtype, device, a.compute_dtype)
     compute_name = dtype_name(compute)
 
     start = time.perf_counter()
     with torch.device("meta"):
-        model = Llama(llama_config(a.model))
+        model = to_weight_format(Llama(llama_config(a.model)), a.dtype)
     materialize(model, device, dtype)
     model.checkpoint_activations, model.compute_dtype = True, compute
     rounding = rounding_kwargs(a.rounding, a.dtype)  # as memopt train

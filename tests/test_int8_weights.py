@@ -241,6 +241,10 @@ def test_module_conversions_keep_the_format():
     q = int8_layers(model)["w1"]
     assert q.weight.dtype == torch.float32 and q.weight_scales.dtype == torch.float32
     assert q.weight_codes.dtype == torch.int8 and q.weight.untyped_storage().nbytes() <= 4
+    clone = copy.deepcopy(model)  # a copy's carrier knows its own layer and holds no memory
+    cq = int8_layers(clone)["w1"]
+    assert int8_layer(cq.weight) is cq and cq.weight.untyped_storage().nbytes() <= 4
+    assert torch.equal(cq.weight_codes, q.weight_codes) and cq.weight_codes is not q.weight_codes
     meta = Tiny().to("meta")
     memopt_core.quantize_weights_(meta, group_size=GROUP)
     meta.to_empty(device="cpu")

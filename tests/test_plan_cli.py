@@ -9,9 +9,10 @@ import torch
 
 import memopt_core
 from memopt_core.app import cli, cli_args, compare_cli
-from memopt_core.app.models import Llama, build, llama_config, materialize
+from memopt_core.app.models import Llama, build, llama_config, materialize, to_weight_format
 from memopt_core.app.plan import activation_bytes, plan
 from memopt_core.app.train import TrainConfig
+from memopt_core.app.train_config import WEIGHT_FORMATS, rounding_kwargs
 from memopt_core.app.memory import peak_during, train_peak
 
 
@@ -183,21 +184,24 @@ def test_train_runs_at_the_optimizers_recommended_lr_unless_told():
     assert "apollo 0.01" in parser._subparsers._group_actions[0].choices["train"].format_help()
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
 @pytest.mark.parametrize("checkpointed", [False, True])
-def test_plan_of_a_bf16_layerwise_run_is_within_10_percent_of_its_measured_peak(checkpointed):
-    """bench_7b.py's recipe at llama-60m: bf16 weights built in place, fp32 compute, layer-wise
-    ApolloMini, with and without activation checkpointing; the plan's total against the
-    allocator's peak over two steps (the first creates the state)."""
+def test_plan_of_a_layerwise_run_is_within_10_percent_of_its_measured_peak(checkpointed, dtype):
+    """bench_7b.py's recipe at llama-60m: bf16 or int8 weights built in place, fp32 compute,
+    layer-wise ApolloMini with stochastic rounding, with and without activation checkpointing;
+    the plan's total against the allocator's peak over two steps (the first creates the
+    state)."""
     with torch.device("meta"):
-        model = Llama(llama_config("llama-60m"))
-    materialize(model, torch.device("cpu"), torch.bfloat16)
+        model = to_weight_format(Llama(llama_config("llama-60m")), dtype)
+    materialize(model, torch.device("cpu"), WEIGHT_FORMATS[dtype])
     model.checkpoint_activations, model.compute_dtype = checkpointed, torch.float32
-    opt = memopt_core.make_optimizer("apollo_mini", model, lr=1e-3)
+    opt = memopt_core.make_optimizer("apollo_mini", model, lr=1e-3,
+                                     **rounding_kwargs("stochastic", dtype))
     memopt_core.LayerwiseStep(opt)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 32000, (1, 257), generator=gen) for _ in range(2)]
     peak, _, losses = train_peak(model, opt, batches, torch.device("cpu"))
-    predicted = plan("llama-60m", "apollo_mini", dtype="bf16", layerwise=True, batch_size=1,
+    predicted = plan("llama-60m", "apollo_mini", dtype=dtype, layerwise=True, batch_size=1,
                      seq_len=256, compute_dtype="fp32", checkpoint_activations=checkpointed)
     assert all(math.isfinite(x) for x in losses)
     assert abs(predicted.total / peak - 1) < 0.10, (predicted.total, peak)

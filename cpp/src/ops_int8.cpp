@@ -46,3 +46,4 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
 }
 
 TORCH_LIBRARY_IMPL(memopt, CPU, m) { m.impl("int8_encode_", &memopt::int8_encode_cpu); }
+TORCH_LIBRARY_IMPL(memopt, Meta, m) { m.impl("int8_encode_", &memopt::int8_encode_check); }

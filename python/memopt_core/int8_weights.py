@@ -18,6 +18,7 @@ smaller than half a code step are lost). Optimizer state follows the carrier's d
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Iterable, Optional
 
 import torch
@@ -51,6 +52,21 @@ def encode_(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
 
 def _carrier(shape, dtype, device) -> torch.Tensor:
     return torch.zeros((), dtype=dtype, device=device).expand(*shape)
+
+
+class _Carrier(nn.Parameter):
+    """An Int8Linear's `weight`: a parameter that holds no memory (see the module's doc) and
+    knows its layer (`_memopt_int8`), also when deep-copied (torch would copy the expanded
+    tensor into a full one and drop the attribute)."""
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            copied = _Carrier(_carrier(self.shape, self.dtype, self.device), self.requires_grad)
+            memo[id(self)] = copied
+            layer = self.__dict__.get("_memopt_int8")
+            if layer is not None:
+                copied._memopt_int8 = copy.deepcopy(layer, memo)
+        return memo[id(self)]
 
 
 class _Int8LinearFn(torch.autograd.Function):
@@ -93,7 +109,7 @@ class Int8Linear(nn.Module):
                                                          dtype=torch.int8, device=device))
         self.register_buffer("weight_scales", torch.zeros(out_features, in_features // group_size,
                                                           dtype=torch.float32, device=device))
-        self.weight = nn.Parameter(_carrier((out_features, in_features), dtype, device))
+        self.weight = _Carrier(_carrier((out_features, in_features), dtype, device))
         self.weight._memopt_int8 = self
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
                      if bias else None)
@@ -125,7 +141,6 @@ class Int8Linear(nn.Module):
         return decode(self.weight_codes, self.weight_scales, dtype)
 
     def forward(self, x):
-        self.weight._memopt_int8 = self  # (a copied parameter loses its attributes)
         return _Int8LinearFn.apply(x, self.weight, self.weight_codes, self.weight_scales,
                                    self.bias)
 
@@ -152,7 +167,7 @@ class Int8Linear(nn.Module):
             if carrier.grad is not None:
                 carrier.grad = carrier.grad.to(device=target.device, dtype=target.dtype)
         else:  # (meta to a device: a new parameter, as Module._apply makes one)
-            self._parameters["weight"] = nn.Parameter(data, carrier.requires_grad)
+            self._parameters["weight"] = _Carrier(data, carrier.requires_grad)
             self.weight._memopt_int8 = self
         return self
 
@@ -185,13 +200,15 @@ def int8_layer(p: torch.Tensor) -> Optional[Int8Linear]:
 
 def quantize_weights_(model: nn.Module, bits: int = 8, group_size: int = 128,
                       skip: Iterable[str] = DEFAULT_SKIP,
-                      dtype: Optional[torch.dtype] = None) -> list:
+                      dtype: Optional[torch.dtype] = None, fit_groups: bool = False) -> list:
     """Replace model's nn.Linear layers by Int8Linear (weights encoded to nearest, in place, one
     layer at a time) and return their names. Layers whose qualified name contains any of `skip`
     (default: the output head), and weights tied to another module (an embedding), stay as they
     are; embeddings and norms are not linear layers and stay too. dtype: the gradient and state
-    dtype of the int8 layers (default bf16 for float32 layers). On the meta device only the
-    structure changes (materialize it with memopt_core.app.models.materialize)."""
+    dtype of the int8 layers (default bf16 for float32 layers). A layer whose input features
+    group_size does not divide raises, or with fit_groups takes the largest divisor of them up to
+    group_size (at least 16). On the meta device only the structure changes (materialize it with
+    memopt_core.app.models.materialize)."""
     if bits != 8:
         raise ValueError(f"only 8-bit weights are implemented, got bits={bits}")
     skip = tuple(skip)
@@ -202,15 +219,19 @@ def quantize_weights_(model: nn.Module, bits: int = 8, group_size: int = 128,
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not any(s in name for s in skip)
                and counts.get(m.weight, 0) == 1]
+    groups = {}
     for name, m in targets:
-        if m.in_features % group_size:
+        fits = [g for g in range(min(group_size, m.in_features), 15, -1) if m.in_features % g == 0]
+        if m.in_features % group_size and not (fit_groups and fits):
             raise ValueError(f"{name}: {m.in_features} input features are not a multiple of "
-                             f"group_size={group_size}; choose another group_size or skip it")
+                             f"group_size={group_size}; choose another group_size, skip it or "
+                             f"pass fit_groups=True")
+        groups[name] = group_size if m.in_features % group_size == 0 else fits[0]
     done = []
     for name, m in targets:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, leaf, Int8Linear.from_linear(m, group_size, dtype))
+        setattr(owner, leaf, Int8Linear.from_linear(m, groups[name], dtype))
         done.append(name)
     return done
 

@@ -136,8 +136,11 @@ def _plan(args) -> int:
           f"meta device; activations: estimate for batch {args.batch_size} x {args.seq_len} "
           f"tokens, fused attention, {'' if args.checkpoint_activations else 'no '}activation "
           "checkpointing (see memopt_core.app.plan.activation_bytes)." +
-          (" bf16 weights are updated with stochastic rounding, which keeps no state (its bits "
-           "are a hash of seed, parameter, step and element)." if args.dtype != "fp32" else ""))
+          (f" {args.dtype} weights are updated with stochastic rounding, which keeps no state (its"
+           " bits are a hash of seed, parameter, step and element)." if args.dtype != "fp32"
+           else "") +
+          (" int8 weights: 1 byte per attention/MLP weight plus a float32 scale per 128, their "
+           "gradients bf16." if args.dtype == "int8" else ""))
     best = min(plans + [base], key=lambda p: p.total)
     flags = [f"--dtype {args.dtype}"] * (args.dtype != "fp32") + \
         ["--layerwise --grad-clip 0"] * best.layerwise + \
@@ -180,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=LLAMA_PRESETS, default="llama-7b")
     p.add_argument("--optimizer", help="comma-separated (default: every optimizer)")
     p.add_argument("--layerwise", action="store_true")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="weight storage, as memopt train's (int8: codes and group scales)")
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--seq-len", type=positive_int, default=2048)
     p.add_argument("--compute-dtype", choices=["fp32", "bf16"], default=None,

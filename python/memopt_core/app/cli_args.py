@@ -72,9 +72,11 @@ def add_train_args(p, steps, model):
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="weights (and optimizer state) storage dtype; bf16 weights are updated "
-                        "with stochastic rounding (see --rounding)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="weight storage (and optimizer state dtype): fp32, bf16, or int8 "
+                        "(attention and MLP weights as int8 codes with a float32 scale per 128, "
+                        "everything else bf16); bf16 and int8 weights are updated with "
+                        "stochastic rounding (see --rounding)")
     p.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic",
                    help="how low-precision weights store each update: stochastic (unbiased, "
                         "seeded by --seed; updates far below a bf16 step still count) or "

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..int8_weights import int8_layer
 from ..reporting import tensor_bytes
 
 MiB = 2 ** 20
@@ -53,6 +54,16 @@ def distinct_bytes(tensors) -> int:
             seen.add(id(t))
             total += tensor_bytes(t)
     return total
+
+
+def weight_bytes(params) -> int:
+    """Bytes the weights occupy: distinct_bytes, with the carrier of an int8 layer (which holds
+    no memory; its gradient is full-size) counted as the layer's codes and scales."""
+    layers = {id(p): int8_layer(p) for p in params if p is not None}
+    plain = [p for p in params if p is not None and layers[id(p)] is None]
+    coded = {id(q): q for q in layers.values() if q is not None}.values()
+    return distinct_bytes(plain) + sum(distinct_bytes([q.weight_codes, q.weight_scales])
+                                       for q in coded)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:

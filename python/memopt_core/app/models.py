@@ -16,7 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..int8_weights import Int8Linear, quantize_weights_
 from .compute_dtype import LayerNorm, Linear
+from .train_config import INT8_GROUP, WEIGHT_FORMATS
 
 
 @dataclass
@@ -307,16 +309,33 @@ def build(name: str, arch: str = "llama", device=None, **overrides) -> nn.Module
     raise ValueError(f"unknown arch {arch!r}; choose 'llama' or 'gpt'")
 
 
+def to_weight_format(model: nn.Module, fmt: str, device=None) -> nn.Module:
+    """`model` (on `device`) in a run's weight format (train_config.WEIGHT_FORMATS): every weight
+    in fp32 or bf16, or for "int8" the attention and MLP linears as int8 (quantize_weights_, the
+    output head kept; groups of INT8_GROUP, or the largest divisor of a layer's input features
+    below it) and the rest bf16. On the meta device only the structure changes."""
+    model.to(device=device, dtype=WEIGHT_FORMATS[fmt])
+    if fmt == "int8":
+        quantize_weights_(model, group_size=INT8_GROUP, fit_groups=True)
+    return model
+
+
 def materialize(model: nn.Module, device, dtype: torch.dtype) -> nn.Module:
-    """A model built on the meta device, allocated on `device` directly in `dtype` and
-    initialised there tensor by tensor (as the constructor would), so that no copy in another
-    dtype ever exists: how a 7B model is built in bf16 within its 13.5 GB."""
+    """A model built on the meta device (int8 layers too: to_weight_format), allocated on
+    `device` directly in `dtype` and initialised there tensor by tensor (as the constructor
+    would), so that no copy in another dtype ever exists: how a 7B model is built in bf16
+    within its 13.5 GB. An int8 layer draws its weight in fp32 and encodes it, one at a time."""
     model.to(dtype=dtype).to_empty(device=device)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (RMSNorm, nn.LayerNorm)):
                 m.weight.fill_(1.0)
                 if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            if isinstance(m, Int8Linear):
+                m.load_float_weight_(torch.empty(m.out_features, m.in_features,
+                                                 device=device).normal_(0.0, 0.02))
+                if m.bias is not None:
                     m.bias.zero_()
             _init_weights(m)
     if isinstance(model, Llama):  # the RoPE tables (buffers, fp32) are not parameters

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .memory import distinct_bytes
-from .models import build, num_params
-from .train_config import DTYPES, rounding_kwargs
+from .memory import distinct_bytes, weight_bytes
+from .models import build, num_params, to_weight_format
+from .train_config import DTYPES, WEIGHT_FORMATS, rounding_kwargs
 from ..registry import make_optimizer
 
 GB = 1e9  # decimal, as the papers report (Adam-mini: 53.92 GB for Llama-2-7B AdamW state)
@@ -55,25 +55,28 @@ def activation_bytes(cfg, batch_size: int, seq_len: int, elem: int,
 def plan(model: str, optimizer: str, *, dtype: str = "fp32", layerwise: bool = False,
          batch_size: int = 1, seq_len: int = 2048, checkpoint_activations: bool = False,
          compute_dtype: Optional[str] = None, **opt_kwargs) -> Plan:
-    """The memory of a run; compute_dtype (None: dtype) sizes the activations."""
-    for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype or dtype)):
-        if value not in DTYPES:
-            raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
-    net = build(model, device="meta").to(DTYPES[dtype])
+    """The memory of a run; compute_dtype (None: the weights' storage dtype, bf16 for int8)
+    sizes the activations. int8 weights count their codes and group scales."""
+    if dtype not in WEIGHT_FORMATS:
+        raise ValueError(f"dtype must be one of {sorted(WEIGHT_FORMATS)}, got {dtype!r}")
+    if compute_dtype is not None and compute_dtype not in DTYPES:
+        raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {compute_dtype!r}")
+    compute = DTYPES[compute_dtype] if compute_dtype else WEIGHT_FORMATS[dtype]
+    net = to_weight_format(build(model, device="meta"), dtype)
     # as `memopt train` makes it: low-precision weights with stochastic rounding (no state)
     opt = make_optimizer(optimizer, net, lr=1e-3, **{**rounding_kwargs("stochastic", dtype),
                                                      **opt_kwargs})
     if layerwise and not opt.steps_single_params:
         raise ValueError(f"{optimizer} cannot be stepped layer-wise")
     params = list(net.parameters())
-    weights = distinct_bytes(params)
+    weights = weight_bytes(params)
     # Layer-wise stepping frees each gradient as soon as it is used: at most one exists at a
     # time (the largest bounds it); otherwise every gradient exists before step().
-    grads = max(distinct_bytes([p]) for p in params) if layerwise else weights
+    grads = max(distinct_bytes([p]) for p in params) if layerwise else distinct_bytes(params)
     return Plan(model, optimizer, dtype, layerwise, num_params(net), weights, grads,
                 int(opt.planned_state_bytes()),
-                activation_bytes(net.config, batch_size, seq_len,
-                                 DTYPES[compute_dtype or dtype].itemsize, checkpoint_activations))
+                activation_bytes(net.config, batch_size, seq_len, compute.itemsize,
+                                 checkpoint_activations))
 
 
 def _count(n: int) -> str:

@@ -27,10 +27,10 @@ from torch import nn
 from .compute_dtype import resolve_compute_dtype
 from .corpus import Corpus, load
 from ..layerwise import LayerwiseStep
-from .memory import distinct_bytes, optimizer_state_bytes, peak_during
-from .models import build, num_params
+from .memory import distinct_bytes, optimizer_state_bytes, peak_during, weight_bytes
+from .models import build, num_params, to_weight_format
 from ..registry import OPTIMIZERS, make_optimizer
-from .train_config import DTYPES, TrainConfig, dtype_name
+from .train_config import WEIGHT_FORMATS, TrainConfig, dtype_name
 
 CHECKPOINT = "last.pt"
 DCP_CHECKPOINT = "last.dcp"  # with fsdp: a symlink to the newest complete DCP directory
@@ -59,8 +59,8 @@ class Trainer:
         self.corpus = corpus or load(cfg.data, cfg.tokenizer, cfg.vocab_size)
         torch.manual_seed(cfg.seed)  # same seed -> same initial weights for every optimizer
         self.model = build(cfg.model, cfg.arch, vocab_size=self.corpus.vocab_size)
-        self.model.to(device=self.device, dtype=DTYPES[cfg.dtype])
-        self.model.compute_dtype = resolve_compute_dtype(DTYPES[cfg.dtype], self.device,
+        to_weight_format(self.model, cfg.dtype, self.device)
+        self.model.compute_dtype = resolve_compute_dtype(WEIGHT_FORMATS[cfg.dtype], self.device,
                                                          cfg.compute_dtype)
         self.model.checkpoint_activations = cfg.checkpoint_activations
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if cfg.fsdp else (0, 1)
@@ -131,7 +131,7 @@ class Trainer:
         """Bytes of weights, optimizer state and the gradients alive at the peak, and the peak
         tensor memory of one iteration (measured on the next iteration, which this call runs)."""
         params = list(self.model.parameters())
-        weights, state = distinct_bytes(params), optimizer_state_bytes(self.opt)
+        weights, state = weight_bytes(params), optimizer_state_bytes(self.opt)
         extra = peak_during(self.run_step, self.device)
         # Gradients alive at the peak: all of them before step(), one at a time layer-wise.
         trained = [p for p in params if p.requires_grad]

@@ -10,6 +10,11 @@ import torch.distributed as dist
 from ..registry import OPTIMIZERS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# A run's weight formats (--dtype): one dtype for every weight, or "int8": the attention and MLP
+# linears as int8 codes with a float32 scale per INT8_GROUP weights (memopt_core.
+# quantize_weights_), every other weight in bf16 (the storage dtype WEIGHT_FORMATS gives).
+WEIGHT_FORMATS = {**DTYPES, "int8": torch.bfloat16}
+INT8_GROUP = 128
 
 
 def rounding_kwargs(rounding: str, dtype: str, seed: int = 0) -> dict:
@@ -47,7 +52,7 @@ class TrainConfig:
     grad_accum: int = 1
     layerwise: bool = False
     checkpoint_activations: bool = False  # recompute each layer in backward (models.run_layers)
-    dtype: str = "fp32"        # weights (and optimizer state) dtype: fp32 or bf16
+    dtype: str = "fp32"        # weight format (and state dtype): fp32, bf16 or int8
     compute_dtype: Optional[str] = None  # fp32 / bf16; None: by device (compute_dtype.py)
     rounding: str = "stochastic"  # of bf16 weights: "stochastic" (seeded by seed) or "nearest"
     eval_every: int = 0        # 0: validate at the end only
@@ -89,8 +94,8 @@ class TrainConfig:
             raise ValueError("gradient clipping by global norm needs every gradient at once, "
                              "which layer-wise stepping never holds: set grad_clip=0 "
                              "(--grad-clip 0) with --layerwise")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in WEIGHT_FORMATS:
+            raise ValueError(f"dtype must be one of {sorted(WEIGHT_FORMATS)}, got {self.dtype!r}")
         if self.rounding not in ("stochastic", "nearest"):
             raise ValueError(f"rounding must be 'stochastic' or 'nearest', got {self.rounding!r}")
         if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
@@ -104,6 +109,9 @@ class TrainConfig:
             why = ("this torch is built without CUDA" if torch.version.cuda is None else
                    f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no GPU")
             raise ValueError(f"device {self.device!r}: no CUDA device ({why}); use --device cpu")
+        if self.dtype == "int8" and (self.fsdp or device.type != "cpu"):
+            raise ValueError("int8 weights are updated on the CPU only, without FSDP2, in this "
+                             "version; use --dtype bf16 there")
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
