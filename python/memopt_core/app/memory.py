@@ -108,7 +108,7 @@ def train_peak(model, opt, batches, device: torch.device) -> tuple[int, list, li
     of length seq + 1) with `opt` stepped inside backward (LayerwiseStep) or not at all: the
     peak is what each step allocates (peak_during) on top of the weights and optimizer state
     held before it, so state created in the first step counts there."""
-    held = distinct_bytes(model.parameters()) + optimizer_state_bytes(opt)
+    held = weight_bytes(list(model.parameters())) + optimizer_state_bytes(opt)
     peak, seconds, losses = 0, [], []
     for x in batches:
         def step():
@@ -118,5 +118,5 @@ def train_peak(model, opt, batches, device: torch.device) -> tuple[int, list, li
         start = time.perf_counter()
         peak = max(peak, held + peak_during(step, device))
         seconds.append(time.perf_counter() - start)
-        held = distinct_bytes(model.parameters()) + optimizer_state_bytes(opt)
+        held = weight_bytes(list(model.parameters())) + optimizer_state_bytes(opt)
     return peak, seconds, losses
