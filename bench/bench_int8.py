@@ -16,7 +16,6 @@ import torch
 
 import memopt_core
 import harness
-from bench_rounding import OPTIMIZERS
 
 
 def int8_model(size: str):
@@ -35,8 +34,8 @@ def main() -> int:
     args = ap.parse_args()
     models = {"bf16": harness.build_model(args.size, dtype="bf16"), "int8": int8_model(args.size)}
     hp = dict(lr=1e-4, weight_decay=0.1, stochastic_rounding=True)
-    opts = {(name, fmt): make(model, **hp)
-            for name, make in OPTIMIZERS.items() for fmt, model in models.items()}
+    opts = {(name, fmt): memopt_core.make_optimizer(name, model, **hp)
+            for name in memopt_core.OPTIMIZERS for fmt, model in models.items()}
     times = harness.round_robin(opts, args.warmup, args.rounds)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     rows = [f"### int8 weights: optimizer step time ({args.size}, `bench/bench_int8.py`)",
@@ -45,7 +44,7 @@ def main() -> int:
             "rounding on both.", "",
             "| optimizer | bf16 weights ms | int8 weights ms | int8 / bf16 |",
             "|---|---:|---:|---:|"]
-    for name in OPTIMIZERS:
+    for name in memopt_core.OPTIMIZERS:
         bf16, int8 = med[(name, "bf16")], med[(name, "int8")]
         rows.append(f"| {name} | {bf16:.1f} | {int8:.1f} | {int8 / bf16:.2f}x |")
     table = "\n".join(rows)

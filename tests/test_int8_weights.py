@@ -22,7 +22,8 @@ OPTIMIZERS = {
     "slim_adam": lambda m, **kw: memopt_core.SlimAdam(m, lr=1e-2, dim=64, n_heads=4, **kw),
     "apollo": lambda m, **kw: memopt_core.Apollo(m, lr=1e-2, rank=4, update_proj_gap=2, **kw),
     "apollo_mini": lambda m, **kw: memopt_core.ApolloMini(m, lr=1e-2, update_proj_gap=2, **kw),
-    "frugal": lambda m, **kw: memopt_core.Frugal(m, lr=1e-2, density=0.5, update_gap=2, seed=0, **kw),
+    "frugal": lambda m, **kw: memopt_core.Frugal(m, lr=1e-2, density=0.5, update_gap=2, seed=0,
+                                                 **kw),
 }
 FRUGAL_SELECTIONS = ["block", "columns", "rows", "randk", "svd", "random"]
 
@@ -158,7 +159,8 @@ def test_ops_take_bf16_gradients(op):
                                         1e-8, 0.1, [], scales_arg)
 
     def state():
-        return torch.zeros(rows, cols), torch.zeros(rows, cols) if op == "adamw" else torch.zeros(rows)
+        v = torch.zeros(rows, cols) if op == "adamw" else torch.zeros(rows)  # per-row blocks
+        return torch.zeros(rows, cols), v
     m, v = state()
     tm, tv = state()
     st, tst = torch.zeros(()), torch.zeros(())
@@ -217,7 +219,8 @@ def test_resume_is_exact():
         opt = OPTIMIZERS["apollo_mini"](model, stochastic_rounding=True, rounding_seed=SEED)
         for step in range(4):
             if step == split:
-                sd_model, sd_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+                sd_model = copy.deepcopy(model.state_dict())
+                sd_opt = copy.deepcopy(opt.state_dict())
                 model, _ = pair()
                 model.load_state_dict(sd_model)
                 opt = OPTIMIZERS["apollo_mini"](model, stochastic_rounding=True,

@@ -267,7 +267,8 @@ void adam_mini_update_(TensorList params_in, TensorList grads_in, TensorList exp
     int64_t widest = 0;
     for (const auto& seg : specs[i]) widest = std::max(widest, seg.cols);
     const int64_t buffer = cpu::int8_buffer_elements(p, scales, widest);
-    MEMOPT_DISPATCH_PARAM_STATE(value_dtype(p, grads[i]), m.scalar_type(), "adam_mini_update_", [&] {
+    const at::ScalarType pt = value_dtype(p, grads[i]);
+    MEMOPT_DISPATCH_PARAM_STATE(pt, m.scalar_type(), "adam_mini_update_", [&] {
       using K = SegmentKernel<scalar_t, state_t, opmath_t, cpu::PlainParam<scalar_t, cpu::Nearest>>;
       int64_t need = cpu::staging_bytes(grads[i]);
       for (const auto& seg : specs[i])

@@ -57,7 +57,8 @@ void adam_mini_meta(TensorList params, TensorList grads, TensorList exp_avgs,
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   Rounding(rounding, params.size(), "adam_mini_update_");
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, listed(weight_scales)}))
-    check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, listed(weight_scales));
+    check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs,
+                           listed(weight_scales));
 }
 
 void adam_mini_check(TensorList params, TensorList grads, TensorList exp_avgs,

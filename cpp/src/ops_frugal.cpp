@@ -38,7 +38,8 @@ void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   TORCH_CHECK_VALUE(grads.size() == params.size() && subspaces.size() == params.size() &&
                         modes.size() == params.size(),
                     "frugal_update_: list lengths differ");
-  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, subspaces, listed(weight_scales)}))
+  if (!has_symbolic_shapes(
+          {params, grads, exp_avgs, exp_avg_sqs, subspaces, listed(weight_scales)}))
     check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                         proj_lr_scale, free_lr_scale, rule, /*read_data=*/false,
                         listed(weight_scales));

@@ -160,7 +160,8 @@ class Int8Linear(nn.Module):
         if target.device != codes.device:
             move = ((lambda t: torch.empty_like(t, device=target.device)) if codes.is_meta
                     else (lambda t: t.to(target.device)))
-            self._buffers["weight_codes"], self._buffers["weight_scales"] = move(codes), move(scales)
+            self._buffers["weight_codes"] = move(codes)
+            self._buffers["weight_scales"] = move(scales)
         data = _carrier(carrier.shape, target.dtype, target.device)
         if torch._has_compatible_shallow_copy_type(carrier, data):
             carrier.data = data

@@ -56,7 +56,9 @@ void check_adam_hparams(double lr, double beta1, double beta2, double eps, doubl
 const Tensor& weight_scale(TensorList weight_scales, size_t i);
 // The schemas' optional list (`Tensor[]? weight_scales=None`) as a list ([] for None).
 using OptionalTensors = std::optional<TensorList>;
-inline TensorList listed(const OptionalTensors& tensors) { return tensors ? *tensors : TensorList(); }
+inline TensorList listed(const OptionalTensors& tensors) {
+  return tensors ? *tensors : TensorList();
+}
 // The dtype parameter p's values are computed from and its state follows: its own, or for int8
 // codes its gradient's (float32 or bfloat16).
 inline at::ScalarType value_dtype(const Tensor& p, const Tensor& g) {
