@@ -273,3 +273,22 @@ def test_bad_input_raises_before_any_write():
         torch.ops.memopt.check_adamw_([codes], [torch.zeros(4, 32)], [torch.zeros(4, 32)],
                                       [torch.zeros(4, 32)], [torch.zeros(())],
                                       torch.tensor(1e-3), 0.9, 0.99, 1e-8, 0.0)
+
+
+def test_a_non_finite_update_poisons_its_group_only():
+    """As a NaN gradient poisons its element of a float weight (nonfinite="propagate"), it
+    poisons its group of an int8 weight: scale NaN, codes 0; the other groups step normally."""
+    torch.manual_seed(2)
+    codes, scales = int8_ref.encode(torch.randn(4, 64) * 0.05, GROUP)
+    grad = torch.randn(4, 64) * 1e-2
+    grad[1, 40] = float("nan")
+    twin = int8_ref.decode(codes, scales)
+    lr = torch.tensor(1e-2, dtype=torch.float64)
+    for p, sc in ((codes, [scales]), (twin, None)):
+        torch.ops.memopt.adamw_([p], [grad], [torch.zeros(4, 64)], [torch.zeros(4, 64)],
+                                [torch.zeros(())], lr, 0.9, 0.99, 1e-8, 0.0, "torch", [], sc)
+    ref_codes, ref_scales = int8_ref.encode(twin, GROUP)
+    assert torch.isnan(scales[1, 1]) and (codes[1, 32:] == 0).all()
+    assert torch.isnan(scales).sum() == 1
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(scales.nan_to_num(), ref_scales.nan_to_num())

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "memopt/rounding.h"
 
@@ -42,14 +43,38 @@ MEMOPT_HOST_DEVICE Int8GroupScale int8_group_scale(float absmax) {
   return {absmax / static_cast<float>(kInt8CodeMax), static_cast<float>(kInt8CodeMax) / absmax};
 }
 
+// 1.0 when d's sign bit is set, else 0.0, by integer operations on its bits: a floating-point
+// comparison, floor() or signbit() keeps the CPU loops scalar (they may trap), this vectorizes.
+MEMOPT_HOST_DEVICE double sign_bit(double d) {
+  uint64_t b;
+#if defined(__CUDA_ARCH__)
+  b = static_cast<uint64_t>(__double_as_longlong(d));
+#else
+  std::memcpy(&b, &d, sizeof(b));
+#endif
+  const uint64_t one = (0ull - (b >> 63)) & 0x3FF0000000000000ull;  // the bits of 1.0, or 0
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(one));
+#else
+  double out;
+  std::memcpy(&out, &one, sizeof(out));
+  return out;
+#endif
+}
+
 // The code of x in a group with multiplier inv: nearest when !stochastic, else rounded up when
 // the fraction exceeds u = (bits >> 8) / 2^24 (uniform on [0, 1) in steps of 2^-24).
 MEMOPT_HOST_DEVICE int8_t int8_encode(float x, float inv, bool stochastic, uint32_t bits) {
   const double t = static_cast<double>(x) * static_cast<double>(inv);
   double q;
   if (stochastic) {
-    const double fl = floor(t);
-    q = fl + ((t - fl) > static_cast<double>(bits >> 8) * 0x1p-24 ? 1.0 : 0.0);
+    // floor(t) and the comparison with u as sign bits of exact differences (t has at most 48
+    // significant bits, so t - near and frac - u are exact).
+    const double near = nearbyint(t);
+    const double fl = near - sign_bit(t - near);
+    // (bits >> 8 fits an int32, whose conversion to double vectorizes; uint32's does not on AVX2)
+    const double u = static_cast<double>(static_cast<int32_t>(bits >> 8)) * 0x1p-24;
+    q = fl + sign_bit(u - (t - fl));
   } else {
     q = nearbyint(t);
   }
