@@ -43,7 +43,7 @@ tests=()
 for t in ops adamw adam_mini adam_mini_shard slim_adam slim_adam_layout apollo apollo_shard \
          frugal frugal_shard_ops optimizer_contract compile cpp_optimizers cpp_apollo cpp_frugal \
          roles fuzz fuzz_apollo fuzz_frugal fuzz_regressions layouts nonfinite frugal_plan \
-         int8_weights stochastic_rounding; do
+         int8_weights; do
   tests+=("tests/test_$t.py")
 done
 # No arguments, or only options: the default files.
