@@ -12,8 +12,6 @@ from __future__ import annotations
 import statistics
 import sys
 
-import torch
-
 import memopt_core
 import harness
 
@@ -38,19 +36,10 @@ def main() -> int:
             for name in memopt_core.OPTIMIZERS for fmt, model in models.items()}
     times = harness.round_robin(opts, args.warmup, args.rounds)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    rows = [f"### int8 weights: optimizer step time ({args.size}, `bench/bench_int8.py`)",
-            "", f"{harness.machine()}, torch {torch.__version__}, commit {harness.commit()}; "
-            f"median of {args.rounds} round-robin steps after {args.warmup} warm-up; stochastic "
-            "rounding on both.", "",
-            "| optimizer | bf16 weights ms | int8 weights ms | int8 / bf16 |",
-            "|---|---:|---:|---:|"]
-    for name in memopt_core.OPTIMIZERS:
-        bf16, int8 = med[(name, "bf16")], med[(name, "int8")]
-        rows.append(f"| {name} | {bf16:.1f} | {int8:.1f} | {int8 / bf16:.2f}x |")
-    table = "\n".join(rows)
-    print(table)
-    if args.write:
-        harness.append_results(table)
+    harness.ratio_report(f"### int8 weights: optimizer step time ({args.size}, "
+                         "`bench/bench_int8.py`)", args, " Stochastic rounding on both.",
+                         ("bf16", "int8"),
+                         [(n, med[(n, "bf16")], med[(n, "int8")]) for n in memopt_core.OPTIMIZERS])
     return 0
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import statistics
 import sys
 
-import torch
-
 import memopt_core
 import harness
 
@@ -38,18 +36,9 @@ def main() -> int:
                                       make(m, stochastic_rounding=sr, **hp))
     times, _ = harness.time_steps(model, contenders, args.warmup, args.rounds)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    rows = [f"### Stochastic rounding: bf16 step time ({args.size}, `bench/bench_rounding.py`)",
-            "", f"{harness.machine()}, torch {torch.__version__}, commit {harness.commit()}; "
-            f"median of {args.rounds} round-robin steps after {args.warmup} warm-up.", "",
-            "| optimizer | nearest ms | stochastic ms | stochastic / nearest |",
-            "|---|---:|---:|---:|"]
-    for name in OPTIMIZERS:
-        near, sr = med[(name, False)], med[(name, True)]
-        rows.append(f"| {name} | {near:.1f} | {sr:.1f} | {sr / near:.2f}x |")
-    table = "\n".join(rows)
-    print(table)
-    if args.write:
-        harness.append_results(table)
+    harness.ratio_report(f"### Stochastic rounding: bf16 step time ({args.size}, "
+                         "`bench/bench_rounding.py`)", args, "", ("nearest", "stochastic"),
+                         [(n, med[(n, False)], med[(n, True)]) for n in OPTIMIZERS])
     return 0
 
 

@@ -249,6 +249,23 @@ def arg_parser(doc: str, rounds: int, sizes=("50m", "200m")) -> argparse.Argumen
     return ap
 
 
+def ratio_report(title: str, args, note: str, columns: tuple, rows: list) -> str:
+    """A RESULTS.md section comparing two variants of each contender timed round-robin: the
+    title, the machine / torch / commit / method line (+ `note`), and per (name, a ms, b ms) of
+    `rows` the two medians and b / a; `columns` names a and b. Printed, and appended to
+    RESULTS.md with --write."""
+    a, b = columns
+    lines = [title, "", f"{machine()}, torch {torch.__version__}, commit {commit()}; median of "
+             f"{args.rounds} round-robin steps after {args.warmup} warm-up.{note}", "",
+             f"| optimizer | {a} ms | {b} ms | {b} / {a} |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {x:.1f} | {y:.1f} | {y / x:.2f}x |" for name, x, y in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        append_results(table)
+    return table
+
+
 def append_results(table: str) -> None:
     results = ROOT / "bench" / "RESULTS.md"
     new = not results.exists()
