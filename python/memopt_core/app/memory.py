@@ -59,11 +59,11 @@ def distinct_bytes(tensors) -> int:
 def weight_bytes(params) -> int:
     """Bytes the weights occupy: distinct_bytes, with the carrier of an int8 layer (which holds
     no memory; its gradient is full-size) counted as the layer's codes and scales."""
-    layers = {id(p): int8_layer(p) for p in params if p is not None}
-    plain = [p for p in params if p is not None and layers[id(p)] is None]
-    coded = {id(q): q for q in layers.values() if q is not None}.values()
-    return distinct_bytes(plain) + sum(distinct_bytes([q.weight_codes, q.weight_scales])
-                                       for q in coded)
+    stored = []
+    for p in params:
+        q = None if p is None else int8_layer(p)
+        stored += [p] if q is None else [q.weight_codes, q.weight_scales]
+    return distinct_bytes(stored)  # (a tensor met twice counts once)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
