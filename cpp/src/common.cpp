@@ -80,15 +80,15 @@ void check_weight_scales(const char* op, TensorList params, TensorList grads,
   }
 }
 
-void check_update_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
-                        TensorList steps, TensorList weight_scales) {
+void check_param_lists(const char* op, TensorList params, TensorList grads, TensorList steps,
+                       TensorList weight_scales) {
   const size_t n = params.size();
-  TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && steps.size() == n, op,
-                    ": params, grads, exp_avgs and steps must have the same length (got ", n, ", ",
-                    grads.size(), ", ", exp_avgs.size(), ", ", steps.size(), ")");
+  TORCH_CHECK_VALUE(grads.size() == n && steps.size() == n, op,
+                    ": params, grads and steps must have the same length (got ", n, ", ",
+                    grads.size(), ", ", steps.size(), ")");
   check_weight_scales(op, params, grads, weight_scales);
   for (size_t i = 0; i < n; ++i) {
-    const Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &s = steps[i];
+    const Tensor &p = params[i], &g = grads[i], &s = steps[i];
     const at::ScalarType pt = value_dtype(p, g);
     TORCH_CHECK_TYPE(supported_float(pt), op, ": parameter ", i, " has dtype ", pt,
                      "; only float32, bfloat16, float16 and float64 are supported");
@@ -102,19 +102,31 @@ void check_update_lists(const char* op, TensorList params, TensorList grads, Ten
                      g.scalar_type(), " but its parameter has ", pt);
     TORCH_CHECK_VALUE(g.sizes() == p.sizes(), op, ": gradient ", i, " has shape ", g.sizes(),
                       " but its parameter has ", p.sizes());
-    TORCH_CHECK_VALUE(m.sizes() == p.sizes(), op, ": exp_avg ", i,
-                      " must have the parameter's shape ", p.sizes(), ", got ", m.sizes());
-    check_param_layout(std::string(op) + ": exp_avg " + std::to_string(i), m);
-    TORCH_CHECK_TYPE(m.scalar_type() == pt || m.scalar_type() == at::kFloat || m.is_same(p), op,
-                     ": exp_avg ", i, " has dtype ", m.scalar_type(),
-                     "; state must be float32 or the parameter dtype ", pt);
-    TORCH_CHECK_VALUE(g.device() == p.device() && m.device() == p.device() &&
-                          p.device() == params[0].device(),
-                      op, ": tensor ", i, " is on another device; one call takes one device");
+    TORCH_CHECK_VALUE(g.device() == p.device() && p.device() == params[0].device(), op,
+                      ": tensor ", i, " is on another device; one call takes one device");
     // Steps live on the CPU (read on the host) or, for device-resident/fake tensors, beside p.
     TORCH_CHECK_VALUE(s.numel() == 1 && s.scalar_type() == at::kFloat &&
                           (s.device().is_cpu() || s.device() == p.device()),
                       op, ": step ", i, " must be a one-element float32 tensor on the CPU");
+  }
+}
+
+void check_update_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
+                        TensorList steps, TensorList weight_scales) {
+  check_param_lists(op, params, grads, steps, weight_scales);
+  TORCH_CHECK_VALUE(exp_avgs.size() == params.size(), op, ": ", exp_avgs.size(),
+                    " exp_avgs for ", params.size(), " params");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor &p = params[i], &m = exp_avgs[i];
+    const at::ScalarType pt = value_dtype(p, grads[i]);
+    TORCH_CHECK_VALUE(m.sizes() == p.sizes(), op, ": exp_avg ", i,
+                      " must have the parameter's shape ", p.sizes(), ", got ", m.sizes());
+    check_param_layout(std::string(op) + ": exp_avg " + std::to_string(i), m);
+    TORCH_CHECK_TYPE(m.scalar_type() == pt || m.scalar_type() == at::kFloat, op, ": exp_avg ", i,
+                     " has dtype ", m.scalar_type(), "; state must be float32 or the parameter "
+                     "dtype ", pt);
+    TORCH_CHECK_VALUE(m.device() == p.device(), op, ": exp_avg ", i,
+                      " is on another device; one call takes one device");
   }
 }
 

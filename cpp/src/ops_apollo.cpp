@@ -36,9 +36,9 @@ void check_apollo_lists(const char* op, TensorList params, TensorList grads, Ten
                           shard_dims->size() == n,
                       op, ": ", offsets->size(), " offsets, ", global_sizes->size(),
                       " global_sizes and ", shard_dims->size(), " shard_dims for ", n, " params");
-  // Parameters, gradients and steps follow every op's rules; the moments have R's shape, so the
-  // parameters stand in for the list that check_update_lists shapes like them (always valid).
-  check_update_lists(op, params, grads, params, steps, weight_scales);
+  // Parameters, gradients and steps follow every op's rules; the moments have R's shape
+  // (checked below).
+  check_param_lists(op, params, grads, steps, weight_scales);
   for (size_t i = 0; i < n; ++i) {
     const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
     const at::ScalarType pt = value_dtype(p, grads[i]);

@@ -74,10 +74,12 @@ void check_weight_scales(const char* op, TensorList params, TensorList grads,
 int64_t int8_group(const Tensor& codes, const Tensor& scales);
 
 // Validates the tensor lists of a multi-tensor update before anything is written:
-// equal lengths, one device, floating dtypes (or int8 codes with weight_scales), dense real
-// grads shaped like params, exp_avgs shaped like params, state dtype = the value dtype or
-// float32, float32 step scalars. (An op whose moments are not shaped like the parameters passes
-// params for exp_avgs.)
+// check_param_lists: equal lengths, one device, floating dtypes (or int8 codes with
+// weight_scales), dense real grads shaped like params, float32 step scalars; check_update_lists
+// also exp_avgs shaped like params, in the value dtype or float32 (an op whose moments are not
+// shaped like the parameters checks them itself after check_param_lists).
+void check_param_lists(const char* op, TensorList params, TensorList grads, TensorList steps,
+                       TensorList weight_scales = {});
 void check_update_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
                         TensorList steps, TensorList weight_scales = {});
 
