@@ -58,9 +58,6 @@ void check_weight_scales(const char* op, TensorList params, TensorList grads,
                      p.scalar_type(), coded ? " but int8 weight scales were given for it"
                                             : "; int8 codes need their weight_scales");
     if (!coded) continue;
-    TORCH_CHECK_VALUE(p.device().is_cpu() || p.device().is_meta(), op,
-                      ": int8 weights are updated on the CPU only in "
-                      "this build (parameter ", i, " is on ", p.device(), ")");
     TORCH_CHECK_VALUE(p.dim() == 2 && p.is_contiguous() && p.numel() > 0, op, ": int8 parameter ",
                       i, " must be a non-empty contiguous matrix, got shape ", p.sizes());
     TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 &&

@@ -67,7 +67,7 @@ inline at::ScalarType value_dtype(const Tensor& p, const Tensor& g) {
 // Validates `weight_scales` against params and grads: one per parameter (or none), int8 codes
 // exactly where scales are given, 2-D contiguous codes of whole groups of kInt8MinGroup to
 // kInt8MaxGroup elements along rows, float32 contiguous scales (rows, cols / group), gradients in
-// float32 or bfloat16, on the CPU (the CUDA kernels have no int8 path yet).
+// float32 or bfloat16.
 void check_weight_scales(const char* op, TensorList params, TensorList grads,
                          TensorList weight_scales);
 // The group size of int8 parameter i (elements per scale).

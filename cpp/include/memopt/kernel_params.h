@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "memopt/int8_weights.h"
+
 namespace memopt::cuda {
 
 // Storage dtype of a tensor; the kernels compute in float (double for kFloat64).
@@ -34,14 +36,27 @@ struct ChunkMap {
   int64_t chunk_size;  // elements per chunk (a multiple of 4 * the CTA size)
 };
 
+// int8 weights (memopt/int8_weights.h) in the chunked kernels: a group's new scale depends on
+// every new value of the group, so one CTA owns whole groups (cuda/weights.cuh). An int8 tensor's
+// chunk is the whole groups that fit kInt8Chunk elements (one group at least), and a launch
+// holds int8 tensors of one group size (its `int8_group`; 0: float parameters).
+constexpr int64_t kInt8Chunk = 8192;
+constexpr int kInt8MaxChunkGroups = static_cast<int>(kInt8Chunk / kInt8MinGroup);
+MEMOPT_HOST_DEVICE constexpr int64_t int8_chunk(int64_t group) {
+  return group >= kInt8Chunk ? group : kInt8Chunk / group * group;
+}
+static_assert(kInt8MaxGroup <= kInt8Chunk, "a chunk holds at least one group");
+
 // ---- AdamW (cpp/src/cuda/adamw.cu) ----------------------------------------------------------
 struct AdamWParams {
   static constexpr int kMaxTensors = 24;
-  Dtype param_dtype, state_dtype;  // grads have the param dtype
+  Dtype param_dtype, state_dtype;  // grads have the param dtype (int8: the value dtype)
+  int32_t int8_group;              // > 0: every p holds int8 codes, with scales
   void* p[kMaxTensors];
   const void* g[kMaxTensors];
   void* m[kMaxTensors];
   void* v[kMaxTensors];
+  float* scales[kMaxTensors];      // int8 only: the scales of p's first group
   // Per tensor (each has its own step count), computed on the host in double.
   // The tensor's AdamScalars (common.h), which carry the AdamWRule: the kernel computes
   // p = (p * pre - step_size * m / (sqrt(v) / bc2_sqrt + eps)) * post.
@@ -130,8 +145,10 @@ int launch_apollo_factors(const ApolloFactorParams& params, Stream stream);
 enum ApolloCoefMode : int32_t { kApolloPerTensor = 0, kApolloPerRow = 1, kApolloPerColumn = 2 };
 struct ApolloUpdateParams {
   static constexpr int kMaxTensors = 32;
-  Dtype param_dtype;  // grads have the param dtype
+  Dtype param_dtype;   // grads have the param dtype (int8: the value dtype)
+  int32_t int8_group;  // > 0: every p holds int8 codes, with scales (as AdamWParams)
   void* p[kMaxTensors];
+  float* scales[kMaxTensors];
   const void* g[kMaxTensors];
   const double* coef[kMaxTensors];  // ApolloFactorParams' coef of this tensor
   int64_t cols[kMaxTensors];
@@ -163,11 +180,16 @@ struct AdamMiniSeg {
   // kRects only: a tile is cut into parts of at most kRectCols columns (parts_per_tile of them)
   // and a rectangle covers parts_per_rect parts and rect_rows rows of one band of tiles.
   int32_t parts_per_tile, parts_per_rect, rect_rows, rects_down, rects_across;
+  // int8 weights (two-pass only): p holds codes, `scales` their scales; the update's units are
+  // runs of whole groups along the segment's rows (adam_mini_two_pass.cu), from int8_unit_begin.
+  int32_t int8_group;  // 0: a float parameter
+  float* scales;
+  int64_t int8_unit_begin;
   uint64_t round_key;  // the tensor's stochastic-rounding key (AdamMiniParams::stochastic)
 };
 
 struct AdamMiniParams {
-  static constexpr int kMaxSegs = 24;
+  static constexpr int kMaxSegs = 22;
   // Paths. Fused: one warp (kWarp) or CTA per tile, the tile's gradient held in registers
   // between its sum of squares and its update; a tile must be one contiguous run of at most
   // fused_capacity(path) elements. kTwoPass: any tiling, via partial sums in a scratch buffer.
@@ -190,6 +212,7 @@ struct AdamMiniParams {
   int32_t path;
   int32_t n_segs;
   int64_t n_units, n_tiles, n_partials;
+  int64_t n_int8_units;  // > 0: an int8 batch (every segment int8), updated by int8 units
   double beta1, beta2, eps;
   double* partials;  // two-pass scratch: n_partials sums of squares, then n_tiles factors
   double* factors;

@@ -68,14 +68,20 @@ struct Planner {
       : ready(out), max_partials(partials), max_tiles(tiles) {
     for (int k = 0; k < AM::kNumPaths; ++k) pending[k] = proto, pending[k].path = k;
   }
-  void add(int path, AdamMiniSeg seg, int64_t units, int64_t tiles, int64_t partials) {
+  void add(int path, AdamMiniSeg seg, int64_t units, int64_t tiles, int64_t partials,
+           int64_t int8_units = 0) {
     AM& b = pending[path];
     // Grid sizes stay under 2^31 (the fused warp path packs 8 units per CTA).
-    if (b.n_segs == AM::kMaxSegs || b.n_units + units > INT32_MAX) flush(path);
-    TORCH_CHECK(units <= INT32_MAX, "adam_mini_update_: segment of ", units, " CUDA blocks");
+    if (b.n_segs == AM::kMaxSegs || b.n_units + units > INT32_MAX ||
+        b.n_int8_units + int8_units > INT32_MAX)
+      flush(path);
+    TORCH_CHECK(units <= INT32_MAX && int8_units <= INT32_MAX, "adam_mini_update_: segment of ",
+                std::max(units, int8_units), " CUDA blocks");
     seg.unit_begin = b.n_units, seg.tile_begin = b.n_tiles, seg.partials = b.n_partials;
+    seg.int8_unit_begin = b.n_int8_units;
     b.seg[b.n_segs++] = seg;
     b.n_units += units, b.n_tiles += tiles, b.n_partials += partials;
+    b.n_int8_units += int8_units;
   }
   void flush(int path) {
     AM& b = pending[path];
@@ -83,25 +89,32 @@ struct Planner {
     if (path == AM::kTwoPass)
       max_partials = std::max(max_partials, b.n_partials), max_tiles = std::max(max_tiles, b.n_tiles);
     ready.push_back(b);
-    b.n_segs = 0, b.n_units = b.n_tiles = b.n_partials = 0;
+    b.n_segs = 0, b.n_units = b.n_tiles = b.n_partials = b.n_int8_units = 0;
   }
   void flush_all() {
     for (int k = 0; k < AM::kNumPaths; ++k) flush(k);
   }
 
   // A segment that is not elementwise: fused if its tiles are short contiguous runs, else
-  // two-pass as runs or rectangles (see adam_mini_two_pass.cu for the geometry).
+  // two-pass as runs or rectangles (see adam_mini_two_pass.cu for the geometry). Int8 weights
+  // always take the two-pass path, whose update runs in units of whole groups.
   void add_blocks(const Segment& s, AdamMiniSeg seg, Dtype param) {
     const int64_t tiles = s.num_blocks(), len = s.block_numel();
     const bool runs = s.tile_cols == s.cols && (s.tile_rows == 1 || s.row_stride == s.cols);
     seg.offset = s.offset, seg.row_stride = s.row_stride, seg.cols = s.cols;
     seg.tile_rows = s.tile_rows, seg.tile_cols = s.tile_cols;
+    int64_t int8_units = 0;  // as adam_mini_two_pass.cu's int8_update_kernel counts them
+    if (seg.int8_group > 0) {
+      const bool one_line = s.row_stride == s.cols;
+      const int64_t line = one_line ? s.rows * s.cols : s.cols;
+      int8_units = (one_line ? 1 : s.rows) * ceil_div(line, int8_chunk(seg.int8_group));
+    }
     if (runs) {
-      for (int path = AM::kWarp; path <= AM::kCta1024; ++path)
+      for (int path = AM::kWarp; path <= AM::kCta1024 && seg.int8_group == 0; ++path)
         if (len <= AM::fused_capacity(path, param)) return add(path, seg, tiles, tiles, 0);
       seg.kind = AM::kRuns;
       seg.pieces = narrow(ceil_div(len, AM::kRunPiece));
-      return add(AM::kTwoPass, seg, tiles * seg.pieces, tiles, tiles * seg.pieces);
+      return add(AM::kTwoPass, seg, tiles * seg.pieces, tiles, tiles * seg.pieces, int8_units);
     }
     const int64_t tc = s.tile_cols, tpr = s.tiles_per_row();
     seg.kind = AM::kRects;
@@ -113,12 +126,14 @@ struct Planner {
     seg.rects_down = narrow(ceil_div(s.tile_rows, seg.rect_rows));
     seg.pieces = narrow(int64_t{seg.rects_down} * seg.parts_per_tile);
     const int64_t bands = s.rows / s.tile_rows;
-    add(AM::kTwoPass, seg, bands * seg.rects_down * seg.rects_across, tiles, tiles * seg.pieces);
+    add(AM::kTwoPass, seg, bands * seg.rects_down * seg.rects_across, tiles, tiles * seg.pieces,
+        int8_units);
   }
 };
 
 struct Elementwise {
   void* p;
+  float* scales;  // int8: the scales of p's first group
   const void* g;
   void* m;
   void* v;
@@ -135,9 +150,9 @@ void* at_element(const Tensor& t, int64_t i) {
 void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor& lr_t, double beta1, double beta2, double eps,
-                    double weight_decay, const Rounding& rounding) {
+                    double weight_decay, const Rounding& rounding, TensorList weight_scales) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
-  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs);
+  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_scales);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params.empty()) return;
@@ -152,22 +167,27 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
 
   // Plan every launch first, so the scratch is reserved once, before any kernel runs.
   std::vector<AM> launches;
-  std::vector<std::pair<std::vector<Elementwise>, std::pair<Dtype, Dtype>>> elementwise;
+  std::vector<std::pair<std::vector<Elementwise>, const TensorBatch*>> elementwise;
   int64_t max_partials = 0, max_tiles = 0;
-  for (const auto& idx : by_dtypes(params, exp_avgs)) {
+  const std::vector<TensorBatch> batches = by_dtypes(params, grads, exp_avgs, weight_scales);
+  for (const TensorBatch& batch : batches) {
+    const auto& idx = batch.idx;
     AM proto{};
-    proto.param_dtype = dtype_of(params[idx[0]].scalar_type());
-    proto.state_dtype = dtype_of(exp_avgs[idx[0]].scalar_type());
+    proto.param_dtype = batch.value_dtype, proto.state_dtype = batch.state_dtype;
     proto.beta1 = beta1, proto.beta2 = beta2, proto.eps = eps;
     proto.stochastic = rounding.stochastic();
     Planner plan(proto, launches, max_partials, max_tiles);
     std::vector<Elementwise> elems;
     for (const int64_t i : idx) {
       const uint64_t key = rounding.stochastic() ? rounding.key(i, s[i].step) : 0;
+      float* scales = TensorBatch::scales(weight_scales, i);
+      const int64_t group = batch.int8_group;
       int64_t block = 0;  // index in exp_avg_sqs[i] of the segment's first block
       for (const Segment& seg : specs[i]) {
         if (seg.block_numel() == 1 && seg.row_stride == seg.cols) {  // plain Adam, as the CPU
-          elems.push_back({at_element(params[i], seg.offset), at_element(g[i], seg.offset),
+          elems.push_back({at_element(params[i], seg.offset),
+                           scales ? scales + seg.offset / group : nullptr,
+                           at_element(g[i], seg.offset),
                            at_element(exp_avgs[i], seg.offset), at_element(exp_avg_sqs[i], block),
                            seg.rows * seg.cols, &s[i], key, seg.offset});
         } else {
@@ -176,13 +196,14 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
           a.v = at_element(exp_avg_sqs[i], block);
           a.decay = s[i].decay, a.step_size = s[i].step_size, a.bc2_sqrt = s[i].bc2_sqrt;
           a.round_key = key;
+          a.int8_group = static_cast<int32_t>(group), a.scales = scales;
           plan.add_blocks(seg, a, proto.param_dtype);
         }
         block += seg.num_blocks();
       }
     }
     plan.flush_all();
-    elementwise.push_back({std::move(elems), {proto.param_dtype, proto.state_dtype}});
+    elementwise.push_back({std::move(elems), &batch});
   }
 
   // Scratch: one stream's worth, reused by every two-pass batch in stream order. The device
@@ -202,18 +223,21 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
   }
 
   // Elementwise segments: adamw.cu's kernel, on pointers to the segment.
-  for (auto& [elems, dtypes] : elementwise) {
+  for (auto& [elems, batch] : elementwise) {
     if (elems.empty()) continue;
     AdamWParams prm{};
-    prm.param_dtype = dtypes.first, prm.state_dtype = dtypes.second;
+    prm.param_dtype = batch->value_dtype, prm.state_dtype = batch->state_dtype;
+    prm.int8_group = static_cast<int32_t>(batch->int8_group);
     prm.beta1 = beta1, prm.beta2 = beta2, prm.eps = eps;
     prm.stochastic = rounding.stochastic();
     launch_chunked(
-        "adam_mini_update_", prm, static_cast<int64_t>(elems.size()), kElementwiseChunk,
+        "adam_mini_update_", prm, static_cast<int64_t>(elems.size()),
+        batch->chunk(kElementwiseChunk),
         [&](int64_t k) { return elems[k].n; },
         [&](int slot, int64_t k) {
           const Elementwise& e = elems[k];
           prm.p[slot] = e.p, prm.g[slot] = e.g, prm.m[slot] = e.m, prm.v[slot] = e.v;
+          prm.scales[slot] = e.scales;
           prm.decay[slot] = e.s->decay;
           prm.step_size[slot] = e.s->step_size;
           prm.bc2_sqrt[slot] = e.s->bc2_sqrt;
@@ -231,12 +255,12 @@ void adam_mini_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                     double weight_decay, at::IntArrayRef rounding, OptionalTensors weight_scales) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs,
-                         listed(weight_scales));  // (refuses int8: check_weight_scales)
+                         listed(weight_scales));
   const Rounding round(rounding, params.size(), "adam_mini_update_");
   AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs);
   adam_mini_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),
                     layouts.exp_avg_sqs(), steps, blocks, lr, beta1, beta2, eps, weight_decay,
-                    round);
+                    round, listed(weight_scales));
   layouts.write_back();
 }
 

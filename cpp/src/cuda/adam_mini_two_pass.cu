@@ -15,6 +15,7 @@
 // (contiguous columns) of one band. Its threads form tr row lanes of w columns; each thread owns
 // one column, so every row is read coalesced and a thread's factor is fixed for the unit.
 #include "adam_mini.cuh"
+#include "weights.cuh"
 
 namespace memopt::cuda {
 namespace {
@@ -196,6 +197,43 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
   }
 }
 
+// int8 weights (AM::n_int8_units > 0): the update of a unit of whole groups, each element with
+// its block's factor. A segment whose rows are contiguous (row_stride == cols) is one line of
+// rows * cols elements, else each row is a line; a unit is int8_chunk(group) elements of a line
+// (whole groups: offset, row_stride and cols are multiples of the group, check_block_spec).
+template <typename P, typename S>
+__global__ void __launch_bounds__(kThreads) int8_update_kernel(const __grid_constant__ AM prm) {
+  using C = opmath_t<P>;
+  int s = 0;
+  while (s + 1 < prm.n_segs && prm.seg[s + 1].int8_unit_begin <= blockIdx.x) ++s;
+  const AdamMiniSeg& sg = prm.seg[s];
+  const int64_t tiles = (s + 1 < prm.n_segs ? prm.seg[s + 1].tile_begin : prm.n_tiles) -
+                        sg.tile_begin;
+  const int64_t across = sg.cols / sg.tile_cols, rows = tiles / across * sg.tile_rows;
+  const bool one_line = sg.row_stride == sg.cols;
+  const int64_t line_len = one_line ? rows * sg.cols : sg.cols;
+  const int64_t chunk = int8_chunk(sg.int8_group);
+  const int64_t per_line = (line_len + chunk - 1) / chunk;
+  const int64_t u = blockIdx.x - sg.int8_unit_begin, line = u / per_line;
+  const int64_t k0 = (u - line * per_line) * chunk;  // first element of the unit in its line
+  const int64_t n = min(chunk, line_len - k0);
+  const int64_t first = sg.offset + line * sg.row_stride + k0;  // in the parameter
+  const C decay = static_cast<C>(sg.decay), b1c = static_cast<C>(1.0 - prm.beta1);
+  const P* g = static_cast<const P*>(sg.g) + first;
+  S* m = static_cast<S*>(sg.m) + first;
+  const double* factors = prm.factors + sg.tile_begin;
+  with_weights<P>(sg.p, sg.scales, sg.int8_group, first, n, prm.stochastic, sg.round_key,
+                  [&](const auto& w) {
+    for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+      const int64_t k = k0 + j, r = one_line ? k / sg.cols : line, c = one_line ? k % sg.cols : k;
+      const C f = static_cast<C>(factors[r / sg.tile_rows * across + c / sg.tile_cols]);
+      const C mj = lerp(load<C>(m + j), load<C>(g + j), b1c);  // as update_n
+      w.put(j, w.template get<C>(j) * decay - f * mj, first + j);
+      if (w.writes_state()) store(m + j, mj);
+    }
+  });
+}
+
 }  // namespace
 
 int launch_adam_mini_two_pass(const AM& prm, cudaStream_t stream) {
@@ -208,7 +246,12 @@ int launch_adam_mini_two_pass(const AM& prm, cudaStream_t stream) {
     const auto tiles_grid = static_cast<unsigned>((prm.n_tiles + kThreads - 1) / kThreads);
     finalize_kernel<S, opmath_t<P>><<<tiles_grid, kThreads, 0, stream>>>(prm);
     if (const int err = last_launch_error()) return err;
-    update_kernel<P, S><<<units, kThreads, 0, stream>>>(prm);
+    if (prm.n_int8_units > 0) {
+      const auto int8_units = static_cast<unsigned>(prm.n_int8_units);
+      int8_update_kernel<P, S><<<int8_units, kThreads, 0, stream>>>(prm);
+    } else {
+      update_kernel<P, S><<<units, kThreads, 0, stream>>>(prm);
+    }
     return last_launch_error();
   });
 }

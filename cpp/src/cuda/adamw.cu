@@ -1,7 +1,7 @@
 // AdamW on CUDA: one multi-tensor launch per 24 tensors / 320 chunks, one pass over p, g, m, v
-// (28 bytes per fp32 parameter, the floor). Same operation order as cpu::adamw_span, under
+// (28 bytes per fp32 parameter, the floor; int8 weights: weights.cuh's two sweeps per chunk). Same operation order as cpu::adamw_span, under
 // either AdamWRule (the host folds it into the scalars and decay_after).
-#include "cuda_common.cuh"
+#include "weights.cuh"
 
 namespace memopt::cuda {
 namespace {
@@ -9,21 +9,17 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kUnroll = 4;  // independent elements in flight per thread
 
-template <typename P, typename S>
-__global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams prm) {
+template <typename P, typename S, typename W>
+__device__ __forceinline__ void adamw_chunk(const AdamWParams& prm, int slot, int64_t begin,
+                                            int64_t n, const W& w) {
   using C = opmath_t<P>;
-  const int slot = prm.map.slot[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(prm.map.chunk[blockIdx.x]) * prm.map.chunk_size;
-  const int64_t left = prm.map.numel[slot] - begin;
-  const int64_t n = left < prm.map.chunk_size ? left : prm.map.chunk_size;
-  P* p = static_cast<P*>(prm.p[slot]) + begin;
   const P* g = static_cast<const P*>(prm.g[slot]) + begin;
   S* m = static_cast<S*>(prm.m[slot]) + begin;
   S* v = static_cast<S*>(prm.v[slot]) + begin;
   const C decay = prm.decay[slot], step_size = prm.step_size[slot], bc2 = prm.bc2_sqrt[slot];
   const C b1c = 1.0 - prm.beta1, b2 = prm.beta2, b2c = 1.0 - prm.beta2, eps = prm.eps;
   const C pre = prm.decay_after ? C(1) : decay, post = prm.decay_after ? decay : C(1);
-  const uint64_t key = prm.round_key[slot];
+  const bool writes_state = w.writes_state();
 
   for (int64_t base = 0; base < n; base += static_cast<int64_t>(kThreads) * kUnroll) {
     C gj[kUnroll], mj[kUnroll], vj[kUnroll], pj[kUnroll];
@@ -34,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams prm) 
         gj[u] = load<C>(g + j);
         mj[u] = load<C>(m + j);
         vj[u] = load<C>(v + j);
-        pj[u] = load<C>(p + j);
+        pj[u] = w.template get<C>(j);
       }
     }
 #pragma unroll
@@ -44,13 +40,26 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams prm) 
         mj[u] = lerp(mj[u], gj[u], b1c);
         vj[u] = b2 * vj[u] + b2c * gj[u] * gj[u];
         const C denom = sqrt(vj[u]) / bc2 + eps;
-        store_param(p + j, (pj[u] * pre - step_size * mj[u] / denom) * post, prm.stochastic, key,
-                    prm.round_first[slot] + begin + j);
-        store(m + j, mj[u]);
-        store(v + j, vj[u]);
+        w.put(j, (pj[u] * pre - step_size * mj[u] / denom) * post,
+              prm.round_first[slot] + begin + j);
+        if (writes_state) {
+          store(m + j, mj[u]);
+          store(v + j, vj[u]);
+        }
       }
     }
   }
+}
+
+template <typename P, typename S>
+__global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams prm) {
+  const int slot = prm.map.slot[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(prm.map.chunk[blockIdx.x]) * prm.map.chunk_size;
+  const int64_t left = prm.map.numel[slot] - begin;
+  const int64_t n = left < prm.map.chunk_size ? left : prm.map.chunk_size;
+  with_weights<P>(prm.p[slot], prm.scales[slot], prm.int8_group, begin, n, prm.stochastic,
+                  prm.round_key[slot],
+                  [&](const auto& w) { adamw_chunk<P, S>(prm, slot, begin, n, w); });
 }
 
 }  // namespace

@@ -12,9 +12,10 @@ constexpr int64_t kChunk = 65536;
 
 void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr_t, double beta1, double beta2, double eps,
-                double weight_decay, c10::string_view rule_name, const Rounding& rounding) {
+                double weight_decay, c10::string_view rule_name, const Rounding& rounding,
+                TensorList weight_scales) {
   const AdamWRule rule = parse_adamw_rule(rule_name);
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps);
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, weight_scales);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params.empty()) return;
@@ -30,15 +31,17 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
   prm.beta1 = beta1, prm.beta2 = beta2, prm.eps = eps;
   prm.decay_after = rule == AdamWRule::kApollo;
   prm.stochastic = rounding.stochastic();
-  for (const auto& idx : by_dtypes(params, exp_avgs)) {
-    prm.param_dtype = dtype_of(params[idx[0]].scalar_type());
-    prm.state_dtype = dtype_of(exp_avgs[idx[0]].scalar_type());
+  for (const TensorBatch& batch : by_dtypes(params, grads, exp_avgs, weight_scales)) {
+    const auto& idx = batch.idx;
+    prm.param_dtype = batch.value_dtype, prm.state_dtype = batch.state_dtype;
+    prm.int8_group = static_cast<int32_t>(batch.int8_group);
     launch_chunked(
-        "adamw_update_", prm, static_cast<int64_t>(idx.size()), kChunk,
+        "adamw_update_", prm, static_cast<int64_t>(idx.size()), batch.chunk(kChunk),
         [&](int64_t k) { return params[idx[k]].numel(); },
         [&](int slot, int64_t k) {
           const int64_t i = idx[k];
           prm.p[slot] = params[i].data_ptr();
+          prm.scales[slot] = TensorBatch::scales(weight_scales, i);
           prm.g[slot] = g[i].data_ptr();
           prm.m[slot] = exp_avgs[i].data_ptr();
           prm.v[slot] = exp_avg_sqs[i].data_ptr();
@@ -58,12 +61,11 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
                 double weight_decay, c10::string_view rule, at::IntArrayRef rounding,
                 OptionalTensors weight_scales) {
-  // (refuses int8 weights: check_weight_scales, common.h)
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales));
   const Rounding round(rounding, params.size(), "adamw_update_");
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, any_order);
   adamw_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),
-                steps, lr, beta1, beta2, eps, weight_decay, rule, round);
+                steps, lr, beta1, beta2, eps, weight_decay, rule, round, listed(weight_scales));
   layouts.write_back();
 }
 

@@ -7,7 +7,7 @@
 // An fp32 parameter moves 12 B in the update, 4 B in the GEMM and 4 B in the norms (20 B, 16 B
 // without the limiter; bf16 half of that) plus the R-sized traffic; no pass writes anything
 // parameter-sized but p. Per-channel sums are double, as on the CPU.
-#include "cuda_common.cuh"
+#include "weights.cuh"
 
 namespace memopt::cuda {
 namespace {
@@ -176,14 +176,10 @@ __global__ void __launch_bounds__(kThreads) factors_kernel(const ApolloFactorPar
   }
 }
 
-template <typename P>
-__global__ void __launch_bounds__(kUpdateThreads) update_kernel(const ApolloUpdateParams prm) {
+template <typename P, typename W>
+__device__ __forceinline__ void update_chunk(const ApolloUpdateParams& prm, int slot,
+                                             int64_t begin, int n, const W& w) {
   using C = opmath_t<P>;
-  const int slot = prm.map.slot[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(prm.map.chunk[blockIdx.x]) * prm.map.chunk_size;
-  const int64_t left = prm.map.numel[slot] - begin;
-  const int n = static_cast<int>(left < prm.map.chunk_size ? left : prm.map.chunk_size);
-  P* p = static_cast<P*>(prm.p[slot]) + begin;
   const P* g = static_cast<const P*>(prm.g[slot]) + begin;
   const double* coef = prm.coef[slot];
   const int mode = prm.mode[slot];
@@ -200,7 +196,7 @@ __global__ void __launch_bounds__(kUpdateThreads) update_kernel(const ApolloUpda
       const int j = base + u * kUpdateThreads + threadIdx.x;
       if (j < n) {
         gj[u] = load<C>(g + j);
-        pj[u] = load<C>(p + j);
+        pj[u] = w.template get<C>(j);
       }
     }
 #pragma unroll
@@ -219,10 +215,21 @@ __global__ void __launch_bounds__(kUpdateThreads) update_kernel(const ApolloUpda
           f = static_cast<C>(coef[mode == kApolloPerRow ? row0 + q : rem]);
         }
         const C x = pj[u] - f * gj[u];  // decay after the update, at the plain lr (apollo-torch)
-        store_param(p + j, x - lr_wd * x, prm.stochastic, prm.round_key[slot], begin + j);
+        w.put(j, x - lr_wd * x, begin + j);
       }
     }
   }
+}
+
+template <typename P>
+__global__ void __launch_bounds__(kUpdateThreads) update_kernel(const ApolloUpdateParams prm) {
+  const int slot = prm.map.slot[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(prm.map.chunk[blockIdx.x]) * prm.map.chunk_size;
+  const int64_t left = prm.map.numel[slot] - begin;
+  const int n = static_cast<int>(left < prm.map.chunk_size ? left : prm.map.chunk_size);
+  with_weights<P>(prm.p[slot], prm.scales[slot], prm.int8_group, begin, n, prm.stochastic,
+                  prm.round_key[slot],
+                  [&](const auto& w) { update_chunk<P>(prm, slot, begin, n, w); });
 }
 
 inline unsigned blocks(int64_t n, int per_block) {

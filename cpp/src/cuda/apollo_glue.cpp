@@ -96,19 +96,20 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
                  const Tensor& lr_t, double beta1, double beta2, double eps, double weight_decay,
                  int64_t rank, c10::string_view proj, c10::string_view proj_type,
                  c10::string_view scale_type, int64_t update_proj_gap, double scale,
-                 double norm_growth_limit, bool scale_front, at::IntArrayRef rounding) {
+                 double norm_growth_limit, bool scale_front, at::IntArrayRef rounding,
+                 TensorList weight_scales) {
   // ---- validation, exactly the CPU op's, then what only CUDA needs; nothing written yet ----
   const ApolloConfig cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
                                               scale, norm_growth_limit, scale_front, rounding,
                                               params.size());
   check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
-                      cfg);
+                      cfg, weight_scales);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params.empty()) return;
   check_same_cuda_device(kOp, {params, grads, exp_avgs, exp_avg_sqs});
   const bool fp16_accumulation = at::globalContext().allowFP16AccumulationCuBLAS();
-  for (const auto& p : params)
+  for (const auto& p : params)  // (int8 codes take float32 or bf16 gradients)
     TORCH_CHECK_VALUE(p.scalar_type() != at::kHalf || !fp16_accumulation, kOp,
                       ": float16 parameters need torch.backends.cuda.matmul."
                       "allow_fp16_accumulation = False (R is accumulated in float32)");
@@ -119,6 +120,9 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
   const bool limiter = cfg.norm_growth_limit > 0.0;
   const size_t n = params.size();
 
+  // The dtype P, R and the update compute in: the parameter's, or an int8 one's gradient's.
+  std::vector<at::ScalarType> vt(n);
+  for (size_t i = 0; i < n; ++i) vt[i] = value_dtype(params[i], grads[i]);
   std::vector<Plan> plans;
   plans.reserve(n);
   std::vector<Tensor> g(n), norm_dev(n);
@@ -133,9 +137,9 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
     pl.draw = random && (pl.refresh || !stored);
     pl.new_seed = random && pl.refresh && pl.step_before > 0;
     if (!random && pl.refresh) pl.svd = host_svd(pl.proj, g[i]);
-    const int64_t c_size = params[i].scalar_type() == at::kDouble ? 8 : 4;
+    const int64_t c_size = vt[i] == at::kDouble ? 8 : 4;
     r_bytes = std::max(r_bytes, r * K * c_size);
-    if (!stored) p_bytes = std::max(p_bytes, r * L * params[i].element_size());
+    if (!stored) p_bytes = std::max(p_bytes, r * L * static_cast<int64_t>(c10::elementSize(vt[i])));
     pl.ch_off = channels;
     channels += K;
     if (limiter) {
@@ -165,24 +169,25 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
     Plan& pl = plans[i];
     const Tensor& p = params[i];
     if (pl.new_seed) seeds[i].fill_(pl.seed);
-    const int64_t p_size = pl.proj.rank() * pl.proj.contraction() * p.element_size();
+    const int64_t p_size = pl.proj.rank() * pl.proj.contraction() *
+                           static_cast<int64_t>(c10::elementSize(vt[i]));
     Tensor P = stored ? projs[i]
-                      : p_buf.narrow(0, 0, p_size).view(p.scalar_type()).view(pl.proj.proj_shape());
+                      : p_buf.narrow(0, 0, p_size).view(vt[i]).view(pl.proj.proj_shape());
     if (pl.draw)
-      P.copy_(host_gaussian(pl.proj, pl.seed, p.scalar_type()), /*non_blocking=*/true);
+      P.copy_(host_gaussian(pl.proj, pl.seed, vt[i]), /*non_blocking=*/true);
     else if (pl.svd.defined())
       P.copy_(pl.svd, /*non_blocking=*/true);
     const double t = advance_step(steps[i]);
     pl.step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
 
     const int64_t r = pl.proj.rank(), K = pl.proj.channels();
-    const at::ScalarType ct = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::ScalarType ct = vt[i] == at::kDouble ? at::kDouble : at::kFloat;
     const Tensor R = r_buf.narrow(0, 0, r * K * c10::elementSize(ct)).view(ct)
                          .view(pl.proj.low_rank_shape());
     project(R, P, g[i], pl.left);
 
     ApolloMomentsParams mp{};
-    mp.param_dtype = dtype_of(p.scalar_type());
+    mp.param_dtype = dtype_of(vt[i]);
     mp.state_dtype = dtype_of(exp_avgs[i].scalar_type());
     mp.left = pl.left;
     mp.R = R.data_ptr();
@@ -235,14 +240,17 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
   ApolloUpdateParams up{};
   up.lr_wd = lr * weight_decay;
   up.stochastic = cfg.rounding.stochastic();
-  for (const auto& idx : by_dtypes(params, params)) {
-    up.param_dtype = dtype_of(params[idx[0]].scalar_type());
+  for (const TensorBatch& batch : by_dtypes(params, grads, grads, weight_scales)) {
+    const auto& idx = batch.idx;
+    up.param_dtype = batch.value_dtype;
+    up.int8_group = static_cast<int32_t>(batch.int8_group);
     launch_chunked(
-        kOp, up, static_cast<int64_t>(idx.size()), kChunk,
+        kOp, up, static_cast<int64_t>(idx.size()), batch.chunk(kChunk),
         [&](int64_t k) { return params[idx[k]].numel(); },
         [&](int slot, int64_t k) {
           const int64_t i = idx[k];
           up.p[slot] = params[i].data_ptr();
+          up.scales[slot] = TensorBatch::scales(weight_scales, i);
           up.g[slot] = g[i].data_ptr();
           up.coef[slot] = coef + plans[i].ch_off;
           up.cols[slot] = params[i].size(1);
@@ -264,7 +272,6 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  c10::string_view scale_type, int64_t update_proj_gap, double scale,
                  double norm_growth_limit, bool scale_front, at::IntArrayRef rounding,
                  OptionalTensors weight_scales) {
-  // (refuses int8 weights: check_weight_scales, common.h)
   check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                       make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
                                          scale, norm_growth_limit, scale_front, rounding,
@@ -274,7 +281,8 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
   ParamLayouts layouts(params, {}, logical_order_only);
   apollo_kernels(layouts.params(), grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
                  steps, lr, beta1, beta2, eps, weight_decay, rank, proj, proj_type, scale_type,
-                 update_proj_gap, scale, norm_growth_limit, scale_front, rounding);
+                 update_proj_gap, scale, norm_growth_limit, scale_front, rounding,
+                 listed(weight_scales));
   layouts.write_back();
 }
 

@@ -256,9 +256,12 @@ void frugal_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                  double free_lr_scale, int64_t rule, at::IntArrayRef rounding,
                  OptionalTensors weight_scales) {
-  // (refuses int8 weights: check_weight_scales, common.h)
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                       proj_lr_scale, free_lr_scale, rule, true, listed(weight_scales));
+  for (const Tensor& s : listed(weight_scales))
+    TORCH_CHECK_NOT_IMPLEMENTED(!s.defined() || s.numel() == 0, "frugal_update_: int8 weights "
+                                "are updated on the CPU only (FRUGAL's CUDA kernels have no int8 "
+                                "path yet)");
   const Rounding round(rounding, params.size(), "frugal_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);

@@ -99,20 +99,43 @@ inline AdamStepInputs adam_step_inputs(TensorList grads, TensorList steps, doubl
   return in;
 }
 
-// Indices of the tensors grouped by (param dtype, state dtype), in order: one launch sequence
-// per group, since a kernel instance has one storage type per list. A group normally has one.
-inline std::vector<std::vector<int64_t>> by_dtypes(TensorList params, TensorList states) {
-  std::vector<std::vector<int64_t>> groups;
-  std::vector<std::pair<at::ScalarType, at::ScalarType>> keys;
-  for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
-    const std::pair<at::ScalarType, at::ScalarType> key{params[i].scalar_type(),
-                                                        states[i].scalar_type()};
-    size_t k = 0;
-    while (k < keys.size() && keys[k] != key) ++k;
-    if (k == keys.size()) keys.push_back(key), groups.emplace_back();
-    groups[k].push_back(i);
+// Tensors that one multi-tensor launch sequence takes: one (value dtype, state dtype) and, for
+// int8 weights, one group size (kernel_params.h). A call normally has one batch.
+struct TensorBatch {
+  std::vector<int64_t> idx;
+  Dtype value_dtype, state_dtype;
+  int64_t int8_group = 0;  // > 0: int8 codes with that many elements per scale
+  // Elements per chunk: float_chunk for float parameters, whole groups for int8 ones.
+  int64_t chunk(int64_t float_chunk) const {
+    return int8_group > 0 ? int8_chunk(int8_group) : float_chunk;
   }
-  return groups;
+  // The scales of tensor i of this batch, or null for float parameters.
+  static float* scales(TensorList weight_scales, size_t i) {
+    const Tensor& s = weight_scale(weight_scales, i);
+    return s.defined() && s.numel() > 0 ? s.data_ptr<float>() : nullptr;
+  }
+};
+
+// The tensors' indices in batches, in order of first appearance (`states` gives each tensor's
+// state dtype; weight_scales, memopt/common.h, marks int8 parameters).
+inline std::vector<TensorBatch> by_dtypes(TensorList params, TensorList grads, TensorList states,
+                                          TensorList weight_scales = {}) {
+  std::vector<TensorBatch> batches;
+  for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
+    const Tensor& scales = weight_scale(weight_scales, i);
+    const bool coded = scales.defined() && scales.numel() > 0;
+    TensorBatch key{{}, dtype_of(value_dtype(params[i], grads[i])),
+                    dtype_of(states[i].scalar_type()),
+                    coded ? int8_group(params[i], scales) : 0};
+    size_t k = 0;
+    while (k < batches.size() &&
+           !(batches[k].value_dtype == key.value_dtype && batches[k].state_dtype == key.state_dtype &&
+             batches[k].int8_group == key.int8_group))
+      ++k;
+    if (k == batches.size()) batches.push_back(key);
+    batches[k].idx.push_back(i);
+  }
+  return batches;
 }
 
 // Packs tensors 0..count-1 into multi-tensor launches. For tensor i with numel(i) > 0,

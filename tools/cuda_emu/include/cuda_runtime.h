@@ -115,6 +115,17 @@ inline unsigned __float_as_uint(float x) {
   std::memcpy(&u, &x, sizeof(u));
   return u;
 }
+inline float __uint_as_float(unsigned u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+// Threads run one at a time between barriers, so an atomic is a plain read-modify-write.
+inline unsigned atomicMax(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  if (value > old) *address = value;
+  return old;
+}
 // Barrier that also counts the threads whose predicate is non-zero: tally, read, then reset
 // (each step behind a barrier, so no thread reads before all have added or adds before reset).
 inline int __syncthreads_count(int pred) {

@@ -1,0 +1,216 @@
+"""int8 weights (cpp/include/memopt/int8_weights.h) in the CUDA kernels (cpp/src/cuda/weights.cuh:
+one CTA owns whole groups, measures their new absmax, then encodes): adamw_, adam_mini_ (every
+block geometry, and its elementwise segments) and apollo_ against the CPU op on identical inputs.
+The CPU op is itself checked against a float32 twin and the float64-exact encoder
+(tests/test_int8_weights.py); here the device must give the same codes and scales, to nearest
+and stochastically, with float32 and bf16 gradients, over several steps. "emu" runs the real
+kernels and glue on the host (tools/cuda_emu); "cuda" runs them on a GPU and skips without one.
+frugal_ refuses int8 weights on CUDA (its kernels have no int8 path)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cuda_util import EMU, TOL, assert_cuda_build, ops, rel_err, requires_cuda, tensor_device
+from reference import int8_ref
+from test_cuda_apollo import CASES as APOLLO_CASES, Run as ApolloRun
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])
+DEVICES = [EMU, CUDA]
+LR = torch.tensor(1e-2, dtype=torch.float64)
+
+
+def rounding(stochastic, n):
+    """The ops' rounding argument (rounding.h): [] to nearest, else seed 7, counter 0 and one id
+    per parameter."""
+    return [7, 0, *range(n)] if stochastic else []
+
+
+# (rows, cols, group): groups of 32; 96 (chunks of 8160 elements: several rows, a row cut
+# between CTAs); 4096 (one group a row, the widest), and 16 (512 groups a chunk, the most).
+SHAPES = [(48, 128, 32), (100, 192, 96), (3, 4096, 4096), (40, 64, 16)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "cuda":
+        assert_cuda_build()
+    return request.param
+
+
+def weights(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [int8_ref.encode(torch.randn(r, c, generator=gen) * 0.05, g) for r, c, g in shapes]
+
+
+def grads_for(shapes, step, dtype):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [(torch.randn(r, c, generator=gen) * 1e-2).to(dtype) for r, c, _ in shapes]
+
+
+def assert_same_weights(got, want, what):
+    """Codes and scales of the device equal the CPU op's: exactly where both compute the same
+    float32 values; a last-bit difference in an update (FMA contraction on a GPU) may move a
+    code by one where it lies on a rounding boundary, and a scale by an ulp."""
+    for k, ((gc, gs), (wc, ws)) in enumerate(zip(got, want)):
+        gc, gs = gc.cpu(), gs.cpu()
+        torch.testing.assert_close(gs, ws, rtol=5e-7, atol=0, equal_nan=True,
+                                   msg=f"{what}: scales of weight {k}")
+        diff = (gc.int() - wc.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3, f"{what}: codes of {k}"
+
+
+class Int8Call:
+    """A list of int8 weights (and one float tensor) with fp32 state, stepped by one op."""
+
+    def __init__(self, device, shapes, grad_dtype, state_shape):
+        self.ops, dev = ops(device), tensor_device(device)
+        self.shapes, self.grad_dtype = shapes, grad_dtype
+        coded = weights(shapes)
+        self.codes = [c.to(dev) for c, _ in coded]
+        self.scales = [s.to(dev) for _, s in coded]
+        self.m = [torch.zeros(r, c, device=dev) for r, c, _ in shapes]
+        self.v = [torch.zeros(state_shape(r, c, g), device=dev) for r, c, g in shapes]
+        self.steps = [torch.zeros(()) for _ in shapes]
+
+    def grads(self, step):
+        return [g.to(c.device) for g, c in zip(grads_for(self.shapes, step, self.grad_dtype),
+                                                self.codes)]
+
+    def result(self):
+        return list(zip(self.codes, self.scales))
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adamw(device, grad_dtype, stochastic):
+    def run(dev):
+        call = Int8Call(dev, SHAPES, grad_dtype, lambda r, c, g: (r, c))
+        for step in range(3):
+            call.ops.adamw_(call.codes, call.grads(step), call.m, call.v, call.steps, LR, 0.9,
+                            0.99, 1e-8, 0.1, "torch", rounding(stochastic, len(SHAPES)), call.scales)
+        return call
+    got, want = run(device), run("cpu")
+    assert_same_weights(got.result(), want.result(), "adamw")
+    for a, b in zip(got.m + got.v, want.m + want.v):
+        assert rel_err(a, b) <= TOL[torch.float32]
+
+
+# Adam-mini block specs per (rows, cols, group): [offset, rows, cols, row_stride, tile_rows,
+# tile_cols] segments, each covering whole groups along its rows.
+def blocks_rows(r, c, g):      # one block per row (fused path for float weights)
+    return [[0, r, c, c, 1, c]]
+
+
+def blocks_heads(r, c, g):     # blocks of several rows, then an elementwise segment
+    h = max(2, r // 4 * 2)
+    return [[0, h, c, c, h // 2, c], [h * c, r - h, c, c, 1, 1]]
+
+
+def blocks_columns(r, c, g):   # one block per column (rectangles)
+    return [[0, r, c, c, r, 1]]
+
+
+def blocks_interleaved(r, c, g):  # two strided column halves (fused-QKV parts), whole tensor
+    half = c // 2 // g * g or c
+    segs = [[0, r, half, c, r, half]]
+    if half < c:
+        segs.append([half, r, c - half, c, 1, c - half])
+    return segs
+
+
+BLOCKS = {"rows": blocks_rows, "heads_and_elementwise": blocks_heads,
+          "columns": blocks_columns, "interleaved": blocks_interleaved}
+
+
+def n_blocks(segs):
+    return sum(rows // tr * (cols // tc) for _, rows, cols, _, tr, tc in segs)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("layout", sorted(BLOCKS))
+def test_adam_mini(device, layout, stochastic):
+    flat = []  # adam_mini_'s blocks: per tensor, its segment count, then its segments
+    for segs in (BLOCKS[layout](*s) for s in SHAPES):
+        flat += [len(segs)] + [x for seg in segs for x in seg]
+
+    def run(dev):
+        shape_of = {(r, c, g): n_blocks(BLOCKS[layout](r, c, g)) for r, c, g in SHAPES}
+        call = Int8Call(dev, SHAPES, torch.bfloat16, lambda r, c, g: (shape_of[(r, c, g)],))
+        for step in range(3):
+            call.ops.adam_mini_(call.codes, call.grads(step), call.m, call.v, call.steps, flat, LR,
+                                0.9, 0.99, 1e-8, 0.1, rounding(stochastic, len(SHAPES)),
+                                call.scales)
+        return call
+    got, want = run(device), run("cpu")
+    assert_same_weights(got.result(), want.result(), f"adam_mini {layout}")
+    for a, b in zip(got.m + got.v, want.m + want.v):
+        assert rel_err(a, b) <= TOL[torch.float32]
+
+
+APOLLO_SHAPES = [(24, 64, 16), (64, 32, 32)]  # Left (per-column channels) and Right (per-row)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("case", ["channel", "tensor", "mini_not_stored", "svd_channel"])
+def test_apollo(device, case, stochastic):
+    def run(dev):
+        apollo = ApolloRun(dev, torch.float32, shapes=[s[:2] for s in APOLLO_SHAPES],
+                           **APOLLO_CASES[case])
+        coded = weights(APOLLO_SHAPES)
+        apollo.params = [c.to(p.device) for (c, _), p in zip(coded, apollo.params)]
+        scales = [s.to(p.device) for (_, s), p in zip(coded, apollo.params)]
+        for step in range(4):  # (a projection refresh at step 3)
+            grads = [g.to(p.device) for g, p in
+                     zip(grads_for(APOLLO_SHAPES, step, torch.float32), apollo.params)]
+            apollo.ops.apollo_(*apollo.args(grads), rounding(stochastic, len(grads)), scales)
+        return apollo, list(zip(apollo.params, scales))
+    (got_run, got), (want_run, want) = run(device), run("cpu")
+    assert_same_weights(got, want, f"apollo {case}")
+    for a, b in zip(got_run.m + got_run.v, want_run.m + want_run.v):
+        assert rel_err(a, b) <= TOL[torch.float32]
+
+
+def test_nonfinite_update_poisons_its_group_only(device):
+    call = Int8Call(device, SHAPES[:1], torch.float32, lambda r, c, g: (r, c))
+    grads = call.grads(0)
+    grads[0][5, 40] = float("nan")  # group 1 of row 5
+    call.ops.adamw_(call.codes, grads, call.m, call.v, call.steps, LR, 0.9, 0.99, 1e-8, 0.0,
+                    "torch", [], call.scales)
+    scales = call.scales[0].cpu()
+    assert scales[5, 1].isnan() and scales.isnan().sum() == 1
+    assert (call.codes[0][5, 32:64] == 0).all()
+
+
+def test_frugal_refuses_int8_on_cuda(device):
+    call = Int8Call(device, SHAPES[:1], torch.float32, lambda r, c, g: (r, c))
+    with pytest.raises(NotImplementedError, match="int8"):
+        call.ops.frugal_(call.codes, call.grads(0), call.m, call.v, call.steps,
+                         [torch.empty(0)], [0], LR, 0.9, 0.99, 1e-8, 0.0, 1.0, 1.0, 0, [],
+                         call.scales)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("name", ["adamw", "adam_mini", "slim_adam", "apollo", "apollo_mini"])
+def test_front_end_on_cuda_matches_cpu(name):
+    """quantize_weights_ models on both devices, stepped by the optimizer with the same bf16
+    gradients and stochastic rounding: the same codes and scales."""
+    from test_int8_weights import OPTIMIZERS, int8_layers, pair
+    assert_cuda_build()
+    model = pair(torch.bfloat16)[0]
+    gpu = copy.deepcopy(model).cuda()
+    opts = [OPTIMIZERS[name](m, stochastic_rounding=True, rounding_seed=3) for m in (model, gpu)]
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        for p, q in zip(model.parameters(), gpu.parameters()):
+            g = (torch.randn(p.shape, generator=gen) * 1e-2).to(p.dtype)
+            p.grad, q.grad = g, g.cuda()
+        for opt in opts:
+            opt.step()
+    torch.cuda.synchronize()
+    layers = int8_layers(model)
+    assert_same_weights([(q.weight_codes, q.weight_scales) for q in int8_layers(gpu).values()],
+                        [(q.weight_codes, q.weight_scales) for q in layers.values()], name)
