@@ -12,8 +12,7 @@
 #   tests     every GPU test: tests/test_cuda_*.py without the host emulator (cuda_emu), and
 #             any test marked `cuda` elsewhere
 #   bench     bench/bench_step.py --device cuda --size 7b-layers (BENCH_ROUNDS rounds, default 10)
-#   bench_7b  bench/bench_7b.py for ApolloMini with int8 weights (once the CUDA ops take them)
-#             and bf16 weights
+#   bench_7b  bench/bench_7b.py for ApolloMini with int8 and with bf16 weights
 # Everything (machine, versions, each stage's verdict, time and output) goes to one file,
 # $OUT/gpu_check.txt ($OUT: the device tool's output folder; ./gpu_check_out when unset), and
 # each stage's full log beside it. Exit status: 0 when no stage failed (skipped stages are not
@@ -120,29 +119,13 @@ setup() {
     "$py" -c "import memopt_core; assert memopt_core._C.cuda_kernels, 'built without CUDA kernels'; print('memopt_core CUDA kernels: yes')"
 }
 
-# Whether the CUDA ops take int8 weights (their validator refuses them until they do).
-# shellcheck disable=SC2317
-int8_on_cuda() {
-  "$py" - <<'PY' >/dev/null 2>&1
-import torch, memopt_core  # noqa: F401
-codes, g = torch.zeros(2, 16, dtype=torch.int8, device="cuda"), torch.zeros(2, 16, device="cuda")
-torch.ops.memopt.check_adamw_([codes], [g], [g.clone()], [g.clone()], [torch.zeros(())],
-                              torch.tensor(1e-3), 0.9, 0.99, 1e-8, 0.0, "torch", [],
-                              [torch.ones(2, 1, device="cuda")])
-PY
-}
-
-# One run per weight storage bench_7b.py's --dtype offers and the CUDA ops take.
+# One run per weight storage bench_7b.py's --dtype offers.
 # shellcheck disable=SC2317
 bench_7b() {
   local rc=0 dtype
   for dtype in int8 bf16; do
     if ! "$py" bench/bench_7b.py --help | grep -q "$dtype"; then
       echo "== ApolloMini, $dtype weights: bench_7b.py does not offer them yet (skipped)"
-      continue
-    fi
-    if [[ $dtype == int8 ]] && ! int8_on_cuda; then
-      echo "== ApolloMini, int8 weights: the CUDA ops refuse int8 weights yet (skipped; owed)"
       continue
     fi
     echo "== ApolloMini, $dtype weights"
@@ -152,7 +135,7 @@ bench_7b() {
 }
 
 export py venv
-export -f setup gpu_tests bench_7b int8_on_cuda
+export -f setup gpu_tests bench_7b
 
 stage setup 180 setup
 stage tests 120 gpu_tests
