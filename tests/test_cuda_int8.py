@@ -1,11 +1,11 @@
 """int8 weights (cpp/include/memopt/int8_weights.h) in the CUDA kernels (cpp/src/cuda/weights.cuh:
 one CTA owns whole groups, measures their new absmax, then encodes): adamw_, adam_mini_ (every
-block geometry, and its elementwise segments) and apollo_ against the CPU op on identical inputs.
+block geometry, and its elementwise segments), apollo_ and frugal_ (every mode and rule) against
+the CPU op on identical inputs.
 The CPU op is itself checked against a float32 twin and the float64-exact encoder
 (tests/test_int8_weights.py); here the device must give the same codes and scales, to nearest
 and stochastically, with float32 and bf16 gradients, over several steps. "emu" runs the real
-kernels and glue on the host (tools/cuda_emu); "cuda" runs them on a GPU and skips without one.
-frugal_ refuses int8 weights on CUDA (its kernels have no int8 path)."""
+kernels and glue on the host (tools/cuda_emu); "cuda" runs them on a GPU and skips without one."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +13,8 @@ import copy
 import pytest
 import torch
 
+from cuda_frugal_util import (ACTIVE, ADAM, COLUMNS, FREE, LEFT, RANDK, RIGHT, ROWS, make_case,
+                               RULES as FRUGAL_RULES)
 from cuda_util import EMU, TOL, assert_cuda_build, ops, rel_err, requires_cuda, tensor_device
 from reference import int8_ref
 from test_cuda_apollo import CASES as APOLLO_CASES, Run as ApolloRun
@@ -50,13 +52,14 @@ def grads_for(shapes, step, dtype):
     return [(torch.randn(r, c, generator=gen) * 1e-2).to(dtype) for r, c, _ in shapes]
 
 
-def assert_same_weights(got, want, what):
+def assert_same_weights(got, want, what, scale_rtol=5e-7):
     """Codes and scales of the device equal the CPU op's: exactly where both compute the same
     float32 values; a last-bit difference in an update (FMA contraction on a GPU) may move a
-    code by one where it lies on a rounding boundary, and a scale by an ulp."""
+    code by one where it lies on a rounding boundary, and a scale by an ulp or two (more where
+    the update comes from GEMMs summed in another order: scale_rtol)."""
     for k, ((gc, gs), (wc, ws)) in enumerate(zip(got, want)):
         gc, gs = gc.cpu(), gs.cpu()
-        torch.testing.assert_close(gs, ws, rtol=5e-7, atol=0, equal_nan=True,
+        torch.testing.assert_close(gs, ws, rtol=scale_rtol, atol=0, equal_nan=True,
                                    msg=f"{what}: scales of weight {k}")
         diff = (gc.int() - wc.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3, f"{what}: codes of {k}"
@@ -184,17 +187,50 @@ def test_nonfinite_update_poisons_its_group_only(device):
     assert (call.codes[0][5, 32:64] == 0).all()
 
 
-def test_frugal_refuses_int8_on_cuda(device):
-    call = Int8Call(device, SHAPES[:1], torch.float32, lambda r, c, g: (r, c))
-    with pytest.raises(NotImplementedError, match="int8"):
-        call.ops.frugal_(call.codes, call.grads(0), call.m, call.v, call.steps,
-                         [torch.empty(0)], [0], LR, 0.9, 0.99, 1e-8, 0.0, 1.0, 1.0, 0, [],
-                         call.scales)
+# FRUGAL: every mode on int8 weights, (mode, shape, group[, density[, basis]]); under signSGD
+# (U and Gp from one GEMM) also two projections over 2^18 elements, which run in two chunks
+# (left: of whole groups, 480 + 40 columns).
+FRUGAL_SPEC = [
+    (ADAM, (24, 64), 64), (ACTIVE, (16, 96), 32), (FREE, (8, 64), 16),
+    (COLUMNS, (40, 64), 32, 0.25), (ROWS, (48, 96), 96, 0.3), (RANDK, (32, 128), 32, 0.2),
+    (RIGHT, (48, 64), 32, 0.25, "svd"), (LEFT, (64, 96), 48, 0.25, "random"),
+]
+FRUGAL_LARGE = [(RIGHT, (520, 512), 128, 0.25, "random"), (LEFT, (512, 520), 40, 0.25, "svd")]
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("rule,decay", [("sign_sgd", 0.1), ("sgd", 0.1), (None, 0.1), (None, 0.0)],
+                         ids=["sign_sgd", "sgd", "none", "none_no_decay"])
+def test_frugal(device, rule, decay, stochastic):
+    full = FRUGAL_SPEC + (FRUGAL_LARGE if rule == "sign_sgd" else [])
+    spec = [(mode, shape, *rest) for mode, shape, _, *rest in full]
+    shapes = [(*shape, group) for _, shape, group, *_ in full]
+    case = make_case(spec, torch.bfloat16, state_dtype=torch.float32)  # bf16 gradients
+
+    def run(dev):
+        dev_ops, where = ops(dev), tensor_device(dev)
+        t = {k: [x.to(where, copy=True) for x in v] for k, v in case.items() if k != "modes"}
+        coded = weights(shapes)
+        codes, scales = [c.to(where) for c, _ in coded], [s.to(where) for _, s in coded]
+        for step in range(3):
+            grads = [g.to(where) for g in grads_for(shapes, step, torch.bfloat16)]
+            dev_ops.frugal_(codes, grads, t["m"], t["v"], t["steps"], t["subs"], case["modes"],
+                            LR, 0.9, 0.99, 1e-8, decay, 0.5, 0.7, FRUGAL_RULES[rule],
+                            rounding(stochastic, len(shapes)), scales)
+        return list(zip(codes, scales)), t
+    (got, got_t), (want, want_t) = run(device), run("cpu")
+    # (the large left projection's GEMMs are chunked unlike the CPU op's: float32 weights
+    # differ by up to 1.5e-6 of their magnitude there too, tests/test_cuda_frugal.py's budget)
+    assert_same_weights(got, want, f"frugal {rule}", scale_rtol=5e-6)
+    for a, b in zip(got_t["m"] + got_t["v"], want_t["m"] + want_t["v"]):
+        if b.numel():
+            assert rel_err(a, b) <= TOL[torch.float32]
 
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("name", ["adamw", "adam_mini", "slim_adam", "apollo", "apollo_mini"])
+@pytest.mark.parametrize("name", ["adamw", "adam_mini", "slim_adam", "apollo", "apollo_mini",
+                                  "frugal"])
 def test_front_end_on_cuda_matches_cpu(name):
     """quantize_weights_ models on both devices, stepped by the optimizer with the same bf16
     gradients and stochastic rounding: the same codes and scales."""

@@ -236,9 +236,17 @@ struct FrugalSplitParams {
   static constexpr int kThreads = 256;
   static constexpr int kMapSize = 4096;    // shared-memory slot map: a tile's rows, a randk window
   static constexpr int64_t kTile = 65536;  // elements of a flat tile, and about of a 2-D one
-  Dtype param_dtype, state_dtype;          // grads have the param dtype
+  // int8 weights (int8_group > 0, every mode): a tile is `tile_cols` elements (whole groups, at
+  // most kMapSize) of one row, the row's last tile shorter; tiles run row by row.
+  static constexpr int64_t int8_tile(int64_t group, int64_t cols) {
+    const int64_t fit = group >= kMapSize ? group : kMapSize / group * group;
+    return fit < cols ? fit : cols;
+  }
+  Dtype param_dtype, state_dtype;          // grads have the param dtype (int8: the value dtype)
   int32_t rule;                            // memopt::FrugalRule: 0 none, 1 SGD, 2 signSGD
+  int32_t int8_group;                      // > 0: every p holds int8 codes, with scales
   void* p[kMaxTensors];
+  float* scales[kMaxTensors];
   const void* g[kMaxTensors];
   void* m[kMaxTensors];                    // moments of the selected coordinates (not mode 2)
   void* v[kMaxTensors];
@@ -284,6 +292,10 @@ struct FrugalProjUpdateParams {
   int32_t rule;
   int64_t outer, inner;
   void* p;
+  // int8 (int8_group > 0): p holds codes and `scales` the scales of its first group; ld_p and
+  // the chunk's columns are whole groups, and one CTA takes int8_chunk(group) of a row.
+  float* scales;
+  int32_t int8_group;
   const void* g;   // contiguous like p: the same leading dimension
   const void* t;
   int64_t ld_p, ld_t, gp_offset;

@@ -11,7 +11,7 @@
 // projected gradient (rho-sized), then the fused final update from the back-projected tile.
 #include <cstdint>
 
-#include "cuda_common.cuh"
+#include "weights.cuh"
 
 namespace memopt::cuda {
 namespace {
@@ -181,6 +181,48 @@ __device__ void matrix_tile(int32_t* map, bool by_col, P* p, const P* g, S* m, S
   }
 }
 
+// Modes 2-5 on an int8 weight: the tile is n <= kMapSize elements (whole groups) of row r from
+// column c0 (FrugalSplitParams::int8_tile). The slot map of its selected columns, row or
+// coordinates is made once, then every element is written through weights.cuh's two sweeps,
+// one the rule leaves as it is too: its group may take a new scale (the CPU re-encodes it too).
+template <typename P, typename S, typename C>
+__device__ void int8_split_tile(int32_t* map, const FrugalSplitParams& prm, int slot,
+                                int64_t tile, const Step<C>& st) {
+  const int64_t cols = prm.cols[slot], width = prm.tile_cols[slot];
+  const int64_t per_row = (cols + width - 1) / width;
+  const int64_t r = tile / per_row, c0 = tile % per_row * width, b = r * cols + c0;
+  const int n = static_cast<int>(min(width, cols - c0));
+  const int mode = prm.mode[slot];
+  const int32_t* idx = prm.idx[slot];
+  const int64_t k = prm.k[slot];
+  if (mode == kColumns || mode == kRandK) {  // map[j]: the slot of column c0 + j / element b + j
+    const int64_t a = mode == kColumns ? c0 : b;
+    fill_map(map, idx, k, block_lower_bound(idx, k, a), a, n);
+  } else if (mode == kRows) {                // map[0]: the slot of row r
+    fill_map(map, idx, k, block_lower_bound(idx, k, r), r, 1);
+  }
+  const int64_t row_slot = mode == kRows ? map[0] : -1;  // (fill_map ends in a barrier)
+  const P* g = static_cast<const P*>(prm.g[slot]) + b;
+  S* m = static_cast<S*>(prm.m[slot]);
+  S* v = static_cast<S*>(prm.v[slot]);
+  with_weights<P>(prm.p[slot], prm.scales[slot], prm.int8_group, b, n, st.stochastic, st.key,
+                  [&](const auto& w) {
+    for (int j = threadIdx.x; j < n; j += kThreads) {
+      const int64_t s = mode == kColumns ? (map[j] >= 0 ? r * k + map[j] : -1)
+                        : mode == kRows  ? (row_slot >= 0 ? row_slot * cols + c0 + j : -1)
+                        : mode == kRandK ? map[j] : -1;
+      const C pj = w.template get<C>(j), gj = load<C>(g + j);
+      if (s >= 0) {
+        C mj = load<C>(m + s), vj = load<C>(v + s);
+        w.put(j, st.adam(pj, gj, mj, vj), b + j);
+        if (w.writes_state()) store(m + s, mj), store(v + s, vj);
+      } else {
+        w.put(j, st.free_writes() ? st.free_rule(pj, gj) : pj, b + j);
+      }
+    }
+  });
+}
+
 template <typename P, typename S>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) frugal_split_kernel(const FrugalSplitParams prm) {
   using C = opmath_t<P>;
@@ -196,6 +238,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) frugal_split_kernel(c
   const P* g = static_cast<const P*>(prm.g[slot]);
   S* m = static_cast<S*>(prm.m[slot]);
   S* v = static_cast<S*>(prm.v[slot]);
+  if (prm.int8_group > 0) return int8_split_tile<P, S, C>(map, prm, slot, tile, st);
   const int64_t numel = prm.numel[slot], b = tile * SP::kTile;
   switch (prm.mode[slot]) {  // uniform per CTA
     case kFree:
@@ -288,6 +331,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) proj_update_kernel(co
   }
 }
 
+// proj_update_kernel on an int8 weight: one CTA per int8_chunk(group) elements (whole groups)
+// of a row of the chunk, in the same operation order, through weights.cuh's two sweeps.
+template <typename P>
+__global__ void __launch_bounds__(kThreads) proj_update_int8_kernel(const FrugalProjUpdateParams prm) {
+  using C = opmath_t<P>;
+  const int64_t width = min(int8_chunk(prm.int8_group), prm.inner);
+  const int64_t per_row = (prm.inner + width - 1) / width;
+  const int64_t o = blockIdx.x / per_row, j0 = blockIdx.x % per_row * width;
+  const int64_t n = min(width, prm.inner - j0), at = o * prm.ld_p + j0;
+  const P* g = static_cast<const P*>(prm.g) + at;
+  const C* t = static_cast<const C*>(prm.t) + o * prm.ld_t + j0;
+  const C decay = prm.decay, lf = prm.lr_free;
+  with_weights<P>(prm.p, prm.scales, prm.int8_group, at, n, prm.stochastic, prm.round_key,
+                  [&](const auto& w) {
+    for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+      C upd = w.template get<C>(j) * decay - t[j];  // as proj_update_kernel
+      if (prm.rule == kRuleSign) {
+        const C gj = load<C>(g + j) - t[j + prm.gp_offset];
+        upd -= lf * static_cast<C>((gj > C(0)) - (gj < C(0)));
+      } else if (prm.rule == kRuleSgd) {
+        upd -= lf * load<C>(g + j);
+      }
+      w.put(j, upd, prm.first + at + j);
+    }
+  });
+}
+
 }  // namespace
 
 int launch_frugal_split(const FrugalSplitParams& prm, Stream stream) {
@@ -317,7 +387,14 @@ int launch_frugal_proj_update(const FrugalProjUpdateParams& prm, Stream stream) 
   const Grid2d d = grid2d(prm.outer, prm.inner);
   return dispatch_param_state(prm.param_dtype, prm.param_dtype, [&](auto p_tag, auto) {
     using P = typename decltype(p_tag)::type;
-    proj_update_kernel<P><<<d.grid, d.block, 0, static_cast<cudaStream_t>(stream)>>>(prm);
+    const auto st = static_cast<cudaStream_t>(stream);
+    if (prm.int8_group > 0) {
+      const int64_t width = min(int8_chunk(prm.int8_group), prm.inner);
+      const auto ctas = static_cast<unsigned>(prm.outer * ((prm.inner + width - 1) / width));
+      proj_update_int8_kernel<P><<<ctas, kThreads, 0, st>>>(prm);
+    } else {
+      proj_update_kernel<P><<<d.grid, d.block, 0, st>>>(prm);
+    }
     return last_launch_error();
   });
 }

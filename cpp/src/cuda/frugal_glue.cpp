@@ -35,54 +35,58 @@ void check_cuda_inputs(TensorList params, TensorList subspaces, at::IntArrayRef 
   }
 }
 
-// `members` grouped by (param dtype, state dtype), in order: one launch sequence per group,
-// since a kernel instance has one storage type per list. A state-free tensor has no state and
-// joins the first group of its param dtype.
+// `members` grouped by (value dtype, state dtype, int8 group), in order: one launch sequence
+// per group, since a kernel instance has one storage type per list. A state-free tensor has no
+// state and joins the first group of its value dtype and int8 group.
 struct Group {
-  at::ScalarType param, state;
+  at::ScalarType value, state;
+  int64_t int8_group;
   std::vector<int64_t> members;
 };
-std::vector<Group> dtype_groups(const std::vector<int64_t>& members, TensorList params,
-                             TensorList states, at::IntArrayRef modes) {
+std::vector<Group> dtype_groups(const FrugalCall& c, const std::vector<int64_t>& members) {
   std::vector<Group> groups;
   auto add = [&](int64_t i, bool stateless) {
-    const auto pt = params[i].scalar_type();
-    const auto st = stateless ? pt : states[i].scalar_type();
+    const auto vt = value_dtype(c.params[i], c.g[i]);
+    const auto st = stateless ? vt : c.exp_avgs[i].scalar_type();
+    const int64_t group = c.int8_group(i);
     auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
-      return g.param == pt && (stateless || g.state == st);
+      return g.value == vt && g.int8_group == group && (stateless || g.state == st);
     });
-    if (it == groups.end()) it = groups.insert(groups.end(), Group{pt, st, {}});
+    if (it == groups.end()) it = groups.insert(groups.end(), Group{vt, st, group, {}});
     it->members.push_back(i);
   };
   for (int64_t i : members)
-    if (static_cast<FrugalMode>(modes[i]) != FrugalMode::FreeBlock) add(i, false);
+    if (static_cast<FrugalMode>(c.modes[i]) != FrugalMode::FreeBlock) add(i, false);
   for (int64_t i : members)
-    if (static_cast<FrugalMode>(modes[i]) == FrugalMode::FreeBlock) add(i, true);
+    if (static_cast<FrugalMode>(c.modes[i]) == FrugalMode::FreeBlock) add(i, true);
   return groups;
 }
 
-// Calls launch(indices) per dtype group, with prm's dtypes and Adam constants set.
+// Calls launch(indices, int8 group) per dtype group, with prm's dtypes and Adam constants set.
 template <typename Params, typename Launch>
 void per_dtype_group(const FrugalCall& c, const std::vector<int64_t>& members, Params& prm,
                      Launch launch) {
   prm.beta1 = c.beta1, prm.beta2 = c.beta2, prm.eps = c.eps;
-  for (const auto& grp : dtype_groups(members, c.params, c.exp_avgs, c.modes)) {
-    prm.param_dtype = dtype_of(grp.param);
+  for (const auto& grp : dtype_groups(c, members)) {
+    prm.param_dtype = dtype_of(grp.value);
     prm.state_dtype = dtype_of(grp.state);
-    launch(grp.members);
+    prm.int8_group = static_cast<int32_t>(grp.int8_group);
+    launch(grp.members, grp.int8_group);
   }
 }
 
 void launch_whole(const FrugalCall& c, const std::vector<int64_t>& members) {
   AdamWParams prm{};
   prm.stochastic = c.stochastic;
-  per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx) {
+  per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx, int64_t group) {
     launch_chunked(
-        "frugal_update_", prm, static_cast<int64_t>(idx.size()), kAdamChunk,
+        "frugal_update_", prm, static_cast<int64_t>(idx.size()),
+        group > 0 ? int8_chunk(group) : kAdamChunk,
         [&](int64_t k) { return c.params[idx[k]].numel(); },
         [&](int slot, int64_t k) {
           const int64_t i = idx[k];
           prm.p[slot] = c.params[i].data_ptr();
+          prm.scales[slot] = c.scales(i);
           prm.g[slot] = c.g[i].data_ptr();
           prm.m[slot] = c.exp_avgs[i].data_ptr();
           prm.v[slot] = c.exp_avg_sqs[i].data_ptr();
@@ -100,9 +104,15 @@ struct Tiling {
   int64_t tiles = 0;
   int32_t rows = 0, cols = 0, col_tiles = 0;
 };
-Tiling tiling(const Tensor& p, FrugalMode mode) {
+Tiling tiling(const Tensor& p, FrugalMode mode, int64_t int8_group) {
   Tiling t;
   if (p.numel() == 0) return t;
+  if (int8_group > 0) {  // FrugalSplitParams::int8_tile: whole groups of one row
+    const int64_t width = SP::int8_tile(int8_group, p.size(1));
+    t.cols = static_cast<int32_t>(width);
+    t.tiles = p.size(0) * ((p.size(1) + width - 1) / width);
+    return t;
+  }
   if (mode == FrugalMode::FreeBlock || mode == FrugalMode::RandK) {
     t.tiles = (p.numel() + SP::kTile - 1) / SP::kTile;
     return t;
@@ -121,16 +131,17 @@ Tiling tiling(const Tensor& p, FrugalMode mode) {
 void launch_split(const FrugalCall& c, const std::vector<int64_t>& members) {
   // The rule none without weight decay leaves a state-free block as it is (the CPU skips it).
   auto untouched = [&](int64_t i) {
-    const bool fp64 = c.params[i].scalar_type() == at::kDouble;
+    const bool fp64 = c.params[i].scalar_type() == at::kDouble;  // (int8 codes: float)
     return c.rule == 0 && (fp64 ? c.decay == 1.0 : static_cast<float>(c.decay) == 1.0f);
   };
   std::vector<Tiling> tiles(c.params.size());
-  for (int64_t i : members) tiles[i] = tiling(c.params[i], static_cast<FrugalMode>(c.modes[i]));
+  for (int64_t i : members)
+    tiles[i] = tiling(c.params[i], static_cast<FrugalMode>(c.modes[i]), c.int8_group(i));
   SP prm{};
   prm.rule = static_cast<int32_t>(c.rule);
   prm.decay = c.decay, prm.lr_free = c.lr_free;
   prm.stochastic = c.stochastic;
-  per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx) {
+  per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx, int64_t) {
     launch_chunked(
         "frugal_update_", prm, static_cast<int64_t>(idx.size()), /*chunk_size=*/1,
         [&](int64_t k) {
@@ -143,6 +154,7 @@ void launch_split(const FrugalCall& c, const std::vector<int64_t>& members) {
           const auto mode = static_cast<FrugalMode>(c.modes[i]);
           const bool stateful = mode != FrugalMode::FreeBlock;
           prm.p[slot] = c.params[i].data_ptr();
+          prm.scales[slot] = c.scales(i);
           prm.g[slot] = c.g[i].data_ptr();
           prm.m[slot] = stateful ? c.exp_avgs[i].data_ptr() : nullptr;
           prm.v[slot] = stateful ? c.exp_avg_sqs[i].data_ptr() : nullptr;
@@ -166,7 +178,8 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                     at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
                     double weight_decay, double proj_lr_scale, double free_lr_scale, int64_t rule,
-                    const Tensor* left_stats, const Rounding& rounding) {
+                    const Tensor* left_stats, const Rounding& rounding,
+                    TensorList weight_scales) {
   if (params.empty()) return;
   check_cuda_inputs(params, subspaces, modes);
   const c10::DeviceGuard guard(params[0].device());
@@ -177,7 +190,7 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
   FrugalCall c{params, exp_avgs, exp_avg_sqs, subspaces, modes, std::vector<Tensor>(n),
                std::vector<AdamScalars>(n), beta1, beta2, eps, 1.0 - lr * weight_decay,
                lr * proj_lr_scale * free_lr_scale, rule, current_stream(params[0].device()),
-               std::vector<uint64_t>(n, 0), rounding.stochastic()};
+               std::vector<uint64_t>(n, 0), rounding.stochastic(), weight_scales};
   std::vector<int64_t> whole, split, projected;
   std::vector<FrugalProjShape> shapes(n);
   std::vector<Tensor> pcs(n);  // each P in its compute type, as on the CPU (rank-sized)
@@ -241,11 +254,11 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                 double free_lr_scale, int64_t rule, const Tensor* left_stats,
-                const Rounding& rounding) {
+                const Rounding& rounding, TensorList weight_scales) {
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, frugal_order_free(modes));
   frugal_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),
                  steps, subspaces, modes, lr, beta1, beta2, eps, weight_decay, proj_lr_scale,
-                 free_lr_scale, rule, left_stats, rounding);
+                 free_lr_scale, rule, left_stats, rounding, weight_scales);
   layouts.write_back();
 }
 
@@ -258,15 +271,12 @@ void frugal_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  OptionalTensors weight_scales) {
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                       proj_lr_scale, free_lr_scale, rule, true, listed(weight_scales));
-  for (const Tensor& s : listed(weight_scales))
-    TORCH_CHECK_NOT_IMPLEMENTED(!s.defined() || s.numel() == 0, "frugal_update_: int8 weights "
-                                "are updated on the CPU only (FRUGAL's CUDA kernels have no int8 "
-                                "path yet)");
   const Rounding round(rounding, params.size(), "frugal_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   frugal_run(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2, eps,
-             weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr, round);
+             weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr, round,
+             listed(weight_scales));
 }
 
 }  // namespace

@@ -18,7 +18,7 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                 double free_lr_scale, int64_t rule, const Tensor* left_stats,
-                const Rounding& rounding);
+                const Rounding& rounding, TensorList weight_scales = {});
 
 struct FrugalCall {  // one op call after validation
   TensorList params, exp_avgs, exp_avg_sqs, subspaces;
@@ -30,11 +30,18 @@ struct FrugalCall {  // one op call after validation
   Stream stream;
   std::vector<uint64_t> round_key;  // per tensor, under stochastic rounding (memopt/rounding.h)
   int32_t stochastic;
+  TensorList weight_scales;         // memopt/common.h's: [] or one per tensor (int8 weights)
+  // Elements per scale of int8 tensor i (0: a float tensor), and its scales (null: float).
+  int64_t int8_group(int64_t i) const {
+    const Tensor& s = weight_scale(weight_scales, i);
+    return s.defined() && s.numel() > 0 ? memopt::int8_group(params[i], s) : 0;
+  }
+  float* scales(int64_t i) const { return TensorBatch::scales(weight_scales, i); }
 };
 
 // Modes 6-7 (frugal_project.cpp's math). Right: G (rows x cols) P^T, P (r, cols), state
 // (rows, r), in chunks of rows; left: P^T G, P (rows, r), state (r, cols), in chunks of
-// columns. A chunk's projection, its AdamW and its back-projection need only that chunk, so the
+// columns (whole int8 groups of an int8 weight). A chunk's projection, its AdamW and its back-projection need only that chunk, so the
 // scratch is `low` (the chunk's projected gradient and u, rho-sized) and `tile` (its
 // back-projections): (1 + rho) * nb / 8 of the tensor's elements in fp32 at most (chunks of
 // 2^18 to 2^22 elements). signSGD needs U and Gp: one GEMM on [u, low] interleaved makes both

@@ -19,6 +19,8 @@ FrugalProjShape frugal_proj_shape(const FrugalCall& c, int64_t i) {
   const int64_t budget = std::clamp<int64_t>(p.numel() / 8, int64_t{1} << 18, int64_t{1} << 22);
   s.chunk = std::clamp<int64_t>(budget / std::max<int64_t>(s.across, 1), 1,
                                 std::max<int64_t>(s.span, 1));
+  if (const int64_t group = c.int8_group(i); group > 0 && !s.right)  // columns: whole groups
+    s.chunk = std::max(group, s.chunk / group * group);
   s.nb = c.rule == 2 ? 2 : 1;
   s.cdt = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return s;
@@ -36,7 +38,7 @@ void frugal_projected_update(const FrugalCall& c, int64_t i, const FrugalProjSha
   const int64_t rows = p.size(0), cols = p.size(1), r = sh.r, nb = sh.nb;
 
   FrugalProjAdamParams ap{};
-  ap.param_dtype = dtype_of(p.scalar_type()), ap.state_dtype = dtype_of(m.scalar_type());
+  ap.param_dtype = dtype_of(value_dtype(p, g)), ap.state_dtype = dtype_of(m.scalar_type());
   ap.rule = static_cast<int32_t>(c.rule);
   ap.beta1 = c.beta1, ap.beta2 = c.beta2, ap.eps = c.eps;
   ap.step_size = c.s[i].step_size, ap.bc2_sqrt = c.s[i].bc2_sqrt, ap.lr_free = c.lr_free;
@@ -45,6 +47,7 @@ void frugal_projected_update(const FrugalCall& c, int64_t i, const FrugalProjSha
   up.decay = c.s[i].decay, up.lr_free = c.lr_free;
   up.ld_p = cols;
   up.stochastic = c.stochastic, up.round_key = c.round_key[i];
+  up.int8_group = static_cast<int32_t>(c.int8_group(i));
 
   for (int64_t c0 = 0; c0 < sh.span; c0 += sh.chunk) {
     const int64_t n = std::min(sh.chunk, sh.span - c0);
@@ -76,6 +79,7 @@ void frugal_projected_update(const FrugalCall& c, int64_t i, const FrugalProjSha
     up.outer = right ? n : rows, up.inner = right ? cols : n;
     up.p = part(p).data_ptr(), up.g = part(g).data_ptr(), up.t = t.data_ptr();
     up.first = right ? c0 * cols : c0;  // the chunk's first element in p
+    up.scales = up.int8_group > 0 ? c.scales(i) + up.first / up.int8_group : nullptr;
     up.ld_t = right ? nb * cols : nb * n;
     up.gp_offset = right ? cols : n;
     check_launch(launch_frugal_proj_update(up, c.stream), "frugal_update_");

@@ -109,11 +109,9 @@ class TrainConfig:
             why = ("this torch is built without CUDA" if torch.version.cuda is None else
                    f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no GPU")
             raise ValueError(f"device {self.device!r}: no CUDA device ({why}); use --device cpu")
-        if self.dtype == "int8" and (self.fsdp or device.type not in ("cpu", "cuda") or (
-                device.type == "cuda" and self.optimizer.startswith("frugal"))):
-            raise ValueError("int8 weights are updated on the CPU, and on CUDA by every "
-                             "optimizer but FRUGAL, without FSDP2, in this version; use --dtype "
-                             "bf16 there")
+        if self.dtype == "int8" and (self.fsdp or device.type not in ("cpu", "cuda")):
+            raise ValueError("int8 weights are updated on the CPU and on CUDA, without FSDP2, "
+                             "in this version; use --dtype bf16 there")
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
