@@ -5,21 +5,25 @@ gradients, stepped round-robin in one process (harness.round_robin), median. The
 decodes each span into float32, updates it and encodes it again (absmax per group, a code per
 element): the ratio is that arithmetic against the bf16 pass.
 
-    python bench/bench_int8.py [--size 50m] [--rounds 10] [--write]
+    python bench/bench_int8.py [--size 50m] [--rounds 10] [--device cuda] [--write]
+
+On CUDA (CUDA events, bench_step_cuda's timing) the int8 kernels run each chunk's update twice
+(cpp/src/cuda/weights.cuh): the ratio is that second pass and the encoding against bf16.
 """
 from __future__ import annotations
 
 import statistics
 import sys
 
-import memopt_core
+import bench_step_cuda
 import harness
+import memopt_core
 
 
-def int8_model(size: str):
+def int8_model(size: str, device: str):
     """harness.build_model's bf16 model with its linears (not the head) made int8, and its
     fixed gradients kept (an int8 layer's gradient is its carrier's)."""
-    model = harness.build_model(size, dtype="bf16")
+    model = harness.build_model(size, device, dtype="bf16")
     grads = {name: p.grad for name, p in model.named_parameters()}
     memopt_core.quantize_weights_(model, group_size=128)
     for name, p in model.named_parameters():
@@ -29,15 +33,22 @@ def int8_model(size: str):
 
 def main() -> int:
     ap = harness.arg_parser(__doc__, rounds=10)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
-    models = {"bf16": harness.build_model(args.size, dtype="bf16"), "int8": int8_model(args.size)}
+    cuda = args.device == "cuda"
+    if cuda:
+        bench_step_cuda.require_cuda()
+    models = {"bf16": harness.build_model(args.size, args.device, dtype="bf16"),
+              "int8": int8_model(args.size, args.device)}
     hp = dict(lr=1e-4, weight_decay=0.1, stochastic_rounding=True)
     opts = {(name, fmt): memopt_core.make_optimizer(name, model, **hp)
             for name in memopt_core.OPTIMIZERS for fmt, model in models.items()}
-    times = harness.round_robin(opts, args.warmup, args.rounds)
+    times = harness.round_robin(opts, args.warmup, args.rounds,
+                                *([bench_step_cuda._timed_step] if cuda else []))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    harness.ratio_report(f"### int8 weights: optimizer step time ({args.size}, "
-                         "`bench/bench_int8.py`)", args, " Stochastic rounding on both.",
+    where = f" On {bench_step_cuda.machine()} (CUDA events)." if cuda else ""
+    harness.ratio_report(f"### int8 weights: optimizer step time ({args.size}, {args.device}, "
+                         "`bench/bench_int8.py`)", args, f" Stochastic rounding on both.{where}",
                          ("bf16", "int8"),
                          [(n, med[(n, "bf16")], med[(n, "int8")]) for n in memopt_core.OPTIMIZERS])
     return 0

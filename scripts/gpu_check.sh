@@ -13,6 +13,7 @@
 #             any test marked `cuda` elsewhere
 #   bench     bench/bench_step.py --device cuda --size 7b-layers (BENCH_ROUNDS rounds, default 10)
 #   bench_7b  bench/bench_7b.py for ApolloMini with int8 and with bf16 weights
+#   bench_int8  bench/bench_int8.py --device cuda: every optimizer's step, int8 against bf16
 # Everything (machine, versions, each stage's verdict, time and output) goes to one file,
 # $OUT/gpu_check.txt ($OUT: the device tool's output folder; ./gpu_check_out when unset), and
 # each stage's full log beside it. Exit status: 0 when no stage failed (skipped stages are not
@@ -147,6 +148,8 @@ else
   say ""
   say "## bench_7b: SKIP (bench/bench_7b.py does not exist yet)"
 fi
+
+TAIL_LINES=20 stage bench_int8 60 "$py" bench/bench_int8.py --device cuda --size 50m --rounds 5
 
 say ""
 say "total: $((SECONDS - start))s of ${budget}s; result: $( ((failed)) && echo FAIL || echo PASS)"
