@@ -1,7 +1,7 @@
 """int8 weights (cpp/include/memopt/int8_weights.h) in the CUDA kernels (cpp/src/cuda/weights.cuh:
 one CTA owns whole groups, measures their new absmax, then encodes): adamw_, adam_mini_ (every
 block geometry, and its elementwise segments), apollo_ and frugal_ (every mode and rule) against
-the CPU op on identical inputs.
+the CPU op on identical inputs, and int8_encode_ against the oracle.
 The CPU op is itself checked against a float32 twin and the float64-exact encoder
 (tests/test_int8_weights.py); here the device must give the same codes and scales, to nearest
 and stochastically, with float32 and bf16 gradients, over several steps. "emu" runs the real
@@ -174,6 +174,23 @@ def test_apollo(device, case, stochastic):
     assert_same_weights(got, want, f"apollo {case}")
     for a, b in zip(got_run.m + got_run.v, want_run.m + want_run.v):
         assert rel_err(a, b) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group", [16, 96, 192])
+def test_int8_encode(device, group, dtype):
+    """int8_encode_ (quantize_weights_ on the device) gives the oracle's codes exactly: no
+    arithmetic but the encoder's; a NaN makes its group's scale NaN and codes 0."""
+    values = (torch.randn(37, 192, generator=torch.Generator().manual_seed(group)) * 0.05)
+    values[3, 5] = float("nan")
+    values = values.to(dtype)
+    dev = tensor_device(device)
+    codes = torch.zeros(37, 192, dtype=torch.int8, device=dev)
+    scales = torch.zeros(37, 192 // group, device=dev)
+    ops(device).int8_encode_(values.to(dev), codes, scales)
+    want_codes, want_scales = int8_ref.encode(values.float(), group)
+    assert torch.equal(codes.cpu(), want_codes)
+    torch.testing.assert_close(scales.cpu(), want_scales, rtol=0, atol=0, equal_nan=True)
 
 
 def test_nonfinite_update_poisons_its_group_only(device):

@@ -7,7 +7,6 @@
 #include "define_op.h"
 
 namespace memopt {
-namespace {
 
 void check_int8_encode(const Tensor& values, const Tensor& codes, const Tensor& scales) {
   TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
@@ -18,6 +17,8 @@ void check_int8_encode(const Tensor& values, const Tensor& codes, const Tensor& 
   // codes and scales as an op's weight_scales argument takes them (common.h)
   check_weight_scales("int8_encode_", {codes}, {values}, {scales});
 }
+
+namespace {
 
 void int8_encode_cpu(const Tensor& values, const Tensor& codes, const Tensor& scales) {
   check_int8_encode(values, codes, scales);

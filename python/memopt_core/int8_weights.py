@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _C
+
 DEFAULT_SKIP = ("lm_head", "output", "head")
 
 
@@ -37,11 +39,12 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 def encode_(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
-    """codes, scales := values encoded to nearest (the ops' encoding; on the CPU, one weight)."""
+    """codes, scales := values encoded to nearest (the ops' encoding, by the codes' device; a
+    device without memopt kernels through the CPU, one weight at a time)."""
     if codes.device.type == "meta":
         return
     with torch.no_grad():
-        if codes.device.type == "cpu":
+        if codes.device.type == "cpu" or (codes.is_cuda and _C.cuda_kernels):
             torch.ops.memopt.int8_encode_(values, codes, scales)
             return
         c, s = codes.cpu(), scales.cpu()

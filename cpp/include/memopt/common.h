@@ -72,6 +72,9 @@ void check_weight_scales(const char* op, TensorList params, TensorList grads,
                          TensorList weight_scales);
 // The group size of int8 parameter i (elements per scale).
 int64_t int8_group(const Tensor& codes, const Tensor& scales);
+// int8_encode_'s validation (cpp/src/ops_int8.cpp), on every device: float32 or bf16 values
+// shaped like the codes, and codes and scales as weight_scales takes them.
+void check_int8_encode(const Tensor& values, const Tensor& codes, const Tensor& scales);
 
 // Validates the tensor lists of a multi-tensor update before anything is written:
 // check_param_lists: equal lengths, one device, floating dtypes (or int8 codes with

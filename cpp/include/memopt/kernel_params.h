@@ -307,4 +307,16 @@ struct FrugalProjUpdateParams {
 static_assert(sizeof(FrugalProjUpdateParams) <= 4096, "kernel argument over 4 KiB");
 int launch_frugal_proj_update(const FrugalProjUpdateParams& params, Stream stream);
 
+// ---- int8_encode_ (cpp/src/cuda/int8_encode.cu) ---------------------------------------------
+// Float values (numel, contiguous, float32 or bf16) to int8 codes and group scales, to nearest:
+// one CTA per int8_chunk(group) elements, weights.cuh's encoder.
+struct Int8EncodeParams {
+  Dtype dtype;
+  const void* values;
+  int8_t* codes;
+  float* scales;
+  int64_t numel, group;
+};
+int launch_int8_encode(const Int8EncodeParams& params, Stream stream);
+
 }  // namespace memopt::cuda
