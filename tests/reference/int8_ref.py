@@ -24,7 +24,10 @@ def encode(x: torch.Tensor, group: int, key: int | None = None):
     finite = torch.isfinite(xg).all(-1)
     zero = absmax == 0
     scales = torch.where(finite, absmax / 127.0, torch.full_like(absmax, float("nan")))
-    inv = torch.where(finite & ~zero, 127.0 / torch.where(zero, 1.0, absmax), 0.0)
+    # (a true float32 division, as the header's 127.0f / absmax: `127.0 / tensor` is torch's
+    # reciprocal-then-multiply, which rounds twice)
+    inv = torch.where(finite & ~zero, torch.full_like(absmax, 127.0).div(torch.where(
+        zero, 1.0, absmax)), 0.0)
     t = xg.double() * inv.double().unsqueeze(-1)
     t = torch.where(torch.isfinite(t), t, 0.0)  # a non-finite group has inv 0, codes 0
     if key is None:
