@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 
+import memopt_core
 from cuda_frugal_util import (ACTIVE, ADAM, COLUMNS, FREE, LEFT, RANDK, RIGHT, ROWS, make_case,
                                RULES as FRUGAL_RULES)
 from cuda_util import EMU, TOL, assert_cuda_build, ops, rel_err, requires_cuda, tensor_device
@@ -267,3 +268,30 @@ def test_front_end_on_cuda_matches_cpu(name):
     layers = int8_layers(model)
     assert_same_weights([(q.weight_codes, q.weight_scales) for q in int8_layers(gpu).values()],
                         [(q.weight_codes, q.weight_scales) for q in layers.values()], name)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_int8_step_allocates_no_parameter_sized_memory():
+    """A steady-state step of every optimizer on int8 weights allocates under 1% of the largest
+    weight's int8 codes (the two sweeps keep their group maxima in shared memory)."""
+    from conftest import make_llama
+    assert_cuda_build()
+    for name in memopt_core.OPTIMIZERS:
+        model = make_llama(hidden_size=256, intermediate_size=768, vocab_size=4096,
+                           num_attention_heads=4, num_key_value_heads=4)
+        memopt_core.quantize_weights_(model, group_size=128, dtype=torch.float32)
+        model.cuda()
+        opt = memopt_core.OPTIMIZERS[name].make(model, lr=3e-3, weight_decay=0.1)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, device="cuda") * 1e-2
+        opt.step()
+        opt.step()  # state and workspace exist from here on
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        opt.step()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - start
+        largest = max(b.numel() for n, b in model.named_buffers() if n.endswith("weight_codes"))
+        assert extra <= 0.01 * largest, f"{name}: {extra} bytes during step"
