@@ -7,7 +7,7 @@ element): the ratio is that arithmetic against the bf16 pass.
 
     python bench/bench_int8.py [--size 50m] [--rounds 10] [--device cuda] [--write]
 
-On CUDA (CUDA events, bench_step_cuda's timing) the int8 kernels run each chunk's update twice
+On CUDA (CUDA events: harness.cuda_timed_step) the int8 kernels run each chunk's update twice
 (cpp/src/cuda/weights.cuh): the ratio is that second pass and the encoding against bf16.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import statistics
 import sys
 
-import bench_step_cuda
 import harness
 import memopt_core
 
@@ -37,16 +36,16 @@ def main() -> int:
     args = ap.parse_args()
     cuda = args.device == "cuda"
     if cuda:
-        bench_step_cuda.require_cuda()
+        harness.require_cuda()
     models = {"bf16": harness.build_model(args.size, args.device, dtype="bf16"),
               "int8": int8_model(args.size, args.device)}
     hp = dict(lr=1e-4, weight_decay=0.1, stochastic_rounding=True)
     opts = {(name, fmt): memopt_core.make_optimizer(name, model, **hp)
             for name in memopt_core.OPTIMIZERS for fmt, model in models.items()}
     times = harness.round_robin(opts, args.warmup, args.rounds,
-                                *([bench_step_cuda._timed_step] if cuda else []))
+                                *([harness.cuda_timed_step] if cuda else []))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    where = f" On {bench_step_cuda.machine()} (CUDA events)." if cuda else ""
+    where = f" On {harness.cuda_machine()} (CUDA events)." if cuda else ""
     harness.ratio_report(f"### int8 weights: optimizer step time ({args.size}, {args.device}, "
                          "`bench/bench_int8.py`)", args, f" Stochastic rounding on both.{where}",
                          ("bf16", "int8"),

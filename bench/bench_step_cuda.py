@@ -37,13 +37,6 @@ from memopt_core.app.models import num_params
 DEVICE_SIZES = ("50m", "200m", "llama-1b", "7b-layers")
 
 
-def require_cuda() -> None:
-    if not torch.cuda.is_available():
-        sys.exit("bench_step.py --device cuda: no CUDA device is available "
-                 f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
-                 "run it on a machine with an NVIDIA GPU and a CUDA build of torch and memopt_core")
-
-
 def min_bytes(opt) -> int:
     """Bytes one step must move at the least (see the module docstring)."""
     total = 0
@@ -74,16 +67,6 @@ def copy_bandwidth(nbytes: int = 2**30, reps: int = 20) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / statistics.median(times)
-
-
-def _timed_step(opt) -> float:
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    opt.step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
 
 
 def step_transient(opt) -> int:
@@ -124,16 +107,10 @@ def measure_memory(args, name: str, script: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    p = torch.cuda.get_device_properties(0)
-    return (f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
-            f"CUDA {torch.version.cuda}")
-
-
 def main(args, contenders: dict, script: str) -> None:
     """bench_step.py --device cuda with `contenders` ({name: make(model)}, the baseline among
     them); `script` is bench_step.py, run again for the memory children."""
-    require_cuda()
+    H.require_cuda()
     if args.memory_child:
         return memory_child(args, contenders, args.memory_child)
     names = list(contenders)
@@ -141,9 +118,9 @@ def main(args, contenders: dict, script: str) -> None:
     model = H.build_model(args.size, "cuda", args.dtype, args.layers)
     n = num_params(model)
     print(f"timing {len(names)} optimizers on {args.size} ({n / 1e6:.1f}M params, {args.dtype}) "
-          f"on {machine()}...", file=sys.stderr)
+          f"on {H.cuda_machine()}...", file=sys.stderr)
     opts = {k: make(model) for k, make in contenders.items()}  # every state alive at once
-    times = H.round_robin(opts, args.warmup, args.rounds, _timed_step)
+    times = H.round_robin(opts, args.warmup, args.rounds, H.cuda_timed_step)
     moved = {k: min_bytes(o) for k, o in opts.items()}
     sbytes = {k: H.state_bytes(o) for k, o in opts.items()}
     transient = {k: step_transient(o) for k, o in opts.items()}
@@ -158,7 +135,7 @@ def main(args, contenders: dict, script: str) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     spread = {k: (max(v) - min(v)) / med[k] for k, v in times.items()}
     lines = [f"### step() on CUDA, LLaMA-style {args.size} ({n / 1e6:.1f}M params, {args.dtype})", "",
-             f"{datetime.date.today()} | {machine()} | torch {torch.__version__} | commit "
+             f"{datetime.date.today()} | {H.cuda_machine()} | torch {torch.__version__} | commit "
              f"{H.commit()} | median of {args.rounds} rotated rounds after {args.warmup} warm-up "
              f"steps, CUDA events | device copy {copy_bw / 1e9:.0f} GB/s (read + write)", "",
              "| optimizer | step ms | vs torch fused AdamW | spread | bytes/param to move "

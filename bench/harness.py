@@ -148,6 +148,31 @@ def _host_timed_step(opt) -> float:
     return time.perf_counter() - t0
 
 
+def require_cuda() -> None:
+    """Exits with what is missing unless torch sees a CUDA device (the --device cuda scripts)."""
+    if not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available "
+                 f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
+                 "run it on a machine with an NVIDIA GPU and a CUDA build of torch and memopt_core")
+
+
+def cuda_timed_step(opt) -> float:
+    """round_robin's timed_step on a GPU: the step between two CUDA events."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    opt.step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def cuda_machine() -> str:
+    p = torch.cuda.get_device_properties(0)
+    return (f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
+            f"CUDA {torch.version.cuda}")
+
+
 def round_robin(opts: dict, warmup: int, rounds: int, timed_step=_host_timed_step) -> dict:
     """{name: step seconds per round}: warm-up steps, then rounds that step every optimizer
     once, starting from a rotated one."""
