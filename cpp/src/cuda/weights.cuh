@@ -33,11 +33,12 @@ struct FloatWeights {
 };
 
 // Whole groups of an int8 weight from a group boundary; `group_max` and `group_inv` are the
-// CTA's shared arrays, one entry per group of its range.
+// CTA's shared arrays, one entry per group of its range. j < kInt8Chunk: 32-bit group indices
+// (a 64-bit division per element costs several times more on a GPU).
 struct Int8Weights {
   int8_t* codes;
   const float* scales;
-  int64_t group;
+  int group;
   unsigned* group_max;  // measuring: the bits of each group's largest |new value| (atomicMax on
                         // the bits orders non-negative floats, and an inf or NaN exceeds them all)
   const float* group_inv;  // encoding: each group's code multiplier (0: zero or non-finite)
@@ -46,16 +47,17 @@ struct Int8Weights {
   uint64_t key;
   template <typename C>
   __device__ __forceinline__ C get(int64_t j) const {
-    return static_cast<C>(int8_decode(codes[j], scales[j / group]));
+    return static_cast<C>(int8_decode(codes[j], scales[static_cast<int>(j) / group]));
   }
   template <typename C>
   __device__ __forceinline__ void put(int64_t j, C x, int64_t index) const {
     const float value = static_cast<float>(x);
+    const int k = static_cast<int>(j) / group;
     if (measure) {
-      atomicMax(group_max + j / group, __float_as_uint(fabsf(value)));
+      atomicMax(group_max + k, __float_as_uint(fabsf(value)));
       return;
     }
-    const float inv = group_inv[j / group];
+    const float inv = group_inv[k];
     codes[j] = inv > 0.0f ? int8_encode(value, inv, stochastic != 0,
                                         stochastic ? rounding_bits(key, index) : 0u)
                           : int8_t{0};
@@ -63,15 +65,15 @@ struct Int8Weights {
   __device__ __forceinline__ bool writes_state() const { return !measure; }
 };
 
-// Runs body(w) over n elements (whole groups) of an int8 weight from codes / scales (at a group
-// boundary), as described above. Every thread of the CTA calls it; body must not return early
-// from the kernel (it ends in barriers).
+// Runs body(w) over n <= kInt8Chunk elements (whole groups) of an int8 weight from codes /
+// scales (at a group boundary), as described above. Every thread of the CTA calls it; body must
+// not return early from the kernel (it ends in barriers).
 template <typename Body>
-__device__ void int8_sweeps(int8_t* codes, float* scales, int64_t group, int64_t n,
-                            int32_t stochastic, uint64_t key, Body&& body) {
+__device__ void int8_sweeps(int8_t* codes, float* scales, int group, int n, int32_t stochastic,
+                            uint64_t key, Body&& body) {
   __shared__ unsigned group_max[kInt8MaxChunkGroups];
   __shared__ float group_inv[kInt8MaxChunkGroups];
-  const int groups = static_cast<int>((n + group - 1) / group);
+  const int groups = (n + group - 1) / group;
   for (int k = threadIdx.x; k < groups; k += blockDim.x) group_max[k] = 0u;
   __syncthreads();
   body(Int8Weights{codes, scales, group, group_max, group_inv, true, stochastic, key});
@@ -93,9 +95,9 @@ __device__ __forceinline__ void with_weights(void* p, float* scales, int64_t int
                                              int64_t first, int64_t n, int32_t stochastic,
                                              uint64_t key, Body&& body) {
   if constexpr (std::is_same_v<P, float> || std::is_same_v<P, __nv_bfloat16>) {
-    if (int8_group > 0) {
-      int8_sweeps(static_cast<int8_t*>(p) + first, scales + first / int8_group, int8_group, n,
-                  stochastic, key, body);
+    if (int8_group > 0) {  // (n <= int8_chunk(group) <= kInt8Chunk: the launchers' chunks)
+      int8_sweeps(static_cast<int8_t*>(p) + first, scales + first / int8_group,
+                  static_cast<int>(int8_group), static_cast<int>(n), stochastic, key, body);
       return;
     }
   }
