@@ -25,7 +25,7 @@ void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_
                          v.device() == params[i].device(),
                      what, ": exp_avg_sq must have exp_avg's dtype and device");
     const Tensor& scales = weight_scale(weight_scales, i);
-    if (scales.defined() && scales.numel() > 0) {  // int8: every block row is whole groups
+    if (int8_scales(scales)) {  // int8: every block row is whole groups
       const int64_t group = int8_group(params[i], scales);
       for (const Segment& seg : specs[i])
         TORCH_CHECK_VALUE(seg.offset % group == 0 && seg.row_stride % group == 0 &&

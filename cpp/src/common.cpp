@@ -53,7 +53,7 @@ void check_weight_scales(const char* op, TensorList params, TensorList grads,
                     "), got ", weight_scales.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor &p = params[i], &s = weight_scale(weight_scales, i);
-    const bool coded = s.defined() && s.numel() > 0;
+    const bool coded = int8_scales(s);
     TORCH_CHECK_TYPE(coded == (p.scalar_type() == at::kChar), op, ": parameter ", i, " has dtype ",
                      p.scalar_type(), coded ? " but int8 weight scales were given for it"
                                             : "; int8 codes need their weight_scales");

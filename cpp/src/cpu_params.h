@@ -115,7 +115,7 @@ struct Int8Param {
 // unless p is int8 (scales non-empty), else at least 4096 (whole groups), so that elementwise
 // loops run in spans as long as the CPU loops like.
 inline int64_t int8_buffer_elements(const Tensor& p, const Tensor& scales, int64_t widest) {
-  if (!scales.defined() || scales.numel() == 0) return 0;
+  if (!int8_scales(scales)) return 0;
   const int64_t group = int8_group(p, scales), base = std::max<int64_t>(widest, kInt8MaxGroup);
   return (base + group - 1) / group * group;
 }
@@ -133,7 +133,7 @@ inline float* int8_buffers(Workspace::Lease& lease, int64_t elements) {
 template <typename G, typename F>
 void with_param_store(const Tensor& p, const Tensor& scales, const Rounding& rounding, size_t i,
                       double step, float* buffers, int64_t buffer_elements, F&& f) {
-  if (scales.defined() && scales.numel() > 0) {
+  if (int8_scales(scales)) {
     if constexpr (std::is_same_v<G, float> || std::is_same_v<G, c10::BFloat16>) {
       const bool sr = rounding.stochastic();
       return f(Int8Param{p.data_ptr<int8_t>(), scales.data_ptr<float>(),

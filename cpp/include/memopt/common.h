@@ -54,6 +54,8 @@ void check_adam_hparams(double lr, double beta1, double beta2, double eps, doubl
 // one tensor per parameter: empty for a float parameter, the float32 scales of an int8 one (whose
 // entry in `params` holds its codes). Parameter i is int8 when weight_scale(ws, i) is non-empty.
 const Tensor& weight_scale(TensorList weight_scales, size_t i);
+// Whether `scales` (an entry of weight_scales) marks an int8 parameter: it is non-empty.
+inline bool int8_scales(const Tensor& scales) { return scales.defined() && scales.numel() > 0; }
 // The schemas' optional list (`Tensor[]? weight_scales=None`) as a list ([] for None).
 using OptionalTensors = std::optional<TensorList>;
 inline TensorList listed(const OptionalTensors& tensors) {

@@ -34,7 +34,7 @@ struct FrugalCall {  // one op call after validation
   // Elements per scale of int8 tensor i (0: a float tensor), and its scales (null: float).
   int64_t int8_group(int64_t i) const {
     const Tensor& s = weight_scale(weight_scales, i);
-    return s.defined() && s.numel() > 0 ? memopt::int8_group(params[i], s) : 0;
+    return int8_scales(s) ? memopt::int8_group(params[i], s) : 0;
   }
   float* scales(int64_t i) const { return TensorBatch::scales(weight_scales, i); }
 };

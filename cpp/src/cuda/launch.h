@@ -112,7 +112,7 @@ struct TensorBatch {
   // The scales of tensor i of this batch, or null for float parameters.
   static float* scales(TensorList weight_scales, size_t i) {
     const Tensor& s = weight_scale(weight_scales, i);
-    return s.defined() && s.numel() > 0 ? s.data_ptr<float>() : nullptr;
+    return int8_scales(s) ? s.data_ptr<float>() : nullptr;
   }
 };
 
@@ -123,10 +123,9 @@ inline std::vector<TensorBatch> by_dtypes(TensorList params, TensorList grads, T
   std::vector<TensorBatch> batches;
   for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
     const Tensor& scales = weight_scale(weight_scales, i);
-    const bool coded = scales.defined() && scales.numel() > 0;
     TensorBatch key{{}, dtype_of(value_dtype(params[i], grads[i])),
                     dtype_of(states[i].scalar_type()),
-                    coded ? int8_group(params[i], scales) : 0};
+                    int8_scales(scales) ? int8_group(params[i], scales) : 0};
     size_t k = 0;
     while (k < batches.size() &&
            !(batches[k].value_dtype == key.value_dtype && batches[k].state_dtype == key.state_dtype &&
