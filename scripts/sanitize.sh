@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the C++ core (libmemopt and memopt_core._C) with AddressSanitizer and UndefinedBehavior-
-# Sanitizer and runs the op, optimizer and fuzz tests on that build.
+# Sanitizer and runs the op, optimizer and fuzz tests on that build; then (no test arguments) the
+# CUDA kernels on the host emulator built with UBSan (tools/cuda_emu, MEMOPT_CUDA_EMU_CFLAGS).
 #
 #   scripts/sanitize.sh [--venv DIR] [PYTEST ARGS...]     (e.g. -x, -k apollo, or test files)
 #
@@ -39,7 +40,7 @@ cmake --install "$build" --prefix "$site/memopt_core" >/dev/null
 # through its Python front end, the shard ops, torch.compile, the LibTorch optimizer classes and
 # the fuzzer. Left out: the multi-process (distributed) and end-to-end training tests, which run
 # the same kernels for minutes, and the CUDA tests, whose host emulator switches fiber stacks
-# (ASan cannot follow that) and is not built by CMake.
+# (ASan cannot follow that) and is not built by CMake: they run afterwards under UBSan only.
 tests=()
 for t in ops adamw adam_mini adam_mini_shard slim_adam slim_adam_layout apollo apollo_shard \
          frugal frugal_shard_ops optimizer_contract compile cpp_optimizers cpp_apollo cpp_frugal \
@@ -47,8 +48,10 @@ for t in ops adamw adam_mini adam_mini_shard slim_adam slim_adam_layout apollo a
          int8_weights; do
   tests+=("tests/test_$t.py")
 done
-# No arguments, or only options: the default files.
-if [[ $# -eq 0 || "$1" == -* ]]; then set -- "${tests[@]}" "$@"; fi
+# No arguments, or only options: the default files, then the CUDA kernels on the host emulator
+# under UBSan alone (ASan cannot follow its fiber stacks), against the environment's own build.
+emu=0
+if [[ $# -eq 0 || "$1" == -* ]]; then set -- "${tests[@]}" "$@"; emu=1; fi
 
 runtimes="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
 export LD_PRELOAD="$runtimes${LD_PRELOAD:+:$LD_PRELOAD}"
@@ -57,4 +60,9 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 # The overlay must win over the environment's memopt_core (else the run tests the wrong build).
 "$py" -c "import memopt_core; assert '$site/' in memopt_core.__file__, memopt_core.__file__"
-exec "$py" -m pytest -q -p no:cacheprovider "$@"
+"$py" -m pytest -q -p no:cacheprovider "$@"
+((emu)) || exit 0
+LD_PRELOAD="$(gcc -print-file-name=libubsan.so)" PYTHONPATH= \
+  MEMOPT_CUDA_EMU_DIR="$PWD/$build/cuda_emu" \
+  MEMOPT_CUDA_EMU_CFLAGS="-fsanitize=undefined,bounds-strict -fno-sanitize-recover=all -g" \
+  "$py" -m pytest -q -p no:cacheprovider -m cuda_emu tests/test_cuda_*.py

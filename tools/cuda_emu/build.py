@@ -11,10 +11,12 @@ without one holds code another glue calls), which goes to the CPU key of the op 
 `memopt_emu` (the test defines its schemas from the real ops'), and with
 MEMOPT_CUDA_EMULATION (launch.h: CPU tensors, no stream). The result runs the real kernels and
 glue on CPU tensors, so CI compares them with the CPU ops and the float64 references without a
-GPU. Rebuilds only when a source is newer than the library.
+GPU. Rebuilds only when a source is newer than the library. MEMOPT_CUDA_EMU_CFLAGS adds compiler
+(and linker) flags: scripts/sanitize.sh builds the kernels with UBSan this way, into its own OUT_DIR.
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -56,12 +58,13 @@ def build(out_dir: Path) -> Path:
     torch_lib = Path(torch.__file__).parent / "lib"
     memopt_lib = Path(ext.__file__).parent / "lib"
     inc = [f"-I{p}" for p in include_paths()] + [f"-I{ROOT / 'cpp/include'}", f"-I{CUDA}"]
+    extra = os.environ.get("MEMOPT_CUDA_EMU_CFLAGS", "").split()
     jobs = []
     for k in kernels:
         emu = out_dir / (k.stem + "_cu.cpp")
         emu.write_text(f'#line 1 "{k}"\n' + rewrite_kernels(k.read_text()))
-        jobs.append(["g++", "-std=c++20", "-O1", "-fPIC", "-w", f"-I{HERE / 'include'}", *inc,
-                     "-c", str(emu), "-o", str(emu.with_suffix(".o"))])
+        jobs.append(["g++", "-std=c++20", "-O1", "-fPIC", "-w", *extra, f"-I{HERE / 'include'}",
+                     *inc, "-c", str(emu), "-o", str(emu.with_suffix(".o"))])
     for g in glue:
         emu = out_dir / (g.stem + "_emu.cpp")
         source = g.read_text()
@@ -70,8 +73,8 @@ def build(out_dir: Path) -> Path:
             raise SystemExit(f"tools/cuda_emu: {g.name} must register at most once, as "
                              "TORCH_LIBRARY_IMPL(memopt, CUDA, m)")
         emu.write_text(f'#line 1 "{g}"\n' + text)
-        jobs.append(["g++", "-std=c++17", "-O1", "-fPIC", "-w", "-DMEMOPT_CUDA_EMULATION", *inc,
-                     "-c", str(emu), "-o", str(emu.with_suffix(".o"))])
+        jobs.append(["g++", "-std=c++17", "-O1", "-fPIC", "-w", *extra, "-DMEMOPT_CUDA_EMULATION",
+                     *inc, "-c", str(emu), "-o", str(emu.with_suffix(".o"))])
     errors = out_dir / "error_emu.cpp"
     errors.write_text('#include "memopt/kernel_params.h"\nnamespace memopt::cuda {\n'
                       'const char* error_string(int code) { return code ? "emulated CUDA error" '
@@ -86,7 +89,7 @@ def build(out_dir: Path) -> Path:
     objs = [c[-1] for c in jobs]
     subprocess.run(["g++", "-shared", "-o", str(lib), *objs, f"-L{torch_lib}", "-ltorch",
                     "-ltorch_cpu", "-lc10", f"-L{memopt_lib}", "-lmemopt",
-                    f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{memopt_lib}", "-pthread"],
+                    f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{memopt_lib}", "-pthread", *extra],
                    check=True, capture_output=True)
     return lib
 
