@@ -23,6 +23,20 @@ def non_contiguous(g: torch.Tensor) -> torch.Tensor:
     return torch.stack([g, torch.zeros_like(g)], dim=-1)[..., 0]
 
 
+def steady_step_bytes(opt) -> int:
+    """CUDA memory a steady-state step allocates above what it started with: two steps first
+    (state and workspace exist from then on), then the peak of a third
+    (torch.cuda.max_memory_allocated)."""
+    opt.step()
+    opt.step()
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    opt.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, origin=None) -> float:
     """||actual - expected|| / ||expected|| in float64 (of the displacement from `origin`)."""
     a, e = actual.detach().cpu().double(), expected.detach().cpu().double()

@@ -16,7 +16,8 @@ import torch
 import memopt_core
 from cuda_frugal_util import (ACTIVE, ADAM, COLUMNS, FREE, LEFT, RANDK, RIGHT, ROWS, make_case,
                                RULES as FRUGAL_RULES)
-from cuda_util import EMU, TOL, assert_cuda_build, ops, rel_err, requires_cuda, tensor_device
+from cuda_util import (EMU, TOL, assert_cuda_build, ops, rel_err, requires_cuda,
+                       steady_step_bytes, tensor_device)
 from reference import int8_ref
 from test_cuda_apollo import CASES as APOLLO_CASES, Run as ApolloRun
 
@@ -285,13 +286,6 @@ def test_cuda_int8_step_allocates_no_parameter_sized_memory():
         opt = memopt_core.OPTIMIZERS[name].make(model, lr=3e-3, weight_decay=0.1)
         for p in model.parameters():
             p.grad = torch.randn(p.shape, device="cuda") * 1e-2
-        opt.step()
-        opt.step()  # state and workspace exist from here on
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        opt.step()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - start
+        extra = steady_step_bytes(opt)
         largest = max(b.numel() for n, b in model.named_buffers() if n.endswith("weight_codes"))
         assert extra <= 0.01 * largest, f"{name}: {extra} bytes during step"

@@ -11,7 +11,8 @@ import torch
 
 import memopt_core
 from conftest import make_grads, make_llama
-from cuda_util import TOL, assert_cuda_build, non_contiguous, rel_err, requires_cuda
+from cuda_util import (TOL, assert_cuda_build, non_contiguous, rel_err, requires_cuda,
+                       steady_step_bytes)
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -66,14 +67,7 @@ def test_cuda_step_allocates_no_parameter_sized_memory():
         params = list(model.parameters())
         for p in params:
             p.grad = torch.randn_like(p)
-        opt.step()
-        opt.step()  # state and workspace exist from here on
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        opt.step()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - start
+        extra = steady_step_bytes(opt)
         largest = max(p.numel() * p.element_size() for p in params)
         assert extra <= 0.01 * largest, f"{name}: {extra} bytes during step (largest param "\
             f"{largest} bytes)"
