@@ -4,13 +4,17 @@
 #include <algorithm>
 
 #include "cpu_params.h"
+#include "cpu_states.h"
 
 namespace memopt {
 
 void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                             TensorList exp_avg_sqs, TensorList steps,
-                            const std::vector<BlockSpec>& specs, TensorList weight_scales) {
-  check_update_lists("adam_mini_update_", params, grads, exp_avgs, steps, weight_scales);
+                            const std::vector<BlockSpec>& specs, TensorList weight_scales,
+                            TensorList state_scales) {
+  check_update_lists("adam_mini_update_", params, grads, exp_avgs, steps, weight_scales,
+                     state_scales);
+  check_state_scales("adam_mini_update_", params, state_scales, {{exp_avgs, at::kChar}});
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size() && specs.size() == params.size(),
                     "adam_mini_update_: ", params.size(), " params but ", exp_avg_sqs.size(),
                     " exp_avg_sqs and ", specs.size(), " block specs");
@@ -21,9 +25,13 @@ void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_
     TORCH_CHECK_VALUE(v.dim() == 1 && v.numel() == num_blocks(specs[i]) && v.is_contiguous(),
                       what, ": exp_avg_sq must be contiguous and 1-D with one entry per block (",
                       num_blocks(specs[i]), "), got shape ", v.sizes());
-    TORCH_CHECK_TYPE(v.scalar_type() == exp_avgs[i].scalar_type() &&
+    const bool coded = coded_state(state_scales, params.size(), 0, i);
+    const at::ScalarType vt = v.scalar_type();
+    TORCH_CHECK_TYPE((coded ? vt == value_dtype(params[i], grads[i]) || vt == at::kFloat
+                            : vt == exp_avgs[i].scalar_type()) &&
                          v.device() == params[i].device(),
-                     what, ": exp_avg_sq must have exp_avg's dtype and device");
+                     what, ": exp_avg_sq must have exp_avg's dtype (8-bit exp_avg: float32 or "
+                     "the parameter's) and device");
     const Tensor& scales = weight_scale(weight_scales, i);
     if (int8_scales(scales)) {  // int8: every block row is whole groups
       const int64_t group = int8_group(params[i], scales);
@@ -135,10 +143,20 @@ struct SegmentKernel {
 
   // Any tiling: per-thread partial sums in the workspace, then factors, then the update.
   void general(Workspace::Lease& lease) const {
+    const int64_t tpr = seg.tiles_per_row();
+    C* factor = lease.take<C>(seg.num_blocks());
+    block_factors(lease, factor);
+    at::parallel_for(0, seg.rows, std::max<int64_t>(1, kGrain / seg.cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        update_row(r, [&](int64_t bj) { return factor[(r / seg.tile_rows) * tpr + bj]; });
+    });
+  }
+  // Every block's factor into factor[0, num_blocks), from per-thread partial sums of g^2 in the
+  // workspace (also what 8-bit m's flat pass needs first).
+  void block_factors(Workspace::Lease& lease, C* factor) const {
     const int64_t nb = seg.num_blocks(), tpr = seg.tiles_per_row();
     const int64_t threads = at::get_num_threads();
     double* partial = lease.take<double>(threads * nb);
-    C* factor = lease.take<C>(nb);
     std::fill(partial, partial + threads * nb, 0.0);
     at::parallel_for(0, seg.rows, std::max<int64_t>(1, kGrain / seg.cols), [&](int64_t r0, int64_t r1) {
       double* acc = partial + at::get_thread_num() * nb;
@@ -152,10 +170,27 @@ struct SegmentKernel {
       for (int64_t t = 0; t < threads; ++t) sum += partial[t * nb + b];
       factor[b] = block_factor(b, sum);
     }
-    at::parallel_for(0, seg.rows, std::max<int64_t>(1, kGrain / seg.cols), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        update_row(r, [&](int64_t bj) { return factor[(r / seg.tile_rows) * tpr + bj]; });
-    });
+  }
+  // 8-bit m's flat pass: the factor of each element of [b, b + n) this segment holds, into
+  // f[e - b] (`factor`: its blocks', from block_factors; an elementwise segment computes its
+  // per-element v here instead, so it needs no parameter-sized factor array).
+  void fill_factors(int64_t b, int64_t n, const C* factor, C* f) const {
+    const int64_t tc = seg.tile_cols, tpr = seg.tiles_per_row(), end = b + n;
+    const bool per_element = seg.block_numel() == 1 && seg.row_stride == seg.cols;
+    int64_t r0 = (b - seg.offset - seg.cols) / seg.row_stride;  // may start a row early
+    r0 = std::max<int64_t>(0, r0);
+    for (int64_t r = r0; r < seg.rows && row(r) < end; ++r) {
+      const int64_t c0 = std::max<int64_t>(0, b - row(r)), c1 = std::min(seg.cols, end - row(r));
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t e = row(r) + c;
+        if (per_element) {
+          const double gj = static_cast<double>(cpu::load<C>(g[e]));
+          f[e - b] = block_factor(e - seg.offset, gj * gj);
+        } else {
+          f[e - b] = factor[(r / seg.tile_rows) * tpr + c / tc];
+        }
+      }
+    }
   }
 
   // Narrow tiles (tile_cols <= 16: Adam-mini's per-neuron blocks of transposed weights,
@@ -240,15 +275,65 @@ struct SegmentKernel {
   }
 };
 
+// One tensor's step with 8-bit m: every block's factor first, then one pass over the tensor in
+// spans of whole code blocks (and int8 weight groups), each element with its block's factor.
+// Scratch: the blocks' factors (not an elementwise segment's) and, per thread, a span of m and
+// of factors.
+template <typename G, typename S, typename C, typename Store>
+void adam_mini_coded(const Store& store, const G* g, cpu::MomentCodes m, S* v,
+                     const BlockSpec& spec, const AdamScalars& s, int64_t numel, int64_t span,
+                     Workspace::Lease& lease) {
+  using K = SegmentKernel<G, S, C, Store>;
+  std::vector<K> kernels;
+  std::vector<C*> factors;
+  for (const Segment& seg : spec) {
+    kernels.push_back(K{store, g, nullptr, v, seg, s});
+    const bool per_element = seg.block_numel() == 1 && seg.row_stride == seg.cols;
+    factors.push_back(per_element ? nullptr : lease.take<C>(seg.num_blocks()));
+    v += seg.num_blocks();
+  }
+  float* buffers = lease.take<float>(at::get_num_threads() * 3 * span);
+  const int64_t mark = lease.mark();
+  for (size_t k = 0; k < kernels.size(); ++k) {
+    if (!factors[k]) continue;
+    lease.rewind(mark);
+    kernels[k].block_factors(lease, factors[k]);
+  }
+  const C decay = cpu::load<C>(s.decay), b1c = cpu::load<C>(1.0 - s.beta1);
+  cpu::for_state_spans(numel, span, buffers, 3 * span, [&](int64_t b, int64_t len, float* buf) {
+    float* mb = buf;
+    C* fb = reinterpret_cast<C*>(buf + span);  // span Cs: a double needs the 2 spans left
+    m.decode(b, len, mb);
+    for (size_t k = 0; k < kernels.size(); ++k) kernels[k].fill_factors(b, len, factors[k], fb);
+    store.edit(b, len, [&](auto* pv, const auto& round) {
+      cpu::column_update_span<std::remove_pointer_t<decltype(pv)>, float, C>(
+          pv, g + b, mb, len, decay, b1c, fb, round);
+    });
+    m.encode(mb, b, len);
+  });
+}
+
+int64_t adam_mini_coded_bytes(const BlockSpec& spec, int64_t span) {
+  int64_t factors = 0, partial = 0;
+  for (const Segment& seg : spec) {
+    if (seg.block_numel() == 1 && seg.row_stride == seg.cols) continue;
+    factors += Workspace::Lease::bytes_for<double>(seg.num_blocks());
+    partial = std::max(partial, Workspace::Lease::bytes_for<double>(at::get_num_threads() *
+                                                                    seg.num_blocks()));
+  }
+  return factors + Workspace::Lease::bytes_for<float>(at::get_num_threads() * 3 * span) + partial;
+}
+
 }  // namespace
 
 void adam_mini_update_(TensorList params_in, TensorList grads_in, TensorList exp_avgs_in,
                        TensorList exp_avg_sqs_in, TensorList steps,
                        const std::vector<BlockSpec>& specs, const Tensor& lr_t, double beta1,
                        double beta2, double eps, double weight_decay,
-                       at::IntArrayRef rounding_arg, TensorList weight_scales) {
+                       at::IntArrayRef rounding_arg, TensorList weight_scales,
+                       TensorList state_scales) {
   check_adam_mini_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs_in, steps, specs,
-                         weight_scales);
+                         weight_scales, state_scales);
   const Rounding rounding(rounding_arg, params_in.size(), "adam_mini_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
@@ -264,11 +349,14 @@ void adam_mini_update_(TensorList params_in, TensorList grads_in, TensorList exp
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
     const Tensor& scales = weight_scale(weight_scales, i);
-    int64_t widest = 0;
+    const bool coded = coded_state(state_scales, params.size(), 0, i);
+    const int64_t span =
+        coded ? cpu::state_span(int8_scales(scales) ? int8_group(p, scales) : 1) : 0;
+    int64_t widest = span;
     for (const auto& seg : specs[i]) widest = std::max(widest, seg.cols);
     const int64_t buffer = cpu::int8_buffer_elements(p, scales, widest);
     const at::ScalarType pt = value_dtype(p, grads[i]);
-    MEMOPT_DISPATCH_PARAM_STATE(pt, m.scalar_type(), "adam_mini_update_", [&] {
+    MEMOPT_DISPATCH_PARAM_STATE(pt, v.scalar_type(), "adam_mini_update_", [&] {
       using K = SegmentKernel<scalar_t, state_t, opmath_t, cpu::PlainParam<scalar_t, cpu::Nearest>>;
       int64_t need = cpu::staging_bytes(grads[i]);
       for (const auto& seg : specs[i])
@@ -276,6 +364,7 @@ void adam_mini_update_(TensorList params_in, TensorList grads_in, TensorList exp
           need = std::max(need, cpu::staging_bytes(grads[i]) + (K::use_column_bands(seg)
                                                                      ? K::column_bytes(seg)
                                                                      : K::general_bytes(seg)));
+      if (coded) need = cpu::staging_bytes(grads[i]) + adam_mini_coded_bytes(specs[i], span);
       lease.reserve(need + cpu::int8_buffer_bytes(buffer));
       const Tensor g = cpu::contiguous_grad(lease, grads[i]);
       float* buffers = cpu::int8_buffers(lease, buffer);
@@ -286,6 +375,13 @@ void adam_mini_update_(TensorList params_in, TensorList grads_in, TensorList exp
       cpu::with_param_store<scalar_t>(p, scales, rounding, i, s.step, buffers, buffer,
                                       [&](const auto& store) {
         using KR = SegmentKernel<scalar_t, state_t, opmath_t, std::decay_t<decltype(store)>>;
+        if (coded) {
+          adam_mini_coded<scalar_t, state_t, opmath_t>(
+              store, g.data_ptr<scalar_t>(),
+              {m.data_ptr<int8_t>(), state_scale(state_scales, params.size(), 0, i).data_ptr<float>()},
+              vp, specs[i], s, p.numel(), span, lease);
+          return;
+        }
         for (const auto& seg : specs[i]) {
           KR k{store, g.data_ptr<scalar_t>(), m.data_ptr<state_t>(), vp, seg, s};
           // Elementwise (plain Adam) segments take the AdamW loop directly.

@@ -1,5 +1,7 @@
 // Input validation shared by every op: runs before any tensor is written.
 #include "memopt/common.h"
+
+#include "memopt/state_codes.h"
 #include "memopt/int8_weights.h"
 #include "memopt/layout.h"
 #include "memopt/rounding.h"
@@ -108,8 +110,42 @@ void check_param_lists(const char* op, TensorList params, TensorList grads, Tens
   }
 }
 
+const Tensor& state_scale(TensorList state_scales, size_t n_params, size_t moment, size_t i) {
+  static const Tensor none;
+  const size_t at = moment * n_params + i;
+  return i < n_params && at < state_scales.size() ? state_scales[at] : none;
+}
+
+void check_state_scales(const char* op, TensorList params, TensorList state_scales,
+                        const std::vector<std::pair<TensorList, at::ScalarType>>& moments) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(state_scales.empty() || state_scales.size() == moments.size() * n, op,
+                    ": state_scales must be [] or ", moments.size(), " list(s) of one per "
+                    "parameter (", moments.size() * n, " tensors), got ", state_scales.size());
+  for (size_t k = 0; k < moments.size(); ++k) {
+    const auto& [states, code_dtype] = moments[k];
+    for (size_t i = 0; i < n && i < states.size(); ++i) {
+      if (!coded_state(state_scales, n, k, i)) continue;
+      const Tensor &c = states[i], &s = state_scale(state_scales, n, k, i);
+      const char* what = k == 0 ? "exp_avg" : "exp_avg_sq";  // the ops' moment order
+      TORCH_CHECK_TYPE(c.scalar_type() == code_dtype, op, ": 8-bit ", what, " of tensor ", i,
+                       " must hold ", code_dtype == at::kChar ? "int8" : "uint8",
+                       " codes, got ", c.scalar_type());
+      TORCH_CHECK_VALUE(c.numel() == params[i].numel() && c.device() == params[i].device(), op,
+                        ": 8-bit ", what, " of tensor ", i, " must have the parameter's ",
+                        params[i].numel(), " elements on its device, got ", c.sizes());
+      TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.dim() == 1 && s.is_contiguous() &&
+                            s.numel() == state_blocks(c.numel()) && s.device() == c.device(),
+                        op, ": the block scales of 8-bit ", what, " of tensor ", i,
+                        " must be a contiguous float32 vector of ", state_blocks(c.numel()),
+                        " entries (one per ", kStateBlock, " elements) beside it, got ",
+                        s.scalar_type(), " ", s.sizes());
+    }
+  }
+}
+
 void check_update_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
-                        TensorList steps, TensorList weight_scales) {
+                        TensorList steps, TensorList weight_scales, TensorList state_scales) {
   check_param_lists(op, params, grads, steps, weight_scales);
   TORCH_CHECK_VALUE(exp_avgs.size() == params.size(), op, ": ", exp_avgs.size(),
                     " exp_avgs for ", params.size(), " params");
@@ -119,9 +155,13 @@ void check_update_lists(const char* op, TensorList params, TensorList grads, Ten
     TORCH_CHECK_VALUE(m.sizes() == p.sizes(), op, ": exp_avg ", i,
                       " must have the parameter's shape ", p.sizes(), ", got ", m.sizes());
     check_param_layout(std::string(op) + ": exp_avg " + std::to_string(i), m);
-    TORCH_CHECK_TYPE(m.scalar_type() == pt || m.scalar_type() == at::kFloat, op, ": exp_avg ", i,
-                     " has dtype ", m.scalar_type(), "; state must be float32 or the parameter "
-                     "dtype ", pt);
+    const bool coded = coded_state(state_scales, params.size(), 0, i);
+    TORCH_CHECK_TYPE(coded ? m.scalar_type() == at::kChar
+                           : (m.scalar_type() == pt || m.scalar_type() == at::kFloat ||
+                              m.scalar_type() == at::kBFloat16),
+                     op, ": exp_avg ", i, " has dtype ", m.scalar_type(), "; state must be ",
+                     coded ? "int8 codes (block scales were given for it)"
+                           : "float32, bfloat16 or the parameter dtype");
     TORCH_CHECK_VALUE(m.device() == p.device(), op, ": exp_avg ", i,
                       " is on another device; one call takes one device");
   }

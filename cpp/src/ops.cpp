@@ -16,58 +16,66 @@ namespace {
 void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
                double weight_decay, c10::string_view rule, at::IntArrayRef rounding,
-               OptionalTensors weight_scales) {
+               OptionalTensors weight_scales, OptionalTensors state_scales) {
   adamw_update_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
-                parse_adamw_rule(rule), rounding, listed(weight_scales));
+                parse_adamw_rule(rule), rounding, listed(weight_scales), listed(state_scales));
 }
 
 void adamw_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor&, double, double, double, double,
-                c10::string_view rule, at::IntArrayRef rounding, OptionalTensors weight_scales) {
+                c10::string_view rule, at::IntArrayRef rounding, OptionalTensors weight_scales,
+                OptionalTensors state_scales) {
   parse_adamw_rule(rule);
   Rounding(rounding, params.size(), "adamw_update_");
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: list lengths differ");
-  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, listed(weight_scales)}))
-    check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales));
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, listed(weight_scales),
+                            listed(state_scales)}))
+    check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales),
+                       listed(state_scales));
 }
 
 void adamw_check(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
                  double weight_decay, c10::string_view rule, at::IntArrayRef rounding,
-                 OptionalTensors weight_scales) {
+                 OptionalTensors weight_scales, OptionalTensors state_scales) {
   parse_adamw_rule(rule);
   Rounding(rounding, params.size(), "adamw_update_");
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales));
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales),
+                     listed(state_scales));
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
 void adam_mini_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                    TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                    const Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
-                   at::IntArrayRef rounding, OptionalTensors weight_scales) {
+                   at::IntArrayRef rounding, OptionalTensors weight_scales,
+                   OptionalTensors state_scales) {
   adam_mini_update_(params, grads, exp_avgs, exp_avg_sqs, steps,
                     decode_block_specs(blocks, static_cast<int64_t>(params.size())), lr, beta1,
-                    beta2, eps, weight_decay, rounding, listed(weight_scales));
+                    beta2, eps, weight_decay, rounding, listed(weight_scales),
+                    listed(state_scales));
 }
 
 void adam_mini_meta(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor&, double, double, double, double, at::IntArrayRef rounding,
-                    OptionalTensors weight_scales) {
+                    OptionalTensors weight_scales, OptionalTensors state_scales) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   Rounding(rounding, params.size(), "adam_mini_update_");
-  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, listed(weight_scales)}))
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, listed(weight_scales),
+                            listed(state_scales)}))
     check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs,
-                           listed(weight_scales));
+                           listed(weight_scales), listed(state_scales));
 }
 
 void adam_mini_check(TensorList params, TensorList grads, TensorList exp_avgs,
                      TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                      const Tensor& lr, double beta1, double beta2, double eps,
-                     double weight_decay, at::IntArrayRef rounding, OptionalTensors weight_scales) {
+                     double weight_decay, at::IntArrayRef rounding, OptionalTensors weight_scales,
+                     OptionalTensors state_scales) {
   check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
                          decode_block_specs(blocks, static_cast<int64_t>(params.size())),
-                         listed(weight_scales));
+                         listed(weight_scales), listed(state_scales));
   Rounding(rounding, params.size(), "adam_mini_update_");
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
@@ -129,12 +137,13 @@ TORCH_LIBRARY(memopt, m) {
   define_op(m, "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
             "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor lr, float beta1, float beta2, "
             "float eps, float weight_decay, str rule=\"torch\", int[] rounding=[], "
-            "Tensor(e!)[]? weight_scales=None) -> ()",
+            "Tensor(e!)[]? weight_scales=None, Tensor(f!)[]? state_scales=None) -> ()",
             &memopt::adamw_check);
   define_op(m, "adam_mini_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
             "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, Tensor lr, float beta1, "
             "float beta2, float eps, float weight_decay, int[] rounding=[], "
-            "Tensor(e!)[]? weight_scales=None) -> ()", &memopt::adam_mini_check);
+            "Tensor(e!)[]? weight_scales=None, Tensor(f!)[]? state_scales=None) -> ()",
+            &memopt::adam_mini_check);
   // Adam-mini on shards of tensors (FSDP2): partial block sums, then the update from the
   // all-reduced sums (cpp/src/adam_mini_shard.cpp).
   define_op(m, "adam_mini_block_sums_(Tensor[] grads, int[] blocks, int[] shards, "

@@ -15,13 +15,17 @@ void adam_mini_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                        TensorList exp_avg_sqs, TensorList steps,
                        const std::vector<BlockSpec>& specs, const Tensor& lr, double beta1,
                        double beta2, double eps, double weight_decay,
-                       at::IntArrayRef rounding = {}, TensorList weight_scales = {});
+                       at::IntArrayRef rounding = {}, TensorList weight_scales = {},
+                       TensorList state_scales = {});
 
+// state_scales: [] or the block scales of 8-bit m (int8 codes; common.h, memopt/state_codes.h);
+// v, one entry per block, stays float.
 // Validation only (shared by the CPU and Meta kernels). int8 weights (weight_scales, common.h)
 // need every block row to be whole quantization groups.
 void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                             TensorList exp_avg_sqs, TensorList steps,
-                            const std::vector<BlockSpec>& specs, TensorList weight_scales = {});
+                            const std::vector<BlockSpec>& specs, TensorList weight_scales = {},
+                            TensorList state_scales = {});
 
 // Adam-mini on shards (cpp/src/adam_mini_shard.cpp). `shards` holds per tensor [lo, numel]:
 // the tensors are elements [lo, lo + tensor.numel()) of full tensors of `numel` elements whose

@@ -13,6 +13,9 @@ namespace memopt {
 // rounding: how bf16 parameters are stored (memopt/rounding.h; [] = nearest even).
 // weight_scales: [] or the scales of int8 parameters (common.h, memopt/int8_weights.h), which
 // are decoded, updated in float32 and encoded again (stochastically under `rounding`).
+// state_scales: [] or the block scales of 8-bit moments (common.h, memopt/state_codes.h): a
+// tensor's m (int8 codes) and v (uint8 codes) are 8-bit together, decoded, updated in float32
+// and encoded again span by span in the same pass.
 // Layouts (memopt/layout.h): elementwise, so any dense parameter (channels_last, transposed, ...)
 // is stepped in its memory order without a copy; a view with gaps is staged; overlapping
 // parameters raise ValueError.
@@ -20,11 +23,12 @@ void adamw_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                    TensorList exp_avg_sqs, TensorList steps, const Tensor& lr, double beta1,
                    double beta2, double eps, double weight_decay,
                    AdamWRule rule = AdamWRule::kTorch, at::IntArrayRef rounding = {},
-                   TensorList weight_scales = {});
+                   TensorList weight_scales = {}, TensorList state_scales = {});
 
 // Everything adamw_update_ checks before it writes (lists, dtypes, shapes, devices, hparams).
 void check_adamw_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
-                        TensorList exp_avg_sqs, TensorList steps, TensorList weight_scales = {});
+                        TensorList exp_avg_sqs, TensorList steps, TensorList weight_scales = {},
+                        TensorList state_scales = {});
 
 // The op's `rule` argument: "torch" or "apollo"; anything else raises ValueError naming both.
 AdamWRule parse_adamw_rule(c10::string_view rule);

@@ -83,10 +83,29 @@ void check_int8_encode(const Tensor& values, const Tensor& codes, const Tensor& 
 // weight_scales), dense real grads shaped like params, float32 step scalars; check_update_lists
 // also exp_avgs shaped like params, in the value dtype or float32 (an op whose moments are not
 // shaped like the parameters checks them itself after check_param_lists).
+// exp_avgs may also be bfloat16 (state_bits=16), or int8 codes where state_scales (below) gives
+// their block scales.
 void check_param_lists(const char* op, TensorList params, TensorList grads, TensorList steps,
                        TensorList weight_scales = {});
 void check_update_lists(const char* op, TensorList params, TensorList grads, TensorList exp_avgs,
-                        TensorList steps, TensorList weight_scales = {});
+                        TensorList steps, TensorList weight_scales = {},
+                        TensorList state_scales = {});
+
+// The ops' `state_scales` argument (memopt/state_codes.h): [] when every moment is float, else
+// one tensor per parameter for each moment the op can keep in 8 bits, concatenated in the op's
+// moment order (adamw_: exp_avg, then exp_avg_sq; adam_mini_: exp_avg): empty for a float
+// moment, else the float32 block scales of its codes (int8 for exp_avg, uint8 for exp_avg_sq).
+const Tensor& state_scale(TensorList state_scales, size_t n_params, size_t moment, size_t i);
+// Whether moment `moment` of tensor i is 8-bit codes.
+inline bool coded_state(TensorList state_scales, size_t n_params, size_t moment, size_t i) {
+  const Tensor& s = state_scale(state_scales, n_params, moment, i);
+  return s.defined() && s.numel() > 0;
+}
+// Validates state_scales against the moments ({tensors, code dtype} in the op's order): [] or
+// one list per moment; an 8-bit moment is codes of its code dtype, of the parameter's number of
+// elements, with contiguous float32 scales of state_blocks(numel) entries on its device.
+void check_state_scales(const char* op, TensorList params, TensorList state_scales,
+                        const std::vector<std::pair<TensorList, at::ScalarType>>& moments);
 
 // Under dynamic-shape tracing the Meta kernels see symbolic sizes, which have no numel() to
 // check; shape validation then happens in the real kernel at run time.
@@ -121,6 +140,9 @@ class Rounding {
     using opmath_t = at::opmath_type<scalar_t>;                                               \
     if ((STATE_DTYPE) == (PARAM_DTYPE)) {                                                     \
       using state_t = scalar_t;                                                               \
+      __VA_ARGS__();                                                                          \
+    } else if ((STATE_DTYPE) == at::kBFloat16) { /* state_bits=16 */                          \
+      using state_t = c10::BFloat16;                                                          \
       __VA_ARGS__();                                                                          \
     } else {                                                                                  \
       using state_t = float;                                                                  \

@@ -247,9 +247,14 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // As torch.ops.memopt.<op> (the device's kernel), or its validator.
   static void dispatch(const OpCall& call, bool validate) {
     std::vector<c10::IValue> stack = call.args;
-    c10::Dispatcher::singleton()
-        .findSchemaOrThrow(((validate ? "memopt::check_" : "memopt::") + call.op).c_str(), "")
-        .callBoxed(&stack);
+    const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
+        ((validate ? "memopt::check_" : "memopt::") + call.op).c_str(), "");
+    // A boxed call takes every argument: the trailing ones a call leaves out (state_scales, ...)
+    // get their schema defaults.
+    const auto& args = op.schema().arguments();
+    for (size_t k = stack.size(); k < args.size(); ++k)
+      stack.push_back(args[k].default_value().value_or(c10::IValue()));
+    op.callBoxed(&stack);
   }
   // op_call's call with every op's last arguments: `rounding` (memopt/rounding.h) and
   // `weight_scales` (None: the LibTorch classes train float parameters; int8 weights are the

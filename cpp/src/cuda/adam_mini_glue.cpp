@@ -252,10 +252,12 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
 void adam_mini_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor& lr, double beta1, double beta2, double eps,
-                    double weight_decay, at::IntArrayRef rounding, OptionalTensors weight_scales) {
+                    double weight_decay, at::IntArrayRef rounding, OptionalTensors weight_scales,
+                    OptionalTensors state_scales) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs,
-                         listed(weight_scales));
+                         listed(weight_scales), listed(state_scales));
+  check_no_state_codes("adam_mini_update_", listed(state_scales));
   const Rounding round(rounding, params.size(), "adam_mini_update_");
   AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs);
   adam_mini_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),

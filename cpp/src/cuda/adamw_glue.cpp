@@ -60,8 +60,10 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
 void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
                 double weight_decay, c10::string_view rule, at::IntArrayRef rounding,
-                OptionalTensors weight_scales) {
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales));
+                OptionalTensors weight_scales, OptionalTensors state_scales) {
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales),
+                     listed(state_scales));
+  check_no_state_codes("adamw_update_", listed(state_scales));
   const Rounding round(rounding, params.size(), "adamw_update_");
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, any_order);
   adamw_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),

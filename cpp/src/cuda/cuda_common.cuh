@@ -75,6 +75,7 @@ int dispatch_param_state(Dtype param, Dtype state, F&& f) {
     using P = typename decltype(p_tag)::type;
     if (state == Dtype::kFloat32) return f(p_tag, Tag<float>{});
     if (state == param) return f(p_tag, Tag<P>{});
+    if (state == Dtype::kBFloat16) return f(p_tag, Tag<__nv_bfloat16>{});  // state_bits=16
     return cudaErrorInvalidValue;
   };
   switch (param) {

@@ -1,0 +1,103 @@
+// 8-bit moments on the CPU (memopt/state_codes.h; internal header): a kernel decodes a span of
+// whole code blocks into a per-thread float buffer, runs its float loop (cpu_loops.h) on the
+// buffer, and encodes the span again, so the loops are the same for every state format and no
+// step holds more than a span per thread.
+#pragma once
+
+#include <algorithm>
+#include <numeric>
+
+#include "cpu_loops.h"
+#include "memopt/state_codes.h"
+
+namespace memopt::cpu {
+
+// Elements per span: whole code blocks and whole int8 weight groups (`group`; 1 for a float
+// weight), at least kSpanTarget so that the loops run long enough to vectorize well, small
+// enough that a span's buffers stay in L1/L2.
+constexpr int64_t kSpanTarget = 4096;
+inline int64_t state_span(int64_t group) {
+  const int64_t unit = std::lcm(kStateBlock, std::max<int64_t>(group, 1));
+  return std::max<int64_t>(1, kSpanTarget / unit) * unit;
+}
+
+// The two codes of state_codes.h as the span loops take them.
+struct MomentCode {
+  using code_t = int8_t;
+  static float decode(int8_t c, float s) { return moment_decode(c, s); }
+  static int8_t code(float x, float s) { return moment_code(x, s); }
+  static constexpr bool kSquares = false;  // the scale is max |x|
+};
+struct SquareCode {
+  using code_t = uint8_t;
+  static float decode(uint8_t c, float s) { return square_decode(c, s); }
+  static uint8_t code(float x, float s) { return square_code(x, s); }
+  static constexpr bool kSquares = true;  // the scale is sqrt(max x)
+};
+
+// Largest |x| (squares: largest x) of a block; a NaN anywhere makes it NaN (std::max would
+// drop it), an infinity makes it infinite.
+template <bool kSquares>
+MEMOPT_CPU_CLONES inline float block_absmax(const float* __restrict x, int64_t len) {
+  float absmax = 0.0f;
+  uint32_t nonfinite = 0;  // from the exponent bits: a bool && reduction stays scalar
+#pragma omp simd reduction(max : absmax) reduction(| : nonfinite)
+  for (int64_t j = 0; j < len; ++j) {
+    uint32_t u;
+    std::memcpy(&u, x + j, sizeof(u));
+    absmax = std::max(absmax, kSquares ? x[j] : std::abs(x[j]));
+    nonfinite |= (u & 0x7F800000u) == 0x7F800000u;
+  }
+  return nonfinite ? NAN : absmax;
+}
+
+// One 8-bit moment of a tensor (codes and block scales), decoded into and encoded from a span's
+// float buffer: [b, b + n), b a multiple of kStateBlock (the last block may be partial).
+template <typename Code>
+struct StateCodes {
+  using code_t = typename Code::code_t;
+  code_t* codes;
+  float* scales;
+
+  MEMOPT_CPU_CLONES void decode(int64_t b, int64_t n, float* __restrict out) const {
+    for (int64_t k = 0; k * kStateBlock < n; ++k) {
+      const int64_t len = std::min(kStateBlock, n - k * kStateBlock);
+      const float s = scales[b / kStateBlock + k];
+      const code_t* __restrict c = codes + b + k * kStateBlock;
+      float* o = out + k * kStateBlock;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) o[j] = Code::decode(c[j], s);
+    }
+  }
+  MEMOPT_CPU_CLONES void encode(const float* __restrict x, int64_t b, int64_t n) const {
+    for (int64_t k = 0; k * kStateBlock < n; ++k) {
+      const int64_t len = std::min(kStateBlock, n - k * kStateBlock);
+      const float* xk = x + k * kStateBlock;
+      code_t* __restrict c = codes + b + k * kStateBlock;
+      const float absmax = block_absmax<Code::kSquares>(xk, len);
+      const float s = state_block_scale(Code::kSquares ? std::sqrt(absmax) : absmax);
+      scales[b / kStateBlock + k] = s;
+      if (state_block_empty(s)) {
+        std::fill(c, c + len, code_t{0});
+        continue;
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) c[j] = Code::code(xk[j], s);
+    }
+  }
+};
+using MomentCodes = StateCodes<MomentCode>;
+using SquareCodes = StateCodes<SquareCode>;
+
+// Calls f(b, len, buffers) over [0, n) in spans of `span` elements (a multiple of kStateBlock),
+// in parallel; buffers: the calling thread's `per_thread` floats of `all` (threads x per_thread).
+template <typename F>
+void for_state_spans(int64_t n, int64_t span, float* all, int64_t per_thread, F&& f) {
+  const int64_t spans = (n + span - 1) / span;
+  at::parallel_for(0, spans, 1, [&](int64_t k0, int64_t k1) {
+    float* mine = all + at::get_thread_num() * per_thread;
+    for (int64_t k = k0; k < k1; ++k) f(k * span, std::min(span, n - k * span), mine);
+  });
+}
+
+}  // namespace memopt::cpu
