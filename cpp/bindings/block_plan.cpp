@@ -82,7 +82,8 @@ void bind_block_plan(nb::module_& m) {
                                        "memopt::BlockPlan: AdamW's, Adam-mini's and SlimAdam's decisions.")
       .def("__init__",
            [](BlockPlan* self, const std::vector<TensorTuple>& tensors, const std::string& algorithm,
-              nb::handle partition, int64_t dim, int64_t n_heads, bool role_overrides, nb::handle rules) {
+              nb::handle partition, int64_t dim, int64_t n_heads, bool role_overrides, nb::handle rules,
+              int64_t state_bits) {
              std::vector<BlockTensor> ts;
              for (const auto& [name, shape, role, note] : tensors) {
                RoleInfo info;
@@ -98,12 +99,13 @@ void bind_block_plan(nb::module_& m) {
              config.dim = dim;
              config.n_heads = n_heads;
              config.role_overrides = role_overrides;
+             config.state_bits = state_bits;
              if (config.algorithm == BlockAlgorithm::SlimAdam) config.rules = slim_rules_of(rules);
              new (self) BlockPlan(std::move(ts), std::move(config));
            },
            nb::arg("tensors"), nb::arg("algorithm"), nb::arg("partition").none() = "auto",
            nb::arg("dim") = 0, nb::arg("n_heads") = 0, nb::arg("role_overrides") = false,
-           nb::arg("rules").none() = "table",
+           nb::arg("rules").none() = "table", nb::arg("state_bits") = 32,
            "tensors: [(name, shape, (role, transposed, head_dim, q_heads, kv_heads, "
            "kv_interleaved) or None, note)]; algorithm: adamw, adam_mini or slim_adam.")
       .def("blocks",

@@ -23,7 +23,10 @@ void bind_plan(nb::module_& m) {
       .value("Float32", StateDType::Float32)
       .value("Int64", StateDType::Int64)
       .value("Int32", StateDType::Int32)
-      .value("Scalar", StateDType::Scalar);
+      .value("Scalar", StateDType::Scalar)
+      .value("BFloat16", StateDType::BFloat16)
+      .value("Int8", StateDType::Int8)
+      .value("UInt8", StateDType::UInt8);
   m.def("state_dtype",
         [](StateDType dtype, const at::Tensor& param) {
           auto* d = torch::getTHPDtype(resolve_dtype(dtype, param.scalar_type()));

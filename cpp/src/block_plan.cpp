@@ -67,6 +67,7 @@ void BlockPlan::add(std::vector<BlockTensor> tensors) {
 BlockPlan::BlockPlan(std::vector<BlockTensor> tensors, BlockPlanConfig config)
     : tensors_(std::move(tensors)), config_(std::move(config)) {
   const BlockAlgorithm algo = config_.algorithm;
+  check_state_bits(config_.state_bits);
   if (algo == BlockAlgorithm::AdamMini) {
     const std::string& part = config_.partition;
     TORCH_CHECK_VALUE(part == "auto" || part == "reference",
@@ -157,11 +158,21 @@ StateLayout BlockPlan::state(int64_t i) const {
   const BlockTensor& t = tensor(i);
   std::vector<int64_t> every(t.shape.size());
   std::iota(every.begin(), every.end(), 0);  // elementwise: sharded with the parameter on any dim
-  StateSpec m{"exp_avg", t.shape, StateDType::Param, true, every, 0.0};
-  if (config_.algorithm == BlockAlgorithm::AdamW)
-    return {m, StateSpec{"exp_avg_sq", t.shape, StateDType::Param, true, every, 0.0}};
-  // One entry per block of the whole tensor, so every rank of a sharded one keeps all of them.
-  return {m, StateSpec{"exp_avg_sq", {decision(i).count}, StateDType::Param, false, {}, 0.0}};
+  const int64_t bits = config_.state_bits;
+  StateLayout out = moment_specs("exp_avg", t.shape, bits, false, every);
+  StateLayout v = config_.algorithm == BlockAlgorithm::AdamW
+                      ? moment_specs("exp_avg_sq", t.shape, bits, true, every)
+                      // One entry per block of the whole tensor, so every rank of a sharded one
+                      // keeps all of them; in m's dtype (the kernels' one state type), or the
+                      // parameter's beside 8-bit m: they are few.
+                      : StateLayout{{"exp_avg_sq", {decision(i).count},
+                                     out.front().dtype == StateDType::Int8 ? StateDType::Param
+                                                                           : out.front().dtype,
+                                     false, {}, 0.0}};
+  // Keys in the order exp_avg, exp_avg_sq, then the scales.
+  out.insert(out.begin() + 1, v.front());
+  out.insert(out.end(), v.begin() + 1, v.end());
+  return out;
 }
 
 const BlockTensor& BlockPlan::tensor(int64_t i) const {

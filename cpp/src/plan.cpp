@@ -1,6 +1,11 @@
 // What every plan shares: state dtypes and the check of a checkpoint's state against a layout.
 #include "memopt/plan.h"
 
+#include <functional>
+#include <numeric>
+
+#include "memopt/state_codes.h"
+
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -14,8 +19,28 @@ at::ScalarType resolve_dtype(StateDType dtype, at::ScalarType param) {
     case StateDType::Int64: return at::kLong;
     case StateDType::Int32: return at::kInt;
     case StateDType::Scalar: return param == at::kDouble ? at::kDouble : at::kFloat;
+    case StateDType::BFloat16: return at::kBFloat16;
+    case StateDType::Int8: return at::kChar;
+    case StateDType::UInt8: return at::kByte;
   }
   TORCH_CHECK_VALUE(false, "unknown StateDType ", static_cast<int64_t>(dtype));
+}
+
+void check_state_bits(int64_t bits) {
+  TORCH_CHECK_VALUE(bits == 32 || bits == 16 || bits == 8,
+                    "state_bits must be 32, 16 or 8, got ", bits);
+}
+
+std::vector<StateSpec> moment_specs(const std::string& key, const std::vector<int64_t>& shape,
+                                    int64_t bits, bool square, const std::vector<int64_t>& along) {
+  const int64_t numel =
+      std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
+  if (bits == 32 || numel < kStateMinNumel) return {{key, shape, StateDType::Param, true, along, 0.0}};
+  if (bits == 16) return {{key, shape, StateDType::BFloat16, true, along, 0.0}};
+  // The codes follow the parameter's memory layout, so block k is elements [256 k, 256 k + 256)
+  // in memory order: the scales are replicated, not sharded (8-bit state is not sharded yet).
+  return {{key, shape, square ? StateDType::UInt8 : StateDType::Int8, true, along, 0.0},
+          {key + "_scales", {state_blocks(numel)}, StateDType::Float32, false, {}, 0.0}};
 }
 
 void OptimizerPlan::check_saved_state(const StateLayout& layout,

@@ -9,6 +9,7 @@ import torch
 from . import _C
 from ._base import MemoptOptimizer
 from .int8_weights import weight_args
+from .state_bits import check_state_bits, state_scale_args
 from .distributed import ShardedCall, local
 from .roles import infer_roles, model_dims
 from .sources import need_names, resolve
@@ -40,8 +41,8 @@ class AdamMini(MemoptOptimizer):
     r"""Adam-mini (Zhang et al., arXiv 2406.16793): Adam with one second moment per Hessian block
     (per head for Q/K, per output neuron for V, attention output and MLP, per token for the
     embedding and output, per norm tensor; ``partition="reference"``: PyPI adam-mini 1.1.1's).
-    State: m plus ~0.02% of the parameters for v, 0.5x AdamW. Norms, biases and 1-D tensors do
-    not decay. Roles, ``dim``/``n_heads``/``roles=`` overrides: README, "Use".
+    State: m plus ~0.02% of the parameters for v, 0.5x AdamW (state_bits=8: m as 8-bit block
+    codes, about 1.02 bytes/param; 16: bfloat16). Norms, biases and 1-D tensors do not decay. Roles, ``dim``/``n_heads``/``roles=`` overrides: README, "Use".
 
     Example::
 
@@ -52,8 +53,9 @@ class AdamMini(MemoptOptimizer):
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, dim=None, n_heads=None, n_kv_heads=None,
                  partition="auto", roles=None, model=None, nonfinite="propagate",
-                 stochastic_rounding=False, rounding_seed=0):
+                 stochastic_rounding=False, rounding_seed=0, state_bits=32):
         src = resolve(named_params_or_model, model)
+        self.state_bits = check_state_bits(self, state_bits, [p for _, p in src.named])
         need_names(src, type(self).__name__, "its blocks (attention heads, embedding rows, "
                    "norms) and which tensors decay")
         auto, reference = partition == "auto", partition == "reference"  # else: the plan says
@@ -61,7 +63,8 @@ class AdamMini(MemoptOptimizer):
         groups = adopt(self, src, infer_roles(src.named, src.model, dim=dim, n_heads=n_heads,
                                               n_kv_heads=n_kv_heads, roles=roles) if auto else None,
                        weight_decay, "adam_mini", partition=partition, role_overrides=bool(roles),
-                       dim=dim or found.get("dim") or 0, n_heads=n_heads or found.get("n_heads") or 0)
+                       dim=dim or found.get("dim") or 0, n_heads=n_heads or found.get("n_heads") or 0,
+                       state_bits=self.state_bits)
         super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          nonfinite, stochastic_rounding, rounding_seed)
 
@@ -75,7 +78,7 @@ class AdamMini(MemoptOptimizer):
         args = (stored, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states], blocks, self._lr(group), float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                self._rounding(group, params), scales)
+                self._rounding(group, params), scales, state_scale_args(states, ("exp_avg",)))
         return torch.ops.memopt.adam_mini_, args
 
     # ---- DTensor (FSDP2) parameters ----------------------------------------------------------

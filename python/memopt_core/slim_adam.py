@@ -10,6 +10,7 @@ import torch
 
 from ._base import MemoptOptimizer
 from .adam_mini import AdamMini, adopt
+from .state_bits import check_state_bits
 from .roles import infer_roles
 from .sources import need_names, resolve
 
@@ -30,8 +31,9 @@ class SlimAdam(MemoptOptimizer):
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, rules="table", roles=None, dim=None, n_heads=None,
                  n_kv_heads=None, model=None, nonfinite="propagate", stochastic_rounding=False,
-                 rounding_seed=0):
+                 rounding_seed=0, state_bits=32):
         src = resolve(named_params_or_model, model)
+        self.state_bits = check_state_bits(self, state_bits, [p for _, p in src.named])
         need_names(src, type(self).__name__, "the layout of each second moment (its rule "
                    "keys are tensor names and roles) and which tensors decay")
         # Q/K keep their role without heads (the table's fan-in mean needs none); the warning
@@ -43,7 +45,8 @@ class SlimAdam(MemoptOptimizer):
         if isinstance(rules, os.PathLike) or isinstance(rules, str) and rules != "table":
             with open(rules) as f:
                 rules = json.load(f)
-        groups = adopt(self, src, table, weight_decay, "slim_adam", rules=rules)
+        groups = adopt(self, src, table, weight_decay, "slim_adam", rules=rules,
+                       state_bits=self.state_bits)
         if self.plan.rules_warning:  # names the rules miss, rule names matching nothing
             warnings.warn(self.plan.rules_warning, stacklevel=2)
         super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),

@@ -53,6 +53,7 @@ struct BlockPlanConfig {
   int64_t dim = 0, n_heads = 0;
   bool role_overrides = false;  // the user overrode roles (which partition="reference" ignores)
   SlimRules rules;              // SlimAdam
+  int64_t state_bits = 32;      // memopt/plan.h check_state_bits: m (and AdamW's v) at 32/16/8
 };
 
 // What the plan decided for one tensor.
@@ -83,7 +84,8 @@ class BlockPlan : public OptimizerPlan {
 
   int64_t size() const override { return static_cast<int64_t>(tensors_.size()); }
   // AdamW: exp_avg, exp_avg_sq shaped like the parameter. Adam-mini, SlimAdam: exp_avg shaped
-  // like it, exp_avg_sq one entry per block, replicated (every rank updates all blocks).
+  // like it, exp_avg_sq one entry per block, replicated (every rank updates all blocks). Under
+  // state_bits the full-size moments take moment_specs' dtype (8 bits: with their "_scales").
   StateLayout state(int64_t i) const override;
 
   const BlockPlanConfig& config() const { return config_; }

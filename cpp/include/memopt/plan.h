@@ -20,7 +20,11 @@ enum class StateDType : int64_t {
   Int64 = 2,    // seeds
   Int32 = 3,    // index subspaces
   Scalar = 4,   // a float statistic: float64 for float64 parameters, else float32
+  BFloat16 = 5, // a moment under state_bits=16
+  Int8 = 6,     // 8-bit codes of a signed moment (memopt/state_codes.h)
+  UInt8 = 7,    // 8-bit codes of a second moment
 };
+
 at::ScalarType resolve_dtype(StateDType dtype, at::ScalarType param);
 
 // One state tensor a parameter keeps, besides its step counter (a 0-dim float32 CPU tensor that
@@ -37,6 +41,15 @@ struct StateSpec {
   double fill = 0.0;           // initial value (a seed's, a limiter's "no norm yet")
 };
 using StateLayout = std::vector<StateSpec>;
+
+// How many bits a full-size moment keeps (the optimizers' state_bits): 32 (the parameter's dtype,
+// as before the option existed), 16 (bfloat16) or 8 (block codes, memopt/state_codes.h); tensors
+// under kStateMinNumel elements keep the parameter's dtype. Raises ValueError for other values.
+void check_state_bits(int64_t bits);
+// The StateSpecs of full-size moment `key` of a tensor of `shape` under `bits`: the moment
+// (follows the parameter, sharded along `along`) and, for 8-bit codes, its "<key>_scales".
+std::vector<StateSpec> moment_specs(const std::string& key, const std::vector<int64_t>& shape,
+                                    int64_t bits, bool square, const std::vector<int64_t>& along);
 
 class OptimizerPlan {
  public:
