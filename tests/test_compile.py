@@ -13,10 +13,11 @@ from memopt_core.app.models import build
 STEPS = 5
 
 
-def train(opt_name, compiled: bool, backend="aot_eager"):
+def train(opt_name, compiled: bool, backend="aot_eager", **options):
     torch.manual_seed(0)
     model = build("tiny", num_hidden_layers=2)
-    opt = memopt_core.make_optimizer(opt_name, model, lr=torch.tensor(2e-3), weight_decay=0.1)
+    opt = memopt_core.make_optimizer(opt_name, model, lr=torch.tensor(2e-3), weight_decay=0.1,
+                                     **options)
     x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
 
     def fwd_bwd():
@@ -53,6 +54,18 @@ def test_compiled_step_has_no_graph_break_no_recompile_and_matches_eager(opt_nam
     assert frames[0] == frames[-1], f"recompiled after the first step: frames {frames}"
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "adam_mini"])
+@pytest.mark.parametrize("bits", [16, 8])
+def test_compiled_step_with_low_bit_state_matches_eager(opt_name, bits):
+    """state_bits changes only the state's dtypes (and 8-bit scales): the compiled step keeps
+    them exactly as eager mode does."""
+    eager, _ = train(opt_name, compiled=False, state_bits=bits)
+    compiled, frames = train(opt_name, compiled=True, state_bits=bits)
+    assert frames[0] == frames[-1], f"recompiled after the first step: frames {frames}"
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_inductor_compiled_step_matches_eager():

@@ -1,0 +1,368 @@
+"""state_bits: bfloat16 and 8-bit moments (cpp/include/memopt/state_codes.h) for AdamW, Adam-mini
+and SlimAdam on the CPU, against the float64 references with the codes' rounding modelled
+exactly (tests/reference/state_codes_ref.py)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import memopt_core
+from adam_mini_util import gpt2_blocks, llama_blocks
+from conftest import make_gpt2, make_grads, make_llama, set_grads
+from reference import adam_mini_ref as AM
+from reference import state_codes_ref as Q
+from reference.adamw_ref import AdamWRef
+
+STEPS = 7
+
+
+def _coded(p) -> bool:
+    return p.numel() >= Q.MIN_NUMEL
+
+
+def _requantize(ref, i, p, square: bool):
+    """After a reference step: what 8-bit storage keeps of tensor i's m (and v)."""
+    if _coded(p):
+        ref.m[i] = Q.requantize_moment(ref.m[i])
+        if square:
+            ref.v[i] = Q.requantize_square(ref.v[i])
+
+
+def _decoded(state: dict, key: str) -> torch.Tensor:
+    t = state[key]
+    if t.dtype == torch.int8:
+        return Q.decode_moment(t, state[key + "_scales"])
+    if t.dtype == torch.uint8:
+        return Q.decode_square(t, state[key + "_scales"])
+    return t.float()
+
+
+# ---- the codes ---------------------------------------------------------------------------------
+def test_first_step_codes_equal_the_specification_exactly():
+    """From zero state one AdamW step stores m = (1-b1) g and v = ((1-b2) g) g, both exact in
+    float32 whatever the loop's form; their codes and scales must be the reference's bit for bit:
+    a partial last block, a zero block, a block of tiny values beside a large one."""
+    g = torch.randn(70, 100) * torch.logspace(-6, 0, 70).unsqueeze(1)
+    g.view(-1)[256:512] = 0.0           # a zero block
+    g.view(-1)[1024:1280] *= 1e-20      # a block of tiny values
+    g.view(-1)[1300] = 5.0              # one large value among small ones
+    p = nn.Parameter(torch.randn(70, 100))
+    opt = memopt_core.AdamW([p], lr=1e-3, state_bits=8)
+    p.grad = g.clone()
+    opt.step()
+    s = opt.state[p]
+    m = torch.tensor(1 - 0.9, dtype=torch.float32) * g
+    v = (torch.tensor(1 - 0.999, dtype=torch.float32) * g) * g
+    codes, scales = Q.encode_moment(m)
+    assert torch.equal(s["exp_avg"], codes) and torch.equal(s["exp_avg_scales"], scales)
+    codes, scales = Q.encode_square(v)
+    assert torch.equal(s["exp_avg_sq"], codes) and torch.equal(s["exp_avg_sq_scales"], scales)
+    assert s["exp_avg_scales"][1] == 0 and s["exp_avg_sq_scales"][1] == 0
+    # A positive v never decodes to zero (the update would be m / eps).
+    assert bool((Q.decode_square(s["exp_avg_sq"], s["exp_avg_sq_scales"])[v > 0] > 0).all())
+
+
+def test_codes_keep_relative_precision_of_small_values():
+    """The power-law codes: within a block spanning 1e-4..1 every value decodes within 2/c of
+    itself relatively (c its code), where a linear code would zero most of them."""
+    x = torch.logspace(-4, 0, 256) * torch.where(torch.arange(256) % 2 == 0, 1.0, -1.0)
+    codes, scales = Q.encode_moment(x)
+    back = Q.decode_moment(codes, scales)
+    c = codes.float().abs()
+    assert bool(((back - x).abs() <= 2.0 / c * x.abs() + 1e-12).all())
+    assert int((codes == 0).sum()) == 0
+
+
+# ---- AdamW against its float64 reference ----------------------------------------------------------
+def _run_with_reference(opt, ref, params, after_step, steps=STEPS):
+    """Steps `opt` and its float64 reference on the same gradients; after_step(ref, i, p) models
+    what the state's storage keeps of tensor i."""
+    for step in range(steps):
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        opt.step()
+        ref.step(grads)
+        for i, p in enumerate(params):
+            after_step(ref, i, p)
+
+
+def _adamw_run(model, lr=2e-3, wd=0.1):
+    params = list(model.parameters())
+    opt = memopt_core.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=wd, state_bits=8)
+    ref = AdamWRef(params, lr=lr, betas=(0.9, 0.95), weight_decay=wd)
+    _run_with_reference(opt, ref, params, lambda r, i, p: _requantize(r, i, p, square=True))
+    return params, opt, ref
+
+
+def _check(params, opt, ref, keys, p_rtol):
+    for i, p in enumerate(params):
+        s = opt.state[p]
+        for key, mine in zip(keys, (ref.m[i], ref.v[i])):
+            got = _decoded(s, key)
+            if _coded(p):
+                assert s[key].dtype == (torch.int8 if key == "exp_avg" else torch.uint8)
+                # The same codes but for the rare element at a rounding boundary, where float32
+                # and float64 updates land on either side.
+                codes = (Q.encode_moment if key == "exp_avg" else Q.encode_square)(mine.float())[0]
+                assert (s[key] != codes).float().mean() <= 1e-3, f"{key} {i}"
+            else:
+                assert s[key].dtype == torch.float32
+                torch.testing.assert_close(got.double(), mine, rtol=1e-5, atol=1e-9)
+        moved = (ref.p[i] - ref.p0[i]).abs().max()
+        err = (p.detach().double() - ref.p[i]).abs().max()
+        assert err <= p_rtol * moved, f"tensor {i}: {err} vs displacement {moved}"
+
+
+def test_adamw_8bit_matches_reference_with_quantized_moments():
+    params, opt, ref = _adamw_run(make_llama(vocab_size=256, intermediate_size=128))
+    assert sum(_coded(p) for p in params) >= 6
+    _check(params, opt, ref, ("exp_avg", "exp_avg_sq"), p_rtol=1e-3)
+
+
+def test_adamw_16bit_matches_reference_in_bf16_storage():
+    model = make_llama(vocab_size=256, intermediate_size=128)
+    params = list(model.parameters())
+    opt = memopt_core.AdamW(params, lr=2e-3, state_bits=16)
+    ref = AdamWRef(params, lr=2e-3)
+
+    def in_bf16(ref, i, p):
+        if _coded(p):
+            ref.m[i] = ref.m[i].to(torch.bfloat16).double()
+            ref.v[i] = ref.v[i].to(torch.bfloat16).double()
+    _run_with_reference(opt, ref, params, in_bf16)
+    for i, p in enumerate(params):
+        s = opt.state[p]
+        assert s["exp_avg"].dtype == (torch.bfloat16 if _coded(p) else torch.float32)
+        torch.testing.assert_close(s["exp_avg"].double(), ref.m[i], rtol=2e-2, atol=1e-6)
+        moved = (ref.p[i] - ref.p0[i]).abs().max()
+        assert (p.detach().double() - ref.p[i]).abs().max() <= 2e-2 * moved
+
+
+# ---- Adam-mini: 8-bit m over every block geometry -------------------------------------------------
+@pytest.mark.parametrize("make_model, blocks_of", [
+    (lambda: make_llama(vocab_size=256, intermediate_size=128), llama_blocks),
+    (lambda: make_gpt2(vocab_size=200), gpt2_blocks),  # per column (Conv1D), per token
+], ids=["llama", "gpt2"])
+def test_adam_mini_8bit_matches_reference_with_quantized_m(make_model, blocks_of):
+    model = make_model()
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    opt = memopt_core.AdamMini(model, lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1, state_bits=8)
+    ref = AM.AdamMiniRef([(p, *blocks_of(n, tuple(p.shape))) for n, p in named], lr=2e-3,
+                         betas=(0.9, 0.95), weight_decay=0.1)
+    _run_with_reference(opt, ref, params, lambda r, i, p: _requantize(r, i, p, square=False))
+    assert sum(_coded(p) for p in params) >= 3
+    for i, (name, p) in enumerate(named):
+        s = opt.state[p]
+        assert s["exp_avg_sq"].dtype == torch.float32, name  # v (per block) stays float
+        torch.testing.assert_close(s["exp_avg_sq"].double(), ref.v[i], rtol=1e-4, atol=0)
+        if _coded(p):
+            codes = Q.encode_moment(ref.m[i].float())[0]
+            assert (s["exp_avg"] != codes).float().mean() <= 1e-3, name
+        moved = (ref.p[i] - ref.p0[i]).abs().max()
+        assert (p.detach().double() - ref.p[i]).abs().max() <= 1e-3 * moved, name
+
+
+def test_slim_adam_8bit_keeps_m_in_codes_and_v_per_block_float():
+    """SlimAdam runs Adam-mini's op: 8-bit m, its compressed v in float; a tensor the table
+    leaves uncompressed (v full-size) keeps that v in float too, and steps like state_bits=32
+    but for m's codes."""
+    model = make_llama(vocab_size=256, intermediate_size=128)
+    opt = memopt_core.SlimAdam(model, lr=2e-3, state_bits=8)
+    ref_model = make_llama(vocab_size=256, intermediate_size=128)
+    ref_opt = memopt_core.SlimAdam(ref_model, lr=2e-3)
+    params, ref_params = list(model.parameters()), list(ref_model.parameters())
+    start = [p.detach().clone() for p in params]
+    for step in range(3):
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref_opt.step()
+    for p, q, p0 in zip(params, ref_params, start):
+        s = opt.state[p]
+        assert s["exp_avg"].dtype == (torch.int8 if _coded(p) else torch.float32)
+        assert s["exp_avg_sq"].dtype == torch.float32
+        assert s["exp_avg_sq"].numel() == ref_opt.state[q]["exp_avg_sq"].numel()
+        moved = (q - p0).abs().max()
+        assert (p - q).abs().max() <= 0.05 * moved  # quantized m: close, not equal
+
+
+# ---- what a user relies on -----------------------------------------------------------------------
+def _train(opt, model, steps, start=0):
+    params = list(model.parameters())
+    for step in range(start, start + steps):
+        set_grads(params, make_grads(params, step))
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam_mini"])
+def test_state_dict_resume_is_exact(name):
+    """Codes and scales are saved and loaded as they are: a run resumed from a checkpoint
+    equals the uninterrupted run bit for bit."""
+    def make(model):
+        return memopt_core.make_optimizer(name, model, lr=2e-3, state_bits=8)
+
+    whole = make_llama(vocab_size=256, intermediate_size=128)
+    opt = make(whole)
+    _train(opt, whole, 6)
+    first = make_llama(vocab_size=256, intermediate_size=128)
+    opt1 = make(first)
+    _train(opt1, first, 3)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    resumed = make_llama(vocab_size=256, intermediate_size=128)
+    resumed.load_state_dict(saved["model"])
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved["opt"])
+    _train(opt2, resumed, 3, start=3)
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, opt2.state[q][key]), key
+
+
+def test_loading_a_checkpoint_of_other_state_bits_says_what_differs():
+    model = make_llama(vocab_size=256, intermediate_size=128)
+    fp32 = memopt_core.AdamW(model.parameters(), lr=1e-3)
+    _train(fp32, model, 1)
+    eight = memopt_core.AdamW(model.parameters(), lr=1e-3, state_bits=8)
+    before = eight.state_dict()
+    with pytest.raises((ValueError, TypeError), match="exp_avg"):
+        eight.load_state_dict(fp32.state_dict())
+    assert eight.state_dict()["state"] == before["state"]  # nothing loaded
+
+
+@pytest.mark.parametrize("bad, error", [(7, ValueError), (64, ValueError), ("8", TypeError),
+                                        (8.0, TypeError), (True, TypeError)])
+@pytest.mark.parametrize("cls", [memopt_core.AdamW, memopt_core.AdamMini, memopt_core.SlimAdam])
+def test_bad_state_bits_raise_at_construction(cls, bad, error):
+    with pytest.raises(error, match="state_bits"):
+        cls(make_llama(), lr=1e-3, state_bits=bad)
+
+
+def test_op_refuses_inconsistent_codes_and_writes_nothing():
+    p = torch.randn(64, 128)
+    g = torch.randn(64, 128)
+    m, v = torch.zeros(64, 128, dtype=torch.int8), torch.zeros(64, 128, dtype=torch.uint8)
+    ms, vs = torch.zeros(32), torch.zeros(32)
+    step = torch.zeros(())
+    lr = torch.tensor(1e-3, dtype=torch.float64)
+    before = p.clone()
+    for scales, match in [([ms], "state_scales must be"), ([ms, torch.zeros(31)], "32 entries"),
+                          ([ms, torch.empty(0)], "together"),
+                          ([ms.double(), vs], "float32 vector")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            torch.ops.memopt.adamw_([p], [g], [m], [v], [step], lr, 0.9, 0.999, 1e-8, 0.0,
+                                    "torch", [], None, scales)
+    with pytest.raises(TypeError, match="uint8"):
+        torch.ops.memopt.adamw_([p], [g], [m], [m], [step], lr, 0.9, 0.999, 1e-8, 0.0, "torch",
+                                [], None, [ms, vs])
+    assert torch.equal(p, before) and step.item() == 0 and not m.any()
+
+
+def test_nan_gradient_poisons_only_its_block():
+    p = nn.Parameter(torch.randn(64, 128))
+    opt = memopt_core.AdamW([p], lr=1e-3, state_bits=8)
+    g = torch.randn(64, 128)
+    g.view(-1)[300] = float("nan")  # block 1
+    p.grad = g
+    opt.step()
+    s = opt.state[p]
+    scales = s["exp_avg_scales"]
+    assert torch.isnan(scales[1]) and not torch.isnan(scales[torch.arange(32) != 1]).any()
+    assert not torch.isnan(p.view(-1)[:256]).any() and not torch.isnan(p.view(-1)[512:]).any()
+
+
+def test_channels_last_conv_steps_in_memory_order_without_a_copy():
+    """A channels_last weight is stepped in its memory order, blocks of 256 in that order: the
+    same as a contiguous tensor holding the memory order."""
+    w = torch.randn(32, 16, 3, 3).to(memory_format=torch.channels_last)
+    p = nn.Parameter(w.clone())
+    flat = nn.Parameter(w.permute(0, 2, 3, 1).contiguous().view(-1).clone())
+    opt, ref = (memopt_core.AdamW([t], lr=1e-2, state_bits=8) for t in (p, flat))
+    for step in range(4):
+        g = make_grads([p], step)[0].contiguous(memory_format=torch.channels_last)
+        p.grad, flat.grad = g, g.permute(0, 2, 3, 1).contiguous().view(-1)
+        opt.step()
+        ref.step()
+    assert opt.state[p]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(p.detach().permute(0, 2, 3, 1).reshape(-1), flat.detach())
+    assert torch.equal(opt.state[p]["exp_avg_scales"], ref.state[flat]["exp_avg_scales"])
+
+
+@pytest.mark.parametrize("name, bits, most", [("adamw", 8, 2.05), ("adam_mini", 8, 1.05),
+                                              ("adamw", 16, 4.01), ("adam_mini", 16, 2.01)])
+def test_state_bytes_per_param_meet_the_targets_and_the_plan(name, bits, most):
+    """On a LLaMA-style model whose tensors are nearly all large: AdamW 8-bit <= 2.05 bytes/param,
+    Adam-mini 8-bit <= 1.05; planned_state_bytes is the allocated state exactly."""
+    model = make_llama(vocab_size=1024, hidden_size=256, intermediate_size=688,
+                       num_attention_heads=8, num_key_value_heads=4)
+    opt = memopt_core.make_optimizer(name, model, lr=1e-3, state_bits=bits)
+    planned = opt.planned_state_bytes()
+    _train(opt, model, 1)
+    n = sum(p.numel() for p in model.parameters())
+    assert opt.state_bytes() == planned
+    steps = 4 * len(list(model.parameters()))  # the float32 step counters
+    assert (opt.state_bytes() - steps) / n <= most, (opt.state_bytes() - steps) / n
+
+
+def test_layerwise_stepping_with_8bit_state_matches_step():
+    """step_params (layer-wise stepping's primitive) on 8-bit state is step() for those params."""
+    a, b = (make_llama(vocab_size=256, intermediate_size=128) for _ in range(2))
+    opt_a = memopt_core.AdamMini(a, lr=2e-3, state_bits=8)
+    opt_b = memopt_core.AdamMini(b, lr=2e-3, state_bits=8)
+    pa, pb = list(a.parameters()), list(b.parameters())
+    for step in range(3):
+        grads = make_grads(pa, step)
+        set_grads(pa, grads)
+        set_grads(pb, grads)
+        opt_a.step()
+        for p in pb:
+            opt_b.step_params([p])
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+
+
+# ---- against torchao's AdamW8bit (CPU; eager: its compiled step needs a C++ toolchain and time) ----
+def _loss_after(make_opt, steps=40):
+    model = make_llama(vocab_size=256, intermediate_size=128)
+    opt = make_opt(model)
+    x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item(), opt, model
+
+
+def test_adamw_8bit_against_torchao_adamw8bit_same_bytes_comparable_loss(monkeypatch):
+    torchao_optim = pytest.importorskip("torchao.optim")
+    # torchao's step, eagerly: it wraps its per-tensor step in torch.compile(fullgraph=True)
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: fn if fn else (lambda f: f))
+    hp = dict(lr=3e-3, betas=(0.9, 0.99), weight_decay=0.0)
+    ours, opt, model = _loss_after(lambda m: memopt_core.AdamW(m.parameters(), **hp, state_bits=8))
+    theirs, ao, ao_model = _loss_after(lambda m: torchao_optim.AdamW8bit(m.parameters(), **hp))
+    fp32, _, _ = _loss_after(lambda m: memopt_core.AdamW(m.parameters(), **hp))
+    assert abs(ours - fp32) <= 0.01 * fp32, (ours, fp32)
+    assert abs(ours - theirs) <= 0.01 * fp32, (ours, theirs)
+
+    def held(t):  # torchao's state: the codes and scales inside its tensor subclass (its
+        if type(t) is torch.Tensor:  # 256-entry code table is one tensor shared by all)
+            return t.numel() * t.element_size()
+        return sum(held(getattr(t, k)) for k in t.__tensor_flatten__()[0] if k != "qmap")
+    both = 0
+    for p, q in zip(model.parameters(), ao_model.parameters()):
+        s, a = opt.state[p], ao.state[q]
+        mine = sum(held(v) for k, v in s.items() if k != "step")
+        if p.numel() >= Q.MIN_NUMEL and p.numel() % Q.BLOCK == 0:  # both quantize it
+            assert mine == sum(held(v) for k, v in a.items() if k in ("exp_avg", "exp_avg_sq"))
+            both += 1
+    assert both >= 6
