@@ -77,10 +77,7 @@ def main() -> None:
         lines.append(f"| {name} | {1e3 * med[name]:.1f} | {med[name] / med[base]:.2f}x "
                      f"| {sbytes[name] / n:.2f} | {sbytes[name] / 2**20:.1f} "
                      f"| {100 * ratio[name]:.2f}% | {peak} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        H.append_results(table)
+    H.publish(lines, args.write)
 
 
 if __name__ == "__main__":

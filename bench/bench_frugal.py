@@ -65,10 +65,7 @@ def main() -> None:
         peak = f"{mem[k]['over'] / 2**20:.1f}" if k in mem else "-"
         lines.append(f"| {k} | {1e3 * med[k]:.1f} | {med[k] / base:.2f}x | {sbytes[k] / n:.2f} "
                      f"| {sbytes[k] / sbytes[H.BASELINE]:.3f} | {peak} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        H.append_results(table)
+    H.publish(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -136,10 +136,7 @@ def main(argv=None) -> None:
                 if m else "- | - | -")
         lines.append(f"| {name} | {1e3 * med[name]:.1f} | {med[name] / med[H.BASELINE]:.2f}x "
                      f"| {sbytes[name] / n:.2f} | {peak} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        H.append_results(table)
+    H.publish(lines, args.write)
 
 
 if __name__ == "__main__":

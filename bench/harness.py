@@ -284,9 +284,14 @@ def ratio_report(title: str, args, note: str, columns: tuple, rows: list) -> str
              f"{args.rounds} round-robin steps after {args.warmup} warm-up.{note}", "",
              f"| optimizer | {a} ms | {b} ms | {b} / {a} |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {x:.1f} | {y:.1f} | {y / x:.2f}x |" for name, x, y in rows]
+    return publish(lines, args.write)
+
+
+def publish(lines: list, write: bool) -> str:
+    """A benchmark's table (its lines): printed, and appended to bench/RESULTS.md if `write`."""
     table = "\n".join(lines)
     print(table)
-    if args.write:
+    if write:
         append_results(table)
     return table
 
