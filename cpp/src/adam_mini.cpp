@@ -181,14 +181,23 @@ struct SegmentKernel {
     r0 = std::max<int64_t>(0, r0);
     for (int64_t r = r0; r < seg.rows && row(r) < end; ++r) {
       const int64_t c0 = std::max<int64_t>(0, b - row(r)), c1 = std::min(seg.cols, end - row(r));
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t e = row(r) + c;
-        if (per_element) {
-          const double gj = static_cast<double>(cpu::load<C>(g[e]));
-          f[e - b] = block_factor(e - seg.offset, gj * gj);
-        } else {
-          f[e - b] = factor[(r / seg.tile_rows) * tpr + c / tc];
+      C* out = f + row(r) - b;  // out[c]: column c of row r
+      if (per_element) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const double gj = static_cast<double>(cpu::load<C>(g[row(r) + c]));
+          out[c] = block_factor(row(r) + c - seg.offset, gj * gj);
         }
+        continue;
+      }
+      const C* of_row = factor + (r / seg.tile_rows) * tpr;  // the factors of row r's tiles
+      if (tc == 1) {
+        std::copy(of_row + c0, of_row + std::max(c0, c1), out + c0);
+        continue;
+      }
+      for (int64_t c = c0; c < c1;) {
+        const int64_t stop = std::min(c1, (c / tc + 1) * tc);
+        std::fill(out + c, out + stop, of_row[c / tc]);
+        c = stop;
       }
     }
   }

@@ -42,15 +42,16 @@ namespace {
 // One tensor's step with 8-bit m and v: spans of whole code blocks (and int8 weight groups),
 // decoded into the thread's buffers, updated by the float loop, encoded again.
 template <typename P, typename C, typename Store>
-void adamw_coded(const Store& store, const P* g, cpu::MomentCodes m, cpu::SquareCodes v,
+void adamw_coded(const Store& store, const P* g, cpu::MomentCodes m, cpu::SquareRootCodes v,
                  int64_t n, int64_t span, float* buffers, const AdamScalars& s) {
   cpu::for_state_spans(n, span, buffers, 2 * span, [&](int64_t b, int64_t len, float* buf) {
-    float *mb = buf, *vb = buf + span;
+    float *mb = buf, *vb = buf + span;  // m and sqrt(v)
     m.decode(b, len, mb);
     v.decode(b, len, vb);
     store.edit(b, len, [&](auto* pv, const auto& round) {
-      cpu::adamw_span<std::remove_pointer_t<decltype(pv)>, float, C>(pv, g + b, mb, vb, len, s,
-                                                                    round);
+      using PV = std::remove_pointer_t<decltype(pv)>;
+      cpu::adamw_span<PV, float, C, std::decay_t<decltype(round)>, P, true>(pv, g + b, mb, vb,
+                                                                            len, s, round);
     });
     m.encode(mb, b, len);
     v.encode(vb, b, len);

@@ -111,7 +111,10 @@ inline void with_lerp_form(C w, F&& f) {
 
 // Elementwise AdamW on [0, n) of contiguous arrays, under the rule `s` was made for
 // (AdamScalars: the decay before the update, or after it for AdamWRule::kApollo).
-template <typename P, typename S, typename C, typename R, bool kNearStart, typename G>
+// kRootV: v holds sqrt(v) (8-bit states' buffers, cpu_states.h), read squared and written as
+// the root the update computes anyway.
+template <typename P, typename S, typename C, typename R, bool kNearStart, typename G,
+          bool kRootV = false>
 MEMOPT_CPU_CLONES void adamw_span_as(P* __restrict p, const G* __restrict g, S* __restrict m,
                                      S* __restrict v, int64_t n, const AdamScalars& s,
                                      const R& round) {
@@ -123,19 +126,22 @@ MEMOPT_CPU_CLONES void adamw_span_as(P* __restrict p, const G* __restrict g, S* 
     const C gj = load<C>(g[j]);
     C mj = load<C>(m[j]);
     C vj = load<C>(v[j]);
+    if constexpr (kRootV) vj = vj * vj;
     mj = lerp_as<kNearStart>(mj, gj, b1c);
     vj = b2 * vj + b2c * gj * gj;
-    const C denom = std::sqrt(vj) / bc2_sqrt + eps;
+    const C root = std::sqrt(vj);
+    const C denom = root / bc2_sqrt + eps;
     p[j] = round.template store<P>((load<C>(p[j]) * pre - step_size * mj / denom) * post, j);
     m[j] = store<S>(mj);
-    v[j] = store<S>(vj);
+    v[j] = store<S>(kRootV ? root : vj);
   }
 }
-template <typename P, typename S, typename C, typename R = Nearest, typename G = P>
+template <typename P, typename S, typename C, typename R = Nearest, typename G = P,
+          bool kRootV = false>
 void adamw_span(P* p, const G* g, S* m, S* v, int64_t n, const AdamScalars& s,
                 const R& round = {}) {
   with_lerp_form(C(1.0 - s.beta1), [&](auto near) {
-    adamw_span_as<P, S, C, R, decltype(near)::value>(p, g, m, v, n, s, round);
+    adamw_span_as<P, S, C, R, decltype(near)::value, G, kRootV>(p, g, m, v, n, s, round);
   });
 }
 

@@ -21,23 +21,21 @@ inline int64_t state_span(int64_t group) {
   return std::max<int64_t>(1, kSpanTarget / unit) * unit;
 }
 
-// The two codes of state_codes.h as the span loops take them.
+// The two codes of state_codes.h as the span loops take them: a first moment's buffer holds m,
+// a second moment's holds sqrt(v) (what the update divides by; adamw_span_root_v squares it).
 struct MomentCode {
   using code_t = int8_t;
   static float decode(int8_t c, float s) { return moment_decode(c, s); }
-  static int8_t code(float x, float s) { return moment_code(x, s); }
-  static constexpr bool kSquares = false;  // the scale is max |x|
+  static int8_t code(float x, float inv) { return moment_code(x, inv); }
 };
-struct SquareCode {
+struct SquareRootCode {
   using code_t = uint8_t;
-  static float decode(uint8_t c, float s) { return square_decode(c, s); }
-  static uint8_t code(float x, float s) { return square_code(x, s); }
-  static constexpr bool kSquares = true;  // the scale is sqrt(max x)
+  static float decode(uint8_t c, float s) { return square_root_decode(c, s); }
+  static uint8_t code(float root, float inv) { return square_code_of_root(root, inv); }
 };
 
-// Largest |x| (squares: largest x) of a block; a NaN anywhere makes it NaN (std::max would
-// drop it), an infinity makes it infinite.
-template <bool kSquares>
+// Largest |x| of a block; a NaN anywhere makes it NaN (std::max would drop it), an infinity
+// makes it infinite.
 MEMOPT_CPU_CLONES inline float block_absmax(const float* __restrict x, int64_t len) {
   float absmax = 0.0f;
   uint32_t nonfinite = 0;  // from the exponent bits: a bool && reduction stays scalar
@@ -45,7 +43,7 @@ MEMOPT_CPU_CLONES inline float block_absmax(const float* __restrict x, int64_t l
   for (int64_t j = 0; j < len; ++j) {
     uint32_t u;
     std::memcpy(&u, x + j, sizeof(u));
-    absmax = std::max(absmax, kSquares ? x[j] : std::abs(x[j]));
+    absmax = std::max(absmax, std::abs(x[j]));
     nonfinite |= (u & 0x7F800000u) == 0x7F800000u;
   }
   return nonfinite ? NAN : absmax;
@@ -74,20 +72,20 @@ struct StateCodes {
       const int64_t len = std::min(kStateBlock, n - k * kStateBlock);
       const float* xk = x + k * kStateBlock;
       code_t* __restrict c = codes + b + k * kStateBlock;
-      const float absmax = block_absmax<Code::kSquares>(xk, len);
-      const float s = state_block_scale(Code::kSquares ? std::sqrt(absmax) : absmax);
+      const float s = state_block_scale(block_absmax(xk, len));
       scales[b / kStateBlock + k] = s;
       if (state_block_empty(s)) {
         std::fill(c, c + len, code_t{0});
         continue;
       }
+      const float inv = 1.0f / s;
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) c[j] = Code::code(xk[j], s);
+      for (int64_t j = 0; j < len; ++j) c[j] = Code::code(xk[j], inv);
     }
   }
 };
 using MomentCodes = StateCodes<MomentCode>;
-using SquareCodes = StateCodes<SquareCode>;
+using SquareRootCodes = StateCodes<SquareRootCode>;
 
 // Calls f(b, len, buffers) over [0, n) in spans of `span` elements (a multiple of kStateBlock),
 // in parallel; buffers: the calling thread's `per_thread` floats of `all` (threads x per_thread).
