@@ -52,20 +52,27 @@ void bind_apollo_plan(nb::module_& m) {
               std::optional<int64_t> rank, nb::handle proj, nb::handle proj_type,
               nb::handle scale_type, int64_t update_proj_gap, double scale,
               double norm_growth_limit, bool scale_front, bool store_projection,
-              nb::handle adamw_rule, const std::vector<bool>& split) {
+              nb::handle adamw_rule, const std::vector<bool>& split, int64_t state_bits,
+              nb::handle embeddings) {
+             const std::string rows = option_text(embeddings);
+             TORCH_CHECK_VALUE(rows == "adamw" || rows == "adam_mini", "embeddings must be "
+                               "'adamw' or 'adam_mini' (per-token v, 8-bit friendly), got ", rows);
              plan.add_group(shapes,
                             ApolloSettings{rank, option_text(proj), option_text(proj_type),
                                            option_text(scale_type), update_proj_gap, scale,
                                            norm_growth_limit, scale_front, store_projection,
-                                           option_text(adamw_rule)},
+                                           option_text(adamw_rule), state_bits,
+                                           rows == "adam_mini"},
                             split);
            },
            nb::arg("shapes"), nb::arg("rank").none(), nb::arg("proj").none(),
            nb::arg("proj_type").none(), nb::arg("scale_type").none(),
            nb::arg("update_proj_gap"), nb::arg("scale"), nb::arg("norm_growth_limit"),
            nb::arg("scale_front"), nb::arg("store_projection"), nb::arg("adamw_rule").none(),
-           nb::arg("split"),
-           "Appends a param group (rank None: AdamW); ValueError leaves the plan as it was.")
+           nb::arg("split"), nb::arg("state_bits") = 32, nb::arg("embeddings").none() = "adamw",
+           "Appends a param group (rank None: AdamW; embeddings='adam_mini': with per-row v); "
+           "ValueError leaves the plan as it was.")
+      .def("row_blocks", &ApolloPlan::row_blocks, nb::arg("i"))
       .def("__len__", &ApolloPlan::size)
       .def("projected", &ApolloPlan::projected, nb::arg("i"))
       .def("side",

@@ -1,5 +1,10 @@
 // memopt::ApolloPlan (apollo_plan.h): APOLLO's grouping rule, settings checks, seeds and layouts.
 #include "memopt/apollo_plan.h"
+#include "memopt/partition.h"
+
+#include <functional>
+
+#include <numeric>
 
 #include <c10/util/Exception.h>
 
@@ -54,6 +59,9 @@ void ApolloPlan::add_group(const std::vector<std::vector<int64_t>>& shapes,
                     " split flags for ", shapes.size(), " tensors");
   // every group has one (torch saves it with the group), used wherever the group takes AdamW
   parse_adamw_rule(settings.adamw_rule);
+  check_state_bits(settings.state_bits);
+  TORCH_CHECK_VALUE(!settings.per_row_v || !settings.rank, "Apollo: embeddings='adam_mini' "
+                    "(per-row v) applies to the groups that take AdamW, not to a projected group");
   std::vector<Planned> added;
   added.reserve(shapes.size());
   if (settings.rank) {
@@ -78,6 +86,16 @@ void ApolloPlan::add_group(const std::vector<std::vector<int64_t>>& shapes,
   groups_.push_back(settings);
   tensors_.insert(tensors_.end(), std::make_move_iterator(added.begin()),
                   std::make_move_iterator(added.end()));
+}
+
+std::vector<int64_t> ApolloPlan::row_blocks(int64_t i) const {
+  const Planned& t = tensor(i);
+  TORCH_CHECK_VALUE(!t.projector && settings(i).per_row_v, "ApolloPlan: tensor ", i,
+                    " does not take per-row v");
+  const int64_t numel = std::accumulate(t.shape.begin(), t.shape.end(), int64_t{1},
+                                        std::multiplies<int64_t>());
+  const int64_t rows = t.shape.size() >= 2 ? t.shape[0] : 1, cols = numel / std::max<int64_t>(rows, 1);
+  return encode_block_specs({{Segment{0, rows, cols, cols, 1, cols}}});
 }
 
 const ApolloPlan::Planned& ApolloPlan::tensor(int64_t i) const {
@@ -118,8 +136,19 @@ StateLayout ApolloPlan::state(int64_t i) const {
   if (!t.projector) {  // AdamW: elementwise with the parameter, sharded with it along any dim
     std::vector<int64_t> all(t.shape.size());
     for (size_t d = 0; d < all.size(); ++d) all[d] = static_cast<int64_t>(d);
-    return {{"exp_avg", t.shape, StateDType::Param, true, all, 0.0},
-            {"exp_avg_sq", t.shape, StateDType::Param, true, all, 0.0}};
+    const ApolloSettings& s = settings(i);
+    StateLayout out = moment_specs("exp_avg", t.shape, s.state_bits, false, all);
+    // Per-row v: one entry per row, in m's dtype (the Adam-mini op's one state type) or the
+    // parameter's beside 8-bit m, as BlockPlan lays out Adam-mini's v.
+    StateLayout v = s.per_row_v
+                        ? StateLayout{{"exp_avg_sq", {t.shape.size() >= 2 ? t.shape[0] : 1},
+                                       out.front().dtype == StateDType::Int8 ? StateDType::Param
+                                                                             : out.front().dtype,
+                                       false, {}, 0.0}}
+                        : moment_specs("exp_avg_sq", t.shape, s.state_bits, true, all);
+    out.insert(out.begin() + 1, v.front());  // exp_avg, exp_avg_sq, then the scales
+    out.insert(out.end(), v.begin() + 1, v.end());
+    return out;
   }
   const Projector& proj = *t.projector;
   const ApolloSettings& s = settings(i);

@@ -8,6 +8,7 @@ import torch
 from . import _C
 from ._base import MemoptOptimizer
 from .int8_weights import weight_args
+from .state_bits import check_state_bits, state_scale_args
 from .distributed import ShardedCall, apollo_shard_placement, local_args
 from .apollo_groups import apollo_groups
 from .sources import resolve
@@ -33,8 +34,9 @@ class Apollo(MemoptOptimizer):
                  rank=None, proj="random", proj_type="std", scale_type="channel",
                  update_proj_gap=200, scale=1.0, norm_growth_limit: Optional[float] = 1.01,
                  scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
-                 model=None, nonfinite="propagate", stochastic_rounding=False, rounding_seed=0):
-        groups = apollo_groups(resolve(params, model), rank, roles, self)
+                 model=None, nonfinite="propagate", stochastic_rounding=False, rounding_seed=0,
+                 state_bits=32, embeddings="adamw"):
+        groups = apollo_groups(resolve(params, model), rank, roles, self, embeddings)
         # before super().__init__, which calls add_param_group: every decision is the plan's
         # (cpp/src/apollo_plan.cpp); _index: each parameter's position in it
         self.plan, self._index = _C.ApolloPlan(), {}
@@ -42,7 +44,8 @@ class Apollo(MemoptOptimizer):
                         proj_type=proj_type, scale_type=scale_type,
                         update_proj_gap=update_proj_gap, scale=scale,
                         norm_growth_limit=norm_growth_limit, scale_front=scale_front,
-                        store_projection=store_projection, adamw_rule=adamw_rule)
+                        store_projection=store_projection, adamw_rule=adamw_rule,
+                        state_bits=check_state_bits(self, state_bits, []), embeddings=embeddings)
         super().__init__(groups, defaults, nonfinite, stochastic_rounding, rounding_seed)
 
     @staticmethod
@@ -58,6 +61,7 @@ class Apollo(MemoptOptimizer):
         super().add_param_group(param_group)
         group, start = self.param_groups[-1], len(self.plan)
         try:
+            check_state_bits(self, group["state_bits"], group["params"])
             self._plan_group(self.plan, group)
         except Exception:
             del self.param_groups[-1]
@@ -73,12 +77,20 @@ class Apollo(MemoptOptimizer):
                        group["scale_type"], int(group["update_proj_gap"]),
                        float(group["scale"]), _gamma(group), bool(group["scale_front"]),
                        bool(group["store_projection"]), group["adamw_rule"],
-                       [] if rank is None else [self._split(p) for p in group["params"]])
+                       [] if rank is None else [self._split(p) for p in group["params"]],
+                       int(group.get("state_bits", 32)),
+                       group.get("embeddings", "adamw") if rank is None else "adamw")
 
     # ---- state: as the plan lays it out (_planned.py), seeds and limiter norms its fills -------
     def _adopt(self, plan) -> None:
-        """Adopt `plan` for every parameter (in its order, self._index)."""
+        """Adopt `plan` for every parameter (in its order, self._index), with the per-row
+        blocks of the tensors under embeddings='adam_mini' (read now: a compiled step cannot
+        call the plan)."""
         self._adopt_plan(plan, sorted(self._index, key=self._index.get))
+        per_row = {p for g in self.param_groups if g.get("rank") is None
+                   and g.get("embeddings", "adamw") == "adam_mini" for p in g["params"]}
+        self._row_blocks = {p: plan.row_blocks(i) for p, i in self._index.items()
+                            if p in per_row and i < len(plan)}
 
     def __setstate__(self, state: dict) -> None:
         """torch's load_state_dict and unpickling end here: a group saved before adamw_rule
@@ -121,9 +133,16 @@ class Apollo(MemoptOptimizer):
         steps = [s["step"] for s in states]
         rounding = self._rounding(group, params)
         stored, scales = weight_args(params)
+        if group.get("rank") is None and group.get("embeddings", "adamw") == "adam_mini":
+            # the low-memory embedding mode: Adam-mini's per-token v on these tensors
+            blocks = [b for p in params for b in self._row_blocks[p]]
+            return torch.ops.memopt.adam_mini_, (stored, grads, m, v, steps, blocks, *hp,
+                                                 rounding, scales,
+                                                 state_scale_args(states, ("exp_avg",)))
         if group.get("rank") is None:
             return torch.ops.memopt.adamw_, (stored, grads, m, v, steps, *hp, group["adamw_rule"],
-                                             rounding, scales)
+                                             rounding, scales,
+                                             state_scale_args(states, ("exp_avg", "exp_avg_sq")))
         projs = [s["proj"] for s in states] if group["store_projection"] else []
         seeds = [s["seed"] for s in states] if group["proj"] == "random" else []
         args = (stored, grads, m, v, projs, seeds, [s["limiter_norm"] for s in states], steps,
@@ -150,6 +169,9 @@ class Apollo(MemoptOptimizer):
         """Sharded projected weights: apollo_shard_stats_ writes this rank's partial
         statistics now, the base sums them over the shard group (one all-reduce), and
         apollo_shard_update_ finishes. Unsplit DTensors and AdamW groups take the base path."""
+        if group.get("rank") is None and group.get("embeddings", "adamw") == "adam_mini":
+            raise NotImplementedError("Apollo(embeddings='adam_mini') over DTensor (FSDP2) "
+                                      "parameters is not supported yet; use embeddings='adamw'")
         if group.get("rank") is None or not self._split(params[0]):
             return super()._sharded_call(group, params, grads, states)
         layouts = [self._shard_layout(p) for p in params]
@@ -172,6 +194,8 @@ class Apollo(MemoptOptimizer):
     # ---- reporting ------------------------------------------------------------------------
     def _describe_row(self, p):
         i = self._index[p]
+        if p in getattr(self, "_row_blocks", {}):
+            return "adam_mini", "per row"
         if not self.plan.projected(i):
             return "adamw", "elementwise"
         side = self.plan.side(i)[0].upper()
@@ -197,7 +221,8 @@ class ApolloMini(Apollo):
                  rank=None, proj="random", proj_type="std", scale_type="tensor",
                  update_proj_gap=200, scale=128.0, norm_growth_limit: Optional[float] = 1.01,
                  scale_front=False, store_projection=True, adamw_rule="apollo", roles=None,
-                 model=None, nonfinite="propagate", stochastic_rounding=False, rounding_seed=0):
+                 model=None, nonfinite="propagate", stochastic_rounding=False, rounding_seed=0,
+                 state_bits=32, embeddings="adamw"):
         # the full signature: `memopt compare` reads the settings an optimizer takes from it
         super().__init__(params, lr, betas, eps, weight_decay, rank=rank, proj=proj,
                          proj_type=proj_type, scale_type=scale_type,
@@ -205,7 +230,8 @@ class ApolloMini(Apollo):
                          norm_growth_limit=norm_growth_limit, scale_front=scale_front,
                          store_projection=store_projection, adamw_rule=adamw_rule, roles=roles,
                          model=model, nonfinite=nonfinite,
-                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
+                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed,
+                         state_bits=state_bits, embeddings=embeddings)
 
     @staticmethod
     def default_rank(model) -> int:

@@ -49,6 +49,11 @@ struct ApolloSettings {
   bool scale_front = false;
   bool store_projection = true;     // false: P is regenerated from its seed every step
   std::string adamw_rule = "apollo";
+  // AdamW groups: their full-size moments' bits (memopt/plan.h check_state_bits), and, with
+  // per_row_v (the low-memory embedding mode: embeddings and output head), Adam-mini's per-token
+  // second moment (one v per row, adam_mini_) instead of AdamW's.
+  int64_t state_bits = 32;
+  bool per_row_v = false;
   // The adamw_rule of a group saved before the option existed: such checkpoints were stepped
   // with torch.optim.AdamW's rule and resume with it.
   static constexpr const char* kLegacyAdamWRule = "torch";
@@ -70,6 +75,9 @@ class ApolloPlan : public OptimizerPlan {
   StateLayout state(int64_t i) const override;
 
   bool projected(int64_t i) const { return tensor(i).projector.has_value(); }
+  // An AdamW-group tensor with per_row_v: its blocks in the ops' flat list (encode_block_specs:
+  // one per row; a 1-D tensor is one block), for adam_mini_. Raises for any other tensor.
+  std::vector<int64_t> row_blocks(int64_t i) const;
   // Tensor i's projector; raises for an AdamW tensor.
   const Projector& projector(int64_t i) const;
   const ApolloSettings& settings(int64_t i) const { return groups_[tensor(i).group]; }
