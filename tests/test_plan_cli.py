@@ -220,3 +220,34 @@ def test_cli_plan_prints_a_recipe_that_train_accepts(capsys):
     assert (args.optimizer, args.layerwise, args.grad_clip, args.dtype) == \
         ("apollo_mini", True, 0.0, "bf16")
     assert args.checkpoint_activations and args.compute_dtype == "fp32"
+
+
+def test_cli_plan_takes_settings_and_meets_the_7b_state_target(capsys):
+    """`memopt plan --optimizer "name:settings"` plans the optimizer as constructed with them:
+    APOLLO-Mini with 8-bit states and the low-memory embedding mode keeps at most 0.3 GB of
+    state at Llama-2-7B; the recipe it prints trains with the same spec."""
+    spec = "apollo_mini:state_bits=8,embeddings=adam_mini"
+    assert cli.main(["plan", "--model", "llama-7b", "--layerwise", "--dtype", "bf16",
+                     "--optimizer", f"apollo_mini {spec}"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if f"| {spec} |" in line)
+    state_gb = float(row.split("|")[7])
+    assert state_gb <= 0.3
+    assert state_gb == pytest.approx(plan("llama-7b", "apollo_mini", dtype="bf16", layerwise=True,
+                                          state_bits=8, embeddings="adam_mini").state / 1e9,
+                                     abs=0.005)
+    command = out.split("Smallest run here: ")[1].splitlines()[1]
+    assert f'--optimizer "{spec}"' in command
+    with pytest.raises(SystemExit, match="has no setting 'bits'"):
+        cli.main(["plan", "--optimizer", "adamw:bits=8"])
+
+
+def test_cli_train_takes_optimizer_settings(tmp_path, capsys):
+    assert cli.main(["train", "--optimizer", "adam_mini:state_bits=8", "--steps", "3",
+                     "--eval-every", "3", "--batch-size", "2", "--seq-len", "16",
+                     "--ckpt-dir", str(tmp_path)]) == 0
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)
+    codes = [s for s in saved["optimizer"]["state"].values() if "exp_avg_scales" in s]
+    assert codes and all(s["exp_avg"].dtype == torch.int8 for s in codes)
+    with pytest.raises(SystemExit, match="unknown optimizer 'adam'"):
+        cli.main(["train", "--optimizer", "adam:state_bits=8", "--steps", "1"])

@@ -366,3 +366,72 @@ def test_adamw_8bit_against_torchao_adamw8bit_same_bytes_comparable_loss(monkeyp
             assert mine == sum(held(v) for k, v in a.items() if k in ("exp_avg", "exp_avg_sq"))
             both += 1
     assert both >= 6
+
+
+# ---- APOLLO: 8-bit AdamW groups and the low-memory embedding mode ---------------------------------
+@pytest.mark.parametrize("embeddings", ["adamw", "adam_mini"])
+def test_apollo_mini_8bit_groups_against_references(embeddings):
+    """APOLLO-Mini with state_bits=8: the projected weights step exactly as with float state
+    (their rank-1 moments stay float); the AdamW group's large tensors match apollo-torch's
+    AdamW rule with quantized m and v; embeddings="adam_mini" steps the embedding and output
+    head with Adam-mini's per-token v (a float per row) and 8-bit m instead."""
+    kw = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, embeddings=embeddings)
+    model = make_llama(vocab_size=256, intermediate_size=128, hidden_size=64)
+    base = make_llama(vocab_size=256, intermediate_size=128, hidden_size=64)
+    opt = memopt_core.ApolloMini(model, **kw, state_bits=8)
+    opt32 = memopt_core.ApolloMini(base, **kw)
+    named = list(model.named_parameters())
+    params, base_params = [p for _, p in named], list(base.parameters())
+    per_row = [i for i, (n, _) in enumerate(named) if "embed_tokens" in n or "lm_head" in n]
+    adamw = [i for i, (n, p) in enumerate(named) if not opt.plan.projected(opt._index[p])
+             and (embeddings == "adamw" or i not in per_row)]
+    ref_w = AdamWRef([params[i] for i in adamw], lr=3e-3, betas=(0.9, 0.95), eps=1e-6,
+                     weight_decay=0.1, rule="apollo")  # (APOLLO's eps)
+    ref_m = AM.AdamMiniRef([(params[i], AM.per_row(tuple(params[i].shape)), True)
+                            for i in per_row], lr=3e-3, betas=(0.9, 0.95), eps=1e-6,
+                           weight_decay=0.1)
+    for step in range(STEPS):
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        set_grads(base_params, grads)
+        opt.step()
+        opt32.step()
+        ref_w.step([grads[i] for i in adamw])
+        for k, i in enumerate(adamw):
+            _requantize(ref_w, k, params[i], square=True)
+        if embeddings == "adam_mini":
+            ref_m.step([grads[i] for i in per_row])
+            for k, i in enumerate(per_row):
+                _requantize(ref_m, k, params[i], square=False)
+    for i, (name, p) in enumerate(named):
+        if opt.plan.projected(opt._index[p]):
+            assert torch.equal(p, base_params[i]), name
+    for ref, idx in ((ref_w, adamw), (ref_m, per_row if embeddings == "adam_mini" else [])):
+        for k, i in enumerate(idx):
+            moved = (ref.p[k] - ref.p0[k]).abs().max()
+            assert (params[i].detach().double() - ref.p[k]).abs().max() <= 1e-3 * moved, named[i][0]
+    if embeddings == "adam_mini":
+        s = opt.state[params[per_row[0]]]
+        assert s["exp_avg"].dtype == torch.int8 and s["exp_avg_sq"].shape == (256,)
+        assert sum(_coded(params[i]) for i in adamw) == 0  # only norms left in AdamW: float
+    else:
+        assert sum(_coded(params[i]) for i in adamw) == 2
+
+
+def test_apollo_embedding_mode_needs_roles_and_is_saved_with_the_groups():
+    with pytest.raises(ValueError, match="no embedding or output"):
+        memopt_core.ApolloMini([nn.Parameter(torch.randn(64, 64))], lr=1e-3, rank=1,
+                               embeddings="adam_mini")
+    with pytest.raises(ValueError, match="embeddings must be"):
+        memopt_core.ApolloMini(make_llama(), lr=1e-3, embeddings="per_token")
+    model = make_llama(vocab_size=256, intermediate_size=128)
+    opt = memopt_core.ApolloMini(model, lr=1e-3, state_bits=8, embeddings="adam_mini")
+    _train(opt, model, 2)
+    again = memopt_core.ApolloMini(model, lr=1e-3, state_bits=8, embeddings="adam_mini")
+    again.load_state_dict(opt.state_dict())
+    for p in model.parameters():
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, again.state[p][key]), key
+    plain = memopt_core.ApolloMini(model, lr=1e-3)
+    with pytest.raises(ValueError):  # another group structure and state layout
+        plain.load_state_dict(opt.state_dict())

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..registry import OPTIMIZERS
-from .cli_args import HelpFormatter, add_train_args, positive_int, train_config
+from .cli_args import (HelpFormatter, add_train_args, check_settings, parse_settings,
+                       positive_int, split_specs, train_config)
 from .models import LLAMA_PRESETS
 from .plan import GB, format_plans, plan
 from .train import CHECKPOINT, DCP_CHECKPOINT, Trainer
@@ -54,8 +55,16 @@ def _train(args) -> int:
 
 
 def _run_training(args) -> int:
-    cfg = train_config(args, args.optimizer, grad_accum=args.grad_accum, layerwise=args.layerwise,
-                  grad_clip=args.grad_clip, eval_every=args.eval_every, fsdp=args.fsdp)
+    name, _, text = args.optimizer.partition(":")
+    if name not in OPTIMIZERS:
+        raise SystemExit(f"memopt train: unknown optimizer {name!r}; choose from "
+                         f"{', '.join(OPTIMIZERS)}")
+    settings = parse_settings(text, "train")
+    check_settings(name, settings, "train")
+    run = {k: settings.pop(k) for k in ("lr", "weight_decay", "betas") if k in settings}
+    cfg = train_config(args, name, grad_accum=args.grad_accum, layerwise=args.layerwise,
+                       grad_clip=args.grad_clip, eval_every=args.eval_every, fsdp=args.fsdp,
+                       optimizer_kwargs=settings, **run)
     trainer = Trainer(cfg)
     main_rank = trainer.rank == 0  # only rank 0 prints and writes the log
     name = DCP_CHECKPOINT if cfg.fsdp else CHECKPOINT
@@ -116,21 +125,24 @@ def _plan(args) -> int:
     base = plan(args.model, "adamw", dtype=args.dtype, layerwise=False,
                 batch_size=args.batch_size, seq_len=args.seq_len, compute_dtype=args.compute_dtype,
                 checkpoint_activations=args.checkpoint_activations)
-    names = args.optimizer.split(",") if args.optimizer else list(OPTIMIZERS)
-    unknown = [n for n in names if n not in OPTIMIZERS]
+    specs = split_specs(args.optimizer) if args.optimizer else list(OPTIMIZERS)
+    unknown = [s for s in specs if s.partition(":")[0] not in OPTIMIZERS]
     if unknown:
         raise SystemExit(f"memopt plan: unknown optimizer {', '.join(map(repr, unknown))}; "
                          f"choose from {', '.join(OPTIMIZERS)}")
-    names = [n for n in dict.fromkeys(names) if n != "adamw"]  # adamw is the first row already
+    specs = [s for s in dict.fromkeys(specs) if s != "adamw"]  # adamw is the first row already
+    settings = {s: parse_settings(s.partition(":")[2], "plan") for s in specs}
+    for s in specs:
+        check_settings(s.partition(":")[0], settings[s], "plan")
     if args.layerwise:
-        cannot = [n for n in names
-                  if n in OPTIMIZERS and not OPTIMIZERS[n].cls.steps_single_params]
+        cannot = [s for s in specs if not OPTIMIZERS[s.partition(":")[0]].cls.steps_single_params]
         if cannot:
             print(f"left out: {', '.join(cannot)} (cannot be stepped layer-wise)\n")
-        names = [n for n in names if n not in cannot]
+        specs = [s for s in specs if s not in cannot]
     run = dict(batch_size=args.batch_size, seq_len=args.seq_len, compute_dtype=args.compute_dtype,
                checkpoint_activations=args.checkpoint_activations)
-    plans = [plan(args.model, n, dtype=args.dtype, layerwise=args.layerwise, **run) for n in names]
+    plans = [plan(args.model, s.partition(":")[0], dtype=args.dtype, layerwise=args.layerwise,
+                  label=s, **run, **settings[s]) for s in specs]
     print(format_plans(plans, base))
     print(f"\nGB = 1e9 bytes. Optimizer state is each optimizer's own planned_state_bytes() on the "
           f"meta device; activations: estimate for batch {args.batch_size} x {args.seq_len} "
@@ -146,8 +158,9 @@ def _plan(args) -> int:
         ["--layerwise --grad-clip 0"] * best.layerwise + \
         ["--checkpoint-activations"] * args.checkpoint_activations + \
         [f"--compute-dtype {args.compute_dtype}"] * (args.compute_dtype is not None)
+    spec = f'"{best.optimizer}"' if ":" in best.optimizer else best.optimizer
     print(f"\nSmallest run here: {best.optimizer}, {best.total / GB:.2f} GB, on one device:\n"
-          f"  memopt train --model {args.model} --optimizer {best.optimizer} "
+          f"  memopt train --model {args.model} --optimizer {spec} "
           f"--batch-size {args.batch_size} --seq-len {args.seq_len} {' '.join(flags)}".rstrip())
     return 0
 
@@ -160,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare_cli import add_compare_subcommand
     add_compare_subcommand(sub)  # `memopt compare`
     t = sub.add_parser("train", help="train a model with one optimizer", **fmt)
-    t.add_argument("--optimizer", choices=list(OPTIMIZERS), required=True)
+    t.add_argument("--optimizer", required=True,
+                   help=f"one of {', '.join(OPTIMIZERS)}, settings after a colon: "
+                        "\"adam_mini:state_bits=8\"")
     add_train_args(t, steps=1000, model="tiny")
     t.add_argument("--grad-accum", type=positive_int, default=1)
     t.add_argument("--grad-clip", type=float, default=1.0,
@@ -181,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory plan of a training run (meta device, no memory)",
                        **fmt)
     p.add_argument("--model", choices=LLAMA_PRESETS, default="llama-7b")
-    p.add_argument("--optimizer", help="comma-separated (default: every optimizer)")
+    p.add_argument("--optimizer", help="comma-separated (default: every optimizer); settings "
+                   "after a colon, entries separated by spaces: \"adam_mini:state_bits=8 "
+                   "apollo_mini:state_bits=8,embeddings=adam_mini\"")
     p.add_argument("--layerwise", action="store_true")
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
                    help="weight storage, as memopt train's (int8: codes and group scales)")

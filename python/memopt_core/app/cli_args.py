@@ -3,6 +3,8 @@ training arguments of train and compare, the TrainConfig they build, and the mac
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import platform
 import subprocess
 from pathlib import Path
@@ -122,3 +124,44 @@ def machine() -> dict:
                 python=platform.python_version(), machine=platform.processor() or platform.machine(),
                 threads=torch.get_num_threads(),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+# ---- optimizer settings on the command line ("apollo:rank=64,state_bits=8") -----------------
+def split_specs(text: str) -> list:
+    """"adamw,adam_mini apollo:rank=64,state_bits=8" -> ["adamw", "adam_mini",
+    "apollo:rank=64,state_bits=8"]: runs separated by spaces, or by commas where no run has
+    settings."""
+    return [x for spec in text.split() for x in (spec.split(",") if ":" not in spec else [spec])]
+
+
+def parse_settings(text: str, command: str) -> dict:
+    """"density=0,update_gap=100" -> {"density": 0, "update_gap": 100} (Python literals; a
+    comma inside brackets, as in betas=(0.9,0.99), belongs to its value)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    out = {}
+    for item in filter(None, items):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"memopt {command}: setting {item!r} is not key=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()  # a bare word: a string option
+    return out
+
+
+def check_settings(name: str, kwargs: dict, command: str) -> None:
+    """Raises SystemExit naming the valid keys when a setting is not one `name` takes."""
+    signature = inspect.signature(OPTIMIZERS[name].cls.__init__)
+    valid = sorted(k for k, p in signature.parameters.items()
+                   if k not in ("self", "params", "named_params_or_model", "source")
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise SystemExit(f"memopt {command}: {name} has no setting {', '.join(map(repr, unknown))}; "
+                         f"valid: {', '.join(valid)}")

@@ -4,13 +4,12 @@ results.json, results.md and compare.png."""
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import time
 from pathlib import Path
 
 from ..registry import OPTIMIZERS
-from .cli_args import (HelpFormatter, add_train_args, fraction, machine, nonnegative,
+from .cli_args import (HelpFormatter, add_train_args, check_settings, fraction, machine,
+                       nonnegative, parse_settings, split_specs,
                        positive_int, train_config, train_default)
 from .compare import best_of_sweep, compare, lr_points, write_outputs
 from .train import TrainConfig
@@ -25,8 +24,7 @@ def run_compare(args) -> int:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:  # not given on the command line
             setattr(args, key, value)
-    specs = args.optimizers.split() if args.optimizers else list(OPTIMIZERS)
-    specs = [x for spec in specs for x in (spec.split(",") if ":" not in spec else [spec])]
+    specs = split_specs(args.optimizers) if args.optimizers else list(OPTIMIZERS)
     configs, arms, seen, own_lr = [], [], {}, False
     shared = dict(betas=args.betas, warmup=args.warmup, min_lr=args.min_lr,
                   grad_clip=args.grad_clip)
@@ -35,8 +33,8 @@ def run_compare(args) -> int:
         if name not in OPTIMIZERS:
             raise SystemExit(f"memopt compare: unknown optimizer {name!r}; "
                              f"choose from {', '.join(OPTIMIZERS)}")
-        kwargs = _parse_settings(settings)
-        _check_settings(name, kwargs)  # every arm before any runs: a typo costs no training
+        kwargs = parse_settings(settings, "compare")
+        check_settings(name, kwargs, "compare")  # every arm before any runs: a typo costs no training
         arm = name + (":" + ",".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else "")
         seen[arm] = seen.get(arm, 0) + 1
         if seen[arm] > 1:  # the same arm twice: keep both rows apart
@@ -101,39 +99,6 @@ def _betas(text: str) -> tuple:
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise argparse.ArgumentTypeError(f"betas must be two numbers in [0, 1), got {text!r}")
     return betas
-
-
-def _parse_settings(text: str) -> dict:
-    """"density=0,update_gap=100" -> {"density": 0, "update_gap": 100} (Python literals; a
-    comma inside brackets, as in betas=(0.9,0.99), belongs to its value)."""
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(text + ","):
-        depth += (ch in "([{") - (ch in ")]}")
-        if ch == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    out = {}
-    for item in filter(None, items):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"memopt compare: setting {item!r} is not key=value")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()  # a bare word: a string option
-    return out
-
-
-def _check_settings(name: str, kwargs: dict) -> None:
-    """Raises SystemExit naming the valid keys when a setting is not one `name` takes."""
-    signature = inspect.signature(OPTIMIZERS[name].cls.__init__)
-    valid = sorted(k for k, p in signature.parameters.items()
-                   if k not in ("self", "params", "named_params_or_model", "source")
-                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise SystemExit(f"memopt compare: {name} has no setting {', '.join(map(repr, unknown))}; "
-                         f"valid: {', '.join(valid)}")
 
 
 def add_compare_subcommand(sub) -> None:

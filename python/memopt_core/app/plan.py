@@ -54,9 +54,11 @@ def activation_bytes(cfg, batch_size: int, seq_len: int, elem: int,
 
 def plan(model: str, optimizer: str, *, dtype: str = "fp32", layerwise: bool = False,
          batch_size: int = 1, seq_len: int = 2048, checkpoint_activations: bool = False,
-         compute_dtype: Optional[str] = None, **opt_kwargs) -> Plan:
+         compute_dtype: Optional[str] = None, label: Optional[str] = None,
+         **opt_kwargs) -> Plan:
     """The memory of a run; compute_dtype (None: the weights' storage dtype, bf16 for int8)
-    sizes the activations. int8 weights count their codes and group scales."""
+    sizes the activations. int8 weights count their codes and group scales. label: the row's
+    name (default: optimizer), e.g. with its settings (opt_kwargs, the constructor's)."""
     if dtype not in WEIGHT_FORMATS:
         raise ValueError(f"dtype must be one of {sorted(WEIGHT_FORMATS)}, got {dtype!r}")
     if compute_dtype is not None and compute_dtype not in DTYPES:
@@ -73,7 +75,7 @@ def plan(model: str, optimizer: str, *, dtype: str = "fp32", layerwise: bool = F
     # Layer-wise stepping frees each gradient as soon as it is used: at most one exists at a
     # time (the largest bounds it); otherwise every gradient exists before step().
     grads = max(distinct_bytes([p]) for p in params) if layerwise else distinct_bytes(params)
-    return Plan(model, optimizer, dtype, layerwise, num_params(net), weights, grads,
+    return Plan(model, label or optimizer, dtype, layerwise, num_params(net), weights, grads,
                 int(opt.planned_state_bytes()),
                 activation_bytes(net.config, batch_size, seq_len, compute.itemsize,
                                  checkpoint_activations))
