@@ -75,6 +75,32 @@ struct AdamWParams {
 static_assert(sizeof(AdamWParams) <= 4096, "kernel argument over 4 KiB");
 int launch_adamw(const AdamWParams& params, Stream stream);
 
+// ---- AdamW with 8-bit m and v (cpp/src/cuda/adamw_codes.cu, memopt/state_codes.h) ----------
+// A CTA of kStateThreads threads owns kStateChunk elements, whole code blocks: thread t keeps
+// element u * 256 + t of each block u in registers, so a block's new scale is one CTA
+// reduction and every value is computed once. Float weights (not int8), float/bf16/fp16.
+constexpr int kStateThreads = 256;
+constexpr int kStateChunkBlocks = 16;
+constexpr int64_t kStateChunk = kStateThreads * kStateChunkBlocks;
+struct AdamWCodedParams {
+  static constexpr int kMaxTensors = 24;
+  Dtype param_dtype;
+  void* p[kMaxTensors];
+  const void* g[kMaxTensors];
+  int8_t* m[kMaxTensors];
+  uint8_t* v[kMaxTensors];
+  float* m_scales[kMaxTensors];
+  float* v_scales[kMaxTensors];
+  double decay[kMaxTensors], step_size[kMaxTensors], bc2_sqrt[kMaxTensors];  // as AdamWParams
+  double beta1, beta2, eps;
+  int32_t decay_after;
+  int32_t stochastic;
+  uint64_t round_key[kMaxTensors];
+  ChunkMap<kMaxTensors, 160> map;
+};
+static_assert(sizeof(AdamWCodedParams) <= 4096, "kernel argument over 4 KiB");
+int launch_adamw_coded(const AdamWCodedParams& params, Stream stream);
+
 
 // ---- APOLLO (cpp/src/cuda/apollo.cu) --------------------------------------------------------
 // One tensor's R = P G (or G P^T) comes from an ATen GEMM into workspace scratch; these kernels

@@ -10,12 +10,66 @@ namespace {
 
 constexpr int64_t kChunk = 65536;
 
+bool coded(TensorList state_scales, int64_t i) {
+  return !state_scales.empty() && coded_state(state_scales, state_scales.size() / 2, 0, i);
+}
+
+// What the 8-bit kernel takes (adamw_codes.cu), checked before anything is written: float
+// weights (not int8 codes) of float32, bf16 or fp16.
+void check_coded_cuda(TensorList params, TensorList grads, TensorList weight_scales,
+                      TensorList state_scales) {
+  for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
+    if (!coded(state_scales, i)) continue;
+    TORCH_CHECK_NOT_IMPLEMENTED(!int8_scales(weight_scale(weight_scales, i)), "adamw_update_: "
+                                "8-bit states of an int8 weight run on the CPU only");
+    const at::ScalarType t = value_dtype(params[i], grads[i]);
+    TORCH_CHECK_NOT_IMPLEMENTED(t != at::kDouble, "adamw_update_: 8-bit states of a float64 "
+                                "parameter run on the CPU only");
+  }
+}
+
+// The tensors with 8-bit m and v, in launches of AdamWCodedParams by parameter dtype.
+void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
+                         TensorList exp_avgs, TensorList exp_avg_sqs,
+                         const std::vector<AdamScalars>& s, const AdamWParams& base,
+                         const Rounding& rounding, TensorList state_scales, Stream stream) {
+  const size_t count = params.size();
+  for (Dtype dtype : {Dtype::kFloat32, Dtype::kBFloat16, Dtype::kFloat16}) {
+    std::vector<int64_t> idx;
+    for (size_t i = 0; i < count; ++i)
+      if (coded(state_scales, i) && dtype_of(params[i].scalar_type()) == dtype) idx.push_back(i);
+    if (idx.empty()) continue;
+    AdamWCodedParams prm{};
+    prm.param_dtype = dtype;
+    prm.beta1 = base.beta1, prm.beta2 = base.beta2, prm.eps = base.eps;
+    prm.decay_after = base.decay_after;
+    prm.stochastic = base.stochastic;
+    launch_chunked(
+        "adamw_update_", prm, static_cast<int64_t>(idx.size()), kStateChunk,
+        [&](int64_t k) { return params[idx[k]].numel(); },
+        [&](int slot, int64_t k) {
+          const int64_t i = idx[k];
+          prm.p[slot] = params[i].data_ptr();
+          prm.g[slot] = grads[i].data_ptr();
+          prm.m[slot] = exp_avgs[i].data_ptr<int8_t>();
+          prm.v[slot] = exp_avg_sqs[i].data_ptr<uint8_t>();
+          prm.m_scales[slot] = state_scale(state_scales, count, 0, i).data_ptr<float>();
+          prm.v_scales[slot] = state_scale(state_scales, count, 1, i).data_ptr<float>();
+          prm.decay[slot] = s[i].decay;
+          prm.step_size[slot] = s[i].step_size;
+          prm.bc2_sqrt[slot] = s[i].bc2_sqrt;
+          prm.round_key[slot] = rounding.stochastic() ? rounding.key(i, s[i].step) : 0;
+        },
+        [&](const AdamWCodedParams& launch) { return launch_adamw_coded(launch, stream); });
+  }
+}
+
 void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr_t, double beta1, double beta2, double eps,
                 double weight_decay, c10::string_view rule_name, const Rounding& rounding,
-                TensorList weight_scales) {
+                TensorList weight_scales, TensorList state_scales) {
   const AdamWRule rule = parse_adamw_rule(rule_name);
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, weight_scales);
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, weight_scales, state_scales);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params.empty()) return;
@@ -31,7 +85,9 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
   prm.beta1 = beta1, prm.beta2 = beta2, prm.eps = eps;
   prm.decay_after = rule == AdamWRule::kApollo;
   prm.stochastic = rounding.stochastic();
-  for (const TensorBatch& batch : by_dtypes(params, grads, exp_avgs, weight_scales)) {
+  adamw_coded_kernels(params, g, exp_avgs, exp_avg_sqs, s, prm, rounding, state_scales, stream);
+  for (const TensorBatch& batch : by_dtypes(params, grads, exp_avgs, weight_scales,
+                                            [&](int64_t i) { return !coded(state_scales, i); })) {
     const auto& idx = batch.idx;
     prm.param_dtype = batch.value_dtype, prm.state_dtype = batch.state_dtype;
     prm.int8_group = static_cast<int32_t>(batch.int8_group);
@@ -63,11 +119,12 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 OptionalTensors weight_scales, OptionalTensors state_scales) {
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales),
                      listed(state_scales));
-  check_no_state_codes("adamw_update_", listed(state_scales));
+  check_coded_cuda(params, grads, listed(weight_scales), listed(state_scales));
   const Rounding round(rounding, params.size(), "adamw_update_");
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, any_order);
   adamw_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),
-                steps, lr, beta1, beta2, eps, weight_decay, rule, round, listed(weight_scales));
+                steps, lr, beta1, beta2, eps, weight_decay, rule, round, listed(weight_scales),
+                listed(state_scales));
   layouts.write_back();
 }
 

@@ -2,6 +2,8 @@
 // headers, so a CPU torch wheel compiles the glue too (see kernel_params.h).
 #pragma once
 
+#include <functional>
+
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
@@ -78,8 +80,8 @@ inline double advance_step(const Tensor& step) {
   return step.item<double>();
 }
 
-// 8-bit states (memopt/state_codes.h) have CPU kernels only so far: a clear error, before
-// anything is written, for codes on a GPU.
+// 8-bit states (memopt/state_codes.h) beyond AdamW's have CPU kernels only so far: a clear
+// error, before anything is written, for codes on a GPU.
 inline void check_no_state_codes(const char* op, TensorList state_scales) {
   for (const Tensor& s : state_scales)
     TORCH_CHECK_NOT_IMPLEMENTED(!s.defined() || s.numel() == 0, op, ": 8-bit optimizer states "
@@ -126,11 +128,14 @@ struct TensorBatch {
 };
 
 // The tensors' indices in batches, in order of first appearance (`states` gives each tensor's
-// state dtype; weight_scales, memopt/common.h, marks int8 parameters).
+// state dtype; weight_scales, memopt/common.h, marks int8 parameters); `take`, if given, says
+// which tensors to batch (the rest run elsewhere: AdamW's 8-bit states).
 inline std::vector<TensorBatch> by_dtypes(TensorList params, TensorList grads, TensorList states,
-                                          TensorList weight_scales = {}) {
+                                          TensorList weight_scales = {},
+                                          const std::function<bool(int64_t)>& take = {}) {
   std::vector<TensorBatch> batches;
   for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
+    if (take && !take(i)) continue;
     const Tensor& scales = weight_scale(weight_scales, i);
     TensorBatch key{{}, dtype_of(value_dtype(params[i], grads[i])),
                     dtype_of(states[i].scalar_type()),

@@ -141,7 +141,9 @@ namespace emu {
 // Every thread of the warp posts x, then reads the value of lane `src(lane)`.
 template <typename T, typename Src>
 T warp_exchange(T x, Src src) {
-  static_assert(std::is_same_v<T, double> || std::is_same_v<T, float>, "double/float only");
+  static_assert(std::is_same_v<T, double> || std::is_same_v<T, float> ||
+                    std::is_same_v<T, unsigned>,
+                "double, float or unsigned (exact in the double exchange slot) only");
   const unsigned t = current, w = t / 32;  // linear thread id
   warp_vals[t] = x;
   wait(kWarp);
@@ -158,6 +160,7 @@ template <typename T>
 T __shfl_sync(unsigned, T x, int src) {
   return emu::warp_exchange(x, [src](unsigned) { return static_cast<unsigned>(src); });
 }
+using std::max;
 using std::min;
 using std::sqrt;
 #define __global__

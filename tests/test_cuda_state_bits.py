@@ -1,0 +1,133 @@
+"""AdamW's 8-bit states on CUDA (cpp/src/cuda/adamw_codes.cu) against the CPU op on the same
+inputs: "emu" runs the kernel and glue on the host (tools/cuda_emu), "cuda" on a GPU (skipped
+without one). Both compute in float32 and may differ in FMA contraction, so a code may land on
+the other side of a rounding boundary now and then: at most 0.1% of codes differ, by one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memopt_core
+from cuda_util import EMU, assert_cuda_build, ops, requires_cuda, tensor_device
+from reference import state_codes_ref as Q
+
+CUDA = pytest.param("cuda", marks=requires_cuda)
+LR = torch.tensor(3e-3, dtype=torch.float64)
+# a chunk and a partial one, one partial block, several tensors in one launch
+SHAPES = [(64, 128), (4096 + 300,), (33, 250)]
+
+
+def _state(shape, where):
+    n = torch.Size(shape).numel()
+    blocks = (n + Q.BLOCK - 1) // Q.BLOCK
+    return (torch.zeros(shape, dtype=torch.int8, device=where),
+            torch.zeros(shape, dtype=torch.uint8, device=where),
+            torch.zeros(blocks, device=where), torch.zeros(blocks, device=where))
+
+
+def _run(op, where, dtype, steps=4, rule="torch", rounding=()):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(dtype).to(where) for s in SHAPES]
+    states = [_state(s, where) for s in SHAPES]
+    counters = [torch.zeros(()) for _ in SHAPES]
+    for step in range(steps):
+        grads = [(torch.randn(s, generator=gen) * torch.logspace(-3, 0, s[0]).view(
+            -1, *([1] * (len(s) - 1)))).to(dtype).to(where) for s in SHAPES]
+        if step == 2:
+            grads[1][5] = 0.0  # (a zero among the values)
+        op.adamw_(params, grads, [s[0] for s in states], [s[1] for s in states], counters, LR,
+                  0.9, 0.95, 1e-8, 0.1, rule, list(rounding), None,
+                  [s[2] for s in states] + [s[3] for s in states])
+    return params, states
+
+
+@pytest.mark.parametrize("device", [EMU, CUDA])
+@pytest.mark.parametrize("dtype, rule, rounding", [
+    (torch.float32, "torch", ()), (torch.float32, "apollo", ()),
+    (torch.bfloat16, "torch", (7, 0, 0, 1, 2)), (torch.float16, "torch", ())])
+def test_adamw_8bit_kernel_matches_the_cpu_op(device, dtype, rule, rounding):
+    if device == "cuda":
+        assert_cuda_build()
+    cpu_p, cpu_s = _run(torch.ops.memopt, "cpu", dtype, rule=rule, rounding=rounding)
+    dev_p, dev_s = _run(ops(device), tensor_device(device), dtype, rule=rule, rounding=rounding)
+    for a, b in zip(cpu_p, dev_p):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                                   atol=1e-3 if dtype != torch.float32 else 1e-6)
+    for a, b in zip(cpu_s, dev_s):
+        for x, y in zip(a[:2], b[:2]):
+            differ = x != y.cpu()
+            assert differ.float().mean() <= 1e-3
+            assert bool(((x.int() - y.cpu().int()).abs() <= 1).all())
+        for x, y in zip(a[2:], b[2:]):
+            torch.testing.assert_close(y.cpu(), x, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", [EMU, CUDA])
+def test_nan_poisons_only_its_block_on_the_device(device):
+    if device == "cuda":
+        assert_cuda_build()
+    where = tensor_device(device)
+    p, g = torch.zeros(1024, device=where), torch.ones(1024, device=where)
+    g[300] = float("nan")
+    m, v, ms, vs = _state((1024,), where)
+    ops(device).adamw_([p], [g], [m], [v], [torch.zeros(())], LR, 0.9, 0.999, 1e-8, 0.0,
+                       "torch", [], None, [ms, vs])
+    assert torch.isnan(ms[1]) and torch.isnan(vs[1])
+    assert not torch.isnan(ms[torch.arange(4) != 1]).any() and int(m[:256].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("device", [EMU, CUDA])
+def test_refused_combinations_say_so_before_any_write(device):
+    if device == "cuda":
+        assert_cuda_build()
+    where = tensor_device(device)
+    p = torch.randn(512, dtype=torch.float64, device=where)
+    before = p.clone()
+    m, v, ms, vs = _state((512,), where)
+    with pytest.raises(NotImplementedError, match="float64"):
+        ops(device).adamw_([p], [torch.ones_like(p)], [m], [v], [torch.zeros(())], LR, 0.9,
+                           0.999, 1e-8, 0.0, "torch", [], None, [ms, vs])
+    assert torch.equal(p, before)
+
+
+@requires_cuda
+def test_front_end_adamw_8bit_on_cuda_matches_cpu():
+    assert_cuda_build()
+    torch.manual_seed(0)
+    cpu = torch.nn.Linear(256, 512)
+    gpu = torch.nn.Linear(256, 512).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    opts = [memopt_core.AdamW(m.parameters(), lr=1e-3, state_bits=8) for m in (cpu, gpu)]
+    for _ in range(3):
+        x = torch.randn(32, 256)
+        for m, o in zip((cpu, gpu), opts):
+            o.zero_grad()
+            m(x.to(next(m.parameters()).device)).square().mean().backward()
+            o.step()
+    torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", [EMU, CUDA])
+@pytest.mark.parametrize("op", ["adamw_", "adam_mini_"])
+def test_bf16_states_of_float32_params_match_the_cpu_op(device, op):
+    """state_bits=16: float32 parameters with bfloat16 moments (both ops' state dispatch)."""
+    if device == "cuda":
+        assert_cuda_build()
+    out = []
+    for namespace, where in ((torch.ops.memopt, "cpu"), (ops(device), tensor_device(device))):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(96, 160, generator=gen).to(where)
+        m = torch.zeros(96, 160, dtype=torch.bfloat16, device=where)
+        v = torch.zeros((96, 160) if op == "adamw_" else (96,), dtype=torch.bfloat16,
+                        device=where)
+        step = torch.zeros(())
+        for _ in range(3):
+            g = torch.randn(96, 160, generator=gen).to(where)
+            if op == "adamw_":
+                namespace.adamw_([p], [g], [m], [v], [step], LR, 0.9, 0.95, 1e-8, 0.1)
+            else:  # one block per row
+                namespace.adam_mini_([p], [g], [m], [v], [step], [1, 0, 96, 160, 160, 1, 160],
+                                     LR, 0.9, 0.95, 1e-8, 0.1)
+        out.append((p.cpu(), m.cpu().float(), v.cpu().float()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)
