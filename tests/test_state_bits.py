@@ -441,3 +441,31 @@ def test_apollo_embedding_mode_needs_roles_and_is_saved_with_the_groups():
     plain = memopt_core.ApolloMini(model, lr=1e-3)
     with pytest.raises(ValueError):  # another group structure and state layout
         plain.load_state_dict(opt.state_dict())
+
+
+# ---- FRUGAL: bfloat16 states (8-bit not yet) --------------------------------------------------------
+def test_frugal_16bit_within_twice_the_bf16_reference_error():
+    """FRUGAL with state_bits=16 (bf16 moments of float32 weights) stays within twice the error
+    of the float64 reference run with everything stored in bf16 (the DESIGN's bf16 rule)."""
+    from reference.frugal_ref import FrugalRef
+    hp = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1, density=0.5, update_gap=3, seed=5)
+    model = make_llama(vocab_size=256, intermediate_size=128)
+    opt = memopt_core.Frugal(model, **hp, state_bits=16)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    proj = [p in opt._index for p in params]
+    exact, low = FrugalRef(params, proj, **hp), FrugalRef(params, proj, **hp,
+                                                          storage_dtype=torch.bfloat16)
+    for step in range(8):
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        opt.step()
+        exact.step(grads)
+        low.step(grads)
+    kept = [s["exp_avg"].dtype for s in opt.state.values() if s]
+    assert torch.bfloat16 in kept
+    ours = torch.cat([(p.double() - p0).reshape(-1) for p, p0 in zip(params, exact.p0)])
+    e = torch.cat([(t - p0).reshape(-1) for t, p0 in zip(exact.p, exact.p0)])
+    lw = torch.cat([(t - p0).reshape(-1) for t, p0 in zip(low.p, exact.p0)])
+    assert 0 < (ours - e).norm() <= 2 * (lw - e).norm()
+    with pytest.raises(NotImplementedError, match="state_bits=8"):
+        memopt_core.Frugal(model, lr=1e-3, state_bits=8)

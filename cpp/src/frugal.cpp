@@ -102,10 +102,12 @@ void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avg
                       ", got ", m.sizes(), " and ", v.sizes());
     check_param_layout(what + ": exp_avg", m);
     check_param_layout(what + ": exp_avg_sq", v);
-    TORCH_CHECK_TYPE((m.scalar_type() == pt || m.scalar_type() == at::kFloat) &&
+    TORCH_CHECK_TYPE((m.scalar_type() == pt || m.scalar_type() == at::kFloat ||
+                      m.scalar_type() == at::kBFloat16) &&
                          v.scalar_type() == m.scalar_type() && m.device() == p.device() &&
                          v.device() == p.device(),
-                     what, ": state must be float32 or the parameter dtype, on its device");
+                     what, ": state must be float32, bfloat16 or the parameter dtype, on its "
+                     "device");
     TORCH_CHECK_VALUE(s.numel() == 1 && s.scalar_type() == at::kFloat &&
                           (s.device().is_cpu() || s.device() == p.device()),
                       what, ": step must be a one-element float32 tensor on the CPU");

@@ -2,6 +2,9 @@
 // order of random draws (proj_optimizer_templates.py), so that the Python and LibTorch
 // optimizers and a resumed run make the same choices.
 #include "memopt/frugal_plan.h"
+#include "memopt/state_codes.h"
+#include <functional>
+#include <numeric>
 #include "memopt/projection.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -41,6 +44,9 @@ bool frugal_projectable(const FrugalTensor& t, const FrugalConfig& c) {
 FrugalPlan::FrugalPlan(const std::vector<FrugalTensor>& tensors, FrugalConfig config)
     : config_(std::move(config)) {
   const auto& c = config_;
+  check_state_bits(c.state_bits);
+  TORCH_CHECK_NOT_IMPLEMENTED(c.state_bits != 8, "Frugal: state_bits=8 is not supported yet "
+                              "(its ops take no 8-bit codes); use state_bits=16 or 32");
   TORCH_CHECK_VALUE(std::isfinite(c.density) && c.density >= 0.0 && c.density <= 1.0,
                     "Frugal: density must be in [0, 1], got ", c.density);
   TORCH_CHECK_VALUE(c.update_gap >= 1, "Frugal: update_gap must be a positive int, got ",
@@ -154,8 +160,12 @@ StateLayout FrugalPlan::layout(int64_t i, FrugalMode m) const {
     for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) along.push_back(d);
   else if (m == FrugalMode::Columns || m == FrugalMode::ProjRight)
     along = {0};
-  StateLayout out{{"exp_avg", *moments, StateDType::Param, whole, along},
-                  {"exp_avg_sq", *moments, StateDType::Param, whole, along}};
+  const int64_t numel = std::accumulate(moments->begin(), moments->end(), int64_t{1},
+                                        std::multiplies<int64_t>());
+  const StateDType dtype = config_.state_bits == 16 && numel >= kStateMinNumel
+                               ? StateDType::BFloat16 : StateDType::Param;
+  StateLayout out{{"exp_avg", *moments, dtype, whole, along},
+                  {"exp_avg_sq", *moments, dtype, whole, along}};
   if (const auto sub = j < 0 ? std::nullopt : subspace_shape(j, m))
     out.push_back({"subspace", *sub, subspace_is_index(j) ? StateDType::Int32 : StateDType::Param,
                    false, m == FrugalMode::ProjLeft ? std::vector<int64_t>{0} : std::vector<int64_t>{}});

@@ -12,6 +12,7 @@ import torch
 
 from . import _C
 from ._base import MemoptOptimizer
+from .state_bits import check_state_bits
 from .int8_weights import weight_args
 from .distributed import local_args
 from .frugal_shard import FrugalShard
@@ -52,7 +53,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                  block_order="descending", state_free="sign_sgd", state_free_lr_scale=1.0,
                  proj_params_lr_scale=1.0, reset_statistics=True, proj_embeds=False,
                  proj_norms=False, proj_logits=False, roles=None, seed=None, model=None,
-                 nonfinite="propagate", stochastic_rounding=False, rounding_seed=0):
+                 nonfinite="propagate", stochastic_rounding=False, rounding_seed=0,
+                 state_bits=32):
         src = resolve(named_params_or_model, model)
         need_names(src, type(self).__name__, "which tensors are projectable blocks (attention "
                    "and MLP weights, not embeddings, norms or the head)")
@@ -65,7 +67,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
             update_gap=update_gap, selection=selection, block_order=block_order,
             state_free="none" if state_free is None else state_free,
             reset_statistics=bool(reset_statistics), seed=None if seed is None else int(seed),
-            proj_embeds=proj_embeds, proj_norms=proj_norms, proj_logits=proj_logits)
+            proj_embeds=proj_embeds, proj_norms=proj_norms, proj_logits=proj_logits,
+            state_bits=check_state_bits(self, state_bits, []))
         self.density, self.update_gap, self.selection = float(density), update_gap, selection
         self.block_order, self.state_free = block_order, state_free
         self.reset_statistics = bool(reset_statistics)

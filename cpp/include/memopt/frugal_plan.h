@@ -31,6 +31,9 @@ struct FrugalConfig {
   std::optional<int64_t> seed;  // none: drawn from torch's global generator
   // Embeddings, norms and the output layer take plain AdamW unless these make them projectable.
   bool proj_embeds = false, proj_norms = false, proj_logits = false;
+  // The moments' bits (memopt/plan.h check_state_bits): 32 or 16 (bfloat16 moments of at least
+  // kStateMinNumel elements); FRUGAL's ops take no 8-bit codes yet.
+  int64_t state_bits = 32;
 };
 
 // What the plan knows of one parameter (in optimizer order).
