@@ -131,3 +131,58 @@ def test_bf16_states_of_float32_params_match_the_cpu_op(device, op):
         out.append((p.cpu(), m.cpu().float(), v.cpu().float()))
     for a, b in zip(*out):
         torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-5)
+
+
+# Adam-mini's 8-bit m (two-pass update in units of whole code blocks): (shape, segments), a
+# segment (offset, rows, cols, row_stride, tile_rows, tile_cols) as partition.h has it.
+GEOMETRIES = {
+    "per row": ((48, 512), [(0, 48, 512, 512, 1, 512)]),
+    "per head": ((64, 256), [(0, 64, 256, 256, 16, 256)]),
+    "per column": ((40, 512), [(0, 40, 512, 512, 40, 1)]),
+    "strided halves": ((32, 1024), [(0, 32, 512, 1024, 1, 512), (512, 32, 512, 1024, 32, 64)]),
+    "one run, partial last block": ((3000,), [(0, 1, 3000, 3000, 1, 3000)]),
+}
+
+
+@pytest.mark.parametrize("device", [EMU, CUDA])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_adam_mini_8bit_m_kernel_matches_the_cpu_op(device, geometry):
+    if device == "cuda":
+        assert_cuda_build()
+    shape, segs = GEOMETRIES[geometry]
+    blocks = [len(segs)] + [x for seg in segs for x in seg]
+    nblocks = sum(rows // tr * (cols // tc) for _, rows, cols, _, tr, tc in segs)
+    out = []
+    for namespace, where in ((torch.ops.memopt, "cpu"), (ops(device), tensor_device(device))):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(shape, generator=gen).to(where)
+        m = torch.zeros(shape, dtype=torch.int8, device=where)
+        v = torch.zeros(nblocks, device=where)
+        ms = torch.zeros((p.numel() + 255) // 256, device=where)
+        step = torch.zeros(())
+        for _ in range(3):
+            g = (torch.randn(shape, generator=gen) * torch.logspace(-2, 0, shape[-1])).to(where)
+            namespace.adam_mini_([p], [g], [m], [v], [step], blocks, LR, 0.9, 0.95, 1e-8, 0.1,
+                                 [], None, [ms])
+        out.append((p.cpu(), m.cpu(), v.cpu(), ms.cpu()))
+    (p0, m0, v0, s0), (p1, m1, v1, s1) = out
+    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=0)
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=0)
+    assert (m1 != m0).float().mean() <= 1e-3 and bool(((m1.int() - m0.int()).abs() <= 1).all())
+
+
+@pytest.mark.parametrize("device", [EMU, CUDA])
+def test_adam_mini_8bit_m_refuses_unaligned_block_rows_on_the_device(device):
+    if device == "cuda":
+        assert_cuda_build()
+    where = tensor_device(device)
+    p = torch.randn(48, 100, device=where)
+    before = p.clone()
+    m = torch.zeros(48, 100, dtype=torch.int8, device=where)
+    with pytest.raises(NotImplementedError, match="whole code blocks"):
+        ops(device).adam_mini_([p], [torch.ones_like(p)], [m], [torch.zeros(48, device=where)],
+                               [torch.zeros(())],  # two halves: a code block spans both
+                               [2, 0, 24, 100, 100, 1, 100, 2400, 24, 100, 100, 1, 100], LR, 0.9,
+                               0.95, 1e-8, 0.0, [], None, [torch.zeros(19, device=where)])
+    assert torch.equal(p, before)

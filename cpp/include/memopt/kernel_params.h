@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "memopt/int8_weights.h"
+#include "memopt/state_codes.h"
 
 namespace memopt::cuda {
 
@@ -212,10 +213,18 @@ struct AdamMiniSeg {
   float* scales;
   int64_t int8_unit_begin;
   uint64_t round_key;  // the tensor's stochastic-rounding key (AdamMiniParams::stochastic)
+  // 8-bit m (memopt/state_codes.h; float weights): m holds int8 codes with these block scales,
+  // and the update runs in units of whole code blocks (update_unit_chunk), like int8 weights.
+  float* m_scales;  // null: m in the state dtype
 };
+// Elements per update unit of a two-pass segment with int8 weights (whole groups) or, with
+// int8_group 0, with 8-bit m (whole code blocks).
+MEMOPT_HOST_DEVICE constexpr int64_t update_unit_chunk(int32_t int8_group) {
+  return int8_chunk(int8_group > 0 ? int8_group : kStateBlock);
+}
 
 struct AdamMiniParams {
-  static constexpr int kMaxSegs = 22;
+  static constexpr int kMaxSegs = 21;
   // Paths. Fused: one warp (kWarp) or CTA per tile, the tile's gradient held in registers
   // between its sum of squares and its update; a tile must be one contiguous run of at most
   // fused_capacity(path) elements. kTwoPass: any tiling, via partial sums in a scratch buffer.
@@ -238,7 +247,7 @@ struct AdamMiniParams {
   int32_t path;
   int32_t n_segs;
   int64_t n_units, n_tiles, n_partials;
-  int64_t n_int8_units;  // > 0: an int8 batch (every segment int8), updated by int8 units
+  int64_t n_int8_units;  // > 0: an int8 (or 8-bit m) batch, every segment updated by units
   double beta1, beta2, eps;
   double* partials;  // two-pass scratch: n_partials sums of squares, then n_tiles factors
   double* factors;

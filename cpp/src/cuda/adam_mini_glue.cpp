@@ -104,13 +104,14 @@ struct Planner {
     seg.offset = s.offset, seg.row_stride = s.row_stride, seg.cols = s.cols;
     seg.tile_rows = s.tile_rows, seg.tile_cols = s.tile_cols;
     int64_t int8_units = 0;  // as adam_mini_two_pass.cu's int8_update_kernel counts them
-    if (seg.int8_group > 0) {
+    const bool by_units = seg.int8_group > 0 || seg.m_scales;
+    if (by_units) {
       const bool one_line = s.row_stride == s.cols;
       const int64_t line = one_line ? s.rows * s.cols : s.cols;
-      int8_units = (one_line ? 1 : s.rows) * ceil_div(line, int8_chunk(seg.int8_group));
+      int8_units = (one_line ? 1 : s.rows) * ceil_div(line, update_unit_chunk(seg.int8_group));
     }
     if (runs) {
-      for (int path = AM::kWarp; path <= AM::kCta1024 && seg.int8_group == 0; ++path)
+      for (int path = AM::kWarp; path <= AM::kCta1024 && !by_units; ++path)
         if (len <= AM::fused_capacity(path, param)) return add(path, seg, tiles, tiles, 0);
       seg.kind = AM::kRuns;
       seg.pieces = narrow(ceil_div(len, AM::kRunPiece));
@@ -147,12 +148,44 @@ void* at_element(const Tensor& t, int64_t i) {
   return static_cast<char*>(t.data_ptr()) + i * static_cast<int64_t>(t.element_size());
 }
 
+bool coded(TensorList state_scales, size_t count, int64_t i) {
+  return coded_state(state_scales, count, 0, static_cast<size_t>(i));
+}
+
+// What 8-bit m takes on CUDA (the two-pass update in units of whole code blocks), checked
+// before anything is written: float weights of float32, bf16 or fp16, no elementwise segment
+// (its per-element v would need a factor per element), and every block row whole code blocks.
+void check_coded_m_cuda(TensorList params, TensorList grads, const std::vector<BlockSpec>& specs,
+                        TensorList weight_scales, TensorList state_scales) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!coded(state_scales, params.size(), static_cast<int64_t>(i))) continue;
+    const std::string what = "adam_mini_update_: 8-bit m of tensor " + std::to_string(i);
+    TORCH_CHECK_NOT_IMPLEMENTED(!int8_scales(weight_scale(weight_scales, i)) &&
+                                    value_dtype(params[i], grads[i]) != at::kDouble,
+                                what, ": with int8 weights or float64 parameters it runs on the "
+                                "CPU only");
+    for (const Segment& seg : specs[i]) {
+      const bool one_line = seg.row_stride == seg.cols;
+      const int64_t end = seg.offset + seg.rows * seg.row_stride;
+      const bool whole = seg.offset % kStateBlock == 0 &&
+          (one_line ? (end % kStateBlock == 0 || end == params[i].numel())
+                    : seg.row_stride % kStateBlock == 0 && seg.cols % kStateBlock == 0);
+      TORCH_CHECK_NOT_IMPLEMENTED(!(seg.block_numel() == 1 && one_line) && whole, what,
+                                  ": on CUDA every block row must be whole code blocks of ",
+                                  kStateBlock, " elements and no segment elementwise; it runs "
+                                  "on the CPU");
+    }
+  }
+}
+
 void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor& lr_t, double beta1, double beta2, double eps,
-                    double weight_decay, const Rounding& rounding, TensorList weight_scales) {
+                    double weight_decay, const Rounding& rounding, TensorList weight_scales,
+                    TensorList state_scales) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
-  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_scales);
+  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_scales,
+                         state_scales);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params.empty()) return;
@@ -169,8 +202,17 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
   std::vector<AM> launches;
   std::vector<std::pair<std::vector<Elementwise>, const TensorBatch*>> elementwise;
   int64_t max_partials = 0, max_tiles = 0;
-  const std::vector<TensorBatch> batches = by_dtypes(params, grads, exp_avgs, weight_scales);
-  for (const TensorBatch& batch : batches) {
+  // Float m batches by m's dtype; 8-bit m batches (by v's dtype) after them.
+  const size_t count = params.size();
+  std::vector<TensorBatch> batches = by_dtypes(params, grads, exp_avgs, weight_scales,
+                                               [&](int64_t i) { return !coded(state_scales, count, i); });
+  const size_t float_batches = batches.size();
+  for (TensorBatch& b : by_dtypes(params, grads, exp_avg_sqs, weight_scales,
+                                  [&](int64_t i) { return coded(state_scales, count, i); }))
+    batches.push_back(std::move(b));
+  for (size_t bi = 0; bi < batches.size(); ++bi) {
+    const TensorBatch& batch = batches[bi];
+    const bool m_codes = bi >= float_batches;
     const auto& idx = batch.idx;
     AM proto{};
     proto.param_dtype = batch.value_dtype, proto.state_dtype = batch.state_dtype;
@@ -197,6 +239,7 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
           a.decay = s[i].decay, a.step_size = s[i].step_size, a.bc2_sqrt = s[i].bc2_sqrt;
           a.round_key = key;
           a.int8_group = static_cast<int32_t>(group), a.scales = scales;
+          a.m_scales = m_codes ? state_scale(state_scales, count, 0, i).data_ptr<float>() : nullptr;
           plan.add_blocks(seg, a, proto.param_dtype);
         }
         block += seg.num_blocks();
@@ -257,12 +300,12 @@ void adam_mini_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs,
                          listed(weight_scales), listed(state_scales));
-  check_no_state_codes("adam_mini_update_", listed(state_scales));
+  check_coded_m_cuda(params, grads, specs, listed(weight_scales), listed(state_scales));
   const Rounding round(rounding, params.size(), "adam_mini_update_");
   AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs);
   adam_mini_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),
                     layouts.exp_avg_sqs(), steps, blocks, lr, beta1, beta2, eps, weight_decay,
-                    round, listed(weight_scales));
+                    round, listed(weight_scales), listed(state_scales));
   layouts.write_back();
 }
 

@@ -16,6 +16,7 @@
 // one column, so every row is read coalesced and a thread's factor is fixed for the unit.
 #include "adam_mini.cuh"
 #include "weights.cuh"
+#include "memopt/state_codes.h"
 
 namespace memopt::cuda {
 namespace {
@@ -197,13 +198,19 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
   }
 }
 
-// int8 weights (AM::n_int8_units > 0): the update of a unit of whole groups, each element with
-// its block's factor. A segment whose rows are contiguous (row_stride == cols) is one line of
-// rows * cols elements, else each row is a line; a unit is int8_chunk(group) elements of a line
-// (whole groups: offset, row_stride and cols are multiples of the group, check_block_spec).
+// int8 weights or 8-bit m (AM::n_int8_units > 0): the update of a unit of whole groups (code
+// blocks), each element with its block's factor. A segment whose rows are contiguous
+// (row_stride == cols) is one line of rows * cols elements, else each row is a line; a unit is
+// update_unit_chunk elements of a line (whole groups: offset, row_stride and cols are multiples
+// of the group, check_block_spec and the glue). 8-bit m (float weights only) runs the loop twice
+// as an int8 weight does (weights.cuh): a sweep that writes nothing but each code block's
+// largest |new m|, then the same loop again, encoding; then the blocks' new scales.
 template <typename P, typename S>
 __global__ void __launch_bounds__(kThreads) int8_update_kernel(const __grid_constant__ AM prm) {
   using C = opmath_t<P>;
+  constexpr int kBlocks = static_cast<int>(kInt8Chunk / kStateBlock);
+  __shared__ unsigned m_max[kBlocks];
+  __shared__ float m_scale[kBlocks];
   int s = 0;
   while (s + 1 < prm.n_segs && prm.seg[s + 1].int8_unit_begin <= blockIdx.x) ++s;
   const AdamMiniSeg& sg = prm.seg[s];
@@ -212,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) int8_update_kernel(const __grid_cons
   const int64_t across = sg.cols / sg.tile_cols, rows = tiles / across * sg.tile_rows;
   const bool one_line = sg.row_stride == sg.cols;
   const int64_t line_len = one_line ? rows * sg.cols : sg.cols;
-  const int64_t chunk = int8_chunk(sg.int8_group);
+  const int64_t chunk = update_unit_chunk(sg.int8_group);
   const int64_t per_line = (line_len + chunk - 1) / chunk;
   const int64_t u = blockIdx.x - sg.int8_unit_begin, line = u / per_line;
   const int64_t k0 = (u - line * per_line) * chunk;  // first element of the unit in its line
@@ -220,18 +227,46 @@ __global__ void __launch_bounds__(kThreads) int8_update_kernel(const __grid_cons
   const int64_t first = sg.offset + line * sg.row_stride + k0;  // in the parameter
   const C decay = static_cast<C>(sg.decay), b1c = static_cast<C>(1.0 - prm.beta1);
   const P* g = static_cast<const P*>(sg.g) + first;
-  S* m = static_cast<S*>(sg.m) + first;
   const double* factors = prm.factors + sg.tile_begin;
-  with_weights<P>(sg.p, sg.scales, sg.int8_group, first, n, prm.stochastic, sg.round_key,
-                  [&](const auto& w) {
+  auto body = [&](const auto& w) {
     for (int64_t j = threadIdx.x; j < n; j += kThreads) {
       const int64_t k = k0 + j, r = one_line ? k / sg.cols : line, c = one_line ? k % sg.cols : k;
       const C f = static_cast<C>(factors[r / sg.tile_rows * across + c / sg.tile_cols]);
-      const C mj = lerp(load<C>(m + j), load<C>(g + j), b1c);  // as update_n
+      const int b = static_cast<int>(j / kStateBlock);  // (8-bit m) its code block in the unit
+      const C m_old = sg.m_scales
+          ? static_cast<C>(moment_decode(static_cast<const int8_t*>(sg.m)[first + j],
+                                         sg.m_scales[(first + j) / kStateBlock]))
+          : load<C>(static_cast<const S*>(sg.m) + first + j);
+      const C mj = lerp(m_old, load<C>(g + j), b1c);  // as update_n
       w.put(j, w.template get<C>(j) * decay - f * mj, first + j);
-      if (w.writes_state()) store(m + j, mj);
+      if (!sg.m_scales) {
+        if (w.writes_state()) store(static_cast<S*>(sg.m) + first + j, mj);
+      } else if (!w.writes_state()) {
+        atomicMax(m_max + b, __float_as_uint(fabsf(static_cast<float>(mj))));
+      } else {
+        static_cast<int8_t*>(sg.m)[first + j] =
+            state_block_empty(m_scale[b]) ? int8_t{0}
+                                          : moment_code(static_cast<float>(mj), 1.0f / m_scale[b]);
+      }
     }
-  });
+  };
+  if (!sg.m_scales) {
+    with_weights<P>(sg.p, sg.scales, sg.int8_group, first, n, prm.stochastic, sg.round_key, body);
+    return;
+  }
+  const int blocks = static_cast<int>((n + kStateBlock - 1) / kStateBlock);
+  for (int b = threadIdx.x; b < blocks; b += kThreads) m_max[b] = 0u;
+  __syncthreads();
+  P* p = static_cast<P*>(sg.p) + first;
+  body(FloatWeights<P>{p, prm.stochastic, sg.round_key, true});
+  __syncthreads();
+  for (int b = threadIdx.x; b < blocks; b += kThreads)
+    m_scale[b] = state_block_scale(__uint_as_float(m_max[b]));
+  __syncthreads();
+  body(FloatWeights<P>{p, prm.stochastic, sg.round_key, false});
+  __syncthreads();  // every old scale has been read
+  for (int b = threadIdx.x; b < blocks; b += kThreads)
+    sg.m_scales[first / kStateBlock + b] = m_scale[b];
 }
 
 }  // namespace

@@ -80,15 +80,6 @@ inline double advance_step(const Tensor& step) {
   return step.item<double>();
 }
 
-// 8-bit states (memopt/state_codes.h) beyond AdamW's have CPU kernels only so far: a clear
-// error, before anything is written, for codes on a GPU.
-inline void check_no_state_codes(const char* op, TensorList state_scales) {
-  for (const Tensor& s : state_scales)
-    TORCH_CHECK_NOT_IMPLEMENTED(!s.defined() || s.numel() == 0, op, ": 8-bit optimizer states "
-                                "(state_bits=8) run on the CPU only in this version; use "
-                                "state_bits=16 or 32 on CUDA");
-}
-
 // What every Adam-family glue needs per tensor once its inputs are validated: the gradient as
 // a contiguous tensor, and the step's AdamScalars after advancing the tensor's step counter.
 struct AdamStepInputs {

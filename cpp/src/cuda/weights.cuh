@@ -23,13 +23,14 @@ struct FloatWeights {
   P* p;
   int32_t stochastic;  // store_param's (bf16 params rounded stochastically under key)
   uint64_t key;
+  bool measure = false;  // a measuring sweep of 8-bit state: writes nothing
   template <typename C>
   __device__ __forceinline__ C get(int64_t j) const { return load<C>(p + j); }
   template <typename C>
   __device__ __forceinline__ void put(int64_t j, C x, int64_t index) const {
-    store_param(p + j, x, stochastic, key, index);
+    if (!measure) store_param(p + j, x, stochastic, key, index);
   }
-  __device__ __forceinline__ bool writes_state() const { return true; }
+  __device__ __forceinline__ bool writes_state() const { return !measure; }
 };
 
 // Whole groups of an int8 weight from a group boundary; `group_max` and `group_inv` are the
