@@ -296,3 +296,46 @@ def test_adamw_groups_keep_their_options(cpp_runner):
                              {"params": [ref[i] for i in rest], "lr": 5e-3, "weight_decay": 0.0}],
                             **HP, weight_decay=WD)
     assert_close_trajectory(results, trajectory(opt, ref, 3))
+
+
+# ---- state_bits: the LibTorch classes keep the same 8-bit / bf16 states as the Python front end --
+BIG = [("model.embed_tokens.weight", (64, 128)), ("model.layers.0.mlp.up_proj.weight", (96, 128)),
+       ("model.layers.0.input_layernorm.weight", (128,))]
+
+
+@pytest.mark.parametrize("name, bits", [("adamw", 8), ("adam_mini", 8), ("adamw", 16),
+                                        ("apollo", 8)])
+def test_state_bits_match_the_python_front_end_bit_for_bit(cpp_runner, tmp_path, name, bits):
+    """Both front ends call the same op with the same codes: equal parameters after every step,
+    and a LibTorch run resumed from its checkpoint equals the uninterrupted one."""
+    import memopt_core
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) for _, s in BIG]
+    names = [n for n, _ in BIG]
+    options = {**HP, "weight_decay": WD, "state_bits": bits}
+    if name == "adam_mini":
+        options.update(dim=128, n_heads=4)
+    if name == "apollo":
+        options.update(rank=0)  # AdamW groups: the op that takes 8-bit states
+    path = tmp_path / "opt.pt"
+    straight = cpp_runner(job(name, zip(names, params), options,
+                              [*steps(params, 0, 3), save(path), *steps(params, 3, 2)]))
+    resumed = cpp_runner(job(name, zip(names, straight[2]["params"]), options,
+                             [load(path), *steps(params, 3, 2)]))
+    ours = [p.clone().requires_grad_() for p in params]
+    py_opts = {k: v for k, v in options.items() if k not in ("rank",)}
+    if name == "apollo":
+        opt = memopt_core.Apollo([{"params": ours, "rank": None}], **py_opts)  # an AdamW group
+    elif name == "adam_mini":
+        opt = memopt_core.AdamMini(list(zip(names, ours)), **py_opts)
+    else:
+        opt = memopt_core.AdamW(ours, **py_opts)
+    for t in range(5):
+        for p, g in zip(ours, make_grads(params, t)):
+            p.grad = g
+        opt.step()
+        after = straight[t if t < 3 else t + 1]  # (result 3 is the save's)
+        for a, b in zip(after["params"], ours):
+            assert torch.equal(a, b.detach()), f"step {t}"
+    for a, b in zip(straight[4:], resumed[1:]):
+        assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))

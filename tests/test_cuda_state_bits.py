@@ -186,3 +186,24 @@ def test_adam_mini_8bit_m_refuses_unaligned_block_rows_on_the_device(device):
                                [2, 0, 24, 100, 100, 1, 100, 2400, 24, 100, 100, 1, 100], LR, 0.9,
                                0.95, 1e-8, 0.0, [], None, [torch.zeros(19, device=where)])
     assert torch.equal(p, before)
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["adam_mini", "apollo_mini"])
+def test_front_end_8bit_states_on_cuda_match_cpu(name):
+    """AdamMini (8-bit m) and ApolloMini (8-bit AdamW groups, per-token v for the embeddings)
+    through the front end on a GPU against the same run on the CPU."""
+    from conftest import make_grads, make_llama, set_grads
+    assert_cuda_build()
+    cpu = make_llama(vocab_size=256, intermediate_size=256)
+    gpu = make_llama(vocab_size=256, intermediate_size=256).cuda()
+    kw = dict(lr=1e-3, state_bits=8) | ({"embeddings": "adam_mini"} if name == "apollo_mini" else {})
+    opts = [memopt_core.make_optimizer(name, m, **kw) for m in (cpu, gpu)]
+    for step in range(3):
+        grads = make_grads(list(cpu.parameters()), step)
+        set_grads(list(cpu.parameters()), grads)
+        set_grads(list(gpu.parameters()), [g.cuda() for g in grads])
+        for o in opts:
+            o.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)

@@ -86,8 +86,8 @@ def test_ops_round_their_fp32_result_as_specified(name):
             bf16[1] = [g.to(torch.bfloat16) for g in args[1]]
             twin[0] = [p.detach().clone() for p in args[0]]
             twin[1] = [g.to(torch.bfloat16).float() for g in args[1]]
-            twin[-2] = []  # the twins round to nearest (float32: nothing to round); the last
-            # argument is weight_scales (None: no int8 weights)
+            at = [a.name for a in op.default._schema.arguments].index("rounding")
+            twin[at] = []  # the twins round to nearest (float32: nothing to round)
             if apollo:  # past the refresh, so that P is the stored one (bf16 values in both)
                 bf16[4] = [q.to(torch.bfloat16) for q in args[4]]
                 twin[4] = [q.to(torch.bfloat16).float() for q in args[4]]
@@ -96,7 +96,7 @@ def test_ops_round_their_fp32_result_as_specified(name):
             op(*bf16)
             op(*twin)
             steps = bf16[7] if apollo else bf16[4]
-            want = expected_rounding(twin[0], bf16[-2], [float(s) for s in steps])
+            want = expected_rounding(twin[0], bf16[at], [float(s) for s in steps])
             for i, (g, w) in enumerate(zip(bf16[0], want)):
                 assert torch.equal(g.view(torch.int16), w.view(torch.int16)), \
                     f"{name} step {step} tensor {i} {tuple(g.shape)}"

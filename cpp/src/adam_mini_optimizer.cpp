@@ -39,7 +39,9 @@ AdamMini::Planned AdamMini::planned(const NamedParams& named, const AdamMiniOpti
     tensors.push_back({name, p.sizes().vec(), r.info, r.note});
     params.push_back(p);
   }
-  return {BlockPlan(std::move(tensors), {algorithm}), std::move(params)};
+  BlockPlanConfig config{algorithm};
+  config.state_bits = o.state_bits();
+  return {BlockPlan(std::move(tensors), std::move(config)), std::move(params)};
 }
 
 // Explicit roles, their head geometry filled in from the options where left 0.
@@ -56,7 +58,9 @@ AdamMini::Planned AdamMini::planned(const std::vector<std::pair<at::Tensor, Role
     tensors.push_back({"parameter " + std::to_string(params.size()), p.sizes().vec(), info, ""});
     params.push_back(p);
   }
-  return {BlockPlan(std::move(tensors), {algorithm}), std::move(params)};
+  BlockPlanConfig config{algorithm};
+  config.state_bits = o.state_bits();
+  return {BlockPlan(std::move(tensors), std::move(config)), std::move(params)};
 }
 
 namespace {
@@ -96,8 +100,9 @@ AdamMini::OpCall AdamMini::op_call(const AdamMiniOptions& o, const GroupLists& l
     const auto e = plan_.encoded(position(p));
     blocks.insert(blocks.end(), e.begin(), e.end());
   }
+  check_group_state_bits(o, plan_.config().state_bits);
   return adam_call("adam_mini_", {l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),
-                                  l.list("step"), blocks}, o);
+                                  l.list("step"), blocks}, o, {}, {"exp_avg"});
 }
 
 }  // namespace memopt

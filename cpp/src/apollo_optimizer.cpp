@@ -32,7 +32,7 @@ Apollo::Apollo(const NamedParams& named_params, ApolloOptions defaults)
 Apollo::OpCall Apollo::op_call(const ApolloOptions& o, const GroupLists& l) const {
   if (o.rank() == 0)
     return adam_call("adamw_", {l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),
-                                l.list("step")}, o, {o.adamw_rule()});
+                                l.list("step")}, o, {o.adamw_rule()}, {"exp_avg", "exp_avg_sq"});
   const std::vector<at::Tensor> none;
   return adam_call("apollo_",
                    {l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),

@@ -36,7 +36,10 @@ Frugal::Described Frugal::described(
 
 Frugal::Frugal(const Described& params, FrugalOptions defaults, FrugalConfig config)
     : PlanOptimizer({torch::optim::OptimizerParamGroup(params.first)}, defaults,
-                    FrugalPlan(params.second, std::move(config))) {
+                    FrugalPlan(params.second, [&] {
+                      config.state_bits = defaults.state_bits();  // the options' (one place)
+                      return std::move(config);
+                    }())) {
   for (int64_t i : plan_.projectable()) projs_.push_back(params.first[i]);
 }
 
@@ -54,6 +57,7 @@ std::vector<int64_t> Frugal::holding() const {
 }
 
 Frugal::OpCall Frugal::op_call(const FrugalOptions& o, const GroupLists& l) const {
+  check_group_state_bits(o, plan_.config().state_bits);  // (FrugalConfig::state_bits decides)
   const FrugalSelection* sel = pending_ ? &pending_->selection : nullptr;
   std::vector<at::Tensor> m, v, steps, subspaces;
   std::vector<int64_t> modes;

@@ -67,6 +67,7 @@ bool set_adam(O& o, const std::string& k, const IValue& v) {
   MEMOPT_KEY(lr, num) MEMOPT_KEY(betas, pair) MEMOPT_KEY(eps, num)
   MEMOPT_KEY(weight_decay, num) MEMOPT_KEY(nonfinite, text)
   MEMOPT_KEY(stochastic_rounding, flag) MEMOPT_KEY(rounding_seed, integer)
+  MEMOPT_KEY(state_bits, integer)
   return false;
 }
 bool set(memopt::AdamWOptions& o, const std::string& k, const IValue& v) {

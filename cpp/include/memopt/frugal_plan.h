@@ -32,7 +32,8 @@ struct FrugalConfig {
   // Embeddings, norms and the output layer take plain AdamW unless these make them projectable.
   bool proj_embeds = false, proj_norms = false, proj_logits = false;
   // The moments' bits (memopt/plan.h check_state_bits): 32 or 16 (bfloat16 moments of at least
-  // kStateMinNumel elements); FRUGAL's ops take no 8-bit codes yet.
+  // kStateMinNumel elements); FRUGAL's ops take no 8-bit codes yet. The LibTorch Frugal sets it
+  // from its options' state_bits.
   int64_t state_bits = 32;
 };
 

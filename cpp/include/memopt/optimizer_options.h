@@ -16,12 +16,14 @@ namespace memopt {
 // (whose setters return the class, for chaining) and its key in both serialize() overloads;
 // `absent` is what a checkpoint without the key reads as ({}: the key is required). Adam's
 // hyperparameters come first, then stochastic rounding of bf16 parameters (memopt/rounding.h;
-// a checkpoint from before it was rounded to nearest). `nonfinite` ("propagate" or "skip") is
+// a checkpoint from before it was rounded to nearest), then the moments' bits (memopt/plan.h
+// check_state_bits; a checkpoint from before it kept them in the parameter's dtype: 32). `nonfinite` ("propagate" or "skip") is
 // not saved: the optimizer's defaults decide it for the whole step.
 #define MEMOPT_ADAM_FIELDS(X, WEIGHT_DECAY)                                    \
   X(double, lr, 1e-3, {}) X(betas_t, betas, (std::make_tuple(0.9, 0.999)), {}) \
   X(double, eps, 1e-8, {}) X(double, weight_decay, WEIGHT_DECAY, {})           \
-  X(bool, stochastic_rounding, false, false) X(int64_t, rounding_seed, 0, 0)
+  X(bool, stochastic_rounding, false, false) X(int64_t, rounding_seed, 0, 0)   \
+  X(int64_t, state_bits, 32, 32)
 #define MEMOPT_NO_FIELDS(X)
 #define MEMOPT_DECLARE_FIELD(T, name, value, absent) TORCH_ARG(T, name) = value;
 #define MEMOPT_WRITE_FIELD(T, name, value, absent) archive.write(#name, c10::IValue(name##_));

@@ -66,7 +66,7 @@ struct ApolloOptions : public torch::optim::OptimizerCloneableOptions<ApolloOpti
   ApolloSettings settings() const {  // as ApolloPlan takes them (rank 0: AdamW)
     return {rank() > 0 ? std::optional<int64_t>(rank()) : std::nullopt, proj(), proj_type(),
             scale_type(), update_proj_gap(), scale(), norm_growth_limit(), scale_front(),
-            store_projection(), adamw_rule()};
+            store_projection(), adamw_rule(), state_bits()};
   }
   void check() const {  // rank >= 0, adamw_rule, and a projected group's settings
     TORCH_CHECK_VALUE(rank() >= 0, "Apollo: rank must be >= 0 (0: plain AdamW), got ", rank());
@@ -79,7 +79,9 @@ class AdamW : public PlanOptimizer<AdamWOptions, BlockPlan> {
  public:
   explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
                  AdamWOptions defaults = {})
-      : PlanOptimizer(param_groups, defaults, BlockPlan({}, {BlockAlgorithm::AdamW})) {
+      : PlanOptimizer(param_groups, defaults,
+                      BlockPlan({}, {BlockAlgorithm::AdamW, "auto", 0, 0, false, {},
+                                     defaults.state_bits()})) {
     for (const auto& group : param_groups_) extend_plan(group.params(), defaults);
   }
   explicit AdamW(std::vector<torch::Tensor> params, AdamWOptions defaults = {})
@@ -95,8 +97,9 @@ class AdamW : public PlanOptimizer<AdamWOptions, BlockPlan> {
     plan_.add(std::move(tensors));
   }
   OpCall op_call(const AdamWOptions& o, const GroupLists& l) const override {
+    check_group_state_bits(o, plan_.config().state_bits);
     return adam_call("adamw_", {l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),
-                                l.list("step")}, o, {"torch"});
+                                l.list("step")}, o, {"torch"}, {"exp_avg", "exp_avg_sq"});
   }
 };
 

@@ -183,6 +183,8 @@ class PlanOptimizer : public torch::optim::Optimizer {
   struct OpCall {
     std::string op;
     std::vector<c10::IValue> args;
+    // The moments the op can keep in 8 bits, in its order (the op's state_scales argument).
+    std::vector<std::string> coded_keys;
   };
 
   // Groups that carry options keep them as given (LibTorch merges group options only for its
@@ -236,13 +238,33 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // `args`, then the group's lr (a float64 tensor), beta1, beta2, eps, weight_decay, then `tail`:
   // the argument order of every op.
   static OpCall adam_call(std::string op, std::vector<c10::IValue> args, const Options& o,
-                          const std::vector<c10::IValue>& tail = {}) {
+                          const std::vector<c10::IValue>& tail = {},
+                          std::vector<std::string> coded_keys = {}) {
     for (c10::IValue v : {c10::IValue(at::scalar_tensor(o.lr(), at::kDouble)),
                           c10::IValue(std::get<0>(o.betas())), c10::IValue(std::get<1>(o.betas())),
                           c10::IValue(o.eps()), c10::IValue(o.weight_decay())})
       args.push_back(std::move(v));
     args.insert(args.end(), tail.begin(), tail.end());
-    return {std::move(op), std::move(args)};
+    return {std::move(op), std::move(args), std::move(coded_keys)};
+  }
+  // A plan that decides state_bits once (AdamW's, Adam-mini's) refuses a group that asks for
+  // other bits: its state was laid out with the plan's.
+  static void check_group_state_bits(const Options& o, int64_t planned) {
+    TORCH_CHECK_VALUE(o.state_bits() == planned, "state_bits is the optimizer's (its defaults', ",
+                      planned, "); a param group cannot set ", o.state_bits());
+  }
+  // The op's state_scales (memopt/common.h): None when no moment of `keys` holds 8-bit codes,
+  // else per key one tensor per parameter, its "<key>_scales" or an empty one.
+  static c10::IValue state_scales(const GroupLists& l, const std::vector<std::string>& keys) {
+    bool any = false;
+    for (const auto* s : l.states)
+      for (const auto& k : keys) any = any || s->has(k + "_scales");
+    if (!any) return c10::IValue();
+    std::vector<at::Tensor> out;
+    for (const auto& k : keys)
+      for (const auto* s : l.states)
+        out.push_back(s->has(k + "_scales") ? s->at(k + "_scales") : at::empty({0}, at::kFloat));
+    return out;
   }
   // As torch.ops.memopt.<op> (the device's kernel), or its validator.
   static void dispatch(const OpCall& call, bool validate) {
@@ -258,11 +280,13 @@ class PlanOptimizer : public torch::optim::Optimizer {
   }
   // op_call's call with every op's last arguments: `rounding` (memopt/rounding.h) and
   // `weight_scales` (None: the LibTorch classes train float parameters; int8 weights are the
-  // Python front end's, memopt_core.quantize_weights_).
+  // Python front end's, memopt_core.quantize_weights_), and for an op with 8-bit-capable
+  // moments its `state_scales`.
   OpCall full_call(const Options& o, const GroupLists& l) const {
     OpCall call = op_call(o, l);
     call.args.emplace_back(rounding(o, l.params));
     call.args.emplace_back(c10::IValue());
+    if (!call.coded_keys.empty()) call.args.emplace_back(state_scales(l, call.coded_keys));
     return call;
   }
   // Every op's last argument, `rounding` (memopt/rounding.h): [] or, with the group's
@@ -288,6 +312,7 @@ class PlanOptimizer : public torch::optim::Optimizer {
     TORCH_CHECK_VALUE(o.rounding_seed() >= 0, "rounding_seed must be >= 0, got ",
                       o.rounding_seed());
     skips_nonfinite(o.nonfinite());
+    check_state_bits(o.state_bits());
     o.check();
   }
 
