@@ -4,7 +4,9 @@
 states, LLaMA-style models.
 
 Command (from the repo root; about 2 min for 50m on 2 idle cores, torchao's first steps compile):
-    python bench/bench_state_bits.py --size 50m [--write]
+    python bench/bench_state_bits.py --size 50m [--device cuda] [--write]
+
+With --device cuda the same table on the GPU, each step between CUDA events.
 
 Same method as bench/bench_step.py (bench/harness.py): one shared model with a fixed random
 gradient, contenders stepped round-robin with a rotating start, median step time and its ratio
@@ -57,20 +59,29 @@ def held_bytes(t: torch.Tensor) -> int:
 
 
 def main() -> None:
-    args = H.arg_parser(__doc__, rounds=7).parse_args()
-    model = H.build_model(args.size)
+    ap = H.arg_parser(__doc__, rounds=7)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--no-torchao", action="store_true",
+                    help="leave torchao out (its steps compile first: minutes on a fresh machine)")
+    args = ap.parse_args()
+    cuda = args.device == "cuda"
+    if cuda:
+        H.require_cuda()
+    model = H.build_model(args.size, args.device)
     n = num_params(model)
-    print(f"timing {len(CONTENDERS)} optimizers on {args.size} ({n / 1e6:.1f}M params)...",
+    print(f"timing up to {len(CONTENDERS)} optimizers on {args.size} ({n / 1e6:.1f}M params)...",
           file=sys.stderr)
-    opts = {name: make(model) for name, make in CONTENDERS.items()}
-    times = H.round_robin(opts, args.warmup, args.rounds)
+    opts = {name: make(model) for name, make in CONTENDERS.items()
+            if not (args.no_torchao and name.startswith("torchao"))}
+    times = H.round_robin(opts, args.warmup, args.rounds, *([H.cuda_timed_step] if cuda else []))
     sbytes = {name: sum(held_bytes(v) for s in o.state.values() for v in s.values()
                         if torch.is_tensor(v)) for name, o in opts.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = H.BASELINE
-    lines = [f"### Low-bit optimizer states, step() on CPU, LLaMA-style {args.size} "
+    where = H.cuda_machine() + " (CUDA events)" if cuda else H.machine()
+    lines = [f"### Low-bit optimizer states, step() on {args.device}, LLaMA-style {args.size} "
              f"({n / 1e6:.1f}M params, fp32 weights)", "",
-             f"{datetime.date.today()} | {H.machine()} | torch {torch.__version__} | "
+             f"{datetime.date.today()} | {where} | torch {torch.__version__} | "
              f"commit {H.commit()} | median of {args.rounds} round-robin rounds after "
              f"{args.warmup} warm-up steps | shared, noisy machine: ratios only", "",
              "| optimizer | step ms | vs torch fused AdamW | state bytes/param |",

@@ -14,6 +14,8 @@
 #   bench     bench/bench_step.py --device cuda --size 7b-layers (BENCH_ROUNDS rounds, default 10)
 #   bench_7b  bench/bench_7b.py for ApolloMini with int8 and with bf16 weights
 #   bench_int8  bench/bench_int8.py --device cuda: every optimizer's step, int8 against bf16
+#   bench_state_bits  bench/bench_state_bits.py --device cuda: 8-bit / bf16 states against
+#               torch fused AdamW and torchao
 # Everything (machine, versions, each stage's verdict, time and output) goes to one file,
 # $OUT/gpu_check.txt ($OUT: the device tool's output folder; ./gpu_check_out when unset), and
 # each stage's full log beside it. Exit status: 0 when no stage failed (skipped stages are not
@@ -150,6 +152,8 @@ else
 fi
 
 TAIL_LINES=20 stage bench_int8 60 "$py" bench/bench_int8.py --device cuda --size 50m --rounds 5
+TAIL_LINES=20 stage bench_state_bits 90 "$py" bench/bench_state_bits.py --device cuda --size 50m \
+  --rounds 5 --no-torchao
 
 say ""
 say "total: $((SECONDS - start))s of ${budget}s; result: $( ((failed)) && echo FAIL || echo PASS)"
