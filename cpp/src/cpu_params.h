@@ -55,16 +55,7 @@ MEMOPT_CPU_CLONES inline void int8_encode_span(const float* __restrict values, i
                                                uint64_t key, int64_t first) {
   for (int64_t k = 0; k * group < n; ++k) {
     const float* x = values + k * group;
-    float absmax = 0.0f;
-    uint32_t nonfinite = 0;  // from the exponent bits: a bool && reduction stays scalar (3x)
-#pragma omp simd reduction(max : absmax) reduction(| : nonfinite)
-    for (int64_t j = 0; j < group; ++j) {
-      uint32_t u;
-      std::memcpy(&u, x + j, sizeof(u));
-      absmax = std::max(absmax, std::abs(x[j]));
-      nonfinite |= (u & 0x7F800000u) == 0x7F800000u;
-    }
-    const Int8GroupScale gs = int8_group_scale(nonfinite ? NAN : absmax);
+    const Int8GroupScale gs = int8_group_scale(block_absmax(x, group));
     scales[k] = gs.scale;
     int8_t* c = codes + k * group;
     const int64_t e0 = first + k * group;

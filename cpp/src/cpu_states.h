@@ -34,21 +34,6 @@ struct SquareRootCode {
   static uint8_t code(float root, float inv) { return square_code_of_root(root, inv); }
 };
 
-// Largest |x| of a block; a NaN anywhere makes it NaN (std::max would drop it), an infinity
-// makes it infinite.
-MEMOPT_CPU_CLONES inline float block_absmax(const float* __restrict x, int64_t len) {
-  float absmax = 0.0f;
-  uint32_t nonfinite = 0;  // from the exponent bits: a bool && reduction stays scalar
-#pragma omp simd reduction(max : absmax) reduction(| : nonfinite)
-  for (int64_t j = 0; j < len; ++j) {
-    uint32_t u;
-    std::memcpy(&u, x + j, sizeof(u));
-    absmax = std::max(absmax, std::abs(x[j]));
-    nonfinite |= (u & 0x7F800000u) == 0x7F800000u;
-  }
-  return nonfinite ? NAN : absmax;
-}
-
 // One 8-bit moment of a tensor (codes and block scales), decoded into and encoded from a span's
 // float buffer: [b, b + n), b a multiple of kStateBlock (the last block may be partial).
 template <typename Code>
