@@ -140,3 +140,18 @@ def test_shard_ops_reject_bad_shards_untouched():
     with pytest.raises(ValueError, match="one entry per block"):
         torch.ops.memopt.adam_mini_block_sums_([p], enc, [0, 60], torch.zeros(4, dtype=torch.float64))
     assert torch.equal(p, before) and float(args[4][0]) == 0.0
+
+
+def test_shard_update_refuses_8bit_m_whose_blocks_a_shard_cuts():
+    """Codes are blocks of 256 elements of the full tensor: a shard starting inside one (rows
+    of 100 elements) cannot step them; nothing is written."""
+    p = torch.randn(3, 100)  # rows 3..5 of a (6, 100) tensor: elements [300, 600)
+    before = p.clone()
+    m, ms = torch.zeros(3, 100, dtype=torch.int8), torch.zeros(2)
+    with pytest.raises(ValueError, match="cuts 8-bit state blocks"):
+        torch.ops.memopt.adam_mini_shard_update_(
+            [p], [torch.ones_like(p)], [m], [torch.zeros(6)], [torch.zeros(())],
+            _C.encode_block_specs([[(0, 6, 100, 100, 1, 100)]]), [300, 600],
+            torch.ones(6, dtype=torch.float64), torch.tensor(1e-2, dtype=torch.float64), *HP, [],
+            [ms])
+    assert torch.equal(p, before) and not m.any()

@@ -304,7 +304,7 @@ BIG = [("model.embed_tokens.weight", (64, 128)), ("model.layers.0.mlp.up_proj.we
 
 
 @pytest.mark.parametrize("name, bits", [("adamw", 8), ("adam_mini", 8), ("adamw", 16),
-                                        ("apollo", 8)])
+                                        ("apollo", 8), ("frugal", 8)])
 def test_state_bits_match_the_python_front_end_bit_for_bit(cpp_runner, tmp_path, name, bits):
     """Both front ends call the same op with the same codes: equal parameters after every step,
     and a LibTorch run resumed from its checkpoint equals the uninterrupted one."""
@@ -317,6 +317,8 @@ def test_state_bits_match_the_python_front_end_bit_for_bit(cpp_runner, tmp_path,
         options.update(dim=128, n_heads=4)
     if name == "apollo":
         options.update(rank=0)  # AdamW groups: the op that takes 8-bit states
+    if name == "frugal":  # the up_proj an active block (AdamW's 8-bit step, FRUGAL's lr)
+        options.update(density=1.0, update_gap=2, seed=0, proj_params_lr_scale=0.5)
     path = tmp_path / "opt.pt"
     straight = cpp_runner(job(name, zip(names, params), options,
                               [*steps(params, 0, 3), save(path), *steps(params, 3, 2)]))
@@ -328,6 +330,8 @@ def test_state_bits_match_the_python_front_end_bit_for_bit(cpp_runner, tmp_path,
         opt = memopt_core.Apollo([{"params": ours, "rank": None}], **py_opts)  # an AdamW group
     elif name == "adam_mini":
         opt = memopt_core.AdamMini(list(zip(names, ours)), **py_opts)
+    elif name == "frugal":
+        opt = memopt_core.Frugal(list(zip(names, ours)), **py_opts)
     else:
         opt = memopt_core.AdamW(ours, **py_opts)
     for t in range(5):
@@ -339,3 +343,5 @@ def test_state_bits_match_the_python_front_end_bit_for_bit(cpp_runner, tmp_path,
             assert torch.equal(a, b.detach()), f"step {t}"
     for a, b in zip(straight[4:], resumed[1:]):
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+    kept = {v.dtype for s in opt.state.values() for v in s.values()}
+    assert (torch.int8 if bits == 8 else torch.bfloat16) in kept

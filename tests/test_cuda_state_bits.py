@@ -62,6 +62,42 @@ def test_adamw_8bit_kernel_matches_the_cpu_op(device, dtype, rule, rounding):
             torch.testing.assert_close(y.cpu(), x, rtol=1e-5, atol=0)
 
 
+def _run_frugal(op, where, dtype, steps=4):
+    """frugal_ with 8-bit moments on an AdamW tensor (mode 0) and an active block (mode 1), and
+    a free block (mode 2, no state) in the same call."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = SHAPES[:2] + [(40, 64)]
+    params = [torch.randn(s, generator=gen).to(dtype).to(where) for s in shapes]
+    states = [_state(s, where) for s in shapes[:2]]
+    empty = torch.empty(0, device=where)
+    counters = [torch.zeros(()) for _ in shapes]
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=gen).to(dtype).to(where) for s in shapes]
+        op.frugal_(params, grads, [s[0] for s in states] + [empty], [s[1] for s in states] + [empty],
+                   counters, [empty] * 3, [0, 1, 2], LR, 0.9, 0.95, 1e-8, 0.1, 0.5, 1.0, 2, [],
+                   None, [s[2] for s in states] + [empty] + [s[3] for s in states] + [empty])
+    return params, states
+
+
+@pytest.mark.parametrize("device", [EMU, CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frugal_8bit_whole_tensor_modes_match_the_cpu_op(device, dtype):
+    """FRUGAL's Adam and active-block tensors with 8-bit moments take AdamW's 8-bit kernel (at
+    FRUGAL's learning rates and decay); the free block its own kernel."""
+    if device == "cuda":
+        assert_cuda_build()
+    cpu_p, cpu_s = _run_frugal(torch.ops.memopt, "cpu", dtype)
+    dev_p, dev_s = _run_frugal(ops(device), tensor_device(device), dtype)
+    for a, b in zip(cpu_p, dev_p):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                                   atol=1e-3 if dtype != torch.float32 else 1e-6)
+    for a, b in zip(cpu_s, dev_s):
+        for x, y in zip(a[:2], b[:2]):
+            assert (x != y.cpu()).float().mean() <= 1e-3
+            assert bool(((x.int() - y.cpu().int()).abs() <= 1).all())
+    assert any(bool(s[0].any()) for s in cpu_s)
+
+
 @pytest.mark.parametrize("device", [EMU, CUDA])
 def test_nan_poisons_only_its_block_on_the_device(device):
     if device == "cuda":
@@ -185,6 +221,23 @@ def test_adam_mini_8bit_m_refuses_unaligned_block_rows_on_the_device(device):
                                [torch.zeros(())],  # two halves: a code block spans both
                                [2, 0, 24, 100, 100, 1, 100, 2400, 24, 100, 100, 1, 100], LR, 0.9,
                                0.95, 1e-8, 0.0, [], None, [torch.zeros(19, device=where)])
+    assert torch.equal(p, before)
+
+
+@pytest.mark.parametrize("device", [EMU, CUDA])
+def test_sharded_adam_mini_8bit_m_is_refused_on_the_device(device):
+    """The CUDA shard op is ATen arithmetic on views of m; codes would need a decoded copy."""
+    if device == "cuda":
+        assert_cuda_build()
+    where = tensor_device(device)
+    p = torch.randn(2, 256, device=where)  # rows 2 and 3 of a (4, 256) tensor, a block per row
+    before = p.clone()
+    with pytest.raises(NotImplementedError, match="8-bit exp_avg of sharded"):
+        ops(device).adam_mini_shard_update_(
+            [p], [torch.ones_like(p)], [torch.zeros(2, 256, dtype=torch.int8, device=where)],
+            [torch.zeros(4, device=where)], [torch.zeros(())], [1, 0, 4, 256, 256, 1, 256],
+            [512, 1024], torch.ones(4, dtype=torch.float64, device=where), LR, 0.9, 0.95, 1e-8,
+            0.0, [], [torch.zeros(2, 1, device=where)])
     assert torch.equal(p, before)
 
 

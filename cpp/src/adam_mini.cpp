@@ -8,6 +8,19 @@
 
 namespace memopt {
 
+void check_block_v(const char* op, size_t i, const Tensor& v, const BlockSpec& spec,
+                   const Tensor& param, const Tensor& grad, const Tensor& exp_avg, bool coded) {
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.numel() == num_blocks(spec) && v.is_contiguous(), op,
+                    ": tensor ", i, ": exp_avg_sq must be contiguous and 1-D with one entry per "
+                    "block of the full tensor (", num_blocks(spec), "), got shape ", v.sizes());
+  const at::ScalarType vt = v.scalar_type();
+  TORCH_CHECK_TYPE((coded ? vt == value_dtype(param, grad) || vt == at::kFloat
+                          : vt == exp_avg.scalar_type()) &&
+                       v.device() == param.device(),
+                   op, ": tensor ", i, ": exp_avg_sq must have exp_avg's dtype (8-bit exp_avg: "
+                   "float32 or the parameter's) and device");
+}
+
 void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                             TensorList exp_avg_sqs, TensorList steps,
                             const std::vector<BlockSpec>& specs, TensorList weight_scales,
@@ -21,17 +34,8 @@ void check_adam_mini_inputs(TensorList params, TensorList grads, TensorList exp_
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string what = "adam_mini_update_: tensor " + std::to_string(i);
     check_block_spec(specs[i], params[i].numel(), what);
-    const Tensor& v = exp_avg_sqs[i];
-    TORCH_CHECK_VALUE(v.dim() == 1 && v.numel() == num_blocks(specs[i]) && v.is_contiguous(),
-                      what, ": exp_avg_sq must be contiguous and 1-D with one entry per block (",
-                      num_blocks(specs[i]), "), got shape ", v.sizes());
-    const bool coded = coded_state(state_scales, params.size(), 0, i);
-    const at::ScalarType vt = v.scalar_type();
-    TORCH_CHECK_TYPE((coded ? vt == value_dtype(params[i], grads[i]) || vt == at::kFloat
-                            : vt == exp_avgs[i].scalar_type()) &&
-                         v.device() == params[i].device(),
-                     what, ": exp_avg_sq must have exp_avg's dtype (8-bit exp_avg: float32 or "
-                     "the parameter's) and device");
+    check_block_v("adam_mini_update_", i, exp_avg_sqs[i], specs[i], params[i], grads[i],
+                  exp_avgs[i], coded_state(state_scales, params.size(), 0, i));
     const Tensor& scales = weight_scale(weight_scales, i);
     if (int8_scales(scales)) {  // int8: every block row is whole groups
       const int64_t group = int8_group(params[i], scales);

@@ -6,7 +6,10 @@
 // Together they equal adam_mini_update_ on the full tensor.
 #include "memopt/adam_mini.h"
 
+#include <algorithm>
+
 #include "cpu_loops.h"
+#include "cpu_states.h"
 
 namespace memopt {
 
@@ -14,7 +17,7 @@ namespace {
 
 // Per tensor: [lo, numel] = this shard's first element in the full tensor and the full numel.
 void check_shards(const char* op, TensorList tensors, const std::vector<BlockSpec>& specs,
-                  at::IntArrayRef shards, const Tensor& sums) {
+                  at::IntArrayRef shards, const Tensor& sums, TensorList state_scales = {}) {
   TORCH_CHECK_VALUE(shards.size() == 2 * tensors.size() && specs.size() == tensors.size(), op,
                     ": need one block spec and one [first element, full numel] pair per tensor (",
                     tensors.size(), " tensors, ", specs.size(), " specs, ", shards.size(),
@@ -27,6 +30,12 @@ void check_shards(const char* op, TensorList tensors, const std::vector<BlockSpe
                       " of a full tensor of ", numel);
     check_block_spec(specs[i], numel, std::string(op) + ": tensor " + std::to_string(i));
     blocks += num_blocks(specs[i]);
+    // 8-bit m: the shard's code blocks must be the full tensor's (memopt/plan.h moment_specs).
+    const int64_t end = lo + tensors[i].numel();
+    TORCH_CHECK_VALUE(!coded_state(state_scales, tensors.size(), 0, i) ||
+                          (lo % kStateBlock == 0 && (end % kStateBlock == 0 || end == numel)),
+                      op, ": tensor ", i, ": a shard of elements [", lo, ", ", end, ") of ", numel,
+                      " cuts 8-bit state blocks of ", kStateBlock, " elements");
   }
   // On the tensors' device: it is the buffer the collective (NCCL on GPUs) reduces.
   const c10::Device device = tensors.empty() ? sums.device() : tensors[0].device();
@@ -57,6 +66,46 @@ void for_each_tile_row(const std::vector<ShardPiece>& pieces, F&& f) {
   }
 }
 
+// One tile row of for_each_tile_row: elements [at, at + n) of the shard with factor `block`
+// (tile_cols 1: factors block, block + 1, ... per element).
+struct TileRow {
+  int64_t at, n, block, tile_cols;
+};
+
+// The shard's tile rows in memory order, so that a span of elements finds its own.
+std::vector<TileRow> tile_rows(const std::vector<ShardPiece>& pieces) {
+  std::vector<TileRow> out;
+  for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t b, int64_t tc) {
+    out.push_back({at, n, b, tc});
+  });
+  std::sort(out.begin(), out.end(), [](const TileRow& a, const TileRow& b) { return a.at < b.at; });
+  return out;
+}
+
+// The shard's update with 8-bit m: in parallel spans of whole code blocks, decode m, step every
+// tile row's part of the span with its factor, encode m (as adam_mini_update_'s coded path).
+template <typename P, typename C, typename R>
+void coded_shard_update(P* p, const P* g, cpu::MomentCodes m, int64_t numel,
+                        const std::vector<TileRow>& tiles, const C* factor, C decay, C b1c,
+                        const R& round, float* buffers, int64_t span) {
+  cpu::for_state_spans(numel, span, buffers, span, [&](int64_t b, int64_t len, float* mb) {
+    m.decode(b, len, mb);
+    auto it = std::upper_bound(tiles.begin(), tiles.end(), b,
+                               [](int64_t x, const TileRow& t) { return x < t.at; });
+    for (it = it == tiles.begin() ? it : it - 1; it != tiles.end() && it->at < b + len; ++it) {
+      const int64_t lo = std::max(it->at, b), hi = std::min(it->at + it->n, b + len);
+      if (lo >= hi) continue;
+      if (it->tile_cols == 1)
+        cpu::column_update_span<P, float, C>(p + lo, g + lo, mb + (lo - b), hi - lo, decay, b1c,
+                                             factor + it->block + (lo - it->at), round.at(lo));
+      else
+        cpu::block_update_span<P, float, C>(p + lo, g + lo, mb + (lo - b), hi - lo, decay, b1c,
+                                            factor[it->block], round.at(lo));
+    }
+    m.encode(mb, b, len);
+  });
+}
+
 }  // namespace
 
 void check_adam_mini_block_sums_inputs(TensorList grads, const std::vector<BlockSpec>& specs,
@@ -67,20 +116,16 @@ void check_adam_mini_block_sums_inputs(TensorList grads, const std::vector<Block
 void check_adam_mini_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                                   TensorList exp_avg_sqs, TensorList steps,
                                   const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
-                                  const Tensor& sums) {
+                                  const Tensor& sums, TensorList state_scales) {
   const char* op = "adam_mini_shard_update_";
-  check_update_lists(op, params, grads, exp_avgs, steps);
-  check_shards(op, params, specs, shards, sums);
+  check_update_lists(op, params, grads, exp_avgs, steps, {}, state_scales);
+  check_state_scales(op, params, state_scales, {{exp_avgs, at::kChar}});
+  check_shards(op, params, specs, shards, sums, state_scales);
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), op, ": ", params.size(), " params but ",
                     exp_avg_sqs.size(), " exp_avg_sqs");
-  for (size_t i = 0; i < params.size(); ++i) {
-    const Tensor& v = exp_avg_sqs[i];
-    TORCH_CHECK_VALUE(v.dim() == 1 && v.numel() == num_blocks(specs[i]) && v.is_contiguous(), op,
-                      ": tensor ", i, ": exp_avg_sq must be 1-D with one entry per block of the "
-                      "full tensor (", num_blocks(specs[i]), "), got shape ", v.sizes());
-    TORCH_CHECK_TYPE(v.scalar_type() == exp_avgs[i].scalar_type() && v.device() == params[i].device(),
-                     op, ": tensor ", i, ": exp_avg_sq must have exp_avg's dtype and device");
-  }
+  for (size_t i = 0; i < params.size(); ++i)
+    check_block_v(op, i, exp_avg_sqs[i], specs[i], params[i], grads[i], exp_avgs[i],
+                  coded_state(state_scales, params.size(), 0, i));
 }
 
 void adam_mini_block_sums_(TensorList grads_in, const std::vector<BlockSpec>& specs,
@@ -120,9 +165,10 @@ void adam_mini_shard_update_(TensorList params_in, TensorList grads_in, TensorLi
                              TensorList exp_avg_sqs, TensorList steps,
                              const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
                              const Tensor& sums, const Tensor& lr_t, double beta1, double beta2,
-                             double eps, double weight_decay, at::IntArrayRef rounding_arg) {
+                             double eps, double weight_decay, at::IntArrayRef rounding_arg,
+                             TensorList state_scales) {
   check_adam_mini_shard_inputs(params_in, grads_in, exp_avgs_in, exp_avg_sqs, steps, specs,
-                               shards, sums);
+                               shards, sums, state_scales);
   const Rounding rounding(rounding_arg, params_in.size(), "adam_mini_shard_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
@@ -137,9 +183,13 @@ void adam_mini_shard_update_(TensorList params_in, TensorList grads_in, TensorLi
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
     const int64_t nb = num_blocks(specs[i]);
-    MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), m.scalar_type(), "adam_mini_shard_update_", [&] {
+    const bool coded = coded_state(state_scales, params.size(), 0, i);
+    const int64_t span = cpu::state_span(1);
+    // (v: exp_avg's dtype, or with 8-bit m the parameter's or float32; check_block_v)
+    MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), v.scalar_type(), "adam_mini_shard_update_", [&] {
       using C = opmath_t;
-      lease.reserve(cpu::staging_bytes(grads[i]) + Workspace::Lease::bytes_for<C>(nb));
+      lease.reserve(cpu::staging_bytes(grads[i]) + Workspace::Lease::bytes_for<C>(nb) +
+                    (coded ? Workspace::Lease::bytes_for<float>(at::get_num_threads() * span) : 0));
       const Tensor g = cpu::contiguous_grad(lease, grads[i]);
       C* factor = lease.take<C>(nb);
       const auto s = AdamScalars::make(lr, beta1, beta2, eps, weight_decay,
@@ -158,9 +208,19 @@ void adam_mini_shard_update_(TensorList params_in, TensorList grads_in, TensorLi
         }
       scalar_t* pp = p.data_ptr<scalar_t>();
       const scalar_t* gp = g.data_ptr<scalar_t>();
-      state_t* mp = m.data_ptr<state_t>();
       const C decay = cpu::load<C>(s.decay), b1c = cpu::load<C>(1.0 - s.beta1);
       const auto pieces = shard_pieces(specs[i], shards[2 * i], shards[2 * i] + p.numel());
+      if (coded) {
+        float* buffers = lease.take<float>(at::get_num_threads() * span);
+        float* ms = state_scale(state_scales, params.size(), 0, i).data_ptr<float>();
+        cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
+          coded_shard_update<scalar_t, C>(pp, gp, {m.data_ptr<int8_t>(), ms},
+                                          p.numel(), tile_rows(pieces), factor, decay, b1c, round,
+                                          buffers, span);
+        });
+        return;
+      }
+      state_t* mp = m.data_ptr<state_t>();
       cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
         for_each_tile_row(pieces, [&](int64_t at, int64_t n, int64_t blk, int64_t tc) {
           if (tc == 1)

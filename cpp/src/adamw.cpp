@@ -14,13 +14,10 @@ void check_adamw_inputs(TensorList params, TensorList grads, TensorList exp_avgs
                      state_scales);
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: ", exp_avg_sqs.size(),
                     " exp_avg_sqs for ", params.size(), " params");
-  check_state_scales("adamw_update_", params, state_scales,
-                     {{exp_avgs, at::kChar}, {exp_avg_sqs, at::kByte}});
+  check_adam_codes("adamw_update_", params, exp_avgs, exp_avg_sqs, state_scales);
   const size_t n = params.size();
   for (size_t i = 0; i < n; ++i) {
     const bool coded = coded_state(state_scales, n, 0, i);
-    TORCH_CHECK_VALUE(coded == coded_state(state_scales, n, 1, i), "adamw_update_: tensor ", i,
-                      ": exp_avg and exp_avg_sq are 8-bit together or not at all");
     TORCH_CHECK_VALUE(exp_avg_sqs[i].sizes() == params[i].sizes() &&
                           (coded || exp_avg_sqs[i].scalar_type() == exp_avgs[i].scalar_type()) &&
                           exp_avg_sqs[i].device() == params[i].device(),
@@ -36,29 +33,6 @@ AdamWRule parse_adamw_rule(c10::string_view rule) {
                     "(torch.optim.AdamW's), got '", std::string(rule), "'");
   return AdamWRule::kApollo;
 }
-
-namespace {
-
-// One tensor's step with 8-bit m and v: spans of whole code blocks (and int8 weight groups),
-// decoded into the thread's buffers, updated by the float loop, encoded again.
-template <typename P, typename C, typename Store>
-void adamw_coded(const Store& store, const P* g, cpu::MomentCodes m, cpu::SquareRootCodes v,
-                 int64_t n, int64_t span, float* buffers, const AdamScalars& s) {
-  cpu::for_state_spans(n, span, buffers, 2 * span, [&](int64_t b, int64_t len, float* buf) {
-    float *mb = buf, *vb = buf + span;  // m and sqrt(v)
-    m.decode(b, len, mb);
-    v.decode(b, len, vb);
-    store.edit(b, len, [&](auto* pv, const auto& round) {
-      using PV = std::remove_pointer_t<decltype(pv)>;
-      cpu::adamw_span<PV, float, C, std::decay_t<decltype(round)>, P, true>(pv, g + b, mb, vb,
-                                                                            len, s, round);
-    });
-    m.encode(mb, b, len);
-    v.encode(vb, b, len);
-  });
-}
-
-}  // namespace
 
 void adamw_update_(TensorList params_in, TensorList grads_in, TensorList exp_avgs_in,
                    TensorList exp_avg_sqs_in, TensorList steps, const Tensor& lr_t, double beta1,
@@ -101,7 +75,7 @@ void adamw_update_(TensorList params_in, TensorList grads_in, TensorList exp_avg
       cpu::with_param_store<scalar_t>(p, scales, rounding, i, s.step, buffers, buffer,
                                       [&](const auto& store) {
         if (coded) {
-          adamw_coded<scalar_t, opmath_t>(
+          cpu::adamw_coded<scalar_t, opmath_t>(
               store, gp,
               {m.data_ptr<int8_t>(), state_scale(state_scales, count, 0, i).data_ptr<float>()},
               {v.data_ptr<uint8_t>(), state_scale(state_scales, count, 1, i).data_ptr<float>()},

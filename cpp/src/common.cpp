@@ -134,10 +134,11 @@ void check_state_scales(const char* op, TensorList params, TensorList state_scal
       TORCH_CHECK_VALUE(c.numel() == params[i].numel() && c.device() == params[i].device(), op,
                         ": 8-bit ", what, " of tensor ", i, " must have the parameter's ",
                         params[i].numel(), " elements on its device, got ", c.sizes());
-      TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.dim() == 1 && s.is_contiguous() &&
+      // (any shape: the plan shapes them [rows, blocks per row] where rows are whole blocks)
+      TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.is_contiguous() &&
                             s.numel() == state_blocks(c.numel()) && s.device() == c.device(),
                         op, ": the block scales of 8-bit ", what, " of tensor ", i,
-                        " must be a contiguous float32 vector of ", state_blocks(c.numel()),
+                        " must be a contiguous float32 tensor of ", state_blocks(c.numel()),
                         " entries (one per ", kStateBlock, " elements) beside it, got ",
                         s.scalar_type(), " ", s.sizes());
     }
@@ -165,6 +166,16 @@ void check_update_lists(const char* op, TensorList params, TensorList grads, Ten
     TORCH_CHECK_VALUE(m.device() == p.device(), op, ": exp_avg ", i,
                       " is on another device; one call takes one device");
   }
+}
+
+void check_adam_codes(const char* op, TensorList params, TensorList exp_avgs,
+                      TensorList exp_avg_sqs, TensorList state_scales) {
+  check_state_scales(op, params, state_scales, {{exp_avgs, at::kChar}, {exp_avg_sqs, at::kByte}});
+  const size_t n = params.size();
+  for (size_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(coded_state(state_scales, n, 0, i) == coded_state(state_scales, n, 1, i),
+                      op, ": tensor ", i, ": exp_avg and exp_avg_sq are 8-bit together or not "
+                      "at all");
 }
 
 }  // namespace memopt

@@ -83,4 +83,24 @@ void for_state_spans(int64_t n, int64_t span, float* all, int64_t per_thread, F&
   });
 }
 
+// One tensor's AdamW step (adamw_span's, scalars `s`) with 8-bit m and v: spans of whole code
+// blocks (and int8 weight groups), decoded into the thread's 2 x span floats of `buffers`,
+// updated by the float loop, encoded again. AdamW's op and FRUGAL's Adam modes.
+template <typename P, typename C, typename Store>
+void adamw_coded(const Store& store, const P* g, MomentCodes m, SquareRootCodes v, int64_t n,
+                 int64_t span, float* buffers, const AdamScalars& s) {
+  for_state_spans(n, span, buffers, 2 * span, [&](int64_t b, int64_t len, float* buf) {
+    float *mb = buf, *vb = buf + span;  // m and sqrt(v)
+    m.decode(b, len, mb);
+    v.decode(b, len, vb);
+    store.edit(b, len, [&](auto* pv, const auto& round) {
+      using PV = std::remove_pointer_t<decltype(pv)>;
+      adamw_span<PV, float, C, std::decay_t<decltype(round)>, P, true>(pv, g + b, mb, vb, len, s,
+                                                                      round);
+    });
+    m.encode(mb, b, len);
+    v.encode(vb, b, len);
+  });
+}
+
 }  // namespace memopt::cpu

@@ -2,6 +2,7 @@
 #include <algorithm>
 
 #include "frugal_impl.h"
+#include "cpu_states.h"
 
 namespace memopt {
 
@@ -38,12 +39,14 @@ std::vector<int64_t> moment_shape(FrugalMode mode, const Tensor& p, const Tensor
 void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                          at::IntArrayRef modes, double proj_lr_scale, double free_lr_scale,
-                         int64_t rule, bool read_data, TensorList weight_scales) {
+                         int64_t rule, bool read_data, TensorList weight_scales,
+                         TensorList state_scales) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                         steps.size() == n && subspaces.size() == n && modes.size() == n,
                     "frugal_update_: params, grads, exp_avgs, exp_avg_sqs, steps, subspaces and "
                     "modes must have the same length");
+  check_adam_codes("frugal_update_", params, exp_avgs, exp_avg_sqs, state_scales);
   TORCH_CHECK_VALUE(std::isfinite(proj_lr_scale) && proj_lr_scale >= 0.0,
                     "Invalid proj_params_lr_scale: ", proj_lr_scale);
   TORCH_CHECK_VALUE(std::isfinite(free_lr_scale) && free_lr_scale >= 0.0,
@@ -70,6 +73,11 @@ void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avg
                       " but its parameter has ", p.sizes());
     TORCH_CHECK_VALUE(g.device() == p.device() && p.device() == params[0].device(), what,
                       ": is on another device; one call takes one device");
+    // 8-bit moments: whole-tensor ones only (Adam, active blocks; memopt/frugal_plan.h)
+    const bool coded = coded_state(state_scales, n, 0, i);
+    TORCH_CHECK_VALUE(!coded || mode == FrugalMode::Adam || mode == FrugalMode::ActiveBlock, what,
+                      ": 8-bit moments are for whole tensors (Adam, active blocks), not mode ",
+                      modes[i]);
     if (!stateful(mode)) continue;
     const Tensor &m = exp_avgs[i], &v = exp_avg_sqs[i], &s = steps[i], &sub = subspaces[i];
     const bool two_d = mode >= FrugalMode::Columns && mode != FrugalMode::RandK;
@@ -102,10 +110,10 @@ void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avg
                       ", got ", m.sizes(), " and ", v.sizes());
     check_param_layout(what + ": exp_avg", m);
     check_param_layout(what + ": exp_avg_sq", v);
-    TORCH_CHECK_TYPE((m.scalar_type() == pt || m.scalar_type() == at::kFloat ||
-                      m.scalar_type() == at::kBFloat16) &&
-                         v.scalar_type() == m.scalar_type() && m.device() == p.device() &&
-                         v.device() == p.device(),
+    TORCH_CHECK_TYPE((coded || ((m.scalar_type() == pt || m.scalar_type() == at::kFloat ||
+                                 m.scalar_type() == at::kBFloat16) &&
+                                v.scalar_type() == m.scalar_type())) &&
+                         m.device() == p.device() && v.device() == p.device(),
                      what, ": state must be float32, bfloat16 or the parameter dtype, on its "
                      "device");
     TORCH_CHECK_VALUE(s.numel() == 1 && s.scalar_type() == at::kFloat &&
@@ -186,7 +194,7 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
                         at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
                         double weight_decay, double proj_lr_scale, double free_lr_scale,
                         int64_t rule, const Tensor* left_stats, const Rounding& rounding,
-                        TensorList weight_scales) {
+                        TensorList weight_scales, TensorList state_scales) {
   if (params_in.empty()) return;
   TORCH_CHECK(params_in[0].device().is_cpu(), "frugal_update_: no kernel for device ",
               params_in[0].device(), " in this build");
@@ -203,11 +211,17 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
     const bool projected = mode == FrugalMode::ProjRight || mode == FrugalMode::ProjLeft;
     const Tensor& p = params[i];
     const Tensor& scales = weight_scale(weight_scales, i);
-    const int64_t buffer = cpu::int8_buffer_elements(p, scales, p.dim() == 2 ? p.size(1) : 0);
+    const bool coded = coded_state(state_scales, params.size(), 0, i);
+    const int64_t span =
+        coded ? cpu::state_span(int8_scales(scales) ? int8_group(p, scales) : 1) : 0;
+    const int64_t buffer = cpu::int8_buffer_elements(
+        p, scales, coded ? span : p.dim() == 2 ? p.size(1) : 0);
     lease.reserve(cpu::staging_bytes(grads[i]) + cpu::int8_buffer_bytes(buffer) +
+                  cpu::int8_buffer_bytes(2 * span) +
                   (projected ? frugal_projected_bytes(p, subspaces[i], exp_avgs[i]) : 0));
     const Tensor g = cpu::contiguous_grad(lease, grads[i]);
     float* buffers = cpu::int8_buffers(lease, buffer);
+    float* state_buffers = cpu::int8_buffers(lease, 2 * span);
     const at::ScalarType pt = value_dtype(p, g);
     if (mode == FrugalMode::FreeBlock) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pt, "frugal_free", [&] {
@@ -243,11 +257,19 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
                               buffers, buffer);
       continue;
     }
-    MEMOPT_DISPATCH_PARAM_STATE(pt, m.scalar_type(), "frugal_update_", [&] {
+    MEMOPT_DISPATCH_PARAM_STATE(pt, coded ? at::kFloat : m.scalar_type(), "frugal_update_", [&] {
       cpu::with_param_store<scalar_t>(p, scales, rounding, i, s.step, buffers, buffer,
                                       [&](const auto& store) {
         using C = opmath_t;
         const auto* gp = g.data_ptr<scalar_t>();
+        if (coded) {  // (Adam or an active block: check_frugal_inputs)
+          const size_t n = params.size();
+          cpu::adamw_coded<scalar_t, C>(
+              store, gp, {m.data_ptr<int8_t>(), state_scale(state_scales, n, 0, i).data_ptr<float>()},
+              {v.data_ptr<uint8_t>(), state_scale(state_scales, n, 1, i).data_ptr<float>()},
+              p.numel(), span, state_buffers, s);
+          return;
+        }
         auto* mp = m.data_ptr<state_t>();
         auto* vp = v.data_ptr<state_t>();
         const C lf = cpu::load<C>(lr_free);
@@ -311,14 +333,16 @@ void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                     at::IntArrayRef modes, const Tensor& lr_t, double beta1, double beta2,
                     double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
-                    int64_t rule, at::IntArrayRef rounding, TensorList weight_scales) {
+                    int64_t rule, at::IntArrayRef rounding, TensorList weight_scales,
+                    TensorList state_scales) {
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-                      proj_lr_scale, free_lr_scale, rule, true, weight_scales);
+                      proj_lr_scale, free_lr_scale, rule, true, weight_scales, state_scales);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   frugal_update_loop(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1,
                      beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr,
-                     Rounding(rounding, params.size(), "frugal_update_"), weight_scales);
+                     Rounding(rounding, params.size(), "frugal_update_"), weight_scales,
+                     state_scales);
 }
 
 }  // namespace memopt

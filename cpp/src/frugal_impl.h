@@ -30,6 +30,6 @@ void frugal_update_loop(TensorList params, TensorList grads, TensorList exp_avgs
                         at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
                         double weight_decay, double proj_lr_scale, double free_lr_scale,
                         int64_t rule, const Tensor* left_stats, const Rounding& rounding,
-                        TensorList weight_scales = {});
+                        TensorList weight_scales = {}, TensorList state_scales = {});
 
 }  // namespace memopt

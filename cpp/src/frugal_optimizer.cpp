@@ -75,7 +75,8 @@ Frugal::OpCall Frugal::op_call(const FrugalOptions& o, const GroupLists& l) cons
   }
   return adam_call("frugal_", {l.params, l.grads, m, v, steps, subspaces, modes}, o,
                    {o.proj_params_lr_scale(), o.state_free_lr_scale(),
-                    static_cast<int64_t>(plan_.rule())});
+                    static_cast<int64_t>(plan_.rule())},
+                   {"exp_avg", "exp_avg_sq"});
 }
 
 Frugal::StateChanges Frugal::begin_step(const std::vector<GroupLists>& lists) {

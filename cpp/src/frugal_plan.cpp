@@ -45,8 +45,6 @@ FrugalPlan::FrugalPlan(const std::vector<FrugalTensor>& tensors, FrugalConfig co
     : config_(std::move(config)) {
   const auto& c = config_;
   check_state_bits(c.state_bits);
-  TORCH_CHECK_NOT_IMPLEMENTED(c.state_bits != 8, "Frugal: state_bits=8 is not supported yet "
-                              "(its ops take no 8-bit codes); use state_bits=16 or 32");
   TORCH_CHECK_VALUE(std::isfinite(c.density) && c.density >= 0.0 && c.density <= 1.0,
                     "Frugal: density must be in [0, 1], got ", c.density);
   TORCH_CHECK_VALUE(c.update_gap >= 1, "Frugal: update_gap must be a positive int, got ",
@@ -54,6 +52,12 @@ FrugalPlan::FrugalPlan(const std::vector<FrugalTensor>& tensors, FrugalConfig co
   TORCH_CHECK_VALUE(std::find(kSelections.begin(), kSelections.end(), c.selection) !=
                         kSelections.end(), "Frugal: selection must be one of block, columns, "
                     "rows, randk, svd, random, randperm; got '", c.selection, "'");
+  // 8-bit codes need whole-tensor moments (the block selection's active blocks and the AdamW
+  // tensors): the other selections keep moments of a subset or a projection.
+  TORCH_CHECK_NOT_IMPLEMENTED(c.state_bits != 8 || c.selection == "block", "Frugal: "
+                              "state_bits=8 takes selection='block' (whole-tensor moments); "
+                              "selection='", c.selection, "' keeps moments of a subspace, in "
+                              "state_bits=16 or 32");
   if (c.state_free == "none") rule_ = FrugalRule::None;
   else if (c.state_free == "sgd") rule_ = FrugalRule::Sgd;
   else TORCH_CHECK_VALUE(c.state_free == "sign_sgd", "Frugal: state_free must be 'sign_sgd', "
@@ -160,12 +164,18 @@ StateLayout FrugalPlan::layout(int64_t i, FrugalMode m) const {
     for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) along.push_back(d);
   else if (m == FrugalMode::Columns || m == FrugalMode::ProjRight)
     along = {0};
-  const int64_t numel = std::accumulate(moments->begin(), moments->end(), int64_t{1},
-                                        std::multiplies<int64_t>());
-  const StateDType dtype = config_.state_bits == 16 && numel >= kStateMinNumel
-                               ? StateDType::BFloat16 : StateDType::Param;
-  StateLayout out{{"exp_avg", *moments, dtype, whole, along},
-                  {"exp_avg_sq", *moments, dtype, whole, along}};
+  StateLayout out;
+  if (whole) {  // m and v shaped like the parameter: as AdamW's (memopt/plan.h moment_specs)
+    auto m = moment_specs("exp_avg", *moments, config_.state_bits, false, along);
+    auto v = moment_specs("exp_avg_sq", *moments, config_.state_bits, true, along);
+    out = {m.front(), v.front()};  // exp_avg, exp_avg_sq, then the scales
+    out.insert(out.end(), m.begin() + 1, m.end());
+    out.insert(out.end(), v.begin() + 1, v.end());
+  } else {
+    const StateDType dtype = config_.state_bits == 16 && low_bit_state(*moments)
+                                 ? StateDType::BFloat16 : StateDType::Param;
+    out = {{"exp_avg", *moments, dtype, false, along}, {"exp_avg_sq", *moments, dtype, false, along}};
+  }
   if (const auto sub = j < 0 ? std::nullopt : subspace_shape(j, m))
     out.push_back({"subspace", *sub, subspace_is_index(j) ? StateDType::Int32 : StateDType::Param,
                    false, m == FrugalMode::ProjLeft ? std::vector<int64_t>{0} : std::vector<int64_t>{}});

@@ -13,19 +13,21 @@ void frugal_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr,
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                 double free_lr_scale, int64_t rule, at::IntArrayRef rounding,
-                OptionalTensors weight_scales) {
+                OptionalTensors weight_scales, OptionalTensors state_scales) {
   frugal_update_(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2,
                  eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding,
-                 listed(weight_scales));
+                 listed(weight_scales), listed(state_scales));
 }
 
 void frugal_check(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                   TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr,
                   double beta1, double beta2, double eps, double weight_decay,
                   double proj_lr_scale, double free_lr_scale, int64_t rule,
-                  at::IntArrayRef rounding, OptionalTensors weight_scales) {
+                  at::IntArrayRef rounding, OptionalTensors weight_scales,
+                  OptionalTensors state_scales) {
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-                      proj_lr_scale, free_lr_scale, rule, true, listed(weight_scales));
+                      proj_lr_scale, free_lr_scale, rule, true, listed(weight_scales),
+                      listed(state_scales));
   Rounding(rounding, params.size(), "frugal_update_");
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
@@ -33,7 +35,8 @@ void frugal_check(TensorList params, TensorList grads, TensorList exp_avgs, Tens
 void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor&,
                  double, double, double, double, double proj_lr_scale, double free_lr_scale,
-                 int64_t rule, at::IntArrayRef rounding, OptionalTensors weight_scales) {
+                 int64_t rule, at::IntArrayRef rounding, OptionalTensors weight_scales,
+                 OptionalTensors state_scales) {
   Rounding(rounding, params.size(), "frugal_update_");
   TORCH_CHECK_VALUE(grads.size() == params.size() && subspaces.size() == params.size() &&
                         modes.size() == params.size(),
@@ -42,7 +45,7 @@ void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
           {params, grads, exp_avgs, exp_avg_sqs, subspaces, listed(weight_scales)}))
     check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                         proj_lr_scale, free_lr_scale, rule, /*read_data=*/false,
-                        listed(weight_scales));
+                        listed(weight_scales), listed(state_scales));
 }
 
 void frugal_shard_check(MEMOPT_FRUGAL_SHARD_ARGS) {
@@ -80,7 +83,8 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] subspaces, int[] modes, "
         "Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
         "float proj_lr_scale, float free_lr_scale, int rule, int[] rounding=[], "
-        "Tensor(e!)[]? weight_scales=None) -> ()", &memopt::frugal_check);
+        "Tensor(e!)[]? weight_scales=None, Tensor(f!)[]? state_scales=None) -> ()",
+        &memopt::frugal_check);
   // Row-sharded FRUGAL (FSDP2): partial P^T G into `stats`, then the update from their sum.
 #define MEMOPT_FRUGAL_SHARD_TAIL                                                              \
   "Tensor lr, float beta1, float beta2, float eps, float weight_decay, float proj_lr_scale, "  \

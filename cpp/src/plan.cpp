@@ -33,14 +33,30 @@ void check_state_bits(int64_t bits) {
 
 std::vector<StateSpec> moment_specs(const std::string& key, const std::vector<int64_t>& shape,
                                     int64_t bits, bool square, const std::vector<int64_t>& along) {
+  if (bits == 32 || !low_bit_state(shape)) return {{key, shape, StateDType::Param, true, along, 0.0}};
+  if (bits == 16) return {{key, shape, StateDType::BFloat16, true, along, 0.0}};
+  // The codes follow the parameter's memory layout: block k is elements [256 k, 256 k + 256) in
+  // memory order. Where rows (dim 0) are whole blocks, the scales are [rows, blocks per row], so
+  // that a shard of rows (FSDP2's Shard(0)) holds its rows' codes and scales and nothing else:
+  // sharded along dim 0 like the parameter. Otherwise a shard boundary may cut a block, and the
+  // scales are one flat vector that no shard can split (memopt_core/state_bits.py refuses it).
   const int64_t numel =
       std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
-  if (bits == 32 || numel < kStateMinNumel) return {{key, shape, StateDType::Param, true, along, 0.0}};
-  if (bits == 16) return {{key, shape, StateDType::BFloat16, true, along, 0.0}};
-  // The codes follow the parameter's memory layout, so block k is elements [256 k, 256 k + 256)
-  // in memory order: the scales are replicated, not sharded (8-bit state is not sharded yet).
-  return {{key, shape, square ? StateDType::UInt8 : StateDType::Int8, true, along, 0.0},
-          {key + "_scales", {state_blocks(numel)}, StateDType::Float32, false, {}, 0.0}};
+  const int64_t row = numel / shape[0];
+  const bool rows_of_blocks = row % kStateBlock == 0;
+  const bool row_shards = std::find(along.begin(), along.end(), 0) != along.end();
+  StateSpec scales{key + "_scales", {state_blocks(numel)}, StateDType::Float32, false, {}, 0.0};
+  if (rows_of_blocks) {
+    scales.shape = {shape[0], row / kStateBlock};
+    if (row_shards) scales.sharded_along = {0};
+  }
+  return {{key, shape, square ? StateDType::UInt8 : StateDType::Int8, true, along, 0.0}, scales};
+}
+
+bool low_bit_state(const std::vector<int64_t>& shape) {
+  const int64_t numel =
+      std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
+  return shape.size() >= 2 && numel >= kStateMinNumel;
 }
 
 void OptimizerPlan::check_saved_state(const StateLayout& layout,

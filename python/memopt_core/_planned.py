@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _C
+from .state_bits import check_sharded_codes
 
 
 class PlannedState:
@@ -37,7 +38,9 @@ class PlannedState:
         Parameters adopted earlier keep their plan (a group added later brings its own). The
         layouts are read here, once, because the hooks also run inside a compiled step, which
         cannot trace a call into C++; a plan whose layouts change is adopted again. A dtype
-        other than the parameter's own is resolved for the parameter's dtype now."""
+        other than the parameter's own is resolved for the parameter's dtype now. Raises,
+        adopting nothing, for 8-bit state that the parameters' shards would cut."""
+        check_sharded_codes(self, params, [plan.state(i) for i in range(len(params))])
         self.plan = plan
         if "_plan_state" not in self.__dict__:  # the class's empty dicts are everyone's
             self._plan_state, self._plan_of = {}, {}

@@ -55,7 +55,7 @@ class AdamMini(MemoptOptimizer):
                  partition="auto", roles=None, model=None, nonfinite="propagate",
                  stochastic_rounding=False, rounding_seed=0, state_bits=32):
         src = resolve(named_params_or_model, model)
-        self.state_bits = check_state_bits(self, state_bits, [p for _, p in src.named])
+        self.state_bits = check_state_bits(self, state_bits)
         need_names(src, type(self).__name__, "its blocks (attention heads, embedding rows, "
                    "norms) and which tensors decay")
         auto, reference = partition == "auto", partition == "reference"  # else: the plan says
@@ -83,21 +83,30 @@ class AdamMini(MemoptOptimizer):
 
     # ---- DTensor (FSDP2) parameters ----------------------------------------------------------
     def _sharded_call(self, group, params, grads, states):
-        """Blocks cut by shard boundaries: each shard's sums of g^2 per block of the full tensor
-        (this rank's partials, reduced by the caller), then v of every block and the update of
-        the local elements from the totals (cpp/src/adam_mini_shard.cpp)."""
-        blocks = [v for p in params for v in self.blocks[p].encoded]
-        shards = [v for p in params for v in (self._shard_layout(p).flat_lo, p.numel())]
-        sums = torch.zeros(sum(self.blocks[p].count for p in params), dtype=torch.float64,
-                           device=local(params[0]).device)
-        beta1, beta2 = group["betas"]
-        grads = [local(g) for g in grads]
-        args = ([local(p) for p in params], grads, [local(s["exp_avg"]) for s in states],
-                [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], blocks,
-                shards, sums, self._lr(group), float(beta1), float(beta2), float(group["eps"]),
-                float(group["weight_decay"]), self._rounding(group, params))
-        torch.ops.memopt.check_adam_mini_shard_update_(*args)
-        torch.ops.memopt.adam_mini_block_sums_(grads, blocks, shards, sums)
-        return ShardedCall(lambda: torch.ops.memopt.adam_mini_shard_update_(*args), sums,
-                           self._shard_layout(params[0]).group)
+        return block_sharded_call(self, group, params, grads, states,
+                                  [v for p in params for v in self.blocks[p].encoded],
+                                  sum(self.blocks[p].count for p in params))
+
+
+def block_sharded_call(opt, group, params, grads, states, blocks, count) -> ShardedCall:
+    """The Adam-mini step of DTensor `params` whose `count` blocks (`blocks`, encoded) may be cut by
+    shard boundaries: each shard's sums of g^2 per block of the full tensor (this rank's
+    partials, reduced by the caller), then v of every block and the update of the local
+    elements from the totals (cpp/src/adam_mini_shard.cpp). Also APOLLO's per-token mode."""
+    layouts = [opt._shard_layout(p) for p in params]
+    shards = [v for p, lay in zip(params, layouts) for v in (lay.flat_lo, p.numel())]
+    sums = torch.zeros(count, dtype=torch.float64,
+                       device=local(params[0]).device)
+    beta1, beta2 = group["betas"]
+    grads = [local(g) for g in grads]
+    scales = state_scale_args(states, ("exp_avg",))
+    args = ([local(p) for p in params], grads, [local(s["exp_avg"]) for s in states],
+            [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], blocks,
+            shards, sums, opt._lr(group), float(beta1), float(beta2), float(group["eps"]),
+            float(group["weight_decay"]), opt._rounding(group, params),
+            None if scales is None else [local(t) for t in scales])
+    torch.ops.memopt.check_adam_mini_shard_update_(*args)
+    torch.ops.memopt.adam_mini_block_sums_(grads, blocks, shards, sums)
+    return ShardedCall(lambda: torch.ops.memopt.adam_mini_shard_update_(*args), sums,
+                       layouts[0].group)
 

@@ -34,7 +34,7 @@ class AdamW(MemoptOptimizer):
             params = params.parameters()
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.state_bits = check_state_bits(self, state_bits, [])
+        self.state_bits = check_state_bits(self, state_bits)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          nonfinite, stochastic_rounding, rounding_seed)
 
@@ -44,12 +44,11 @@ class AdamW(MemoptOptimizer):
         super().add_param_group(param_group)
         params = self.param_groups[-1]["params"]
         try:
-            check_state_bits(self, getattr(self, "state_bits", 32), params)
+            self._adopt_plan(_C.BlockPlan([("", list(p.shape), None, "") for p in params], "adamw",
+                                          state_bits=getattr(self, "state_bits", 32)), params)
         except Exception:
             del self.param_groups[-1]
             raise
-        self._adopt_plan(_C.BlockPlan([("", list(p.shape), None, "") for p in params], "adamw",
-                                      state_bits=getattr(self, "state_bits", 32)), params)
 
     def _op_call(self, group, params, grads, states):
         beta1, beta2 = group["betas"]

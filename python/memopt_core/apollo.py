@@ -8,9 +8,10 @@ import torch
 from . import _C
 from ._base import MemoptOptimizer
 from .int8_weights import weight_args
-from .state_bits import check_state_bits, state_scale_args
+from .state_bits import check_sharded_codes, check_state_bits, state_scale_args
 from .distributed import ShardedCall, apollo_shard_placement, local_args
 from .apollo_groups import apollo_groups
+from .adam_mini import block_sharded_call
 from .sources import resolve
 
 _LEGACY_ADAMW_RULE = _C.ApolloPlan.legacy_adamw_rule  # of a group saved before the option
@@ -45,7 +46,7 @@ class Apollo(MemoptOptimizer):
                         update_proj_gap=update_proj_gap, scale=scale,
                         norm_growth_limit=norm_growth_limit, scale_front=scale_front,
                         store_projection=store_projection, adamw_rule=adamw_rule,
-                        state_bits=check_state_bits(self, state_bits, []), embeddings=embeddings)
+                        state_bits=check_state_bits(self, state_bits), embeddings=embeddings)
         super().__init__(groups, defaults, nonfinite, stochastic_rounding, rounding_seed)
 
     @staticmethod
@@ -61,7 +62,11 @@ class Apollo(MemoptOptimizer):
         super().add_param_group(param_group)
         group, start = self.param_groups[-1], len(self.plan)
         try:
-            check_state_bits(self, group["state_bits"], group["params"])
+            check_state_bits(self, group["state_bits"])
+            probe = _C.ApolloPlan()  # the group's layouts, before the plan takes it
+            self._plan_group(probe, group)
+            check_sharded_codes(self, group["params"],
+                                [probe.state(i) for i in range(len(group["params"]))])
             self._plan_group(self.plan, group)
         except Exception:
             del self.param_groups[-1]
@@ -170,8 +175,9 @@ class Apollo(MemoptOptimizer):
         statistics now, the base sums them over the shard group (one all-reduce), and
         apollo_shard_update_ finishes. Unsplit DTensors and AdamW groups take the base path."""
         if group.get("rank") is None and group.get("embeddings", "adamw") == "adam_mini":
-            raise NotImplementedError("Apollo(embeddings='adam_mini') over DTensor (FSDP2) "
-                                      "parameters is not supported yet; use embeddings='adamw'")
+            return block_sharded_call(self, group, params, grads, states,
+                                      [b for p in params for b in self._row_blocks[p]],
+                                      sum(p.shape[0] if p.dim() >= 2 else 1 for p in params))
         if group.get("rank") is None or not self._split(params[0]):
             return super()._sharded_call(group, params, grads, states)
         layouts = [self._shard_layout(p) for p in params]

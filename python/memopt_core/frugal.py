@@ -12,7 +12,7 @@ import torch
 
 from . import _C
 from ._base import MemoptOptimizer
-from .state_bits import check_state_bits
+from .state_bits import check_state_bits, state_scale_args
 from .int8_weights import weight_args
 from .distributed import local_args
 from .frugal_shard import FrugalShard
@@ -68,7 +68,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
             state_free="none" if state_free is None else state_free,
             reset_statistics=bool(reset_statistics), seed=None if seed is None else int(seed),
             proj_embeds=proj_embeds, proj_norms=proj_norms, proj_logits=proj_logits,
-            state_bits=check_state_bits(self, state_bits, []))
+            state_bits=check_state_bits(self, state_bits))
         self.density, self.update_gap, self.selection = float(density), update_gap, selection
         self.block_order, self.state_free = block_order, state_free
         self.reset_statistics = bool(reset_statistics)
@@ -195,7 +195,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                     float(group["weight_decay"]), float(group["proj_params_lr_scale"]),
                     float(group["state_free_lr_scale"]), self.plan.rule,
                     # the counter: steps taken, which changes the bits of state-free blocks
-                    self._rounding(group, params, self.plan.selection.t), scales))
+                    self._rounding(group, params, self.plan.selection.t), scales,
+                    state_scale_args([s or {} for s in states], ("exp_avg", "exp_avg_sq"))))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):

@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from . import _C
+from .state_bits import check_sharded_codes
 from .distributed import ShardedCall, as_dtensor, is_dtensor, local, local_value, reduce_stats
 
 SHARDABLE_SELECTIONS = ("block", "columns", "svd", "random", "randperm")
@@ -29,6 +30,10 @@ class FrugalShard:
         """Raise if a projectable tensor is split over ranks under a selection that cannot step
         on local row shards (replicated DTensors, one shard holding every row, are fine); warn
         once that "svd" all-gathers split gradients at its re-selections."""
+        if self.selection == "block":  # (8-bit state: whole tensors of the block selection)
+            check_sharded_codes(self, list(self._position), [
+                self.plan.layout(i, _C.FrugalMode.ActiveBlock if p in self._index else
+                                 _C.FrugalMode.Adam) for p, i in self._position.items()])
         split = [p for p in self._projs if self._split(p)]
         if not split:
             return
@@ -90,7 +95,9 @@ class FrugalShard:
             return None, ShardedCall(lambda: torch.ops.memopt.frugal_(*args))
         # on the parameters' device: NCCL reduces GPU buffers, the CUDA ops read them there
         stats = torch.zeros(numel, dtype=torch.float64, device=args[0][0].device)
-        full = (*args[:7], stats, *args[7:-1])  # (the shard ops take no weight_scales)
+        # (the shard ops take no weight_scales or state_scales: 8-bit moments are whole-tensor
+        # ones, of the block selection, which has no left projections)
+        full = (*args[:7], stats, *args[7:-2])
         torch.ops.memopt.check_frugal_shard_update_(*full)
         return (lambda: torch.ops.memopt.frugal_shard_stats_(*full),
                 ShardedCall(lambda: torch.ops.memopt.frugal_shard_update_(*full), stats,

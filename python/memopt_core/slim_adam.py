@@ -33,7 +33,7 @@ class SlimAdam(MemoptOptimizer):
                  n_kv_heads=None, model=None, nonfinite="propagate", stochastic_rounding=False,
                  rounding_seed=0, state_bits=32):
         src = resolve(named_params_or_model, model)
-        self.state_bits = check_state_bits(self, state_bits, [p for _, p in src.named])
+        self.state_bits = check_state_bits(self, state_bits)
         need_names(src, type(self).__name__, "the layout of each second moment (its rule "
                    "keys are tensor names and roles) and which tensors decay")
         # Q/K keep their role without heads (the table's fan-in mean needs none); the warning

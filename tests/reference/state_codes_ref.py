@@ -21,6 +21,12 @@ BLOCK = 256
 MIN_NUMEL = 4096  # smaller tensors keep float states
 
 
+def low_bit(shape) -> bool:
+    """Whether a tensor of `shape` keeps state_bits' format: at least 2-D and MIN_NUMEL
+    elements (vectors and small tensors keep float states)."""
+    return len(shape) >= 2 and math.prod(shape) >= MIN_NUMEL
+
+
 def _blocks(x: torch.Tensor) -> torch.Tensor:
     """x (float32, flat) as (blocks, 256), the last block padded with zeros."""
     x = x.reshape(-1).float()

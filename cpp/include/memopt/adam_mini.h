@@ -39,7 +39,8 @@ void adam_mini_shard_update_(TensorList params, TensorList grads, TensorList exp
                              TensorList exp_avg_sqs, TensorList steps,
                              const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
                              const Tensor& sums, const Tensor& lr, double beta1, double beta2,
-                             double eps, double weight_decay, at::IntArrayRef rounding = {});
+                             double eps, double weight_decay, at::IntArrayRef rounding = {},
+                             TensorList state_scales = {});
 void check_adam_mini_block_sums_inputs(TensorList grads, const std::vector<BlockSpec>& specs,
                                       at::IntArrayRef shards, const Tensor& sums);
 // Stochastic rounding of sharded parameters is implemented on the CPU only (the CUDA shard op's
@@ -48,7 +49,11 @@ void check_shard_rounding(TensorList params, const Rounding& rounding);
 void check_adam_mini_shard_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                                   TensorList exp_avg_sqs, TensorList steps,
                                   const std::vector<BlockSpec>& specs, at::IntArrayRef shards,
-                                  const Tensor& sums);
+                                  const Tensor& sums, TensorList state_scales = {});
+// Tensor i's v: contiguous, 1-D, one entry per block of `spec`, on the parameter's device, in
+// exp_avg's dtype (8-bit exp_avg, `coded`: float32 or the parameter's value dtype).
+void check_block_v(const char* op, size_t i, const Tensor& v, const BlockSpec& spec,
+                   const Tensor& param, const Tensor& grad, const Tensor& exp_avg, bool coded);
 
 // How the Adam-mini kernels (adam_mini_, the shard ops; CPU and CUDA) see a non-contiguous
 // parameter (memopt/layout.h): a dense one is stepped in its memory order, without a copy, when

@@ -106,6 +106,10 @@ inline bool coded_state(TensorList state_scales, size_t n_params, size_t moment,
 // elements, with contiguous float32 scales of state_blocks(numel) entries on its device.
 void check_state_scales(const char* op, TensorList params, TensorList state_scales,
                         const std::vector<std::pair<TensorList, at::ScalarType>>& moments);
+// check_state_scales for Adam's pair (int8 exp_avg, uint8 exp_avg_sq), which are 8-bit together
+// or not at all.
+void check_adam_codes(const char* op, TensorList params, TensorList exp_avgs,
+                      TensorList exp_avg_sqs, TensorList state_scales);
 
 // Under dynamic-shape tracing the Meta kernels see symbolic sizes, which have no numel() to
 // check; shape validation then happens in the real kernel at run time.

@@ -30,13 +30,15 @@ enum class FrugalRule : int64_t { None = 0, Sgd = 1, SignSgd = 2 };
 //                     lr * proj_lr_scale, on the subspace coordinates / projection; step += 1
 //   state-free part:  p -= lr * proj_lr_scale * free_lr_scale * sign(G - G_sub)  (or G - G_sub)
 // Free tensors take no state: their exp_avgs/exp_avg_sqs/steps/subspaces entries are ignored
-// (pass empty tensors). The split is by index for block/column/row/randk selections and by
+// (pass empty tensors). state_scales (memopt/common.h): 8-bit moments of tensors in the whole-tensor
+// modes (Adam, active blocks), stepped as AdamW's 8-bit ones. The split is by index for block/column/row/randk selections and by
 // r-sized row chunks for projections, so no parameter-sized temporary is made.
 void frugal_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                     at::IntArrayRef modes, const Tensor& lr, double beta1, double beta2,
                     double eps, double weight_decay, double proj_lr_scale, double free_lr_scale,
-                    int64_t rule, at::IntArrayRef rounding = {}, TensorList weight_scales = {});
+                    int64_t rule, at::IntArrayRef rounding = {}, TensorList weight_scales = {},
+                    TensorList state_scales = {});
 
 // How the FRUGAL kernels (CPU and CUDA, whole and row-sharded) see a non-contiguous parameter
 // (memopt/layout.h): Adam, active and free blocks are elementwise, so any dense layout is
@@ -49,7 +51,8 @@ OrderFreeWithin frugal_order_free(at::IntArrayRef modes);
 void check_frugal_inputs(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,
                          at::IntArrayRef modes, double proj_lr_scale, double free_lr_scale,
-                         int64_t rule, bool read_data = true, TensorList weight_scales = {});
+                         int64_t rule, bool read_data = true, TensorList weight_scales = {},
+                         TensorList state_scales = {});
 
 // ---- row-sharded parameters (FSDP2; frugal_shard.cpp) ---------------------------------------
 // Each parameter is rows [row0, row0 + m) of its full weight, with its gradient's same rows.

@@ -31,9 +31,9 @@ struct FrugalConfig {
   std::optional<int64_t> seed;  // none: drawn from torch's global generator
   // Embeddings, norms and the output layer take plain AdamW unless these make them projectable.
   bool proj_embeds = false, proj_norms = false, proj_logits = false;
-  // The moments' bits (memopt/plan.h check_state_bits): 32 or 16 (bfloat16 moments of at least
-  // kStateMinNumel elements); FRUGAL's ops take no 8-bit codes yet. The LibTorch Frugal sets it
-  // from its options' state_bits.
+  // The moments' bits (memopt/plan.h check_state_bits): whole-tensor moments as AdamW's
+  // (moment_specs: bfloat16, or 8-bit codes with selection "block" only), a subspace's in
+  // bfloat16 where low_bit_state says. The LibTorch Frugal sets it from its options' state_bits.
   int64_t state_bits = 32;
 };
 

@@ -43,13 +43,18 @@ struct StateSpec {
 using StateLayout = std::vector<StateSpec>;
 
 // How many bits a full-size moment keeps (the optimizers' state_bits): 32 (the parameter's dtype,
-// as before the option existed), 16 (bfloat16) or 8 (block codes, memopt/state_codes.h); tensors
-// under kStateMinNumel elements keep the parameter's dtype. Raises ValueError for other values.
+// as before the option existed), 16 (bfloat16) or 8 (block codes, memopt/state_codes.h); small
+// tensors and vectors keep the parameter's dtype (low_bit_state). Raises ValueError for other values.
 void check_state_bits(int64_t bits);
 // The StateSpecs of full-size moment `key` of a tensor of `shape` under `bits`: the moment
 // (follows the parameter, sharded along `along`) and, for 8-bit codes, its "<key>_scales".
 std::vector<StateSpec> moment_specs(const std::string& key, const std::vector<int64_t>& shape,
                                     int64_t bits, bool square, const std::vector<int64_t>& along);
+// Whether a tensor of `shape` keeps its full-size moments in state_bits' format (16 or 8): at
+// least 2-D and kStateMinNumel elements. Vectors (norms, biases) and small tensors keep the
+// parameter's dtype: their state is next to nothing, and a vector's blocks could not follow a
+// shard of its rows.
+bool low_bit_state(const std::vector<int64_t>& shape);
 
 class OptimizerPlan {
  public:

@@ -254,16 +254,20 @@ class PlanOptimizer : public torch::optim::Optimizer {
                       planned, "); a param group cannot set ", o.state_bits());
   }
   // The op's state_scales (memopt/common.h): None when no moment of `keys` holds 8-bit codes,
-  // else per key one tensor per parameter, its "<key>_scales" or an empty one.
+  // else per key one tensor per parameter, its "<key>_scales" or an empty one (also for a
+  // parameter without state: FRUGAL's free blocks).
   static c10::IValue state_scales(const GroupLists& l, const std::vector<std::string>& keys) {
+    const auto coded = [](const ParamState* s, const std::string& k) {
+      return s != nullptr && s->has(k + "_scales");
+    };
     bool any = false;
     for (const auto* s : l.states)
-      for (const auto& k : keys) any = any || s->has(k + "_scales");
+      for (const auto& k : keys) any = any || coded(s, k);
     if (!any) return c10::IValue();
     std::vector<at::Tensor> out;
     for (const auto& k : keys)
       for (const auto* s : l.states)
-        out.push_back(s->has(k + "_scales") ? s->at(k + "_scales") : at::empty({0}, at::kFloat));
+        out.push_back(coded(s, k) ? s->at(k + "_scales") : at::empty({0}, at::kFloat));
     return out;
   }
   // As torch.ops.memopt.<op> (the device's kernel), or its validator.

@@ -29,8 +29,9 @@
 namespace memopt {
 
 constexpr int64_t kStateBlock = 256;
-// Tensors smaller than this keep float states whatever state_bits says (norms, biases: their
-// state is nothing, and a block scale per 256 would be a poor code for them), as torchao does.
+// Tensors smaller than this, and vectors, keep float states whatever state_bits says (norms,
+// biases: their state is nothing, and a block scale per 256 would be a poor code for them);
+// memopt/plan.h low_bit_state decides.
 constexpr int64_t kStateMinNumel = 4096;
 constexpr float kMomentCodeMax = 127.0f;
 constexpr float kSquareCodeMax = 255.0f;

@@ -107,10 +107,17 @@ void shard_update_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                        TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                        at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
                        double beta1, double beta2, double eps, double weight_decay,
-                       at::IntArrayRef rounding) {
+                       at::IntArrayRef rounding, OptionalTensors state_scales) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
-  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
+  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums,
+                               listed(state_scales));
   check_shard_rounding(params, Rounding(rounding, params.size(), "adam_mini_shard_update_"));
+  // The update below is ATen arithmetic on views of m, which 8-bit codes are not: decoding them
+  // would take a parameter-sized temporary. The CPU op (cpp/src/adam_mini_shard.cpp) has them.
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK_NOT_IMPLEMENTED(!coded_state(listed(state_scales), params.size(), 0, i),
+                                "adam_mini_shard_update_: 8-bit exp_avg of sharded (FSDP2) "
+                                "parameters is not implemented on CUDA; use state_bits=16");
   AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs, shards);
   shard_update_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),
                        layouts.exp_avg_sqs(), steps, blocks, shards, sums, lr, beta1, beta2, eps,

@@ -2,33 +2,27 @@
 // the step counters, computes each tensor's scalars in double and launches cuda/adamw.cu.
 #include <torch/library.h>
 
-#include "launch.h"
+#include "adamw_coded.h"
 #include "memopt/adamw.h"
 
 namespace memopt::cuda {
-namespace {
 
-constexpr int64_t kChunk = 65536;
-
-bool coded(TensorList state_scales, int64_t i) {
+bool coded_moments(TensorList state_scales, int64_t i) {
   return !state_scales.empty() && coded_state(state_scales, state_scales.size() / 2, 0, i);
 }
 
-// What the 8-bit kernel takes (adamw_codes.cu), checked before anything is written: float
-// weights (not int8 codes) of float32, bf16 or fp16.
-void check_coded_cuda(TensorList params, TensorList grads, TensorList weight_scales,
-                      TensorList state_scales) {
+void check_coded_cuda(const char* op, TensorList params, TensorList grads,
+                      TensorList weight_scales, TensorList state_scales) {
   for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
-    if (!coded(state_scales, i)) continue;
-    TORCH_CHECK_NOT_IMPLEMENTED(!int8_scales(weight_scale(weight_scales, i)), "adamw_update_: "
-                                "8-bit states of an int8 weight run on the CPU only");
+    if (!coded_moments(state_scales, i)) continue;
+    TORCH_CHECK_NOT_IMPLEMENTED(!int8_scales(weight_scale(weight_scales, i)), op, ": 8-bit "
+                                "states of an int8 weight run on the CPU only");
     const at::ScalarType t = value_dtype(params[i], grads[i]);
-    TORCH_CHECK_NOT_IMPLEMENTED(t != at::kDouble, "adamw_update_: 8-bit states of a float64 "
-                                "parameter run on the CPU only");
+    TORCH_CHECK_NOT_IMPLEMENTED(t != at::kDouble, op, ": 8-bit states of a float64 parameter "
+                                "run on the CPU only");
   }
 }
 
-// The tensors with 8-bit m and v, in launches of AdamWCodedParams by parameter dtype.
 void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
                          TensorList exp_avgs, TensorList exp_avg_sqs,
                          const std::vector<AdamScalars>& s, const AdamWParams& base,
@@ -37,7 +31,7 @@ void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
   for (Dtype dtype : {Dtype::kFloat32, Dtype::kBFloat16, Dtype::kFloat16}) {
     std::vector<int64_t> idx;
     for (size_t i = 0; i < count; ++i)
-      if (coded(state_scales, i) && dtype_of(params[i].scalar_type()) == dtype) idx.push_back(i);
+      if (coded_moments(state_scales, i) && dtype_of(params[i].scalar_type()) == dtype) idx.push_back(i);
     if (idx.empty()) continue;
     AdamWCodedParams prm{};
     prm.param_dtype = dtype;
@@ -64,6 +58,10 @@ void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
   }
 }
 
+namespace {
+
+constexpr int64_t kChunk = 65536;
+
 void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr_t, double beta1, double beta2, double eps,
                 double weight_decay, c10::string_view rule_name, const Rounding& rounding,
@@ -87,7 +85,7 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
   prm.stochastic = rounding.stochastic();
   adamw_coded_kernels(params, g, exp_avgs, exp_avg_sqs, s, prm, rounding, state_scales, stream);
   for (const TensorBatch& batch : by_dtypes(params, grads, exp_avgs, weight_scales,
-                                            [&](int64_t i) { return !coded(state_scales, i); })) {
+                                            [&](int64_t i) { return !coded_moments(state_scales, i); })) {
     const auto& idx = batch.idx;
     prm.param_dtype = batch.value_dtype, prm.state_dtype = batch.state_dtype;
     prm.int8_group = static_cast<int32_t>(batch.int8_group);
@@ -119,7 +117,7 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 OptionalTensors weight_scales, OptionalTensors state_scales) {
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales),
                      listed(state_scales));
-  check_coded_cuda(params, grads, listed(weight_scales), listed(state_scales));
+  check_coded_cuda("adamw_update_", params, grads, listed(weight_scales), listed(state_scales));
   const Rounding round(rounding, params.size(), "adamw_update_");
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, any_order);
   adamw_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),

@@ -7,6 +7,8 @@
 // frugal_run is also the finish of the row-sharded op (frugal_shard_glue.cpp).
 #include "frugal_glue.h"
 
+#include "adamw_coded.h"
+
 #include <torch/library.h>
 
 #include <algorithm>
@@ -179,7 +181,7 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                     at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
                     double weight_decay, double proj_lr_scale, double free_lr_scale, int64_t rule,
                     const Tensor* left_stats, const Rounding& rounding,
-                    TensorList weight_scales) {
+                    TensorList weight_scales, TensorList state_scales) {
   if (params.empty()) return;
   check_cuda_inputs(params, subspaces, modes);
   const c10::DeviceGuard guard(params[0].device());
@@ -198,6 +200,8 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
   for (size_t i = 0; i < n; ++i) {
     c.g[i] = contiguous_grad(grads[i]);
     const auto mode = static_cast<FrugalMode>(modes[i]);
+    // (8-bit moments, of whole-tensor modes only: AdamW's 8-bit kernel below)
+    if (coded_moments(state_scales, static_cast<int64_t>(i))) continue;
     auto& list = mode <= FrugalMode::ActiveBlock ? whole
                  : mode <= FrugalMode::RandK     ? split
                                                  : projected;
@@ -230,6 +234,13 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
     c.s[i].decay = c.decay;
     if (c.stochastic) c.round_key[i] = rounding.key(i, c.s[i].step);
   }
+  if (!state_scales.empty()) {
+    AdamWParams base{};
+    base.beta1 = beta1, base.beta2 = beta2, base.eps = eps;
+    base.stochastic = c.stochastic;  // (torch's rule: decay before the update)
+    adamw_coded_kernels(params, c.g, exp_avgs, exp_avg_sqs, c.s, base, rounding, state_scales,
+                        c.stream);
+  }
   if (!whole.empty()) launch_whole(c, whole);
   if (!split.empty()) launch_split(c, split);
   int64_t stats_at = 0;  // left_stats: every left tensor's summed P^T G, in order
@@ -254,11 +265,11 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                 double free_lr_scale, int64_t rule, const Tensor* left_stats,
-                const Rounding& rounding, TensorList weight_scales) {
+                const Rounding& rounding, TensorList weight_scales, TensorList state_scales) {
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, frugal_order_free(modes));
   frugal_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),
                  steps, subspaces, modes, lr, beta1, beta2, eps, weight_decay, proj_lr_scale,
-                 free_lr_scale, rule, left_stats, rounding, weight_scales);
+                 free_lr_scale, rule, left_stats, rounding, weight_scales, state_scales);
   layouts.write_back();
 }
 
@@ -268,15 +279,17 @@ void frugal_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr_t,
                  double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                  double free_lr_scale, int64_t rule, at::IntArrayRef rounding,
-                 OptionalTensors weight_scales) {
+                 OptionalTensors weight_scales, OptionalTensors state_scales) {
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-                      proj_lr_scale, free_lr_scale, rule, true, listed(weight_scales));
+                      proj_lr_scale, free_lr_scale, rule, true, listed(weight_scales),
+                      listed(state_scales));
+  check_coded_cuda("frugal_update_", params, grads, listed(weight_scales), listed(state_scales));
   const Rounding round(rounding, params.size(), "frugal_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   frugal_run(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2, eps,
              weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr, round,
-             listed(weight_scales));
+             listed(weight_scales), listed(state_scales));
 }
 
 }  // namespace

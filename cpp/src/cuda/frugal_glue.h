@@ -18,7 +18,8 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                 double free_lr_scale, int64_t rule, const Tensor* left_stats,
-                const Rounding& rounding, TensorList weight_scales = {});
+                const Rounding& rounding, TensorList weight_scales = {},
+                TensorList state_scales = {});
 
 struct FrugalCall {  // one op call after validation
   TensorList params, exp_avgs, exp_avg_sqs, subspaces;

@@ -1,0 +1,24 @@
+// Host side of AdamW's 8-bit state kernel (cuda/adamw_codes.cu; defined in adamw_glue.cpp), which
+// also steps FRUGAL's whole-tensor modes (frugal_glue.cpp).
+#pragma once
+
+#include "launch.h"
+
+namespace memopt::cuda {
+
+// Whether tensor i's m and v are 8-bit codes (state_scales: one list per moment, memopt/common.h).
+bool coded_moments(TensorList state_scales, int64_t i);
+
+// What the 8-bit kernel takes, checked before anything is written: float weights (not int8
+// codes) of float32, bf16 or fp16; `op` names the caller in the error.
+void check_coded_cuda(const char* op, TensorList params, TensorList grads,
+                      TensorList weight_scales, TensorList state_scales);
+
+// The tensors with 8-bit m and v, in launches of AdamWCodedParams by parameter dtype: tensor i
+// with scalars s[i] (its step already advanced), `base` giving betas, eps, rule and rounding.
+void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
+                         TensorList exp_avgs, TensorList exp_avg_sqs,
+                         const std::vector<AdamScalars>& s, const AdamWParams& base,
+                         const Rounding& rounding, TensorList state_scales, Stream stream);
+
+}  // namespace memopt::cuda
