@@ -469,32 +469,65 @@ def test_frugal_16bit_within_twice_the_bf16_reference_error():
     assert 0 < (ours - e).norm() <= 2 * (lw - e).norm()
 
 
-def test_frugal_8bit_block_selection_against_reference_with_quantized_moments():
+@pytest.mark.parametrize("bits, embeddings", [(8, "adamw"), (8, "adam_mini"), (32, "adam_mini")])
+def test_frugal_block_selection_against_references(bits, embeddings):
     """The block selection's whole-tensor moments (AdamW tensors, active blocks) in 8-bit codes,
     stepped by AdamW's 8-bit loop inside frugal_: against the float64 reference whose moments
-    are requantized after every step, over re-selections that drop and start blocks' state."""
+    are requantized after every step, over re-selections that drop and start blocks' state.
+    embeddings="adam_mini": the embedding and head step with Adam-mini's per-token v (the
+    Adam-mini reference, per-row blocks) instead of AdamW."""
     from reference.frugal_ref import FrugalRef
     hp = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1, density=0.5, update_gap=3, seed=5)
     model = make_llama(vocab_size=256, hidden_size=64, intermediate_size=128)
-    opt = memopt_core.Frugal(model, **hp, state_bits=8)
-    params = [p for g in opt.param_groups for p in g["params"]]
+    opt = memopt_core.Frugal(model, **hp, state_bits=bits, embeddings=embeddings)
+    named = [(n, p) for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])]
+    params = [p for _, p in named]
+    rows = [i for i, (n, _) in enumerate(named)
+            if embeddings == "adam_mini" and ("embed_tokens" in n or "lm_head" in n)]
     ref = FrugalRef(params, [p in opt._index for p in params], **hp)
+    ref_rows = AM.AdamMiniRef([(params[i], AM.per_row(tuple(params[i].shape)), True)
+                               for i in rows], lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
     for step in range(8):
         grads = make_grads(params, step)
         set_grads(params, grads)
         opt.step()
         ref.step(grads)
+        ref_rows.step([grads[i] for i in rows])
         for st in ref.state:
-            if st is not None and Q.low_bit(st["exp_avg"].shape):
+            if bits == 8 and st is not None and Q.low_bit(st["exp_avg"].shape):
                 st["exp_avg"] = Q.requantize_moment(st["exp_avg"])
                 st["exp_avg_sq"] = Q.requantize_square(st["exp_avg_sq"])
+        for k, i in enumerate(rows):
+            if bits == 8:
+                _requantize(ref_rows, k, params[i], square=False)
     coded = {id(p) for p in params
              if opt.state.get(p) and opt.state[p]["exp_avg"].dtype == torch.int8}
-    assert len(coded) >= 4  # the embedding, the head and active blocks
+    assert len(coded) >= (4 if bits == 8 else 0)  # the embedding, the head and active blocks
     for i, p in enumerate(params):
-        _assert_stepped_like(p, ref.p[i], ref.p0[i], f"tensor {i}")
+        if i in rows:
+            k = rows.index(i)
+            _assert_stepped_like(p, ref_rows.p[k], ref_rows.p0[k], named[i][0])
+            assert opt.state[p]["exp_avg_sq"].shape == (p.shape[0],)
+            continue
+        _assert_stepped_like(p, ref.p[i], ref.p0[i], named[i][0])
         if id(p) in coded:
             assert (opt.state[p]["exp_avg"] != Q.encode_moment(ref.state[i]["exp_avg"].float())[0]
                     ).float().mean() <= 1e-3
+    assert len(rows) == (2 if embeddings == "adam_mini" else 0)
+    # every tensor's keys in the plan's order, whatever order state was made in (FSDP2 ranks
+    # list state in this order: all-gathers of it must agree)
+    for p in params:
+        if opt.state.get(p):
+            plan_keys = [k for k, *_ in opt.plan.state(opt._position[p]) if k != "subspace"]
+            assert [k for k in opt.state[p] if k != "subspace"] == [*plan_keys, "step"]
+
+
+def test_frugal_refusals_of_8bit_subspaces_and_a_model_without_embeddings():
+    model = make_llama(vocab_size=256, hidden_size=64, intermediate_size=128)
     with pytest.raises(NotImplementedError, match="selection='block'"):
         memopt_core.Frugal(model, lr=1e-3, selection="columns", state_bits=8)
+    with pytest.raises(ValueError, match="no embedding or output"):
+        memopt_core.Frugal(model, lr=1e-3, embeddings="adam_mini", proj_embeds=True,
+                           proj_logits=True)
+    with pytest.raises(ValueError, match="embeddings must be"):
+        memopt_core.Frugal(model, lr=1e-3, embeddings="rows")

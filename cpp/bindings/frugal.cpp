@@ -119,7 +119,8 @@ void bind_frugal(nb::module_& m) {
            [](FrugalPlan* self, const std::vector<Spec>& tensors, double density,
               int64_t update_gap, std::string selection, std::string block_order,
               std::string state_free, bool reset_statistics, std::optional<int64_t> seed,
-              bool proj_embeds, bool proj_norms, bool proj_logits, int64_t state_bits) {
+              bool proj_embeds, bool proj_norms, bool proj_logits, int64_t state_bits,
+              std::string embeddings) {
              std::vector<FrugalTensor> specs;
              for (const auto& [name, shape, role, heads_unknown] : tensors)
                specs.push_back({name, shape, role_from_string(role), heads_unknown});
@@ -127,12 +128,13 @@ void bind_frugal(nb::module_& m) {
                                                        std::move(block_order),
                                                        std::move(state_free), reset_statistics,
                                                        seed, proj_embeds, proj_norms,
-                                                       proj_logits, state_bits});
+                                                       proj_logits, state_bits,
+                                                       std::move(embeddings)});
            },
            nb::arg("tensors"), nb::arg("density"), nb::arg("update_gap"), nb::arg("selection"),
            nb::arg("block_order"), nb::arg("state_free"), nb::arg("reset_statistics"),
            nb::arg("seed").none(), nb::arg("proj_embeds"), nb::arg("proj_norms"),
-           nb::arg("proj_logits"), nb::arg("state_bits") = 32,
+           nb::arg("proj_logits"), nb::arg("state_bits") = 32, nb::arg("embeddings") = "adamw",
            "tensors: (name, shape, role, heads_unknown) of every parameter, in optimizer order.")
       .def_prop_ro("projectable", &FrugalPlan::projectable)
       .def_prop_ro("rule", [](const FrugalPlan& p) { return static_cast<int64_t>(p.rule()); })
@@ -152,6 +154,10 @@ void bind_frugal(nb::module_& m) {
              return state_tuples(p.layout(i, static_cast<FrugalMode>(mode)));
            }, nb::arg("i"), nb::arg("mode"),
            "Tensor i's state in `mode` (as OptimizerPlan.state; empty: none).")
+      .def("per_row_v", &FrugalPlan::per_row_v, nb::arg("i"),
+           "Whether tensor i is in the embedding mode (embeddings='adam_mini').")
+      .def("row_blocks", &FrugalPlan::row_blocks, nb::arg("i"),
+           "Tensor i's per-row blocks for the Adam-mini op (embedding mode only).")
       .def("block", &FrugalPlan::block, nb::arg("i"),
            "Tensor i's projectable number j, or -1 (plain AdamW).")
       .def("add_adamw", &FrugalPlan::add_adamw, nb::arg("shapes"),

@@ -92,10 +92,7 @@ std::vector<int64_t> ApolloPlan::row_blocks(int64_t i) const {
   const Planned& t = tensor(i);
   TORCH_CHECK_VALUE(!t.projector && settings(i).per_row_v, "ApolloPlan: tensor ", i,
                     " does not take per-row v");
-  const int64_t numel = std::accumulate(t.shape.begin(), t.shape.end(), int64_t{1},
-                                        std::multiplies<int64_t>());
-  const int64_t rows = t.shape.size() >= 2 ? t.shape[0] : 1, cols = numel / std::max<int64_t>(rows, 1);
-  return encode_block_specs({{Segment{0, rows, cols, cols, 1, cols}}});
+  return per_row_blocks(t.shape);
 }
 
 const ApolloPlan::Planned& ApolloPlan::tensor(int64_t i) const {
@@ -137,15 +134,9 @@ StateLayout ApolloPlan::state(int64_t i) const {
     std::vector<int64_t> all(t.shape.size());
     for (size_t d = 0; d < all.size(); ++d) all[d] = static_cast<int64_t>(d);
     const ApolloSettings& s = settings(i);
+    if (s.per_row_v) return per_row_moments(t.shape, s.state_bits, all);
     StateLayout out = moment_specs("exp_avg", t.shape, s.state_bits, false, all);
-    // Per-row v: one entry per row, in m's dtype (the Adam-mini op's one state type) or the
-    // parameter's beside 8-bit m, as BlockPlan lays out Adam-mini's v.
-    StateLayout v = s.per_row_v
-                        ? StateLayout{{"exp_avg_sq", {t.shape.size() >= 2 ? t.shape[0] : 1},
-                                       out.front().dtype == StateDType::Int8 ? StateDType::Param
-                                                                             : out.front().dtype,
-                                       false, {}, 0.0}}
-                        : moment_specs("exp_avg_sq", t.shape, s.state_bits, true, all);
+    StateLayout v = moment_specs("exp_avg_sq", t.shape, s.state_bits, true, all);
     out.insert(out.begin() + 1, v.front());  // exp_avg, exp_avg_sq, then the scales
     out.insert(out.end(), v.begin() + 1, v.end());
     return out;

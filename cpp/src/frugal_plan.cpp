@@ -62,10 +62,16 @@ FrugalPlan::FrugalPlan(const std::vector<FrugalTensor>& tensors, FrugalConfig co
   else if (c.state_free == "sgd") rule_ = FrugalRule::Sgd;
   else TORCH_CHECK_VALUE(c.state_free == "sign_sgd", "Frugal: state_free must be 'sign_sgd', "
                          "'sgd' or 'none' (None in Python), got '", c.state_free, "'");
+  TORCH_CHECK_VALUE(c.embeddings == "adamw" || c.embeddings == "adam_mini", "Frugal: "
+                    "embeddings must be 'adamw' or 'adam_mini' (per-token v), got '",
+                    c.embeddings, "'");
   block_ = c.selection == "block";
   for (size_t i = 0; i < tensors.size(); ++i) {
     shapes_all_.push_back(tensors[i].shape);
     const bool projectable = frugal_projectable(tensors[i], c);
+    const Role r = tensors[i].role;
+    per_row_.push_back(c.embeddings == "adam_mini" && !projectable &&
+                       (r == Role::Embedding || r == Role::Output));
     block_of_.push_back(projectable ? static_cast<int64_t>(projectable_.size()) : -1);
     if (!projectable) continue;
     projectable_.push_back(static_cast<int64_t>(i));
@@ -142,6 +148,7 @@ void FrugalPlan::add_adamw(const std::vector<std::vector<int64_t>>& shapes) {
   for (const auto& shape : shapes) {
     shapes_all_.push_back(shape);
     block_of_.push_back(-1);
+    per_row_.push_back(false);
   }
 }
 
@@ -165,6 +172,7 @@ StateLayout FrugalPlan::layout(int64_t i, FrugalMode m) const {
   else if (m == FrugalMode::Columns || m == FrugalMode::ProjRight)
     along = {0};
   StateLayout out;
+  if (per_row_.at(i)) return per_row_moments(shape, config_.state_bits, along);
   if (whole) {  // m and v shaped like the parameter: as AdamW's (memopt/plan.h moment_specs)
     auto m = moment_specs("exp_avg", *moments, config_.state_bits, false, along);
     auto v = moment_specs("exp_avg_sq", *moments, config_.state_bits, true, along);
@@ -180,6 +188,11 @@ StateLayout FrugalPlan::layout(int64_t i, FrugalMode m) const {
     out.push_back({"subspace", *sub, subspace_is_index(j) ? StateDType::Int32 : StateDType::Param,
                    false, m == FrugalMode::ProjLeft ? std::vector<int64_t>{0} : std::vector<int64_t>{}});
   return out;
+}
+
+std::vector<int64_t> FrugalPlan::row_blocks(int64_t i) const {
+  TORCH_CHECK_VALUE(per_row_v(i), "FrugalPlan: tensor ", i, " does not take per-row v");
+  return per_row_blocks(shapes_all_.at(i));
 }
 
 bool FrugalPlan::subspace_is_index(int64_t j) const {

@@ -4,6 +4,7 @@
 #include <functional>
 #include <numeric>
 
+#include "memopt/partition.h"
 #include "memopt/state_codes.h"
 
 #include <c10/util/Exception.h>
@@ -51,6 +52,24 @@ std::vector<StateSpec> moment_specs(const std::string& key, const std::vector<in
     if (row_shards) scales.sharded_along = {0};
   }
   return {{key, shape, square ? StateDType::UInt8 : StateDType::Int8, true, along, 0.0}, scales};
+}
+
+std::vector<int64_t> per_row_blocks(const std::vector<int64_t>& shape) {
+  const int64_t numel =
+      std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<int64_t>());
+  const int64_t rows = shape.size() >= 2 ? shape[0] : 1;
+  const int64_t cols = numel / std::max<int64_t>(rows, 1);
+  return encode_block_specs({{Segment{0, rows, cols, cols, 1, cols}}});
+}
+
+StateLayout per_row_moments(const std::vector<int64_t>& shape, int64_t bits,
+                            const std::vector<int64_t>& along) {
+  StateLayout out = moment_specs("exp_avg", shape, bits, false, along);
+  const StateDType m = out.front().dtype;
+  out.insert(out.begin() + 1, StateSpec{"exp_avg_sq", {shape.size() >= 2 ? shape[0] : 1},
+                                        m == StateDType::Int8 ? StateDType::Param : m, false,
+                                        {}, 0.0});
+  return out;
 }
 
 bool low_bit_state(const std::vector<int64_t>& shape) {

@@ -253,8 +253,10 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
             for key, shape in self._state_shapes(p).items():
                 wanted[(self._pool_key(p), self._state_dtype(p, key), p.device)].append(
                     (p, key, shape))
-        for (p, key), tensor in self._allocate(params, wanted, values).items():
-            self.state[p][key] = tensor
+        allocated = self._allocate(params, wanted, values)
+        for p in params:  # each parameter's keys in the plan's order, the same on every rank
+            for key in (*self._state_shapes(p), "step"):
+                self.state[p][key] = allocated[(p, key)]
 
     def _allocate(self, params: list, wanted: dict, values: dict) -> dict:
         """{(param, key): tensor} for wanted[(pool key, dtype, device)] = [(param, key, shape)],

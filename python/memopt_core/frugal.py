@@ -14,7 +14,8 @@ from . import _C
 from ._base import MemoptOptimizer
 from .state_bits import check_state_bits, state_scale_args
 from .int8_weights import weight_args
-from .distributed import local_args
+from .adam_mini import block_sharded_call
+from .distributed import ShardedCall, is_dtensor, local_args
 from .frugal_shard import FrugalShard
 from .frugal_state import FrugalCheckpoint, tensor_specs
 from .sources import need_names, resolve
@@ -54,7 +55,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                  proj_params_lr_scale=1.0, reset_statistics=True, proj_embeds=False,
                  proj_norms=False, proj_logits=False, roles=None, seed=None, model=None,
                  nonfinite="propagate", stochastic_rounding=False, rounding_seed=0,
-                 state_bits=32):
+                 state_bits=32, embeddings="adamw"):
         src = resolve(named_params_or_model, model)
         need_names(src, type(self).__name__, "which tensors are projectable blocks (attention "
                    "and MLP weights, not embeddings, norms or the head)")
@@ -68,7 +69,11 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
             state_free="none" if state_free is None else state_free,
             reset_statistics=bool(reset_statistics), seed=None if seed is None else int(seed),
             proj_embeds=proj_embeds, proj_norms=proj_norms, proj_logits=proj_logits,
-            state_bits=check_state_bits(self, state_bits))
+            state_bits=check_state_bits(self, state_bits), embeddings=embeddings)
+        if embeddings == "adam_mini" and not any(self.plan.per_row_v(i) for i in range(len(named))):
+            raise ValueError("Frugal(embeddings='adam_mini'): no embedding or output tensor that "
+                             "takes AdamW was found (roles; proj_embeds / proj_logits project them)")
+        self.embeddings = embeddings
         self.density, self.update_gap, self.selection = float(density), update_gap, selection
         self.block_order, self.state_free = block_order, state_free
         self.reset_statistics = bool(reset_statistics)
@@ -139,17 +144,19 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         tensors' modes; now by default): moments pooled per pool key, dtype and device, steps in
         a float32 CPU pool per key, subspace tensors as given in values[(p, 'subspace')]. Other
         values (p, key) are copied in; the rest start at zero."""
-        out = {p: {} for p in params}
-        wanted = defaultdict(list)
+        layouts, wanted = {}, defaultdict(list)
         for p in params:
             mode = modes[self._index[p]] if modes is not None and p in self._index else None
-            for key, (shape, dtype) in self._layout(p, mode).items():
-                if key == "subspace":
-                    out[p][key] = self._subspace_value(p, values[(p, key)], dtype)
-                else:
+            layouts[p] = self._layout(p, mode)
+            for key, (shape, dtype) in layouts[p].items():
+                if key != "subspace":
                     wanted[(self._pool_key(p), dtype, p.device)].append((p, key, shape))
-        for (p, key), tensor in self._allocate(params, wanted, values).items():
-            out[p][key] = tensor
+        allocated = self._allocate(params, wanted, values)
+        out = {}
+        for p in params:  # each parameter's keys in the plan's order, the same on every rank
+            out[p] = {key: self._subspace_value(p, values[(p, key)], dtype) if key == "subspace"
+                      else allocated[(p, key)] for key, (_, dtype) in layouts[p].items()}
+            out[p]["step"] = allocated[(p, "step")]
         return out
 
     def _new_states(self, decision, with_grad: set) -> dict:
@@ -168,7 +175,9 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                 if decision.subspaces[j] is not None:  # CPU; put on p's device (and mesh)
                     values[(p, "subspace")] = decision.subspaces[j]
         new.update(self._build_states(members, values, decision.modes))
-        fresh = [p for p in with_grad if p not in self._index and not self.state.get(p)]
+        # (in optimizer order, not the set's: every rank must lay out and list state alike)
+        fresh = [p for p in self._position
+                 if p in with_grad and p not in self._index and not self.state.get(p)]
         new.update(self._build_states(fresh, {}))  # AdamW state from the first gradient
         return new
 
@@ -222,6 +231,15 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         for group, params in calls:
             states = [new[p] if p in new else (self.state[p] if p in self.state else None)
                       for p in params]
+            # the embedding mode's tensors: the Adam-mini op (per-token v), the rest frugal_
+            rows = {id(p) for p in params if self.plan.per_row_v(self._position[p])}
+            if rows:
+                runs.append(self._per_row_call(group, *zip(*[
+                    (p, st) for p, st in zip(params, states) if id(p) in rows])))
+                params, states = [p for p in params if id(p) not in rows], \
+                    [st for p, st in zip(params, states) if id(p) not in rows]
+            if not params:
+                continue
             modes = [decision.modes[self._index[p]] if p in self._index else _M.Adam for p in params]
             runs.append(self._prepared_call(params, self._op_args(group, params, states, modes)))
         # 4. commit, then run
@@ -234,6 +252,26 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         self._run_prepared(runs)
         return loss
 
+    def _per_row_call(self, group, params, states):
+        """(None, ShardedCall) of the embedding mode's tensors of one batch: Adam-mini's op with
+        one block per row (FRUGAL's Adam rule at the group's lr), validated now; over DTensor
+        the sharded Adam-mini step (partial sums now, reduced by _run_prepared)."""
+        blocks = [b for p in params for b in self.plan.row_blocks(self._position[p])]
+        if is_dtensor(params[0]):
+            return None, block_sharded_call(self, group, list(params), [p.grad for p in params],
+                                            list(states), blocks,
+                                            sum(p.shape[0] if p.dim() >= 2 else 1 for p in params))
+        beta1, beta2 = group["betas"]
+        stored, scales = weight_args(list(params))
+        args = (stored, [p.grad for p in params], [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states], [st["step"] for st in states], blocks,
+                self._lr(group), float(beta1), float(beta2), float(group["eps"]),
+                float(group["weight_decay"]),
+                self._rounding(group, list(params), self.plan.selection.t), scales,
+                state_scale_args(list(states), ("exp_avg",)))
+        torch.ops.memopt.check_adam_mini_(*args)
+        return None, ShardedCall(lambda: torch.ops.memopt.adam_mini_(*args))
+
     def _check_grads(self, group, params):
         """The op's check with every tensor state-free: gradients, dtypes, hyperparameters."""
         args = self._op_args(group, params, [None] * len(params), [_M.FreeBlock] * len(params))
@@ -243,7 +281,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     def _describe_row(self, p):
         """(mode, number of coordinates with Adam state)."""
         lay = self._layout(p)
-        return _MODE_NAMES[self._mode(p)], math.prod(lay["exp_avg"][0]) if lay else 0
+        mode = "adam_mini" if self.plan.per_row_v(self._position[p]) else _MODE_NAMES[self._mode(p)]
+        return mode, math.prod(lay["exp_avg"][0]) if lay else 0
 
     def describe(self) -> str:
         lines = super().describe().splitlines()

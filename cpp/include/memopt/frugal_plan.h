@@ -35,6 +35,10 @@ struct FrugalConfig {
   // (moment_specs: bfloat16, or 8-bit codes with selection "block" only), a subspace's in
   // bfloat16 where low_bit_state says. The LibTorch Frugal sets it from its options' state_bits.
   int64_t state_bits = 32;
+  // "adamw", or "adam_mini": the low-memory embedding mode, the embedding and output tensors
+  // that take AdamW (not projectable) keep Adam-mini's per-token v (memopt/plan.h
+  // per_row_moments) and are stepped by the Adam-mini op. The Python front end's option.
+  std::string embeddings = "adamw";
 };
 
 // What the plan knows of one parameter (in optimizer order).
@@ -101,6 +105,9 @@ class FrugalPlan : public OptimizerPlan {
   StateLayout layout(int64_t i, FrugalMode mode) const;
   // Projectable number j of tensor i, or -1 (plain AdamW).
   int64_t block(int64_t i) const { return block_of_.at(i); }
+  // Whether tensor i is in the embedding mode (FrugalConfig::embeddings), and its blocks then.
+  bool per_row_v(int64_t i) const { return per_row_.at(i); }
+  std::vector<int64_t> row_blocks(int64_t i) const;
   // Tensors added after construction (a later param group): plain AdamW, outside the selection.
   void add_adamw(const std::vector<std::vector<int64_t>>& shapes);
 
@@ -162,6 +169,7 @@ class FrugalPlan : public OptimizerPlan {
   FrugalConfig config_;
   FrugalRule rule_ = FrugalRule::SignSgd;
   bool block_ = true;
+  std::vector<bool> per_row_;  // per tensor: embeddings="adam_mini" applies
   int64_t k_blocks_ = 0;
   std::vector<int64_t> projectable_;
   std::vector<std::vector<int64_t>> shapes_all_;  // every tensor's

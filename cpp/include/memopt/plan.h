@@ -55,6 +55,14 @@ std::vector<StateSpec> moment_specs(const std::string& key, const std::vector<in
 // parameter's dtype: their state is next to nothing, and a vector's blocks could not follow a
 // shard of its rows.
 bool low_bit_state(const std::vector<int64_t>& shape);
+// The low-memory embedding mode (APOLLO's and FRUGAL's embeddings="adam_mini"): Adam-mini's
+// per-token v, one block per row (dim 0) of a tensor of `shape`. per_row_blocks: the blocks in
+// the Adam-mini op's flat list (encode_block_specs); per_row_moments: exp_avg as moment_specs
+// lays it out under `bits`, then v (one entry per row, in m's dtype or the parameter's beside
+// 8-bit m, replicated: every shard needs all rows' statistics), then m's scales.
+std::vector<int64_t> per_row_blocks(const std::vector<int64_t>& shape);
+StateLayout per_row_moments(const std::vector<int64_t>& shape, int64_t bits,
+                            const std::vector<int64_t>& along);
 
 class OptimizerPlan {
  public:
