@@ -118,7 +118,8 @@ def run_reference(case, rule, steps=8, hp=HP, storage=torch.float64):
     """The float64 reference (FrugalRef's update math) on the same inputs, tensor by tensor;
     `storage` rounds p, m and v after every step as low-precision storage does. `ambiguous`
     marks the coordinates whose signSGD residual G - Gp came within 1e-3 of its terms' size
-    (not exactly 0) at some step: there a projection computed in another order may flip it."""
+    (|G| plus |P|(|P|^T|G|), what float32 GEMMs err relative to; not exactly 0) at some step:
+    there a projection computed in another order or blocking may flip it."""
     ref = FrugalRef([], [], lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
                     weight_decay=hp["weight_decay"], state_free=rule,
                     state_free_lr_scale=hp["state_free_lr_scale"],
@@ -145,7 +146,9 @@ def run_reference(case, rule, steps=8, hp=HP, storage=torch.float64):
                 resid = g - ref._up(low, sub, g.shape)
                 q = q - upd - lr * ps * fs * ref._free(resid)
                 if rule == "sign_sgd" and mode in (RIGHT, LEFT):
-                    size = g.abs() + (g - resid).abs()
+                    # the terms' size: float32 GEMMs err relative to the sum of the products'
+                    # magnitudes, |P|(|P|^T|G|), not to the (cancelling) projection itself
+                    size = g.abs() + ref._up(ref._down(g.abs(), sub.abs()), sub.abs(), g.shape)
                     ambiguous[i] |= (resid != 0) & (resid.abs() < 1e-3 * size)
             p[i] = ref._round(q)
     return dict(params=p, m=[s["exp_avg"] for s in st], v=[s["exp_avg_sq"] for s in st],
