@@ -72,30 +72,38 @@ class AdamMini(MemoptOptimizer):
         return self.blocks[p].role, self.blocks[p].count
 
     def _op_call(self, group, params, grads, states):
-        blocks = [v for p in params for v in self.blocks[p].encoded]
-        beta1, beta2 = group["betas"]
-        stored, scales = weight_args(params)
-        args = (stored, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states], blocks, self._lr(group), float(beta1),
-                float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                self._rounding(group, params), scales, state_scale_args(states, ("exp_avg",)))
-        return torch.ops.memopt.adam_mini_, args
+        return torch.ops.memopt.adam_mini_, adam_mini_args(
+            self, group, params, grads, states, [v for p in params for v in self.blocks[p].encoded],
+            self._rounding(group, params))
 
     # ---- DTensor (FSDP2) parameters ----------------------------------------------------------
     def _sharded_call(self, group, params, grads, states):
         return block_sharded_call(self, group, params, grads, states,
-                                  [v for p in params for v in self.blocks[p].encoded],
-                                  sum(self.blocks[p].count for p in params))
+                                  [v for p in params for v in self.blocks[p].encoded])
 
 
-def block_sharded_call(opt, group, params, grads, states, blocks, count) -> ShardedCall:
-    """The Adam-mini step of DTensor `params` whose `count` blocks (`blocks`, encoded) may be cut by
+def adam_mini_args(opt, group, params, grads, states, blocks, rounding) -> tuple:
+    """torch.ops.memopt.adam_mini_'s arguments for `params` of `group` with their blocks
+    (`blocks`, encoded) and `rounding` (the ops' last int list): AdamMini's and SlimAdam's step,
+    and the per-token embedding mode of APOLLO and FRUGAL."""
+    beta1, beta2 = group["betas"]
+    stored, scales = weight_args(params)
+    return (stored, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states], blocks, opt._lr(group), float(beta1), float(beta2),
+            float(group["eps"]), float(group["weight_decay"]), rounding, scales,
+            state_scale_args(states, ("exp_avg",)))
+
+
+def block_sharded_call(opt, group, params, grads, states, blocks) -> ShardedCall:
+    """The Adam-mini step of DTensor `params` whose blocks (`blocks`, encoded) may be cut by
     shard boundaries: each shard's sums of g^2 per block of the full tensor (this rank's
     partials, reduced by the caller), then v of every block and the update of the local
-    elements from the totals (cpp/src/adam_mini_shard.cpp). Also APOLLO's per-token mode."""
+    elements from the totals (cpp/src/adam_mini_shard.cpp). Also APOLLO's and FRUGAL's
+    per-token mode."""
     layouts = [opt._shard_layout(p) for p in params]
     shards = [v for p, lay in zip(params, layouts) for v in (lay.flat_lo, p.numel())]
-    sums = torch.zeros(count, dtype=torch.float64,
+    # one sum per block: as many as v has entries (replicated, full on every rank)
+    sums = torch.zeros(sum(s["exp_avg_sq"].numel() for s in states), dtype=torch.float64,
                        device=local(params[0]).device)
     beta1, beta2 = group["betas"]
     grads = [local(g) for g in grads]

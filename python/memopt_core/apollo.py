@@ -11,7 +11,7 @@ from .int8_weights import weight_args
 from .state_bits import check_sharded_codes, check_state_bits, state_scale_args
 from .distributed import ShardedCall, apollo_shard_placement, local_args
 from .apollo_groups import apollo_groups
-from .adam_mini import block_sharded_call
+from .adam_mini import adam_mini_args, block_sharded_call
 from .sources import resolve
 
 _LEGACY_ADAMW_RULE = _C.ApolloPlan.legacy_adamw_rule  # of a group saved before the option
@@ -140,10 +140,9 @@ class Apollo(MemoptOptimizer):
         stored, scales = weight_args(params)
         if group.get("rank") is None and group.get("embeddings", "adamw") == "adam_mini":
             # the low-memory embedding mode: Adam-mini's per-token v on these tensors
-            blocks = [b for p in params for b in self._row_blocks[p]]
-            return torch.ops.memopt.adam_mini_, (stored, grads, m, v, steps, blocks, *hp,
-                                                 rounding, scales,
-                                                 state_scale_args(states, ("exp_avg",)))
+            return torch.ops.memopt.adam_mini_, adam_mini_args(
+                self, group, params, grads, states,
+                [b for p in params for b in self._row_blocks[p]], rounding)
         if group.get("rank") is None:
             return torch.ops.memopt.adamw_, (stored, grads, m, v, steps, *hp, group["adamw_rule"],
                                              rounding, scales,
@@ -176,8 +175,7 @@ class Apollo(MemoptOptimizer):
         apollo_shard_update_ finishes. Unsplit DTensors and AdamW groups take the base path."""
         if group.get("rank") is None and group.get("embeddings", "adamw") == "adam_mini":
             return block_sharded_call(self, group, params, grads, states,
-                                      [b for p in params for b in self._row_blocks[p]],
-                                      sum(p.shape[0] if p.dim() >= 2 else 1 for p in params))
+                                      [b for p in params for b in self._row_blocks[p]])
         if group.get("rank") is None or not self._split(params[0]):
             return super()._sharded_call(group, params, grads, states)
         layouts = [self._shard_layout(p) for p in params]

@@ -14,7 +14,7 @@ from . import _C
 from ._base import MemoptOptimizer
 from .state_bits import check_state_bits, state_scale_args
 from .int8_weights import weight_args
-from .adam_mini import block_sharded_call
+from .adam_mini import adam_mini_args, block_sharded_call
 from .distributed import ShardedCall, is_dtensor, local_args
 from .frugal_shard import FrugalShard
 from .frugal_state import FrugalCheckpoint, tensor_specs
@@ -256,19 +256,13 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         """(None, ShardedCall) of the embedding mode's tensors of one batch: Adam-mini's op with
         one block per row (FRUGAL's Adam rule at the group's lr), validated now; over DTensor
         the sharded Adam-mini step (partial sums now, reduced by _run_prepared)."""
+        params, states = list(params), list(states)
         blocks = [b for p in params for b in self.plan.row_blocks(self._position[p])]
+        grads = [p.grad for p in params]
         if is_dtensor(params[0]):
-            return None, block_sharded_call(self, group, list(params), [p.grad for p in params],
-                                            list(states), blocks,
-                                            sum(p.shape[0] if p.dim() >= 2 else 1 for p in params))
-        beta1, beta2 = group["betas"]
-        stored, scales = weight_args(list(params))
-        args = (stored, [p.grad for p in params], [st["exp_avg"] for st in states],
-                [st["exp_avg_sq"] for st in states], [st["step"] for st in states], blocks,
-                self._lr(group), float(beta1), float(beta2), float(group["eps"]),
-                float(group["weight_decay"]),
-                self._rounding(group, list(params), self.plan.selection.t), scales,
-                state_scale_args(list(states), ("exp_avg",)))
+            return None, block_sharded_call(self, group, params, grads, states, blocks)
+        args = adam_mini_args(self, group, params, grads, states, blocks,
+                              self._rounding(group, params, self.plan.selection.t))
         torch.ops.memopt.check_adam_mini_(*args)
         return None, ShardedCall(lambda: torch.ops.memopt.adam_mini_(*args))
 
