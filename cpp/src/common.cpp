@@ -178,4 +178,26 @@ void check_adam_codes(const char* op, TensorList params, TensorList exp_avgs,
                       "at all");
 }
 
+void check_found_inf(const char* op, const std::optional<Tensor>& found_inf, TensorList params,
+                     TensorList steps) {
+  if (!found_inf.has_value()) return;
+  const Tensor& f = *found_inf;
+  TORCH_CHECK_VALUE(f.numel() == 1 && f.scalar_type() == at::kFloat, op,
+                    ": found_inf must be a one-element float32 tensor, got ", f.scalar_type(),
+                    " of shape ", f.sizes());
+  if (params.empty()) return;
+  const c10::Device device = params[0].device();
+  TORCH_CHECK_VALUE(f.device() == device, op, ": found_inf must be on the parameters' device ",
+                    device, ", got ", f.device());
+  for (size_t i = 0; i < steps.size(); ++i)
+    TORCH_CHECK_VALUE(steps[i].device() == device, op, ": with found_inf, step ", i,
+                      " must be on the parameters' device ", device,
+                      " (the kernels advance it there), got ", steps[i].device());
+}
+
+bool found_on_host(const std::optional<Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->device().is_cpu() && found_inf->numel() == 1 &&
+         found_inf->scalar_type() == at::kFloat && found_inf->item<float>() != 0.0f;
+}
+
 }  // namespace memopt

@@ -13,10 +13,32 @@
 namespace memopt {
 namespace {
 
+using OptionalTensor = std::optional<Tensor>;
+
+void adamw_check(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                 TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
+                 double weight_decay, c10::string_view rule, at::IntArrayRef rounding,
+                 OptionalTensors weight_scales, OptionalTensors state_scales,
+                 const OptionalTensor& found_inf) {
+  parse_adamw_rule(rule);
+  Rounding(rounding, params.size(), "adamw_update_");
+  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales),
+                     listed(state_scales));
+  check_found_inf("adamw_update_", found_inf, params, steps);
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+}
+
 void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
                double weight_decay, c10::string_view rule, at::IntArrayRef rounding,
-               OptionalTensors weight_scales, OptionalTensors state_scales) {
+               OptionalTensors weight_scales, OptionalTensors state_scales,
+               const OptionalTensor& found_inf) {
+  if (found_on_host(found_inf)) {  // a skipped step: checked like a taken one, then nothing
+    adamw_check(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                weight_decay, rule, rounding, weight_scales, state_scales, found_inf);
+    return;
+  }
+  check_found_inf("adamw_update_", found_inf, params, steps);
   adamw_update_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
                 parse_adamw_rule(rule), rounding, listed(weight_scales), listed(state_scales));
 }
@@ -24,24 +46,28 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 void adamw_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor&, double, double, double, double,
                 c10::string_view rule, at::IntArrayRef rounding, OptionalTensors weight_scales,
-                OptionalTensors state_scales) {
+                OptionalTensors state_scales, const OptionalTensor& found_inf) {
   parse_adamw_rule(rule);
   Rounding(rounding, params.size(), "adamw_update_");
   TORCH_CHECK_VALUE(exp_avg_sqs.size() == params.size(), "adamw_update_: list lengths differ");
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, listed(weight_scales),
-                            listed(state_scales)}))
+                            listed(state_scales)})) {
     check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales),
                        listed(state_scales));
+    check_found_inf("adamw_update_", found_inf, params, steps);
+  }
 }
 
-void adamw_check(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                 TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
-                 double weight_decay, c10::string_view rule, at::IntArrayRef rounding,
-                 OptionalTensors weight_scales, OptionalTensors state_scales) {
-  parse_adamw_rule(rule);
-  Rounding(rounding, params.size(), "adamw_update_");
-  check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales),
-                     listed(state_scales));
+void adam_mini_check(TensorList params, TensorList grads, TensorList exp_avgs,
+                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                     const Tensor& lr, double beta1, double beta2, double eps,
+                     double weight_decay, at::IntArrayRef rounding, OptionalTensors weight_scales,
+                     OptionalTensors state_scales, const OptionalTensor& found_inf) {
+  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
+                         decode_block_specs(blocks, static_cast<int64_t>(params.size())),
+                         listed(weight_scales), listed(state_scales));
+  check_found_inf("adam_mini_update_", found_inf, params, steps);
+  Rounding(rounding, params.size(), "adam_mini_update_");
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
@@ -49,7 +75,13 @@ void adam_mini_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                    TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                    const Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
                    at::IntArrayRef rounding, OptionalTensors weight_scales,
-                   OptionalTensors state_scales) {
+                   OptionalTensors state_scales, const OptionalTensor& found_inf) {
+  if (found_on_host(found_inf)) {  // a skipped step: checked like a taken one, then nothing
+    adam_mini_check(params, grads, exp_avgs, exp_avg_sqs, steps, blocks, lr, beta1, beta2, eps,
+                    weight_decay, rounding, weight_scales, state_scales, found_inf);
+    return;
+  }
+  check_found_inf("adam_mini_update_", found_inf, params, steps);
   adam_mini_update_(params, grads, exp_avgs, exp_avg_sqs, steps,
                     decode_block_specs(blocks, static_cast<int64_t>(params.size())), lr, beta1,
                     beta2, eps, weight_decay, rounding, listed(weight_scales),
@@ -59,25 +91,16 @@ void adam_mini_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
 void adam_mini_meta(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor&, double, double, double, double, at::IntArrayRef rounding,
-                    OptionalTensors weight_scales, OptionalTensors state_scales) {
+                    OptionalTensors weight_scales, OptionalTensors state_scales,
+                    const OptionalTensor& found_inf) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   Rounding(rounding, params.size(), "adam_mini_update_");
   if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, listed(weight_scales),
-                            listed(state_scales)}))
+                            listed(state_scales)})) {
     check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs,
                            listed(weight_scales), listed(state_scales));
-}
-
-void adam_mini_check(TensorList params, TensorList grads, TensorList exp_avgs,
-                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
-                     const Tensor& lr, double beta1, double beta2, double eps,
-                     double weight_decay, at::IntArrayRef rounding, OptionalTensors weight_scales,
-                     OptionalTensors state_scales) {
-  check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
-                         decode_block_specs(blocks, static_cast<int64_t>(params.size())),
-                         listed(weight_scales), listed(state_scales));
-  Rounding(rounding, params.size(), "adam_mini_update_");
-  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+    check_found_inf("adam_mini_update_", found_inf, params, steps);
+  }
 }
 
 void adam_mini_block_sums_cpu(TensorList grads, at::IntArrayRef blocks, at::IntArrayRef shards,
@@ -139,12 +162,14 @@ TORCH_LIBRARY(memopt, m) {
   define_op(m, "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
             "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor lr, float beta1, float beta2, "
             "float eps, float weight_decay, str rule=\"torch\", int[] rounding=[], "
-            "Tensor(e!)[]? weight_scales=None, Tensor(f!)[]? state_scales=None) -> ()",
+            "Tensor(e!)[]? weight_scales=None, Tensor(f!)[]? state_scales=None, "
+            "Tensor? found_inf=None) -> ()",
             &memopt::adamw_check);
   define_op(m, "adam_mini_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
             "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, Tensor lr, float beta1, "
             "float beta2, float eps, float weight_decay, int[] rounding=[], "
-            "Tensor(e!)[]? weight_scales=None, Tensor(f!)[]? state_scales=None) -> ()",
+            "Tensor(e!)[]? weight_scales=None, Tensor(f!)[]? state_scales=None, "
+            "Tensor? found_inf=None) -> ()",
             &memopt::adam_mini_check);
   // Adam-mini on shards of tensors (FSDP2): partial block sums, then the update from the
   // all-reduced sums (cpp/src/adam_mini_shard.cpp).

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "memopt/step_scalars.h"
+
 namespace memopt {
 
 using at::Tensor;
@@ -35,17 +37,22 @@ struct AdamScalars {
   bool decay_after = false;  // kApollo: the decay multiplies the updated p
   static AdamScalars make(double lr, double b1, double b2, double eps, double wd, double step,
                           AdamWRule rule = AdamWRule::kTorch) {
-    AdamScalars s{lr, b1, b2, eps, wd, step, 1.0 - lr * wd, 0, 0};
-    s.step_size = lr / (1.0 - std::pow(b1, step));
-    s.bc2_sqrt = std::sqrt(1.0 - std::pow(b2, step));
-    if (rule == AdamWRule::kApollo) {
-      s.step_size *= s.bc2_sqrt;
-      s.bc2_sqrt = 1.0;
-      s.decay_after = true;
-    }
-    return s;
+    const bool apollo = rule == AdamWRule::kApollo;
+    const StepScalars k = adam_step_scalars(lr, b1, b2, wd, step, apollo);
+    return AdamScalars{lr, b1, b2, eps, wd, step, k.decay, k.step_size, k.bc2_sqrt, apollo};
   }
 };
+
+// The ops' `found_inf` (adamw_, adam_mini_: `Tensor? found_inf=None`), as torch's fused
+// optimizers take it from torch.amp.GradScaler or the front end's non-finite check
+// (nonfinite.py): None, the step runs; else a one-element float32 tensor on the parameters'
+// device, where the step counters live too, and a non-zero value makes the op change nothing
+// (parameters, moments, scales, steps). The CUDA kernels read it on the device (kernel_params.h
+// DeviceSteps), so a skipped step needs no host synchronisation; the CPU op reads it first.
+void check_found_inf(const char* op, const std::optional<Tensor>& found_inf, TensorList params,
+                     TensorList steps);
+// Whether a CPU found_inf is set (false for None).
+bool found_on_host(const std::optional<Tensor>& found_inf);
 
 // Hyperparameter checks shared by every Adam-family op (messages name the argument).
 void check_adam_hparams(double lr, double beta1, double beta2, double eps, double weight_decay);
@@ -132,6 +139,8 @@ class Rounding {
   bool stochastic() const { return !values_.empty(); }
   // Parameter i's key at `step` (its step count after the increment; 0 without one).
   uint64_t key(size_t i, double step) const;
+  // [seed, counter, id_0, ...] as given (the device computes keys from them: cuda/step_scalars.cu).
+  const std::vector<int64_t>& values() const { return values_; }
 
  private:
   std::vector<int64_t> values_;

@@ -8,6 +8,7 @@
 
 #include "memopt/int8_weights.h"
 #include "memopt/state_codes.h"
+#include "memopt/step_scalars.h"
 
 namespace memopt::cuda {
 
@@ -48,6 +49,39 @@ MEMOPT_HOST_DEVICE constexpr int64_t int8_chunk(int64_t group) {
 }
 static_assert(kInt8MaxGroup <= kInt8Chunk, "a chunk holds at least one group");
 
+// ---- Step counters on the device (cpp/src/cuda/step_scalars.cu) ----------------------------
+// An Adam-family op given found_inf (memopt/common.h) keeps its step counters on the device:
+// a prologue kernel advances each counter unless *found_inf is non-zero and writes the tensor's
+// StepScalars (memopt/step_scalars.h) into a device array; the update kernels read theirs from
+// there and return at once where *found_inf is non-zero, so a skipped step is decided without
+// the host. With host counters (no found_inf) `scalars` and `found_inf` are null and the
+// kernels take the StepScalars the host put in their parameters.
+struct DeviceSteps {
+  const StepScalars* scalars;
+  const float* found_inf;
+};
+MEMOPT_HOST_DEVICE bool step_skipped(const DeviceSteps& d) {
+  return d.found_inf != nullptr && *d.found_inf != 0.0f;
+}
+// Tensor `tensor`'s scalars of this step: the device array's entry, or `host`.
+MEMOPT_HOST_DEVICE StepScalars step_scalars(const DeviceSteps& d, int32_t tensor,
+                                            const StepScalars& host) {
+  return d.scalars != nullptr ? d.scalars[tensor] : host;
+}
+
+struct StepScalarsParams {
+  static constexpr int kMaxTensors = 200;
+  float* step[kMaxTensors];        // each tensor's float32 counter, on the device
+  int64_t round_id[kMaxTensors];   // its stochastic-rounding id (rounding.h)
+  StepScalars* out;                // out[k]: tensor k of this launch
+  const float* found_inf;
+  int32_t n, apollo_rule, stochastic;
+  int64_t round_seed, round_counter;
+  double lr, beta1, beta2, weight_decay;
+};
+static_assert(sizeof(StepScalarsParams) <= 4096, "kernel argument over 4 KiB");
+int launch_step_scalars(const StepScalarsParams& params, Stream stream);
+
 // ---- AdamW (cpp/src/cuda/adamw.cu) ----------------------------------------------------------
 struct AdamWParams {
   static constexpr int kMaxTensors = 24;
@@ -58,20 +92,18 @@ struct AdamWParams {
   void* m[kMaxTensors];
   void* v[kMaxTensors];
   float* scales[kMaxTensors];      // int8 only: the scales of p's first group
-  // Per tensor (each has its own step count), computed on the host in double.
-  // The tensor's AdamScalars (common.h), which carry the AdamWRule: the kernel computes
-  // p = (p * pre - step_size * m / (sqrt(v) / bc2_sqrt + eps)) * post.
-  double decay[kMaxTensors];      // 1 - lr * weight_decay
-  double step_size[kMaxTensors];  // lr / (1 - beta1^t) (kApollo: times sqrt(1 - beta2^t))
-  double bc2_sqrt[kMaxTensors];   // sqrt(1 - beta2^t) (kApollo: 1)
+  // Per tensor (each has its own step count): its StepScalars (which carry the AdamWRule),
+  // computed on the host, or on the device (entry tensor[s] of `device`, DeviceSteps above).
+  StepScalars scalars[kMaxTensors];
+  int32_t tensor[kMaxTensors];
+  DeviceSteps device;
   double beta1, beta2, eps;
   int32_t decay_after;            // 0: (pre, post) = (decay, 1); 1 (kApollo): (1, decay)
   // bf16 params rounded stochastically (memopt/rounding.h): element j of slot s by the bits of
-  // (round_key[s], round_first[s] + j), its index in the parameter.
+  // (the slot's round_key, round_first[s] + j), its index in the parameter.
   int32_t stochastic;
-  uint64_t round_key[kMaxTensors];
   int64_t round_first[kMaxTensors];
-  ChunkMap<kMaxTensors, 320> map;
+  ChunkMap<kMaxTensors, 296> map;
 };
 static_assert(sizeof(AdamWParams) <= 4096, "kernel argument over 4 KiB");
 int launch_adamw(const AdamWParams& params, Stream stream);
@@ -92,11 +124,12 @@ struct AdamWCodedParams {
   uint8_t* v[kMaxTensors];
   float* m_scales[kMaxTensors];
   float* v_scales[kMaxTensors];
-  double decay[kMaxTensors], step_size[kMaxTensors], bc2_sqrt[kMaxTensors];  // as AdamWParams
+  StepScalars scalars[kMaxTensors];  // as AdamWParams
+  int32_t tensor[kMaxTensors];
+  DeviceSteps device;
   double beta1, beta2, eps;
   int32_t decay_after;
   int32_t stochastic;
-  uint64_t round_key[kMaxTensors];
   ChunkMap<kMaxTensors, 160> map;
 };
 static_assert(sizeof(AdamWCodedParams) <= 4096, "kernel argument over 4 KiB");
@@ -196,8 +229,9 @@ struct AdamMiniSeg {
   void* p;
   const void* g;
   void* m;
-  void* v;                            // exp_avg_sq at this segment's first block
-  double decay, step_size, bc2_sqrt;  // the tensor's AdamScalars (each tensor has its own step)
+  void* v;            // exp_avg_sq at this segment's first block
+  StepScalars s;      // the tensor's (each has its own step count), or
+  int32_t tensor;     // its entry in AdamMiniParams::device (DeviceSteps above)
   int64_t offset, row_stride, cols, tile_rows, tile_cols;  // partition.h's Segment
   int64_t unit_begin;  // first unit of this segment in the launch
   int64_t tile_begin;  // first tile (block): its factor's index in the scratch (two-pass)
@@ -212,7 +246,6 @@ struct AdamMiniSeg {
   int32_t int8_group;  // 0: a float parameter
   float* scales;
   int64_t int8_unit_begin;
-  uint64_t round_key;  // the tensor's stochastic-rounding key (AdamMiniParams::stochastic)
   // 8-bit m (memopt/state_codes.h; float weights): m holds int8 codes with these block scales,
   // and the update runs in units of whole code blocks (update_unit_chunk), like int8 weights.
   float* m_scales;  // null: m in the state dtype
@@ -224,7 +257,7 @@ MEMOPT_HOST_DEVICE constexpr int64_t update_unit_chunk(int32_t int8_group) {
 }
 
 struct AdamMiniParams {
-  static constexpr int kMaxSegs = 21;
+  static constexpr int kMaxSegs = 20;
   // Paths. Fused: one warp (kWarp) or CTA per tile, the tile's gradient held in registers
   // between its sum of squares and its update; a tile must be one contiguous run of at most
   // fused_capacity(path) elements. kTwoPass: any tiling, via partial sums in a scratch buffer.
@@ -251,6 +284,7 @@ struct AdamMiniParams {
   double beta1, beta2, eps;
   double* partials;  // two-pass scratch: n_partials sums of squares, then n_tiles factors
   double* factors;
+  DeviceSteps device;
   AdamMiniSeg seg[kMaxSegs];
 };
 static_assert(sizeof(AdamMiniParams) <= 4096, "kernel argument over 4 KiB");

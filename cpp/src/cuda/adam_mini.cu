@@ -30,10 +30,12 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   constexpr int kGroups = kThreads / kGroup;
   const int lane = static_cast<int>(threadIdx.x) % kGroup;
   const int64_t unit = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / kGroup;
+  if (step_skipped(prm.device)) return;  // uniform over the launch
   if constexpr (kGroups > 1) {
     if (unit >= prm.n_units) return;  // a warp past the last tile (warp groups never sync)
   }
   const AdamMiniSeg& sg = seg_of_unit(prm, unit);
+  const StepScalars sc = seg_scalars(prm, sg);
   const int64_t tile = unit - sg.unit_begin;
   const int len = static_cast<int>(sg.tile_rows * sg.cols);  // <= 16384 (the glue's choice)
   const int64_t base = sg.offset + tile * sg.tile_rows * sg.row_stride;
@@ -52,7 +54,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 
   // The block's v and factor, by one thread, then shared with the group.
   auto factor = [&](double sum) {
-    return block_factor<S, C>(static_cast<S*>(sg.v) + tile, sum, static_cast<double>(len), sg,
+    return block_factor<S, C>(static_cast<S*>(sg.v) + tile, sum, static_cast<double>(len), sc,
                               prm.beta2, prm.eps);
   };
   C f = 0;
@@ -74,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   constexpr int kBatch = sizeof(C) == 8 ? 2 : 4;
   P* p = static_cast<P*>(sg.p) + base;
   S* m = static_cast<S*>(sg.m) + base;
-  const C decay = static_cast<C>(sg.decay), b1c = static_cast<C>(1.0 - prm.beta1);
+  const C decay = static_cast<C>(sc.decay), b1c = static_cast<C>(1.0 - prm.beta1);
 #pragma unroll
   for (int k0 = 0; k0 < kHold; k0 += kBatch) {
     int at[kBatch];
@@ -86,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       ok[u] = at[u] < len;
       gj[u] = held[k0 + u];
     }
-    update_n<kBatch>(p, m, at, ok, gj, decay, b1c, f, prm, sg, base);
+    update_n<kBatch>(p, m, at, ok, gj, decay, b1c, f, prm, sc.round_key, base);
   }
 }
 

@@ -12,6 +12,11 @@ namespace memopt::cuda {
 
 using AM = AdamMiniParams;
 
+// The StepScalars of segment `sg`'s tensor (kernel_params.h DeviceSteps).
+__device__ __forceinline__ StepScalars seg_scalars(const AM& prm, const AdamMiniSeg& sg) {
+  return step_scalars(prm.device, sg.tensor, sg.s);
+}
+
 // The segment that unit `u` belongs to. A launch has at most kMaxSegs segments, so a short
 // scan of the kernel's parameter space (uniform across a CTA: a broadcast) is enough.
 __device__ __forceinline__ const AdamMiniSeg& seg_of_unit(const AM& prm, int64_t u) {
@@ -42,12 +47,12 @@ __device__ __forceinline__ double warp_sum(double x) {
 // One thread per block calls it (it reads and writes v_b).
 template <typename S, typename C>
 __device__ __forceinline__ C block_factor(S* v, double sum_sq, double block_numel,
-                                          const AdamMiniSeg& sg, double beta2, double eps) {
+                                          const StepScalars& sc, double beta2, double eps) {
   const C vb = static_cast<C>(beta2) * load<C>(v) +
                static_cast<C>((1.0 - beta2) * (sum_sq / block_numel));
   store(v, vb);
-  return static_cast<C>(sg.step_size) /
-         (sqrt(round_to<S>(vb)) / static_cast<C>(sg.bc2_sqrt) + static_cast<C>(eps));
+  return static_cast<C>(sc.step_size) /
+         (sqrt(round_to<S>(vb)) / static_cast<C>(sc.bc2_sqrt) + static_cast<C>(eps));
 }
 
 // Up to N elements (those with ok[u]) of p and m updated with the gradient gj and one factor
@@ -57,7 +62,7 @@ __device__ __forceinline__ C block_factor(S* v, double sum_sq, double block_nume
 template <int N, typename P, typename S, typename C, typename I>
 __device__ __forceinline__ void update_n(P* p, S* m, const I (&at)[N], const bool (&ok)[N],
                                          const C (&gj)[N], C decay, C b1c, C f,
-                                         const AdamMiniParams& prm, const AdamMiniSeg& sg,
+                                         const AdamMiniParams& prm, uint64_t round_key,
                                          int64_t first) {
   C pj[N], mj[N];
 #pragma unroll
@@ -69,7 +74,7 @@ __device__ __forceinline__ void update_n(P* p, S* m, const I (&at)[N], const boo
   for (int u = 0; u < N; ++u) {
     if (!ok[u]) continue;
     mj[u] = lerp(mj[u], gj[u], b1c);  // as cpu::block_update_span
-    store_param(p + at[u], pj[u] * decay - f * mj[u], prm.stochastic, sg.round_key,
+    store_param(p + at[u], pj[u] * decay - f * mj[u], prm.stochastic, round_key,
                 first + at[u]);
     store(m + at[u], mj[u]);
   }

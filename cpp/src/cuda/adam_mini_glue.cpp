@@ -1,7 +1,7 @@
 // memopt::adam_mini_ for the CUDA dispatch key (used by AdamMini and SlimAdam): validates like
-// the CPU op before anything is written, advances the step counters, puts every segment on a
-// kernel path (cuda/adam_mini.cu explains them) and launches them in multi-segment batches on
-// the current stream, checking every launch.
+// the CPU op before anything is written, advances the step counters (launch.h StepPlan), puts
+// every segment on a kernel path (cuda/adam_mini.cu explains them) and launches them in
+// multi-segment batches on the current stream, checking every launch.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -139,9 +139,8 @@ struct Elementwise {
   void* m;
   void* v;
   int64_t n;
-  const AdamScalars* s;
-  uint64_t round_key;
-  int64_t first;  // element index of p in its parameter
+  int64_t tensor;  // its index in the call (StepPlan)
+  int64_t first;   // element index of p in its parameter
 };
 
 void* at_element(const Tensor& t, int64_t i) {
@@ -182,7 +181,7 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor& lr_t, double beta1, double beta2, double eps,
                     double weight_decay, const Rounding& rounding, TensorList weight_scales,
-                    TensorList state_scales) {
+                    TensorList state_scales, const std::optional<Tensor>& found_inf) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_scales,
                          state_scales);
@@ -194,9 +193,9 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
   const c10::DeviceGuard guard(params[0].device());
   const Stream stream = current_stream(params[0].device());
 
-  const AdamStepInputs in = adam_step_inputs(grads, steps, lr, beta1, beta2, eps, weight_decay);
-  const auto& g = in.grads;
-  const auto& s = in.scalars;
+  const std::vector<Tensor> g = contiguous_grads(grads);
+  const StepPlan s = plan_steps(steps, lr, beta1, beta2, weight_decay, AdamWRule::kTorch,
+                                rounding, found_inf, stream);
 
   // Plan every launch first, so the scratch is reserved once, before any kernel runs.
   std::vector<AM> launches;
@@ -218,10 +217,10 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
     proto.param_dtype = batch.value_dtype, proto.state_dtype = batch.state_dtype;
     proto.beta1 = beta1, proto.beta2 = beta2, proto.eps = eps;
     proto.stochastic = rounding.stochastic();
+    proto.device = s.device;
     Planner plan(proto, launches, max_partials, max_tiles);
     std::vector<Elementwise> elems;
     for (const int64_t i : idx) {
-      const uint64_t key = rounding.stochastic() ? rounding.key(i, s[i].step) : 0;
       float* scales = TensorBatch::scales(weight_scales, i);
       const int64_t group = batch.int8_group;
       int64_t block = 0;  // index in exp_avg_sqs[i] of the segment's first block
@@ -231,13 +230,12 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                            scales ? scales + seg.offset / group : nullptr,
                            at_element(g[i], seg.offset),
                            at_element(exp_avgs[i], seg.offset), at_element(exp_avg_sqs[i], block),
-                           seg.rows * seg.cols, &s[i], key, seg.offset});
+                           seg.rows * seg.cols, i, seg.offset});
         } else {
           AdamMiniSeg a{};
           a.p = params[i].data_ptr(), a.g = g[i].data_ptr(), a.m = exp_avgs[i].data_ptr();
           a.v = at_element(exp_avg_sqs[i], block);
-          a.decay = s[i].decay, a.step_size = s[i].step_size, a.bc2_sqrt = s[i].bc2_sqrt;
-          a.round_key = key;
+          a.s = s.of(i), a.tensor = static_cast<int32_t>(i);
           a.int8_group = static_cast<int32_t>(group), a.scales = scales;
           a.m_scales = m_codes ? state_scale(state_scales, count, 0, i).data_ptr<float>() : nullptr;
           plan.add_blocks(seg, a, proto.param_dtype);
@@ -273,6 +271,7 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
     prm.int8_group = static_cast<int32_t>(batch->int8_group);
     prm.beta1 = beta1, prm.beta2 = beta2, prm.eps = eps;
     prm.stochastic = rounding.stochastic();
+    prm.device = s.device;
     launch_chunked(
         "adam_mini_update_", prm, static_cast<int64_t>(elems.size()),
         batch->chunk(kElementwiseChunk),
@@ -281,10 +280,9 @@ void adam_mini_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
           const Elementwise& e = elems[k];
           prm.p[slot] = e.p, prm.g[slot] = e.g, prm.m[slot] = e.m, prm.v[slot] = e.v;
           prm.scales[slot] = e.scales;
-          prm.decay[slot] = e.s->decay;
-          prm.step_size[slot] = e.s->step_size;
-          prm.bc2_sqrt[slot] = e.s->bc2_sqrt;
-          prm.round_key[slot] = e.round_key, prm.round_first[slot] = e.first;
+          prm.scalars[slot] = s.of(e.tensor);
+          prm.tensor[slot] = static_cast<int32_t>(e.tensor);
+          prm.round_first[slot] = e.first;
         },
         [&](const AdamWParams& launch) { return launch_adamw(launch, stream); });
   }
@@ -296,16 +294,17 @@ void adam_mini_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                     TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                     const Tensor& lr, double beta1, double beta2, double eps,
                     double weight_decay, at::IntArrayRef rounding, OptionalTensors weight_scales,
-                    OptionalTensors state_scales) {
+                    OptionalTensors state_scales, const std::optional<Tensor>& found_inf) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_adam_mini_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs,
                          listed(weight_scales), listed(state_scales));
+  check_found_inf("adam_mini_update_", found_inf, params, steps);
   check_coded_m_cuda(params, grads, specs, listed(weight_scales), listed(state_scales));
   const Rounding round(rounding, params.size(), "adam_mini_update_");
   AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs);
   adam_mini_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),
                     layouts.exp_avg_sqs(), steps, blocks, lr, beta1, beta2, eps, weight_decay,
-                    round, listed(weight_scales), listed(state_scales));
+                    round, listed(weight_scales), listed(state_scales), found_inf);
   layouts.write_back();
 }
 

@@ -138,15 +138,15 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const __grid_constant_
 template <typename S, typename C>
 __global__ void __launch_bounds__(kThreads) finalize_kernel(const __grid_constant__ AM prm) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= prm.n_tiles) return;
+  if (i >= prm.n_tiles || step_skipped(prm.device)) return;
   const AdamMiniSeg& sg = seg_of_tile(prm, i);
   const int64_t t = i - sg.tile_begin;
   const double* part = prm.partials + sg.partials + t * sg.pieces;
   double sum = 0.0;
   for (int k = 0; k < sg.pieces; ++k) sum += part[k];
   const double numel = static_cast<double>(sg.tile_rows * sg.tile_cols);
-  prm.factors[i] = block_factor<S, C>(static_cast<S*>(sg.v) + t, sum, numel, sg, prm.beta2,
-                                      prm.eps);
+  prm.factors[i] = block_factor<S, C>(static_cast<S*>(sg.v) + t, sum, numel,
+                                      seg_scalars(prm, sg), prm.beta2, prm.eps);
 }
 
 // Updates the elements base + k*step (k < count) with factor f, four at a time.
@@ -158,7 +158,8 @@ __device__ __forceinline__ void update_strided(const AM& prm, const AdamMiniSeg&
   P* p = static_cast<P*>(sg.p);
   const P* g = static_cast<const P*>(sg.g);
   S* m = static_cast<S*>(sg.m);
-  const C decay = static_cast<C>(sg.decay), b1c = static_cast<C>(1.0 - prm.beta1);
+  const StepScalars sc = seg_scalars(prm, sg);
+  const C decay = static_cast<C>(sc.decay), b1c = static_cast<C>(1.0 - prm.beta1);
   for (int64_t k = 0; k < count; k += 4) {
     int64_t at[4];
     bool ok[4];
@@ -169,13 +170,14 @@ __device__ __forceinline__ void update_strided(const AM& prm, const AdamMiniSeg&
       ok[u] = k + u < count;
       gj[u] = ok[u] ? load<C>(g + at[u]) : C(0);
     }
-    update_n<4>(p, m, at, ok, gj, decay, b1c, f, prm, sg, 0);
+    update_n<4>(p, m, at, ok, gj, decay, b1c, f, prm, sc.round_key, 0);
   }
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant__ AM prm) {
   using C = opmath_t<P>;
+  if (step_skipped(prm.device)) return;
   const AdamMiniSeg& sg = seg_of_unit(prm, blockIdx.x);
   const int64_t u = blockIdx.x - sg.unit_begin;
   if (sg.kind == AM::kRuns) {
@@ -211,6 +213,7 @@ __global__ void __launch_bounds__(kThreads) int8_update_kernel(const __grid_cons
   constexpr int kBlocks = static_cast<int>(kInt8Chunk / kStateBlock);
   __shared__ unsigned m_max[kBlocks];
   __shared__ float m_scale[kBlocks];
+  if (step_skipped(prm.device)) return;
   int s = 0;
   while (s + 1 < prm.n_segs && prm.seg[s + 1].int8_unit_begin <= blockIdx.x) ++s;
   const AdamMiniSeg& sg = prm.seg[s];
@@ -225,7 +228,8 @@ __global__ void __launch_bounds__(kThreads) int8_update_kernel(const __grid_cons
   const int64_t k0 = (u - line * per_line) * chunk;  // first element of the unit in its line
   const int64_t n = min(chunk, line_len - k0);
   const int64_t first = sg.offset + line * sg.row_stride + k0;  // in the parameter
-  const C decay = static_cast<C>(sg.decay), b1c = static_cast<C>(1.0 - prm.beta1);
+  const StepScalars sc = seg_scalars(prm, sg);
+  const C decay = static_cast<C>(sc.decay), b1c = static_cast<C>(1.0 - prm.beta1);
   const P* g = static_cast<const P*>(sg.g) + first;
   const double* factors = prm.factors + sg.tile_begin;
   auto body = [&](const auto& w) {
@@ -251,19 +255,19 @@ __global__ void __launch_bounds__(kThreads) int8_update_kernel(const __grid_cons
     }
   };
   if (!sg.m_scales) {
-    with_weights<P>(sg.p, sg.scales, sg.int8_group, first, n, prm.stochastic, sg.round_key, body);
+    with_weights<P>(sg.p, sg.scales, sg.int8_group, first, n, prm.stochastic, sc.round_key, body);
     return;
   }
   const int blocks = static_cast<int>((n + kStateBlock - 1) / kStateBlock);
   for (int b = threadIdx.x; b < blocks; b += kThreads) m_max[b] = 0u;
   __syncthreads();
   P* p = static_cast<P*>(sg.p) + first;
-  body(FloatWeights<P>{p, prm.stochastic, sg.round_key, true});
+  body(FloatWeights<P>{p, prm.stochastic, sc.round_key, true});
   __syncthreads();
   for (int b = threadIdx.x; b < blocks; b += kThreads)
     m_scale[b] = state_block_scale(__uint_as_float(m_max[b]));
   __syncthreads();
-  body(FloatWeights<P>{p, prm.stochastic, sg.round_key, false});
+  body(FloatWeights<P>{p, prm.stochastic, sc.round_key, false});
   __syncthreads();  // every old scale has been read
   for (int b = threadIdx.x; b < blocks; b += kThreads)
     sg.m_scales[first / kStateBlock + b] = m_scale[b];

@@ -10,13 +10,13 @@ constexpr int kThreads = 512;
 constexpr int kUnroll = 4;  // independent elements in flight per thread
 
 template <typename P, typename S, typename W>
-__device__ __forceinline__ void adamw_chunk(const AdamWParams& prm, int slot, int64_t begin,
-                                            int64_t n, const W& w) {
+__device__ __forceinline__ void adamw_chunk(const AdamWParams& prm, const StepScalars& sc,
+                                            int slot, int64_t begin, int64_t n, const W& w) {
   using C = opmath_t<P>;
   const P* g = static_cast<const P*>(prm.g[slot]) + begin;
   S* m = static_cast<S*>(prm.m[slot]) + begin;
   S* v = static_cast<S*>(prm.v[slot]) + begin;
-  const C decay = prm.decay[slot], step_size = prm.step_size[slot], bc2 = prm.bc2_sqrt[slot];
+  const C decay = sc.decay, step_size = sc.step_size, bc2 = sc.bc2_sqrt;
   const C b1c = 1.0 - prm.beta1, b2 = prm.beta2, b2c = 1.0 - prm.beta2, eps = prm.eps;
   const C pre = prm.decay_after ? C(1) : decay, post = prm.decay_after ? decay : C(1);
   const bool writes_state = w.writes_state();
@@ -53,13 +53,15 @@ __device__ __forceinline__ void adamw_chunk(const AdamWParams& prm, int slot, in
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamWParams prm) {
+  if (step_skipped(prm.device)) return;
   const int slot = prm.map.slot[blockIdx.x];
+  const StepScalars sc = step_scalars(prm.device, prm.tensor[slot], prm.scalars[slot]);
   const int64_t begin = static_cast<int64_t>(prm.map.chunk[blockIdx.x]) * prm.map.chunk_size;
   const int64_t left = prm.map.numel[slot] - begin;
   const int64_t n = left < prm.map.chunk_size ? left : prm.map.chunk_size;
   with_weights<P>(prm.p[slot], prm.scales[slot], prm.int8_group, begin, n, prm.stochastic,
-                  prm.round_key[slot],
-                  [&](const auto& w) { adamw_chunk<P, S>(prm, slot, begin, n, w); });
+                  sc.round_key,
+                  [&](const auto& w) { adamw_chunk<P, S>(prm, sc, slot, begin, n, w); });
 }
 
 }  // namespace

@@ -15,10 +15,9 @@ void check_coded_cuda(const char* op, TensorList params, TensorList grads,
                       TensorList weight_scales, TensorList state_scales);
 
 // The tensors with 8-bit m and v, in launches of AdamWCodedParams by parameter dtype: tensor i
-// with scalars s[i] (its step already advanced), `base` giving betas, eps, rule and rounding.
+// with its step's scalars in `steps`, `base` giving betas, eps, rule and rounding.
 void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
-                         TensorList exp_avgs, TensorList exp_avg_sqs,
-                         const std::vector<AdamScalars>& s, const AdamWParams& base,
-                         const Rounding& rounding, TensorList state_scales, Stream stream);
+                         TensorList exp_avgs, TensorList exp_avg_sqs, const StepPlan& steps,
+                         const AdamWParams& base, TensorList state_scales, Stream stream);
 
 }  // namespace memopt::cuda

@@ -23,7 +23,9 @@ __global__ void __launch_bounds__(kStateThreads) adamw_coded_kernel(const AdamWC
   using C = float;
   __shared__ unsigned warp_max[2][kU][kWarps];
   __shared__ float scale[2][kU];
+  if (step_skipped(prm.device)) return;
   const int slot = prm.map.slot[blockIdx.x];
+  const StepScalars sc = step_scalars(prm.device, prm.tensor[slot], prm.scalars[slot]);
   const int64_t begin = static_cast<int64_t>(prm.map.chunk[blockIdx.x]) * prm.map.chunk_size;
   const int64_t left = prm.map.numel[slot] - begin;
   const int n = static_cast<int>(left < prm.map.chunk_size ? left : prm.map.chunk_size);
@@ -34,7 +36,7 @@ __global__ void __launch_bounds__(kStateThreads) adamw_coded_kernel(const AdamWC
   uint8_t* vc = prm.v[slot] + begin;
   const float* ms = prm.m_scales[slot] + block0;
   const float* vs = prm.v_scales[slot] + block0;
-  const C decay = prm.decay[slot], step_size = prm.step_size[slot], bc2 = prm.bc2_sqrt[slot];
+  const C decay = sc.decay, step_size = sc.step_size, bc2 = sc.bc2_sqrt;
   const C b1c = 1.0 - prm.beta1, b2 = prm.beta2, b2c = 1.0 - prm.beta2, eps = prm.eps;
   const C pre = prm.decay_after ? C(1) : decay, post = prm.decay_after ? decay : C(1);
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
@@ -53,7 +55,7 @@ __global__ void __launch_bounds__(kStateThreads) adamw_coded_kernel(const AdamWC
       root[u] = sqrtf(vj);
       const C denom = root[u] / bc2 + eps;
       store_param(p + j, (load<C>(p + j) * pre - step_size * m[u] / denom) * post,
-                  prm.stochastic, prm.round_key[slot], begin + j);
+                  prm.stochastic, sc.round_key, begin + j);
     }
     unsigned bm = magnitude_bits(m[u]), br = magnitude_bits(root[u]);
     for (int o = 16; o > 0; o >>= 1) {

@@ -1,5 +1,6 @@
 // memopt::adamw_ for the CUDA dispatch key: validates like the CPU op (the rule first), advances
-// the step counters, computes each tensor's scalars in double and launches cuda/adamw.cu.
+// the step counters and computes each tensor's scalars in double (on the host, or on the device
+// with found_inf: launch.h StepPlan) and launches cuda/adamw.cu.
 #include <torch/library.h>
 
 #include "adamw_coded.h"
@@ -24,9 +25,8 @@ void check_coded_cuda(const char* op, TensorList params, TensorList grads,
 }
 
 void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
-                         TensorList exp_avgs, TensorList exp_avg_sqs,
-                         const std::vector<AdamScalars>& s, const AdamWParams& base,
-                         const Rounding& rounding, TensorList state_scales, Stream stream) {
+                         TensorList exp_avgs, TensorList exp_avg_sqs, const StepPlan& steps,
+                         const AdamWParams& base, TensorList state_scales, Stream stream) {
   const size_t count = params.size();
   for (Dtype dtype : {Dtype::kFloat32, Dtype::kBFloat16, Dtype::kFloat16}) {
     std::vector<int64_t> idx;
@@ -38,6 +38,7 @@ void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
     prm.beta1 = base.beta1, prm.beta2 = base.beta2, prm.eps = base.eps;
     prm.decay_after = base.decay_after;
     prm.stochastic = base.stochastic;
+    prm.device = steps.device;
     launch_chunked(
         "adamw_update_", prm, static_cast<int64_t>(idx.size()), kStateChunk,
         [&](int64_t k) { return params[idx[k]].numel(); },
@@ -49,10 +50,8 @@ void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
           prm.v[slot] = exp_avg_sqs[i].data_ptr<uint8_t>();
           prm.m_scales[slot] = state_scale(state_scales, count, 0, i).data_ptr<float>();
           prm.v_scales[slot] = state_scale(state_scales, count, 1, i).data_ptr<float>();
-          prm.decay[slot] = s[i].decay;
-          prm.step_size[slot] = s[i].step_size;
-          prm.bc2_sqrt[slot] = s[i].bc2_sqrt;
-          prm.round_key[slot] = rounding.stochastic() ? rounding.key(i, s[i].step) : 0;
+          prm.scalars[slot] = steps.of(i);
+          prm.tensor[slot] = static_cast<int32_t>(i);
         },
         [&](const AdamWCodedParams& launch) { return launch_adamw_coded(launch, stream); });
   }
@@ -65,7 +64,8 @@ constexpr int64_t kChunk = 65536;
 void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr_t, double beta1, double beta2, double eps,
                 double weight_decay, c10::string_view rule_name, const Rounding& rounding,
-                TensorList weight_scales, TensorList state_scales) {
+                TensorList weight_scales, TensorList state_scales,
+                const std::optional<Tensor>& found_inf) {
   const AdamWRule rule = parse_adamw_rule(rule_name);
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, weight_scales, state_scales);
   const double lr = read_lr(lr_t);
@@ -75,15 +75,15 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
   const c10::DeviceGuard guard(params[0].device());
   const Stream stream = current_stream(params[0].device());
 
-  const AdamStepInputs in =
-      adam_step_inputs(grads, steps, lr, beta1, beta2, eps, weight_decay, rule);
-  const auto& g = in.grads;
-  const auto& s = in.scalars;
+  const std::vector<Tensor> g = contiguous_grads(grads);
+  const StepPlan s = plan_steps(steps, lr, beta1, beta2, weight_decay, rule, rounding, found_inf,
+                                stream);
   AdamWParams prm{};
   prm.beta1 = beta1, prm.beta2 = beta2, prm.eps = eps;
   prm.decay_after = rule == AdamWRule::kApollo;
   prm.stochastic = rounding.stochastic();
-  adamw_coded_kernels(params, g, exp_avgs, exp_avg_sqs, s, prm, rounding, state_scales, stream);
+  prm.device = s.device;
+  adamw_coded_kernels(params, g, exp_avgs, exp_avg_sqs, s, prm, state_scales, stream);
   for (const TensorBatch& batch : by_dtypes(params, grads, exp_avgs, weight_scales,
                                             [&](int64_t i) { return !coded_moments(state_scales, i); })) {
     const auto& idx = batch.idx;
@@ -99,10 +99,8 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
           prm.g[slot] = g[i].data_ptr();
           prm.m[slot] = exp_avgs[i].data_ptr();
           prm.v[slot] = exp_avg_sqs[i].data_ptr();
-          prm.decay[slot] = s[i].decay;
-          prm.step_size[slot] = s[i].step_size;
-          prm.bc2_sqrt[slot] = s[i].bc2_sqrt;
-          prm.round_key[slot] = rounding.stochastic() ? rounding.key(i, s[i].step) : 0;
+          prm.scalars[slot] = s.of(i);
+          prm.tensor[slot] = static_cast<int32_t>(i);
           prm.round_first[slot] = 0;
         },
         [&](const AdamWParams& launch) { return launch_adamw(launch, stream); });
@@ -114,15 +112,17 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
 void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList steps, const Tensor& lr, double beta1, double beta2, double eps,
                 double weight_decay, c10::string_view rule, at::IntArrayRef rounding,
-                OptionalTensors weight_scales, OptionalTensors state_scales) {
+                OptionalTensors weight_scales, OptionalTensors state_scales,
+                const std::optional<Tensor>& found_inf) {
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales),
                      listed(state_scales));
+  check_found_inf("adamw_update_", found_inf, params, steps);
   check_coded_cuda("adamw_update_", params, grads, listed(weight_scales), listed(state_scales));
   const Rounding round(rounding, params.size(), "adamw_update_");
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, any_order);
   adamw_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),
                 steps, lr, beta1, beta2, eps, weight_decay, rule, round, listed(weight_scales),
-                listed(state_scales));
+                listed(state_scales), found_inf);
   layouts.write_back();
 }
 

@@ -92,10 +92,8 @@ void launch_whole(const FrugalCall& c, const std::vector<int64_t>& members) {
           prm.g[slot] = c.g[i].data_ptr();
           prm.m[slot] = c.exp_avgs[i].data_ptr();
           prm.v[slot] = c.exp_avg_sqs[i].data_ptr();
-          prm.decay[slot] = c.s[i].decay;
-          prm.step_size[slot] = c.s[i].step_size;
-          prm.bc2_sqrt[slot] = c.s[i].bc2_sqrt;
-          prm.round_key[slot] = c.round_key[i], prm.round_first[slot] = 0;
+          prm.scalars[slot] = {c.s[i].decay, c.s[i].step_size, c.s[i].bc2_sqrt, c.round_key[i]};
+          prm.round_first[slot] = 0;
         },
         [&](const AdamWParams& launch) { return launch_adamw(launch, c.stream); });
   });
@@ -238,8 +236,8 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
     AdamWParams base{};
     base.beta1 = beta1, base.beta2 = beta2, base.eps = eps;
     base.stochastic = c.stochastic;  // (torch's rule: decay before the update)
-    adamw_coded_kernels(params, c.g, exp_avgs, exp_avg_sqs, c.s, base, rounding, state_scales,
-                        c.stream);
+    adamw_coded_kernels(params, c.g, exp_avgs, exp_avg_sqs, StepPlan::on_host(c.s, rounding),
+                        base, state_scales, c.stream);
   }
   if (!whole.empty()) launch_whole(c, whole);
   if (!split.empty()) launch_split(c, split);

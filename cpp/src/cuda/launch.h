@@ -101,6 +101,25 @@ inline AdamStepInputs adam_step_inputs(TensorList grads, TensorList steps, doubl
   return in;
 }
 
+// The StepScalars of every tensor of an Adam-family call (kernel_params.h DeviceSteps): with
+// host counters (no found_inf), advanced and computed here; with the op's found_inf, on the
+// device: cuda/step_scalars.cu advances the counters unless *found_inf is set and writes the
+// scalars into `buffer`, which the kernels read through `device`. Either way nothing is read
+// back from the device.
+struct StepPlan {
+  std::vector<StepScalars> host;  // per tensor (unused with device counters)
+  DeviceSteps device{};
+  Tensor buffer;
+  // Host counters already advanced by the caller: their AdamScalars and rounding keys.
+  static StepPlan on_host(const std::vector<AdamScalars>& scalars, const Rounding& rounding);
+  const StepScalars& of(size_t i) const { return host[i]; }
+};
+StepPlan plan_steps(TensorList steps, double lr, double beta1, double beta2, double weight_decay,
+                    AdamWRule rule, const Rounding& rounding,
+                    const std::optional<Tensor>& found_inf, Stream stream);
+// The gradients as contiguous tensors (contiguous_grad).
+std::vector<Tensor> contiguous_grads(TensorList grads);
+
 // Tensors that one multi-tensor launch sequence takes: one (value dtype, state dtype) and, for
 // int8 weights, one group size (kernel_params.h). A call normally has one batch.
 struct TensorBatch {

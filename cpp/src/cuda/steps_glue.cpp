@@ -1,0 +1,67 @@
+// Host side of the step counters of the Adam-family CUDA ops (launch.h StepPlan): on the host,
+// or on the device with the op's found_inf (cuda/step_scalars.cu).
+#include "launch.h"
+
+namespace memopt::cuda {
+
+StepPlan StepPlan::on_host(const std::vector<AdamScalars>& scalars, const Rounding& rounding) {
+  StepPlan plan;
+  plan.host.reserve(scalars.size());
+  for (size_t i = 0; i < scalars.size(); ++i) {
+    const AdamScalars& s = scalars[i];
+    plan.host.push_back({s.decay, s.step_size, s.bc2_sqrt,
+                         rounding.stochastic() ? rounding.key(i, s.step) : 0});
+  }
+  return plan;
+}
+
+StepPlan plan_steps(TensorList steps, double lr, double beta1, double beta2, double weight_decay,
+                    AdamWRule rule, const Rounding& rounding,
+                    const std::optional<Tensor>& found_inf, Stream stream) {
+  const size_t n = steps.size();
+  if (!found_inf.has_value()) {
+    std::vector<AdamScalars> scalars;
+    scalars.reserve(n);
+    for (size_t i = 0; i < n; ++i)
+      scalars.push_back(
+          AdamScalars::make(lr, beta1, beta2, 0.0, weight_decay, advance_step(steps[i]), rule));
+    return StepPlan::on_host(scalars, rounding);
+  }
+  StepPlan plan;
+  plan.host.assign(n, StepScalars{});
+  // n StepScalars (32 bytes each) as doubles: the caching allocator's, not the workspace's,
+  // since the kernels that read them may outlive this call's workspace lease.
+  static_assert(sizeof(StepScalars) == 4 * sizeof(double), "StepScalars packs as 4 doubles");
+  plan.buffer = at::empty({static_cast<int64_t>(std::max<size_t>(n, 1)) * 4},
+                          found_inf->options().dtype(at::kDouble));
+  auto* out = reinterpret_cast<StepScalars*>(plan.buffer.data_ptr<double>());
+  plan.device = {out, found_inf->data_ptr<float>()};
+  StepScalarsParams prm{};
+  prm.found_inf = plan.device.found_inf;
+  prm.apollo_rule = rule == AdamWRule::kApollo;
+  prm.stochastic = rounding.stochastic();
+  if (rounding.stochastic()) {
+    prm.round_seed = rounding.values()[0];
+    prm.round_counter = rounding.values()[1];
+  }
+  prm.lr = lr, prm.beta1 = beta1, prm.beta2 = beta2, prm.weight_decay = weight_decay;
+  for (size_t first = 0; first < n; first += StepScalarsParams::kMaxTensors) {
+    prm.n = static_cast<int32_t>(std::min<size_t>(StepScalarsParams::kMaxTensors, n - first));
+    prm.out = out + first;
+    for (int32_t k = 0; k < prm.n; ++k) {
+      prm.step[k] = steps[first + k].data_ptr<float>();
+      prm.round_id[k] = rounding.stochastic() ? rounding.values()[2 + first + k] : 0;
+    }
+    check_launch(launch_step_scalars(prm, stream), "step counters");
+  }
+  return plan;
+}
+
+std::vector<Tensor> contiguous_grads(TensorList grads) {
+  std::vector<Tensor> out;
+  out.reserve(grads.size());
+  for (const Tensor& g : grads) out.push_back(contiguous_grad(g));
+  return out;
+}
+
+}  // namespace memopt::cuda
