@@ -136,11 +136,16 @@ def test_grad_scaler_unscales_in_step_and_skips_an_inf_step(opt_name, unscale_fi
     assert opt.skipped_steps == 1
     assert scales == [2.0 ** 10] * BAD_STEP + [2.0 ** 9] * (len(scales) - BAD_STEP)
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
-    # the oracle: the same optimizer on the unscaled loss, BAD_STEP left out; the scales are
-    # powers of two, so the unscaled gradients are exact and the trajectories bit-identical
+    assert_equals_unscaled_oracle(opt_name, model)
+
+
+def assert_equals_unscaled_oracle(name, model, steps=5):
+    """`model` after scaled_run equals the same optimizer on the unscaled loss with BAD_STEP
+    left out; the scales are powers of two, so the unscaled gradients are exact and the
+    trajectories bit-identical."""
     ref_model = make_llama(seed=3)
-    ref_opt = make(opt_name, ref_model)
-    for step, ids in enumerate(batches(5)):
+    ref_opt = make(name, ref_model)
+    for step, ids in enumerate(batches(steps)):
         if step != BAD_STEP:
             ref_opt.zero_grad()
             lm_loss(ref_model, ids).backward()

@@ -13,7 +13,7 @@ from . import _C
 from .distributed import (ShardedCall, as_dtensor, is_dtensor, local, local_args, local_shape,
                           local_value, reduce_stats, shard_layout)
 from ._planned import PlannedState
-from .nonfinite import saved_skipped_steps, skips_step
+from .nonfinite import device_found_inf, saved_skipped_steps, skips_step
 from .reporting import Reporting
 from .rounding import StochasticRounding
 
@@ -64,6 +64,9 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
     # the duration of step()) instead of unscaling and checking the gradients itself, as it does
     # for torch's fused optimizers; see nonfinite.py.
     _step_supports_amp_scaling = True
+    # Every op of its steps takes found_inf (memopt::adamw_, adam_mini_), so on a GPU a step's
+    # skip is decided on the device, without a host synchronisation (nonfinite.py).
+    _device_skip = False
 
     def __init__(self, params, defaults: dict, nonfinite: str = "propagate",
                  stochastic_rounding: bool = False, rounding_seed: int = 0):
@@ -74,9 +77,21 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
         instead of to nearest; group options, saved with the groups. README, "Low-precision
         weights"."""
         self.nonfinite = nonfinite
-        self.skipped_steps = 0  # steps (step_params calls, layer-wise) left out by _skips_step
+        self.skipped_steps = 0
         super().__init__(params, dict(defaults, stochastic_rounding=stochastic_rounding,
                                       rounding_seed=rounding_seed))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps (step_params calls, layer-wise) left out for a non-finite gradient. Skips decided
+        on a GPU are counted there; reading this waits for them."""
+        device = self.__dict__.get("_device_skips")
+        return self.__dict__.get("_host_skips", 0) + (0 if device is None else int(device.item()))
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._host_skips = value
+        self.__dict__.pop("_device_skips", None)
 
     @property
     def nonfinite(self) -> str:
@@ -180,7 +195,8 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
 
     def _step_params(self, only: Optional[set]) -> None:
         batches = self._device_batches(only)
-        if self._skips_step(batches):
+        found = device_found_inf(self, batches)  # {device: flag}: the ops decide; else the host
+        if found is None and self._skips_step(batches):
             return
         if torch.compiler.is_compiling():
             return self._traced_step(batches)
@@ -196,9 +212,13 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
                 if is_dtensor(params[0]):
                     calls.append(self._sharded_call(group, params, grads, states))
                     continue
+                kw = {}
+                if found is not None:  # the ops advance the step counters beside the params
+                    self._steps_beside(params)
+                    kw["found_inf"] = found[params[0].grad.device]
                 op, args = self._op_call(group, params, grads, states)
-                validator(op)(*args)
-                calls.append(ShardedCall(lambda op=op, args=args: op(*args)))
+                validator(op)(*args, **kw)
+                calls.append(ShardedCall(lambda op=op, args=args, kw=kw: op(*args, **kw)))
         except Exception:
             for p in fresh:
                 del self.state[p]
@@ -206,6 +226,15 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
         self.reduced_bytes = reduce_stats(calls)
         for call in calls:
             call.finish()
+
+    def _steps_beside(self, params) -> None:
+        """Moves the step counters of `params` to their parameters' devices, where ops given
+        found_inf advance them (once: a counter stays there, as torch's fused optimizers keep
+        theirs; a checkpoint loads them to the CPU again, and the next such step moves them)."""
+        for p in params:
+            state = self.state[p]
+            if state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
 
     def _sharded_call(self, group, params, grads, states) -> ShardedCall:
         """The step of a batch of DTensor parameters (grads and states DTensors too), validated

@@ -50,6 +50,8 @@ class AdamMini(MemoptOptimizer):
         print(opt.describe())
     """
 
+    _device_skip = True  # memopt::adam_mini_ takes found_inf (nonfinite.py)
+
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, dim=None, n_heads=None, n_kv_heads=None,
                  partition="auto", roles=None, model=None, nonfinite="propagate",

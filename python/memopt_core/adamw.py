@@ -24,6 +24,7 @@ class AdamW(MemoptOptimizer):
     """
 
     _shard_dims = (0, 1)  # elementwise: any FSDP2 shard
+    _device_skip = True  # memopt::adamw_ takes found_inf (nonfinite.py)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
                  model=None, nonfinite="propagate", stochastic_rounding=False, rounding_seed=0,

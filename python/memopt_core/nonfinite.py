@@ -1,6 +1,8 @@
 """The non-finite gradient policy of every memopt optimizer: nonfinite="skip" and
 torch.amp.GradScaler's grad_scale / found_inf (the optimizers declare _step_supports_amp_scaling,
-as torch's fused ones do, so GradScaler leaves unscaling and the skip to step())."""
+as torch's fused ones do, so GradScaler leaves unscaling and the skip to step()). The decision
+is made on the device where the ops can take it (device_found_inf), else on the host
+(skips_step)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -11,23 +13,26 @@ import torch.distributed as dist
 from .distributed import is_dtensor, local
 
 
-def skips_step(opt, batches: list) -> bool:
-    """Whether the step of `batches` ([(group, params)]) must change nothing, after
-    unscaling their gradients in place by GradScaler's grad_scale if it set one: GradScaler
-    found an inf/NaN (its found_inf), or nonfinite="skip" and a gradient is not finite. The
-    check and the unscale are one fused pass per device (torch's own AMP kernel); the
-    decision is read on the host (one synchronisation per step on a GPU, as GradScaler's
-    own skip for other optimizers). With DTensor parameters every rank of their meshes
-    decides alike. Counts skipped steps in `skipped_steps`."""
+# Device types on which the decision stays on the device, for optimizers whose every op takes
+# found_inf (their `_device_skip`: AdamW, AdamMini, SlimAdam): the flag goes into the ops, whose
+# kernels return at once on it, and nothing is read back. Elsewhere it is read on the host once
+# per step: on the CPU that costs nothing; APOLLO's projection refresh and FRUGAL's subspace
+# schedule are host decisions; DTensor (FSDP2) batches reduce it across ranks first.
+DEVICE_TYPES = ("cuda",)
+
+
+def _flags(opt, batches: list):
+    """The non-finite flags of the step of `batches` ([(group, params)]), after unscaling their
+    gradients in place by GradScaler's grad_scale if it set one: GradScaler's found_inf, and
+    one flag per device from torch's fused AMP check when grad_scale or nonfinite="skip" asks
+    for it (a non-zero sum: skip). None when no policy is in force."""
     scale, found = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
     skip_bad = getattr(opt, "_skips_nonfinite", False)  # set with opt.nonfinite
     if scale is None and found is None and not skip_bad:
-        return False
+        return None
     if torch.compiler.is_compiling():
         raise TypeError("nonfinite='skip' and GradScaler decide on the host whether to "
                         "step; compile the model and call opt.step() outside compiled code")
-    # Every flag is summed into one tensor on one device and read once, at the end: one host
-    # synchronisation per step, however many devices and meshes.
     flags = [] if found is None else [found]
     if scale is not None or skip_bad:
         by_device = defaultdict(list)
@@ -40,6 +45,19 @@ def skips_step(opt, batches: list) -> bool:
                    torch.as_tensor(scale, device=device).double().reciprocal().float().reshape(1))
             torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv)
             flags.append(flag)
+    return flags
+
+
+def skips_step(opt, batches: list) -> bool:
+    """Whether the step of `batches` must change nothing, decided on the host: _flags' sum,
+    read once (one synchronisation per step on a GPU, as GradScaler's own skip for other
+    optimizers). With DTensor parameters every rank of their meshes decides alike. Counts
+    skipped steps in `skipped_steps`."""
+    flags = _flags(opt, batches)
+    if flags is None:
+        return False
+    # Every flag is summed into one tensor on one device and read once, at the end: one host
+    # synchronisation per step, however many devices and meshes.
     home = flags[0].device if flags else torch.device("cpu")
     skip = sum((f.to(home, torch.float64).sum() for f in flags),
                torch.zeros((), dtype=torch.float64, device=home))
@@ -48,9 +66,33 @@ def skips_step(opt, batches: list) -> bool:
             skip = skip.to(mesh.device_type)
             dist.all_reduce(skip, dist.ReduceOp.MAX, group=mesh.get_group(dim))
     if skip.item() > 0:
-        opt.skipped_steps = getattr(opt, "skipped_steps", 0) + 1
+        opt.skipped_steps += 1
         return True
     return False
+
+
+def device_found_inf(opt, batches: list):
+    """{device: found_inf} for the op calls of `batches` when the step's skip is decided on the
+    devices (DEVICE_TYPES, above): each a one-element float32 tensor, non-zero where any flag
+    of the step is, which the ops read on the device (their found_inf). Counts a skip on the
+    device too (skipped_steps reads it). None: no policy in force, or decide on the host
+    (skips_step)."""
+    params = [p for _, ps in batches for p in ps]
+    if (not getattr(type(opt), "_device_skip", False) or not params
+            or torch.compiler.is_compiling()
+            or any(is_dtensor(p) or p.grad.device.type not in DEVICE_TYPES for p in params)):
+        return None
+    flags = _flags(opt, batches)
+    if flags is None:
+        return None
+    found = {}
+    for device in dict.fromkeys(p.grad.device for p in params):
+        total = sum(f.to(device, torch.float32, non_blocking=True).reshape(()) for f in flags)
+        found[device] = total.reshape(1)
+    home = next(iter(found.values()))
+    counted = opt.__dict__.get("_device_skips")
+    opt._device_skips = (home > 0).long() + (0 if counted is None else counted)
+    return found
 
 
 def saved_skipped_steps(state_dict: dict) -> int:

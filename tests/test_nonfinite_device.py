@@ -1,0 +1,128 @@
+"""nonfinite="skip" and torch.amp.GradScaler decided on the device (nonfinite.device_found_inf)
+for the optimizers whose ops take found_inf: AdamW, AdamMini, SlimAdam. On a GPU the flag goes
+into the ops and nothing is read back (the cuda tests run a step under
+torch.cuda.set_sync_debug_mode("error")). Without one, the CPU stands in: "cpu" joins
+nonfinite.DEVICE_TYPES, so the same front-end path runs with the CPU op honouring found_inf, and
+the host decision is made to fail if it is used. The oracle is test_nonfinite.py's: the same
+optimizer never asked to take the skipped step."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import memopt_core
+from conftest import assert_snapshot_equal, make_grads, make_llama, set_grads, snapshot
+from cuda_util import requires_cuda
+from memopt_core import nonfinite
+from test_nonfinite import (BAD_STEP, assert_equals_unscaled_oracle, make, scaled_run,
+                            train)
+from test_nonfinite import \
+    test_layerwise_skips_each_parameter_whose_gradient_is_not_finite as layerwise_case
+
+DEVICE_SKIP = ["adamw", "adam_mini", "slim_adam"]
+
+
+@pytest.fixture
+def on_device(monkeypatch):
+    monkeypatch.setattr(nonfinite, "DEVICE_TYPES", ("cpu", "cuda"))
+
+    def host_decision(opt, batches):
+        policy = opt._skips_nonfinite or getattr(opt, "found_inf", None) is not None
+        assert not policy, "the skip was decided on the host"
+        return nonfinite.skips_step(opt, batches)
+    monkeypatch.setattr(memopt_core._base, "skips_step", host_decision)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("name", DEVICE_SKIP)
+def test_a_skip_decided_on_the_device_is_a_step_never_taken(on_device, name, value):
+    model, opt = train(name, 5, skip_bad=False, value=value, nonfinite="skip")
+    _, oracle = train(name, 5, skip_bad=True)
+    assert opt.skipped_steps == 1
+    assert_snapshot_equal(snapshot(opt), snapshot(oracle))
+
+
+@pytest.mark.parametrize("name", DEVICE_SKIP)
+def test_a_skipped_first_step_on_the_device_makes_zero_state_only(on_device, name):
+    """The host cannot know the first step is skipped, so its state exists (zeros, step 0);
+    the next step is then exactly a fresh optimizer's first."""
+    model = make_llama(seed=5)
+    opt = make(name, model, nonfinite="skip")
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    grads = make_grads(params, 0)
+    grads[0].view(-1)[-1] = math.inf
+    set_grads(params, grads)
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(float(s["step"]) == 0 and all(not t.any() for t in s.values())
+               for s in opt.state.values())
+    oracle_model = make_llama(seed=5)
+    oracle = make(name, oracle_model)
+    for m, o in ((model, opt), (oracle_model, oracle)):
+        set_grads(list(m.parameters()), make_grads(params, 1))
+        o.step()
+    assert_snapshot_equal(snapshot(opt), snapshot(oracle))
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+@pytest.mark.parametrize("name", DEVICE_SKIP)
+def test_grad_scaler_decided_on_the_device(on_device, name, unscale_first):
+    model, opt, scales = scaled_run(name, unscale_first)
+    assert opt.skipped_steps == 1
+    assert_equals_unscaled_oracle(name, model)
+
+
+def test_layerwise_decides_each_call_on_the_device(on_device):
+    layerwise_case()
+
+
+def test_skipped_steps_counted_on_the_device_are_saved_and_reset(on_device):
+    model, opt = train("adamw", 4, skip_bad=False, nonfinite="skip")
+    sd = opt.state_dict()
+    assert all(g["skipped_steps"] == 1 for g in sd["param_groups"])
+    opt.skipped_steps = 0
+    assert opt.skipped_steps == 0
+    opt.load_state_dict(sd)
+    assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("name", ["adamw", "apollo_mini", "frugal"])
+def test_the_host_decides_on_the_cpu_and_for_host_scheduled_optimizers(name):
+    """Only GPU batches of optimizers whose ops take found_inf are decided on the device."""
+    model = make_llama(seed=5)
+    opt = make(name, model, nonfinite="skip")
+    params = list(model.parameters())
+    set_grads(params, make_grads(params, 0))
+    assert nonfinite.device_found_inf(opt, [(opt.param_groups[0], params)]) is None
+
+
+# ---- on a GPU --------------------------------------------------------------------------------
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("name", DEVICE_SKIP)
+def test_a_gpu_step_with_skip_or_grad_scaler_never_synchronises(name):
+    model = make_llama(seed=5).cuda()
+    opt = make(name, model, nonfinite="skip")
+    params = list(model.parameters())
+    for step in range(5):
+        grads = make_grads(params, step)
+        if step == BAD_STEP:
+            grads[-1].view(-1)[0] = math.nan
+        set_grads(params, [g.cuda() for g in grads])
+        if step == 0:
+            opt.step()  # makes the state and moves the step counters (a copy from the host)
+            continue
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert opt.skipped_steps == 1
+    cpu_model, cpu_opt = train(name, 5, skip_bad=True)
+    for p, q in zip(model.parameters(), cpu_model.parameters()):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-4, atol=1e-6)
