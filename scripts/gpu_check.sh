@@ -16,6 +16,8 @@
 #   bench_int8  bench/bench_int8.py --device cuda: every optimizer's step, int8 against bf16
 #   bench_state_bits  bench/bench_state_bits.py --device cuda: 8-bit / bf16 states against
 #               torch fused AdamW and torchao
+#   bench_nonfinite  bench/bench_nonfinite.py --device cuda: nonfinite="skip" against
+#               "propagate", decided on the device and (forced) on the host
 # Everything (machine, versions, each stage's verdict, time and output) goes to one file,
 # $OUT/gpu_check.txt ($OUT: the device tool's output folder; ./gpu_check_out when unset), and
 # each stage's full log beside it. Exit status: 0 when no stage failed (skipped stages are not
@@ -154,6 +156,8 @@ fi
 TAIL_LINES=20 stage bench_int8 60 "$py" bench/bench_int8.py --device cuda --size 50m --rounds 5
 TAIL_LINES=20 stage bench_state_bits 90 "$py" bench/bench_state_bits.py --device cuda --size 50m \
   --rounds 5 --no-torchao
+TAIL_LINES=20 stage bench_nonfinite 60 "$py" bench/bench_nonfinite.py --device cuda --size 50m \
+  --rounds 5
 
 say ""
 say "total: $((SECONDS - start))s of ${budget}s; result: $( ((failed)) && echo FAIL || echo PASS)"

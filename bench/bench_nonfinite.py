@@ -1,0 +1,55 @@
+"""What nonfinite="skip" costs in the optimizer step: every memopt optimizer on a LLaMA with
+fixed (finite) gradients, with nonfinite="propagate" and "skip", stepped round-robin in one
+process (harness.round_robin), median. "skip" adds torch's fused non-finite check (one read of
+every gradient) and the decision: on a GPU, for AdamW, AdamMini and SlimAdam, a flag the ops
+read on the device (no host synchronisation; nonfinite.py); for the others, and the rows
+"(host decision)" that force it, the flag read on the host once per step.
+
+    python bench/bench_nonfinite.py [--size 50m] [--rounds 10] [--device cuda] [--write]
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+
+import harness
+import memopt_core
+
+
+def host_decided(spec, model, **kw):
+    """The optimizer of `spec` (a registry OptimizerSpec) with its skip decided on the host even
+    on a GPU: a subclass that does not declare `_device_skip`."""
+    cls = type(spec.cls.__name__ + "HostDecision", (spec.cls,), {"_device_skip": False})
+    return dataclasses.replace(spec, cls=cls).make(model, **kw)
+
+
+def main() -> int:
+    ap = harness.arg_parser(__doc__, rounds=10)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = ap.parse_args()
+    cuda = args.device == "cuda"
+    if cuda:
+        harness.require_cuda()
+    model = harness.build_model(args.size, args.device)
+    hp = dict(lr=1e-4, weight_decay=0.1)
+    opts, rows = {}, []
+    for name, spec in memopt_core.OPTIMIZERS.items():
+        for policy in ("propagate", "skip"):
+            opts[(name, policy)] = memopt_core.make_optimizer(name, model, nonfinite=policy, **hp)
+        rows.append((name, (name, "propagate"), (name, "skip")))
+        if cuda and getattr(spec.cls, "_device_skip", False):
+            opts[(name, "host")] = host_decided(spec, model, nonfinite="skip", **hp)
+            rows.append((f"{name} (host decision)", (name, "propagate"), (name, "host")))
+    times = harness.round_robin(opts, args.warmup, args.rounds,
+                                *([harness.cuda_timed_step] if cuda else []))
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    where = f" On {harness.cuda_machine()} (CUDA events)." if cuda else ""
+    harness.ratio_report(f"### nonfinite=\"skip\": optimizer step time ({args.size}, "
+                         f"{args.device}, `bench/bench_nonfinite.py`)", args, where,
+                         ("propagate", "skip"), [(n, med[a], med[b]) for n, a, b in rows])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
