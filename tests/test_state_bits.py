@@ -206,24 +206,37 @@ def _train(opt, model, steps, start=0):
         opt.step()
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam_mini", "frugal"])
-def test_state_dict_resume_is_exact(name):
+RESUME_MODEL = dict(vocab_size=256, hidden_size=256, intermediate_size=320, num_hidden_layers=1)
+
+
+@pytest.mark.parametrize("name, flat_scales", [
+    ("adamw", False), ("adam_mini", False), ("frugal", False),
+    ("adamw", True), ("adam_mini", True)])  # (FRUGAL had no 8-bit state at stop 27)
+def test_state_dict_resume_is_exact(name, flat_scales):
     """Codes and scales are saved and loaded as they are: a run resumed from a checkpoint
-    equals the uninterrupted run bit for bit."""
+    equals the uninterrupted run bit for bit. flat_scales: a checkpoint of stop 27, whose block
+    scales were flat (now [rows, blocks per row]), loads too."""
+    # rows of whole 256-element blocks (scales [rows, 1]) and tensors that are not (flat scales)
     def make(model):
         return memopt_core.make_optimizer(name, model, lr=2e-3, state_bits=8)
 
-    whole = make_llama(vocab_size=256, intermediate_size=128)
+    whole = make_llama(**RESUME_MODEL)
     opt = make(whole)
     _train(opt, whole, 6)
-    first = make_llama(vocab_size=256, intermediate_size=128)
+    first = make_llama(**RESUME_MODEL)
     opt1 = make(first)
     _train(opt1, first, 3)
     buf = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf)
-    resumed = make_llama(vocab_size=256, intermediate_size=128)
+    if flat_scales:
+        flattened = [(state, key) for state in saved["opt"]["state"].values() for key in state
+                     if key.endswith("_scales") and state[key].dim() == 2]
+        assert flattened
+        for state, key in flattened:
+            state[key] = state[key].flatten()
+    resumed = make_llama(**RESUME_MODEL)
     resumed.load_state_dict(saved["model"])
     opt2 = make(resumed)
     opt2.load_state_dict(saved["opt"])

@@ -310,6 +310,9 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
                 sharded = layout is not None and self._state_sharded(p, key, shape)
                 if (p, key) in values:
                     value = values[(p, key)]
+                    if (isinstance(value, torch.Tensor) and not is_dtensor(value) and key != "step"
+                            and tuple(value.shape) != tuple(shape)):  # plan.h: flat scales
+                        value = value.reshape(shape)
                     view.copy_(local_value(value, layout, sharded) if layout else local(value))
                 elif key != "step" and self._state_fill(p, key):
                     view.fill_(self._state_fill(p, key))

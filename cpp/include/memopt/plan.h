@@ -75,7 +75,9 @@ class OptimizerPlan {
   // Raises c10::ValueError (naming `where` and the key) unless `saved`, tensor i's state read
   // from a checkpoint (step included), is the state this plan lays out for a parameter of
   // dtype `param`: every key present and no other, shapes equal, dtypes as laid out (one of the
-  // parameter's dtype may be float32), step a one-element float32 tensor.
+  // parameter's dtype may be float32), step a one-element float32 tensor. 8-bit block scales
+  // saved flat (stop 27's checkpoints, before they were shaped [rows, blocks per row]) hold the
+  // same values in the same order and are accepted: the front ends reshape what they load.
   void check_saved(int64_t i, const std::vector<std::pair<std::string, at::Tensor>>& saved,
                    at::ScalarType param, const std::string& where) const {
     check_saved_state(state(i), saved, param, where);
