@@ -14,21 +14,28 @@ def _adam_lists(shapes, dtype=torch.float32, seed=0):
     return params, grads, [torch.zeros_like(p) for p in params], [torch.zeros(()) for _ in params]
 
 
+# found_inf (the ops' device-side skip, tests/test_found_inf.py): absent, clear, set
+FOUND = [{}, {"found_inf": torch.zeros(1)}, {"found_inf": torch.ones(1)}]
+
+
+@pytest.mark.parametrize("found", FOUND, ids=["", "found_inf=0", "found_inf=1"])
 @pytest.mark.parametrize("rule", [None, "torch", "apollo"])
-def test_opcheck_adamw(rule):
+def test_opcheck_adamw(rule, found):
     params, grads, m, steps = _adam_lists([(8, 4), (5,)])
     v = [torch.zeros_like(p) for p in params]
     args = (params, grads, m, v, steps, torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.01)
-    torch.library.opcheck(torch.ops.memopt.adamw_.default, args + ((rule,) if rule else ()))
+    torch.library.opcheck(torch.ops.memopt.adamw_.default, args + ((rule,) if rule else ()),
+                          kwargs=found)
 
 
-def test_opcheck_adam_mini():
+@pytest.mark.parametrize("found", FOUND, ids=["", "found_inf=0", "found_inf=1"])
+def test_opcheck_adam_mini(found):
     params, grads, m, steps = _adam_lists([(8, 4), (6,)])
     specs = [_C.adam_mini_blocks("query", [8, 4], head_dim=2)[0], _C.adam_mini_blocks("norm", [6])[0]]
     v = [torch.zeros(4), torch.zeros(1)]
     torch.library.opcheck(torch.ops.memopt.adam_mini_.default,
                           (params, grads, m, v, steps, _C.encode_block_specs(specs),
-                           torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0))
+                           torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0), kwargs=found)
 
 
 @pytest.mark.parametrize("segments, message", [
