@@ -38,6 +38,11 @@ Frugal::Frugal(const Described& params, FrugalOptions defaults, FrugalConfig con
     : PlanOptimizer({torch::optim::OptimizerParamGroup(params.first)}, defaults,
                     FrugalPlan(params.second, [&] {
                       config.state_bits = defaults.state_bits();  // the options' (one place)
+                      // Its tensors take the Adam-mini op beside the group's frugal_ call,
+                      // and PlanOptimizer runs one op call per group.
+                      TORCH_CHECK_NOT_IMPLEMENTED(
+                          config.embeddings != "adam_mini", "Frugal: embeddings=\"adam_mini\" "
+                          "(per-token v) runs in the Python front end only (memopt_core.Frugal)");
                       return std::move(config);
                     }())) {
   for (int64_t i : plan_.projectable()) projs_.push_back(params.first[i]);

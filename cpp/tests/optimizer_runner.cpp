@@ -94,6 +94,7 @@ bool set(memopt::FrugalConfig& o, const std::string& k, const IValue& v) {
   MEMOPT_FIELD(block_order, text) MEMOPT_FIELD(state_free, text)
   MEMOPT_FIELD(reset_statistics, flag) MEMOPT_FIELD(seed, maybe) MEMOPT_FIELD(proj_embeds, flag)
   MEMOPT_FIELD(proj_norms, flag) MEMOPT_FIELD(proj_logits, flag)
+  MEMOPT_FIELD(embeddings, text)
   return false;
 }
 

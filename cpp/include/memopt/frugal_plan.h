@@ -37,7 +37,8 @@ struct FrugalConfig {
   int64_t state_bits = 32;
   // "adamw", or "adam_mini": the low-memory embedding mode, the embedding and output tensors
   // that take AdamW (not projectable) keep Adam-mini's per-token v (memopt/plan.h
-  // per_row_moments) and are stepped by the Adam-mini op. The Python front end's option.
+  // per_row_moments) and are stepped by the Adam-mini op. The Python front end's option (the
+  // LibTorch Frugal refuses it: one op call per group).
   std::string embeddings = "adamw";
 };
 
