@@ -31,21 +31,15 @@ def int8_model(size: str, device: str):
 
 
 def main() -> int:
-    ap = harness.arg_parser(__doc__, rounds=10)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    args = ap.parse_args()
-    cuda = args.device == "cuda"
-    if cuda:
-        harness.require_cuda()
+    args = harness.parse_device_args(harness.arg_parser(__doc__, rounds=10))
     models = {"bf16": harness.build_model(args.size, args.device, dtype="bf16"),
               "int8": int8_model(args.size, args.device)}
     hp = dict(lr=1e-4, weight_decay=0.1, stochastic_rounding=True)
     opts = {(name, fmt): memopt_core.make_optimizer(name, model, **hp)
             for name in memopt_core.OPTIMIZERS for fmt, model in models.items()}
-    times = harness.round_robin(opts, args.warmup, args.rounds,
-                                *([harness.cuda_timed_step] if cuda else []))
+    times = harness.device_round_robin(opts, args)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    where = f" On {harness.cuda_machine()} (CUDA events)." if cuda else ""
+    where = harness.device_note(args)
     harness.ratio_report(f"### int8 weights: optimizer step time ({args.size}, {args.device}, "
                          "`bench/bench_int8.py`)", args, f" Stochastic rounding on both.{where}",
                          ("bf16", "int8"),

@@ -25,12 +25,7 @@ def host_decided(spec, model, **kw):
 
 
 def main() -> int:
-    ap = harness.arg_parser(__doc__, rounds=10)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    args = ap.parse_args()
-    cuda = args.device == "cuda"
-    if cuda:
-        harness.require_cuda()
+    args = harness.parse_device_args(harness.arg_parser(__doc__, rounds=10))
     model = harness.build_model(args.size, args.device)
     hp = dict(lr=1e-4, weight_decay=0.1)
     opts, rows = {}, []
@@ -38,15 +33,14 @@ def main() -> int:
         for policy in ("propagate", "skip"):
             opts[(name, policy)] = memopt_core.make_optimizer(name, model, nonfinite=policy, **hp)
         rows.append((name, (name, "propagate"), (name, "skip")))
-        if cuda and getattr(spec.cls, "_device_skip", False):
+        if args.device == "cuda" and getattr(spec.cls, "_device_skip", False):
             opts[(name, "host")] = host_decided(spec, model, nonfinite="skip", **hp)
             rows.append((f"{name} (host decision)", (name, "propagate"), (name, "host")))
-    times = harness.round_robin(opts, args.warmup, args.rounds,
-                                *([harness.cuda_timed_step] if cuda else []))
+    times = harness.device_round_robin(opts, args)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    where = f" On {harness.cuda_machine()} (CUDA events)." if cuda else ""
     harness.ratio_report(f"### nonfinite=\"skip\": optimizer step time ({args.size}, "
-                         f"{args.device}, `bench/bench_nonfinite.py`)", args, where,
+                         f"{args.device}, `bench/bench_nonfinite.py`)", args,
+                         harness.device_note(args),
                          ("propagate", "skip"), [(n, med[a], med[b]) for n, a, b in rows])
     return 0
 

@@ -60,25 +60,21 @@ def held_bytes(t: torch.Tensor) -> int:
 
 def main() -> None:
     ap = H.arg_parser(__doc__, rounds=7)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--no-torchao", action="store_true",
                     help="leave torchao out (its steps compile first: minutes on a fresh machine)")
-    args = ap.parse_args()
-    cuda = args.device == "cuda"
-    if cuda:
-        H.require_cuda()
+    args = H.parse_device_args(ap)
     model = H.build_model(args.size, args.device)
     n = num_params(model)
     print(f"timing up to {len(CONTENDERS)} optimizers on {args.size} ({n / 1e6:.1f}M params)...",
           file=sys.stderr)
     opts = {name: make(model) for name, make in CONTENDERS.items()
             if not (args.no_torchao and name.startswith("torchao"))}
-    times = H.round_robin(opts, args.warmup, args.rounds, *([H.cuda_timed_step] if cuda else []))
+    times = H.device_round_robin(opts, args)
     sbytes = {name: sum(held_bytes(v) for s in o.state.values() for v in s.values()
                         if torch.is_tensor(v)) for name, o in opts.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = H.BASELINE
-    where = H.cuda_machine() + " (CUDA events)" if cuda else H.machine()
+    where = H.cuda_machine() + " (CUDA events)" if args.device == "cuda" else H.machine()
     lines = [f"### Low-bit optimizer states, step() on {args.device}, LLaMA-style {args.size} "
              f"({n / 1e6:.1f}M params, fp32 weights)", "",
              f"{datetime.date.today()} | {where} | torch {torch.__version__} | "

@@ -156,6 +156,27 @@ def require_cuda() -> None:
                  "run it on a machine with an NVIDIA GPU and a CUDA build of torch and memopt_core")
 
 
+def parse_device_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """ap's arguments plus --device cpu|cuda (the ratio scripts); --device cuda exits unless
+    torch sees a GPU."""
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = ap.parse_args()
+    if args.device == "cuda":
+        require_cuda()
+    return args
+
+
+def device_round_robin(opts: dict, args) -> dict:
+    """round_robin over args.warmup / args.rounds, timed with CUDA events on --device cuda."""
+    return round_robin(opts, args.warmup, args.rounds,
+                       cuda_timed_step if args.device == "cuda" else _host_timed_step)
+
+
+def device_note(args) -> str:
+    """What a ratio table says of its GPU (nothing on the CPU: machine() is in its header)."""
+    return f" On {cuda_machine()} (CUDA events)." if args.device == "cuda" else ""
+
+
 def cuda_timed_step(opt) -> float:
     """round_robin's timed_step on a GPU: the step between two CUDA events."""
     torch.cuda.synchronize()
