@@ -33,12 +33,12 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                double weight_decay, c10::string_view rule, at::IntArrayRef rounding,
                OptionalTensors weight_scales, OptionalTensors state_scales,
                const OptionalTensor& found_inf) {
+  check_found_inf("adamw_update_", found_inf, params, steps);
   if (found_on_host(found_inf)) {  // a skipped step: checked like a taken one, then nothing
     adamw_check(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
                 weight_decay, rule, rounding, weight_scales, state_scales, found_inf);
     return;
   }
-  check_found_inf("adamw_update_", found_inf, params, steps);
   adamw_update_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay,
                 parse_adamw_rule(rule), rounding, listed(weight_scales), listed(state_scales));
 }
@@ -76,12 +76,12 @@ void adam_mini_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                    const Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
                    at::IntArrayRef rounding, OptionalTensors weight_scales,
                    OptionalTensors state_scales, const OptionalTensor& found_inf) {
+  check_found_inf("adam_mini_update_", found_inf, params, steps);
   if (found_on_host(found_inf)) {  // a skipped step: checked like a taken one, then nothing
     adam_mini_check(params, grads, exp_avgs, exp_avg_sqs, steps, blocks, lr, beta1, beta2, eps,
                     weight_decay, rounding, weight_scales, state_scales, found_inf);
     return;
   }
-  check_found_inf("adam_mini_update_", found_inf, params, steps);
   adam_mini_update_(params, grads, exp_avgs, exp_avg_sqs, steps,
                     decode_block_specs(blocks, static_cast<int64_t>(params.size())), lr, beta1,
                     beta2, eps, weight_decay, rounding, listed(weight_scales),

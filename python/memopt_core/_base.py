@@ -13,7 +13,7 @@ from . import _C
 from .distributed import (ShardedCall, as_dtensor, is_dtensor, local, local_args, local_shape,
                           local_value, reduce_stats, shard_layout)
 from ._planned import PlannedState
-from .nonfinite import device_found_inf, saved_skipped_steps, skips_step
+from .nonfinite import count_device_skip, device_found_inf, saved_skipped_steps, skips_step
 from .reporting import Reporting
 from .rounding import StochasticRounding
 
@@ -226,6 +226,8 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
         self.reduced_bytes = reduce_stats(calls)
         for call in calls:
             call.finish()
+        if found is not None:
+            count_device_skip(self, found)
 
     def _steps_beside(self, params) -> None:
         """Moves the step counters of `params` to their parameters' devices, where ops given

@@ -74,9 +74,8 @@ def skips_step(opt, batches: list) -> bool:
 def device_found_inf(opt, batches: list):
     """{device: found_inf} for the op calls of `batches` when the step's skip is decided on the
     devices (DEVICE_TYPES, above): each a one-element float32 tensor, non-zero where any flag
-    of the step is, which the ops read on the device (their found_inf). Counts a skip on the
-    device too (skipped_steps reads it). None: no policy in force, or decide on the host
-    (skips_step)."""
+    of the step is, which the ops read on the device (their found_inf; count_device_skip
+    counts it once they ran). None: no policy in force, or decide on the host (skips_step)."""
     params = [p for _, ps in batches for p in ps]
     if (not getattr(type(opt), "_device_skip", False) or not params
             or torch.compiler.is_compiling()
@@ -89,10 +88,15 @@ def device_found_inf(opt, batches: list):
     for device in dict.fromkeys(p.grad.device for p in params):
         total = sum(f.to(device, torch.float32, non_blocking=True).reshape(()) for f in flags)
         found[device] = total.reshape(1)
+    return found
+
+
+def count_device_skip(opt, found: dict) -> None:
+    """Adds the step whose ops took `found` (device_found_inf's) to skipped_steps if it was
+    skipped, on the device: skipped_steps reads the count when asked."""
     home = next(iter(found.values()))
     counted = opt.__dict__.get("_device_skips")
     opt._device_skips = (home > 0).long() + (0 if counted is None else counted)
-    return found
 
 
 def saved_skipped_steps(state_dict: dict) -> int:

@@ -51,7 +51,7 @@ struct AdamScalars {
 // DeviceSteps), so a skipped step needs no host synchronisation; the CPU op reads it first.
 void check_found_inf(const char* op, const std::optional<Tensor>& found_inf, TensorList params,
                      TensorList steps);
-// Whether a CPU found_inf is set (false for None).
+// Whether a CPU found_inf (checked by check_found_inf) is set (false for None).
 bool found_on_host(const std::optional<Tensor>& found_inf);
 
 // Hyperparameter checks shared by every Adam-family op (messages name the argument).

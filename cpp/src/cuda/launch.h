@@ -80,6 +80,9 @@ inline double advance_step(const Tensor& step) {
   return step.item<double>();
 }
 
+// The gradients as contiguous tensors (contiguous_grad).
+std::vector<Tensor> contiguous_grads(TensorList grads);
+
 // What every Adam-family glue needs per tensor once its inputs are validated: the gradient as
 // a contiguous tensor, and the step's AdamScalars after advancing the tensor's step counter.
 struct AdamStepInputs {
@@ -90,14 +93,11 @@ inline AdamStepInputs adam_step_inputs(TensorList grads, TensorList steps, doubl
                                        double beta1, double beta2, double eps,
                                        double weight_decay,
                                        AdamWRule rule = AdamWRule::kTorch) {
-  AdamStepInputs in;
-  in.grads.reserve(grads.size());
+  AdamStepInputs in{contiguous_grads(grads), {}};
   in.scalars.reserve(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    in.grads.push_back(contiguous_grad(grads[i]));
+  for (size_t i = 0; i < grads.size(); ++i)
     in.scalars.push_back(
         AdamScalars::make(lr, beta1, beta2, eps, weight_decay, advance_step(steps[i]), rule));
-  }
   return in;
 }
 
@@ -117,8 +117,6 @@ struct StepPlan {
 StepPlan plan_steps(TensorList steps, double lr, double beta1, double beta2, double weight_decay,
                     AdamWRule rule, const Rounding& rounding,
                     const std::optional<Tensor>& found_inf, Stream stream);
-// The gradients as contiguous tensors (contiguous_grad).
-std::vector<Tensor> contiguous_grads(TensorList grads);
 
 // Tensors that one multi-tensor launch sequence takes: one (value dtype, state dtype) and, for
 // int8 weights, one group size (kernel_params.h). A call normally has one batch.

@@ -19,15 +19,18 @@ StepPlan plan_steps(TensorList steps, double lr, double beta1, double beta2, dou
                     AdamWRule rule, const Rounding& rounding,
                     const std::optional<Tensor>& found_inf, Stream stream) {
   const size_t n = steps.size();
-  if (!found_inf.has_value()) {
-    std::vector<AdamScalars> scalars;
-    scalars.reserve(n);
-    for (size_t i = 0; i < n; ++i)
-      scalars.push_back(
-          AdamScalars::make(lr, beta1, beta2, 0.0, weight_decay, advance_step(steps[i]), rule));
-    return StepPlan::on_host(scalars, rounding);
-  }
   StepPlan plan;
+  if (!found_inf.has_value()) {
+    plan.host.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      const double t = advance_step(steps[i]);
+      StepScalars s = adam_step_scalars(lr, beta1, beta2, weight_decay, t,
+                                        rule == AdamWRule::kApollo);
+      s.round_key = rounding.stochastic() ? rounding.key(i, t) : 0;
+      plan.host.push_back(s);
+    }
+    return plan;
+  }
   plan.host.assign(n, StepScalars{});
   // n StepScalars (32 bytes each) as doubles: the caching allocator's, not the workspace's,
   // since the kernels that read them may outlive this call's workspace lease.
