@@ -113,11 +113,32 @@ void adam_mini_block_sums_meta(TensorList grads, at::IntArrayRef blocks, at::Int
   decode_block_specs(blocks, static_cast<int64_t>(grads.size()));
 }
 
+void adam_mini_shard_check(TensorList params, TensorList grads, TensorList exp_avgs,
+                           TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                           at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
+                           double beta1, double beta2, double eps, double weight_decay,
+                           at::IntArrayRef rounding, OptionalTensors state_scales,
+                           const OptionalTensor& found_inf) {
+  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
+                               decode_block_specs(blocks, static_cast<int64_t>(params.size())),
+                               shards, sums, listed(state_scales));
+  check_found_inf("adam_mini_shard_update_", found_inf, params, steps);
+  check_shard_rounding(params, Rounding(rounding, params.size(), "adam_mini_shard_update_"));
+  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+}
+
 void adam_mini_shard_update_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                                 TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                                 at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
                                 double beta1, double beta2, double eps, double weight_decay,
-                                at::IntArrayRef rounding, OptionalTensors state_scales) {
+                                at::IntArrayRef rounding, OptionalTensors state_scales,
+                                const OptionalTensor& found_inf) {
+  check_found_inf("adam_mini_shard_update_", found_inf, params, steps);
+  if (found_on_host(found_inf)) {  // a skipped step: checked like a taken one, then nothing
+    adam_mini_shard_check(params, grads, exp_avgs, exp_avg_sqs, steps, blocks, shards, sums, lr,
+                          beta1, beta2, eps, weight_decay, rounding, state_scales, found_inf);
+    return;
+  }
   adam_mini_shard_update_(params, grads, exp_avgs, exp_avg_sqs, steps,
                           decode_block_specs(blocks, static_cast<int64_t>(params.size())), shards,
                           sums, lr, beta1, beta2, eps, weight_decay, rounding, listed(state_scales));
@@ -127,24 +148,14 @@ void adam_mini_shard_update_meta(TensorList params, TensorList grads, TensorList
                                  TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                                  at::IntArrayRef shards, const Tensor& sums, const Tensor&, double,
                                  double, double, double, at::IntArrayRef rounding,
-                                 OptionalTensors state_scales) {
+                                 OptionalTensors state_scales, const OptionalTensor& found_inf) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_shard_rounding(params, Rounding(rounding, params.size(), "adam_mini_shard_update_"));
-  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs}))
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs})) {
     check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums,
                                  listed(state_scales));
-}
-
-void adam_mini_shard_check(TensorList params, TensorList grads, TensorList exp_avgs,
-                           TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
-                           at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
-                           double beta1, double beta2, double eps, double weight_decay,
-                           at::IntArrayRef rounding, OptionalTensors state_scales) {
-  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps,
-                               decode_block_specs(blocks, static_cast<int64_t>(params.size())),
-                               shards, sums, listed(state_scales));
-  check_shard_rounding(params, Rounding(rounding, params.size(), "adam_mini_shard_update_"));
-  check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+    check_found_inf("adam_mini_shard_update_", found_inf, params, steps);
+  }
 }
 
 }  // namespace
@@ -178,7 +189,8 @@ TORCH_LIBRARY(memopt, m) {
   define_op(m, "adam_mini_shard_update_(Tensor(a!)[] params, Tensor[] grads, "
             "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, int[] blocks, "
             "int[] shards, Tensor sums, Tensor lr, float beta1, float beta2, float eps, "
-            "float weight_decay, int[] rounding=[], Tensor(e!)[]? state_scales=None) -> ()",
+            "float weight_decay, int[] rounding=[], Tensor(e!)[]? state_scales=None, "
+            "Tensor? found_inf=None) -> ()",
             &memopt::adam_mini_shard_check);
 }
 

@@ -291,6 +291,25 @@ static_assert(sizeof(AdamMiniParams) <= 4096, "kernel argument over 4 KiB");
 int launch_adam_mini(const AdamMiniParams& params, Stream stream);
 
 
+// ---- Adam-mini on a shard (cpp/src/cuda/adam_mini_shard.cu) -----------------------------------
+// One ShardPiece (partition.h) of a shard of an FSDP2 tensor, its block factors already computed
+// from the all-reduced block sums: m = lerp(m, g, b1c) and p = p decay - factor m for every
+// element, the CPU op's block_update_span / column_update_span. The piece's elements are
+// (rows / tile_rows) bands x tile_rows rows x tiles_per_row tiles x tile_cols columns of a
+// contiguous shard; element (r, j, c) has block block0 + (r / tile_rows) band_blocks + j.
+// Nothing is written where *found_inf (the op's, or null) is non-zero.
+struct AdamMiniShardParams {
+  Dtype param_dtype, state_dtype;
+  void* p;
+  const void* g;
+  void* m;
+  const void* factor;  // per block of the full tensor, in the compute type (float or double)
+  const float* found_inf;
+  int64_t offset, rows, row_stride, tile_rows, tiles_per_row, tile_cols, block0, band_blocks;
+  double decay, b1c;
+};
+int launch_adam_mini_shard(const AdamMiniShardParams& params, Stream stream);
+
 // ---- FRUGAL (cpp/src/cuda/frugal.cu) ----------------------------------------------------------
 // Modes 0-1 of memopt::FrugalMode (AdamW on a whole tensor) run on launch_adamw. Modes 2-5 (the
 // state-free block; AdamW on selected columns / rows / flat coordinates and the state-free rule

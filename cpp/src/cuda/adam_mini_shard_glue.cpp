@@ -1,9 +1,11 @@
 // memopt::adam_mini_block_sums_ and adam_mini_shard_update_ for the CUDA dispatch key: Adam-mini
 // on FSDP2 shards of GPU tensors. The layout (which tiles of the full tensor's blocks a shard
-// holds) is cpp/src/adam_mini_shard.cpp's shard_pieces; the math is ATen reductions and in-place
-// ops on strided views of each piece, so no parameter-sized temporary is made and the block
-// statistics (one value per block) are the only extra memory. A handful of launches per piece;
-// the fused single-tensor kernels (adam_mini.cu) stay the path for unsharded tensors.
+// holds) is cpp/src/adam_mini_shard.cpp's shard_pieces. No parameter-sized temporary is made:
+// the block statistics (one value per block) are the only extra memory. The block sums are ATen
+// reductions on strided views of each piece, v and the block factors ATen arithmetic on
+// block-sized vectors, and the update of p and m one launch per piece
+// (cuda/adam_mini_shard.cu), which returns at once under a set found_inf. The fused
+// single-tensor kernels (adam_mini.cu) stay the path for unsharded tensors.
 #include <torch/library.h>
 
 #include "launch.h"
@@ -51,9 +53,10 @@ void block_sums_kernels(TensorList grads, at::IntArrayRef blocks, at::IntArrayRe
 }
 
 void shard_update_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
-                       TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
-                       at::IntArrayRef shards, const Tensor& sums, const Tensor& lr_t, double beta1,
-                       double beta2, double eps, double weight_decay) {
+                          TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
+                          at::IntArrayRef shards, const Tensor& sums, const Tensor& lr_t,
+                          double beta1, double beta2, double eps, double weight_decay,
+                          const std::optional<Tensor>& found_inf) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
   const double lr = read_lr(lr_t);
@@ -61,32 +64,50 @@ void shard_update_kernels(TensorList params, TensorList grads, TensorList exp_av
   if (params.empty()) return;
   check_same_cuda_device("adam_mini_shard_update_", {params, grads, exp_avgs, exp_avg_sqs, {sums}});
   const c10::DeviceGuard guard(params[0].device());
-  const AdamStepInputs in = adam_step_inputs(grads, steps, lr, beta1, beta2, eps, weight_decay);
+  const Stream stream = current_stream(params[0].device());
+  const std::vector<Tensor> g = contiguous_grads(grads);
+  // The step counters: advanced here, or (found_inf) on the device, whose StepScalars the
+  // factors below read as 0-dim tensors, so nothing is read back.
+  const StepPlan plan = plan_steps(steps, lr, beta1, beta2, weight_decay, AdamWRule::kTorch,
+                                   Rounding(),  // (check_shard_rounding: nearest)
+                                   found_inf, stream);
+  const Tensor skip = found_inf.has_value() ? found_inf->ne(0) : Tensor();
   int64_t base = 0;
   for (size_t i = 0; i < params.size(); ++i) {
-    const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i], &g = in.grads[i];
-    const AdamScalars& s = in.scalars[i];
+    const Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
     // v of every block in float64 (rounded to its dtype once, as the CPU op does), then each
     // block's step factor lr/(1-b1^t) / (sqrt(v)/sqrt(1-b2^t) + eps) in the compute type.
-    const Tensor v64 = v.to(at::kDouble, false, /*copy=*/true).mul_(s.beta2);
+    const Tensor v64 = v.to(at::kDouble, false, /*copy=*/true).mul_(beta2);
     int64_t b = 0;
     for (const auto& seg : specs[i]) {
       v64.narrow(0, b, seg.num_blocks())
-          .add_(sums.narrow(0, base + b, seg.num_blocks()), (1.0 - s.beta2) / seg.block_numel());
+          .add_(sums.narrow(0, base + b, seg.num_blocks()), (1.0 - beta2) / seg.block_numel());
       b += seg.num_blocks();
     }
-    v.copy_(v64);
+    v.copy_(skip.defined() ? at::where(skip, v, v64) : v64);  // (block-sized)
     const auto compute = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    Tensor factor = v.to(compute, false, /*copy=*/true).sqrt_().div_(s.bc2_sqrt).add_(s.eps);
-    factor = at::full_like(factor, s.step_size).div_(factor);
+    Tensor factor = v.to(compute, false, /*copy=*/true).sqrt_();
+    if (plan.buffer.defined()) {  // [decay, step_size, bc2_sqrt, key] per tensor, on the device
+      const Tensor s = plan.buffer.view({-1, 4})[static_cast<int64_t>(i)];
+      factor.div_(s[2]).add_(eps);
+      factor = s[1].to(compute).div(factor);
+    } else {
+      factor.div_(plan.of(i).bc2_sqrt).add_(eps);
+      factor = at::full_like(factor, plan.of(i).step_size).div_(factor);
+    }
+    AdamMiniShardParams prm{};
+    prm.param_dtype = dtype_of(p.scalar_type());
+    prm.state_dtype = dtype_of(m.scalar_type());
+    prm.p = p.data_ptr(), prm.g = g[i].data_ptr(), prm.m = m.data_ptr();
+    prm.factor = factor.data_ptr();
+    prm.found_inf = plan.device.found_inf;
+    prm.decay = 1.0 - lr * weight_decay, prm.b1c = 1.0 - beta1;
     for (const auto& pc : shard_pieces(specs[i], shards[2 * i], shards[2 * i] + p.numel())) {
-      Tensor mv = tiles(m, pc.seg), pv = tiles(p, pc.seg);
-      const Tensor gv = tiles(g, pc.seg);
-      if (m.scalar_type() == g.scalar_type())
-        mv.lerp_(gv, 1.0 - s.beta1);  // torch's m + (1-b1)(g - m), as the fused kernels
-      else
-        mv.mul_(s.beta1).add_(gv, 1.0 - s.beta1);
-      pv.mul_(s.decay).addcmul_(of_tiles(factor, pc, true), mv, -1.0);
+      const Segment& sg = pc.seg;
+      prm.offset = sg.offset, prm.rows = sg.rows, prm.row_stride = sg.row_stride;
+      prm.tile_rows = sg.tile_rows, prm.tiles_per_row = sg.tiles_per_row();
+      prm.tile_cols = sg.tile_cols, prm.block0 = pc.block0, prm.band_blocks = pc.band_blocks;
+      check_launch(launch_adam_mini_shard(prm, stream), "adam_mini_shard_update_");
     }
     base += num_blocks(specs[i]);
   }
@@ -107,11 +128,13 @@ void shard_update_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                        TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                        at::IntArrayRef shards, const Tensor& sums, const Tensor& lr,
                        double beta1, double beta2, double eps, double weight_decay,
-                       at::IntArrayRef rounding, OptionalTensors state_scales) {
+                       at::IntArrayRef rounding, OptionalTensors state_scales,
+                       const std::optional<Tensor>& found_inf) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
   check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums,
                                listed(state_scales));
   check_shard_rounding(params, Rounding(rounding, params.size(), "adam_mini_shard_update_"));
+  check_found_inf("adam_mini_shard_update_", found_inf, params, steps);
   // The update below is ATen arithmetic on views of m, which 8-bit codes are not: decoding them
   // would take a parameter-sized temporary. The CPU op (cpp/src/adam_mini_shard.cpp) has them.
   for (size_t i = 0; i < params.size(); ++i)
@@ -121,7 +144,7 @@ void shard_update_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
   AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs, shards);
   shard_update_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),
                        layouts.exp_avg_sqs(), steps, blocks, shards, sums, lr, beta1, beta2, eps,
-                       weight_decay);
+                       weight_decay, found_inf);
   layouts.write_back();
 }
 
