@@ -32,9 +32,12 @@ def run_full(params, specs, steps, dtype):
     return ps, ms, vs
 
 
-def run_sharded(params, specs, steps, dtype, world, device="cpu"):
-    """[rank] -> (local params, local m, full v) after `steps` steps on row shards, with the ops
-    of `device` (cpu, the host-emulated CUDA glue "emu", or cuda)."""
+def run_sharded(params, specs, steps, dtype, world, device="cpu", skipped=None):
+    """[rank] -> (local params, local m, full v) after `steps` steps (or the steps of that list)
+    on row shards, with the ops of `device` (cpu, the host-emulated CUDA glue "emu", or cuda).
+    skipped: None, or steps
+    taken with a NaN gradient on one rank and found_inf set (every other step with found_inf
+    clear; the step counters then live on the device)."""
     memopt = ops(device)
     params = [p.to(tensor_device(device)) for p in params]
     enc = _C.encode_block_specs(specs)
@@ -46,9 +49,16 @@ def run_sharded(params, specs, steps, dtype, world, device="cpu"):
         shards = [v for p, (a, _) in zip(params, cut) for v in (a * (p.numel() // max(p.shape[0], 1)), p.numel())]
         ranks.append(dict(cut=cut, p=local, m=[torch.zeros_like(t) for t in local],
                           v=[torch.zeros(n, dtype=dtype, device=local[0].device) for n in nblocks],
-                          st=[torch.zeros((), dtype=torch.float32) for _ in local], shards=shards))
-    for step in range(steps):
+                          st=[torch.zeros((), dtype=torch.float32,
+                                          device=local[0].device if skipped is not None else "cpu")
+                              for _ in local], shards=shards))
+    for step in range(steps) if isinstance(steps, int) else steps:
         grads = make_grads(params, step)  # the full gradients; each rank takes its rows
+        found = {}
+        if skipped is not None:
+            found = {"found_inf": torch.full((1,), float(step in skipped), device=params[0].device)}
+            if step in skipped:
+                grads[step % len(grads)].view(-1)[-1] = float("nan")
         grads = [g.to(params[0].device) for g in grads]
         sums = torch.zeros(sum(nblocks), dtype=torch.float64, device=params[0].device)
         local_grads = []
@@ -60,10 +70,12 @@ def run_sharded(params, specs, steps, dtype, world, device="cpu"):
             sums += part
         for rk, g in zip(ranks, local_grads):
             torch.ops.memopt.check_adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc, rk["shards"],
-                                             sums, torch.tensor(1e-2, dtype=torch.float64), *HP)
+                                             sums, torch.tensor(1e-2, dtype=torch.float64), *HP,
+                                             **found)
             memopt.adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc,
                                                      rk["shards"], sums,
-                                                     torch.tensor(1e-2, dtype=torch.float64), *HP)
+                                                     torch.tensor(1e-2, dtype=torch.float64), *HP,
+                                                     **found)
     return ranks
 
 
@@ -122,6 +134,29 @@ def test_gpu_shards_equal_cpu_full_tensor(device, dtype, source):
                           (torch.cat([rk["m"][i] for rk in ranks]), fm[i]), (ranks[1]["v"][i], fv[i])):
             err = (got.cpu().double() - want.double()).abs().max().item()
             assert err <= TOL[dtype] * (want.double().abs().max().item() or 1.0), f"tensor {i}"
+
+
+@pytest.mark.parametrize("device", ["cpu", EMU, pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("source", ["auto", "hand"])
+def test_a_found_inf_step_on_shards_is_a_step_never_taken(device, dtype, source):
+    """adam_mini_shard_update_'s found_inf (the FSDP2 step decided on the device): steps 0 and
+    3 of 5 carry a NaN on one rank's shard and the flag; every rank's parameters, m, v and step
+    counts equal the run that never took them (bit for bit but on a GPU, whose pow may differ
+    from the host's in the last bit)."""
+    params, specs = hand_specs() if source == "hand" else llama_specs(source)
+    params = [p.to(dtype) for p in params]
+    got = run_sharded(params, specs, 5, dtype, 3, device, skipped=(0, 3))
+    want = run_sharded(params, specs, [1, 2, 4], dtype, 3, device)
+    for rk, ref in zip(got, want):
+        assert all(float(t) == 3 for t in rk["st"])
+        for key in ("p", "m", "v"):
+            for i, (a, b) in enumerate(zip(rk[key], ref[key])):
+                assert a.isfinite().all(), f"{key} {i}: the NaN step was not skipped"
+                if device == "cuda":
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+                else:
+                    assert torch.equal(a, b), f"{key} {i}"
 
 
 def test_shard_ops_reject_bad_shards_untouched():

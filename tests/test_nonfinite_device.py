@@ -1,7 +1,8 @@
 """nonfinite="skip" and torch.amp.GradScaler decided on the device (nonfinite.device_found_inf)
 for the optimizers whose ops take found_inf: AdamW, AdamMini, SlimAdam. On a GPU the flag goes
 into the ops and nothing is read back (the cuda tests run a step under
-torch.cuda.set_sync_debug_mode("error")). Without one, the CPU stands in: "cpu" joins
+torch.cuda.set_sync_debug_mode("error")); FSDP2 batches all-reduce the flag on the device
+first (2 gloo ranks against one process). Without a GPU, the CPU stands in: "cpu" joins
 nonfinite.DEVICE_TYPES, so the same front-end path runs with the CPU op honouring found_inf, and
 the host decision is made to fail if it is used. The oracle is test_nonfinite.py's: the same
 optimizer never asked to take the skipped step."""
@@ -100,7 +101,77 @@ def test_the_host_decides_on_the_cpu_and_for_host_scheduled_optimizers(name):
     assert nonfinite.device_found_inf(opt, [(opt.param_groups[0], params)]) is None
 
 
+# ---- FSDP2: the flag all-reduced on the device ------------------------------------------------
+FSDP_SKIPPED = (1, 3)  # of 5 steps, each with an inf in one parameter's shard on rank 1 only
+
+
+def _fsdp_run(name, rank=0, world=1):
+    """(snapshot, skipped_steps) of 5 synthetic steps of a LLaMA whose heads and vocabulary
+    straddle the shards. world > 1: FSDP2 with nonfinite="skip" decided on the device (the CPU
+    standing in, the host decision made to fail), FSDP_SKIPPED poisoned on rank 1; world 1: the
+    oracle, one process never asked to take FSDP_SKIPPED."""
+    from dist_cases import STRADDLE, snapshot
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    model = make_llama(dtype=torch.float64, **STRADDLE)
+    if world > 1:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    opt = memopt_core.make_optimizer(name, model, lr=1e-2, weight_decay=0.1,
+                                     nonfinite="skip" if world > 1 else "propagate")
+    params = list(model.parameters())
+    for step in range(5):
+        if world == 1 and step in FSDP_SKIPPED:
+            continue
+        for k, (p, g) in enumerate(zip(params, make_grads(params, step))):
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if world > 1 else g
+            if world > 1 and step in FSDP_SKIPPED and rank == 1 and k == step:
+                p.grad.to_local().view(-1)[0] = math.inf
+        opt.step()
+    return snapshot(model, opt), opt.skipped_steps
+
+
+def _fsdp_device_skip(rank, world):
+    from memopt_core import _base
+    nonfinite.DEVICE_TYPES = ("cpu", "cuda")
+
+    def host_decision(opt, batches):
+        raise AssertionError("the skip was decided on the host")
+    _base.skips_step = host_decision
+    return {name: _fsdp_run(name, rank, world) for name in DEVICE_SKIP}
+
+
+def test_fsdp2_skip_decided_on_the_device_is_a_step_never_taken_on_every_rank():
+    """Each optimizer's FSDP2 batches (AdamW's elementwise op, Adam-mini's and SlimAdam's block
+    sums and shard update) take the flag reduced across ranks on the device: a bad shard on one
+    rank skips every rank, equal to one process that never took those steps."""
+    from dist_cases import max_rel_err
+    from dist_util import run_workers
+    results = run_workers(_fsdp_device_skip, 2)
+    for name in DEVICE_SKIP:
+        want, _ = _fsdp_run(name)
+        got, skipped = results[0][name]
+        assert [r[name][1] for r in results] == [len(FSDP_SKIPPED)] * 2
+        assert all(float(s["step"]) == 5 - len(FSDP_SKIPPED) for s in got["state"])
+        assert max_rel_err(got, want) <= 1e-12, name
+
+
 # ---- on a GPU --------------------------------------------------------------------------------
+def _step_never_synchronising(opt, step: int) -> None:
+    """opt.step(); from the second step on under set_sync_debug_mode("error") (the first makes
+    the state and moves the step counters beside the parameters: a copy from the host)."""
+    if step == 0:
+        opt.step()
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("name", DEVICE_SKIP)
@@ -113,16 +184,38 @@ def test_a_gpu_step_with_skip_or_grad_scaler_never_synchronises(name):
         if step == BAD_STEP:
             grads[-1].view(-1)[0] = math.nan
         set_grads(params, [g.cuda() for g in grads])
-        if step == 0:
-            opt.step()  # makes the state and moves the step counters (a copy from the host)
-            continue
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        _step_never_synchronising(opt, step)
     assert opt.skipped_steps == 1
     cpu_model, cpu_opt = train(name, 5, skip_bad=True)
     for p, q in zip(model.parameters(), cpu_model.parameters()):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-4, atol=1e-6)
+
+
+def _fsdp_gpu_steps_without_sync(rank, world):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    skipped = {}
+    for name in DEVICE_SKIP:
+        model = make_llama(seed=5).cuda()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = make(name, model, nonfinite="skip")
+        params = list(model.parameters())
+        for step in range(4):
+            for k, (p, g) in enumerate(zip(params, make_grads(params, step))):
+                p.grad = distribute_tensor(g.cuda(), p.device_mesh, p.placements)
+                if step == 2 and k == 1:
+                    p.grad.to_local().view(-1)[0] = math.nan
+            _step_never_synchronising(opt, step)
+        skipped[name] = opt.skipped_steps
+    return skipped
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_an_fsdp2_gpu_step_with_skip_never_synchronises():
+    """FSDP2 over NCCL (one rank): the flag's all-reduce and the sharded ops stay on the GPU."""
+    from dist_util import run_workers
+    [skipped] = run_workers(_fsdp_gpu_steps_without_sync, 1, backend="nccl")
+    assert skipped == {name: 1 for name in DEVICE_SKIP}

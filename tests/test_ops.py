@@ -38,6 +38,19 @@ def test_opcheck_adam_mini(found):
                            torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0), kwargs=found)
 
 
+@pytest.mark.parametrize("found", FOUND, ids=["", "found_inf=0", "found_inf=1"])
+def test_opcheck_adam_mini_shard_ops(found):
+    """Both FSDP2 ops on rows 2..5 of an (8, 4) tensor with per-head blocks of 2 rows."""
+    params, grads, m, steps = _adam_lists([(4, 4)])
+    blocks = _C.encode_block_specs([_C.adam_mini_blocks("query", [8, 4], head_dim=2)[0]])
+    shards, sums = [8, 32], torch.zeros(4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.memopt.adam_mini_block_sums_.default,
+                          (grads, blocks, shards, sums))
+    torch.library.opcheck(torch.ops.memopt.adam_mini_shard_update_.default,
+                          (params, grads, m, [torch.zeros(4)], steps, blocks, shards, sums,
+                           torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.0), kwargs=found)
+
+
 @pytest.mark.parametrize("segments, message", [
     ([(0, 4, 4, 4, 3, 4)], "not divisible"),          # 4 rows in tiles of 3
     ([(0, 2, 4, 4, 1, 4), (12, 2, 4, 4, 1, 4)], "reaches element"),  # past the end

@@ -209,13 +209,13 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
                 self._init_states(new)
                 fresh += new
                 grads, states = [p.grad for p in params], [self.state[p] for p in params]
-                if is_dtensor(params[0]):
-                    calls.append(self._sharded_call(group, params, grads, states))
-                    continue
                 kw = {}
                 if found is not None:  # the ops advance the step counters beside the params
                     self._steps_beside(params)
-                    kw["found_inf"] = found[params[0].grad.device]
+                    kw["found_inf"] = found[local(params[0].grad).device]
+                if is_dtensor(params[0]):
+                    calls.append(self._sharded_call(group, params, grads, states, **kw))
+                    continue
                 op, args = self._op_call(group, params, grads, states)
                 validator(op)(*args, **kw)
                 calls.append(ShardedCall(lambda op=op, args=args, kw=kw: op(*args, **kw)))
@@ -230,22 +230,24 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
             count_device_skip(self, found)
 
     def _steps_beside(self, params) -> None:
-        """Moves the step counters of `params` to their parameters' devices, where ops given
+        """Moves the step counters of `params` to their parameters' devices (a DTensor's: its
+        local shard's; the counters stay plain tensors), where ops given
         found_inf advance them (once: a counter stays there, as torch's fused optimizers keep
         theirs; a checkpoint loads them to the CPU again, and the next such step moves them)."""
         for p in params:
             state = self.state[p]
-            if state["step"].device != p.device:
-                state["step"] = state["step"].to(p.device)
+            if state["step"].device != local(p).device:
+                state["step"] = state["step"].to(local(p).device)
 
-    def _sharded_call(self, group, params, grads, states) -> ShardedCall:
+    def _sharded_call(self, group, params, grads, states, **found_inf) -> ShardedCall:
         """The step of a batch of DTensor parameters (grads and states DTensors too), validated
-        and ready to run. This default suits elementwise updates: the op on the local shards.
+        and ready to run; `found_inf` (an optimizer with _device_skip only): the step's reduced
+        flag, for the ops. This default suits elementwise updates: the op on the local shards.
         Optimizers with statistics that span shards override it (partials, then finish)."""
         op, args = self._op_call(group, params, grads, states)
         args = local_args(args)
-        validator(op)(*args)
-        return ShardedCall(lambda: op(*args))
+        validator(op)(*args, **found_inf)
+        return ShardedCall(lambda: op(*args, **found_inf))
 
     def _traced_step(self, batches: list) -> None:
         """step() under torch.compile: the same op calls with nothing Dynamo cannot trace. The

@@ -79,9 +79,9 @@ class AdamMini(MemoptOptimizer):
             self._rounding(group, params))
 
     # ---- DTensor (FSDP2) parameters ----------------------------------------------------------
-    def _sharded_call(self, group, params, grads, states):
+    def _sharded_call(self, group, params, grads, states, **found_inf):
         return block_sharded_call(self, group, params, grads, states,
-                                  [v for p in params for v in self.blocks[p].encoded])
+                                  [v for p in params for v in self.blocks[p].encoded], **found_inf)
 
 
 def adam_mini_args(opt, group, params, grads, states, blocks, rounding) -> tuple:
@@ -96,12 +96,12 @@ def adam_mini_args(opt, group, params, grads, states, blocks, rounding) -> tuple
             state_scale_args(states, ("exp_avg",)))
 
 
-def block_sharded_call(opt, group, params, grads, states, blocks) -> ShardedCall:
+def block_sharded_call(opt, group, params, grads, states, blocks, **found_inf) -> ShardedCall:
     """The Adam-mini step of DTensor `params` whose blocks (`blocks`, encoded) may be cut by
     shard boundaries: each shard's sums of g^2 per block of the full tensor (this rank's
     partials, reduced by the caller), then v of every block and the update of the local
-    elements from the totals (cpp/src/adam_mini_shard.cpp). Also APOLLO's and FRUGAL's
-    per-token mode."""
+    elements from the totals (cpp/src/adam_mini_shard.cpp), which a set `found_inf` (the
+    step's reduced flag) makes skip. Also APOLLO's and FRUGAL's per-token mode."""
     layouts = [opt._shard_layout(p) for p in params]
     shards = [v for p, lay in zip(params, layouts) for v in (lay.flat_lo, p.numel())]
     # one sum per block: as many as v has entries (replicated, full on every rank)
@@ -115,8 +115,8 @@ def block_sharded_call(opt, group, params, grads, states, blocks) -> ShardedCall
             shards, sums, opt._lr(group), float(beta1), float(beta2), float(group["eps"]),
             float(group["weight_decay"]), opt._rounding(group, params),
             None if scales is None else [local(t) for t in scales])
-    torch.ops.memopt.check_adam_mini_shard_update_(*args)
+    torch.ops.memopt.check_adam_mini_shard_update_(*args, **found_inf)
     torch.ops.memopt.adam_mini_block_sums_(grads, blocks, shards, sums)
-    return ShardedCall(lambda: torch.ops.memopt.adam_mini_shard_update_(*args), sums,
+    return ShardedCall(lambda: torch.ops.memopt.adam_mini_shard_update_(*args, **found_inf), sums,
                        layouts[0].group)
 

@@ -15,9 +15,9 @@ from .distributed import is_dtensor, local
 
 # Device types on which the decision stays on the device, for optimizers whose every op takes
 # found_inf (their `_device_skip`: AdamW, AdamMini, SlimAdam): the flag goes into the ops, whose
-# kernels return at once on it, and nothing is read back. Elsewhere it is read on the host once
-# per step: on the CPU that costs nothing; APOLLO's projection refresh and FRUGAL's subspace
-# schedule are host decisions; DTensor (FSDP2) batches reduce it across ranks first.
+# kernels return at once on it, and nothing is read back; DTensor (FSDP2) batches all-reduce it
+# on the device first. Elsewhere it is read on the host once per step: on the CPU that costs
+# nothing; APOLLO's projection refresh and FRUGAL's subspace schedule are host decisions.
 DEVICE_TYPES = ("cuda",)
 
 
@@ -61,33 +61,44 @@ def skips_step(opt, batches: list) -> bool:
     home = flags[0].device if flags else torch.device("cpu")
     skip = sum((f.to(home, torch.float64).sum() for f in flags),
                torch.zeros((), dtype=torch.float64, device=home))
-    for mesh in {p.device_mesh for _, params in batches for p in params if is_dtensor(p)}:
-        for dim in range(mesh.ndim):  # a shard with an inf anywhere skips every rank
-            skip = skip.to(mesh.device_type)
-            dist.all_reduce(skip, dist.ReduceOp.MAX, group=mesh.get_group(dim))
-    if skip.item() > 0:
+    if _reduce_over_meshes(skip, batches).item() > 0:
         opt.skipped_steps += 1
         return True
     return False
 
 
+def _reduce_over_meshes(flag: torch.Tensor, batches: list) -> torch.Tensor:
+    """`flag` (a tensor on the step's device) reduced by MAX over every shard and replica group
+    of the DTensor parameters of `batches`, so that a shard with an inf on any rank skips every
+    rank alike (unchanged without DTensors). On a GPU the all-reduce runs on the device: nothing
+    is read back."""
+    for mesh in {p.device_mesh for _, params in batches for p in params if is_dtensor(p)}:
+        for dim in range(mesh.ndim):
+            flag = flag.to(mesh.device_type)
+            dist.all_reduce(flag, dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return flag
+
+
 def device_found_inf(opt, batches: list):
     """{device: found_inf} for the op calls of `batches` when the step's skip is decided on the
     devices (DEVICE_TYPES, above): each a one-element float32 tensor, non-zero where any flag
-    of the step is, which the ops read on the device (their found_inf; count_device_skip
-    counts it once they ran). None: no policy in force, or decide on the host (skips_step)."""
+    of the step is (with DTensor parameters: on any rank of their meshes), which the ops read
+    on the device (their found_inf; count_device_skip counts it once they ran). None: no
+    policy in force, or decide on the host (skips_step)."""
     params = [p for _, ps in batches for p in ps]
+    devices = list(dict.fromkeys(local(p.grad).device for p in params))
     if (not getattr(type(opt), "_device_skip", False) or not params
             or torch.compiler.is_compiling()
-            or any(is_dtensor(p) or p.grad.device.type not in DEVICE_TYPES for p in params)):
-        return None
+            or any(d.type not in DEVICE_TYPES for d in devices)
+            or (len(devices) > 1 and any(is_dtensor(p) for p in params))):
+        return None  # (DTensors beside tensors of another device: one reduced flag, host)
     flags = _flags(opt, batches)
     if flags is None:
         return None
     found = {}
-    for device in dict.fromkeys(p.grad.device for p in params):
+    for device in devices:
         total = sum(f.to(device, torch.float32, non_blocking=True).reshape(()) for f in flags)
-        found[device] = total.reshape(1)
+        found[device] = _reduce_over_meshes(total.reshape(1), batches)
     return found
 
 
