@@ -1,4 +1,4 @@
-// AdamW on CUDA: one multi-tensor launch per 24 tensors / 320 chunks, one pass over p, g, m, v
+// AdamW on CUDA: one multi-tensor launch per 24 tensors / 296 chunks, one pass over p, g, m, v
 // (28 bytes per fp32 parameter, the floor; int8 weights: weights.cuh's two sweeps per chunk). Same operation order as cpu::adamw_span, under
 // either AdamWRule (the host folds it into the scalars and decay_after).
 #include "weights.cuh"

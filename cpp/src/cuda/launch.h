@@ -114,9 +114,13 @@ struct StepPlan {
   static StepPlan on_host(const std::vector<AdamScalars>& scalars, const Rounding& rounding);
   const StepScalars& of(size_t i) const { return host[i]; }
 };
-StepPlan plan_steps(TensorList steps, double lr, double beta1, double beta2, double weight_decay,
-                    AdamWRule rule, const Rounding& rounding,
-                    const std::optional<Tensor>& found_inf, Stream stream);
+// lr: one learning rate, or one per tensor. A tensor whose counter is empty (FRUGAL's
+// state-free tensors: a placeholder) gets zero scalars and no advance. decay: every tensor's
+// decay instead of 1 - lr weight_decay (FRUGAL decays at the base lr whatever the tensor's).
+StepPlan plan_steps(TensorList steps, at::ArrayRef<double> lr, double beta1, double beta2,
+                    double weight_decay, AdamWRule rule, const Rounding& rounding,
+                    const std::optional<Tensor>& found_inf, Stream stream,
+                    std::optional<double> decay = std::nullopt);
 
 // Tensors that one multi-tensor launch sequence takes: one (value dtype, state dtype) and, for
 // int8 weights, one group size (kernel_params.h). A call normally has one batch.

@@ -11,11 +11,16 @@ constexpr int kThreads = 256;
 __global__ void __launch_bounds__(kThreads) step_scalars_kernel(const StepScalarsParams prm) {
   const int k = static_cast<int>(blockIdx.x * kThreads + threadIdx.x);
   if (k >= prm.n) return;
+  if (prm.step[k] == nullptr) {
+    prm.out[k] = StepScalars{};
+    return;
+  }
   const bool skip = *prm.found_inf != 0.0f;
   float t = *prm.step[k];
   if (!skip) *prm.step[k] = t = t + 1.0f;  // float32 like the host counters
-  StepScalars s = adam_step_scalars(prm.lr, prm.beta1, prm.beta2, prm.weight_decay, t,
+  StepScalars s = adam_step_scalars(prm.lr[k], prm.beta1, prm.beta2, prm.weight_decay, t,
                                     prm.apollo_rule != 0);
+  if (prm.fixed_decay) s.decay = prm.decay;
   if (prm.stochastic)
     s.round_key = rounding_key(prm.round_seed, prm.round_counter, prm.round_id[k],
                                static_cast<int64_t>(t));

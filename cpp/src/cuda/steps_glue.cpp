@@ -15,18 +15,27 @@ StepPlan StepPlan::on_host(const std::vector<AdamScalars>& scalars, const Roundi
   return plan;
 }
 
-StepPlan plan_steps(TensorList steps, double lr, double beta1, double beta2, double weight_decay,
-                    AdamWRule rule, const Rounding& rounding,
-                    const std::optional<Tensor>& found_inf, Stream stream) {
+StepPlan plan_steps(TensorList steps, at::ArrayRef<double> lr, double beta1, double beta2,
+                    double weight_decay, AdamWRule rule, const Rounding& rounding,
+                    const std::optional<Tensor>& found_inf, Stream stream,
+                    std::optional<double> decay) {
   const size_t n = steps.size();
+  TORCH_CHECK(lr.size() == 1 || lr.size() == n, "plan_steps: ", lr.size(), " learning rates for ",
+              n, " tensors");
+  auto lr_of = [&](size_t i) { return lr.size() == 1 ? lr[0] : lr[i]; };
   StepPlan plan;
   if (!found_inf.has_value()) {
     plan.host.reserve(n);
     for (size_t i = 0; i < n; ++i) {
+      if (steps[i].numel() == 0) {  // no counter (FRUGAL's state-free tensors)
+        plan.host.push_back(StepScalars{});
+        continue;
+      }
       const double t = advance_step(steps[i]);
-      StepScalars s = adam_step_scalars(lr, beta1, beta2, weight_decay, t,
+      StepScalars s = adam_step_scalars(lr_of(i), beta1, beta2, weight_decay, t,
                                         rule == AdamWRule::kApollo);
       s.round_key = rounding.stochastic() ? rounding.key(i, t) : 0;
+      if (decay) s.decay = *decay;
       plan.host.push_back(s);
     }
     return plan;
@@ -47,12 +56,15 @@ StepPlan plan_steps(TensorList steps, double lr, double beta1, double beta2, dou
     prm.round_seed = rounding.values()[0];
     prm.round_counter = rounding.values()[1];
   }
-  prm.lr = lr, prm.beta1 = beta1, prm.beta2 = beta2, prm.weight_decay = weight_decay;
+  prm.beta1 = beta1, prm.beta2 = beta2, prm.weight_decay = weight_decay;
+  prm.fixed_decay = decay.has_value(), prm.decay = decay.value_or(0.0);
   for (size_t first = 0; first < n; first += StepScalarsParams::kMaxTensors) {
     prm.n = static_cast<int32_t>(std::min<size_t>(StepScalarsParams::kMaxTensors, n - first));
     prm.out = out + first;
     for (int32_t k = 0; k < prm.n; ++k) {
-      prm.step[k] = steps[first + k].data_ptr<float>();
+      const Tensor& step = steps[first + k];
+      prm.step[k] = step.numel() == 0 ? nullptr : step.data_ptr<float>();
+      prm.lr[k] = lr_of(first + k);
       prm.round_id[k] = rounding.stochastic() ? rounding.values()[2 + first + k] : 0;
     }
     check_launch(launch_step_scalars(prm, stream), "step counters");
