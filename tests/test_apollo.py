@@ -223,7 +223,11 @@ def test_non_matrix_in_a_rank_group_is_rejected():
         memopt_core.Apollo([{"params": [nn.Parameter(torch.zeros(3))], "rank": 2}])
 
 
-def test_opcheck_apollo():
+@pytest.mark.parametrize("found", [{}, {"found_inf": torch.zeros(1)}, {"found_inf": torch.ones(1)}],
+                         ids=["", "found_inf=0", "found_inf=1"])
+def test_opcheck_apollo(found):
+    """With found_inf the counters start at 1, off the refresh every update_proj_gap (2) steps
+    a call with found_inf may not make (test_found_inf.py)."""
     params = _params()
     projs = [_C.Projector("random", "std", 2, list(p.shape)) for p in params]
     m = [torch.zeros(pr.low_rank_shape) for pr in projs]
@@ -231,9 +235,9 @@ def test_opcheck_apollo():
     P = [torch.zeros(pr.proj_shape) for pr in projs]
     args = ([p.detach() for p in params], make_grads(params, 0), m, v, P,
             [torch.tensor(i + 1) for i in range(3)], [torch.tensor(-1.0) for _ in params],
-            [torch.zeros(()) for _ in params], torch.tensor(1e-3), 0.9, 0.999, 1e-6, 0.0, 2,
-            "random", "std", "channel", 2, 1.0, 1.01, False)
-    torch.library.opcheck(torch.ops.memopt.apollo_.default, args)
+            [torch.full((), float(bool(found))) for _ in params], torch.tensor(1e-3), 0.9, 0.999,
+            1e-6, 0.0, 2, "random", "std", "channel", 2, 1.0, 1.01, False)
+    torch.library.opcheck(torch.ops.memopt.apollo_.default, args, kwargs=found)
 
 
 @pytest.mark.parametrize("store", [True, False])

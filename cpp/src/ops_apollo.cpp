@@ -132,6 +132,19 @@ void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList e
                     " of shape ", stats.sizes(), " on ", stats.device());
 }
 
+void check_found_inf_refreshes_nothing(TensorList steps, const ApolloConfig& cfg,
+                                       const std::optional<Tensor>& found_inf) {
+  if (!found_inf.has_value()) return;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (!steps[i].device().is_cpu()) continue;  // (a device counter is not read)
+    const auto before = static_cast<int64_t>(steps[i].item<float>());
+    TORCH_CHECK_VALUE(!Projector::refresh_due(before, cfg.update_proj_gap),
+                      "apollo_: tensor ", i, " is due for a projection refresh at step ", before,
+                      " (update_proj_gap ", cfg.update_proj_gap, "), which a call with found_inf "
+                      "cannot make; make this call without found_inf (skip decided on the host)");
+  }
+}
+
 namespace {
 
 void apollo_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -140,12 +153,20 @@ void apollo_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 int64_t rank, c10::string_view proj, c10::string_view proj_type,
                 c10::string_view scale_type, int64_t update_proj_gap, double scale,
                 double norm_growth_limit, bool scale_front, at::IntArrayRef rounding,
-                OptionalTensors weight_scales) {
+                OptionalTensors weight_scales, const std::optional<Tensor>& found_inf) {
+  const ApolloConfig cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
+                                              scale, norm_growth_limit, scale_front, rounding,
+                                              params.size());
+  check_found_inf("apollo_", found_inf, params, steps);
+  check_found_inf_refreshes_nothing(steps, cfg, found_inf);
+  if (found_on_host(found_inf)) {  // a skipped step: checked like a taken one, then nothing
+    check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
+                        cfg, listed(weight_scales));
+    check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+    return;
+  }
   apollo_update_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps, lr,
-                 beta1, beta2, eps, weight_decay,
-                 make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,
-                                    norm_growth_limit, scale_front, rounding, params.size()),
-                 listed(weight_scales));
+                 beta1, beta2, eps, weight_decay, cfg, listed(weight_scales));
 }
 
 void apollo_check(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -154,12 +175,15 @@ void apollo_check(TensorList params, TensorList grads, TensorList exp_avgs,
                   double beta2, double eps, double weight_decay, int64_t rank,
                   c10::string_view proj, c10::string_view proj_type, c10::string_view scale_type,
                   int64_t update_proj_gap, double scale, double norm_growth_limit,
-                  bool scale_front, at::IntArrayRef rounding, OptionalTensors weight_scales) {
+                  bool scale_front, at::IntArrayRef rounding, OptionalTensors weight_scales,
+                  const std::optional<Tensor>& found_inf) {
+  const ApolloConfig cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
+                                              scale, norm_growth_limit, scale_front, rounding,
+                                              params.size());
   check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
-                      make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
-                                         scale, norm_growth_limit, scale_front, rounding,
-                                         params.size()),
-                      listed(weight_scales));
+                      cfg, listed(weight_scales));
+  check_found_inf("apollo_", found_inf, params, steps);
+  check_found_inf_refreshes_nothing(steps, cfg, found_inf);
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
@@ -168,12 +192,15 @@ void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  const Tensor&, double, double, double, double, int64_t rank,
                  c10::string_view proj, c10::string_view proj_type, c10::string_view scale_type,
                  int64_t update_proj_gap, double scale, double norm_growth_limit,
-                 bool scale_front, at::IntArrayRef rounding, OptionalTensors weight_scales) {
+                 bool scale_front, at::IntArrayRef rounding, OptionalTensors weight_scales,
+                 const std::optional<Tensor>& found_inf) {
   const auto cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,
                                       norm_growth_limit, scale_front, rounding, params.size());
-  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs, listed(weight_scales)}))
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs, listed(weight_scales)})) {
     check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                         cfg, listed(weight_scales));
+    check_found_inf("apollo_", found_inf, params, steps);
+  }
 }
 
 void apollo_shard_check(MEMOPT_APOLLO_SHARD_ARGS) {
@@ -213,7 +240,7 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
         "Tensor(f!)[] limiter_norms, Tensor(g!)[] steps, Tensor lr, float beta1, float beta2, "
         "float eps, float weight_decay, int rank, str proj, str proj_type, str scale_type, "
         "int update_proj_gap, float scale, float norm_growth_limit, bool scale_front, "
-        "int[] rounding=[], Tensor(h!)[]? weight_scales=None) -> ()",
+        "int[] rounding=[], Tensor(h!)[]? weight_scales=None, Tensor? found_inf=None) -> ()",
             &memopt::apollo_check);
   // Sharded APOLLO (FSDP2): partial statistics into `stats`, then the update from their sum.
 #define MEMOPT_SHARD_TAIL                                                                     \

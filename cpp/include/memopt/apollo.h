@@ -55,6 +55,15 @@ void apollo_update_(TensorList params, TensorList grads, TensorList exp_avgs,
                     double beta2, double eps, double weight_decay, const ApolloConfig& cfg,
                     TensorList weight_scales = {});
 
+// The op's found_inf (common.h check_found_inf): the step is skipped where it is set, decided on
+// the device by the CUDA kernels, whose step counters then live there unread; so a call with
+// found_inf refreshes no projection, and one where a refresh is due (a counter at a multiple of
+// update_proj_gap, the first step included) must be made without it, its skip decided on the
+// host (the front end reads the counters back near those steps, nonfinite.py). The CPU op,
+// whose counters are readable, refuses such a call; the CUDA op trusts its caller.
+void check_found_inf_refreshes_nothing(TensorList steps, const ApolloConfig& cfg,
+                                       const std::optional<Tensor>& found_inf);
+
 // Everything apollo_update_ checks before it writes (shared by the CPU and Meta kernels).
 // weight_scales: int8 parameters (common.h).
 void check_apollo_inputs(TensorList params, TensorList grads, TensorList exp_avgs,

@@ -60,6 +60,7 @@ __device__ __forceinline__ void reduce_lanes(double (&x)[N], const Group& grp, b
 template <typename S, typename C, bool kLeft>
 __global__ void __launch_bounds__(kThreads) moments_kernel(const ApolloMomentsParams prm,
                                                            int lanes) {
+  if (prm.found_inf != nullptr && *prm.found_inf != 0.0f) return;  // (uniform: every CTA)
   const Group grp(lanes, kLeft);
   const int64_t c = static_cast<int64_t>(blockIdx.x) * grp.per_block + grp.slot;
   const int64_t r = prm.r, K = prm.K;
@@ -121,6 +122,7 @@ __global__ void __launch_bounds__(kThreads) grad_norms_kernel(const ApolloGradNo
 
 // One CTA per tensor; double throughout, the CPU op's expressions.
 __global__ void __launch_bounds__(kThreads) factors_kernel(const ApolloFactorParams prm) {
+  if (step_skipped(prm.device)) return;
   __shared__ double scratch[kThreads / 32];
   const int t = blockIdx.x;
   const int64_t K = prm.K[t], splits = prm.splits[t];
@@ -168,7 +170,9 @@ __global__ void __launch_bounds__(kThreads) factors_kernel(const ApolloFactorPar
         *static_cast<float*>(prm.norm[t]) = static_cast<float>(now);
     }
   }
-  const double mult = prm.step_size[t] * prm.alpha / limit;
+  const double step_size = prm.device.scalars != nullptr
+                               ? prm.device.scalars[prm.tensor[t]].step_size : prm.step_size[t];
+  const double mult = step_size * prm.alpha / limit;
   if (prm.channel) {
     for (int64_t c = threadIdx.x; c < K; c += kThreads) coef[c] = mult * fac(c);
   } else if (threadIdx.x == 0) {
@@ -223,12 +227,14 @@ __device__ __forceinline__ void update_chunk(const ApolloUpdateParams& prm, int 
 
 template <typename P>
 __global__ void __launch_bounds__(kUpdateThreads) update_kernel(const ApolloUpdateParams prm) {
+  if (step_skipped(prm.device)) return;
   const int slot = prm.map.slot[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(prm.map.chunk[blockIdx.x]) * prm.map.chunk_size;
   const int64_t left = prm.map.numel[slot] - begin;
   const int n = static_cast<int>(left < prm.map.chunk_size ? left : prm.map.chunk_size);
-  with_weights<P>(prm.p[slot], prm.scales[slot], prm.int8_group, begin, n, prm.stochastic,
-                  prm.round_key[slot],
+  const uint64_t key = prm.device.scalars != nullptr
+                           ? prm.device.scalars[prm.tensor[slot]].round_key : prm.round_key[slot];
+  with_weights<P>(prm.p[slot], prm.scales[slot], prm.int8_group, begin, n, prm.stochastic, key,
                   [&](const auto& w) { update_chunk<P>(prm, slot, begin, n, w); });
 }
 

@@ -1,6 +1,8 @@
 // memopt::apollo_ for the CUDA dispatch key; cuda/apollo.cu has the kernels and bytes moved.
 // The host does what the CPU op does on the host, so that P is bit-identical to the CPU's:
-//   - the step counters (CPU tensors: read without a sync), the seed chain and the Gaussian P,
+//   - the step counters (CPU tensors: read without a sync; with found_inf they live on the
+//     device and cuda/step_scalars.cu advances them, the kernels returning at once on a set
+//     flag, and the call refreshes no projection), the seed chain and the Gaussian P,
 //     drawn by memopt::Projector with the CPU generator into pinned memory and copied to the
 //     device (non_blocking; the host allocator keeps the block until the copy is done). That is
 //     at each refresh, or every step with store_projection=False, as the CPU op redraws it every
@@ -37,7 +39,6 @@ struct Plan {
   int64_t step_before = 0, seed = 0;  // seed: the one P is drawn from this step
   int64_t ch_off = 0, g2_off = 0;     // this tensor's slice of the per-channel scratch
   int32_t splits = 1;
-  double step_size = 0.0;             // lr sqrt(1 - b2^t) / (1 - b1^t), t after the increment
   Tensor svd;                         // proj="svd" at a refresh: the new P, computed (and able
                                       // to fail, e.g. on a non-finite gradient) before any write
 };
@@ -97,7 +98,7 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
                  int64_t rank, c10::string_view proj, c10::string_view proj_type,
                  c10::string_view scale_type, int64_t update_proj_gap, double scale,
                  double norm_growth_limit, bool scale_front, at::IntArrayRef rounding,
-                 TensorList weight_scales) {
+                 TensorList weight_scales, const std::optional<Tensor>& found_inf) {
   // ---- validation, exactly the CPU op's, then what only CUDA needs; nothing written yet ----
   const ApolloConfig cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
                                               scale, norm_growth_limit, scale_front, rounding,
@@ -132,8 +133,10 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
     g[i] = contiguous_grad(grads[i]);  // allocates (strided grads only), writes nothing
     const int64_t r = pl.proj.rank(), K = pl.proj.channels(), L = pl.proj.contraction();
     pl.left = pl.proj.side() == ProjSide::Left;
-    pl.step_before = static_cast<int64_t>(steps[i].item<float>());
-    pl.refresh = Projector::refresh_due(pl.step_before, cfg.update_proj_gap);
+    // With found_inf the counters live on the device, unread, and the call refreshes nothing
+    // (memopt/apollo.h: the caller steps where a refresh may be due without found_inf).
+    pl.step_before = found_inf ? -1 : static_cast<int64_t>(steps[i].item<float>());
+    pl.refresh = !found_inf && Projector::refresh_due(pl.step_before, cfg.update_proj_gap);
     pl.draw = random && (pl.refresh || !stored);
     pl.new_seed = random && pl.refresh && pl.step_before > 0;
     if (!random && pl.refresh) pl.svd = host_svd(pl.proj, g[i]);
@@ -163,6 +166,10 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
   double* sum_r2 = lease.take<double>(channels);
   double* coef = lease.take<double>(channels);
   double* g2 = lease.take<double>(g2_count);
+  // The step counters (APOLLO's step size is StepScalars' under AdamWRule::kApollo), advanced
+  // here or, with found_inf, on the device; the first write of the step.
+  const StepPlan step = plan_steps(steps, lr, beta1, beta2, weight_decay, AdamWRule::kApollo,
+                                   cfg.rounding, found_inf, stream);
 
   // ---- per tensor: projection, step, GEMM, moments, gradient norms ----
   for (size_t i = 0; i < n; ++i) {
@@ -177,8 +184,6 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
       P.copy_(host_gaussian(pl.proj, pl.seed, vt[i]), /*non_blocking=*/true);
     else if (pl.svd.defined())
       P.copy_(pl.svd, /*non_blocking=*/true);
-    const double t = advance_step(steps[i]);
-    pl.step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
 
     const int64_t r = pl.proj.rank(), K = pl.proj.channels();
     const at::ScalarType ct = vt[i] == at::kDouble ? at::kDouble : at::kFloat;
@@ -197,6 +202,7 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
     mp.sum_r2 = sum_r2 + pl.ch_off;
     mp.r = r, mp.K = K;
     mp.beta1 = beta1, mp.beta2 = beta2, mp.eps = eps;
+    mp.found_inf = step.device.found_inf;
     check_launch(launch_apollo_moments(mp, stream), kOp);
 
     if (limiter) {
@@ -220,11 +226,13 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
   fp.channel = cfg.channel, fp.limiter = limiter, fp.scale_front = cfg.scale_front;
   fp.sum_rt2 = sum_rt2, fp.sum_r2 = sum_r2, fp.g2 = g2, fp.coef = coef;
   fp.alpha = std::sqrt(cfg.scale), fp.gamma = cfg.norm_growth_limit;
+  fp.device = step.device;
   for (size_t i = 0; i < n; ++i) {
     const int s = fp.n_tensors++;
     fp.ch_off[s] = plans[i].ch_off, fp.g2_off[s] = plans[i].g2_off;
     fp.K[s] = plans[i].proj.channels(), fp.splits[s] = plans[i].splits;
-    fp.step_size[s] = plans[i].step_size;
+    fp.step_size[s] = step.of(i).step_size;
+    fp.tensor[s] = static_cast<int32_t>(i);
     if (limiter) {
       fp.norm[s] = norm_dev[i].data_ptr();
       fp.norm_is_double[s] = norm_dev[i].scalar_type() == at::kDouble;
@@ -240,6 +248,7 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
   ApolloUpdateParams up{};
   up.lr_wd = lr * weight_decay;
   up.stochastic = cfg.rounding.stochastic();
+  up.device = step.device;
   for (const TensorBatch& batch : by_dtypes(params, grads, grads, weight_scales)) {
     const auto& idx = batch.idx;
     up.param_dtype = batch.value_dtype;
@@ -256,8 +265,8 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
           up.cols[slot] = params[i].size(1);
           up.mode[slot] = !cfg.channel ? kApolloPerTensor
                           : plans[i].left ? kApolloPerColumn : kApolloPerRow;
-          const double t = static_cast<double>(plans[i].step_before + 1);  // after the increment
-          up.round_key[slot] = up.stochastic ? cfg.rounding.key(i, t) : 0;
+          up.round_key[slot] = step.of(i).round_key;
+          up.tensor[slot] = static_cast<int32_t>(i);
         },
         [&](const ApolloUpdateParams& launch) { return launch_apollo_update(launch, stream); });
   }
@@ -271,18 +280,20 @@ void apollo_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  int64_t rank, c10::string_view proj, c10::string_view proj_type,
                  c10::string_view scale_type, int64_t update_proj_gap, double scale,
                  double norm_growth_limit, bool scale_front, at::IntArrayRef rounding,
-                 OptionalTensors weight_scales) {
+                 OptionalTensors weight_scales, const std::optional<Tensor>& found_inf) {
+  const ApolloConfig cfg = make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
+                                              scale, norm_growth_limit, scale_front, rounding,
+                                              params.size());
   check_apollo_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
-                      make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap,
-                                         scale, norm_growth_limit, scale_front, rounding,
-                                         params.size()),
-                      listed(weight_scales));
+                      cfg, listed(weight_scales));
+  check_found_inf("apollo_", found_inf, params, steps);
+  check_found_inf_refreshes_nothing(steps, cfg, found_inf);  // (reads host counters only)
   // R's channels are logical rows/columns: a non-contiguous weight is staged in logical order.
   ParamLayouts layouts(params, {}, logical_order_only);
   apollo_kernels(layouts.params(), grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
                  steps, lr, beta1, beta2, eps, weight_decay, rank, proj, proj_type, scale_type,
                  update_proj_gap, scale, norm_growth_limit, scale_front, rounding,
-                 listed(weight_scales));
+                 listed(weight_scales), found_inf);
   layouts.write_back();
 }
 
