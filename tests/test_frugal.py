@@ -195,7 +195,9 @@ def test_split_makes_no_parameter_sized_temporary(selection):
     assert biggest < (0.01 if selection != "svd" else 0.3) * largest, biggest
 
 
-def test_op_passes_opcheck():
+@pytest.mark.parametrize("found", [{}, {"found_inf": torch.zeros(1)}, {"found_inf": torch.ones(1)}],
+                         ids=["", "found_inf=0", "found_inf=1"])
+def test_op_passes_opcheck(found):
     """torch.library.opcheck on a call mixing AdamW, a stateless block and a column split."""
     p = [torch.randn(8, 6) for _ in range(3)]
     args = (p, [torch.randn(8, 6) for _ in p], [torch.zeros(8, 6), torch.zeros(0), torch.zeros(8, 2)],
@@ -203,7 +205,7 @@ def test_op_passes_opcheck():
             [torch.zeros(()), torch.zeros(0), torch.zeros(())],
             [torch.zeros(0), torch.zeros(0), torch.tensor([1, 4], dtype=torch.int32)],
             [0, 2, 3], torch.tensor(1e-3), 0.9, 0.999, 1e-8, 0.1, 1.0, 1.0, 2)
-    torch.library.opcheck(torch.ops.memopt.frugal_.default, args)
+    torch.library.opcheck(torch.ops.memopt.frugal_.default, args, kwargs=found)
 
 
 def test_unsorted_indices_rejected_before_any_write():

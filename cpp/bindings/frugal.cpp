@@ -165,6 +165,9 @@ void bind_frugal(nb::module_& m) {
       .def("begin_step", &FrugalPlan::begin_step, nb::arg("with_grad"), nb::arg("holding"),
            nb::arg("gradient"))
       .def("commit", &FrugalPlan::commit, nb::arg("decision"))
+      .def("steady", &FrugalPlan::steady, nb::arg("with_grad"), nb::arg("holding"),
+           nb::arg("pending"))
+      .def("advance", &FrugalPlan::advance, nb::arg("steps"))
       .def("save", [](const FrugalPlan& p, const std::vector<int64_t>& holding) {
              nb::dict out;
              for (const auto& [key, value] : p.save(holding)) out[key.c_str()] = from_ivalue(value);

@@ -199,19 +199,35 @@ bool FrugalPlan::subspace_is_index(int64_t j) const {
   return !block_ && is_index_mode(geometry_.at(j).mode);
 }
 
+namespace {
+
+// flags[j] = 1 for each projectable tensor j listed.
+std::vector<char> projectable_flags(int64_t n, const std::vector<int64_t>& js) {
+  std::vector<char> out(n, 0);
+  for (int64_t j : js) {
+    TORCH_CHECK_INDEX(j >= 0 && j < n, "Frugal: no projectable tensor ", j);
+    out[j] = 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+FrugalStateChange FrugalPlan::state_change(FrugalMode m, bool grad, bool holds,
+                                           bool redrawn) const {
+  if (m == FrugalMode::FreeBlock) return holds ? FrugalStateChange::Drop : FrugalStateChange::None;
+  if (!holds)  // a block stays stateless until it has a gradient
+    return grad ? FrugalStateChange::Start : FrugalStateChange::None;
+  if (redrawn)  // moments of the old subspace: restarted, or carried over unprojected
+    return config_.reset_statistics ? FrugalStateChange::Start : FrugalStateChange::Carry;
+  return FrugalStateChange::Keep;
+}
+
 FrugalStepDecision FrugalPlan::begin_step(
     const std::vector<int64_t>& with_grad, const std::vector<int64_t>& holding,
     const std::function<at::Tensor(int64_t)>& gradient) const {
   const int64_t n = num_projectable();
-  auto flags = [n](const std::vector<int64_t>& js) {
-    std::vector<char> out(n, 0);
-    for (int64_t j : js) {
-      TORCH_CHECK_INDEX(j >= 0 && j < n, "Frugal: no projectable tensor ", j);
-      out[j] = 1;
-    }
-    return out;
-  };
-  const auto grad = flags(with_grad), holds = flags(holding);
+  const auto grad = projectable_flags(n, with_grad), holds = projectable_flags(n, holding);
   FrugalStepDecision d;
   d.selection = selection_;
   d.selection.held.reset();
@@ -237,13 +253,7 @@ FrugalStepDecision FrugalPlan::begin_step(
   for (int64_t j = 0; j < n; ++j) {
     const FrugalMode m = mode(j, s);
     const bool redrawn = d.subspaces[j].defined();
-    FrugalStateChange change = FrugalStateChange::Keep;
-    if (m == FrugalMode::FreeBlock)
-      change = holds[j] ? FrugalStateChange::Drop : FrugalStateChange::None;
-    else if (!holds[j])  // a block stays stateless until it has a gradient
-      change = grad[j] ? FrugalStateChange::Start : FrugalStateChange::None;
-    else if (redrawn)  // moments of the old subspace: restarted, or carried over unprojected
-      change = config_.reset_statistics ? FrugalStateChange::Start : FrugalStateChange::Carry;
+    const FrugalStateChange change = state_change(m, grad[j], holds[j], redrawn);
     TORCH_CHECK(change != FrugalStateChange::Start || redrawn || !subspace_shape(j, m),
                 "Frugal: projectable tensor ", j, " holds no state, yet its subspace of this "
                 "cycle was drawn (state loaded without its subspace?)");
@@ -252,6 +262,26 @@ FrugalStepDecision FrugalPlan::begin_step(
     d.repack |= change != FrugalStateChange::Keep && change != FrugalStateChange::None;
   }
   return d;
+}
+
+bool FrugalPlan::steady(const std::vector<int64_t>& with_grad,
+                        const std::vector<int64_t>& holding, int64_t pending) const {
+  const FrugalSelection& s = selection_;
+  const int64_t n = num_projectable(), cycle = s.t / config_.update_gap;
+  if ((s.t + pending) / config_.update_gap != cycle) return false;  // a cycle may begin
+  if (block_ && cycle != s.block_cycle) return false;                // blocks re-selected
+  const auto grad = projectable_flags(n, with_grad), holds = projectable_flags(n, holding);
+  for (int64_t j = 0; j < n; ++j) {
+    if (!block_ && grad[j] && s.cycle[j] != cycle) return false;  // a subspace drawn
+    const FrugalStateChange c = state_change(mode(j, s), grad[j], holds[j], false);
+    if (c != FrugalStateChange::Keep && c != FrugalStateChange::None) return false;
+  }
+  return true;
+}
+
+void FrugalPlan::advance(int64_t steps) {
+  TORCH_CHECK_VALUE(steps >= 0, "Frugal: cannot advance the step count by ", steps);
+  selection_.t += steps;
 }
 
 void FrugalPlan::commit(const FrugalStepDecision& decision) {

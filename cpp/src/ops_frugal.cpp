@@ -9,43 +9,54 @@
 namespace memopt {
 namespace {
 
-void frugal_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr,
-                double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
-                double free_lr_scale, int64_t rule, at::IntArrayRef rounding,
-                OptionalTensors weight_scales, OptionalTensors state_scales) {
-  frugal_update_(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2,
-                 eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding,
-                 listed(weight_scales), listed(state_scales));
-}
-
 void frugal_check(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                   TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr,
                   double beta1, double beta2, double eps, double weight_decay,
                   double proj_lr_scale, double free_lr_scale, int64_t rule,
                   at::IntArrayRef rounding, OptionalTensors weight_scales,
-                  OptionalTensors state_scales) {
+                  OptionalTensors state_scales, const std::optional<Tensor>& found_inf) {
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                       proj_lr_scale, free_lr_scale, rule, true, listed(weight_scales),
                       listed(state_scales));
+  check_found_inf("frugal_update_", found_inf, params, steps);
   Rounding(rounding, params.size(), "frugal_update_");
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+}
+
+void frugal_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr,
+                double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
+                double free_lr_scale, int64_t rule, at::IntArrayRef rounding,
+                OptionalTensors weight_scales, OptionalTensors state_scales,
+                const std::optional<Tensor>& found_inf) {
+  check_found_inf("frugal_update_", found_inf, params, steps);
+  if (found_on_host(found_inf)) {  // a skipped step: checked like a taken one, then nothing
+    frugal_check(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2,
+                 eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding, weight_scales,
+                 state_scales, found_inf);
+    return;
+  }
+  frugal_update_(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2,
+                 eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding,
+                 listed(weight_scales), listed(state_scales));
 }
 
 void frugal_meta(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                  TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor&,
                  double, double, double, double, double proj_lr_scale, double free_lr_scale,
                  int64_t rule, at::IntArrayRef rounding, OptionalTensors weight_scales,
-                 OptionalTensors state_scales) {
+                 OptionalTensors state_scales, const std::optional<Tensor>& found_inf) {
   Rounding(rounding, params.size(), "frugal_update_");
   TORCH_CHECK_VALUE(grads.size() == params.size() && subspaces.size() == params.size() &&
                         modes.size() == params.size(),
                     "frugal_update_: list lengths differ");
   if (!has_symbolic_shapes(
-          {params, grads, exp_avgs, exp_avg_sqs, subspaces, listed(weight_scales)}))
+          {params, grads, exp_avgs, exp_avg_sqs, subspaces, listed(weight_scales)})) {
     check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                         proj_lr_scale, free_lr_scale, rule, /*read_data=*/false,
                         listed(weight_scales), listed(state_scales));
+    check_found_inf("frugal_update_", found_inf, params, steps);
+  }
 }
 
 void frugal_shard_check(MEMOPT_FRUGAL_SHARD_ARGS) {
@@ -83,7 +94,8 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] subspaces, int[] modes, "
         "Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
         "float proj_lr_scale, float free_lr_scale, int rule, int[] rounding=[], "
-        "Tensor(e!)[]? weight_scales=None, Tensor(f!)[]? state_scales=None) -> ()",
+        "Tensor(e!)[]? weight_scales=None, Tensor(f!)[]? state_scales=None, "
+        "Tensor? found_inf=None) -> ()",
         &memopt::frugal_check);
   // Row-sharded FRUGAL (FSDP2): partial P^T G into `stats`, then the update from their sum.
 #define MEMOPT_FRUGAL_SHARD_TAIL                                                              \

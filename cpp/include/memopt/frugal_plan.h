@@ -139,6 +139,14 @@ class FrugalPlan : public OptimizerPlan {
                                 const std::vector<int64_t>& holding,
                                 const std::function<at::Tensor(int64_t)>& gradient) const;
   void commit(const FrugalStepDecision& decision);
+  // Whether begin_step's decision, for any step count from the selection's t to t + pending
+  // (steps taken that the front end has not counted yet: decided on the device), would change
+  // nothing but the count: no new cycle, no draw, every projectable tensor's state kept (or
+  // none). Such a step may be taken without begin_step / commit, its count added later by
+  // advance(): it is how a GPU step decides a non-finite skip without the host.
+  bool steady(const std::vector<int64_t>& with_grad, const std::vector<int64_t>& holding,
+              int64_t pending) const;
+  void advance(int64_t steps);
 
   // The selection to save, with `holding` (the projectable tensors holding state now).
   FrugalSavedFields save(const std::vector<int64_t>& holding) const;
@@ -160,6 +168,8 @@ class FrugalPlan : public OptimizerPlan {
                     const std::optional<std::vector<int64_t>>& subspace) const;
 
  private:
+  // What a step does to projectable tensor j's state in mode m (begin_step's rule).
+  FrugalStateChange state_change(FrugalMode m, bool grad, bool holds, bool redrawn) const;
   struct Geometry {  // a projectable tensor under a non-block selection
     FrugalMode mode = FrugalMode::FreeBlock;
     std::vector<int64_t> moments, subspace;

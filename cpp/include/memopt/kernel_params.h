@@ -70,14 +70,16 @@ MEMOPT_HOST_DEVICE StepScalars step_scalars(const DeviceSteps& d, int32_t tensor
 }
 
 struct StepScalarsParams {
-  static constexpr int kMaxTensors = 200;
-  float* step[kMaxTensors];        // each tensor's float32 counter, on the device
+  static constexpr int kMaxTensors = 128;
+  float* step[kMaxTensors];        // each tensor's float32 counter, on the device; null for a
+                                   // tensor without one (FRUGAL's state-free): scalars zero
   int64_t round_id[kMaxTensors];   // its stochastic-rounding id (rounding.h)
+  double lr[kMaxTensors];          // its learning rate (FRUGAL scales the projected ones')
   StepScalars* out;                // out[k]: tensor k of this launch
   const float* found_inf;
-  int32_t n, apollo_rule, stochastic;
+  int32_t n, apollo_rule, stochastic, fixed_decay;  // fixed_decay: every decay is `decay`
   int64_t round_seed, round_counter;
-  double lr, beta1, beta2, weight_decay;
+  double beta1, beta2, weight_decay, decay;
 };
 static_assert(sizeof(StepScalarsParams) <= 4096, "kernel argument over 4 KiB");
 int launch_step_scalars(const StepScalarsParams& params, Stream stream);
@@ -153,6 +155,7 @@ struct ApolloMomentsParams {
   double* sum_r2;   // K: sum over the channel of R^2
   int64_t r, K;
   double beta1, beta2, eps;
+  const float* found_inf;  // the op's (null: none): nothing is written where it is set
 };
 static_assert(sizeof(ApolloMomentsParams) <= 4096, "kernel argument over 4 KiB");
 int launch_apollo_moments(const ApolloMomentsParams& params, Stream stream);
@@ -196,7 +199,11 @@ struct ApolloFactorParams {
   int32_t splits[kMaxTensors];
   void* norm[kMaxTensors];  // the limiter norm: float32 or float64 scalar on the device
   int32_t norm_is_double[kMaxTensors];
-  double step_size[kMaxTensors];  // lr sqrt(1 - beta2^t) / (1 - beta1^t)
+  // lr sqrt(1 - beta2^t) / (1 - beta1^t): StepScalars::step_size under AdamWRule::kApollo, the
+  // host's here or, with device counters, device.scalars[tensor[i]]'s
+  double step_size[kMaxTensors];
+  int32_t tensor[kMaxTensors];
+  DeviceSteps device;  // with found_inf: no norm is written and no coef where it is set
 };
 static_assert(sizeof(ApolloFactorParams) <= 4096, "kernel argument over 4 KiB");
 int launch_apollo_factors(const ApolloFactorParams& params, Stream stream);
@@ -215,8 +222,10 @@ struct ApolloUpdateParams {
   int32_t mode[kMaxTensors];
   double lr_wd;
   int32_t stochastic;  // bf16 params rounded stochastically with round_key (memopt/rounding.h)
-  uint64_t round_key[kMaxTensors];
-  ChunkMap<kMaxTensors, 320> map;
+  uint64_t round_key[kMaxTensors];  // the host's, or with device counters theirs (as factors)
+  int32_t tensor[kMaxTensors];
+  DeviceSteps device;  // with found_inf: nothing is written where it is set
+  ChunkMap<kMaxTensors, 280> map;
 };
 static_assert(sizeof(ApolloUpdateParams) <= 4096, "kernel argument over 4 KiB");
 int launch_apollo_update(const ApolloUpdateParams& params, Stream stream);
@@ -350,7 +359,11 @@ struct FrugalSplitParams {
   double decay, lr_free, beta1, beta2, eps;
   int32_t stochastic;  // bf16 params rounded stochastically with round_key (memopt/rounding.h)
   uint64_t round_key[kMaxTensors];
-  ChunkMap<kMaxTensors, 320> map;
+  // With device counters (the op's found_inf): a stateful tensor's step_size, bc2_sqrt and
+  // round_key are device.scalars[tensor[slot]]'s, and nothing is written where found_inf is set.
+  int32_t tensor[kMaxTensors];
+  DeviceSteps device;
+  ChunkMap<kMaxTensors, 300> map;
 };
 static_assert(sizeof(FrugalSplitParams) <= 4096, "kernel argument over 4 KiB");
 int launch_frugal_split(const FrugalSplitParams& params, Stream stream);
@@ -368,6 +381,8 @@ struct FrugalProjAdamParams {
   void* v;
   int64_t ld_low, ld_out, ld_m;
   double beta1, beta2, eps, step_size, bc2_sqrt, lr_free;
+  DeviceSteps device;  // as FrugalSplitParams': scalars[tensor], nothing written on found_inf
+  int32_t tensor;
 };
 static_assert(sizeof(FrugalProjAdamParams) <= 4096, "kernel argument over 4 KiB");
 int launch_frugal_proj_adam(const FrugalProjAdamParams& params, Stream stream);
@@ -391,6 +406,8 @@ struct FrugalProjUpdateParams {
   int32_t stochastic;  // p[o * ld_p + j] is element first + o * ld_p + j of the parameter
   uint64_t round_key;
   int64_t first;
+  DeviceSteps device;  // as FrugalProjAdamParams'
+  int32_t tensor;
 };
 static_assert(sizeof(FrugalProjUpdateParams) <= 4096, "kernel argument over 4 KiB");
 int launch_frugal_proj_update(const FrugalProjUpdateParams& params, Stream stream);

@@ -225,15 +225,20 @@ __device__ void int8_split_tile(int32_t* map, const FrugalSplitParams& prm, int 
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) frugal_split_kernel(const FrugalSplitParams prm) {
+  if (step_skipped(prm.device)) return;
   using C = opmath_t<P>;
   __shared__ int32_t map[SP::kMapSize];
   const int slot = prm.map.slot[blockIdx.x];
   const int64_t tile = prm.map.chunk[blockIdx.x];
+  // A state-free tile has no counter: its scalars are the host's (round_key at step 0).
+  const StepScalars sc = step_scalars(
+      prm.mode[slot] == kFree ? DeviceSteps{} : prm.device, prm.tensor[slot],
+      StepScalars{prm.decay, prm.step_size[slot], prm.bc2_sqrt[slot], prm.round_key[slot]});
   const Step<C> st{static_cast<C>(prm.decay), static_cast<C>(prm.lr_free),
-                   static_cast<C>(prm.step_size[slot]), static_cast<C>(prm.bc2_sqrt[slot]),
+                   static_cast<C>(sc.step_size), static_cast<C>(sc.bc2_sqrt),
                    static_cast<C>(1.0 - prm.beta1), static_cast<C>(prm.beta2),
                    static_cast<C>(1.0 - prm.beta2), static_cast<C>(prm.eps), prm.rule,
-                   prm.stochastic, prm.round_key[slot]};
+                   prm.stochastic, sc.round_key};
   P* p = static_cast<P*>(prm.p[slot]);
   const P* g = static_cast<const P*>(prm.g[slot]);
   S* m = static_cast<S*>(prm.m[slot]);
@@ -274,13 +279,15 @@ template <typename P, typename S>
 __global__ void __launch_bounds__(kThreads) proj_adam_kernel(const FrugalProjAdamParams prm) {
   using C = opmath_t<P>;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= prm.inner) return;
+  if (j >= prm.inner || step_skipped(prm.device)) return;
+  const StepScalars sc =
+      step_scalars(prm.device, prm.tensor, StepScalars{0.0, prm.step_size, prm.bc2_sqrt, 0});
   const C* low = static_cast<const C*>(prm.low) + j;
   C* out = static_cast<C*>(prm.out) + j;  // may be low: each element is read, then written
   S* m = static_cast<S*>(prm.m) + j;
   S* v = static_cast<S*>(prm.v) + j;
   const C b1c = 1.0 - prm.beta1, b2 = prm.beta2, b2c = 1.0 - prm.beta2, eps = prm.eps;
-  const C ss = prm.step_size, bc2 = prm.bc2_sqrt, lf = prm.lr_free;
+  const C ss = sc.step_size, bc2 = sc.bc2_sqrt, lf = prm.lr_free;
   const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; o < prm.outer;
        o += stride) {
@@ -300,7 +307,8 @@ template <typename P>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) proj_update_kernel(const FrugalProjUpdateParams prm) {
   using C = opmath_t<P>;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= prm.inner) return;
+  if (j >= prm.inner || step_skipped(prm.device)) return;
+  const uint64_t key = step_scalars(prm.device, prm.tensor, {0.0, 0.0, 1.0, prm.round_key}).round_key;
   P* p = static_cast<P*>(prm.p) + j;
   const P* g = static_cast<const P*>(prm.g) + j;
   const C* t = static_cast<const C*>(prm.t) + j;
@@ -325,8 +333,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) proj_update_kernel(co
       C upd = pj[u] * decay - tj[u];  // for SGD tj = U - lr_free * Gp: G - Gp in two parts
       if (prm.rule == kRuleSign) upd -= lf * static_cast<C>((gj[u] > C(0)) - (gj[u] < C(0)));
       else if (prm.rule == kRuleSgd) upd -= lf * gj[u];
-      store_param(p + o * prm.ld_p, upd, prm.stochastic, prm.round_key,
-                  prm.first + o * prm.ld_p + j);
+      store_param(p + o * prm.ld_p, upd, prm.stochastic, key, prm.first + o * prm.ld_p + j);
     }
   }
 }
@@ -335,6 +342,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) proj_update_kernel(co
 // of a row of the chunk, in the same operation order, through weights.cuh's two sweeps.
 template <typename P>
 __global__ void __launch_bounds__(kThreads) proj_update_int8_kernel(const FrugalProjUpdateParams prm) {
+  if (step_skipped(prm.device)) return;
   using C = opmath_t<P>;
   const int64_t width = min(int8_chunk(prm.int8_group), prm.inner);
   const int64_t per_row = (prm.inner + width - 1) / width;
@@ -343,7 +351,8 @@ __global__ void __launch_bounds__(kThreads) proj_update_int8_kernel(const Frugal
   const P* g = static_cast<const P*>(prm.g) + at;
   const C* t = static_cast<const C*>(prm.t) + o * prm.ld_t + j0;
   const C decay = prm.decay, lf = prm.lr_free;
-  with_weights<P>(prm.p, prm.scales, prm.int8_group, at, n, prm.stochastic, prm.round_key,
+  const uint64_t key = step_scalars(prm.device, prm.tensor, {0.0, 0.0, 1.0, prm.round_key}).round_key;
+  with_weights<P>(prm.p, prm.scales, prm.int8_group, at, n, prm.stochastic, key,
                   [&](const auto& w) {
     for (int64_t j = threadIdx.x; j < n; j += kThreads) {
       C upd = w.template get<C>(j) * decay - t[j];  // as proj_update_kernel

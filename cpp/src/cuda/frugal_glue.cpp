@@ -4,6 +4,8 @@
 //   modes 2-5 (state-free block, columns, rows, randk): multi-tensor frugal_split launches;
 //   modes 6-7 (projections): per tensor, frugal_project_glue.cpp (chunked GEMMs around the fused
 //   kernels of cuda/frugal.cu).
+// With found_inf the step counters live on the device (cuda/step_scalars.cu advances them,
+// per-tensor learning rates, FRUGAL's decay) and every kernel returns at once on a set flag.
 // frugal_run is also the finish of the row-sharded op (frugal_shard_glue.cpp).
 #include "frugal_glue.h"
 
@@ -80,6 +82,7 @@ void per_dtype_group(const FrugalCall& c, const std::vector<int64_t>& members, P
 void launch_whole(const FrugalCall& c, const std::vector<int64_t>& members) {
   AdamWParams prm{};
   prm.stochastic = c.stochastic;
+  prm.device = c.device;
   per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx, int64_t group) {
     launch_chunked(
         "frugal_update_", prm, static_cast<int64_t>(idx.size()),
@@ -93,6 +96,7 @@ void launch_whole(const FrugalCall& c, const std::vector<int64_t>& members) {
           prm.m[slot] = c.exp_avgs[i].data_ptr();
           prm.v[slot] = c.exp_avg_sqs[i].data_ptr();
           prm.scalars[slot] = {c.s[i].decay, c.s[i].step_size, c.s[i].bc2_sqrt, c.round_key[i]};
+          prm.tensor[slot] = static_cast<int32_t>(i);
           prm.round_first[slot] = 0;
         },
         [&](const AdamWParams& launch) { return launch_adamw(launch, c.stream); });
@@ -141,6 +145,7 @@ void launch_split(const FrugalCall& c, const std::vector<int64_t>& members) {
   prm.rule = static_cast<int32_t>(c.rule);
   prm.decay = c.decay, prm.lr_free = c.lr_free;
   prm.stochastic = c.stochastic;
+  prm.device = c.device;
   per_dtype_group(c, members, prm, [&](const std::vector<int64_t>& idx, int64_t) {
     launch_chunked(
         "frugal_update_", prm, static_cast<int64_t>(idx.size()), /*chunk_size=*/1,
@@ -169,6 +174,7 @@ void launch_split(const FrugalCall& c, const std::vector<int64_t>& members) {
           prm.step_size[slot] = stateful ? c.s[i].step_size : 0.0;
           prm.bc2_sqrt[slot] = stateful ? c.s[i].bc2_sqrt : 1.0;
           prm.round_key[slot] = c.round_key[i];
+          prm.tensor[slot] = static_cast<int32_t>(i);
         },
         [&](const SP& launch) { return launch_frugal_split(launch, c.stream); });
   });
@@ -179,7 +185,8 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
                     at::IntArrayRef modes, double lr, double beta1, double beta2, double eps,
                     double weight_decay, double proj_lr_scale, double free_lr_scale, int64_t rule,
                     const Tensor* left_stats, const Rounding& rounding,
-                    TensorList weight_scales, TensorList state_scales) {
+                    TensorList weight_scales, TensorList state_scales,
+                    const std::optional<Tensor>& found_inf) {
   if (params.empty()) return;
   check_cuda_inputs(params, subspaces, modes);
   const c10::DeviceGuard guard(params[0].device());
@@ -219,8 +226,18 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
         scratch[d][b] = at::empty({need[d][b]},
                                   params[0].options().dtype(d ? at::kDouble : at::kFloat));
 
-  // From here on steps advance and tensors are written.
-  for (size_t i = 0; i < n; ++i) {
+  // From here on steps advance and tensors are written. With found_inf the counters advance on
+  // the device (cuda/step_scalars.cu), state-free tensors' placeholders left alone.
+  std::optional<StepPlan> on_device;
+  if (found_inf.has_value()) {
+    std::vector<double> lrs(n);
+    for (size_t i = 0; i < n; ++i)
+      lrs[i] = static_cast<FrugalMode>(modes[i]) == FrugalMode::Adam ? lr : lr * proj_lr_scale;
+    on_device = plan_steps(steps, lrs, beta1, beta2, weight_decay, AdamWRule::kTorch, rounding,
+                           found_inf, c.stream, c.decay);
+    c.device = on_device->device;
+  }
+  for (size_t i = 0; i < n && !on_device; ++i) {
     const auto mode = static_cast<FrugalMode>(modes[i]);
     if (mode == FrugalMode::FreeBlock) {  // no step count (step 0): the counter changes per step
       if (c.stochastic) c.round_key[i] = rounding.key(i, 0.0);
@@ -236,8 +253,9 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
     AdamWParams base{};
     base.beta1 = beta1, base.beta2 = beta2, base.eps = eps;
     base.stochastic = c.stochastic;  // (torch's rule: decay before the update)
-    adamw_coded_kernels(params, c.g, exp_avgs, exp_avg_sqs, StepPlan::on_host(c.s, rounding),
-                        base, state_scales, c.stream);
+    adamw_coded_kernels(params, c.g, exp_avgs, exp_avg_sqs,
+                        on_device ? *on_device : StepPlan::on_host(c.s, rounding), base,
+                        state_scales, c.stream);
   }
   if (!whole.empty()) launch_whole(c, whole);
   if (!split.empty()) launch_split(c, split);
@@ -263,11 +281,13 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 TensorList steps, TensorList subspaces, at::IntArrayRef modes, double lr,
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                 double free_lr_scale, int64_t rule, const Tensor* left_stats,
-                const Rounding& rounding, TensorList weight_scales, TensorList state_scales) {
+                const Rounding& rounding, TensorList weight_scales, TensorList state_scales,
+                const std::optional<Tensor>& found_inf) {
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, frugal_order_free(modes));
   frugal_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),
                  steps, subspaces, modes, lr, beta1, beta2, eps, weight_decay, proj_lr_scale,
-                 free_lr_scale, rule, left_stats, rounding, weight_scales, state_scales);
+                 free_lr_scale, rule, left_stats, rounding, weight_scales, state_scales,
+                 found_inf);
   layouts.write_back();
 }
 
@@ -277,17 +297,19 @@ void frugal_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor& lr_t,
                  double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                  double free_lr_scale, int64_t rule, at::IntArrayRef rounding,
-                 OptionalTensors weight_scales, OptionalTensors state_scales) {
+                 OptionalTensors weight_scales, OptionalTensors state_scales,
+                 const std::optional<Tensor>& found_inf) {
   check_frugal_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
                       proj_lr_scale, free_lr_scale, rule, true, listed(weight_scales),
                       listed(state_scales));
+  check_found_inf("frugal_update_", found_inf, params, steps);
   check_coded_cuda("frugal_update_", params, grads, listed(weight_scales), listed(state_scales));
   const Rounding round(rounding, params.size(), "frugal_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   frugal_run(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, lr, beta1, beta2, eps,
              weight_decay, proj_lr_scale, free_lr_scale, rule, nullptr, round,
-             listed(weight_scales), listed(state_scales));
+             listed(weight_scales), listed(state_scales), found_inf);
 }
 
 }  // namespace

@@ -19,7 +19,8 @@ void frugal_run(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 double beta1, double beta2, double eps, double weight_decay, double proj_lr_scale,
                 double free_lr_scale, int64_t rule, const Tensor* left_stats,
                 const Rounding& rounding, TensorList weight_scales = {},
-                TensorList state_scales = {});
+                TensorList state_scales = {},
+                const std::optional<Tensor>& found_inf = std::nullopt);
 
 struct FrugalCall {  // one op call after validation
   TensorList params, exp_avgs, exp_avg_sqs, subspaces;
@@ -32,6 +33,10 @@ struct FrugalCall {  // one op call after validation
   std::vector<uint64_t> round_key;  // per tensor, under stochastic rounding (memopt/rounding.h)
   int32_t stochastic;
   TensorList weight_scales;         // memopt/common.h's: [] or one per tensor (int8 weights)
+  // With the op's found_inf: the stateful tensors' StepScalars on the device (tensor i's at
+  // scalars[i]), which every kernel reads instead of s and round_key, returning at once on a
+  // set flag; else empty.
+  DeviceSteps device{};
   // Elements per scale of int8 tensor i (0: a float tensor), and its scales (null: float).
   int64_t int8_group(int64_t i) const {
     const Tensor& s = weight_scale(weight_scales, i);

@@ -42,9 +42,11 @@ void frugal_projected_update(const FrugalCall& c, int64_t i, const FrugalProjSha
   ap.rule = static_cast<int32_t>(c.rule);
   ap.beta1 = c.beta1, ap.beta2 = c.beta2, ap.eps = c.eps;
   ap.step_size = c.s[i].step_size, ap.bc2_sqrt = c.s[i].bc2_sqrt, ap.lr_free = c.lr_free;
+  ap.device = c.device, ap.tensor = static_cast<int32_t>(i);
   FrugalProjUpdateParams up{};
   up.param_dtype = ap.param_dtype, up.rule = ap.rule;
-  up.decay = c.s[i].decay, up.lr_free = c.lr_free;
+  up.decay = c.decay, up.lr_free = c.lr_free;  // (c.s[i].decay: the same, set on the host)
+  up.device = c.device, up.tensor = static_cast<int32_t>(i);
   up.ld_p = cols;
   up.stochastic = c.stochastic, up.round_key = c.round_key[i];
   up.int8_group = static_cast<int32_t>(c.int8_group(i));
