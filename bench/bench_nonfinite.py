@@ -1,9 +1,10 @@
 """What nonfinite="skip" costs in the optimizer step: every memopt optimizer on a LLaMA with
 fixed (finite) gradients, with nonfinite="propagate" and "skip", stepped round-robin in one
 process (harness.round_robin), median. "skip" adds torch's fused non-finite check (one read of
-every gradient) and the decision: on a GPU, for AdamW, AdamMini and SlimAdam, a flag the ops
-read on the device (no host synchronisation; nonfinite.py); for the others, and the rows
-"(host decision)" that force it, the flag read on the host once per step.
+every gradient) and the decision: on a GPU a flag the ops read on the device (no host
+synchronisation; nonfinite.py), except at APOLLO's and FRUGAL's schedule steps (about one per
+200 steps, none in a short run past the first); in the rows "(host decision)" that force it,
+the flag read on the host once per step.
 
     python bench/bench_nonfinite.py [--size 50m] [--rounds 10] [--device cuda] [--write]
 """

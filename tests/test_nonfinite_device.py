@@ -101,6 +101,53 @@ def test_the_host_decides_on_the_cpu_and_for_host_scheduled_optimizers(name):
     assert nonfinite.device_found_inf(opt, [(opt.param_groups[0], params)]) is None
 
 
+# ---- APOLLO and FRUGAL: on the device away from their schedules' host decisions --------------
+SCHEDULED_BAD = (1, 3, 4)  # of 9 steps, with update_proj_gap / update_gap 3
+SCHEDULED = {"apollo": dict(update_proj_gap=3), "apollo_mini": dict(update_proj_gap=3),
+             "frugal": dict(update_gap=3, density=0.5),
+             "frugal-columns": dict(update_gap=3, density=0.5, selection="columns"),
+             "frugal-random": dict(update_gap=3, density=0.5, selection="random")}
+
+
+@pytest.mark.parametrize("case", list(SCHEDULED))
+def test_scheduled_optimizers_decide_on_the_device_between_their_host_decisions(monkeypatch,
+                                                                                case):
+    """apollo_ given found_inf refreshes no projection and frugal_ changes no selection, so the
+    host decides each step where a refresh or a new cycle may be due for a step count it does
+    not know exactly: counts 0 (the first step), 1 (1 skipped), 2, 2 (3 and 4 skipped), 2
+    (step 5: 2 or 3), 3, ... With a gap of 3 the host decides steps 0, 3, 5 and 6, the device
+    the others; the result equals the optimizer that never took the bad steps, bit for bit,
+    FRUGAL's step count (in its state_dict) included."""
+    name, kw = case.split("-")[0], SCHEDULED[case]
+    monkeypatch.setattr(nonfinite, "DEVICE_TYPES", ("cpu", "cuda"))
+    host, step = [], None
+    real = nonfinite.skips_step
+
+    def host_decision(opt, batches):
+        if opt._skips_nonfinite:  # (not the oracle's)
+            host.append(step)
+        return real(opt, batches)
+    monkeypatch.setattr(memopt_core._base, "skips_step", host_decision)
+    models, opts = [], []
+    for oracle in (False, True):
+        models.append(make_llama(seed=5))
+        opts.append(make(name, models[-1], **kw, nonfinite="propagate" if oracle else "skip"))
+    params = list(models[0].parameters())
+    for step in range(9):
+        grads = make_grads(params, step)
+        if step in SCHEDULED_BAD:
+            grads[step].view(-1)[0] = math.inf
+        set_grads(params, grads)
+        opts[0].step()
+        if step not in SCHEDULED_BAD:
+            set_grads(list(models[1].parameters()), make_grads(params, step))
+            opts[1].step()
+    assert host == [0, 3, 5, 6] and opts[0].skipped_steps == len(SCHEDULED_BAD)
+    assert_snapshot_equal(snapshot(opts[0]), snapshot(opts[1]))
+    saved = [o.state_dict()["param_groups"][0].get("frugal", {}).get("t") for o in opts]
+    assert saved[0] == saved[1]
+
+
 # ---- FSDP2: the flag all-reduced on the device ------------------------------------------------
 FSDP_SKIPPED = (1, 3)  # of 5 steps, each with an inf in one parameter's shard on rank 1 only
 
@@ -158,10 +205,10 @@ def test_fsdp2_skip_decided_on_the_device_is_a_step_never_taken_on_every_rank():
 
 
 # ---- on a GPU --------------------------------------------------------------------------------
-def _step_never_synchronising(opt, step: int) -> None:
-    """opt.step(); from the second step on under set_sync_debug_mode("error") (the first makes
-    the state and moves the step counters beside the parameters: a copy from the host)."""
-    if step == 0:
+def _step_never_synchronising(opt, step: int, warmup: int = 1) -> None:
+    """opt.step(); from step `warmup` on under set_sync_debug_mode("error") (the first steps
+    make the state and move the step counters beside the parameters: a copy from the host)."""
+    if step < warmup:
         opt.step()
         return
     torch.cuda.synchronize()
@@ -187,6 +234,32 @@ def test_a_gpu_step_with_skip_or_grad_scaler_never_synchronises(name):
         _step_never_synchronising(opt, step)
     assert opt.skipped_steps == 1
     cpu_model, cpu_opt = train(name, 5, skip_bad=True)
+    for p, q in zip(model.parameters(), cpu_model.parameters()):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("name", ["apollo", "apollo_mini", "frugal"])
+def test_scheduled_gpu_steps_between_host_decisions_never_synchronise(name):
+    """The first step (which draws P, or selects and makes FRUGAL's state) is decided on the
+    host, the second moves the counters to the GPU; the next ones, a NaN one included, run
+    with no synchronisation (the default gaps are 200 steps)."""
+    model = make_llama(seed=5).cuda()
+    opt = make(name, model, nonfinite="skip")
+    params = list(model.parameters())
+    for step in range(6):
+        grads = make_grads(params, step)
+        if step == 3:
+            grads[-1].view(-1)[0] = math.nan
+        set_grads(params, [g.cuda() for g in grads])
+        _step_never_synchronising(opt, step, warmup=2)
+    assert opt.skipped_steps == 1
+    cpu_model = make_llama(seed=5)
+    cpu_opt = make(name, cpu_model)
+    for step in (0, 1, 2, 4, 5):
+        set_grads(list(cpu_model.parameters()), make_grads(params, step))
+        cpu_opt.step()
     for p, q in zip(model.parameters(), cpu_model.parameters()):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-4, atol=1e-6)
 

@@ -64,8 +64,9 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
     # the duration of step()) instead of unscaling and checking the gradients itself, as it does
     # for torch's fused optimizers; see nonfinite.py.
     _step_supports_amp_scaling = True
-    # Every op of its steps takes found_inf (memopt::adamw_, adam_mini_), so on a GPU a step's
-    # skip is decided on the device, without a host synchronisation (nonfinite.py).
+    # Every op of its steps takes found_inf (memopt::adamw_, adam_mini_, apollo_, frugal_), so
+    # on a GPU a step's skip is decided on the device, without a host synchronisation
+    # (nonfinite.py), on the steps _decides_on_device allows.
     _device_skip = False
 
     def __init__(self, params, defaults: dict, nonfinite: str = "propagate",
@@ -196,8 +197,10 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
     def _step_params(self, only: Optional[set]) -> None:
         batches = self._device_batches(only)
         found = device_found_inf(self, batches)  # {device: flag}: the ops decide; else the host
-        if found is None and self._skips_step(batches):
-            return
+        if found is None:
+            self._steps_home([p for _, params in batches for p in params if p in self.state])
+            if self._skips_step(batches):
+                return
         if torch.compiler.is_compiling():
             return self._traced_step(batches)
         calls, fresh = [], []
@@ -228,16 +231,52 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
             call.finish()
         if found is not None:
             count_device_skip(self, found)
+            for p in (p for _, params in batches for p in params if p in self._beside):
+                self._beside[p][1] += 1
+
+    def _decides_on_device(self, batches: list) -> bool:
+        """Whether the skip of the step of `batches` may be decided on the device (nonfinite.py),
+        for an optimizer with _device_skip: always, unless a subclass's ops must see that
+        decision on the host (APOLLO's projection refresh, FRUGAL's selection)."""
+        return True
 
     def _steps_beside(self, params) -> None:
         """Moves the step counters of `params` to their parameters' devices (a DTensor's: its
-        local shard's; the counters stay plain tensors), where ops given
-        found_inf advance them (once: a counter stays there, as torch's fused optimizers keep
-        theirs; a checkpoint loads them to the CPU again, and the next such step moves them)."""
+        local shard's; the counters stay plain tensors), where ops given found_inf advance them
+        (a counter stays there, as torch's fused optimizers keep theirs, until a step decided on
+        the host or a checkpoint's load brings it back). From here until then the host knows a
+        count only within a range: `_beside[p]` = [its count now, steps decided on the device
+        since], which _step_range reports."""
+        beside = self.__dict__.setdefault("_beside", {})
         for p in params:
             state = self.state[p]
+            if p not in beside:
+                beside[p] = [int(state["step"]), 0]  # (a CPU counter, read for free)
             if state["step"].device != local(p).device:
                 state["step"] = state["step"].to(local(p).device)
+
+    def _steps_home(self, params) -> None:
+        """Brings step counters of `params` kept on a device back to the CPU, for a step decided
+        on the host: one read per device (a synchronisation, which that decision made already),
+        so that the ops read them there and _step_range is exact again."""
+        beside, away = self.__dict__.get("_beside", {}), defaultdict(list)
+        for p in params:
+            beside.pop(p, None)
+            if self.state[p]["step"].device.type != "cpu":
+                away[self.state[p]["step"].device].append(p)
+        for ps in away.values():
+            counts = torch.stack([self.state[p]["step"] for p in ps]).cpu()
+            for p, count in zip(ps, counts):
+                self.state[p]["step"] = count.clone()
+
+    def _step_range(self, p):
+        """(lo, hi): the bounds of p's step count the host knows without reading a device:
+        exact for a counter the host has stepped; since _steps_beside, its count then plus up to
+        one per step decided on the device (each taken or skipped)."""
+        lo, calls = self.__dict__.get("_beside", {}).get(p, (None, 0))
+        if lo is None:
+            lo = int(self.state[p]["step"])  # a CPU counter
+        return lo, lo + calls
 
     def _sharded_call(self, group, params, grads, states, **found_inf) -> ShardedCall:
         """The step of a batch of DTensor parameters (grads and states DTensors too), validated
@@ -359,6 +398,7 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
         by repacking the loaded state into flat pools."""
         self._check_loadable(state_dict)
         skipped = saved_skipped_steps(state_dict)
+        self.__dict__.pop("_beside", None)  # the loaded counters are exact (on the CPU)
         super().load_state_dict(state_dict)
         self.skipped_steps = skipped
         for g in self.param_groups:

@@ -9,7 +9,7 @@ from . import _C
 from ._base import MemoptOptimizer
 from .int8_weights import weight_args
 from .state_bits import check_sharded_codes, check_state_bits, state_scale_args
-from .distributed import ShardedCall, apollo_shard_placement, local_args
+from .distributed import ShardedCall, apollo_shard_placement, is_dtensor, local_args
 from .apollo_groups import apollo_groups
 from .adam_mini import adam_mini_args, block_sharded_call
 from .sources import resolve
@@ -30,6 +30,8 @@ class Apollo(MemoptOptimizer):
         opt = memopt_core.Apollo(model, lr=1e-2, rank=256, update_proj_gap=200)
         print(opt.describe())
     """
+
+    _device_skip = True  # memopt::apollo_ takes found_inf, away from refreshes (nonfinite.py)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
                  rank=None, proj="random", proj_type="std", scale_type="channel",
@@ -154,6 +156,28 @@ class Apollo(MemoptOptimizer):
                 int(group["update_proj_gap"]), float(group["scale"]), _gamma(group),
                 bool(group["scale_front"]), rounding, scales)
         return torch.ops.memopt.apollo_, args
+
+    def _decides_on_device(self, batches: list) -> bool:
+        """apollo_ given found_inf refreshes no projection (its counters are not read), so a
+        step decides its skip on the device only when no projected tensor can be due for a
+        refresh: each step count the host may not know exactly (_step_range) holds no multiple
+        of update_proj_gap. So about one step per gap is decided on the host (the first
+        included), which reads the counters back. Also on the host: P regenerated from seeds
+        each step (store_projection=False: the op reads the seeds) and DTensor projected
+        tensors (the sharded ops take no found_inf)."""
+        for group, params in batches:
+            if group.get("rank") is None:
+                continue  # AdamW or Adam-mini's ops
+            if not group["store_projection"]:
+                return False
+            gap = int(group["update_proj_gap"])
+            for p in params:
+                if p not in self.state or is_dtensor(p):
+                    return False
+                lo, hi = self._step_range(p)
+                if hi // gap * gap >= lo:  # a multiple of the gap in [lo, hi]: maybe due
+                    return False
+        return True
 
     # ---- DTensor (FSDP2) parameters --------------------------------------------------------
     _shard_dims = (0, 1)  # column shards of Left weights: see distributed.apollo_shard_placement

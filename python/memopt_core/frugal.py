@@ -12,6 +12,7 @@ import torch
 
 from . import _C
 from ._base import MemoptOptimizer
+from .nonfinite import count_device_skip, device_found_inf
 from .state_bits import check_state_bits, state_scale_args
 from .int8_weights import weight_args
 from .adam_mini import adam_mini_args, block_sharded_call
@@ -48,6 +49,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
     # The block/subspace selection is one decision over all tensors per step, made on the host.
     steps_single_params = False
     compilable = False
+    _device_skip = True  # memopt::frugal_ takes found_inf, on steady steps (_decides_on_device)
 
     def __init__(self, named_params_or_model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, *, density=0.25, update_gap=200, selection="block",
@@ -216,8 +218,17 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
             with torch.enable_grad():
                 loss = closure()
         calls = self._device_batches()
-        if not calls or self._skips_step(calls):
+        if not calls:
             return loss
+        found = device_found_inf(self, calls)  # {device: flag} on a steady GPU step, else None
+        kw = {}
+        if found is None:
+            self._count_device_steps()
+            self._steps_home([p for _, params in calls for p in params if p in self.state])
+            if self._skips_step(calls):
+                return loss
+        else:
+            self._steps_beside([p for _, params in calls for p in params if p in self.state])
         # 1. gradients and hyperparameters, before anything is selected or allocated
         for group, params in calls:
             self._check_grads(group, params)
@@ -233,26 +244,61 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
                       for p in params]
             # the embedding mode's tensors: the Adam-mini op (per-token v), the rest frugal_
             rows = {id(p) for p in params if self.plan.per_row_v(self._position[p])}
+            if found is not None:
+                kw = {"found_inf": found[params[0].grad.device]}
             if rows:
                 runs.append(self._per_row_call(group, *zip(*[
-                    (p, st) for p, st in zip(params, states) if id(p) in rows])))
+                    (p, st) for p, st in zip(params, states) if id(p) in rows]), **kw))
                 params, states = [p for p in params if id(p) not in rows], \
                     [st for p, st in zip(params, states) if id(p) not in rows]
             if not params:
                 continue
             modes = [decision.modes[self._index[p]] if p in self._index else _M.Adam for p in params]
-            runs.append(self._prepared_call(params, self._op_args(group, params, states, modes)))
-        # 4. commit, then run
+            runs.append(self._prepared_call(params, self._op_args(group, params, states, modes),
+                                            **kw))
+        # 4. commit, then run; a step decided on the device (steady: nothing to commit but the
+        # count, which _count_device_steps adds once the host reads how many were skipped)
         for p, st in new.items():
             if st is None:
                 self.state.pop(p, None)
             else:
                 self.state[p] = st
-        self.plan.commit(decision)
+        if found is None:
+            self.plan.commit(decision)
         self._run_prepared(runs)
+        if found is not None:
+            count_device_skip(self, found)
+            flag = (next(iter(found.values())) > 0).long()
+            self._pending = self.__dict__.get("_pending", 0) + 1
+            self._pending_skips = flag + self.__dict__.get("_pending_skips", 0)
         return loss
 
-    def _per_row_call(self, group, params, states):
+    def _decides_on_device(self, batches: list) -> bool:
+        """frugal_ given found_inf runs a step whose selection and state stay as they are, and
+        the host cannot know afterwards whether it was taken: so a step decides on the device
+        only when the plan's decision is steady for every step count the host does not know
+        (plan.steady, from its count to that plus the steps decided on the device since), and
+        every tensor that steps with state already holds it. The host decides the rest (about
+        one step per update_gap, where a cycle may begin), and steps with stochastic rounding
+        (its bits follow the count) or DTensors (the sharded ops take no found_inf)."""
+        params = [p for _, ps in batches for p in ps]
+        if (any(is_dtensor(p) for p in params) or any(g["stochastic_rounding"] for g, _ in batches)
+                or any(p not in self.state for p in params if self._holds_state(p))):
+            return False
+        with_grad = set(params)
+        return self.plan.steady([j for j, p in enumerate(self._projs) if p in with_grad],
+                                self._holding(), self.__dict__.get("_pending", 0))
+
+    def _count_device_steps(self) -> None:
+        """Adds the steps decided on the device since the last call, less those skipped, to
+        the plan's step count: one read of their skip count (a synchronisation), made where the
+        host needs the count (a step it decides, state_dict, describe)."""
+        pending = self.__dict__.pop("_pending", 0)
+        skipped = self.__dict__.pop("_pending_skips", None)
+        if pending:
+            self.plan.advance(pending - int(skipped))
+
+    def _per_row_call(self, group, params, states, **found_inf):
         """(None, ShardedCall) of the embedding mode's tensors of one batch: Adam-mini's op with
         one block per row (FRUGAL's Adam rule at the group's lr), validated now; over DTensor
         the sharded Adam-mini step (partial sums now, reduced by _run_prepared)."""
@@ -263,8 +309,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
             return None, block_sharded_call(self, group, params, grads, states, blocks)
         args = adam_mini_args(self, group, params, grads, states, blocks,
                               self._rounding(group, params, self.plan.selection.t))
-        torch.ops.memopt.check_adam_mini_(*args)
-        return None, ShardedCall(lambda: torch.ops.memopt.adam_mini_(*args))
+        torch.ops.memopt.check_adam_mini_(*args, **found_inf)
+        return None, ShardedCall(lambda: torch.ops.memopt.adam_mini_(*args, **found_inf))
 
     def _check_grads(self, group, params):
         """The op's check with every tensor state-free: gradients, dtypes, hyperparameters."""
@@ -279,6 +325,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         return mode, math.prod(lay["exp_avg"][0]) if lay else 0
 
     def describe(self) -> str:
+        self._count_device_steps()
         lines = super().describe().splitlines()
         sel, n = self.plan.selection, len(self._projs)
         if self.selection == "block":

@@ -83,16 +83,16 @@ class FrugalShard:
             return g.full_tensor() if self._split(p) else local(g)
         return torch.empty(tuple(p.shape), dtype=p.dtype, device="meta")
 
-    def _prepared_call(self, params: list, args: tuple):
+    def _prepared_call(self, params: list, args: tuple, **found_inf):
         """(run_stats or None, ShardedCall) of one (group, device, process group) batch, with
         `args` the op arguments on local shards, validated here before anything is written.
         Batches with left projections of split tensors take frugal_shard_stats_ (run_stats, to
         call before the all-reduce of stats), then frugal_shard_update_; others one frugal_."""
         modes = args[6]
         numel = _C.frugal_shard_stats_numel(args[2], modes) if self._split(params[0]) else 0
-        if not numel:
-            torch.ops.memopt.check_frugal_(*args)
-            return None, ShardedCall(lambda: torch.ops.memopt.frugal_(*args))
+        if not numel:  # (found_inf: a step decided on the device; never a sharded one)
+            torch.ops.memopt.check_frugal_(*args, **found_inf)
+            return None, ShardedCall(lambda: torch.ops.memopt.frugal_(*args, **found_inf))
         # on the parameters' device: NCCL reduces GPU buffers, the CUDA ops read them there
         stats = torch.zeros(numel, dtype=torch.float64, device=args[0][0].device)
         # (the shard ops take no weight_scales or state_scales: 8-bit moments are whole-tensor

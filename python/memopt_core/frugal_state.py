@@ -37,6 +37,7 @@ class FrugalCheckpoint:
     _loaded_selection, _loaded_subs = None, {}  # set while load_state_dict checks and packs
 
     def state_dict(self) -> dict:
+        self._count_device_steps()  # the saved step count is exact
         sd = super().state_dict()
         # an entry for every parameter, empty for those holding no state (inactive blocks), as
         # get/set_optimizer_state_dict expect one (strict loading) for each trainable parameter
@@ -63,6 +64,7 @@ class FrugalCheckpoint:
         return self.plan.read(saved if isinstance(saved, dict) else {})
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._count_device_steps()  # (a failed load keeps the plan: its count exact)
         sel = self._read_selection(state_dict)
         # Subspace indices must not go through torch's cast of state to the parameter dtype.
         pids = [pid for g in state_dict["param_groups"] for pid in g["params"]]

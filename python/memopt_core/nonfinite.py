@@ -14,10 +14,11 @@ from .distributed import is_dtensor, local
 
 
 # Device types on which the decision stays on the device, for optimizers whose every op takes
-# found_inf (their `_device_skip`: AdamW, AdamMini, SlimAdam): the flag goes into the ops, whose
-# kernels return at once on it, and nothing is read back; DTensor (FSDP2) batches all-reduce it
-# on the device first. Elsewhere it is read on the host once per step: on the CPU that costs
-# nothing; APOLLO's projection refresh and FRUGAL's subspace schedule are host decisions.
+# found_inf (their `_device_skip`: AdamW, AdamMini, SlimAdam, Apollo, ApolloMini): the flag goes
+# into the ops, whose kernels return at once on it, and nothing is read back; DTensor (FSDP2)
+# batches all-reduce it on the device first. Elsewhere it is read on the host once per step: on
+# the CPU that costs nothing; FRUGAL's subspace schedule is a host decision, and so is each
+# APOLLO step where a projection refresh may be due (opt._decides_on_device says).
 DEVICE_TYPES = ("cuda",)
 
 
@@ -90,7 +91,8 @@ def device_found_inf(opt, batches: list):
     if (not getattr(type(opt), "_device_skip", False) or not params
             or torch.compiler.is_compiling()
             or any(d.type not in DEVICE_TYPES for d in devices)
-            or (len(devices) > 1 and any(is_dtensor(p) for p in params))):
+            or (len(devices) > 1 and any(is_dtensor(p) for p in params))
+            or not opt._decides_on_device(batches)):
         return None  # (DTensors beside tensors of another device: one reduced flag, host)
     flags = _flags(opt, batches)
     if flags is None:
