@@ -150,9 +150,13 @@ def test_scheduled_optimizers_decide_on_the_device_between_their_host_decisions(
 
 # ---- FSDP2: the flag all-reduced on the device ------------------------------------------------
 FSDP_SKIPPED = (1, 3)  # of 5 steps, each with an inf in one parameter's shard on rank 1 only
+# name -> (optimizer, options, steps the host decides: FRUGAL's first, which selects)
+FSDP_CASES = {**{name: (name, {}, 0) for name in DEVICE_SKIP},
+              "frugal": ("frugal", {}, 1),
+              "frugal-random": ("frugal", dict(selection="random"), 1)}  # left projections
 
 
-def _fsdp_run(name, rank=0, world=1):
+def _fsdp_run(case, rank=0, world=1):
     """(snapshot, skipped_steps) of 5 synthetic steps of a LLaMA whose heads and vocabulary
     straddle the shards. world > 1: FSDP2 with nonfinite="skip" decided on the device (the CPU
     standing in, the host decision made to fail), FSDP_SKIPPED poisoned on rank 1; world 1: the
@@ -160,12 +164,13 @@ def _fsdp_run(name, rank=0, world=1):
     from dist_cases import STRADDLE, snapshot
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
+    name, options, _ = FSDP_CASES[case]
     model = make_llama(dtype=torch.float64, **STRADDLE)
     if world > 1:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    opt = memopt_core.make_optimizer(name, model, lr=1e-2, weight_decay=0.1,
+    opt = memopt_core.make_optimizer(name, model, lr=1e-2, weight_decay=0.1, **options,
                                      nonfinite="skip" if world > 1 else "propagate")
     params = list(model.parameters())
     for step in range(5):
@@ -180,28 +185,37 @@ def _fsdp_run(name, rank=0, world=1):
 
 
 def _fsdp_device_skip(rank, world):
+    """{case: (snapshot, skipped_steps, steps decided on the host)} on this rank."""
     from memopt_core import _base
     nonfinite.DEVICE_TYPES = ("cpu", "cuda")
+    real, host = nonfinite.skips_step, []
 
     def host_decision(opt, batches):
-        raise AssertionError("the skip was decided on the host")
+        host.append(opt._skips_nonfinite)
+        return real(opt, batches)
     _base.skips_step = host_decision
-    return {name: _fsdp_run(name, rank, world) for name in DEVICE_SKIP}
+    out = {}
+    for case in FSDP_CASES:
+        host.clear()
+        out[case] = (*_fsdp_run(case, rank, world), sum(host))
+    return out
 
 
 def test_fsdp2_skip_decided_on_the_device_is_a_step_never_taken_on_every_rank():
     """Each optimizer's FSDP2 batches (AdamW's elementwise op, Adam-mini's and SlimAdam's block
-    sums and shard update) take the flag reduced across ranks on the device: a bad shard on one
-    rank skips every rank, equal to one process that never took those steps."""
+    sums and shard update, FRUGAL's op on the local shards or its sharded left projections)
+    take the flag reduced across ranks on the device: a bad shard on one rank skips every
+    rank, equal to one process that never took those steps."""
     from dist_cases import max_rel_err
     from dist_util import run_workers
     results = run_workers(_fsdp_device_skip, 2)
-    for name in DEVICE_SKIP:
-        want, _ = _fsdp_run(name)
-        got, skipped = results[0][name]
-        assert [r[name][1] for r in results] == [len(FSDP_SKIPPED)] * 2
-        assert all(float(s["step"]) == 5 - len(FSDP_SKIPPED) for s in got["state"])
-        assert max_rel_err(got, want) <= 1e-12, name
+    for case, (_, _, host_steps) in FSDP_CASES.items():
+        want, _ = _fsdp_run(case)
+        got, _, _ = results[0][case]
+        assert [r[case][1:] for r in results] == [(len(FSDP_SKIPPED), host_steps)] * 2, case
+        assert all(float(s["step"]) == 5 - len(FSDP_SKIPPED) for s in got["state"]
+                   if "step" in s), case
+        assert max_rel_err(got, want) <= 1e-12, case
 
 
 # ---- on a GPU --------------------------------------------------------------------------------

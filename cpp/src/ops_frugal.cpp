@@ -63,6 +63,7 @@ void frugal_shard_check(MEMOPT_FRUGAL_SHARD_ARGS) {
   Rounding(rounding, params.size(), "frugal_shard_update_");
   check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
                             proj_lr_scale, free_lr_scale, rule);
+  check_found_inf("frugal_shard_update_", found_inf, params, steps);
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
@@ -73,6 +74,13 @@ void frugal_shard_stats_cpu(MEMOPT_FRUGAL_SHARD_ARGS) {
 }
 
 void frugal_shard_update_cpu(MEMOPT_FRUGAL_SHARD_ARGS) {
+  check_found_inf("frugal_shard_update_", found_inf, params, steps);
+  if (found_on_host(found_inf)) {  // a skipped step: checked like a taken one, then nothing
+    frugal_shard_check(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats, lr,
+                       beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule,
+                       rounding, found_inf);
+    return;
+  }
   frugal_shard_update_(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats, lr,
                        beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule,
                        rounding);
@@ -80,9 +88,11 @@ void frugal_shard_update_cpu(MEMOPT_FRUGAL_SHARD_ARGS) {
 
 void frugal_shard_meta(MEMOPT_FRUGAL_SHARD_ARGS) {
   Rounding(rounding, params.size(), "frugal_shard_update_");
-  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, subspaces}))
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, subspaces})) {
     check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
                               proj_lr_scale, free_lr_scale, rule, /*read_data=*/false);
+    check_found_inf("frugal_shard_update_", found_inf, params, steps);
+  }
 }
 
 }  // namespace
@@ -97,10 +107,11 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
         "Tensor(e!)[]? weight_scales=None, Tensor(f!)[]? state_scales=None, "
         "Tensor? found_inf=None) -> ()",
         &memopt::frugal_check);
-  // Row-sharded FRUGAL (FSDP2): partial P^T G into `stats`, then the update from their sum.
+  // Row-sharded FRUGAL (FSDP2): partial P^T G into `stats`, then the update from their sum;
+  // found_inf: the update's (the statistics are read-only work, made whatever it says).
 #define MEMOPT_FRUGAL_SHARD_TAIL                                                              \
   "Tensor lr, float beta1, float beta2, float eps, float weight_decay, float proj_lr_scale, "  \
-  "float free_lr_scale, int rule, int[] rounding=[]) -> ()"
+  "float free_lr_scale, int rule, int[] rounding=[], Tensor? found_inf=None) -> ()"
   define_op(m, "frugal_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
         "Tensor[] exp_avg_sqs, Tensor[] steps, Tensor[] subspaces, int[] modes, "
         "Tensor(a!) stats, " MEMOPT_FRUGAL_SHARD_TAIL, &memopt::frugal_shard_check);

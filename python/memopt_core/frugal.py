@@ -16,7 +16,7 @@ from .nonfinite import count_device_skip, device_found_inf
 from .state_bits import check_state_bits, state_scale_args
 from .int8_weights import weight_args
 from .adam_mini import adam_mini_args, block_sharded_call
-from .distributed import ShardedCall, is_dtensor, local_args
+from .distributed import ShardedCall, is_dtensor, local, local_args
 from .frugal_shard import FrugalShard
 from .frugal_state import FrugalCheckpoint, tensor_specs
 from .sources import need_names, resolve
@@ -245,7 +245,7 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
             # the embedding mode's tensors: the Adam-mini op (per-token v), the rest frugal_
             rows = {id(p) for p in params if self.plan.per_row_v(self._position[p])}
             if found is not None:
-                kw = {"found_inf": found[params[0].grad.device]}
+                kw = {"found_inf": found[local(params[0].grad).device]}
             if rows:
                 runs.append(self._per_row_call(group, *zip(*[
                     (p, st) for p, st in zip(params, states) if id(p) in rows]), **kw))
@@ -280,9 +280,9 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         (plan.steady, from its count to that plus the steps decided on the device since), and
         every tensor that steps with state already holds it. The host decides the rest (about
         one step per update_gap, where a cycle may begin), and steps with stochastic rounding
-        (its bits follow the count) or DTensors (the sharded ops take no found_inf)."""
+        (its bits follow the count)."""
         params = [p for _, ps in batches for p in ps]
-        if (any(is_dtensor(p) for p in params) or any(g["stochastic_rounding"] for g, _ in batches)
+        if (any(g["stochastic_rounding"] for g, _ in batches)
                 or any(p not in self.state for p in params if self._holds_state(p))):
             return False
         with_grad = set(params)
@@ -306,7 +306,8 @@ class Frugal(FrugalCheckpoint, FrugalShard, MemoptOptimizer):
         blocks = [b for p in params for b in self.plan.row_blocks(self._position[p])]
         grads = [p.grad for p in params]
         if is_dtensor(params[0]):
-            return None, block_sharded_call(self, group, params, grads, states, blocks)
+            return None, block_sharded_call(self, group, params, grads, states, blocks,
+                                            **found_inf)
         args = adam_mini_args(self, group, params, grads, states, blocks,
                               self._rounding(group, params, self.plan.selection.t))
         torch.ops.memopt.check_adam_mini_(*args, **found_inf)

@@ -90,7 +90,7 @@ class FrugalShard:
         call before the all-reduce of stats), then frugal_shard_update_; others one frugal_."""
         modes = args[6]
         numel = _C.frugal_shard_stats_numel(args[2], modes) if self._split(params[0]) else 0
-        if not numel:  # (found_inf: a step decided on the device; never a sharded one)
+        if not numel:  # found_inf: the step's flag when decided on the device
             torch.ops.memopt.check_frugal_(*args, **found_inf)
             return None, ShardedCall(lambda: torch.ops.memopt.frugal_(*args, **found_inf))
         # on the parameters' device: NCCL reduces GPU buffers, the CUDA ops read them there
@@ -98,10 +98,10 @@ class FrugalShard:
         # (the shard ops take no weight_scales or state_scales: 8-bit moments are whole-tensor
         # ones, of the block selection, which has no left projections)
         full = (*args[:7], stats, *args[7:-2])
-        torch.ops.memopt.check_frugal_shard_update_(*full)
+        torch.ops.memopt.check_frugal_shard_update_(*full, **found_inf)
         return (lambda: torch.ops.memopt.frugal_shard_stats_(*full),
-                ShardedCall(lambda: torch.ops.memopt.frugal_shard_update_(*full), stats,
-                            self._shard_layout(params[0]).group))
+                ShardedCall(lambda: torch.ops.memopt.frugal_shard_update_(*full, **found_inf),
+                            stats, self._shard_layout(params[0]).group))
 
     def _run_prepared(self, runs: list) -> None:
         """Runs _prepared_call's results: every partial statistic, their one all-reduce per

@@ -76,7 +76,8 @@ void check_frugal_shard_inputs(TensorList params, TensorList grads, TensorList e
   TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,           \
       TensorList steps, TensorList subspaces, at::IntArrayRef modes, const Tensor &stats,     \
       const Tensor &lr, double beta1, double beta2, double eps, double weight_decay,          \
-      double proj_lr_scale, double free_lr_scale, int64_t rule, at::IntArrayRef rounding
+      double proj_lr_scale, double free_lr_scale, int64_t rule, at::IntArrayRef rounding,     \
+      const std::optional<at::Tensor>& found_inf
 
 void frugal_shard_stats_(TensorList params, TensorList grads, TensorList exp_avgs,
                          TensorList exp_avg_sqs, TensorList steps, TensorList subspaces,

@@ -19,13 +19,15 @@ void check(const char* op, MEMOPT_FRUGAL_SHARD_ARGS) {
   check_frugal_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, stats,
                             proj_lr_scale, free_lr_scale, rule);
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+  check_found_inf(op, found_inf, params, steps);
   if (!params.empty())
     check_same_cuda_device(op, {params, grads, exp_avgs, exp_avg_sqs, subspaces, {stats}});
 }
 
 void stats_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
   check("frugal_shard_stats_", params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-        stats, lr, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding);
+        stats, lr, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding,
+        found_inf);
   if (params.empty()) return;
   const c10::DeviceGuard guard(params[0].device());
   const at::NoTF32Guard no_tf32;  // fp32 products stay IEEE fp32, as the update's
@@ -46,10 +48,11 @@ void stats_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
 
 void update_cuda(MEMOPT_FRUGAL_SHARD_ARGS) {
   check("frugal_shard_update_", params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes,
-        stats, lr, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding);
+        stats, lr, beta1, beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, rounding,
+        found_inf);
   frugal_run(params, grads, exp_avgs, exp_avg_sqs, steps, subspaces, modes, read_lr(lr), beta1,
              beta2, eps, weight_decay, proj_lr_scale, free_lr_scale, rule, &stats,
-             Rounding(rounding, params.size(), "frugal_shard_update_"));
+             Rounding(rounding, params.size(), "frugal_shard_update_"), {}, {}, found_inf);
 }
 
 }  // namespace
