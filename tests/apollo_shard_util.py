@@ -98,8 +98,10 @@ def _make_shards(full, cfg, store, n_shards, device="cpu", dims=(0, 0)):
     return shards
 
 
-def _shard_step(shards, grads, cfg, store, ns=torch.ops.memopt, device="cpu", dims=(0, 0)):
-    """One sharded step: statistics on every shard, their sum, the update on every shard."""
+def _shard_step(shards, grads, cfg, store, ns=torch.ops.memopt, device="cpu", dims=(0, 0),
+                **found_inf):
+    """One sharded step: statistics on every shard, their sum, the update on every shard
+    (found_inf: the ops' flag)."""
     hp = _hp(cfg)
     numel = sum(_C.apollo_shard_stats_numel(list(s), cfg[0], "random", "std", cfg[1], cfg[2], d)
                 for s, d in zip(SHAPES, dims))
@@ -111,13 +113,13 @@ def _shard_step(shards, grads, cfg, store, ns=torch.ops.memopt, device="cpu", di
         stats = torch.full((numel,), float("nan"), dtype=torch.float64, device=device)  # all written
         args = [ps, gs, *_lists([s for _, s, _ in row], store), [at for _, _, at in row],
                 [s[d] for s, d in zip(SHAPES, dims)], list(dims), stats, *hp]
-        torch.ops.memopt.check_apollo_shard_update_(*args)
-        ns.apollo_shard_stats_(*args)
+        torch.ops.memopt.check_apollo_shard_update_(*args, **found_inf)
+        ns.apollo_shard_stats_(*args, **found_inf)
         total = stats.clone() if total is None else total + stats
         calls.append(args)
     for args in calls:  # the all-reduce: every shard finishes from the same sum
         args[STATS] = total
-        ns.apollo_shard_update_(*args)
+        ns.apollo_shard_update_(*args, **found_inf)
 
 
 def _one_shard_args(stats_numel_delta=0, proj="random", rows=(0, 5), dtype=torch.float64):

@@ -69,3 +69,43 @@ def test_gpu_bad_input_raises_and_writes_nothing(device):
     for a, b in zip(args, before):
         if isinstance(b, list) and b and isinstance(b[0], torch.Tensor):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("device", ["cpu", EMU, pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("config", ["apollo", "mini-front"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_found_inf_shard_step_is_a_step_never_taken(layout, config, device):
+    """The shard ops' found_inf (FSDP2 APOLLO decided on the device): after a first step without
+    it (a refresh), steps 1-3 pass it, step 1 with a NaN gradient and the flag set; 2 shards of
+    each weight end equal to the run that never took step 1 (no count it reaches is due for a
+    refresh, gap 3): parameters, moments, limiter norms, P, seeds and step counts, bit for bit
+    (within float32 rounding on a GPU)."""
+    ns, dev = ops(device), tensor_device(device)
+    cfg, dims = CONFIGS[config], LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=gen, dtype=torch.float32) for s in SHAPES]
+    runs = []
+    for with_found in (True, False):
+        shards = _make_shards(full, cfg, True, 2, dev, dims)
+        for step in range(4):
+            if step == 1 and not with_found:
+                continue
+            grads = _grads(SHAPES, step, torch.float32)
+            if step == 1:
+                grads[0].view(-1)[3] = float("nan")
+            found = {}
+            if with_found and step > 0:
+                for row in shards:  # the counters live beside the parameters
+                    for _, state, _ in row:
+                        state["step"] = state["step"].to(dev)
+                found = {"found_inf": torch.full((1,), float(step == 1), device=dev)}
+            _shard_step(shards, grads, cfg, True, ns, dev, dims, **found)
+        runs.append(shards)
+    for row_f, row_r in zip(*runs):
+        for (pf, sf, _), (pr, sr, _) in zip(row_f, row_r):
+            assert pf.isfinite().all() and float(sf["step"]) == 3
+            for a, b in ((pf, pr), *((sf[k], sr[k]) for k in ("m", "v", "norm", "proj", "seed"))):
+                if device == "cuda":
+                    torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-5, atol=1e-7)
+                else:
+                    assert torch.equal(a, b)

@@ -150,8 +150,10 @@ def test_scheduled_optimizers_decide_on_the_device_between_their_host_decisions(
 
 # ---- FSDP2: the flag all-reduced on the device ------------------------------------------------
 FSDP_SKIPPED = (1, 3)  # of 5 steps, each with an inf in one parameter's shard on rank 1 only
-# name -> (optimizer, options, steps the host decides: FRUGAL's first, which selects)
+# name -> (optimizer, options, steps the host decides: APOLLO's first, which draws P, and
+# FRUGAL's, which selects)
 FSDP_CASES = {**{name: (name, {}, 0) for name in DEVICE_SKIP},
+              "apollo": ("apollo", {}, 1), "apollo_mini": ("apollo_mini", {}, 1),
               "frugal": ("frugal", {}, 1),
               "frugal-random": ("frugal", dict(selection="random"), 1)}  # left projections
 
@@ -203,7 +205,8 @@ def _fsdp_device_skip(rank, world):
 
 def test_fsdp2_skip_decided_on_the_device_is_a_step_never_taken_on_every_rank():
     """Each optimizer's FSDP2 batches (AdamW's elementwise op, Adam-mini's and SlimAdam's block
-    sums and shard update, FRUGAL's op on the local shards or its sharded left projections)
+    sums and shard update, APOLLO's sharded projections, FRUGAL's op on the local shards or
+    its sharded left projections)
     take the flag reduced across ranks on the device: a bad shard on one rank skips every
     rank, equal to one process that never took those steps."""
     from dist_cases import max_rel_err

@@ -204,20 +204,33 @@ void apollo_meta(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
 }
 
 void apollo_shard_check(MEMOPT_APOLLO_SHARD_ARGS) {
+  const ApolloConfig cfg = MEMOPT_APOLLO_SHARD_CONFIG;
   check_apollo_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
-                            steps, offsets, global_sizes, shard_dims, stats,
-                            MEMOPT_APOLLO_SHARD_CONFIG);
+                            steps, offsets, global_sizes, shard_dims, stats, cfg);
+  check_found_inf("apollo_shard_update_", found_inf, params, steps);
+  check_found_inf_refreshes_nothing(steps, cfg, found_inf);
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
 }
 
 void apollo_shard_stats_cpu(MEMOPT_APOLLO_SHARD_ARGS) {
   check_adam_hparams(read_lr(lr), beta1, beta2, eps, weight_decay);
+  check_found_inf("apollo_shard_stats_", found_inf, params, steps);
+  check_found_inf_refreshes_nothing(steps, MEMOPT_APOLLO_SHARD_CONFIG, found_inf);
   apollo_shard_stats_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                       offsets, global_sizes, shard_dims, stats, beta1, beta2, eps,
                       MEMOPT_APOLLO_SHARD_CONFIG);
 }
 
 void apollo_shard_update_cpu(MEMOPT_APOLLO_SHARD_ARGS) {
+  check_found_inf("apollo_shard_update_", found_inf, params, steps);
+  if (found_on_host(found_inf)) {  // a skipped step: checked like a taken one, then nothing
+    apollo_shard_check(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
+                       offsets, global_sizes, shard_dims, stats, lr, beta1, beta2, eps,
+                       weight_decay, rank, proj, proj_type, scale_type, update_proj_gap, scale,
+                       norm_growth_limit, scale_front, rounding, found_inf);
+    return;
+  }
+  check_found_inf_refreshes_nothing(steps, MEMOPT_APOLLO_SHARD_CONFIG, found_inf);
   apollo_shard_update_(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms, steps,
                        offsets, global_sizes, shard_dims, stats, lr, beta1, beta2, eps,
                        weight_decay, MEMOPT_APOLLO_SHARD_CONFIG);
@@ -225,9 +238,11 @@ void apollo_shard_update_cpu(MEMOPT_APOLLO_SHARD_ARGS) {
 
 void apollo_shard_meta(MEMOPT_APOLLO_SHARD_ARGS) {
   const auto cfg = MEMOPT_APOLLO_SHARD_CONFIG;
-  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs}))
+  if (!has_symbolic_shapes({params, grads, exp_avgs, exp_avg_sqs, projs})) {
     check_apollo_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, projs, seeds, limiter_norms,
                               steps, offsets, global_sizes, shard_dims, stats, cfg);
+    check_found_inf("apollo_shard_update_", found_inf, params, steps);
+  }
 }
 
 }  // namespace
@@ -242,11 +257,12 @@ TORCH_LIBRARY_FRAGMENT(memopt, m) {
         "int update_proj_gap, float scale, float norm_growth_limit, bool scale_front, "
         "int[] rounding=[], Tensor(h!)[]? weight_scales=None, Tensor? found_inf=None) -> ()",
             &memopt::apollo_check);
-  // Sharded APOLLO (FSDP2): partial statistics into `stats`, then the update from their sum.
+  // Sharded APOLLO (FSDP2): partial statistics into `stats`, then the update from their sum;
+  // found_inf: apollo_'s, for the update (the statistics are made whatever it says).
 #define MEMOPT_SHARD_TAIL                                                                     \
   "Tensor lr, float beta1, float beta2, float eps, float weight_decay, int rank, str proj, "  \
   "str proj_type, str scale_type, int update_proj_gap, float scale, float norm_growth_limit, " \
-  "bool scale_front, int[] rounding=[]) -> ()"
+  "bool scale_front, int[] rounding=[], Tensor? found_inf=None) -> ()"
   define_op(m, "apollo_shard_stats_(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, "
         "Tensor[] exp_avg_sqs, Tensor[] projs, Tensor[] seeds, Tensor[] limiter_norms, "
         "Tensor[] steps, int[] offsets, int[] global_sizes, int[] shard_dims, Tensor(a!) stats, "

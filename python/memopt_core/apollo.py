@@ -9,7 +9,7 @@ from . import _C
 from ._base import MemoptOptimizer
 from .int8_weights import weight_args
 from .state_bits import check_sharded_codes, check_state_bits, state_scale_args
-from .distributed import ShardedCall, apollo_shard_placement, is_dtensor, local_args
+from .distributed import ShardedCall, apollo_shard_placement, local_args
 from .apollo_groups import apollo_groups
 from .adam_mini import adam_mini_args, block_sharded_call
 from .sources import resolve
@@ -163,8 +163,7 @@ class Apollo(MemoptOptimizer):
         refresh: each step count the host may not know exactly (_step_range) holds no multiple
         of update_proj_gap. So about one step per gap is decided on the host (the first
         included), which reads the counters back. Also on the host: P regenerated from seeds
-        each step (store_projection=False: the op reads the seeds) and DTensor projected
-        tensors (the sharded ops take no found_inf)."""
+        each step (store_projection=False: the op reads the seeds)."""
         for group, params in batches:
             if group.get("rank") is None:
                 continue  # AdamW or Adam-mini's ops
@@ -172,7 +171,7 @@ class Apollo(MemoptOptimizer):
                 return False
             gap = int(group["update_proj_gap"])
             for p in params:
-                if p not in self.state or is_dtensor(p):
+                if p not in self.state:
                     return False
                 lo, hi = self._step_range(p)
                 if hi // gap * gap >= lo:  # a multiple of the gap in [lo, hi]: maybe due
@@ -193,15 +192,16 @@ class Apollo(MemoptOptimizer):
         layout = self._shard_layout(p)  # None for a plain tensor
         return layout is not None and layout.group is not None
 
-    def _sharded_call(self, group, params, grads, states) -> ShardedCall:
+    def _sharded_call(self, group, params, grads, states, **found_inf) -> ShardedCall:
         """Sharded projected weights: apollo_shard_stats_ writes this rank's partial
         statistics now, the base sums them over the shard group (one all-reduce), and
         apollo_shard_update_ finishes. Unsplit DTensors and AdamW groups take the base path."""
         if group.get("rank") is None and group.get("embeddings", "adamw") == "adam_mini":
             return block_sharded_call(self, group, params, grads, states,
-                                      [b for p in params for b in self._row_blocks[p]])
+                                      [b for p in params for b in self._row_blocks[p]],
+                                      **found_inf)
         if group.get("rank") is None or not self._split(params[0]):
-            return super()._sharded_call(group, params, grads, states)
+            return super()._sharded_call(group, params, grads, states, **found_inf)
         layouts = [self._shard_layout(p) for p in params]
         _, args = self._op_call(group, params, grads, states)
         args = local_args(args)
@@ -214,9 +214,9 @@ class Apollo(MemoptOptimizer):
                 [lay.global_shape[lay.dim] for lay in layouts], [lay.dim for lay in layouts],
                 stats, *args[8:-1])  # (the shard ops take no weight_scales)
         # (refuses proj="svd" too, should a group switch to it)
-        torch.ops.memopt.check_apollo_shard_update_(*full)
-        torch.ops.memopt.apollo_shard_stats_(*full)   # writes nothing but stats
-        return ShardedCall(finish=lambda: torch.ops.memopt.apollo_shard_update_(*full),
+        torch.ops.memopt.check_apollo_shard_update_(*full, **found_inf)
+        torch.ops.memopt.apollo_shard_stats_(*full, **found_inf)  # writes nothing but stats
+        return ShardedCall(finish=lambda: torch.ops.memopt.apollo_shard_update_(*full, **found_inf),
                            stats=stats, group=layouts[0].group)
 
     # ---- reporting ------------------------------------------------------------------------

@@ -113,7 +113,8 @@ void check_apollo_shard_inputs(TensorList params, TensorList grads, TensorList e
       const Tensor &stats, const Tensor &lr, double beta1, double beta2, double eps,          \
       double weight_decay, int64_t rank, c10::string_view proj, c10::string_view proj_type,   \
       c10::string_view scale_type, int64_t update_proj_gap, double scale,                     \
-      double norm_growth_limit, bool scale_front, at::IntArrayRef rounding
+      double norm_growth_limit, bool scale_front, at::IntArrayRef rounding,                   \
+      const std::optional<Tensor>& found_inf
 #define MEMOPT_APOLLO_SHARD_CONFIG                                                           \
   make_apollo_config(rank, proj, proj_type, scale_type, update_proj_gap, scale,               \
                      norm_growth_limit, scale_front, rounding, params.size())
