@@ -259,7 +259,9 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
         """Brings step counters of `params` kept on a device back to the CPU, for a step decided
         on the host: one read per device (a synchronisation, which that decision made already),
         so that the ops read them there and _step_range is exact again."""
-        beside, away = self.__dict__.get("_beside", {}), defaultdict(list)
+        beside, away = self.__dict__.get("_beside"), defaultdict(list)
+        if not beside:  # no counter has left the CPU (every step decided on the host)
+            return
         for p in params:
             beside.pop(p, None)
             if self.state[p]["step"].device.type != "cpu":

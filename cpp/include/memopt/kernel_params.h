@@ -229,6 +229,8 @@ struct ApolloUpdateParams {
 };
 static_assert(sizeof(ApolloUpdateParams) <= 4096, "kernel argument over 4 KiB");
 int launch_apollo_update(const ApolloUpdateParams& params, Stream stream);
+// Elements per chunk (CTA) of a float tensor's update: apollo_'s and its shard update's.
+constexpr int64_t kApolloUpdateChunk = 65536;
 
 // ---- Adam-mini / SlimAdam (cpp/src/cuda/adam_mini.cu, adam_mini_two_pass.cu) ----------------
 // One Segment (partition.h) of one tensor, with the tensor's pointers and scalars. A launch

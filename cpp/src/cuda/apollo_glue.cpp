@@ -28,7 +28,6 @@
 namespace memopt::cuda {
 namespace {
 
-constexpr int64_t kChunk = 65536;
 constexpr const char* kOp = "apollo_update_";
 
 // One tensor's step as the host sees it, settled before anything is written.
@@ -135,7 +134,7 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
     pl.left = pl.proj.side() == ProjSide::Left;
     // With found_inf the counters live on the device, unread, and the call refreshes nothing
     // (memopt/apollo.h: the caller steps where a refresh may be due without found_inf).
-    pl.step_before = found_inf ? -1 : static_cast<int64_t>(steps[i].item<float>());
+    pl.step_before = apollo_step_before(steps[i], found_inf);
     pl.refresh = !found_inf && Projector::refresh_due(pl.step_before, cfg.update_proj_gap);
     pl.draw = random && (pl.refresh || !stored);
     pl.new_seed = random && pl.refresh && pl.step_before > 0;
@@ -254,7 +253,7 @@ void apollo_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Te
     up.param_dtype = batch.value_dtype;
     up.int8_group = static_cast<int32_t>(batch.int8_group);
     launch_chunked(
-        kOp, up, static_cast<int64_t>(idx.size()), batch.chunk(kChunk),
+        kOp, up, static_cast<int64_t>(idx.size()), batch.chunk(kApolloUpdateChunk),
         [&](int64_t k) { return params[idx[k]].numel(); },
         [&](int slot, int64_t k) {
           const int64_t i = idx[k];

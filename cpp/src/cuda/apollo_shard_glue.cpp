@@ -26,16 +26,9 @@ namespace memopt::cuda {
 namespace {
 
 constexpr double kNormEps = 1e-8;  // apollo-torch's "+ 1e-8" (scaling factor and limiter)
-constexpr int64_t kUpdateChunk = 65536;  // elements per CTA of the update (apollo_glue.cpp's)
 
 at::ScalarType compute_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// The step count before this step's increment, or -1 with found_inf: the counter lives on the
-// device unread, and the call refreshes no projection (memopt/apollo.h).
-int64_t step_before(const Tensor& step, const std::optional<Tensor>& found_inf) {
-  return found_inf.has_value() ? -1 : static_cast<int64_t>(step.item<float>());
 }
 
 // P of the full weight for this step on the device, in the parameter dtype. t0: the step
@@ -155,7 +148,7 @@ void stats_cuda(MEMOPT_APOLLO_SHARD_ARGS) {
     const Tensor& p = params[i];
     const auto ct = compute_type(p.scalar_type());
     const Tensor P = step_projection(proj, cfg, p, projs.empty() ? nullptr : &projs[i],
-                                     seeds[i], step_before(steps[i], found_inf),
+                                     seeds[i], apollo_step_before(steps[i], found_inf),
                                      /*commit=*/false, /*want=*/true);
     const Tensor R = project(proj, P, g, sums_r ? offsets[i] : 0, ct);
     if (sums_r) {  // the partial R, then column sums of G^2 (or their total)
@@ -210,7 +203,7 @@ void apply_update(const Tensor& p, const Tensor& g, const Tensor& coef, int32_t 
   up.lr_wd = lr_wd;
   up.device = steps.device;
   launch_chunked(
-      "apollo_shard_update_", up, 1, kUpdateChunk, [&](int64_t) { return p.numel(); },
+      "apollo_shard_update_", up, 1, kApolloUpdateChunk, [&](int64_t) { return p.numel(); },
       [&](int slot, int64_t) {
         up.p[slot] = p.data_ptr(), up.g[slot] = g.data_ptr(), up.coef[slot] = c.data_ptr<double>();
         up.cols[slot] = p.size(1), up.mode[slot] = mode, up.tensor[slot] = tensor;
@@ -234,7 +227,7 @@ void update_kernels(MEMOPT_APOLLO_SHARD_ARGS) {
   for_each_shard("apollo_shard_update_", a, cfg,
                  [&](size_t i, const Projector& proj, bool sums_r, const Tensor& g, Tensor st) {
     if (!plan) {
-      for (size_t k = 0; k < params.size(); ++k) t0[k] = step_before(steps[k], found_inf);
+      for (size_t k = 0; k < params.size(); ++k) t0[k] = apollo_step_before(steps[k], found_inf);
       plan = plan_steps(steps, lr_value, beta1, beta2, weight_decay, AdamWRule::kApollo,
                         Rounding(), found_inf, stream);  // (stochastic: refused, check above)
     }

@@ -80,6 +80,13 @@ inline double advance_step(const Tensor& step) {
   return step.item<double>();
 }
 
+// APOLLO's step count before this step's increment, read on the host, or -1 with the op's
+// found_inf: the counter then lives on the device unread, and the call refreshes no projection
+// (memopt/apollo.h check_found_inf_refreshes_nothing).
+inline int64_t apollo_step_before(const Tensor& step, const std::optional<Tensor>& found_inf) {
+  return found_inf.has_value() ? -1 : static_cast<int64_t>(step.item<float>());
+}
+
 // The gradients as contiguous tensors (contiguous_grad).
 std::vector<Tensor> contiguous_grads(TensorList grads);
 
