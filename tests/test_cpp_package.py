@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import memopt_core
+from cuda_util import requires_cuda
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
 
@@ -25,6 +26,19 @@ def test_installed_package_layout():
 def test_cpp_core_tests_pass_under_ctest(cpp_builds):
     """cpp/tests is built once per run (conftest: cpp_builds), shared with optimizer_runner."""
     r = subprocess.run(["ctest", "--test-dir", str(cpp_builds["tests"]), "--output-on-failure"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cpp_classes_decide_the_skip_on_the_gpu(cpp_builds):
+    """Every LibTorch class with nonfinite "skip" on CUDA parameters: the step's flag into the
+    ops (found_inf), APOLLO's and FRUGAL's schedule steps on the host; equal to the class never
+    asked to take the bad steps, before and after torch::save / torch::load
+    (cpp/tests/test_front_ends.cpp --cuda; on the CPU, ctest runs the same with the CPU
+    standing in)."""
+    r = subprocess.run([str(cpp_builds["tests"] / "test_front_ends"), "--cuda"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -63,5 +63,7 @@ void bind_apollo(nb::module_& m) {
       .def_static("next_seed", &Projector::next_seed, nb::arg("seed"),
                   "The next seed of the chain (apollo-torch's next_seed).")
       .def_static("refresh_due", &Projector::refresh_due, nb::arg("step_before"),
-                  nb::arg("update_proj_gap"));
+                  nb::arg("update_proj_gap"))
+      .def_static("refresh_maybe_due", &Projector::refresh_maybe_due, nb::arg("lo"),
+                  nb::arg("hi"), nb::arg("update_proj_gap"));
 }

@@ -2,6 +2,7 @@
 // projections, seeds and state once; then one fused call per group (memopt::apollo_ for
 // rank > 0, memopt::adamw_ with the group's adamw_rule otherwise).
 #include "memopt/optimizers.h"
+#include "memopt/projection.h"
 
 namespace memopt {
 
@@ -42,6 +43,19 @@ Apollo::OpCall Apollo::op_call(const ApolloOptions& o, const GroupLists& l) cons
                    o,
                    {o.rank(), o.proj(), o.proj_type(), o.scale_type(), o.update_proj_gap(),
                     o.scale(), o.norm_growth_limit(), o.scale_front()});
+}
+
+bool Apollo::decides_on_device(const std::vector<GroupLists>& lists) const {
+  for (size_t i = 0; i < lists.size(); ++i) {
+    const ApolloOptions& o = group_options(i);
+    if (o.rank() == 0) continue;  // AdamW
+    for (const auto& p : lists[i].params) {
+      if (state_of(p) == nullptr) return false;  // its first step draws P
+      const auto [lo, hi] = step_range(p);
+      if (Projector::refresh_maybe_due(lo, hi, o.update_proj_gap())) return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace memopt

@@ -115,7 +115,42 @@ Frugal::StateChanges Frugal::begin_step(const std::vector<GroupLists>& lists) {
   return changes;
 }
 
+void Frugal::commit_step(const at::Tensor& found) {
+  if (found.defined()) {
+    ++uncounted_;
+    const at::Tensor skipped = (found > 0).sum().to(at::kLong);
+    uncounted_skips_ =
+        uncounted_skips_.defined() ? uncounted_skips_.to(skipped.device()) + skipped : skipped;
+  } else {
+    plan_.commit(*pending_);
+  }
+  pending_.reset();
+}
+
+bool Frugal::decides_on_device(const std::vector<GroupLists>& lists) const {
+  std::vector<int64_t> with_grad;
+  for (size_t i = 0; i < lists.size(); ++i) {
+    if (lists[i].params.empty()) continue;
+    if (group_options(i).stochastic_rounding()) return false;
+    for (const auto& p : lists[i].params)
+      if (!plan_.state(position(p)).empty() && state_of(p) == nullptr) return false;
+  }
+  for (size_t j = 0; j < projs_.size(); ++j)
+    if (projs_[j].grad().defined()) with_grad.push_back(static_cast<int64_t>(j));
+  return plan_.steady(with_grad, holding(), uncounted_);
+}
+
+void Frugal::count_device_steps() {
+  if (uncounted_ == 0) return;
+  plan_.advance(uncounted_ - uncounted_skips_.item<int64_t>());
+  uncounted_ = 0;
+  uncounted_skips_ = at::Tensor();
+}
+
 void Frugal::save(torch::serialize::OutputArchive& archive) const {
+  // The saved count is the steps taken: const only to torch::optim, the count is brought up to
+  // date first (the same steps, now counted).
+  const_cast<Frugal*>(this)->count_device_steps();
   PlanOptimizer::save(archive);
   for (const auto& [key, value] : plan_.save(holding())) {
     if (value.isTensor()) archive.write("frugal_" + key, value.toTensor());  // as always saved
@@ -133,6 +168,8 @@ void Frugal::load(torch::serialize::InputArchive& archive) {
   auto reset = c10::make_scope_exit([this] { loading_.reset(); });
   PlanOptimizer::load(archive);
   plan_.adopt(std::move(*loading_));
+  uncounted_ = 0;  // the loaded count replaces the plan's
+  uncounted_skips_ = at::Tensor();
 }
 
 }  // namespace memopt

@@ -1,6 +1,6 @@
 // C++ tests of what both front ends must decide alike: roles from a LibTorch module tree
 // (memopt::module_roles, as Python reads an nn.Module), FRUGAL's roles and proj_* flags, and the
-// nonfinite "skip" policy of every LibTorch optimizer.
+// nonfinite "skip" policy of every LibTorch optimizer, decided on the host and on the device.
 #include <torch/torch.h>
 
 #include <memopt/memopt.h>
@@ -13,64 +13,134 @@
 namespace {
 using namespace memopt_test;
 
-// nonfinite "skip": a step with a NaN gradient changes nothing (the oracle: the same optimizer
-// never asked to take it), is counted, and the count survives torch::save / torch::load.
-template <typename Opt, typename Make>
-void check_nonfinite_skip(const std::string& name, const Make& make) {
-  using Named = std::vector<std::pair<std::string, torch::Tensor>>;
-  const auto named = [] {
-    torch::manual_seed(0);
-    return Named{{"model.layers.0.mlp.up_proj.weight", torch::randn({16, 8}).requires_grad_()},
-                 {"model.layers.0.self_attn.o_proj.weight", torch::randn({8, 8}).requires_grad_()},
-                 {"model.norm.weight", torch::randn({8}).requires_grad_()}};
+using Named = std::vector<std::pair<std::string, torch::Tensor>>;
+
+// Three named parameters (a projected MLP and attention weight, a norm) on `device`, the same
+// values at every call.
+Named named_params(const torch::Device& device = torch::kCPU) {
+  torch::manual_seed(0);
+  const auto param = [&](at::IntArrayRef shape) {
+    return torch::randn(shape).to(device).requires_grad_();
   };
-  const auto tensors = [](const Named& n) {
-    std::vector<torch::Tensor> out;
-    for (const auto& [name, p] : n) out.push_back(p);
-    return out;
-  };
-  auto skipping = named(), oracle = named();
-  auto a = make(skipping, "skip");
-  auto b = make(oracle, "propagate");
-  for (int s = 0; s < 5; ++s) {
-    set_grads(tensors(skipping), s);
-    if (s == 2) tensors(skipping)[1].mutable_grad()[0][0] = std::nan("");
-    a->step();
-    if (s != 2) set_grads(tensors(oracle), s), b->step();
-  }
-  check(a->skipped_steps() == 1 && b->skipped_steps() == 0 &&
-            same(tensors(skipping), tensors(oracle)),
-        name + ": nonfinite skip == never taking the NaN step");
-  std::stringstream buffer;
-  torch::save(*a, buffer);
-  auto c = make(named(), "skip");
-  torch::load(*c, buffer);
-  check(c->skipped_steps() == 1, name + ": skipped_steps round-trips through torch::save");
-  check(throws<c10::ValueError>([&] { make(named(), "Skip"); }),
-        name + ": an unknown nonfinite raises c10::ValueError");
+  return Named{{"model.layers.0.mlp.up_proj.weight", param({16, 8})},
+               {"model.layers.0.self_attn.o_proj.weight", param({8, 8})},
+               {"model.norm.weight", param({8})}};
+}
+std::vector<torch::Tensor> tensors(const Named& n) {
+  std::vector<torch::Tensor> out;
+  for (const auto& [name, p] : n) out.push_back(p);
+  return out;
 }
 
-void test_nonfinite() {
-  using Named = std::vector<std::pair<std::string, torch::Tensor>>;
-  check_nonfinite_skip<memopt::AdamW>("AdamW", [](const Named& n, const std::string& mode) {
-    std::vector<torch::Tensor> ps;
-    for (const auto& [name, p] : n) ps.push_back(p);
-    return std::make_unique<memopt::AdamW>(ps, memopt::AdamWOptions(1e-2).nonfinite(mode));
+// check(name, host_steps, make) for every LibTorch class (make(named, nonfinite) constructs it,
+// with update_proj_gap / update_gap 3): host_steps is how many of check_device_skip's steps the
+// host decides.
+template <typename Check>
+void for_each_optimizer(const Check& check) {
+  check("AdamW", 0, [](const Named& n, const std::string& mode) {
+    return std::make_unique<memopt::AdamW>(tensors(n), memopt::AdamWOptions(1e-2).nonfinite(mode));
   });
-  check_nonfinite_skip<memopt::AdamMini>("AdamMini", [](const Named& n, const std::string& mode) {
+  check("AdamMini", 0, [](const Named& n, const std::string& mode) {
     return std::make_unique<memopt::AdamMini>(n, memopt::AdamMiniOptions(1e-2).nonfinite(mode));
   });
-  check_nonfinite_skip<memopt::Apollo>("Apollo", [](const Named& n, const std::string& mode) {
-    return std::make_unique<memopt::Apollo>(
-        n, memopt::ApolloOptions(1e-2).rank(2).update_proj_gap(2).nonfinite(mode));
+  check("SlimAdam", 0, [](const Named& n, const std::string& mode) {
+    return std::make_unique<memopt::SlimAdam>(n, memopt::AdamMiniOptions(1e-2).nonfinite(mode));
   });
-  check_nonfinite_skip<memopt::Frugal>("Frugal", [](const Named& n, const std::string& mode) {
-    memopt::FrugalConfig config;
-    config.density = 0.5, config.update_gap = 2, config.seed = 3;
-    return std::make_unique<memopt::Frugal>(n, memopt::FrugalOptions(1e-2).nonfinite(mode),
-                                            config);
+  for (bool stored : {true, false})
+    check(stored ? "Apollo" : "Apollo store_projection=false", 4,
+          [stored](const Named& n, const std::string& mode) {
+      return std::make_unique<memopt::Apollo>(n, memopt::ApolloOptions(1e-2).rank(2)
+                                                     .update_proj_gap(3).store_projection(stored)
+                                                     .nonfinite(mode));
+    });
+  check("ApolloMini", 4, [](const Named& n, const std::string& mode) {
+    return std::make_unique<memopt::ApolloMini>(
+        n, memopt::ApolloOptions::mini().lr(1e-2).update_proj_gap(3).nonfinite(mode));
+  });
+  for (const std::string selection : {"block", "columns", "random"})
+    check("Frugal " + selection, 4, [selection](const Named& n, const std::string& mode) {
+      memopt::FrugalConfig config;
+      config.density = 0.5, config.update_gap = 3, config.seed = 3, config.selection = selection;
+      return std::make_unique<memopt::Frugal>(n, memopt::FrugalOptions(1e-2).nonfinite(mode),
+                                              config);
+    });
+}
+
+// nonfinite "skip" decided on the host: a step with a NaN gradient changes nothing (the oracle:
+// the same optimizer never asked to take it), is counted, and the count survives torch::save /
+// torch::load.
+void test_nonfinite() {
+  for_each_optimizer([](const std::string& name, int64_t, const auto& make) {
+    auto skipping = named_params(), oracle = named_params();
+    auto a = make(skipping, "skip");
+    auto b = make(oracle, "propagate");
+    for (int s = 0; s < 5; ++s) {
+      set_grads(tensors(skipping), s);
+      if (s == 2) tensors(skipping)[1].mutable_grad()[0][0] = std::nan("");
+      a->step();
+      if (s != 2) set_grads(tensors(oracle), s), b->step();
+    }
+    check(a->skipped_steps() == 1 && b->skipped_steps() == 0 && a->host_decided_steps() == 5 &&
+              same(tensors(skipping), tensors(oracle)),
+          name + ": nonfinite skip == never taking the NaN step");
+    std::stringstream buffer;
+    torch::save(*a, buffer);
+    auto c = make(named_params(), "skip");
+    torch::load(*c, buffer);
+    check(c->skipped_steps() == 1, name + ": skipped_steps round-trips through torch::save");
+    check(throws<c10::ValueError>([&] { make(named_params(), "Skip"); }),
+          name + ": an unknown nonfinite raises c10::ValueError");
   });
 }
+
+// nonfinite "skip" decided on the device (PlanOptimizer::step) against the same optimizer never
+// asked to take the bad steps 1, 3 and 4 of 9: parameters and step counts bit for bit,
+// skipped_steps, and the same again after a torch::save / torch::load and one more step. With
+// update_proj_gap / update_gap 3, APOLLO and FRUGAL leave to the host exactly the steps where a
+// count it does not know may hold a refresh or a new cycle: counts 0 (the first step), 1 (1
+// skipped), 2, 2 (3 and 4 skipped), 2 (step 5: 2 or 3), 3, ...: steps 0, 3, 5 and 6, as the
+// Python front end decides. On the CPU, which joins device_skip_types for the test, standing in
+// for a GPU; on a GPU (--cuda), where the ops read the flag on the device.
+void test_nonfinite_on_device(const torch::Device& device) {
+  auto& types = memopt::device_skip_types();
+  const auto saved_types = types;
+  if (device.is_cpu()) types.push_back(c10::DeviceType::CPU);
+  for_each_optimizer([&](const std::string& name, int64_t host_steps, const auto& make) {
+    const auto steps = [](const auto& opt, const Named& n) {
+      std::vector<double> out;
+      for (const auto& p : tensors(n))
+        if (const auto* s = opt->state_of(p)) out.push_back(s->at("step").template item<double>());
+      return out;
+    };
+    auto skipping = named_params(device), oracle = named_params(device);
+    auto a = make(skipping, "skip");
+    auto b = make(oracle, "propagate");
+    for (int s = 0; s < 9; ++s) {
+      set_grads(tensors(skipping), s);
+      if (s == 1 || s == 3 || s == 4) tensors(skipping)[s % 3].mutable_grad()[0] = INFINITY;
+      a->step();
+      if (s != 1 && s != 3 && s != 4) set_grads(tensors(oracle), s), b->step();
+    }
+    const std::string on = name + " (" + device.str() + ")";
+    check(a->skipped_steps() == 3 && a->host_decided_steps() == host_steps &&
+              same(tensors(skipping), tensors(oracle)) && steps(a, skipping) == steps(b, oracle),
+          on + ": skips decided on the device (host decided " +
+              std::to_string(a->host_decided_steps()) + ") == never taking the bad steps");
+    std::stringstream buffer;
+    torch::save(*a, buffer);
+    auto resumed = named_params(device);
+    for (size_t k = 0; k < resumed.size(); ++k) resumed[k].second.data().copy_(skipping[k].second);
+    auto c = make(resumed, "skip");
+    torch::load(*c, buffer);
+    set_grads(tensors(resumed), 9), c->step();
+    set_grads(tensors(oracle), 9), b->step();
+    check(c->skipped_steps() == 3 && same(tensors(resumed), tensors(oracle)) &&
+              steps(c, resumed) == steps(b, oracle),
+          on + ": counts decided on the device are saved, and a resumed step is the oracle's");
+  });
+  types = saved_types;
+}
+
 // A LLaMA-shaped LibTorch model (GQA: 4 query heads, 2 kv heads of 8), named as HF names it.
 struct Attention : torch::nn::Module {
   Attention() {
@@ -145,8 +215,16 @@ void test_frugal_roles() {
 }
 }  // namespace
 
-int main() {
+// No argument: the CPU tests (ctest). "--cuda": the GPU's, for tests/test_cpp_package.py's cuda
+// test (fails without a GPU).
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--cuda") {
+    check(torch::cuda::is_available(), "a CUDA device is available");
+    if (torch::cuda::is_available()) test_nonfinite_on_device(torch::Device(torch::kCUDA));
+    return finish();
+  }
   test_nonfinite();
+  test_nonfinite_on_device(torch::Device(torch::kCPU));
   test_module_roles();
   test_frugal_roles();
   return finish();

@@ -173,8 +173,7 @@ class Apollo(MemoptOptimizer):
             for p in params:
                 if p not in self.state:
                     return False
-                lo, hi = self._step_range(p)
-                if hi // gap * gap >= lo:  # a multiple of the gap in [lo, hi]: maybe due
+                if _C.Projector.refresh_maybe_due(*self._step_range(p), gap):
                     return False
         return True
 

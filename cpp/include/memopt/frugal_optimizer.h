@@ -51,14 +51,23 @@ class Frugal : public PlanOptimizer<FrugalOptions, FrugalPlan> {
   void extend_plan(const std::vector<at::Tensor>& params, const FrugalOptions&) override;
   // The plan's decision for this step: its selection, and the states it starts, carries, drops.
   StateChanges begin_step(const std::vector<GroupLists>& lists) override;
-  void commit_step() override {
-    plan_.commit(*pending_);
-    pending_.reset();
-  }
+  // A step decided on the device is steady (decides_on_device): nothing to commit but the
+  // count, added by count_device_steps once the host reads how many of them were skipped.
+  void commit_step(const at::Tensor& found) override;
+  // frugal_ given found_inf runs a step whose selection and state stay as they are, and the host
+  // cannot know afterwards whether it was taken: so a step decides its skip on the device only
+  // when the plan's decision is steady for every count the host does not know (FrugalPlan::
+  // steady, from its count to that plus the uncounted steps) and every tensor that steps with
+  // state holds it already. The host decides the rest (about one step per update_gap, where a
+  // cycle may begin) and steps with stochastic rounding (its bits follow the count).
+  bool decides_on_device(const std::vector<GroupLists>& lists) const override;
+  // Adds the uncounted steps, less those skipped (one read), to the plan's count.
+  void count_device_steps() override;
   // The op's arguments under begin_step's selection (before it: every tensor state-free); a
   // tensor without state (nullptr in l.states) passes empty tensors, which the op ignores.
   OpCall op_call(const FrugalOptions& o, const GroupLists& l) const override;
-  // Steps taken: the rounding counter of the state-free blocks, which have no step count.
+  // Steps taken: the rounding counter of the state-free blocks, which have no step count (exact:
+  // with stochastic rounding the host decides every step).
   int64_t rounding_counter() const override { return plan_.selection().t; }
   StateLayout loaded_layout(int64_t i) const override {
     return plan_.state(i, loading_ ? *loading_ : plan_.selection());
@@ -74,6 +83,10 @@ class Frugal : public PlanOptimizer<FrugalOptions, FrugalPlan> {
   std::vector<at::Tensor> projs_;  // projectable tensors, plan order
   std::optional<FrugalStepDecision> pending_;  // begin_step's, until commit_step
   std::optional<FrugalSelection> loading_;     // the selection load() checks state against
+  // Steps decided on the device since the plan's count was last brought up to date, and how
+  // many of them were skipped (a long on the device; save() counts them first).
+  int64_t uncounted_ = 0;
+  at::Tensor uncounted_skips_;
 };
 
 }  // namespace memopt

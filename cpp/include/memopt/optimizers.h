@@ -173,6 +173,12 @@ class Apollo : public PlanOptimizer<ApolloOptions, ApolloPlan> {
     plan_.add_group(shapes, o.settings());
   }
   OpCall op_call(const ApolloOptions& o, const GroupLists& l) const override;
+  // apollo_ given found_inf refreshes no projection (memopt/apollo.h), so a step decides its
+  // skip on the device only when no projected tensor can be due for a refresh: none new, and
+  // no count the host may not know exactly (step_range) a multiple of update_proj_gap. About
+  // one step per gap is decided on the host, the first included. (Seeds stay on the CPU, so
+  // store_projection=False draws P there without a synchronisation.)
+  bool decides_on_device(const std::vector<GroupLists>& lists) const override;
 };
 
 // APOLLO-Mini: Apollo with ApolloOptions::mini() defaults.

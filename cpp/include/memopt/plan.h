@@ -27,8 +27,9 @@ enum class StateDType : int64_t {
 
 at::ScalarType resolve_dtype(StateDType dtype, at::ScalarType param);
 
-// One state tensor a parameter keeps, besides its step counter (a 0-dim float32 CPU tensor that
-// every front end adds and every op increments).
+// One state tensor a parameter keeps, besides its step counter (a 0-dim float32 tensor that
+// every front end adds and every op increments: on the CPU, or beside the parameter while a
+// GPU decides the non-finite skip).
 struct StateSpec {
   std::string key;             // "exp_avg", "exp_avg_sq", "proj", "seed", "limiter_norm", ...
   std::vector<int64_t> shape;

@@ -9,6 +9,8 @@
 #include <torch/optim/serialize.h>
 #include <torch/serialize/archive.h>
 
+#include <algorithm>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -30,7 +32,14 @@ class PlanOptimizer : public torch::optim::Optimizer {
  public:
   const Plan& plan() const { return plan_; }
   // Steps left out because a gradient was not finite (the defaults' nonfinite "skip"); saved.
-  int64_t skipped_steps() const { return skipped_steps_; }
+  // Steps decided on a device are counted there: this reads the count (a synchronisation).
+  int64_t skipped_steps() const {
+    return skipped_steps_ + (device_skips_.defined() ? device_skips_.item<int64_t>() : 0);
+  }
+  // Steps whose skip the host decided under nonfinite "skip" (each a synchronisation on a GPU):
+  // every step on the CPU; on a GPU only those the optimizer's schedule needs (APOLLO's
+  // projection refreshes, FRUGAL's new cycles: about one per gap). Not saved.
+  int64_t host_decided_steps() const { return host_decided_steps_; }
   // A parameter's state, or nullptr before its first step.
   const ParamState* state_of(const at::Tensor& param) const {
     auto it = state_.find(param.unsafeGetTensorImpl());
@@ -39,6 +48,9 @@ class PlanOptimizer : public torch::optim::Optimizer {
 
   // Runs `closure` (if given) with grad mode on, then steps every parameter with a gradient.
   // Bad input (dtype, shape, device, hyperparameters) raises before anything is written.
+  // nonfinite "skip" on a GPU (nonfinite.h device_skip_types) hands the ops the step's flag
+  // (their found_inf: nothing is read back) unless decides_on_device() says the host must see
+  // it; the step counters then move to the parameters' devices, where the ops advance them.
   torch::Tensor step(LossClosure closure = nullptr) override {
     torch::NoGradGuard no_grad;
     torch::Tensor loss;
@@ -46,28 +58,34 @@ class PlanOptimizer : public torch::optim::Optimizer {
       at::AutoGradMode enable_grad(true);
       loss = closure();
     }
-    if (skips_nonfinite(static_cast<const Options&>(defaults()).nonfinite())) {
-      std::vector<at::Tensor> grads;
-      for (const auto& group : param_groups_)
-        for (const auto& p : group.params())
-          if (p.grad().defined()) grads.push_back(p.grad());
-      if (any_nonfinite(grads)) {
-        ++skipped_steps_;  // and nothing changes
-        return loss;
-      }
-    }
     std::vector<GroupLists> lists(param_groups_.size());
+    std::vector<at::Tensor> grads;
     for (size_t i = 0; i < lists.size(); ++i) {
       validate_options(group_options(i));
       for (const auto& p : param_groups_[i].params()) {
         if (!p.grad().defined()) continue;
         lists[i].params.push_back(p);
         lists[i].grads.push_back(p.grad());
+        grads.push_back(p.grad());
+      }
+    }
+    at::Tensor found;  // the step's flag, when the device decides
+    if (skips_nonfinite(static_cast<const Options&>(defaults()).nonfinite())) {
+      found = device_found_inf(grads, lists);
+      if (!found.defined()) {
+        ++host_decided_steps_;
+        count_device_steps();
+        steps_home(lists);
+        if (any_nonfinite(grads)) {
+          ++skipped_steps_;  // and nothing changes
+          return loss;
+        }
       }
     }
     // Every group's call is decided and validated before any runs, so that bad input anywhere
     // raises with parameters, state and plan untouched.
     StateChanges changes = begin_step(lists);
+    const auto fresh_counts = found.defined() ? steps_beside(lists, changes) : FreshCounts{};
     std::vector<OpCall> calls;
     for (size_t i = 0; i < lists.size(); ++i) {
       for (const auto& p : lists[i].params) {
@@ -76,14 +94,26 @@ class PlanOptimizer : public torch::optim::Optimizer {
       }
       if (lists[i].params.empty()) continue;
       calls.push_back(full_call(group_options(i), lists[i]));
+      calls.back().found_inf = found;
       dispatch(calls.back(), /*validate=*/true);
     }
+    for (const auto& [key, count] : fresh_counts) beside_[key] = Beside{count, 0};
     for (auto& [key, state] : changes) {
       if (state) state_[key] = std::move(state);
       else state_.erase(key);
     }
-    commit_step();
+    commit_step(found);
     for (const auto& call : calls) dispatch(call, /*validate=*/false);
+    if (found.defined()) {
+      const at::Tensor skipped = (found > 0).sum().to(at::kLong);
+      device_skips_ = device_skips_.defined() ? device_skips_.to(skipped.device()) + skipped
+                                              : skipped;
+      for (const auto& l : lists)
+        for (const auto& p : l.params) {
+          auto it = beside_.find(p.unsafeGetTensorImpl());
+          if (it != beside_.end()) ++it->second.calls;
+        }
+    }
     return loss;
   }
 
@@ -103,7 +133,7 @@ class PlanOptimizer : public torch::optim::Optimizer {
 
   void save(torch::serialize::OutputArchive& archive) const override {
     torch::optim::serialize<ParamState, Options>(archive, *this);
-    archive.write("skipped_steps", c10::IValue(skipped_steps_));
+    archive.write("skipped_steps", c10::IValue(skipped_steps()));
   }
 
   // Raises, leaving state and options as they were, unless the checkpoint has this optimizer's
@@ -141,12 +171,11 @@ class PlanOptimizer : public torch::optim::Optimizer {
         OptimizerPlan::check_saved_state(layout, s.tensors, p.scalar_type(),
                                          "checkpoint state of parameter " + std::to_string(j) +
                                              " in group " + std::to_string(i));
-        // The archive loads onto the CPU; state lives with its parameter, elementwise state in
-        // its layout (a contiguous checkpoint into a channels_last model), scalars on the CPU.
+        // The archive loads onto the CPU; state lives where make_state puts it, elementwise
+        // state in the parameter's layout (a contiguous checkpoint into a channels_last model).
         for (const auto& spec : layout) {
           const at::Tensor& v = s.at(spec.key);
-          const auto on =
-              v.options().device(spec.shape.empty() ? at::Device(at::kCPU) : p.device());
+          const auto on = v.options().device(state_device(spec, p));
           s.set(spec.key, state_like_param(v.reshape(spec.shape),
                                            spec.follows_param ? p : at::Tensor(), on));
         }
@@ -160,6 +189,8 @@ class PlanOptimizer : public torch::optim::Optimizer {
                       "checkpoint: skipped_steps must be an integer >= 0");
     // Exactly the checkpoint: a parameter without saved state has none after the load.
     skipped_steps_ = skipped.toInt();
+    device_skips_ = at::Tensor();
+    beside_.clear();  // the loaded counters are on the CPU, exact
     state_ = std::move(state);
     for (size_t i = 0; i < groups.size(); ++i)
       param_groups_[i].set_options(std::move(groups[i].second));
@@ -185,6 +216,7 @@ class PlanOptimizer : public torch::optim::Optimizer {
     std::vector<c10::IValue> args;
     // The moments the op can keep in 8 bits, in its order (the op's state_scales argument).
     std::vector<std::string> coded_keys;
+    at::Tensor found_inf;  // the op's found_inf (undefined: None)
   };
 
   // Groups that carry options keep them as given (LibTorch merges group options only for its
@@ -219,16 +251,24 @@ class PlanOptimizer : public torch::optim::Optimizer {
                       " is not a parameter of this optimizer");
     return it->second;
   }
+  // Where a state tensor of `p` lives: with the parameter, but seeds (APOLLO's), which the ops
+  // read on the host to draw P; a limiter norm stays on the device, where the kernels update it
+  // without a copy back (a synchronisation).
+  static at::Device state_device(const StateSpec& spec, const at::Tensor& p) {
+    return spec.shape.empty() && spec.dtype == StateDType::Int64 ? at::Device(at::kCPU)
+                                                                 : p.device();
+  }
   // Zeroed (or filled) state as `layout` says, with a zero float32 CPU step: elementwise state
   // in the parameter's memory layout (layout.h), so that a dense parameter steps without
-  // staging; scalars (seeds, norms) on the CPU, where the ops read them.
+  // staging; each tensor where state_device says.
   static std::unique_ptr<ParamState> make_state(const at::Tensor& p, const StateLayout& layout) {
     auto s = std::make_unique<ParamState>();
     s->tensors.emplace_back("step", at::zeros({}, at::kFloat));
     for (const auto& spec : layout) {
-      const auto on = p.options().dtype(resolve_dtype(spec.dtype, p.scalar_type()));
+      const auto on = p.options().dtype(resolve_dtype(spec.dtype, p.scalar_type()))
+                          .device(state_device(spec, p));
       at::Tensor t = spec.shape.empty()
-                         ? at::zeros({}, on.device(at::kCPU))
+                         ? at::zeros({}, on)
                          : state_zeros(spec.shape, spec.follows_param ? p : at::Tensor(), on);
       if (spec.fill != 0.0) t.fill_(spec.fill);
       s->tensors.emplace_back(spec.key, std::move(t));
@@ -280,6 +320,11 @@ class PlanOptimizer : public torch::optim::Optimizer {
     const auto& args = op.schema().arguments();
     for (size_t k = stack.size(); k < args.size(); ++k)
       stack.push_back(args[k].default_value().value_or(c10::IValue()));
+    if (call.found_inf.defined()) {
+      const auto k = op.schema().argumentIndexWithName("found_inf");
+      TORCH_INTERNAL_ASSERT(k.has_value(), "memopt::", call.op, " takes no found_inf");
+      stack[*k] = call.found_inf;
+    }
     op.callBoxed(&stack);
   }
   // op_call's call with every op's last arguments: `rounding` (memopt/rounding.h) and
@@ -334,8 +379,25 @@ class PlanOptimizer : public torch::optim::Optimizer {
         if (!state_of(p)) fresh[p.unsafeGetTensorImpl()] = make_state(p, plan_.state(position(p)));
     return fresh;
   }
-  // Adopts begin_step's decision once every group's call has passed its validator.
-  virtual void commit_step() {}
+  // Adopts begin_step's decision once every group's call has passed its validator; `found`:
+  // the step's flag when its skip is decided on the device (undefined: the step is taken).
+  virtual void commit_step(const at::Tensor& found) {}
+  // Whether the skip of a step of `lists` (every parameter with a gradient) may be decided on
+  // the device, where the ops cannot tell the host whether they stepped: by default always;
+  // an optimizer whose schedule reads step counts on the host says where it must not.
+  virtual bool decides_on_device(const std::vector<GroupLists>& lists) const { return true; }
+  // Before a step decided on the host: counts what steps decided on the device left uncounted
+  // on the host (FRUGAL's plan count).
+  virtual void count_device_steps() {}
+  // (lo, hi): the bounds of param's step count (it has state) that the host knows without
+  // reading a device: exact for a counter on the CPU; for one moved to the device, its count
+  // then plus up to one per step decided on the device since (each taken or skipped).
+  std::pair<int64_t, int64_t> step_range(const at::Tensor& param) const {
+    auto it = beside_.find(param.unsafeGetTensorImpl());
+    if (it != beside_.end()) return {it->second.count, it->second.count + it->second.calls};
+    const int64_t n = counter(*state_of(param));
+    return {n, n};
+  }
   // The layout a loaded state of parameter i must have (Frugal: under the loaded selection).
   virtual StateLayout loaded_layout(int64_t i) const { return plan_.state(i); }
 
@@ -353,8 +415,83 @@ class PlanOptimizer : public torch::optim::Optimizer {
       positions_.emplace(p.unsafeGetTensorImpl(), static_cast<int64_t>(positions_.size()));
   }
 
+  // The step's found_inf for the ops when its skip is decided on the device: every gradient
+  // on one device of device_skip_types() and decides_on_device(); else undefined.
+  at::Tensor device_found_inf(const std::vector<at::Tensor>& grads,
+                              const std::vector<GroupLists>& lists) const {
+    if (grads.empty()) return {};
+    const c10::Device device = grads.front().device();
+    const auto& types = device_skip_types();
+    if (std::find(types.begin(), types.end(), device.type()) == types.end()) return {};
+    for (const auto& g : grads)
+      if (g.device() != device) return {};
+    for (const auto& l : lists)
+      for (const auto& p : l.params)
+        if (p.device() != device) return {};
+    if (!decides_on_device(lists)) return {};
+    return nonfinite_flag(grads);
+  }
+  // A step count: read for free on the CPU (a counter on a device outside beside_, after a step
+  // that failed its validation, is read: a synchronisation).
+  static int64_t counter(const ParamState& s) {
+    return static_cast<int64_t>(s.at("step").item<double>());
+  }
+  // Moves the step counters of the parameters of `lists` to their devices, where the ops given
+  // found_inf advance them (as torch's fused optimizers keep theirs), until a step decided on
+  // the host or a load brings them back. Every counter stepped so joins beside_ (on the CPU
+  // too, where the tests stand it in for a GPU): existing ones now; the counts of begin_step's
+  // new states are returned, to join once the step is validated.
+  using FreshCounts = std::vector<std::pair<void*, int64_t>>;
+  FreshCounts steps_beside(const std::vector<GroupLists>& lists, StateChanges& changes) {
+    FreshCounts fresh;
+    for (const auto& l : lists)
+      for (const auto& p : l.params) {
+        void* key = p.unsafeGetTensorImpl();
+        auto change = changes.find(key);
+        auto old = state_.find(key);
+        ParamState* s = change != changes.end() ? change->second.get()
+                        : old != state_.end()   ? static_cast<ParamState*>(old->second.get())
+                                                : nullptr;
+        if (s == nullptr) continue;  // (Frugal's state-free tensors)
+        if (change != changes.end()) fresh.emplace_back(key, counter(*s));
+        else if (!beside_.count(key)) beside_[key] = Beside{counter(*s), 0};
+        const at::Tensor& step = s->at("step");
+        if (step.device() != p.device()) s->set("step", step.to(p.device())), moved_steps_ = true;
+      }
+    return fresh;
+  }
+  // Brings the step counters of the parameters of `lists` kept on a device back to the CPU, for
+  // a step decided on the host (one read per device: the synchronisation that decision makes
+  // anyway), so that the ops read them there and step_range is exact again.
+  void steps_home(const std::vector<GroupLists>& lists) {
+    if (beside_.empty() && !moved_steps_) return;  // no counter has left the CPU
+    std::map<std::string, std::vector<ParamState*>> away;
+    for (const auto& l : lists)
+      for (const auto& p : l.params) {
+        beside_.erase(p.unsafeGetTensorImpl());
+        auto it = state_.find(p.unsafeGetTensorImpl());
+        if (it == state_.end()) continue;
+        auto* s = static_cast<ParamState*>(it->second.get());
+        if (!s->at("step").device().is_cpu()) away[s->at("step").device().str()].push_back(s);
+      }
+    for (auto& [device, states] : away) {
+      std::vector<at::Tensor> counts;
+      for (auto* s : states) counts.push_back(s->at("step"));
+      const at::Tensor home = at::stack(counts).cpu();
+      for (size_t k = 0; k < states.size(); ++k) states[k]->set("step", home[k].clone());
+    }
+  }
+
+  struct Beside {
+    int64_t count;  // the counter's value when it moved to the device
+    int64_t calls;  // steps decided on the device since
+  };
   ska::flat_hash_map<void*, int64_t> positions_;  // TensorImpl* -> position in the plan
+  ska::flat_hash_map<void*, Beside> beside_;      // parameters whose counters are on a device
   int64_t skipped_steps_ = 0;
+  at::Tensor device_skips_;  // skips decided on the device (a long on it; undefined: none)
+  int64_t host_decided_steps_ = 0;
+  bool moved_steps_ = false;  // whether a counter ever left the CPU (steps_home has work)
 };
 
 }  // namespace memopt

@@ -54,6 +54,11 @@ class Projector {
   static bool refresh_due(int64_t step_before, int64_t update_proj_gap) {
     return step_before % update_proj_gap == 0;
   }
+  // Whether a refresh may be due for a count known only to lie in [lo, hi] (a counter the
+  // ops advance on the device, where a step's skip is decided): a multiple of the gap in it.
+  static bool refresh_maybe_due(int64_t lo, int64_t hi, int64_t update_proj_gap) {
+    return hi / update_proj_gap * update_proj_gap >= lo;
+  }
   // apollo-torch's next_seed: the 15th int64 of randint(0, 2^63 - 1) from a CPU generator
   // seeded with `seed`.
   static int64_t next_seed(int64_t seed);
