@@ -104,6 +104,7 @@ def test_the_host_decides_on_the_cpu_and_for_host_scheduled_optimizers(name):
 # ---- APOLLO and FRUGAL: on the device away from their schedules' host decisions --------------
 SCHEDULED_BAD = (1, 3, 4)  # of 9 steps, with update_proj_gap / update_gap 3
 SCHEDULED = {"apollo": dict(update_proj_gap=3), "apollo_mini": dict(update_proj_gap=3),
+             "apollo-unstored": dict(update_proj_gap=3, store_projection=False),
              "frugal": dict(update_gap=3, density=0.5),
              "frugal-columns": dict(update_gap=3, density=0.5, selection="columns"),
              "frugal-random": dict(update_gap=3, density=0.5, selection="random")}
@@ -257,13 +258,15 @@ def test_a_gpu_step_with_skip_or_grad_scaler_never_synchronises(name):
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("name", ["apollo", "apollo_mini", "frugal"])
-def test_scheduled_gpu_steps_between_host_decisions_never_synchronise(name):
+@pytest.mark.parametrize("case", ["apollo", "apollo_mini", "apollo-unstored", "frugal"])
+def test_scheduled_gpu_steps_between_host_decisions_never_synchronise(case):
     """The first step (which draws P, or selects and makes FRUGAL's state) is decided on the
     host, the second moves the counters to the GPU; the next ones, a NaN one included, run
-    with no synchronisation (the default gaps are 200 steps)."""
+    with no synchronisation (the default gaps are 200 steps). APOLLO with store_projection=False
+    draws P from its seeds every step: they live on the CPU, its limiter norms on the GPU."""
+    name, kw = case.split("-")[0], ({"store_projection": False} if "unstored" in case else {})
     model = make_llama(seed=5).cuda()
-    opt = make(name, model, nonfinite="skip")
+    opt = make(name, model, nonfinite="skip", **kw)
     params = list(model.parameters())
     for step in range(6):
         grads = make_grads(params, step)
@@ -272,8 +275,12 @@ def test_scheduled_gpu_steps_between_host_decisions_never_synchronise(name):
         set_grads(params, [g.cuda() for g in grads])
         _step_never_synchronising(opt, step, warmup=2)
     assert opt.skipped_steps == 1
+    if name.startswith("apollo"):
+        state = [s for s in opt.state.values() if "limiter_norm" in s]
+        assert state and all(s["seed"].device.type == "cpu" and s["limiter_norm"].is_cuda
+                             for s in state if "seed" in s)
     cpu_model = make_llama(seed=5)
-    cpu_opt = make(name, cpu_model)
+    cpu_opt = make(name, cpu_model, **kw)
     for step in (0, 1, 2, 4, 5):
         set_grads(list(cpu_model.parameters()), make_grads(params, step))
         cpu_opt.step()

@@ -33,6 +33,11 @@ void bind_plan(nb::module_& m) {
           return nb::borrow<nb::object>(reinterpret_cast<PyObject*>(d));
         },
         nb::arg("dtype"), nb::arg("param"), "The torch.dtype of a state of `dtype` for `param`.");
+  m.def("state_on_host", [](StateDType dtype, std::vector<int64_t> shape) {
+          return state_on_host(dtype, shape);
+        }, nb::arg("dtype"), nb::arg("shape"),
+        "Whether a state of `dtype` and `shape` lives on the CPU whatever its parameter's device "
+        "(seeds: memopt/plan.h state_on_host).");
 
   nb::class_<OptimizerPlan>(m, "OptimizerPlan", "memopt::OptimizerPlan: what every plan answers.")
       .def("__len__", &OptimizerPlan::size)

@@ -13,6 +13,10 @@
 
 namespace memopt {
 
+bool state_on_host(StateDType dtype, at::IntArrayRef shape) {
+  return dtype == StateDType::Int64 && shape.empty();
+}
+
 at::ScalarType resolve_dtype(StateDType dtype, at::ScalarType param) {
   switch (dtype) {
     case StateDType::Param: return param;

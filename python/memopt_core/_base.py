@@ -325,7 +325,8 @@ class MemoptOptimizer(Reporting, PlannedState, StochasticRounding, torch.optim.O
         wanted = defaultdict(list)  # (pool key, dtype, device) -> [(param, key, shape)]
         for p in params:
             for key, shape in self._state_shapes(p).items():
-                wanted[(self._pool_key(p), self._state_dtype(p, key), p.device)].append(
+                wanted[(self._pool_key(p), self._state_dtype(p, key),
+                        self._state_device(p, key))].append(
                     (p, key, shape))
         allocated = self._allocate(params, wanted, values)
         for p in params:  # each parameter's keys in the plan's order, the same on every rank

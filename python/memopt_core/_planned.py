@@ -48,7 +48,8 @@ class PlannedState:
             self._plan_of[p] = (plan, i)
             self._plan_state[p] = {
                 key: _Planned(tuple(shape), None if dtype == _C.StateDType.Param
-                              else _C.state_dtype(dtype, p), follows, tuple(along), fill)
+                              else _C.state_dtype(dtype, p), follows, tuple(along), fill,
+                              _C.state_on_host(dtype, list(shape)))
                 for key, shape, dtype, follows, along, fill in plan.state(i)}
 
     def _planned(self, p: torch.Tensor) -> Optional[dict]:
@@ -73,6 +74,12 @@ class PlannedState:
         """dtype of state `key` of `p`: the plan's; without one, the parameter's."""
         planned = self._planned(p)
         return (planned[key].dtype or p.dtype) if planned else p.dtype
+
+    def _state_device(self, p: torch.Tensor, key: str) -> torch.device:
+        """Where state `key` of `p` lives: the plan's state_on_host (seeds) on the CPU, the rest
+        with the parameter (a DTensor's: its local shard's)."""
+        planned = self._planned(p)
+        return torch.device("cpu") if planned and planned[key].on_host else p.device
 
     def _state_follows_param(self, p: torch.Tensor, key: str) -> bool:
         """Whether state `key` is elementwise with `p` (then, shaped like a dense `p`, it takes
@@ -135,6 +142,7 @@ class _Planned(NamedTuple):
     follows_param: bool
     sharded_along: tuple
     fill: float
+    on_host: bool  # on the CPU whatever the parameter's device (seeds: memopt::state_on_host)
 
 
 def _as_saved(key: str, value):

@@ -162,13 +162,11 @@ class Apollo(MemoptOptimizer):
         step decides its skip on the device only when no projected tensor can be due for a
         refresh: each step count the host may not know exactly (_step_range) holds no multiple
         of update_proj_gap. So about one step per gap is decided on the host (the first
-        included), which reads the counters back. Also on the host: P regenerated from seeds
-        each step (store_projection=False: the op reads the seeds)."""
+        included), which reads the counters back. (store_projection=False draws P from the
+        seeds every step: they live on the CPU, memopt::state_on_host, so that reads nothing.)"""
         for group, params in batches:
             if group.get("rank") is None:
                 continue  # AdamW or Adam-mini's ops
-            if not group["store_projection"]:
-                return False
             gap = int(group["update_proj_gap"])
             for p in params:
                 if p not in self.state:

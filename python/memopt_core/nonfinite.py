@@ -14,11 +14,11 @@ from .distributed import is_dtensor, local
 
 
 # Device types on which the decision stays on the device, for optimizers whose every op takes
-# found_inf (their `_device_skip`: AdamW, AdamMini, SlimAdam, Apollo, ApolloMini): the flag goes
-# into the ops, whose kernels return at once on it, and nothing is read back; DTensor (FSDP2)
-# batches all-reduce it on the device first. Elsewhere it is read on the host once per step: on
-# the CPU that costs nothing; FRUGAL's subspace schedule is a host decision, and so is each
-# APOLLO step where a projection refresh may be due (opt._decides_on_device says).
+# found_inf (their `_device_skip`: all of them): the flag goes into the ops, whose kernels return
+# at once on it, and nothing is read back; DTensor (FSDP2) batches all-reduce it on the device
+# first. Elsewhere it is read on the host once per step: on the CPU that costs nothing; so is
+# each APOLLO step where a projection refresh may be due and each FRUGAL step where a new cycle
+# may begin, or with stochastic rounding (opt._decides_on_device says).
 DEVICE_TYPES = ("cuda",)
 
 

@@ -26,6 +26,11 @@ enum class StateDType : int64_t {
 };
 
 at::ScalarType resolve_dtype(StateDType dtype, at::ScalarType param);
+// Whether a state tensor lives on the CPU whatever its parameter's device: seeds (APOLLO's), which
+// the ops read on the host to draw P, so that no step reads a device for them (a step whose
+// non-finite skip is decided on the GPU synchronises nowhere). Every other state lives with its
+// parameter (a limiter norm too: the kernels update it in place, without a copy back).
+bool state_on_host(StateDType dtype, at::IntArrayRef shape);
 
 // One state tensor a parameter keeps, besides its step counter (a 0-dim float32 tensor that
 // every front end adds and every op increments: on the CPU, or beside the parameter while a

@@ -251,12 +251,9 @@ class PlanOptimizer : public torch::optim::Optimizer {
                       " is not a parameter of this optimizer");
     return it->second;
   }
-  // Where a state tensor of `p` lives: with the parameter, but seeds (APOLLO's), which the ops
-  // read on the host to draw P; a limiter norm stays on the device, where the kernels update it
-  // without a copy back (a synchronisation).
+  // Where a state tensor of `p` lives (plan.h state_on_host).
   static at::Device state_device(const StateSpec& spec, const at::Tensor& p) {
-    return spec.shape.empty() && spec.dtype == StateDType::Int64 ? at::Device(at::kCPU)
-                                                                 : p.device();
+    return state_on_host(spec.dtype, spec.shape) ? at::Device(at::kCPU) : p.device();
   }
   // Zeroed (or filled) state as `layout` says, with a zero float32 CPU step: elementwise state
   // in the parameter's memory layout (layout.h), so that a dense parameter steps without
