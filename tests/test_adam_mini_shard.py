@@ -32,10 +32,10 @@ def run_full(params, specs, steps, dtype):
     return ps, ms, vs
 
 
-def run_sharded(params, specs, steps, dtype, world, device="cpu", skipped=None):
+def run_sharded(params, specs, steps, dtype, world, device="cpu", skipped=None, bits8=False):
     """[rank] -> (local params, local m, full v) after `steps` steps (or the steps of that list)
     on row shards, with the ops of `device` (cpu, the host-emulated CUDA glue "emu", or cuda).
-    skipped: None, or steps
+    bits8: m as 8-bit codes, their block scales in "ms". skipped: None, or steps
     taken with a NaN gradient on one rank and found_inf set (every other step with found_inf
     clear; the step counters then live on the device)."""
     memopt = ops(device)
@@ -47,7 +47,10 @@ def run_sharded(params, specs, steps, dtype, world, device="cpu", skipped=None):
         cut = [row_shards(p.shape[0], world)[r] for p in params]
         local = [p.narrow(0, a, n).clone() for p, (a, n) in zip(params, cut)]
         shards = [v for p, (a, _) in zip(params, cut) for v in (a * (p.numel() // max(p.shape[0], 1)), p.numel())]
-        ranks.append(dict(cut=cut, p=local, m=[torch.zeros_like(t) for t in local],
+        ranks.append(dict(cut=cut, p=local,
+                          m=[torch.zeros_like(t, dtype=torch.int8 if bits8 else t.dtype)
+                             for t in local],
+                          ms=[torch.zeros(-(-t.numel() // 256), device=t.device) for t in local],
                           v=[torch.zeros(n, dtype=dtype, device=local[0].device) for n in nblocks],
                           st=[torch.zeros((), dtype=torch.float32,
                                           device=local[0].device if skipped is not None else "cpu")
@@ -69,13 +72,14 @@ def run_sharded(params, specs, steps, dtype, world, device="cpu", skipped=None):
             memopt.adam_mini_block_sums_(g, enc, rk["shards"], part)
             sums += part
         for rk, g in zip(ranks, local_grads):
+            kw = {**found, **({"state_scales": rk["ms"]} if bits8 else {})}
             torch.ops.memopt.check_adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc, rk["shards"],
                                              sums, torch.tensor(1e-2, dtype=torch.float64), *HP,
-                                             **found)
+                                             **kw)
             memopt.adam_mini_shard_update_(rk["p"], g, rk["m"], rk["v"], rk["st"], enc,
                                                      rk["shards"], sums,
                                                      torch.tensor(1e-2, dtype=torch.float64), *HP,
-                                                     **found)
+                                                     **kw)
     return ranks
 
 
@@ -157,6 +161,64 @@ def test_a_found_inf_step_on_shards_is_a_step_never_taken(device, dtype, source)
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
                 else:
                     assert torch.equal(a, b), f"{key} {i}"
+
+
+def aligned_specs():
+    """Tensors whose halves (2 row shards) hold whole 8-bit code blocks of 256 elements: per-head
+    tiles; column blocks spanning all rows (a code block holds two of them); elementwise; two
+    interleaved segments (a code block spans both, so two pieces each hold half of it)."""
+    torch.manual_seed(0)
+    shapes_specs = [((8, 256), [(0, 8, 256, 256, 2, 256)]),
+                    ((4, 512), [(0, 4, 512, 512, 4, 128)]),
+                    ((8, 128), [(0, 1, 1024, 1024, 1, 1)]),
+                    ((8, 256), [(0, 8, 128, 256, 2, 128), (128, 8, 128, 256, 8, 1)])]
+    return ([torch.randn(s, dtype=torch.float64) for s, _ in shapes_specs],
+            [spec for _, spec in shapes_specs])
+
+
+def assert_same_8bit_shards(got, want, dtype, exact):
+    """Parameters, codes, scales and v of every rank: equal (exact), or within the CPU-vs-CUDA
+    tolerance of the storage dtype, codes at most one apart in at most 1e-3 of them."""
+    for rk, ref in zip(got, want):
+        for i in range(len(ref["p"])):
+            pairs = [(rk[k][i].cpu(), ref[k][i]) for k in ("p", "m", "ms", "v")]
+            if exact:
+                assert all(torch.equal(a, b) for a, b in pairs), f"tensor {i}"
+                continue
+            (p, p0), (m, m0), (s, s0), (v, v0) = pairs
+            assert (p.double() - p0.double()).abs().max() <= TOL[dtype] * p0.double().abs().max()
+            diff = (m.int() - m0.int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() <= 1e-3, f"codes {i}"
+            torch.testing.assert_close(s, s0, rtol=1e-5, atol=0)
+            torch.testing.assert_close(v, v0, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", [EMU, pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_8bit_m_on_gpu_shards_equals_the_cpu_op(device, dtype):
+    """The CUDA shard op's 8-bit m (two passes over each piece, then the scales) against the
+    CPU op's (spans decoded, stepped and encoded), 4 steps on 2 row shards, within the tolerance
+    the float shard op meets (its v and factors are ATen arithmetic, a last bit apart)."""
+    params, specs = aligned_specs()
+    params = [p.to(dtype) for p in params]
+    want = run_sharded(params, specs, 4, torch.float32, 2, "cpu", bits8=True)
+    got = run_sharded(params, specs, 4, torch.float32, 2, device, bits8=True)
+    assert any(rk["m"][0].any() for rk in got)
+    assert_same_8bit_shards(got, want, dtype, exact=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", EMU, pytest.param("cuda", marks=requires_cuda)])
+def test_a_found_inf_step_on_8bit_shards_is_a_step_never_taken(device):
+    """Steps 0 and 3 of 5 with a NaN on one rank and found_inf: codes, scales, parameters, v
+    and counts equal the run that never took them."""
+    params, specs = aligned_specs()
+    got = run_sharded(params, specs, 5, torch.float32, 2, device, skipped=(0, 3), bits8=True)
+    want = run_sharded(params, specs, [1, 2, 4], torch.float32, 2, device, bits8=True)
+    assert all(float(t) == 3 for rk in got for t in rk["st"])
+    assert_same_8bit_shards([{k: [t.cpu() for t in rk[k]] for k in ("p", "m", "ms", "v")}
+                             for rk in got],
+                            [{k: [t.cpu() for t in rk[k]] for k in ("p", "m", "ms", "v")}
+                             for rk in want], torch.float64, exact=device != "cuda")
 
 
 def test_shard_ops_reject_bad_shards_untouched():

@@ -224,23 +224,6 @@ def test_adam_mini_8bit_m_refuses_unaligned_block_rows_on_the_device(device):
     assert torch.equal(p, before)
 
 
-@pytest.mark.parametrize("device", [EMU, CUDA])
-def test_sharded_adam_mini_8bit_m_is_refused_on_the_device(device):
-    """The CUDA shard op is ATen arithmetic on views of m; codes would need a decoded copy."""
-    if device == "cuda":
-        assert_cuda_build()
-    where = tensor_device(device)
-    p = torch.randn(2, 256, device=where)  # rows 2 and 3 of a (4, 256) tensor, a block per row
-    before = p.clone()
-    with pytest.raises(NotImplementedError, match="8-bit exp_avg of sharded"):
-        ops(device).adam_mini_shard_update_(
-            [p], [torch.ones_like(p)], [torch.zeros(2, 256, dtype=torch.int8, device=where)],
-            [torch.zeros(4, device=where)], [torch.zeros(())], [1, 0, 4, 256, 256, 1, 256],
-            [512, 1024], torch.ones(4, dtype=torch.float64, device=where), LR, 0.9, 0.95, 1e-8,
-            0.0, [], [torch.zeros(2, 1, device=where)])
-    assert torch.equal(p, before)
-
-
 @requires_cuda
 @pytest.mark.parametrize("name", ["adam_mini", "apollo_mini"])
 def test_front_end_8bit_states_on_cuda_match_cpu(name):

@@ -309,8 +309,14 @@ int launch_adam_mini(const AdamMiniParams& params, Stream stream);
 // (rows / tile_rows) bands x tile_rows rows x tiles_per_row tiles x tile_cols columns of a
 // contiguous shard; element (r, j, c) has block block0 + (r / tile_rows) band_blocks + j.
 // Nothing is written where *found_inf (the op's, or null) is non-zero.
+// With 8-bit m (m_scales set: m holds int8 codes, memopt/state_codes.h, blocks of the local
+// shard's memory order) a piece takes two launches, and the tensor one more once every piece
+// has had both: pass 1 updates p and takes each code block's max |m| (as float32 bits, with
+// atomicMax, into m_absmax: zeroed, one per code block); pass 2 recomputes m (the same
+// arithmetic) and encodes it under the new scales; launch_adam_mini_shard_scales then writes
+// those scales over the old ones, which both passes decode with.
 struct AdamMiniShardParams {
-  Dtype param_dtype, state_dtype;
+  Dtype param_dtype, state_dtype;  // (state_dtype: float32 with 8-bit m)
   void* p;
   const void* g;
   void* m;
@@ -318,8 +324,13 @@ struct AdamMiniShardParams {
   const float* found_inf;
   int64_t offset, rows, row_stride, tile_rows, tiles_per_row, tile_cols, block0, band_blocks;
   double decay, b1c;
+  const float* m_scales;  // 8-bit m: the block scales (nullptr: m is float)
+  unsigned* m_absmax;
+  int pass;               // 8-bit m: 1 or 2
 };
 int launch_adam_mini_shard(const AdamMiniShardParams& params, Stream stream);
+int launch_adam_mini_shard_scales(const float* found_inf, const unsigned* absmax, float* scales,
+                                  int64_t blocks, Stream stream);
 
 // ---- FRUGAL (cpp/src/cuda/frugal.cu) ----------------------------------------------------------
 // Modes 0-1 of memopt::FrugalMode (AdamW on a whole tensor) run on launch_adamw. Modes 2-5 (the

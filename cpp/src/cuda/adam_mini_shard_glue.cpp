@@ -4,7 +4,9 @@
 // the block statistics (one value per block) are the only extra memory. The block sums are ATen
 // reductions on strided views of each piece, v and the block factors ATen arithmetic on
 // block-sized vectors, and the update of p and m one launch per piece
-// (cuda/adam_mini_shard.cu), which returns at once under a set found_inf. The fused
+// (cuda/adam_mini_shard.cu), which returns at once under a set found_inf. 8-bit m takes two
+// launches per piece and one per tensor for its scales; its only scratch is one uint32 per code
+// block (the new block maxima). The fused
 // single-tensor kernels (adam_mini.cu) stay the path for unsharded tensors.
 #include <torch/library.h>
 
@@ -56,9 +58,10 @@ void shard_update_kernels(TensorList params, TensorList grads, TensorList exp_av
                           TensorList exp_avg_sqs, TensorList steps, at::IntArrayRef blocks,
                           at::IntArrayRef shards, const Tensor& sums, const Tensor& lr_t,
                           double beta1, double beta2, double eps, double weight_decay,
-                          const std::optional<Tensor>& found_inf) {
+                          TensorList state_scales, const std::optional<Tensor>& found_inf) {
   const auto specs = decode_block_specs(blocks, static_cast<int64_t>(params.size()));
-  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums);
+  check_adam_mini_shard_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, specs, shards, sums,
+                               state_scales);
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
   if (params.empty()) return;
@@ -97,18 +100,35 @@ void shard_update_kernels(TensorList params, TensorList grads, TensorList exp_av
     }
     AdamMiniShardParams prm{};
     prm.param_dtype = dtype_of(p.scalar_type());
-    prm.state_dtype = dtype_of(m.scalar_type());
+    const bool coded = coded_state(state_scales, params.size(), 0, i);
+    prm.state_dtype = coded ? Dtype::kFloat32 : dtype_of(m.scalar_type());  // (codes: dispatch's)
     prm.p = p.data_ptr(), prm.g = g[i].data_ptr(), prm.m = m.data_ptr();
     prm.factor = factor.data_ptr();
     prm.found_inf = plan.device.found_inf;
     prm.decay = 1.0 - lr * weight_decay, prm.b1c = 1.0 - beta1;
-    for (const auto& pc : shard_pieces(specs[i], shards[2 * i], shards[2 * i] + p.numel())) {
-      const Segment& sg = pc.seg;
-      prm.offset = sg.offset, prm.rows = sg.rows, prm.row_stride = sg.row_stride;
-      prm.tile_rows = sg.tile_rows, prm.tiles_per_row = sg.tiles_per_row();
-      prm.tile_cols = sg.tile_cols, prm.block0 = pc.block0, prm.band_blocks = pc.band_blocks;
-      check_launch(launch_adam_mini_shard(prm, stream), "adam_mini_shard_update_");
+    Tensor absmax;  // 8-bit m: the new max |m| of each code block, as float32 bits
+    if (coded) {
+      const Tensor& scales = state_scale(state_scales, params.size(), 0, i);
+      absmax = at::zeros({scales.numel()}, scales.options().dtype(at::kInt));
+      prm.m_scales = scales.data_ptr<float>();
+      prm.m_absmax = reinterpret_cast<unsigned*>(absmax.data_ptr<int32_t>());
     }
+    const auto pieces = shard_pieces(specs[i], shards[2 * i], shards[2 * i] + p.numel());
+    for (int pass = 1; pass <= (coded ? 2 : 1); ++pass)
+      for (const auto& pc : pieces) {
+        const Segment& sg = pc.seg;
+        prm.offset = sg.offset, prm.rows = sg.rows, prm.row_stride = sg.row_stride;
+        prm.tile_rows = sg.tile_rows, prm.tiles_per_row = sg.tiles_per_row();
+        prm.tile_cols = sg.tile_cols, prm.block0 = pc.block0, prm.band_blocks = pc.band_blocks;
+        prm.pass = pass;
+        check_launch(launch_adam_mini_shard(prm, stream), "adam_mini_shard_update_");
+      }
+    if (coded)
+      check_launch(launch_adam_mini_shard_scales(plan.device.found_inf, prm.m_absmax,
+                                                 state_scale(state_scales, params.size(), 0, i)
+                                                     .data_ptr<float>(),
+                                                 absmax.numel(), stream),
+                   "adam_mini_shard_update_");
     base += num_blocks(specs[i]);
   }
 }
@@ -135,16 +155,10 @@ void shard_update_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                                listed(state_scales));
   check_shard_rounding(params, Rounding(rounding, params.size(), "adam_mini_shard_update_"));
   check_found_inf("adam_mini_shard_update_", found_inf, params, steps);
-  // The update below is ATen arithmetic on views of m, which 8-bit codes are not: decoding them
-  // would take a parameter-sized temporary. The CPU op (cpp/src/adam_mini_shard.cpp) has them.
-  for (size_t i = 0; i < params.size(); ++i)
-    TORCH_CHECK_NOT_IMPLEMENTED(!coded_state(listed(state_scales), params.size(), 0, i),
-                                "adam_mini_shard_update_: 8-bit exp_avg of sharded (FSDP2) "
-                                "parameters is not implemented on CUDA; use state_bits=16");
   AdamMiniLayouts layouts(params, exp_avgs, exp_avg_sqs, specs, shards);
   shard_update_kernels(layouts.params(), layouts.follow(grads), layouts.exp_avgs(),
                        layouts.exp_avg_sqs(), steps, blocks, shards, sums, lr, beta1, beta2, eps,
-                       weight_decay, found_inf);
+                       weight_decay, listed(state_scales), found_inf);
   layouts.write_back();
 }
 
