@@ -292,12 +292,14 @@ def _fsdp_gpu_steps_without_sync(rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
     skipped = {}
-    for name in DEVICE_SKIP:
-        model = make_llama(seed=5).cuda()
+    for case in [*DEVICE_SKIP, "adam_mini-8bit"]:  # (8-bit m: cuda/adam_mini_shard.cu's passes)
+        name, kw = case.split("-")[0], ({"state_bits": 8} if "8bit" in case else {})
+        model = make_llama(seed=5, **({"vocab_size": 256, "intermediate_size": 256} if kw
+                                      else {})).cuda()
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        opt = make(name, model, nonfinite="skip")
+        opt = make(name, model, nonfinite="skip", **kw)
         params = list(model.parameters())
         for step in range(4):
             for k, (p, g) in enumerate(zip(params, make_grads(params, step))):
@@ -305,7 +307,9 @@ def _fsdp_gpu_steps_without_sync(rank, world):
                 if step == 2 and k == 1:
                     p.grad.to_local().view(-1)[0] = math.nan
             _step_never_synchronising(opt, step)
-        skipped[name] = opt.skipped_steps
+        if kw:
+            assert any(t.dtype == torch.int8 for s in opt.state.values() for t in s.values())
+        skipped[case] = opt.skipped_steps
     return skipped
 
 
@@ -315,4 +319,4 @@ def test_an_fsdp2_gpu_step_with_skip_never_synchronises():
     """FSDP2 over NCCL (one rank): the flag's all-reduce and the sharded ops stay on the GPU."""
     from dist_util import run_workers
     [skipped] = run_workers(_fsdp_gpu_steps_without_sync, 1, backend="nccl")
-    assert skipped == {name: 1 for name in DEVICE_SKIP}
+    assert skipped == {name: 1 for name in [*DEVICE_SKIP, "adam_mini-8bit"]}
