@@ -30,6 +30,10 @@ VARIANTS = {
     # embeddings, norms and the head projectable too (one plan rule for both front ends)
     "block_proj_all": dict(selection="block", proj_embeds=True, proj_norms=True, proj_logits=True),
     "randk_proj_norms": dict(selection="randk", proj_norms=True, proj_embeds=True),
+    # the embedding mode: embeddings and head with per-row v (memopt::adam_mini_), 8-bit m too
+    "block_embeddings": dict(selection="block", embeddings="adam_mini"),
+    "columns_embeddings": dict(selection="columns", embeddings="adam_mini"),
+    "block_embeddings_8bit": dict(selection="block", embeddings="adam_mini", state_bits=8),
 }
 
 
@@ -57,7 +61,24 @@ def test_same_parameters_as_the_python_front_end_at_every_step(every_variant, va
                                                               STEPS), NAMES, variant)
 
 
-RESUMED = ["block", "block_random_sgd", "columns", "svd"]
+def test_embedding_mode_with_8bit_states_as_the_python_front_end(cpp_runner):
+    """Tensors large enough for 8-bit codes (>= 4096 elements): the embedding and head take
+    adam_mini_ with per-row v and an 8-bit m beside frugal_'s block selection, bit for bit as
+    memopt_core.Frugal, and the codes exist."""
+    torch.manual_seed(3)
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+             "model.layers.0.self_attn.o_proj.weight", "model.norm.weight", "lm_head.weight"]
+    shapes = [(256, 32), (128, 32), (32, 32), (32,), (256, 32)]
+    params = [torch.randn(s) for s in shapes]
+    kw = dict(KW, selection="block", embeddings="adam_mini", state_bits=8)
+    result = cpp_runner(job("frugal", zip(names, params), kw, steps(params, 0, 5)))
+    mine = [p.clone().requires_grad_() for p in params]
+    opt = memopt_core.Frugal(list(zip(names, mine)), **kw)
+    assert_same_trajectory(result, trajectory(opt, mine, 5), names)
+    assert all(opt.state[mine[i]]["exp_avg"].dtype == torch.int8 for i in (0, 4))
+
+
+RESUMED = ["block", "block_random_sgd", "columns", "svd", "block_embeddings_8bit"]
 
 
 @pytest.fixture(scope="module")

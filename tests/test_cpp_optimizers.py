@@ -267,7 +267,7 @@ INVALID = [  # (optimizer, options, message, named parameters (None: the layer's
     ("frugal", dict(state_free="adam"), "state_free", None, None),
     ("frugal", dict(state_free_lr_scale=-1.0), "state_free_lr_scale", None, None),
     ("frugal", dict(lr=-1.0), "learning rate", None, None),
-    ("frugal", dict(embeddings="adam_mini"), "Python front end only", None, None),
+    ("frugal", dict(embeddings="adam"), "embeddings", None, None),
 ]
 
 

@@ -38,11 +38,6 @@ Frugal::Frugal(const Described& params, FrugalOptions defaults, FrugalConfig con
     : PlanOptimizer({torch::optim::OptimizerParamGroup(params.first)}, defaults,
                     FrugalPlan(params.second, [&] {
                       config.state_bits = defaults.state_bits();  // the options' (one place)
-                      // Its tensors take the Adam-mini op beside the group's frugal_ call,
-                      // and PlanOptimizer runs one op call per group.
-                      TORCH_CHECK_NOT_IMPLEMENTED(
-                          config.embeddings != "adam_mini", "Frugal: embeddings=\"adam_mini\" "
-                          "(per-token v) runs in the Python front end only (memopt_core.Frugal)");
                       return std::move(config);
                     }())) {
   for (int64_t i : plan_.projectable()) projs_.push_back(params.first[i]);
@@ -82,6 +77,32 @@ Frugal::OpCall Frugal::op_call(const FrugalOptions& o, const GroupLists& l) cons
                    {o.proj_params_lr_scale(), o.state_free_lr_scale(),
                     static_cast<int64_t>(plan_.rule())},
                    {"exp_avg", "exp_avg_sq"});
+}
+
+std::vector<Frugal::OpCall> Frugal::group_calls(const FrugalOptions& o,
+                                                const GroupLists& l) const {
+  GroupLists rows, rest;  // the embedding mode's tensors (per-row v), the others
+  for (size_t k = 0; k < l.params.size(); ++k) {
+    GroupLists& to = plan_.per_row_v(position(l.params[k])) ? rows : rest;
+    to.params.push_back(l.params[k]);
+    to.grads.push_back(l.grads[k]);
+    to.states.push_back(l.states[k]);
+  }
+  std::vector<OpCall> calls;
+  if (!rows.params.empty()) {  // (never state-free: not projectable, state from the first step)
+    std::vector<int64_t> blocks;
+    for (const auto& p : rows.params) {
+      const auto b = plan_.row_blocks(position(p));
+      blocks.insert(blocks.end(), b.begin(), b.end());
+    }
+    calls.push_back(with_last_args(
+        adam_call("adam_mini_", {rows.params, rows.grads, rows.list("exp_avg"),
+                                 rows.list("exp_avg_sq"), rows.list("step"), blocks},
+                  o, {}, {"exp_avg"}),
+        o, rows));
+  }
+  if (!rest.params.empty()) calls.push_back(full_call(o, rest));
+  return calls;
 }
 
 Frugal::StateChanges Frugal::begin_step(const std::vector<GroupLists>& lists) {

@@ -66,6 +66,9 @@ class Frugal : public PlanOptimizer<FrugalOptions, FrugalPlan> {
   // The op's arguments under begin_step's selection (before it: every tensor state-free); a
   // tensor without state (nullptr in l.states) passes empty tensors, which the op ignores.
   OpCall op_call(const FrugalOptions& o, const GroupLists& l) const override;
+  // The embedding mode's tensors (FrugalConfig::embeddings "adam_mini": per-row v) take
+  // memopt::adam_mini_ with one block per row, at the group's options; the rest frugal_.
+  std::vector<OpCall> group_calls(const FrugalOptions& o, const GroupLists& l) const override;
   // Steps taken: the rounding counter of the state-free blocks, which have no step count (exact:
   // with stochastic rounding the host decides every step).
   int64_t rounding_counter() const override { return plan_.selection().t; }

@@ -93,9 +93,11 @@ class PlanOptimizer : public torch::optim::Optimizer {
         lists[i].states.push_back(it != changes.end() ? it->second.get() : state_of(p));
       }
       if (lists[i].params.empty()) continue;
-      calls.push_back(full_call(group_options(i), lists[i]));
-      calls.back().found_inf = found;
-      dispatch(calls.back(), /*validate=*/true);
+      for (OpCall& call : group_calls(group_options(i), lists[i])) {
+        call.found_inf = found;
+        dispatch(call, /*validate=*/true);
+        calls.push_back(std::move(call));
+      }
     }
     for (const auto& [key, count] : fresh_counts) beside_[key] = Beside{count, 0};
     for (auto& [key, state] : changes) {
@@ -329,7 +331,10 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // Python front end's, memopt_core.quantize_weights_), and for an op with 8-bit-capable
   // moments its `state_scales`.
   OpCall full_call(const Options& o, const GroupLists& l) const {
-    OpCall call = op_call(o, l);
+    return with_last_args(op_call(o, l), o, l);
+  }
+  // `call` (of the tensors of `l`) with those last arguments.
+  OpCall with_last_args(OpCall call, const Options& o, const GroupLists& l) const {
     call.args.emplace_back(rounding(o, l.params));
     call.args.emplace_back(c10::IValue());
     if (!call.coded_keys.empty()) call.args.emplace_back(state_scales(l, call.coded_keys));
@@ -367,6 +372,11 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // Adds the parameters of a group added after construction to the plan (may raise to refuse).
   virtual void extend_plan(const std::vector<at::Tensor>& params, const Options& options) = 0;
   virtual OpCall op_call(const Options& options, const GroupLists& lists) const = 0;
+  // The op calls that step one group: full_call, one op for all its tensors, unless an
+  // optimizer steps some of them with another op (FRUGAL's embedding mode).
+  virtual std::vector<OpCall> group_calls(const Options& options, const GroupLists& lists) const {
+    return {full_call(options, lists)};
+  }
   // The step's state changes, decided before anything is written (may raise): by default the
   // plan's state for each parameter with a gradient and none yet. `lists` have no states yet.
   virtual StateChanges begin_step(const std::vector<GroupLists>& lists) {
