@@ -28,6 +28,8 @@ VARIANTS = {
     "svd_no_limiter": dict(mini=False, rank=3, proj="svd", norm_growth_limit=0.0),
     "torch_rule": dict(mini=False, rank=4, adamw_rule="torch"),
     "mini_torch_rule": dict(mini=True, adamw_rule="torch"),
+    # the embedding mode: the head (and embeddings) in a group of their own, per-row v
+    "mini_embeddings": dict(mini=True, embeddings="adam_mini"),
 }
 
 
@@ -62,8 +64,31 @@ def test_same_groups_and_trajectory_as_the_python_front_end(every_variant, varia
     the same parameters after every step, across three projection refreshes."""
     params = make_params(requires_grad=True)
     ref, groups = python(params, variant), every_variant[variant][0]["groups"]
-    assert [g[2] for g in groups] == indices(ref.param_groups, params) and len(groups) == 2
+    assert [g[2] for g in groups] == indices(ref.param_groups, params)
+    assert len(groups) == (3 if "embeddings" in variant else 2)
     assert_same_trajectory(every_variant[variant], trajectory(ref, params, STEPS), NAMES, variant)
+
+
+def test_embedding_mode_with_8bit_states_as_the_python_front_end(cpp_runner, tmp_path):
+    """Tensors large enough for 8-bit codes: ApolloMini's embedding and head on adam_mini_ with
+    per-row v and 8-bit m, the other AdamW tensors 8-bit too, bit for bit as
+    memopt_core.ApolloMini over a refresh, and a torch::save / torch::load resume."""
+    torch.manual_seed(3)
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+             "model.layers.0.self_attn.o_proj.weight", "model.norm.weight", "lm_head.weight"]
+    params = [torch.randn(s) for s in [(256, 32), (128, 32), (32, 32), (32,), (256, 32)]]
+    kw = dict(KW, embeddings="adam_mini", state_bits=8)
+    path = tmp_path / "opt.pt"
+    straight = cpp_runner(job("apollo_mini", zip(names, params), kw,
+                              [*steps(params, 0, 4), save(path), *steps(params, 4, 2)]))
+    mine = [p.clone().requires_grad_() for p in params]
+    opt = memopt_core.ApolloMini(list(zip(names, mine)), **kw)
+    assert_same_trajectory(straight[:4] + straight[5:], trajectory(opt, mine, 6), names)
+    assert all(opt.state[mine[i]]["exp_avg"].dtype == torch.int8 for i in (0, 4))
+    resumed = cpp_runner(job("apollo_mini", zip(names, straight[3]["params"]), kw,
+                             [load(path), *steps(params, 4, 2)]))
+    for a, b in zip(resumed[-1]["params"], straight[-1]["params"]):
+        assert torch.equal(a, b)
 
 
 def resumed_at_4(cpp_runner, cases, tmp):

@@ -95,14 +95,8 @@ void AdamMini::extend_plan(const std::vector<at::Tensor>& params, const AdamMini
 }
 
 AdamMini::OpCall AdamMini::op_call(const AdamMiniOptions& o, const GroupLists& l) const {
-  std::vector<int64_t> blocks;
-  for (const auto& p : l.params) {
-    const auto e = plan_.encoded(position(p));
-    blocks.insert(blocks.end(), e.begin(), e.end());
-  }
   check_group_state_bits(o, plan_.config().state_bits);
-  return adam_call("adam_mini_", {l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),
-                                  l.list("step"), blocks}, o, {}, {"exp_avg"});
+  return adam_mini_call(o, l, [&](const at::Tensor& p) { return plan_.encoded(position(p)); });
 }
 
 }  // namespace memopt

@@ -16,12 +16,31 @@ std::vector<torch::optim::OptimizerParamGroup> apollo_groups(const NamedParams& 
     TORCH_CHECK_VALUE(p.defined(), "Apollo: parameter '", name, "' is an undefined tensor");
     candidates.push_back({p.sizes().vec(), infer_role(name, p.sizes(), TensorFacts{}).info.role});
   }
+  d.check();
+  const bool per_token = d.embeddings() == "adam_mini";
+  const auto token_role = [&](int64_t i) {
+    return candidates[i].role == Role::Embedding || candidates[i].role == Role::Output;
+  };
+  bool any_token = false;
+  for (size_t i = 0; i < candidates.size(); ++i) any_token = any_token || token_role(i);
+  TORCH_CHECK_VALUE(!per_token || any_token, "Apollo(embeddings='adam_mini'): no embedding or "
+                    "output tensor found (roles come from the parameters' names)");
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  for (const auto& [rank, members] : apollo_rank_groups(apollo_ranks(candidates, d.rank()))) {
+  const auto add = [&](const std::vector<int64_t>& members, std::unique_ptr<ApolloOptions> own) {
     std::vector<at::Tensor> params;
     for (int64_t i : members) params.push_back(named[i].second);
-    groups.emplace_back(std::move(params), rank == d.rank() ? nullptr
-                                           : std::make_unique<ApolloOptions>(ApolloOptions(d).rank(rank)));
+    if (!params.empty()) groups.emplace_back(std::move(params), std::move(own));
+  };
+  for (const auto& [rank, members] : apollo_rank_groups(apollo_ranks(candidates, d.rank()))) {
+    if (rank > 0 || !per_token) {
+      add(members, rank == d.rank() ? nullptr
+                                    : std::make_unique<ApolloOptions>(ApolloOptions(d).rank(rank)));
+      continue;
+    }
+    std::vector<int64_t> rows, rest;
+    for (int64_t i : members) (token_role(i) ? rows : rest).push_back(i);
+    add(rows, std::make_unique<ApolloOptions>(ApolloOptions(d).rank(0)));
+    add(rest, std::make_unique<ApolloOptions>(ApolloOptions(d).rank(0).embeddings("adamw")));
   }
   return groups;
 }
@@ -31,6 +50,8 @@ Apollo::Apollo(const NamedParams& named_params, ApolloOptions defaults)
     : Apollo(apollo_groups(named_params, defaults), defaults) {}
 
 Apollo::OpCall Apollo::op_call(const ApolloOptions& o, const GroupLists& l) const {
+  if (o.per_row_v())  // the embedding mode: Adam-mini's op, one block per row
+    return adam_mini_call(o, l, [&](const at::Tensor& p) { return plan_.row_blocks(position(p)); });
   if (o.rank() == 0)
     return adam_call("adamw_", {l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),
                                 l.list("step")}, o, {o.adamw_rule()}, {"exp_avg", "exp_avg_sq"});

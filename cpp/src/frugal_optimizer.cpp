@@ -89,18 +89,11 @@ std::vector<Frugal::OpCall> Frugal::group_calls(const FrugalOptions& o,
     to.states.push_back(l.states[k]);
   }
   std::vector<OpCall> calls;
-  if (!rows.params.empty()) {  // (never state-free: not projectable, state from the first step)
-    std::vector<int64_t> blocks;
-    for (const auto& p : rows.params) {
-      const auto b = plan_.row_blocks(position(p));
-      blocks.insert(blocks.end(), b.begin(), b.end());
-    }
-    calls.push_back(with_last_args(
-        adam_call("adam_mini_", {rows.params, rows.grads, rows.list("exp_avg"),
-                                 rows.list("exp_avg_sq"), rows.list("step"), blocks},
-                  o, {}, {"exp_avg"}),
-        o, rows));
-  }
+  if (!rows.params.empty())  // (never state-free: not projectable, state from the first step)
+    calls.push_back(with_last_args(adam_mini_call(o, rows, [&](const at::Tensor& p) {
+                                     return plan_.row_blocks(position(p));
+                                   }),
+                                   o, rows));
   if (!rest.params.empty()) calls.push_back(full_call(o, rest));
   return calls;
 }

@@ -82,7 +82,7 @@ bool set(memopt::ApolloOptions& o, const std::string& k, const IValue& v) {
   MEMOPT_KEY(rank, integer) MEMOPT_KEY(proj, text) MEMOPT_KEY(proj_type, text)
   MEMOPT_KEY(scale_type, text) MEMOPT_KEY(update_proj_gap, integer) MEMOPT_KEY(scale, num)
   MEMOPT_KEY(norm_growth_limit, num) MEMOPT_KEY(scale_front, flag)
-  MEMOPT_KEY(store_projection, flag) MEMOPT_KEY(adamw_rule, text)
+  MEMOPT_KEY(store_projection, flag) MEMOPT_KEY(adamw_rule, text) MEMOPT_KEY(embeddings, text)
   return set_adam(o, k, v);
 }
 bool set(memopt::FrugalOptions& o, const std::string& k, const IValue& v) {

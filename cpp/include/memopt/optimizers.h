@@ -55,7 +55,8 @@ struct AdamMiniOptions : public torch::optim::OptimizerCloneableOptions<AdamMini
   X(double, norm_growth_limit, 1.01, {})    /* 0 turns the limiter off */            \
   X(bool, scale_front, false, {})                                                    \
   X(bool, store_projection, true, {})       /* false: P regenerated from its seed */ \
-  X(std::string, adamw_rule, "apollo", std::string(ApolloSettings::kLegacyAdamWRule))
+  X(std::string, adamw_rule, "apollo", std::string(ApolloSettings::kLegacyAdamWRule))  \
+  X(std::string, embeddings, "adamw", std::string("adamw")) /* "adam_mini": per-row v */
 struct ApolloOptions : public torch::optim::OptimizerCloneableOptions<ApolloOptions> {
   ApolloOptions(double lr = 1e-3) { this->lr(lr).eps(1e-6); }  // NOLINT(google-explicit-constructor)
   MEMOPT_OPTIONS(0.0, MEMOPT_APOLLO_FIELDS)  // apollo-torch's defaults: eps 1e-6, no decay
@@ -66,10 +67,16 @@ struct ApolloOptions : public torch::optim::OptimizerCloneableOptions<ApolloOpti
   ApolloSettings settings() const {  // as ApolloPlan takes them (rank 0: AdamW)
     return {rank() > 0 ? std::optional<int64_t>(rank()) : std::nullopt, proj(), proj_type(),
             scale_type(), update_proj_gap(), scale(), norm_growth_limit(), scale_front(),
-            store_projection(), adamw_rule(), state_bits()};
+            store_projection(), adamw_rule(), state_bits(), per_row_v()};
   }
+  // The low-memory embedding mode of an AdamW group (rank 0) with embeddings "adam_mini":
+  // Adam-mini's per-row v on memopt::adam_mini_ (ApolloSettings::per_row_v).
+  bool per_row_v() const { return rank() == 0 && embeddings() == "adam_mini"; }
   void check() const {  // rank >= 0, adamw_rule, and a projected group's settings
     TORCH_CHECK_VALUE(rank() >= 0, "Apollo: rank must be >= 0 (0: plain AdamW), got ", rank());
+    TORCH_CHECK_VALUE(embeddings() == "adamw" || embeddings() == "adam_mini",
+                      "Apollo: embeddings must be 'adamw' or 'adam_mini' (per-token v), got '",
+                      embeddings(), "'");
     ApolloPlan().add_group({}, settings());  // the plan's checks, naming the key
   }
 };
@@ -156,7 +163,9 @@ class Apollo : public PlanOptimizer<ApolloOptions, ApolloPlan> {
  public:
   // Attention and MLP weights (roles from names, 2-D) are projected with the defaults' rank,
   // capped per tensor at its smaller side, one group per effective rank; every other parameter
-  // goes to a rank-0 (AdamW) group.
+  // goes to a rank-0 (AdamW) group; with embeddings "adam_mini" the embeddings and output head
+  // to a rank-0 group of their own in that mode, before the rest (the Python front end's
+  // groups, so the same positions and seeds).
   Apollo(const NamedParams& named_params, ApolloOptions defaults = {});
   // Explicit groups: each group's own options (or the defaults) decide; rank 0 = AdamW.
   explicit Apollo(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,

@@ -286,6 +286,19 @@ class PlanOptimizer : public torch::optim::Optimizer {
     args.insert(args.end(), tail.begin(), tail.end());
     return {std::move(op), std::move(args), std::move(coded_keys)};
   }
+  // memopt::adam_mini_ over the tensors of `l`, each with its encoded blocks `blocks(param)`:
+  // AdamMini's call, and APOLLO's and FRUGAL's embedding mode (one block per row).
+  template <typename Blocks>
+  static OpCall adam_mini_call(const Options& o, const GroupLists& l, const Blocks& blocks) {
+    std::vector<int64_t> all;
+    for (const auto& p : l.params) {
+      const std::vector<int64_t> b = blocks(p);
+      all.insert(all.end(), b.begin(), b.end());
+    }
+    return adam_call("adam_mini_", {l.params, l.grads, l.list("exp_avg"), l.list("exp_avg_sq"),
+                                    l.list("step"), all},
+                     o, {}, {"exp_avg"});
+  }
   // A plan that decides state_bits once (AdamW's, Adam-mini's) refuses a group that asks for
   // other bits: its state was laid out with the plan's.
   static void check_group_state_bits(const Options& o, int64_t planned) {
