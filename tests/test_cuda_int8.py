@@ -103,6 +103,48 @@ def test_adamw(device, grad_dtype, stochastic):
         assert rel_err(a, b) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adamw_with_8bit_states(device, grad_dtype, stochastic):
+    """int8 weights and 8-bit m and v together (cuda/adamw_codes.cu through weights.cuh's two
+    sweeps), groups that divide a CTA's 4096 elements; the codes of the weights and of both
+    moments as the CPU op's."""
+    shapes = [s for s in SHAPES if 4096 % s[2] == 0]
+
+    def run(dev):
+        call = Int8Call(dev, shapes, grad_dtype, lambda r, c, g: (r, c))
+        where = call.codes[0].device
+        call.m = [torch.zeros(r, c, dtype=torch.int8, device=where) for r, c, _ in shapes]
+        call.v = [torch.zeros(r, c, dtype=torch.uint8, device=where) for r, c, _ in shapes]
+        scales = [[torch.zeros(-(-r * c // 256), device=where) for r, c, _ in shapes]
+                  for _ in range(2)]
+        for step in range(3):
+            call.ops.adamw_(call.codes, call.grads(step), call.m, call.v, call.steps, LR, 0.9,
+                            0.99, 1e-8, 0.1, "torch", rounding(stochastic, len(shapes)),
+                            call.scales, scales[0] + scales[1])
+        return call, scales
+    (got, got_scales), (want, want_scales) = run(device), run("cpu")
+    assert_same_weights(got.result(), want.result(), "adamw 8-bit states")
+    assert_same_weights(list(zip(got.m + got.v, got_scales[0] + got_scales[1])),
+                        list(zip(want.m + want.v, want_scales[0] + want_scales[1])),
+                        "adamw 8-bit states: moments", scale_rtol=1e-5)
+    assert all(m.any() for m in got.m)
+
+
+def test_adamw_with_8bit_states_refuses_groups_a_cta_would_cut(device):
+    """A group of 96 elements does not divide a CTA's 4096: refused, nothing written."""
+    call = Int8Call(device, [(100, 192, 96)], torch.float32, lambda r, c, g: (r, c))
+    where = call.codes[0].device
+    before = call.codes[0].clone()
+    m = [torch.zeros(100, 192, dtype=torch.int8, device=where)]
+    v = [torch.zeros(100, 192, dtype=torch.uint8, device=where)]
+    scales = [torch.zeros(75, device=where), torch.zeros(75, device=where)]
+    with pytest.raises(NotImplementedError, match="does not divide 4096"):
+        call.ops.adamw_(call.codes, call.grads(0), m, v, call.steps, LR, 0.9, 0.99, 1e-8, 0.1,
+                        "torch", [], call.scales, scales)
+    assert torch.equal(call.codes[0], before)
+
+
 # Adam-mini block specs per (rows, cols, group): [offset, rows, cols, row_stride, tile_rows,
 # tile_cols] segments, each covering whole groups along its rows.
 def blocks_rows(r, c, g):      # one block per row (fused path for float weights)

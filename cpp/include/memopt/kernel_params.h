@@ -126,6 +126,10 @@ struct AdamWCodedParams {
   uint8_t* v[kMaxTensors];
   float* m_scales[kMaxTensors];
   float* v_scales[kMaxTensors];
+  // int8 weights (memopt/int8_weights.h): p holds codes, w_scales one scale per int8_group
+  // elements (a divisor of kStateChunk, so that a CTA owns whole groups); 0: a float parameter.
+  float* w_scales[kMaxTensors];
+  int32_t int8_group[kMaxTensors];
   StepScalars scalars[kMaxTensors];  // as AdamWParams
   int32_t tensor[kMaxTensors];
   DeviceSteps device;

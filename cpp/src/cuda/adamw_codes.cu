@@ -1,11 +1,12 @@
 // AdamW with 8-bit m and v on CUDA (memopt/state_codes.h): the CPU's cpu::adamw_span operation
 // order on values decoded from the codes, then the codes of the new values. A CTA owns
 // kStateChunkBlocks code blocks; thread t holds element u * 256 + t of block u in registers, so
-// each block's new scale is one CTA-wide maximum and nothing is computed twice (the int8-weight
-// kernels need two sweeps because a weight group is not one CTA row). Reads 1 + 1 bytes of state
-// and writes them, besides p and g.
+// each block's new scale is one CTA-wide maximum and nothing is computed twice, but for int8
+// weights (memopt/int8_weights.h), whose groups' new scales take a measuring sweep first
+// (weights.cuh with_weights). Reads 1 + 1 bytes of state and writes them, besides p and g.
 #include "cuda_common.cuh"
 #include "memopt/state_codes.h"
+#include "weights.cuh"
 
 namespace memopt::cuda {
 namespace {
@@ -30,7 +31,6 @@ __global__ void __launch_bounds__(kStateThreads) adamw_coded_kernel(const AdamWC
   const int64_t left = prm.map.numel[slot] - begin;
   const int n = static_cast<int>(left < prm.map.chunk_size ? left : prm.map.chunk_size);
   const int64_t block0 = begin / kStateBlock;
-  P* p = static_cast<P*>(prm.p[slot]) + begin;
   const P* g = static_cast<const P*>(prm.g[slot]) + begin;
   int8_t* mc = prm.m[slot] + begin;
   uint8_t* vc = prm.v[slot] + begin;
@@ -41,47 +41,53 @@ __global__ void __launch_bounds__(kStateThreads) adamw_coded_kernel(const AdamWC
   const C pre = prm.decay_after ? C(1) : decay, post = prm.decay_after ? decay : C(1);
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
 
-  C m[kU], root[kU];
+  // An int8 weight runs this twice (weights.cuh): a sweep that only measures its groups' new
+  // maxima, then one that encodes p and, as a float weight's only sweep, the moments.
+  with_weights<P>(prm.p[slot], prm.w_scales[slot], prm.int8_group[slot], begin, n,
+                  prm.stochastic, sc.round_key, [&](const auto& w) {
+    C m[kU], root[kU];
 #pragma unroll
-  for (int u = 0; u < kU; ++u) {
-    const int j = u * kStateThreads + t;
-    m[u] = root[u] = 0.0f;
-    if (j < n) {
-      const C gj = load<C>(g + j);
-      const C r0 = square_root_decode(vc[j], vs[u]);
-      C vj = r0 * r0;
-      m[u] = lerp(moment_decode(mc[j], ms[u]), gj, b1c);
-      vj = b2 * vj + b2c * gj * gj;
-      root[u] = sqrtf(vj);
-      const C denom = root[u] / bc2 + eps;
-      store_param(p + j, (load<C>(p + j) * pre - step_size * m[u] / denom) * post,
-                  prm.stochastic, sc.round_key, begin + j);
+    for (int u = 0; u < kU; ++u) {
+      const int j = u * kStateThreads + t;
+      m[u] = root[u] = 0.0f;
+      if (j < n) {
+        const C gj = load<C>(g + j);
+        const C r0 = square_root_decode(vc[j], vs[u]);
+        C vj = r0 * r0;
+        m[u] = lerp(moment_decode(mc[j], ms[u]), gj, b1c);
+        vj = b2 * vj + b2c * gj * gj;
+        root[u] = sqrtf(vj);
+        const C denom = root[u] / bc2 + eps;
+        w.put(j, (w.template get<C>(j) * pre - step_size * m[u] / denom) * post, begin + j);
+      }
+      if (!w.writes_state()) continue;
+      unsigned bm = magnitude_bits(m[u]), br = magnitude_bits(root[u]);
+      for (int o = 16; o > 0; o >>= 1) {
+        bm = max(bm, __shfl_xor_sync(0xffffffffu, bm, o));
+        br = max(br, __shfl_xor_sync(0xffffffffu, br, o));
+      }
+      if (lane == 0) warp_max[0][u][warp] = bm, warp_max[1][u][warp] = br;
     }
-    unsigned bm = magnitude_bits(m[u]), br = magnitude_bits(root[u]);
-    for (int o = 16; o > 0; o >>= 1) {
-      bm = max(bm, __shfl_xor_sync(0xffffffffu, bm, o));
-      br = max(br, __shfl_xor_sync(0xffffffffu, br, o));
+    if (!w.writes_state()) return;  // (the same for every thread of the CTA)
+    __syncthreads();  // (also: every old scale has been read)
+    if (t < 2 * kU) {
+      const int which = t / kU, u = t % kU;
+      unsigned bits = 0u;
+      for (int k = 0; k < kWarps; ++k) bits = max(bits, warp_max[which][u][k]);
+      const float s = state_block_scale(__uint_as_float(bits));
+      scale[which][u] = s;
+      if (u * kStateThreads < n) (which ? prm.v_scales : prm.m_scales)[slot][block0 + u] = s;
     }
-    if (lane == 0) warp_max[0][u][warp] = bm, warp_max[1][u][warp] = br;
-  }
-  __syncthreads();  // (also: every old scale has been read)
-  if (t < 2 * kU) {
-    const int which = t / kU, u = t % kU;
-    unsigned bits = 0u;
-    for (int w = 0; w < kWarps; ++w) bits = max(bits, warp_max[which][u][w]);
-    const float s = state_block_scale(__uint_as_float(bits));
-    scale[which][u] = s;
-    if (u * kStateThreads < n) (which ? prm.v_scales : prm.m_scales)[slot][block0 + u] = s;
-  }
-  __syncthreads();
+    __syncthreads();
 #pragma unroll
-  for (int u = 0; u < kU; ++u) {
-    const int j = u * kStateThreads + t;
-    if (j >= n) continue;
-    const float sm = scale[0][u], sv = scale[1][u];
-    mc[j] = state_block_empty(sm) ? int8_t{0} : moment_code(m[u], 1.0f / sm);
-    vc[j] = state_block_empty(sv) ? uint8_t{0} : square_code_of_root(root[u], 1.0f / sv);
-  }
+    for (int u = 0; u < kU; ++u) {
+      const int j = u * kStateThreads + t;
+      if (j >= n) continue;
+      const float sm = scale[0][u], sv = scale[1][u];
+      mc[j] = state_block_empty(sm) ? int8_t{0} : moment_code(m[u], 1.0f / sm);
+      vc[j] = state_block_empty(sv) ? uint8_t{0} : square_code_of_root(root[u], 1.0f / sv);
+    }
+  });
 }
 
 }  // namespace

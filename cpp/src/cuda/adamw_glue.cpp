@@ -16,8 +16,11 @@ void check_coded_cuda(const char* op, TensorList params, TensorList grads,
                       TensorList weight_scales, TensorList state_scales) {
   for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
     if (!coded_moments(state_scales, i)) continue;
-    TORCH_CHECK_NOT_IMPLEMENTED(!int8_scales(weight_scale(weight_scales, i)), op, ": 8-bit "
-                                "states of an int8 weight run on the CPU only");
+    const Tensor& ws = weight_scale(weight_scales, i);
+    TORCH_CHECK_NOT_IMPLEMENTED(!int8_scales(ws) || kStateChunk % int8_group(params[i], ws) == 0,
+                                op, ": 8-bit states of an int8 weight whose group (",
+                                int8_scales(ws) ? int8_group(params[i], ws) : 0, " elements) does "
+                                "not divide ", kStateChunk, " run on the CPU only");
     const at::ScalarType t = value_dtype(params[i], grads[i]);
     TORCH_CHECK_NOT_IMPLEMENTED(t != at::kDouble, op, ": 8-bit states of a float64 parameter "
                                 "run on the CPU only");
@@ -26,12 +29,14 @@ void check_coded_cuda(const char* op, TensorList params, TensorList grads,
 
 void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
                          TensorList exp_avgs, TensorList exp_avg_sqs, const StepPlan& steps,
-                         const AdamWParams& base, TensorList state_scales, Stream stream) {
+                         const AdamWParams& base, TensorList state_scales,
+                         TensorList weight_scales, Stream stream) {
   const size_t count = params.size();
   for (Dtype dtype : {Dtype::kFloat32, Dtype::kBFloat16, Dtype::kFloat16}) {
-    std::vector<int64_t> idx;
+    std::vector<int64_t> idx;  // (by value dtype: an int8 weight's is its gradient's)
     for (size_t i = 0; i < count; ++i)
-      if (coded_moments(state_scales, i) && dtype_of(params[i].scalar_type()) == dtype) idx.push_back(i);
+      if (coded_moments(state_scales, i) && dtype_of(value_dtype(params[i], grads[i])) == dtype)
+        idx.push_back(i);
     if (idx.empty()) continue;
     AdamWCodedParams prm{};
     prm.param_dtype = dtype;
@@ -52,6 +57,10 @@ void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
           prm.v_scales[slot] = state_scale(state_scales, count, 1, i).data_ptr<float>();
           prm.scalars[slot] = steps.of(i);
           prm.tensor[slot] = static_cast<int32_t>(i);
+          const Tensor& ws = weight_scale(weight_scales, i);
+          prm.w_scales[slot] = TensorBatch::scales(weight_scales, i);
+          prm.int8_group[slot] =
+              int8_scales(ws) ? static_cast<int32_t>(int8_group(params[i], ws)) : 0;
         },
         [&](const AdamWCodedParams& launch) { return launch_adamw_coded(launch, stream); });
   }
@@ -83,7 +92,8 @@ void adamw_kernels(TensorList params, TensorList grads, TensorList exp_avgs, Ten
   prm.decay_after = rule == AdamWRule::kApollo;
   prm.stochastic = rounding.stochastic();
   prm.device = s.device;
-  adamw_coded_kernels(params, g, exp_avgs, exp_avg_sqs, s, prm, state_scales, stream);
+  adamw_coded_kernels(params, g, exp_avgs, exp_avg_sqs, s, prm, state_scales, weight_scales,
+                      stream);
   for (const TensorBatch& batch : by_dtypes(params, grads, exp_avgs, weight_scales,
                                             [&](int64_t i) { return !coded_moments(state_scales, i); })) {
     const auto& idx = batch.idx;

@@ -255,7 +255,7 @@ void frugal_kernels(TensorList params, TensorList grads, TensorList exp_avgs,
     base.stochastic = c.stochastic;  // (torch's rule: decay before the update)
     adamw_coded_kernels(params, c.g, exp_avgs, exp_avg_sqs,
                         on_device ? *on_device : StepPlan::on_host(c.s, rounding), base,
-                        state_scales, c.stream);
+                        state_scales, c.weight_scales, c.stream);
   }
   if (!whole.empty()) launch_whole(c, whole);
   if (!split.empty()) launch_split(c, split);
