@@ -15,7 +15,7 @@ class AdamW(MemoptOptimizer):
     and update, computed in fp32 whatever the storage dtype (fp64 for float64 parameters), one
     fused pass per tensor and one op call per group. State: m and v, 8 bytes/param in fp32: the
     baseline the other optimizers are measured against; state_bits=16 keeps them in bfloat16 (4
-    bytes/param), state_bits=8 as 8-bit block codes (2.03 bytes/param; CPU only so far). README,
+    bytes/param), state_bits=8 as 8-bit block codes (2.03 bytes/param; CPU and CUDA). README,
     "Use" and "8-bit states".
 
     Example::
