@@ -132,9 +132,7 @@ Frugal::StateChanges Frugal::begin_step(const std::vector<GroupLists>& lists) {
 void Frugal::commit_step(const at::Tensor& found) {
   if (found.defined()) {
     ++uncounted_;
-    const at::Tensor skipped = (found > 0).sum().to(at::kLong);
-    uncounted_skips_ =
-        uncounted_skips_.defined() ? uncounted_skips_.to(skipped.device()) + skipped : skipped;
+    uncounted_skips_ = add_skip(uncounted_skips_, found);
   } else {
     plan_.commit(*pending_);
   }

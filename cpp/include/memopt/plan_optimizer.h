@@ -10,13 +10,13 @@
 #include <torch/serialize/archive.h>
 
 #include <algorithm>
-#include <map>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "memopt/common.h"
+#include "memopt/device_counters.h"
 #include "memopt/layout.h"
 #include "memopt/nonfinite.h"
 #include "memopt/optimizer_options.h"
@@ -34,7 +34,7 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // Steps left out because a gradient was not finite (the defaults' nonfinite "skip"); saved.
   // Steps decided on a device are counted there: this reads the count (a synchronisation).
   int64_t skipped_steps() const {
-    return skipped_steps_ + (device_skips_.defined() ? device_skips_.item<int64_t>() : 0);
+    return skipped_steps_ + counters_.skipped();
   }
   // Steps whose skip the host decided under nonfinite "skip" (each a synchronisation on a GPU):
   // every step on the CPU; on a GPU only those the optimizer's schedule needs (APOLLO's
@@ -59,13 +59,14 @@ class PlanOptimizer : public torch::optim::Optimizer {
       loss = closure();
     }
     std::vector<GroupLists> lists(param_groups_.size());
-    std::vector<at::Tensor> grads;
+    std::vector<at::Tensor> params, grads;  // every group's, in order
     for (size_t i = 0; i < lists.size(); ++i) {
       validate_options(group_options(i));
       for (const auto& p : param_groups_[i].params()) {
         if (!p.grad().defined()) continue;
         lists[i].params.push_back(p);
         lists[i].grads.push_back(p.grad());
+        params.push_back(p);
         grads.push_back(p.grad());
       }
     }
@@ -75,7 +76,7 @@ class PlanOptimizer : public torch::optim::Optimizer {
       if (!found.defined()) {
         ++host_decided_steps_;
         count_device_steps();
-        steps_home(lists);
+        counters_.bring_home(params, [this](void* key) { return mutable_state(key); });
         if (any_nonfinite(grads)) {
           ++skipped_steps_;  // and nothing changes
           return loss;
@@ -85,7 +86,15 @@ class PlanOptimizer : public torch::optim::Optimizer {
     // Every group's call is decided and validated before any runs, so that bad input anywhere
     // raises with parameters, state and plan untouched.
     StateChanges changes = begin_step(lists);
-    const auto fresh_counts = found.defined() ? steps_beside(lists, changes) : FreshCounts{};
+    const auto fresh_counts =
+        found.defined()
+            ? counters_.move_beside(
+                  params, [this](void* key) { return mutable_state(key); },
+                  [&changes](void* key) {
+                    auto it = changes.find(key);
+                    return it == changes.end() ? nullptr : it->second.get();
+                  })
+            : DeviceCounters::Fresh{};
     std::vector<OpCall> calls;
     for (size_t i = 0; i < lists.size(); ++i) {
       for (const auto& p : lists[i].params) {
@@ -99,23 +108,14 @@ class PlanOptimizer : public torch::optim::Optimizer {
         calls.push_back(std::move(call));
       }
     }
-    for (const auto& [key, count] : fresh_counts) beside_[key] = Beside{count, 0};
+    counters_.adopt(fresh_counts);
     for (auto& [key, state] : changes) {
       if (state) state_[key] = std::move(state);
       else state_.erase(key);
     }
     commit_step(found);
     for (const auto& call : calls) dispatch(call, /*validate=*/false);
-    if (found.defined()) {
-      const at::Tensor skipped = (found > 0).sum().to(at::kLong);
-      device_skips_ = device_skips_.defined() ? device_skips_.to(skipped.device()) + skipped
-                                              : skipped;
-      for (const auto& l : lists)
-        for (const auto& p : l.params) {
-          auto it = beside_.find(p.unsafeGetTensorImpl());
-          if (it != beside_.end()) ++it->second.calls;
-        }
-    }
+    if (found.defined()) counters_.stepped(params, found);
     return loss;
   }
 
@@ -191,8 +191,7 @@ class PlanOptimizer : public torch::optim::Optimizer {
                       "checkpoint: skipped_steps must be an integer >= 0");
     // Exactly the checkpoint: a parameter without saved state has none after the load.
     skipped_steps_ = skipped.toInt();
-    device_skips_ = at::Tensor();
-    beside_.clear();  // the loaded counters are on the CPU, exact
+    counters_.reset();  // the loaded counters are on the CPU, exact
     state_ = std::move(state);
     for (size_t i = 0; i < groups.size(); ++i)
       param_groups_[i].set_options(std::move(groups[i].second));
@@ -413,10 +412,7 @@ class PlanOptimizer : public torch::optim::Optimizer {
   // reading a device: exact for a counter on the CPU; for one moved to the device, its count
   // then plus up to one per step decided on the device since (each taken or skipped).
   std::pair<int64_t, int64_t> step_range(const at::Tensor& param) const {
-    auto it = beside_.find(param.unsafeGetTensorImpl());
-    if (it != beside_.end()) return {it->second.count, it->second.count + it->second.calls};
-    const int64_t n = counter(*state_of(param));
-    return {n, n};
+    return counters_.range(param, *state_of(param));
   }
   // The layout a loaded state of parameter i must have (Frugal: under the loaded selection).
   virtual StateLayout loaded_layout(int64_t i) const { return plan_.state(i); }
@@ -451,67 +447,15 @@ class PlanOptimizer : public torch::optim::Optimizer {
     if (!decides_on_device(lists)) return {};
     return nonfinite_flag(grads);
   }
-  // A step count: read for free on the CPU (a counter on a device outside beside_, after a step
-  // that failed its validation, is read: a synchronisation).
-  static int64_t counter(const ParamState& s) {
-    return static_cast<int64_t>(s.at("step").item<double>());
-  }
-  // Moves the step counters of the parameters of `lists` to their devices, where the ops given
-  // found_inf advance them (as torch's fused optimizers keep theirs), until a step decided on
-  // the host or a load brings them back. Every counter stepped so joins beside_ (on the CPU
-  // too, where the tests stand it in for a GPU): existing ones now; the counts of begin_step's
-  // new states are returned, to join once the step is validated.
-  using FreshCounts = std::vector<std::pair<void*, int64_t>>;
-  FreshCounts steps_beside(const std::vector<GroupLists>& lists, StateChanges& changes) {
-    FreshCounts fresh;
-    for (const auto& l : lists)
-      for (const auto& p : l.params) {
-        void* key = p.unsafeGetTensorImpl();
-        auto change = changes.find(key);
-        auto old = state_.find(key);
-        ParamState* s = change != changes.end() ? change->second.get()
-                        : old != state_.end()   ? static_cast<ParamState*>(old->second.get())
-                                                : nullptr;
-        if (s == nullptr) continue;  // (Frugal's state-free tensors)
-        if (change != changes.end()) fresh.emplace_back(key, counter(*s));
-        else if (!beside_.count(key)) beside_[key] = Beside{counter(*s), 0};
-        const at::Tensor& step = s->at("step");
-        if (step.device() != p.device()) s->set("step", step.to(p.device())), moved_steps_ = true;
-      }
-    return fresh;
-  }
-  // Brings the step counters of the parameters of `lists` kept on a device back to the CPU, for
-  // a step decided on the host (one read per device: the synchronisation that decision makes
-  // anyway), so that the ops read them there and step_range is exact again.
-  void steps_home(const std::vector<GroupLists>& lists) {
-    if (beside_.empty() && !moved_steps_) return;  // no counter has left the CPU
-    std::map<std::string, std::vector<ParamState*>> away;
-    for (const auto& l : lists)
-      for (const auto& p : l.params) {
-        beside_.erase(p.unsafeGetTensorImpl());
-        auto it = state_.find(p.unsafeGetTensorImpl());
-        if (it == state_.end()) continue;
-        auto* s = static_cast<ParamState*>(it->second.get());
-        if (!s->at("step").device().is_cpu()) away[s->at("step").device().str()].push_back(s);
-      }
-    for (auto& [device, states] : away) {
-      std::vector<at::Tensor> counts;
-      for (auto* s : states) counts.push_back(s->at("step"));
-      const at::Tensor home = at::stack(counts).cpu();
-      for (size_t k = 0; k < states.size(); ++k) states[k]->set("step", home[k].clone());
-    }
+  ParamState* mutable_state(void* key) {
+    auto it = state_.find(key);
+    return it == state_.end() ? nullptr : static_cast<ParamState*>(it->second.get());
   }
 
-  struct Beside {
-    int64_t count;  // the counter's value when it moved to the device
-    int64_t calls;  // steps decided on the device since
-  };
   ska::flat_hash_map<void*, int64_t> positions_;  // TensorImpl* -> position in the plan
-  ska::flat_hash_map<void*, Beside> beside_;      // parameters whose counters are on a device
   int64_t skipped_steps_ = 0;
-  at::Tensor device_skips_;  // skips decided on the device (a long on it; undefined: none)
+  DeviceCounters counters_;  // the step counters while a GPU decides the skip
   int64_t host_decided_steps_ = 0;
-  bool moved_steps_ = false;  // whether a counter ever left the CPU (steps_home has work)
 };
 
 }  // namespace memopt
