@@ -63,10 +63,10 @@ void adamw_update_(TensorList params_in, TensorList grads_in, TensorList exp_avg
         coded ? cpu::state_span(int8_scales(scales) ? int8_group(p, scales) : 1) : 0;
     const int64_t buffer = cpu::int8_buffer_elements(p, scales, span);
     lease.reserve(cpu::staging_bytes(grads[i]) + cpu::int8_buffer_bytes(buffer) +
-                  cpu::int8_buffer_bytes(2 * span));
+                  cpu::int8_buffer_bytes(coded ? cpu::kAdamCodedFloats : 0));
     const Tensor g = cpu::contiguous_grad(lease, grads[i]);
     float* buffers = cpu::int8_buffers(lease, buffer);
-    float* state_buffers = cpu::int8_buffers(lease, 2 * span);
+    float* state_buffers = cpu::int8_buffers(lease, coded ? cpu::kAdamCodedFloats : 0);
     const auto s = AdamScalars::make(lr, beta1, beta2, eps, weight_decay,
                                      cpu::advance_step(steps[i]), rule);
     const at::ScalarType state_dtype = coded ? at::kFloat : m.scalar_type();

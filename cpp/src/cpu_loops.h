@@ -109,43 +109,60 @@ inline void with_lerp_form(C w, F&& f) {
   else f(std::false_type{});
 }
 
-// Elementwise AdamW on [0, n) of contiguous arrays, under the rule `s` was made for
-// (AdamScalars: the decay before the update, or after it for AdamWRule::kApollo).
-// kRootV: v holds sqrt(v) (8-bit states' buffers, cpu_states.h), read squared and written as
-// the root the update computes anyway.
-template <typename P, typename S, typename C, typename R, bool kNearStart, typename G,
-          bool kRootV = false>
+// AdamW's scalars in the loops' compute type, under the rule `s` was made for (AdamScalars: the
+// decay before the update, or after it for AdamWRule::kApollo).
+template <typename C>
+struct AdamConsts {
+  C b1c, b2, b2c, step_size, bc2_sqrt, eps, pre, post;
+  explicit AdamConsts(const AdamScalars& s)
+      : b1c(1.0 - s.beta1), b2(s.beta2), b2c(1.0 - s.beta2), step_size(s.step_size),
+        bc2_sqrt(s.bc2_sqrt), eps(s.eps), pre(s.decay_after ? 1.0 : s.decay),
+        post(s.decay_after ? s.decay : 1.0) {}
+};
+// One element's AdamW step, the one place its arithmetic is written on the CPU (the CUDA
+// kernels repeat its order): m and v (v itself) updated in place, root = sqrt(new v); returns
+// p's new value.
+template <bool kNearStart, typename C>
+inline C adamw_element(const AdamConsts<C>& k, C p, C g, C& m, C& v, C& root) {
+  m = lerp_as<kNearStart>(m, g, k.b1c);
+  v = k.b2 * v + k.b2c * g * g;
+  root = std::sqrt(v);
+  const C denom = root / k.bc2_sqrt + k.eps;
+  return (p * k.pre - k.step_size * m / denom) * k.post;
+}
+
+// Elementwise AdamW on [0, n) of contiguous arrays (8-bit states: cpu_states.h adamw_coded).
+template <typename P, typename S, typename C, typename R, bool kNearStart, typename G>
 MEMOPT_CPU_CLONES void adamw_span_as(P* __restrict p, const G* __restrict g, S* __restrict m,
                                      S* __restrict v, int64_t n, const AdamScalars& s,
                                      const R& round) {
-  const C b1c = 1.0 - s.beta1, b2 = s.beta2, b2c = 1.0 - s.beta2;
-  const C step_size = s.step_size, bc2_sqrt = s.bc2_sqrt, eps = s.eps;
-  const C pre = s.decay_after ? 1.0 : s.decay, post = s.decay_after ? s.decay : 1.0;
+  const AdamConsts<C> k(s);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const C gj = load<C>(g[j]);
-    C mj = load<C>(m[j]);
-    C vj = load<C>(v[j]);
-    if constexpr (kRootV) vj = vj * vj;
-    mj = lerp_as<kNearStart>(mj, gj, b1c);
-    vj = b2 * vj + b2c * gj * gj;
-    const C root = std::sqrt(vj);
-    const C denom = root / bc2_sqrt + eps;
-    p[j] = round.template store<P>((load<C>(p[j]) * pre - step_size * mj / denom) * post, j);
+    C mj = load<C>(m[j]), vj = load<C>(v[j]), root;
+    const C pj = adamw_element<kNearStart>(k, load<C>(p[j]), load<C>(g[j]), mj, vj, root);
+    p[j] = round.template store<P>(pj, j);
     m[j] = store<S>(mj);
-    v[j] = store<S>(kRootV ? root : vj);
+    v[j] = store<S>(vj);
   }
 }
-template <typename P, typename S, typename C, typename R = Nearest, typename G = P,
-          bool kRootV = false>
+template <typename P, typename S, typename C, typename R = Nearest, typename G = P>
 void adamw_span(P* p, const G* g, S* m, S* v, int64_t n, const AdamScalars& s,
                 const R& round = {}) {
   with_lerp_form(C(1.0 - s.beta1), [&](auto near) {
-    adamw_span_as<P, S, C, R, decltype(near)::value, G, kRootV>(p, g, m, v, n, s, round);
+    adamw_span_as<P, S, C, R, decltype(near)::value, G>(p, g, m, v, n, s, round);
   });
 }
 
-// The Adam step with one shared per-block factor f = step_size / (sqrt(v_b)/bc2_sqrt + eps).
+// One element's Adam step with its block's factor f = step_size / (sqrt(v_b)/bc2_sqrt + eps),
+// the one place its arithmetic is written on the CPU: m updated in place; returns p's new value.
+template <bool kNearStart, typename C>
+inline C factor_element(C p, C g, C& m, C decay, C b1c, C f) {
+  m = lerp_as<kNearStart>(m, g, b1c);
+  return p * decay - f * m;
+}
+
+// The Adam step with one shared per-block factor f.
 template <typename P, typename S, typename C, typename R, bool kNearStart, typename G>
 MEMOPT_CPU_CLONES void block_update_span_as(P* __restrict p, const G* __restrict g,
                                             S* __restrict m, int64_t n, C decay, C b1c, C f,
@@ -153,8 +170,8 @@ MEMOPT_CPU_CLONES void block_update_span_as(P* __restrict p, const G* __restrict
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     C mj = load<C>(m[j]);
-    mj = lerp_as<kNearStart>(mj, load<C>(g[j]), b1c);
-    p[j] = round.template store<P>(load<C>(p[j]) * decay - f * mj, j);
+    p[j] = round.template store<P>(factor_element<kNearStart>(load<C>(p[j]), load<C>(g[j]), mj,
+                                                               decay, b1c, f), j);
     m[j] = store<S>(mj);
   }
 }
@@ -174,8 +191,8 @@ MEMOPT_CPU_CLONES void column_update_span_as(P* __restrict p, const G* __restric
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     C mj = load<C>(m[j]);
-    mj = lerp_as<kNearStart>(mj, load<C>(g[j]), b1c);
-    p[j] = round.template store<P>(load<C>(p[j]) * decay - f[j] * mj, j);
+    p[j] = round.template store<P>(factor_element<kNearStart>(load<C>(p[j]), load<C>(g[j]), mj,
+                                                               decay, b1c, f[j]), j);
     m[j] = store<S>(mj);
   }
 }

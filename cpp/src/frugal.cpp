@@ -217,11 +217,11 @@ void frugal_update_loop(TensorList params_in, TensorList grads_in, TensorList ex
     const int64_t buffer = cpu::int8_buffer_elements(
         p, scales, coded ? span : p.dim() == 2 ? p.size(1) : 0);
     lease.reserve(cpu::staging_bytes(grads[i]) + cpu::int8_buffer_bytes(buffer) +
-                  cpu::int8_buffer_bytes(2 * span) +
+                  cpu::int8_buffer_bytes(coded ? cpu::kAdamCodedFloats : 0) +
                   (projected ? frugal_projected_bytes(p, subspaces[i], exp_avgs[i]) : 0));
     const Tensor g = cpu::contiguous_grad(lease, grads[i]);
     float* buffers = cpu::int8_buffers(lease, buffer);
-    float* state_buffers = cpu::int8_buffers(lease, 2 * span);
+    float* state_buffers = cpu::int8_buffers(lease, coded ? cpu::kAdamCodedFloats : 0);
     const at::ScalarType pt = value_dtype(p, g);
     if (mode == FrugalMode::FreeBlock) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pt, "frugal_free", [&] {
