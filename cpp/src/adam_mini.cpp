@@ -289,9 +289,9 @@ struct SegmentKernel {
 };
 
 // One tensor's step with 8-bit m: every block's factor first, then one pass over the tensor in
-// spans of whole code blocks (and int8 weight groups), each element with its block's factor.
-// Scratch: the blocks' factors (not an elementwise segment's) and, per thread, a span of m and
-// of factors.
+// spans of whole code blocks (and int8 weight groups), each element with its block's factor,
+// each code block decoded, stepped and encoded again. Scratch: the blocks' factors (not an
+// elementwise segment's) and, per thread, a span of factors and a block of m.
 template <typename G, typename S, typename C, typename Store>
 void adam_mini_coded(const Store& store, const G* g, cpu::MomentCodes m, S* v,
                      const BlockSpec& spec, const AdamScalars& s, int64_t numel, int64_t span,
@@ -305,7 +305,7 @@ void adam_mini_coded(const Store& store, const G* g, cpu::MomentCodes m, S* v,
     factors.push_back(per_element ? nullptr : lease.take<C>(seg.num_blocks()));
     v += seg.num_blocks();
   }
-  float* buffers = lease.take<float>(at::get_num_threads() * 3 * span);
+  float* buffers = lease.take<float>(at::get_num_threads() * cpu::factor_coded_floats(span));
   const int64_t mark = lease.mark();
   for (size_t k = 0; k < kernels.size(); ++k) {
     if (!factors[k]) continue;
@@ -313,16 +313,17 @@ void adam_mini_coded(const Store& store, const G* g, cpu::MomentCodes m, S* v,
     kernels[k].block_factors(lease, factors[k]);
   }
   const C decay = cpu::load<C>(s.decay), b1c = cpu::load<C>(1.0 - s.beta1);
-  cpu::for_state_spans(numel, span, buffers, 3 * span, [&](int64_t b, int64_t len, float* buf) {
-    float* mb = buf;
-    C* fb = reinterpret_cast<C*>(buf + span);  // span Cs: a double needs the 2 spans left
-    m.decode(b, len, mb);
-    for (size_t k = 0; k < kernels.size(); ++k) kernels[k].fill_factors(b, len, factors[k], fb);
-    store.edit(b, len, [&](auto* pv, const auto& round) {
-      cpu::column_update_span<std::remove_pointer_t<decltype(pv)>, float, C>(
-          pv, g + b, mb, len, decay, b1c, fb, round);
+  const int64_t per_thread = cpu::factor_coded_floats(span);
+  cpu::with_lerp_form(b1c, [&](auto near) {
+    cpu::for_state_spans(numel, span, buffers, per_thread, [&](int64_t b, int64_t len, float* buf) {
+      float* mb = buf;                                   // one block of m
+      C* fb = reinterpret_cast<C*>(buf + kStateBlock);  // span Cs (a double takes 2 floats)
+      for (size_t k = 0; k < kernels.size(); ++k) kernels[k].fill_factors(b, len, factors[k], fb);
+      store.edit(b, len, [&](auto* pv, const auto& round) {
+        cpu::factor_coded_span<std::remove_pointer_t<decltype(pv)>, C, decltype(near)::value>(
+            pv, g + b, m, b, len, decay, b1c, fb, round, mb);
+      });
     });
-    m.encode(mb, b, len);
   });
 }
 
@@ -334,7 +335,8 @@ int64_t adam_mini_coded_bytes(const BlockSpec& spec, int64_t span) {
     partial = std::max(partial, Workspace::Lease::bytes_for<double>(at::get_num_threads() *
                                                                     seg.num_blocks()));
   }
-  return factors + Workspace::Lease::bytes_for<float>(at::get_num_threads() * 3 * span) + partial;
+  const int64_t buffers = at::get_num_threads() * cpu::factor_coded_floats(span);
+  return factors + Workspace::Lease::bytes_for<float>(buffers) + partial;
 }
 
 }  // namespace

@@ -82,27 +82,34 @@ std::vector<TileRow> tile_rows(const std::vector<ShardPiece>& pieces) {
   return out;
 }
 
-// The shard's update with 8-bit m: in parallel spans of whole code blocks, decode m, step every
-// tile row's part of the span with its factor, encode m (as adam_mini_update_'s coded path).
+// The shard's update with 8-bit m: in parallel spans of whole code blocks, every element's
+// factor from its tile row, then cpu::factor_coded_span (adam_mini_update_'s coded pass).
 template <typename P, typename C, typename R>
 void coded_shard_update(P* p, const P* g, cpu::MomentCodes m, int64_t numel,
                         const std::vector<TileRow>& tiles, const C* factor, C decay, C b1c,
                         const R& round, float* buffers, int64_t span) {
-  cpu::for_state_spans(numel, span, buffers, span, [&](int64_t b, int64_t len, float* mb) {
-    m.decode(b, len, mb);
-    auto it = std::upper_bound(tiles.begin(), tiles.end(), b,
-                               [](int64_t x, const TileRow& t) { return x < t.at; });
-    for (it = it == tiles.begin() ? it : it - 1; it != tiles.end() && it->at < b + len; ++it) {
-      const int64_t lo = std::max(it->at, b), hi = std::min(it->at + it->n, b + len);
-      if (lo >= hi) continue;
-      if (it->tile_cols == 1)
-        cpu::column_update_span<P, float, C>(p + lo, g + lo, mb + (lo - b), hi - lo, decay, b1c,
-                                             factor + it->block + (lo - it->at), round.at(lo));
-      else
-        cpu::block_update_span<P, float, C>(p + lo, g + lo, mb + (lo - b), hi - lo, decay, b1c,
-                                            factor[it->block], round.at(lo));
-    }
-    m.encode(mb, b, len);
+  cpu::with_lerp_form(b1c, [&](auto near) {
+    cpu::for_state_spans(numel, span, buffers, cpu::factor_coded_floats(span),
+                         [&](int64_t b, int64_t len, float* buf) {
+      float* mb = buf;
+      C* fb = reinterpret_cast<C*>(buf + kStateBlock);
+      auto it = std::upper_bound(tiles.begin(), tiles.end(), b,
+                                 [](int64_t x, const TileRow& t) { return x < t.at; });
+      int64_t covered = 0;
+      for (it = it == tiles.begin() ? it : it - 1; it != tiles.end() && it->at < b + len; ++it) {
+        const int64_t lo = std::max(it->at, b), hi = std::min(it->at + it->n, b + len);
+        if (lo >= hi) continue;
+        if (it->tile_cols == 1)  // a factor per element
+          std::copy_n(factor + it->block + (lo - it->at), hi - lo, fb + (lo - b));
+        else
+          std::fill_n(fb + (lo - b), hi - lo, factor[it->block]);
+        covered += hi - lo;
+      }
+      TORCH_CHECK(covered == len, "adam_mini_shard_update_: the shard's tiles cover ", covered,
+                  " of the ", len, " elements at ", b);
+      cpu::factor_coded_span<P, C, decltype(near)::value>(p + b, g + b, m, b, len, decay, b1c, fb,
+                                                          round.at(b), mb);
+    });
   });
 }
 
@@ -189,7 +196,9 @@ void adam_mini_shard_update_(TensorList params_in, TensorList grads_in, TensorLi
     MEMOPT_DISPATCH_PARAM_STATE(p.scalar_type(), v.scalar_type(), "adam_mini_shard_update_", [&] {
       using C = opmath_t;
       lease.reserve(cpu::staging_bytes(grads[i]) + Workspace::Lease::bytes_for<C>(nb) +
-                    (coded ? Workspace::Lease::bytes_for<float>(at::get_num_threads() * span) : 0));
+                    (coded ? Workspace::Lease::bytes_for<float>(at::get_num_threads() *
+                                                                    cpu::factor_coded_floats(span))
+                           : 0));
       const Tensor g = cpu::contiguous_grad(lease, grads[i]);
       C* factor = lease.take<C>(nb);
       const auto s = AdamScalars::make(lr, beta1, beta2, eps, weight_decay,
@@ -211,7 +220,7 @@ void adam_mini_shard_update_(TensorList params_in, TensorList grads_in, TensorLi
       const C decay = cpu::load<C>(s.decay), b1c = cpu::load<C>(1.0 - s.beta1);
       const auto pieces = shard_pieces(specs[i], shards[2 * i], shards[2 * i] + p.numel());
       if (coded) {
-        float* buffers = lease.take<float>(at::get_num_threads() * span);
+        float* buffers = lease.take<float>(at::get_num_threads() * cpu::factor_coded_floats(span));
         float* ms = state_scale(state_scales, params.size(), 0, i).data_ptr<float>();
         cpu::with_rounding<scalar_t>(rounding, i, s.step, [&](const auto& round) {
           coded_shard_update<scalar_t, C>(pp, gp, {m.data_ptr<int8_t>(), ms},
