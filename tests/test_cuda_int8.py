@@ -197,6 +197,61 @@ def test_adam_mini(device, layout, stochastic):
         assert rel_err(a, b) <= TOL[torch.float32]
 
 
+# int8 weights with Adam-mini's 8-bit m: block rows of whole code blocks, groups whose CUDA
+# units (whole groups within 8192 elements) are whole code blocks too.
+CODED_SHAPES = [(48, 512, 32), (100, 512, 128), (3, 4096, 4096), (40, 512, 16)]
+
+
+def adam_mini_coded_run(dev, layout, stochastic, shapes=CODED_SHAPES):
+    """3 steps of adam_mini_ on int8 weights with 8-bit m; (call, m's block scales)."""
+    flat = []
+    for segs in (BLOCKS[layout](*s) for s in shapes):
+        flat += [len(segs)] + [x for seg in segs for x in seg]
+    call = Int8Call(dev, shapes, torch.bfloat16,
+                    lambda r, c, g: (n_blocks(BLOCKS[layout](r, c, g)),))
+    where = call.codes[0].device
+    call.m = [torch.zeros(r, c, dtype=torch.int8, device=where) for r, c, _ in shapes]
+    m_scales = [torch.zeros(-(-r * c // 256), device=where) for r, c, _ in shapes]
+    for step in range(3):
+        call.ops.adam_mini_(call.codes, call.grads(step), call.m, call.v, call.steps, flat, LR,
+                            0.9, 0.99, 1e-8, 0.1, rounding(stochastic, len(shapes)), call.scales,
+                            m_scales)
+    return call, m_scales
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("layout", ["rows", "columns", "interleaved"])
+def test_adam_mini_with_8bit_m(device, layout, stochastic):
+    """int8 weights and Adam-mini's 8-bit m together (adam_mini_two_pass.cu: the two sweeps
+    measure the weight groups and the code blocks alike, then encode both): the codes and scales
+    of the weights and of m as the CPU op's, v as close as the float tests'."""
+    (got, got_s), (want, want_s) = [adam_mini_coded_run(d, layout, stochastic)
+                                    for d in (device, "cpu")]
+    assert_same_weights(got.result(), want.result(), f"adam_mini 8-bit m {layout}")
+    assert_same_weights(list(zip(got.m, got_s)), list(zip(want.m, want_s)),
+                        f"adam_mini 8-bit m {layout}: m", scale_rtol=1e-5)
+    for a, b in zip(got.v, want.v):
+        assert rel_err(a, b) <= TOL[torch.float32]
+    assert all(m.any() for m in got.m)
+
+
+def test_adam_mini_with_8bit_m_refuses_groups_that_cut_code_blocks(device):
+    """Groups of 96: CUDA units of 8160 elements would cut code blocks; refused, nothing
+    written (the CPU op takes them)."""
+    if device == "cpu":
+        pytest.skip("the CPU op takes any group")
+    before = adam_mini_coded_run("cpu", "rows", False, [(100, 192, 96)])[0].codes[0]
+    call = Int8Call(device, [(100, 192, 96)], torch.float32, lambda r, c, g: (r,))
+    where = call.codes[0].device
+    start = call.codes[0].clone()
+    with pytest.raises(NotImplementedError, match="cut code blocks"):
+        call.ops.adam_mini_(call.codes, call.grads(0),
+                            [torch.zeros(100, 192, dtype=torch.int8, device=where)], call.v,
+                            call.steps, [1, 0, 100, 192, 192, 1, 192], LR, 0.9, 0.99, 1e-8, 0.1,
+                            [], call.scales, [torch.zeros(75, device=where)])
+    assert torch.equal(call.codes[0], start) and not torch.equal(before, start.cpu())
+
+
 APOLLO_SHAPES = [(24, 64, 16), (64, 32, 32)]  # Left (per-column channels) and Right (per-row)
 
 

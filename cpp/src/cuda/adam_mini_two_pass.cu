@@ -204,9 +204,11 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
 // blocks), each element with its block's factor. A segment whose rows are contiguous
 // (row_stride == cols) is one line of rows * cols elements, else each row is a line; a unit is
 // update_unit_chunk elements of a line (whole groups: offset, row_stride and cols are multiples
-// of the group, check_block_spec and the glue). 8-bit m (float weights only) runs the loop twice
-// as an int8 weight does (weights.cuh): a sweep that writes nothing but each code block's
-// largest |new m|, then the same loop again, encoding; then the blocks' new scales.
+// of the group, check_block_spec and the glue). 8-bit m runs the loop twice as an int8 weight
+// does (weights.cuh with_weights_measured; with an int8 weight, the same two sweeps): a sweep
+// that writes nothing but each code block's largest |new m| (and each weight group's), then the
+// same loop again, encoding; then the blocks' new scales. A unit is then whole code blocks too
+// (the glue checks update_unit_chunk).
 template <typename P, typename S>
 __global__ void __launch_bounds__(kThreads) int8_update_kernel(const __grid_constant__ AM prm) {
   using C = opmath_t<P>;
@@ -261,13 +263,11 @@ __global__ void __launch_bounds__(kThreads) int8_update_kernel(const __grid_cons
   const int blocks = static_cast<int>((n + kStateBlock - 1) / kStateBlock);
   for (int b = threadIdx.x; b < blocks; b += kThreads) m_max[b] = 0u;
   __syncthreads();
-  P* p = static_cast<P*>(sg.p) + first;
-  body(FloatWeights<P>{p, prm.stochastic, sc.round_key, true});
-  __syncthreads();
-  for (int b = threadIdx.x; b < blocks; b += kThreads)
-    m_scale[b] = state_block_scale(__uint_as_float(m_max[b]));
-  __syncthreads();
-  body(FloatWeights<P>{p, prm.stochastic, sc.round_key, false});
+  with_weights_measured<P>(sg.p, sg.scales, sg.int8_group, first, n, prm.stochastic,
+                           sc.round_key, body, [&] {
+    for (int b = threadIdx.x; b < blocks; b += kThreads)
+      m_scale[b] = state_block_scale(__uint_as_float(m_max[b]));
+  });
   __syncthreads();  // every old scale has been read
   for (int b = threadIdx.x; b < blocks; b += kThreads)
     sg.m_scales[first / kStateBlock + b] = m_scale[b];

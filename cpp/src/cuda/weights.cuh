@@ -69,9 +69,10 @@ struct Int8Weights {
 // Runs body(w) over n <= kInt8Chunk elements (whole groups) of an int8 weight from codes /
 // scales (at a group boundary), as described above. Every thread of the CTA calls it; body must
 // not return early from the kernel (it ends in barriers).
-template <typename Body>
+// between(): with_weights_measured's, run by every thread after the measuring sweep.
+template <typename Body, typename Between>
 __device__ void int8_sweeps(int8_t* codes, float* scales, int group, int n, int32_t stochastic,
-                            uint64_t key, Body&& body) {
+                            uint64_t key, Body&& body, Between&& between) {
   __shared__ unsigned group_max[kInt8MaxChunkGroups];
   __shared__ float group_inv[kInt8MaxChunkGroups];
   const int groups = (n + group - 1) / group;
@@ -81,6 +82,7 @@ __device__ void int8_sweeps(int8_t* codes, float* scales, int group, int n, int3
   __syncthreads();
   for (int k = threadIdx.x; k < groups; k += blockDim.x)
     group_inv[k] = int8_group_scale(__uint_as_float(group_max[k])).inv;
+  between();
   __syncthreads();
   body(Int8Weights{codes, scales, group, group_max, group_inv, false, stochastic, key});
   __syncthreads();  // every old scale has been read
@@ -98,11 +100,38 @@ __device__ __forceinline__ void with_weights(void* p, float* scales, int64_t int
   if constexpr (std::is_same_v<P, float> || std::is_same_v<P, __nv_bfloat16>) {
     if (int8_group > 0) {  // (n <= int8_chunk(group) <= kInt8Chunk: the launchers' chunks)
       int8_sweeps(static_cast<int8_t*>(p) + first, scales + first / int8_group,
-                  static_cast<int>(int8_group), static_cast<int>(n), stochastic, key, body);
+                  static_cast<int>(int8_group), static_cast<int>(n), stochastic, key, body,
+                  [] {});
       return;
     }
   }
   body(FloatWeights<P>{static_cast<P*>(p) + first, stochastic, key});
+}
+
+// with_weights for a body that measures its own state too (8-bit m's block maxima, taken where
+// !w.writes_state()): two sweeps whatever the weight, the measuring one, then between() (every
+// thread, after a barrier: it turns the state's measures into scales), then the writing one.
+// An int8 weight's groups are measured and encoded in the same two sweeps. Ends in a barrier
+// before the int8 weight's scales are written, not after.
+template <typename P, typename Body, typename Between>
+__device__ __forceinline__ void with_weights_measured(void* p, float* scales, int64_t int8_group,
+                                                      int64_t first, int64_t n,
+                                                      int32_t stochastic, uint64_t key,
+                                                      Body&& body, Between&& between) {
+  if constexpr (std::is_same_v<P, float> || std::is_same_v<P, __nv_bfloat16>) {
+    if (int8_group > 0) {
+      int8_sweeps(static_cast<int8_t*>(p) + first, scales + first / int8_group,
+                  static_cast<int>(int8_group), static_cast<int>(n), stochastic, key, body,
+                  between);
+      return;
+    }
+  }
+  P* w = static_cast<P*>(p) + first;
+  body(FloatWeights<P>{w, stochastic, key, true});
+  __syncthreads();
+  between();
+  __syncthreads();
+  body(FloatWeights<P>{w, stochastic, key, false});
 }
 
 }  // namespace memopt::cuda
