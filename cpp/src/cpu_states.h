@@ -1,12 +1,10 @@
-// 8-bit moments on the CPU (memopt/state_codes.h; internal header). AdamW's step (adamw_coded)
-// decodes, steps and measures each code block in one pass, then encodes it from a block of
-// floats per thread; the other kernels decode a span of whole code blocks into a per-thread
-// float buffer, run their float loop (cpu_loops.h) on it and encode the span again. No step
-// holds more than a span per thread.
+// 8-bit moments on the CPU (memopt/state_codes.h; internal header). A kernel decodes, steps and
+// measures each code block in one pass (the element arithmetic is cpu_loops.h's), writing the
+// new values to a block of floats per thread, then encodes the block from them: the state is
+// read and written once, and no step holds more than a block (and a span of factors) per thread.
 #pragma once
 
 #include <algorithm>
-#include <cstring>
 #include <numeric>
 
 #include "cpu_loops.h"
@@ -23,44 +21,25 @@ inline int64_t state_span(int64_t group) {
   return std::max<int64_t>(1, kSpanTarget / unit) * unit;
 }
 
-// The two codes of state_codes.h as the span loops take them: a first moment's buffer holds m,
-// a second moment's holds sqrt(v) (what the update divides by; adamw_span_root_v squares it).
+// The two codes of state_codes.h: a first moment's block of floats holds m, a second moment's
+// holds sqrt(v) (what the update divides by, and what v's code is over).
 struct MomentCode {
   using code_t = int8_t;
-  static float decode(int8_t c, float s) { return moment_decode(c, s); }
   static int8_t code(float x, float inv) { return moment_code(x, inv); }
 };
 struct SquareRootCode {
   using code_t = uint8_t;
-  static float decode(uint8_t c, float s) { return square_root_decode(c, s); }
   static uint8_t code(float root, float inv) { return square_code_of_root(root, inv); }
 };
 
-// One 8-bit moment of a tensor (codes and block scales), decoded into and encoded from a span's
-// float buffer: [b, b + n), b a multiple of kStateBlock (the last block may be partial).
+// One 8-bit moment of a tensor: its codes and block scales. The kernels decode a block inline
+// (moment_decode, square_root_decode) and encode it from a block of floats.
 template <typename Code>
 struct StateCodes {
   using code_t = typename Code::code_t;
   code_t* codes;
   float* scales;
 
-  MEMOPT_CPU_CLONES void decode(int64_t b, int64_t n, float* __restrict out) const {
-    for (int64_t k = 0; k * kStateBlock < n; ++k) {
-      const int64_t len = std::min(kStateBlock, n - k * kStateBlock);
-      const float s = scales[b / kStateBlock + k];
-      const code_t* __restrict c = codes + b + k * kStateBlock;
-      float* o = out + k * kStateBlock;
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) o[j] = Code::decode(c[j], s);
-    }
-  }
-  MEMOPT_CPU_CLONES void encode(const float* __restrict x, int64_t b, int64_t n) const {
-    for (int64_t k = 0; k * kStateBlock < n; ++k) {
-      const int64_t len = std::min(kStateBlock, n - k * kStateBlock);
-      encode_block(x + k * kStateBlock, b + k * kStateBlock, len,
-                   block_absmax(x + k * kStateBlock, len));
-    }
-  }
   // Block e / kStateBlock (e a multiple of kStateBlock) from its len values x, whose largest
   // |x| is absmax (NaN or infinite when any x is not finite).
   MEMOPT_CPU_CLONES void encode_block(const float* __restrict x, int64_t e, int64_t len,
@@ -91,19 +70,6 @@ void for_state_spans(int64_t n, int64_t span, float* all, int64_t per_thread, F&
   });
 }
 
-// |x|'s bits: their maximum over a block is its largest |x|'s, and at least 0x7F800000 (an
-// infinity or a NaN, which state_block_scale makes NaN) when a value is not finite.
-inline uint32_t magnitude_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u & 0x7FFFFFFFu;
-}
-inline float from_bits(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
-}
-
 // AdamW (cpu_loops.h adamw_element) on n <= kStateBlock elements of one code block, in one pass:
 // m and sqrt(v) decoded from their codes (block scales ms, vs), p stepped, the new m and sqrt(v)
 // written to mb and vb and their largest magnitudes' bits to mmax and vmax (the new scales).
@@ -119,7 +85,7 @@ MEMOPT_CPU_CLONES void adamw_code_block_as(P* __restrict p, const G* __restrict 
                                            uint32_t& vmax) {
   const AdamConsts<C> k(s);
   uint32_t am = 0, av = 0;
-#pragma omp simd reduction(max : am, av)
+  // (no omp simd: cpu_loops.h magnitude_bits)
   for (int64_t j = 0; j < n; ++j) {
     C mj = load<C>(moment_decode(mc[j], ms));
     const C r0 = load<C>(square_root_decode(vc[j], vs));
@@ -145,7 +111,7 @@ MEMOPT_CPU_CLONES void factor_code_block_as(P* __restrict p, const G* __restrict
                                             const C* __restrict f, const R& round,
                                             uint32_t& mmax) {
   uint32_t am = 0;
-#pragma omp simd reduction(max : am)
+  // (no omp simd: cpu_loops.h magnitude_bits)
   for (int64_t j = 0; j < n; ++j) {
     C mj = load<C>(moment_decode(mc[j], ms));
     p[j] = round.template store<P>(
