@@ -152,16 +152,14 @@ bool coded(TensorList state_scales, size_t count, int64_t i) {
 }
 
 // What 8-bit m takes on CUDA (the two-pass update in units of whole code blocks), checked
-// before anything is written: no float64 parameter, an int8 weight's units whole code blocks
-// too, no elementwise segment (its per-element v would need a factor per element), and every
+// before anything is written: an int8 weight's units whole code blocks too, no elementwise
+// segment (its per-element v would need a factor per element), and every
 // block row whole code blocks.
 void check_coded_m_cuda(TensorList params, TensorList grads, const std::vector<BlockSpec>& specs,
                         TensorList weight_scales, TensorList state_scales) {
   for (size_t i = 0; i < params.size(); ++i) {
     if (!coded(state_scales, params.size(), static_cast<int64_t>(i))) continue;
     const std::string what = "adam_mini_update_: 8-bit m of tensor " + std::to_string(i);
-    TORCH_CHECK_NOT_IMPLEMENTED(value_dtype(params[i], grads[i]) != at::kDouble, what,
-                                ": with a float64 parameter it runs on the CPU only");
     const Tensor& ws = weight_scale(weight_scales, i);
     const int64_t group = int8_scales(ws) ? int8_group(params[i], ws) : 0;
     const int64_t unit = group ? update_unit_chunk(static_cast<int32_t>(group)) : 0;

@@ -9,11 +9,10 @@ namespace memopt::cuda {
 // Whether tensor i's m and v are 8-bit codes (state_scales: one list per moment, memopt/common.h).
 bool coded_moments(TensorList state_scales, int64_t i);
 
-// What the 8-bit kernel takes, checked before anything is written: float32, bf16 or fp16
-// weights, or int8 ones whose group divides kStateChunk (a CTA's elements); `op` names the
-// caller in the error.
-void check_coded_cuda(const char* op, TensorList params, TensorList grads,
-                      TensorList weight_scales, TensorList state_scales);
+// What the 8-bit kernel takes, checked before anything is written: float weights, or int8 ones
+// whose group divides kStateChunk (a CTA's elements); `op` names the caller in the error.
+void check_coded_cuda(const char* op, TensorList params, TensorList weight_scales,
+                      TensorList state_scales);
 
 // The tensors with 8-bit m and v, in launches of AdamWCodedParams by value dtype: tensor i
 // with its step's scalars in `steps`, `base` giving betas, eps, rule and rounding;

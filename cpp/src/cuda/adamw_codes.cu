@@ -1,5 +1,5 @@
-// AdamW with 8-bit m and v on CUDA (memopt/state_codes.h): the CPU's cpu::adamw_span operation
-// order on values decoded from the codes, then the codes of the new values. A CTA owns
+// AdamW with 8-bit m and v on CUDA (memopt/state_codes.h): the CPU's cpu::adamw_element
+// operation order on values decoded from the codes, then the codes of the new values. A CTA owns
 // kStateChunkBlocks code blocks; thread t holds element u * 256 + t of block u in registers, so
 // each block's new scale is one CTA-wide maximum and nothing is computed twice, but for int8
 // weights (memopt/int8_weights.h), whose groups' new scales take a measuring sweep first
@@ -21,7 +21,7 @@ __device__ __forceinline__ unsigned magnitude_bits(float x) { return __float_as_
 
 template <typename P>
 __global__ void __launch_bounds__(kStateThreads) adamw_coded_kernel(const AdamWCodedParams prm) {
-  using C = float;
+  using C = opmath_t<P>;  // (double for a float64 parameter: the CPU op's compute type)
   __shared__ unsigned warp_max[2][kU][kWarps];
   __shared__ float scale[2][kU];
   if (step_skipped(prm.device)) return;
@@ -54,14 +54,16 @@ __global__ void __launch_bounds__(kStateThreads) adamw_coded_kernel(const AdamWC
         const C gj = load<C>(g + j);
         const C r0 = square_root_decode(vc[j], vs[u]);
         C vj = r0 * r0;
-        m[u] = lerp(moment_decode(mc[j], ms[u]), gj, b1c);
+        m[u] = lerp(static_cast<C>(moment_decode(mc[j], ms[u])), gj, b1c);
         vj = b2 * vj + b2c * gj * gj;
-        root[u] = sqrtf(vj);
+        root[u] = sqrt(vj);
         const C denom = root[u] / bc2 + eps;
         w.put(j, (w.template get<C>(j) * pre - step_size * m[u] / denom) * post, begin + j);
       }
       if (!w.writes_state()) continue;
-      unsigned bm = magnitude_bits(m[u]), br = magnitude_bits(root[u]);
+      // (the block's floats, as the CPU op's: a double's value rounded to float32 first)
+      unsigned bm = magnitude_bits(static_cast<float>(m[u]));
+      unsigned br = magnitude_bits(static_cast<float>(root[u]));
       for (int o = 16; o > 0; o >>= 1) {
         bm = max(bm, __shfl_xor_sync(0xffffffffu, bm, o));
         br = max(br, __shfl_xor_sync(0xffffffffu, br, o));
@@ -84,8 +86,10 @@ __global__ void __launch_bounds__(kStateThreads) adamw_coded_kernel(const AdamWC
       const int j = u * kStateThreads + t;
       if (j >= n) continue;
       const float sm = scale[0][u], sv = scale[1][u];
-      mc[j] = state_block_empty(sm) ? int8_t{0} : moment_code(m[u], 1.0f / sm);
-      vc[j] = state_block_empty(sv) ? uint8_t{0} : square_code_of_root(root[u], 1.0f / sv);
+      mc[j] = state_block_empty(sm) ? int8_t{0}
+                                    : moment_code(static_cast<float>(m[u]), 1.0f / sm);
+      vc[j] = state_block_empty(sv) ? uint8_t{0}
+                                    : square_code_of_root(static_cast<float>(root[u]), 1.0f / sv);
     }
   });
 }
@@ -102,6 +106,7 @@ int launch_adamw_coded(const AdamWCodedParams& prm, Stream stream) {
     case Dtype::kFloat32: return run(adamw_coded_kernel<float>);
     case Dtype::kBFloat16: return run(adamw_coded_kernel<__nv_bfloat16>);
     case Dtype::kFloat16: return run(adamw_coded_kernel<__half>);
+    case Dtype::kFloat64: return run(adamw_coded_kernel<double>);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

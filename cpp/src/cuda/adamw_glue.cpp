@@ -12,8 +12,8 @@ bool coded_moments(TensorList state_scales, int64_t i) {
   return !state_scales.empty() && coded_state(state_scales, state_scales.size() / 2, 0, i);
 }
 
-void check_coded_cuda(const char* op, TensorList params, TensorList grads,
-                      TensorList weight_scales, TensorList state_scales) {
+void check_coded_cuda(const char* op, TensorList params, TensorList weight_scales,
+                      TensorList state_scales) {
   for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
     if (!coded_moments(state_scales, i)) continue;
     const Tensor& ws = weight_scale(weight_scales, i);
@@ -21,9 +21,6 @@ void check_coded_cuda(const char* op, TensorList params, TensorList grads,
                                 op, ": 8-bit states of an int8 weight whose group (",
                                 int8_scales(ws) ? int8_group(params[i], ws) : 0, " elements) does "
                                 "not divide ", kStateChunk, " run on the CPU only");
-    const at::ScalarType t = value_dtype(params[i], grads[i]);
-    TORCH_CHECK_NOT_IMPLEMENTED(t != at::kDouble, op, ": 8-bit states of a float64 parameter "
-                                "run on the CPU only");
   }
 }
 
@@ -32,7 +29,7 @@ void adamw_coded_kernels(TensorList params, const std::vector<Tensor>& grads,
                          const AdamWParams& base, TensorList state_scales,
                          TensorList weight_scales, Stream stream) {
   const size_t count = params.size();
-  for (Dtype dtype : {Dtype::kFloat32, Dtype::kBFloat16, Dtype::kFloat16}) {
+  for (Dtype dtype : {Dtype::kFloat32, Dtype::kBFloat16, Dtype::kFloat16, Dtype::kFloat64}) {
     std::vector<int64_t> idx;  // (by value dtype: an int8 weight's is its gradient's)
     for (size_t i = 0; i < count; ++i)
       if (coded_moments(state_scales, i) && dtype_of(value_dtype(params[i], grads[i])) == dtype)
@@ -127,7 +124,7 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   check_adamw_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, listed(weight_scales),
                      listed(state_scales));
   check_found_inf("adamw_update_", found_inf, params, steps);
-  check_coded_cuda("adamw_update_", params, grads, listed(weight_scales), listed(state_scales));
+  check_coded_cuda("adamw_update_", params, listed(weight_scales), listed(state_scales));
   const Rounding round(rounding, params.size(), "adamw_update_");
   ParamLayouts layouts(params, {exp_avgs, exp_avg_sqs}, any_order);
   adamw_kernels(layouts.params(), layouts.follow(grads), layouts.written(0), layouts.written(1),

@@ -303,7 +303,7 @@ void frugal_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                       proj_lr_scale, free_lr_scale, rule, true, listed(weight_scales),
                       listed(state_scales));
   check_found_inf("frugal_update_", found_inf, params, steps);
-  check_coded_cuda("frugal_update_", params, grads, listed(weight_scales), listed(state_scales));
+  check_coded_cuda("frugal_update_", params, listed(weight_scales), listed(state_scales));
   const Rounding round(rounding, params.size(), "frugal_update_");
   const double lr = read_lr(lr_t);
   check_adam_hparams(lr, beta1, beta2, eps, weight_decay);
