@@ -12,9 +12,10 @@
 
 namespace memopt::cpu {
 
-// Elements per span: whole code blocks and whole int8 weight groups (`group`; 1 for a float
-// weight), at least kSpanTarget so that the loops run long enough to vectorize well, small
-// enough that a span's buffers stay in L1/L2.
+// Elements per span, the unit of parallel work (and of an int8 weight's decode and encode):
+// whole code blocks and whole int8 weight groups (`group`; 1 for a float weight), at least
+// kSpanTarget so that a thread's work outweighs its dispatch, small enough that an int8 weight's
+// span of floats stays in L1/L2.
 constexpr int64_t kSpanTarget = 4096;
 inline int64_t state_span(int64_t group) {
   const int64_t unit = std::lcm(kStateBlock, std::max<int64_t>(group, 1));
